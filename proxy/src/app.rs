@@ -1,0 +1,230 @@
+//! Wiring of `dp run`: admin and readiness servers, the configuration source, signal
+//! handling and drain.
+
+use crate::admin::{self, Admin};
+use crate::cli::RunArgs;
+use crate::conn::Ctx;
+use crate::drain::Drain;
+use crate::listeners::Listeners;
+use crate::resources::{MAX_FILE_BYTES, Resources};
+use crate::snapshot::{self, DnsAnswers};
+use crate::stats::Registry;
+use crate::telemetry::LogLevel;
+use anyhow::{Context, bail};
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+/// How often the xDS file is checked for changes.
+const FILE_POLL: Duration = Duration::from_millis(200);
+/// How often STRICT_DNS names are resolved again.
+const DNS_REFRESH: Duration = Duration::from_secs(5);
+
+/// Applies configuration versions: build, bind new listeners, publish, start them.
+pub struct Applier {
+    ctx: Arc<Ctx>,
+    listeners: Arc<Mutex<Listeners>>,
+    /// Ignored-field notes already logged, so each is said once.
+    noted: HashSet<String>,
+}
+
+impl Applier {
+    pub fn apply(&mut self, resources: Arc<Resources>, dns: &DnsAnswers) -> Result<(), String> {
+        let mut notes = vec![];
+        let snap = snapshot::build(resources, dns, &self.ctx.stats, &mut notes)?;
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let prepared = listeners.prepare(&snap)?;
+        for n in notes {
+            if self.noted.insert(n.clone()) {
+                warn!("{n}");
+            }
+        }
+        let (version, n_listeners, n_clusters) = (snap.version.clone(), snap.listeners.len(), snap.clusters.len());
+        self.ctx.routes.store(Arc::new(snap));
+        listeners.commit(prepared, &self.ctx);
+        self.ctx.stats.global.config_update_success.inc();
+        info!(version = %version, listeners = n_listeners, clusters = n_clusters, "configuration applied");
+        Ok(())
+    }
+}
+
+pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
+    let stats = Arc::new(Registry::default());
+    stats.global.server_live.set(1);
+    let drain = Drain::new();
+    let ctx = Ctx::new(stats, drain.clone());
+    let listeners = Arc::new(Mutex::new(Listeners::default()));
+    let quit = Arc::new(Notify::new());
+
+    let admin_listener = admin::bind("admin API", args.admin_address).await?;
+    let admin_addr = admin_listener.local_addr()?;
+    if let Some(p) = &args.admin_address_path {
+        std::fs::write(p, admin_addr.to_string())
+            .with_context(|| format!("cannot write --admin-address-path {}", p.display()))?;
+    }
+    let readiness_addr = SocketAddr::new(args.admin_address.ip(), args.readiness_port);
+    let readiness_listener = admin::bind("readiness reporter (KUMA_READINESS_PORT)", readiness_addr).await?;
+    info!(address = %admin_addr, "admin API listening");
+    info!(address = %readiness_listener.local_addr()?, "readiness reporter listening");
+    let admin = Admin { ctx: ctx.clone(), listeners: listeners.clone(), log_level, quit: quit.clone() };
+    tokio::spawn(admin::serve(admin_listener, move |req| admin.handle(req)));
+    let rctx = ctx.clone();
+    tokio::spawn(admin::serve(readiness_listener, move |req| admin::readiness(&rctx, &req)));
+
+    let Some(path) = args.xds_file.clone() else {
+        bail!(
+            "no configuration source: pass --xds-file FILE (connecting to a control plane with \
+             --cp-address is not available in this build yet)"
+        );
+    };
+    let mut applier = Applier { ctx: ctx.clone(), listeners: listeners.clone(), noted: HashSet::new() };
+    let mut source = FileSource::new(path);
+    let (resources, dns) = source.load().await.map_err(anyhow::Error::msg)?;
+    applier.apply(resources, &dns).map_err(|e| anyhow::anyhow!("--xds-file {}: {e}", source.path.display()))?;
+    drain.set_ready();
+    tokio::spawn(async move { source.watch(applier).await });
+
+    wait_for_shutdown(&quit).await?;
+    info!(drain_time = ?args.drain_time, active = drain.active(), "draining: not accepting new connections");
+    let mut second = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        left = drain.drain(args.drain_time) => {
+            listeners.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+            if left > 0 {
+                warn!(connections = left, "drain time is over; closing the remaining connections");
+            } else {
+                info!("all connections finished");
+            }
+        }
+        _ = second.recv() => warn!("second signal: exiting without waiting for connections"),
+        _ = interrupt.recv() => warn!("second signal: exiting without waiting for connections"),
+    }
+    Ok(())
+}
+
+async fn wait_for_shutdown(quit: &Notify) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+        _ = quit.notified() => {}
+    }
+    Ok(())
+}
+
+/// `--xds-file`: the file, its last applied content, and the DNS answers its STRICT_DNS
+/// clusters need.
+struct FileSource {
+    path: PathBuf,
+    stamp: Option<(SystemTime, u64)>,
+    hash: u64,
+}
+
+impl FileSource {
+    fn new(path: PathBuf) -> Self {
+        FileSource { path, stamp: None, hash: 0 }
+    }
+
+    fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(path).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    }
+
+    /// Reads and decodes the file. Errors are one line naming the file.
+    async fn load(&mut self) -> Result<(Arc<Resources>, DnsAnswers), String> {
+        let p = self.path.display();
+        self.stamp = Self::stamp(&self.path);
+        let meta = std::fs::metadata(&self.path).map_err(|e| format!("--xds-file {p}: cannot read: {e}"))?;
+        if meta.len() > MAX_FILE_BYTES as u64 {
+            return Err(format!("--xds-file {p}: {} bytes is more than the {MAX_FILE_BYTES} allowed", meta.len()));
+        }
+        let bytes = std::fs::read(&self.path).map_err(|e| format!("--xds-file {p}: cannot read: {e}"))?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut h);
+        self.hash = h.finish();
+        let resources = Resources::from_file_bytes(&bytes, &format!("{:016x}", self.hash))
+            .map_err(|e| format!("--xds-file {p}: {e}"))?;
+        let dns = resolve(&snapshot::dns_names(&resources)).await;
+        Ok((Arc::new(resources), dns))
+    }
+
+    /// Re-applies the file when it changes, and when STRICT_DNS answers change. An
+    /// invalid version is logged and counted; the previous one keeps serving.
+    async fn watch(mut self, mut applier: Applier) {
+        let mut current = applier.ctx.routes.load().resources.clone();
+        let mut answers = resolve(&snapshot::dns_names(&current)).await;
+        let mut dns_tick = tokio::time::interval(DNS_REFRESH);
+        let mut file_tick = tokio::time::interval(FILE_POLL);
+        loop {
+            tokio::select! {
+                _ = file_tick.tick() => {
+                    if Self::stamp(&self.path) == self.stamp {
+                        continue;
+                    }
+                    let old_hash = self.hash;
+                    match self.load().await {
+                        Ok(_) if self.hash == old_hash => {}
+                        Ok((resources, dns)) => match applier.apply(resources.clone(), &dns) {
+                            Ok(()) => (current, answers) = (resources, dns),
+                            Err(e) => reject(&applier, &self.path, &e),
+                        },
+                        Err(e) => reject(&applier, &self.path, &e),
+                    }
+                }
+                _ = dns_tick.tick() => {
+                    let names = snapshot::dns_names(&current);
+                    if names.is_empty() {
+                        continue;
+                    }
+                    let fresh = resolve(&names).await;
+                    if fresh != answers {
+                        info!("DNS answers of STRICT_DNS clusters changed");
+                        match applier.apply(current.clone(), &fresh) {
+                            Ok(()) => answers = fresh,
+                            Err(e) => reject(&applier, &self.path, &e),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn reject(applier: &Applier, path: &Path, e: &str) {
+    applier.ctx.stats.global.config_update_rejected.inc();
+    let version = applier.ctx.routes.load().version.clone();
+    let e = e.strip_prefix(&format!("--xds-file {}: ", path.display())).unwrap_or(e);
+    error!(file = %path.display(), keeping = %version, "configuration rejected: {e}");
+}
+
+async fn resolve(names: &[(String, u16)]) -> DnsAnswers {
+    let mut out = DnsAnswers::new();
+    for (host, port) in names {
+        let lookup = tokio::net::lookup_host((host.as_str(), *port));
+        let addrs = match tokio::time::timeout(Duration::from_secs(5), lookup).await {
+            Ok(Ok(a)) => {
+                let mut v: Vec<SocketAddr> = a.collect();
+                v.sort();
+                v
+            }
+            Ok(Err(e)) => {
+                warn!(host = %host, error = %e, "cannot resolve STRICT_DNS endpoint");
+                vec![]
+            }
+            Err(_) => {
+                warn!(host = %host, "resolving STRICT_DNS endpoint timed out");
+                vec![]
+            }
+        };
+        out.insert((host.clone(), *port), addrs);
+    }
+    out
+}

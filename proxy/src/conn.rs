@@ -1,0 +1,298 @@
+//! One downstream connection: read the ClientHello (without terminating TLS), pick the
+//! filter chain, then answer directly or proxy to an upstream host.
+
+use crate::copy::{self, BUF_SIZE, End, Transferred};
+use crate::drain::{ConnGuard, Drain};
+use crate::snapshot::chains::Offer;
+use crate::snapshot::cluster::{ClusterCfg, Host};
+use crate::snapshot::{Action, ListenerCfg, Snapshot, TcpProxyCfg};
+use crate::stats::{Counter, Registry};
+use arc_swap::ArcSwap;
+use clienthello::{ClientHello, MAX_ALPN, Parsed};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct Ctx {
+    pub routes: ArcSwap<Snapshot>,
+    pub stats: Arc<Registry>,
+    pub drain: Arc<Drain>,
+    next_id: AtomicU64,
+}
+
+impl Ctx {
+    pub fn new(stats: Arc<Registry>, drain: Arc<Drain>) -> Arc<Self> {
+        Arc::new(Ctx { routes: ArcSwap::from_pointee(Snapshot::default()), stats, drain, next_id: AtomicU64::new(0) })
+    }
+}
+
+/// Why a connection ended, as a short flag for the access log (Envoy's response flags
+/// where one exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flag {
+    Done,
+    /// No filter chain matched (Envoy: NR).
+    NoRoute,
+    /// The ClientHello did not come in time or was too large.
+    Detect,
+    /// The cluster is unknown (Envoy: NC).
+    NoCluster,
+    /// No healthy host (Envoy: UH).
+    NoHealthy,
+    /// Circuit breaker open (Envoy: UO).
+    Overflow,
+    /// Upstream connect failed on every attempt (Envoy: UF).
+    ConnectFail,
+    IdleTimeout,
+}
+
+impl Flag {
+    fn as_str(self) -> &'static str {
+        match self {
+            Flag::Done => "-",
+            Flag::NoRoute => "NR",
+            Flag::Detect => "DETECT",
+            Flag::NoCluster => "NC",
+            Flag::NoHealthy => "UH",
+            Flag::Overflow => "UO",
+            Flag::ConnectFail => "UF",
+            Flag::IdleTimeout => "IDLE",
+        }
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct Active<'a>(&'a Counter);
+
+impl<'a> Active<'a> {
+    fn new(c: &'a Counter) -> Self {
+        c.inc();
+        Active(c)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer: SocketAddr, _guard: ConnGuard) {
+    let started = Instant::now();
+    let snap = ctx.routes.load_full();
+    let Some(lst) = snap.listeners.get(&*listener).cloned() else {
+        return;
+    };
+    let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    lst.stats.downstream_cx_total.inc();
+    let _active = Active::new(&lst.stats.downstream_cx_active);
+    let _ = down.set_nodelay(true);
+    let port = down.local_addr().map_or(0, |a| a.port());
+
+    let mut buf = vec![0u8; BUF_SIZE.max(lst.max_client_hello)];
+    let (hello, pending, flag) =
+        if lst.inspect_tls { detect(&ctx, &lst, &mut down, &mut buf).await } else { (None, 0, Flag::Done) };
+    let sni = hello.as_ref().and_then(ClientHello::server_name);
+    let mut log = AccessLog { id, listener: &lst.name, peer, sni, cluster: "", upstream: None, started };
+    if flag != Flag::Done {
+        lst.stats.downstream_listener_filter_error.inc();
+        return log.finish(flag, Transferred::default());
+    }
+    let mut alpn: [&[u8]; MAX_ALPN] = [&[]; MAX_ALPN];
+    let mut n_alpn = 0;
+    for (slot, p) in alpn.iter_mut().zip(hello.iter().flat_map(ClientHello::alpn)) {
+        *slot = p;
+        n_alpn += 1;
+    }
+    let offer = Offer {
+        port,
+        server_name: sni,
+        transport_protocol: if hello.is_some() { "tls" } else { "raw_buffer" },
+        alpn: &alpn[..n_alpn],
+    };
+    let Some(chain) = lst.select(&offer) else {
+        lst.stats.no_filter_chain_match.inc();
+        return log.finish(Flag::NoRoute, Transferred::default());
+    };
+    match &chain.action {
+        Action::DirectResponse(body) => {
+            let _ = down.write_all(body).await;
+            let _ = down.shutdown().await;
+            log.finish(Flag::Done, Transferred { sent: 0, received: body.len() as u64 });
+        }
+        Action::TcpProxy(tp) => proxy(tp, id, &mut down, buf, pending, &mut log).await,
+    }
+    lst.stats.downstream_cx_destroy.inc();
+}
+
+/// Reads until the ClientHello is complete (or it is clearly not TLS), within the
+/// listener filter timeout and the size bound. Returns the hello, the bytes read
+/// (they are replayed upstream), and `Flag::Done` when the connection may proceed.
+async fn detect(
+    ctx: &Ctx,
+    lst: &ListenerCfg,
+    down: &mut TcpStream,
+    buf: &mut [u8],
+) -> (Option<ClientHello>, usize, Flag) {
+    let g = &ctx.stats.global;
+    let limit = lst.max_client_hello.min(buf.len());
+    let deadline = lst.filters_timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut filled = 0;
+    loop {
+        match clienthello::parse(&buf[..filled]) {
+            Parsed::Hello(h) => {
+                g.tls_inspector_tls_found.inc();
+                if h.server_name().is_some() {
+                    g.tls_inspector_sni_found.inc();
+                } else {
+                    g.tls_inspector_sni_not_found.inc();
+                }
+                if h.alpn().next().is_some() {
+                    g.tls_inspector_alpn_found.inc();
+                }
+                return (Some(h), filled, Flag::Done);
+            }
+            Parsed::NotTls | Parsed::Malformed => {
+                g.tls_inspector_tls_not_found.inc();
+                return (None, filled, Flag::Done);
+            }
+            Parsed::NeedMore if filled >= limit => {
+                g.tls_inspector_client_hello_too_large.inc();
+                return (None, filled, Flag::Detect);
+            }
+            Parsed::NeedMore => {}
+        }
+        let read = down.read(&mut buf[filled..limit]);
+        let n = match deadline {
+            None => read.await,
+            Some(d) => match tokio::time::timeout_at(d, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    lst.stats.downstream_pre_cx_timeout.inc();
+                    let flag = if lst.continue_on_timeout { Flag::Done } else { Flag::Detect };
+                    return (None, filled, flag);
+                }
+            },
+        };
+        match n {
+            Ok(0) | Err(_) => return (None, filled, Flag::Detect),
+            Ok(n) => filled += n,
+        }
+    }
+}
+
+async fn proxy<'a>(
+    tp: &'a TcpProxyCfg,
+    id: u64,
+    down: &mut TcpStream,
+    buf: Vec<u8>,
+    pending: usize,
+    log: &mut AccessLog<'a>,
+) {
+    tp.stats.downstream_cx_total.inc();
+    let Some(target) = tp.pick_target(id) else {
+        tp.stats.downstream_cx_no_route.inc();
+        return log.finish(Flag::NoCluster, Transferred::default());
+    };
+    log.cluster = &target.cluster_name;
+    let Some(cluster) = &target.cluster else {
+        tp.stats.downstream_cx_no_route.inc();
+        return log.finish(Flag::NoCluster, Transferred::default());
+    };
+    let cs = &cluster.stats;
+    if target.hosts.is_empty() {
+        cs.upstream_cx_none_healthy.inc();
+        return log.finish(Flag::NoHealthy, Transferred::default());
+    }
+    if cs.upstream_cx_active.get() >= cluster.max_connections {
+        cs.upstream_cx_overflow.inc();
+        return log.finish(Flag::Overflow, Transferred::default());
+    }
+    let _cluster_active = Active::new(&cs.upstream_cx_active);
+    let Some((mut up, host)) = connect(cluster, &target.hosts, tp.max_connect_attempts).await else {
+        return log.finish(Flag::ConnectFail, Transferred::default());
+    };
+    log.upstream = Some(host.addr);
+    host.active.fetch_add(1, Ordering::Relaxed);
+    let (t, end, err) = copy::bidirectional(down, &mut up, buf, pending, tp.idle_timeout).await;
+    host.active.fetch_sub(1, Ordering::Relaxed);
+    cs.upstream_cx_tx_bytes_total.add(t.sent);
+    cs.upstream_cx_rx_bytes_total.add(t.received);
+    cs.upstream_cx_destroy.inc();
+    tp.stats.downstream_cx_rx_bytes_total.add(t.sent);
+    tp.stats.downstream_cx_tx_bytes_total.add(t.received);
+    if let Some(e) = err {
+        debug!(id, error = %e, "connection ended with an I/O error");
+    }
+    let flag = if end == End::IdleTimeout {
+        tp.stats.idle_timeout.inc();
+        Flag::IdleTimeout
+    } else {
+        Flag::Done
+    };
+    log.finish(flag, t);
+}
+
+/// Connects to a host of the set, moving on to another host after a failure, up to
+/// `attempts` tries.
+async fn connect(
+    cluster: &ClusterCfg,
+    hosts: &crate::snapshot::cluster::HostSet,
+    attempts: u32,
+) -> Option<(TcpStream, Arc<Host>)> {
+    let cs = &cluster.stats;
+    for attempt in 0..attempts {
+        let host = hosts.pick(cluster.lb, attempt)?.clone();
+        cs.upstream_cx_total.inc();
+        host.total.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Some((s, host));
+            }
+            Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, attempt, "upstream connect failed"),
+            Err(_) => {
+                cs.upstream_cx_connect_timeout.inc();
+                debug!(upstream = %host.addr, attempt, "upstream connect timed out");
+            }
+        }
+        cs.upstream_cx_connect_fail.inc();
+        host.connect_fail.fetch_add(1, Ordering::Relaxed);
+    }
+    None
+}
+
+/// The one access-log line a connection writes when it ends.
+struct AccessLog<'a> {
+    id: u64,
+    listener: &'a str,
+    peer: SocketAddr,
+    sni: Option<&'a str>,
+    cluster: &'a str,
+    upstream: Option<SocketAddr>,
+    started: Instant,
+}
+
+impl AccessLog<'_> {
+    fn finish(&self, flag: Flag, t: Transferred) {
+        info!(
+            target: "access",
+            id = self.id,
+            listener = self.listener,
+            peer = %self.peer,
+            sni = self.sni.unwrap_or("-"),
+            cluster = if self.cluster.is_empty() { "-" } else { self.cluster },
+            upstream = %self.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            sent = t.sent,
+            received = t.received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            flag = flag.as_str(),
+        );
+    }
+}

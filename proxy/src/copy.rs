@@ -1,0 +1,136 @@
+//! Bidirectional byte copy between the downstream and upstream sockets, with
+//! half-close propagation and an idle timeout.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Size of each direction's buffer: one full TLS record.
+pub const BUF_SIZE: usize = 16 * 1024;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// Bytes read from downstream and written upstream.
+    pub sent: u64,
+    /// Bytes read from upstream and written downstream.
+    pub received: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Both directions reached end of stream.
+    Closed,
+    IdleTimeout,
+}
+
+/// Copies until both directions have ended, or until nothing moved for `idle`.
+/// `first` is the downstream's buffer, already holding `pending` bytes (the ClientHello
+/// read for routing) to write upstream before anything else.
+pub async fn bidirectional<D, U>(
+    down: &mut D,
+    up: &mut U,
+    mut first: Vec<u8>,
+    pending: usize,
+    idle: Option<Duration>,
+) -> (Transferred, End, Option<io::Error>)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let (mut dr, mut dw) = tokio::io::split(down);
+    let (mut ur, mut uw) = tokio::io::split(up);
+    let up_dir = async {
+        if pending > 0 {
+            uw.write_all(&first[..pending]).await?;
+            sent.fetch_add(pending as u64, Ordering::Relaxed);
+        }
+        pipe(&mut dr, &mut uw, &mut first, &sent).await
+    };
+    let down_dir = async {
+        let mut buf = vec![0u8; BUF_SIZE];
+        pipe(&mut ur, &mut dw, &mut buf, &received).await
+    };
+    let both = async {
+        let (a, b) = tokio::join!(up_dir, down_dir);
+        a.err().or(b.err())
+    };
+    let result = match idle {
+        None => (End::Closed, both.await),
+        Some(idle) => {
+            tokio::pin!(both);
+            let mut last = 0;
+            loop {
+                tokio::select! {
+                    err = &mut both => break (End::Closed, err),
+                    _ = tokio::time::sleep(idle) => {
+                        let now = sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
+                        if now == last {
+                            break (End::IdleTimeout, None);
+                        }
+                        last = now;
+                    }
+                }
+            }
+        }
+    };
+    let t = Transferred { sent: sent.load(Ordering::Relaxed), received: received.load(Ordering::Relaxed) };
+    (t, result.0, result.1)
+}
+
+/// One direction: on end of stream, shut down the writer (half-close) and return.
+async fn pipe<R, W>(r: &mut R, w: &mut W, buf: &mut [u8], count: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let n = r.read(buf).await?;
+        if n == 0 {
+            // The peer may already be gone; a failed shutdown is not an error of the copy.
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn copies_prefix_then_both_ways_with_half_close() {
+        let (mut client, mut down) = duplex(64);
+        let (mut up, mut server) = duplex(64);
+        let mut first = vec![0u8; BUF_SIZE];
+        first[..5].copy_from_slice(b"hello");
+        let proxy = tokio::spawn(async move { bidirectional(&mut down, &mut up, first, 5, None).await });
+        client.write_all(b" world").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = String::new();
+        server.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "hello world");
+        // The other direction still works after the client's half-close.
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = String::new();
+        client.read_to_string(&mut back).await.unwrap();
+        assert_eq!(back, "reply");
+        let (t, end, err) = proxy.await.unwrap();
+        assert_eq!((t.sent, t.received, end), (11, 5, End::Closed));
+        assert!(err.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_ends_a_silent_connection() {
+        let (_client, mut down) = duplex(64);
+        let (mut up, _server) = duplex(64);
+        let (t, end, _) = bidirectional(&mut down, &mut up, vec![0; BUF_SIZE], 0, Some(Duration::from_secs(10))).await;
+        assert_eq!((t.sent, end), (0, End::IdleTimeout));
+    }
+}

@@ -1,0 +1,115 @@
+//! Readiness state and graceful drain: SIGTERM flips readiness to TERMINATING, stops
+//! the listeners, and waits for live connections up to the drain time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    NotReady = 0,
+    Ready = 1,
+    Terminating = 2,
+}
+
+#[derive(Debug)]
+pub struct Drain {
+    state: AtomicU8,
+    active: AtomicUsize,
+    idle: Notify,
+    stop_tx: watch::Sender<bool>,
+}
+
+/// Held by each live connection; dropping it lets the drain finish sooner.
+#[derive(Debug)]
+pub struct ConnGuard(Arc<Drain>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Drain {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Drain {
+            state: AtomicU8::new(Readiness::NotReady as u8),
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            stop_tx: watch::channel(false).0,
+        })
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        match self.state.load(Ordering::Acquire) {
+            0 => Readiness::NotReady,
+            1 => Readiness::Ready,
+            _ => Readiness::Terminating,
+        }
+    }
+
+    pub fn set_ready(&self) {
+        let _ = self.state.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    pub fn track(self: &Arc<Self>) -> ConnGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ConnGuard(self.clone())
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the drain starts; accept loops select on it.
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop_tx.subscribe()
+    }
+
+    /// Starts the drain and waits until no connection is left or `deadline` passes.
+    /// Returns the number of connections still open at the end.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.state.store(Readiness::Terminating as u8, Ordering::Release);
+        let _ = self.stop_tx.send(true);
+        let wait_idle = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.active() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait_idle).await;
+        self.active()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_connections_then_returns() {
+        let d = Drain::new();
+        d.set_ready();
+        let g = d.track();
+        let d2 = d.clone();
+        let task = tokio::spawn(async move { d2.drain(Duration::from_secs(30)).await });
+        tokio::task::yield_now().await;
+        assert_eq!(d.readiness(), Readiness::Terminating);
+        assert!(*d.stopped().borrow());
+        drop(g);
+        assert_eq!(task.await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_gives_up_at_the_deadline() {
+        let d = Drain::new();
+        let _g = d.track();
+        assert_eq!(d.drain(Duration::from_secs(1)).await, 1);
+    }
+}

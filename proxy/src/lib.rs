@@ -1,0 +1,14 @@
+//! The `dp` data plane: configuration (xDS resources -> routing snapshot), listeners,
+//! TLS-passthrough routing by SNI, the admin API and drain. `main.rs` is a thin CLI.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod conn;
+pub mod copy;
+pub mod drain;
+pub mod listeners;
+pub mod resources;
+pub mod snapshot;
+pub mod stats;
+pub mod telemetry;

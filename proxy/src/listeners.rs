@@ -1,0 +1,120 @@
+//! Binds the listeners a snapshot names and runs their accept loops.
+//!
+//! A listener whose name and address are unchanged keeps its socket across reloads
+//! (its connections just see the new snapshot). New listeners are bound before a
+//! snapshot is published, so a port in use rejects the whole version and the previous
+//! one keeps serving.
+
+use crate::conn::{self, Ctx};
+use crate::snapshot::{Snapshot, listener_stat_name};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Debug)]
+struct Running {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+pub struct Listeners {
+    running: HashMap<String, Running>,
+}
+
+/// Sockets bound for a snapshot that is not yet published.
+#[derive(Debug)]
+pub struct Prepared {
+    new: Vec<(String, SocketAddr, TcpListener)>,
+    removed: Vec<String>,
+}
+
+impl Listeners {
+    /// Binds what `snap` adds. Nothing changes until `commit`.
+    pub fn prepare(&self, snap: &Snapshot) -> Result<Prepared, String> {
+        let mut new = vec![];
+        for (name, cfg) in &snap.listeners {
+            if self.running.get(name).is_some_and(|r| r.configured == cfg.address) {
+                continue;
+            }
+            // A listener that moves releases its old address only after commit, so a
+            // move onto an address another listener releases in the same version
+            // fails; Envoy has the same restriction.
+            let std = bind(cfg.address).map_err(|e| format!("listener `{name}`: cannot bind {}: {e}", cfg.address))?;
+            new.push((name.clone(), cfg.address, std));
+        }
+        let removed = self
+            .running
+            .iter()
+            .filter(|(name, r)| snap.listeners.get(*name).is_none_or(|c| c.address != r.configured))
+            .map(|(name, _)| name.clone())
+            .collect();
+        Ok(Prepared { new, removed })
+    }
+
+    /// Stops removed listeners and starts the new ones; call after the snapshot that
+    /// `prepare` saw is published.
+    pub fn commit(&mut self, p: Prepared, ctx: &Arc<Ctx>) {
+        for name in p.removed {
+            if let Some(r) = self.running.remove(&name) {
+                let _ = r.stop.send(true);
+                info!(listener = %name, address = %r.bound, "listener removed; its live connections continue");
+            }
+        }
+        for (name, configured, listener) in p.new {
+            let bound = listener.local_addr().unwrap_or(configured);
+            let (stop, stop_rx) = watch::channel(false);
+            info!(listener = %name, address = %bound, "listening");
+            tokio::spawn(accept_loop(ctx.clone(), Arc::from(name.as_str()), listener, stop_rx));
+            self.running.insert(name, Running { configured, bound, stop });
+        }
+        ctx.stats.global.listener_manager_total_listeners_active.set(self.running.len() as u64);
+    }
+
+    /// (name, bound address) of every running listener, for the admin API.
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        let mut v: Vec<_> = self.running.iter().map(|(n, r)| (n.clone(), r.bound)).collect();
+        v.sort();
+        v
+    }
+
+    pub fn stop_all(&mut self) {
+        for (_, r) in self.running.drain() {
+            let _ = r.stop.send(true);
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(ctx: Arc<Ctx>, name: Arc<str>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let mut drain = ctx.drain.stopped();
+    let addr = listener.local_addr().map(|a| listener_stat_name(&a)).unwrap_or_default();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let guard = ctx.drain.track();
+                    tokio::spawn(conn::serve(ctx.clone(), name.clone(), stream, peer, guard));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(listener = %name, address = %addr, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = stop.changed() => break,
+            _ = drain.changed() => break,
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `dp`: the data plane binary.
+
+use clap::Parser;
+use proxy::cli::{Cli, Command};
+use proxy::{app, telemetry};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut args = match cli.command {
+        Command::Version => {
+            println!("dp {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::Run(args) => *args,
+    };
+    if let Err(e) = args.apply_env(|k| std::env::var(k).ok()).and_then(|()| args.validate()) {
+        eprintln!("dp: {e}");
+        return ExitCode::from(2);
+    }
+    let log_level = match telemetry::init(&cli.log_level) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("dp: --log-level: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    raise_fd_limit();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.concurrency > 0 {
+        rt.worker_threads(args.concurrency);
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dp: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(app::run(args, log_level)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("dp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A proxy holds two sockets per connection: lift the soft file limit to the hard one.
+#[allow(unsafe_code)]
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Envoy resources as `dp` holds them, and their proto3 JSON/YAML file form.
+//!
+//! The file form is the one of Envoy's file-based xDS (`{version_info, resources:
+//! [{"@type": ..., ...}]}`) or of Kuma's golden files (`resources: [{name, resource}]`).
+//! JSON is decoded through a small descriptor pool (see `build.rs`), re-encoded as
+//! protobuf and decoded into envoy-types' prost structs, so the rest of `dp` sees the
+//! same typed values whether they came from a file or from an ADS stream.
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
+use serde_json::Value;
+
+static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_subset.bin"));
+
+/// The type URL prefix every Envoy resource carries.
+const TYPE_PREFIX: &str = "type.googleapis.com/";
+
+/// Largest configuration file `dp` reads; a bound against a runaway or hostile file.
+pub const MAX_FILE_BYTES: usize = 256 << 20;
+
+/// All resources of one configuration version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    pub version: String,
+    pub listeners: Vec<Listener>,
+    pub clusters: Vec<Cluster>,
+    pub endpoints: Vec<ClusterLoadAssignment>,
+    pub secrets: Vec<Secret>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not valid YAML or JSON: {0}")]
+    Syntax(String),
+    #[error("{0}")]
+    Shape(String),
+    #[error("resource #{index} ({name}): {reason}")]
+    Resource { index: usize, name: String, reason: String },
+}
+
+impl Resources {
+    pub fn len(&self) -> usize {
+        self.listeners.len() + self.clusters.len() + self.endpoints.len() + self.secrets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds one protobuf-encoded resource (an `Any`, as xDS carries it).
+    pub fn push_any(&mut self, any: &Any) -> Result<(), String> {
+        let bytes = any.value.as_slice();
+        let err = |e: prost::DecodeError| format!("cannot decode {}: {e}", any.type_url);
+        match any.type_url.as_str() {
+            u if u == Listener::type_url() => self.listeners.push(Listener::decode(bytes).map_err(err)?),
+            u if u == Cluster::type_url() => self.clusters.push(Cluster::decode(bytes).map_err(err)?),
+            u if u == ClusterLoadAssignment::type_url() => {
+                self.endpoints.push(ClusterLoadAssignment::decode(bytes).map_err(err)?)
+            }
+            u if u == Secret::type_url() => self.secrets.push(Secret::decode(bytes).map_err(err)?),
+            other => return Err(format!("unsupported resource type {other}")),
+        }
+        Ok(())
+    }
+
+    /// Decodes a configuration file (YAML or JSON). `fallback_version` is used when the
+    /// document carries no `version_info`.
+    pub fn from_file_bytes(bytes: &[u8], fallback_version: &str) -> Result<Self, DecodeError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::Syntax(format!("not UTF-8: {e}")))?;
+        let doc: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(_) => serde_saphyr::from_str(text).map_err(|e| DecodeError::Syntax(first_line(&e.to_string())))?,
+        };
+        let Value::Object(mut top) = doc else {
+            return Err(DecodeError::Shape("the document must be a mapping with a `resources` list".into()));
+        };
+        let version = match top.remove("version_info").or_else(|| top.remove("versionInfo")) {
+            Some(Value::String(v)) => v,
+            Some(Value::Number(n)) => n.to_string(),
+            None | Some(Value::Null) => fallback_version.to_string(),
+            Some(_) => return Err(DecodeError::Shape("`version_info` must be a string".into())),
+        };
+        let items = match top.remove("resources") {
+            Some(Value::Array(items)) => items,
+            None | Some(Value::Null) => vec![],
+            Some(_) => return Err(DecodeError::Shape("`resources` must be a list".into())),
+        };
+        if let Some(k) = top.keys().next() {
+            return Err(DecodeError::Shape(format!(
+                "unknown top-level key `{k}` (expected `version_info` and `resources`)"
+            )));
+        }
+        let pool = DescriptorPool::decode(DESCRIPTORS).expect("embedded descriptor set is valid");
+        let mut out = Resources { version, ..Default::default() };
+        for (index, item) in items.into_iter().enumerate() {
+            let (name, any) =
+                to_any(&pool, item).map_err(|(name, reason)| DecodeError::Resource { index, name, reason })?;
+            out.push_any(&any).map_err(|reason| DecodeError::Resource { index, name, reason })?;
+        }
+        Ok(out)
+    }
+
+    /// Proto3 JSON of every resource, in the file form `dp run --xds-file` reads.
+    pub fn to_json(&self) -> Value {
+        let pool = DescriptorPool::decode(DESCRIPTORS).expect("embedded descriptor set is valid");
+        let mut items = vec![];
+        let mut push = |type_name: String, bytes: Vec<u8>| {
+            items.push(match pool.get_message_by_name(&type_name) {
+                Some(desc) => match DynamicMessage::decode(desc, bytes.as_slice()) {
+                    Ok(msg) => {
+                        let mut v = msg
+                            .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
+                            .unwrap_or(Value::Null);
+                        if let Value::Object(m) = &mut v {
+                            m.insert("@type".into(), Value::String(format!("{TYPE_PREFIX}{type_name}")));
+                        }
+                        v
+                    }
+                    Err(e) => Value::String(format!("undecodable {type_name}: {e}")),
+                },
+                None => Value::String(format!("unknown type {type_name}")),
+            });
+        };
+        for r in &self.listeners {
+            push(Listener::full_name(), r.encode_to_vec());
+        }
+        for r in &self.clusters {
+            push(Cluster::full_name(), r.encode_to_vec());
+        }
+        for r in &self.endpoints {
+            push(ClusterLoadAssignment::full_name(), r.encode_to_vec());
+        }
+        for r in &self.secrets {
+            // Private keys never leave the process through the admin API.
+            let mut s = r.clone();
+            redact_secret(&mut s);
+            push(Secret::full_name(), s.encode_to_vec());
+        }
+        serde_json::json!({ "version_info": self.version, "resources": items })
+    }
+}
+
+fn redact_secret(s: &mut Secret) {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type;
+    if let Some(Type::TlsCertificate(c)) = &mut s.r#type
+        && c.private_key.is_some()
+    {
+        c.private_key =
+            Some(DataSource { specifier: Some(Specifier::InlineString("[redacted]".into())), ..Default::default() });
+    }
+}
+
+/// Turns one list item into an `Any`, returning the resource's name (or a placeholder)
+/// with the reason on failure.
+fn to_any(pool: &DescriptorPool, item: Value) -> Result<(String, Any), (String, String)> {
+    let Value::Object(mut obj) = item else {
+        return Err(("?".into(), "each resource must be a mapping".into()));
+    };
+    // Kuma's golden files wrap each resource as {name, resource}.
+    let obj = if !obj.contains_key("@type") && obj.contains_key("resource") {
+        match obj.remove("resource") {
+            Some(Value::Object(inner)) => inner,
+            _ => return Err(("?".into(), "`resource` must be a mapping".into())),
+        }
+    } else {
+        obj
+    };
+    let mut obj = obj;
+    let name = ["name", "clusterName", "cluster_name"]
+        .iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_str))
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let type_url = match obj.remove("@type") {
+        Some(Value::String(t)) => t,
+        _ => return Err((name, "missing `@type`".into())),
+    };
+    let type_name = type_url.strip_prefix(TYPE_PREFIX).unwrap_or(&type_url);
+    let Some(desc) = pool.get_message_by_name(type_name) else {
+        return Err((name, format!("unsupported resource type {type_url}")));
+    };
+    let msg = DynamicMessage::deserialize_with_options(desc, Value::Object(obj), &DeserializeOptions::new())
+        .map_err(|e| (name.clone(), e.to_string()))?;
+    let any = Any { type_url: format!("{TYPE_PREFIX}{type_name}"), value: msg.encode_to_vec() };
+    Ok((name, any))
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+version_info: "7"
+resources:
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: backend
+  type: STATIC
+  connectTimeout: 1.5s
+  loadAssignment:
+    clusterName: backend
+    endpoints:
+    - lbEndpoints:
+      - endpoint: {address: {socketAddress: {address: 127.0.0.1, portValue: 8080}}}
+- name: l1
+  resource:
+    "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l1
+    address: {socketAddress: {address: 127.0.0.1, portValue: 0}}
+    filterChains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typedConfig:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          cluster: backend
+          statPrefix: x
+"#;
+
+    #[test]
+    fn decodes_both_item_forms() {
+        let r = Resources::from_file_bytes(FILE.as_bytes(), "fallback").unwrap();
+        assert_eq!(r.version, "7");
+        assert_eq!(r.clusters[0].name, "backend");
+        assert_eq!(r.clusters[0].connect_timeout.unwrap().nanos, 500_000_000);
+        assert_eq!(r.listeners[0].name, "l1");
+        let tc = r.listeners[0].filter_chains[0].filters[0].config_type.as_ref().unwrap();
+        let envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any) = tc else { panic!() };
+        assert!(any.type_url.ends_with("TcpProxy"));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let r = Resources::from_file_bytes(FILE.as_bytes(), "x").unwrap();
+        let json = serde_json::to_string(&r.to_json()).unwrap();
+        let back = Resources::from_file_bytes(json.as_bytes(), "y").unwrap();
+        assert_eq!(r, back);
+    }
+
+    #[test]
+    fn errors_name_the_resource_and_field() {
+        let bad = FILE.replace("connectTimeout", "connectTimeoutz");
+        let e = Resources::from_file_bytes(bad.as_bytes(), "x").unwrap_err().to_string();
+        assert!(e.contains("resource #0 (backend)") && e.contains("connectTimeoutz"), "{e}");
+        let bad = FILE.replace("v3.TcpProxy", "v3.Nope");
+        let e = Resources::from_file_bytes(bad.as_bytes(), "x").unwrap_err().to_string();
+        assert!(e.contains("resource #1 (l1)") && e.contains("v3.Nope"), "{e}");
+        let e = Resources::from_file_bytes(b"resources: [1", "x").unwrap_err().to_string();
+        assert!(e.starts_with("not valid YAML"), "{e}");
+        let e = Resources::from_file_bytes(b"resourcez: []", "x").unwrap_err().to_string();
+        assert!(e.contains("resourcez"), "{e}");
+    }
+}

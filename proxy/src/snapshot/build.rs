@@ -1,0 +1,449 @@
+//! Envoy resources -> `Snapshot`, refusing what `dp` cannot honour.
+//!
+//! Every refusal names the resource and the field, because it becomes a NACK reason or
+//! the log line a user reads. Fields that only shape observability are accepted and
+//! reported once as notes.
+
+use super::chains::{ChainMatcher, Criteria};
+use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg};
+use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, listener_stat_name};
+use crate::resources::Resources;
+use crate::stats::Registry;
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, Metadata, SocketAddress, address, data_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter, listener_filter};
+use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::google::protobuf::{Any, Struct, Value, value};
+use prost::{Message, Name};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+/// Resolved addresses of STRICT_DNS endpoints, keyed by (hostname, port).
+pub type DnsAnswers = HashMap<(String, u16), Vec<SocketAddr>>;
+
+const TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+const DEFAULT_MAX_CLIENT_HELLO: usize = 16 * 1024;
+const DEFAULT_LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
+
+/// Builds a snapshot. `notes` collects accepted-but-ignored fields.
+pub fn build(
+    resources: Arc<Resources>,
+    dns: &DnsAnswers,
+    stats: &Registry,
+    notes: &mut Vec<String>,
+) -> Result<Snapshot, String> {
+    let endpoints: HashMap<&str, &ClusterLoadAssignment> =
+        resources.endpoints.iter().map(|e| (e.cluster_name.as_str(), e)).collect();
+    let mut clusters = HashMap::new();
+    for c in &resources.clusters {
+        let cfg = build_cluster(c, &endpoints, dns, stats, notes).map_err(|e| format!("cluster `{}`: {e}", c.name))?;
+        if clusters.insert(c.name.clone(), Arc::new(cfg)).is_some() {
+            return Err(format!("cluster `{}` is defined twice", c.name));
+        }
+    }
+    let mut listeners = HashMap::new();
+    let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
+    for l in &resources.listeners {
+        let cfg = build_listener(l, &clusters, stats, notes).map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        if cfg.address.port() != 0
+            && let Some(other) = bound.insert(cfg.address, &l.name)
+        {
+            return Err(format!("listeners `{other}` and `{}` both use {}", l.name, cfg.address));
+        }
+        if listeners.insert(l.name.clone(), Arc::new(cfg)).is_some() {
+            return Err(format!("listener `{}` is defined twice", l.name));
+        }
+    }
+    Ok(Snapshot { version: resources.version.clone(), resources, listeners, clusters })
+}
+
+/// The (hostname, port) pairs STRICT_DNS clusters need resolved.
+pub fn dns_names(resources: &Resources) -> Vec<(String, u16)> {
+    let mut out = vec![];
+    for c in resources.clusters.iter().filter(|c| discovery_type(c) == Ok(cluster::DiscoveryType::StrictDns)) {
+        for le in c.load_assignment.iter().flat_map(|a| &a.endpoints) {
+            for ep in &le.lb_endpoints {
+                if let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &ep.host_identifier
+                    && let Ok((host, port)) = socket_address(e.address.as_ref())
+                    && host.parse::<IpAddr>().is_err()
+                {
+                    out.push((host.to_string(), port));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn build_listener(
+    l: &Listener,
+    clusters: &HashMap<String, Arc<ClusterCfg>>,
+    stats: &Registry,
+    notes: &mut Vec<String>,
+) -> Result<ListenerCfg, String> {
+    let (host, port) = socket_address(l.address.as_ref()).map_err(|e| format!("address: {e}"))?;
+    if let Some(Address { address: Some(address::Address::SocketAddress(sa)) }) = &l.address
+        && sa.protocol == socket_address::Protocol::Udp as i32
+    {
+        return Err("address: UDP listeners (dns_filter) are not supported yet".into());
+    }
+    let ip: IpAddr = host.parse().map_err(|_| format!("address: `{host}` is not an IP address"))?;
+    let address = SocketAddr::new(ip, port);
+    unsupported(l.filter_chain_matcher.is_some(), "filter_chain_matcher")?;
+    unsupported(l.fcds_config.is_some(), "fcds_config")?;
+    unsupported(l.api_listener.is_some(), "api_listener")?;
+    unsupported(l.listener_specifier.is_some(), "internal_listener")?;
+    unsupported(!l.additional_addresses.is_empty(), "additional_addresses")?;
+    unsupported(l.use_original_dst.is_some_and(|b| b.value), "use_original_dst")?;
+    unsupported(l.udp_listener_config.is_some(), "udp_listener_config")?;
+    unsupported(l.bind_to_port.is_some_and(|b| !b.value), "bind_to_port: false")?;
+    unsupported(l.transparent.is_some_and(|b| b.value), "transparent")?;
+    if !l.access_log.is_empty() {
+        notes.push(format!("listener `{}`: access_log is ignored (dp writes its own access log)", l.name));
+    }
+
+    let mut inspect_tls = false;
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        let type_url = match &f.config_type {
+            Some(listener_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+            _ => "",
+        };
+        unsupported(f.filter_disabled.is_some(), &format!("listener_filters[{i}].filter_disabled"))?;
+        if type_url.ends_with(TLS_INSPECTOR)
+            || (type_url.is_empty() && f.name == "envoy.filters.listener.tls_inspector")
+        {
+            inspect_tls = true;
+        } else {
+            return Err(format!("listener_filters[{i}]: {} ({type_url}) is not supported", f.name));
+        }
+    }
+    let filters_timeout = match &l.listener_filters_timeout {
+        None => Some(DEFAULT_LISTENER_FILTERS_TIMEOUT),
+        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+    };
+
+    let mut matcher = ChainMatcher::default();
+    let mut chains = vec![];
+    for (i, fc) in l.filter_chains.iter().enumerate() {
+        let chain = build_chain(fc, clusters, stats).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
+        let criteria = criteria(fc).map_err(|e| format!("filter_chains[{i}].filter_chain_match: {e}"))?;
+        matcher.insert(&criteria, i)?;
+        chains.push(Arc::new(chain));
+    }
+    let default_chain = match &l.default_filter_chain {
+        Some(fc) => Some(Arc::new(build_chain(fc, clusters, stats).map_err(|e| format!("default_filter_chain: {e}"))?)),
+        None => None,
+    };
+    Ok(ListenerCfg {
+        name: l.name.clone(),
+        address,
+        inspect_tls,
+        filters_timeout,
+        continue_on_timeout: l.continue_on_listener_filters_timeout,
+        max_client_hello: DEFAULT_MAX_CLIENT_HELLO,
+        matcher,
+        chains,
+        default_chain,
+        stats: stats.listener(&listener_stat_name(&address)),
+    })
+}
+
+fn criteria(fc: &FilterChain) -> Result<Criteria, String> {
+    let Some(m) = &fc.filter_chain_match else {
+        return Ok(Criteria::default());
+    };
+    unsupported(!m.prefix_ranges.is_empty(), "prefix_ranges")?;
+    unsupported(!m.direct_source_prefix_ranges.is_empty(), "direct_source_prefix_ranges")?;
+    unsupported(m.source_type != 0, "source_type")?;
+    unsupported(!m.source_prefix_ranges.is_empty(), "source_prefix_ranges")?;
+    unsupported(!m.source_ports.is_empty(), "source_ports")?;
+    for n in &m.server_names {
+        if n.is_empty() || (n.contains('*') && !(n.starts_with("*.") && n[1..].find('*').is_none())) {
+            return Err(format!("server_names: `{n}` is neither a name nor a `*.suffix` wildcard"));
+        }
+    }
+    Ok(Criteria {
+        port: m.destination_port.map(|p| p.value),
+        server_names: m.server_names.iter().map(|s| s.to_ascii_lowercase()).collect(),
+        transport_protocol: Some(m.transport_protocol.clone()).filter(|t| !t.is_empty()),
+        application_protocols: m.application_protocols.clone(),
+    })
+}
+
+fn build_chain(
+    fc: &FilterChain,
+    clusters: &HashMap<String, Arc<ClusterCfg>>,
+    stats: &Registry,
+) -> Result<Chain, String> {
+    unsupported(fc.transport_socket.is_some(), "transport_socket (TLS termination)")?;
+    let Some((last, rest)) = fc.filters.split_last() else {
+        return Err("no filters".into());
+    };
+    if let Some(f) = rest.first() {
+        return Err(format!("filter {} is not supported before the terminal filter", f.name));
+    }
+    let any = match &last.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => any,
+        _ => return Err(format!("filter {}: only typed_config is supported", last.name)),
+    };
+    let action = if any.type_url == TcpProxy::type_url() {
+        Action::TcpProxy(build_tcp_proxy(&unpack(any)?, clusters, stats).map_err(|e| format!("tcp_proxy: {e}"))?)
+    } else if any.type_url == DirectResponse::type_url() {
+        let cfg: DirectResponse = unpack(any)?;
+        let bytes = match cfg.response.and_then(|r| r.specifier) {
+            None => vec![],
+            Some(data_source::Specifier::InlineBytes(b)) => b,
+            Some(data_source::Specifier::InlineString(s)) => s.into_bytes(),
+            Some(_) => return Err("direct_response: only inline_bytes and inline_string are supported".into()),
+        };
+        Action::DirectResponse(bytes.into())
+    } else {
+        return Err(format!("filter {} ({}) is not supported", last.name, any.type_url));
+    };
+    Ok(Chain { name: fc.name.clone(), action })
+}
+
+fn build_tcp_proxy(
+    tp: &TcpProxy,
+    clusters: &HashMap<String, Arc<ClusterCfg>>,
+    stats: &Registry,
+) -> Result<TcpProxyCfg, String> {
+    unsupported(tp.on_demand.is_some(), "on_demand")?;
+    unsupported(tp.tunneling_config.is_some(), "tunneling_config")?;
+    unsupported(tp.max_downstream_connection_duration.is_some(), "max_downstream_connection_duration")?;
+    unsupported(tp.downstream_idle_timeout.is_some(), "downstream_idle_timeout")?;
+    unsupported(tp.upstream_idle_timeout.is_some(), "upstream_idle_timeout")?;
+    unsupported(!tp.proxy_protocol_tlvs.is_empty(), "proxy_protocol_tlvs")?;
+    unsupported(tp.upstream_connect_mode != 0, "upstream_connect_mode")?;
+    unsupported(tp.max_early_data_bytes.is_some(), "max_early_data_bytes")?;
+    let base = lb_match(tp.metadata_match.as_ref());
+    let target = |name: &str, extra: BTreeMap<String, String>| {
+        let mut wanted = base.clone();
+        wanted.extend(extra);
+        let cluster = clusters.get(name).cloned();
+        let hosts = cluster.as_ref().map(|c| c.subset(&wanted)).unwrap_or_default();
+        Target { cluster_name: name.to_string(), cluster, hosts }
+    };
+    let (targets, cumulative) = match &tp.cluster_specifier {
+        Some(tcp_proxy::ClusterSpecifier::Cluster(name)) => (vec![target(name, BTreeMap::new())], vec![]),
+        Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+            let mut total = 0u64;
+            let mut cumulative = vec![];
+            let mut targets = vec![];
+            for c in &w.clusters {
+                total += u64::from(c.weight);
+                cumulative.push(total);
+                targets.push(target(&c.name, lb_match(c.metadata_match.as_ref())));
+            }
+            if total == 0 {
+                return Err("weighted_clusters: the weights add up to 0".into());
+            }
+            (targets, cumulative)
+        }
+        None => return Err("neither cluster nor weighted_clusters is set".into()),
+    };
+    let idle_timeout = match &tp.idle_timeout {
+        None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
+        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+    };
+    Ok(TcpProxyCfg {
+        targets,
+        cumulative,
+        idle_timeout,
+        max_connect_attempts: tp.max_connect_attempts.map_or(1, |v| v.value.max(1)),
+        stats: stats.tcp(&tp.stat_prefix),
+    })
+}
+
+fn discovery_type(c: &Cluster) -> Result<cluster::DiscoveryType, String> {
+    match &c.cluster_discovery_type {
+        None => Ok(cluster::DiscoveryType::Static),
+        Some(cluster::ClusterDiscoveryType::Type(t)) => {
+            cluster::DiscoveryType::try_from(*t).map_err(|_| format!("type: unknown discovery type {t}"))
+        }
+        Some(cluster::ClusterDiscoveryType::ClusterType(t)) => Err(format!("cluster_type {} is not supported", t.name)),
+    }
+}
+
+fn build_cluster(
+    c: &Cluster,
+    endpoints: &HashMap<&str, &ClusterLoadAssignment>,
+    dns: &DnsAnswers,
+    stats: &Registry,
+    notes: &mut Vec<String>,
+) -> Result<ClusterCfg, String> {
+    use cluster::{DiscoveryType, LbPolicy as P};
+    let kind = discovery_type(c)?;
+    let lb = match P::try_from(c.lb_policy) {
+        Ok(P::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(P::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(P::Random) => LbPolicy::Random,
+        Ok(p) => return Err(format!("lb_policy {} is not supported", p.as_str_name())),
+        Err(_) => return Err(format!("lb_policy {} is unknown", c.lb_policy)),
+    };
+    unsupported(c.load_balancing_policy.is_some(), "load_balancing_policy")?;
+    unsupported(c.transport_socket.is_some(), "transport_socket (upstream TLS)")?;
+    unsupported(!c.transport_socket_matches.is_empty(), "transport_socket_matches (upstream TLS)")?;
+    unsupported(!c.health_checks.is_empty(), "health_checks")?;
+    unsupported(!c.filters.is_empty(), "filters")?;
+    if c.outlier_detection.is_some() {
+        notes.push(format!("cluster `{}`: outlier_detection is not implemented; no host is ejected", c.name));
+    }
+    let assignment = match kind {
+        DiscoveryType::Static | DiscoveryType::StrictDns => c.load_assignment.as_ref(),
+        DiscoveryType::Eds => {
+            let service = c.eds_cluster_config.as_ref().map(|e| e.service_name.as_str()).unwrap_or("");
+            let key = if service.is_empty() { c.name.as_str() } else { service };
+            endpoints.get(key).copied()
+        }
+        other => return Err(format!("type {} is not supported", other.as_str_name())),
+    };
+    let hosts = match assignment {
+        Some(a) => build_hosts(a, kind == DiscoveryType::StrictDns, dns)?,
+        None => vec![],
+    };
+    let subsets = match &c.lb_subset_config {
+        None => None,
+        Some(s) => Some(build_subsets(s)?),
+    };
+    let max_connections = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+        .and_then(|t| t.max_connections)
+        .map_or(DEFAULT_MAX_CONNECTIONS, |v| u64::from(v.value));
+    Ok(ClusterCfg {
+        name: c.name.clone(),
+        connect_timeout: c.connect_timeout.as_ref().map_or(DEFAULT_CONNECT_TIMEOUT, duration),
+        lb,
+        max_connections,
+        hosts: Arc::new(HostSet::new(hosts)),
+        subsets,
+        stats: stats.cluster(&c.name),
+    })
+}
+
+/// The hosts of the lowest priority that has a healthy one (Envoy's priority levels,
+/// without spill-over between levels).
+fn build_hosts(a: &ClusterLoadAssignment, strict_dns: bool, dns: &DnsAnswers) -> Result<Vec<Arc<Host>>, String> {
+    if let Some(p) = &a.policy {
+        unsupported(!p.drop_overloads.is_empty(), "load_assignment.policy.drop_overloads")?;
+    }
+    let mut by_priority: BTreeMap<u32, Vec<Arc<Host>>> = BTreeMap::new();
+    for (i, le) in a.endpoints.iter().enumerate() {
+        for (j, ep) in le.lb_endpoints.iter().enumerate() {
+            let at = || format!("endpoints[{i}].lb_endpoints[{j}]");
+            let e = match &ep.host_identifier {
+                Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
+                _ => return Err(format!("{}: only `endpoint` is supported", at())),
+            };
+            let (host, port) = socket_address(e.address.as_ref()).map_err(|err| format!("{}: {err}", at()))?;
+            let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) if strict_dns => dns.get(&(host.to_string(), port)).cloned().unwrap_or_default(),
+                Err(_) => return Err(format!("{}: `{host}` is not an IP address", at())),
+            };
+            // UNHEALTHY, DRAINING and TIMEOUT hosts take no traffic.
+            let healthy = !matches!(ep.health_status, 2..=4);
+            let weight = ep.load_balancing_weight.map_or(1, |w| w.value);
+            let lb_metadata = lb_match(ep.metadata.as_ref());
+            for addr in addrs {
+                by_priority.entry(le.priority).or_default().push(Arc::new(Host {
+                    addr,
+                    weight,
+                    lb_metadata: lb_metadata.clone(),
+                    healthy,
+                    active: AtomicU64::new(0),
+                    total: AtomicU64::new(0),
+                    connect_fail: AtomicU64::new(0),
+                }));
+            }
+        }
+    }
+    let first_healthy = by_priority.values().position(|hs| hs.iter().any(|h| h.healthy && h.weight > 0));
+    Ok(by_priority.into_values().nth(first_healthy.unwrap_or(0)).unwrap_or_default())
+}
+
+fn build_subsets(s: &cluster::LbSubsetConfig) -> Result<SubsetCfg, String> {
+    let fallback = match s.fallback_policy {
+        0 => Fallback::NoFallback,
+        1 => Fallback::AnyEndpoint,
+        2 => Fallback::DefaultSubset,
+        p => return Err(format!("lb_subset_config.fallback_policy {p} is unknown")),
+    };
+    let mut selectors = vec![];
+    for (i, sel) in s.subset_selectors.iter().enumerate() {
+        let f = match sel.fallback_policy {
+            0 => fallback,
+            1 => Fallback::NoFallback,
+            2 => Fallback::AnyEndpoint,
+            3 => Fallback::DefaultSubset,
+            _ => return Err(format!("lb_subset_config.subset_selectors[{i}].fallback_policy is not supported")),
+        };
+        let mut keys = sel.keys.clone();
+        keys.sort();
+        selectors.push((keys, f));
+    }
+    Ok(SubsetCfg { fallback, default_subset: struct_strings(s.default_subset.as_ref()), selectors })
+}
+
+/// `filter_metadata["envoy.lb"]` as strings, the part of metadata subsets use.
+fn lb_match(m: Option<&Metadata>) -> BTreeMap<String, String> {
+    struct_strings(m.and_then(|m| m.filter_metadata.get("envoy.lb")))
+}
+
+fn struct_strings(s: Option<&Struct>) -> BTreeMap<String, String> {
+    let Some(s) = s else { return BTreeMap::new() };
+    s.fields
+        .iter()
+        .map(|(k, v): (&String, &Value)| {
+            let v = match &v.kind {
+                Some(value::Kind::StringValue(s)) => s.clone(),
+                Some(value::Kind::NumberValue(n)) => n.to_string(),
+                Some(value::Kind::BoolValue(b)) => b.to_string(),
+                _ => String::new(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+fn socket_address(a: Option<&Address>) -> Result<(&str, u16), String> {
+    let sa: &SocketAddress = match a.and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => sa,
+        Some(_) => return Err("only socket_address is supported".into()),
+        None => return Err("missing".into()),
+    };
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
+        }
+        Some(socket_address::PortSpecifier::NamedPort(_)) => return Err("named_port is not supported".into()),
+        None => 0,
+    };
+    Ok((sa.address.as_str(), port))
+}
+
+fn unpack<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", any.type_url))
+}
+
+fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Duration {
+    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
+fn unsupported(set: bool, field: &str) -> Result<(), String> {
+    if set { Err(format!("{field} is not supported")) } else { Ok(()) }
+}

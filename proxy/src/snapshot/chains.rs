@@ -1,0 +1,214 @@
+//! Filter chain selection with Envoy's precedence: destination port, then server name
+//! (exact, then the longest `*.suffix` wildcard, then catch-all), then transport
+//! protocol, then application protocol. Like Envoy, a more specific level that matches
+//! is never abandoned for a less specific one when a later level fails.
+//!
+//! Every level is a hash lookup, so selection costs O(labels in the SNI) whatever the
+//! number of chains.
+
+use std::collections::HashMap;
+
+/// The match criteria of one chain, normalised (names lower-cased).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Criteria {
+    pub port: Option<u32>,
+    /// Empty: any name. `*.example.com` entries are wildcards.
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+}
+
+/// What a connection offers to be matched against.
+#[derive(Debug, Clone, Copy)]
+pub struct Offer<'a> {
+    pub port: u16,
+    pub server_name: Option<&'a str>,
+    pub transport_protocol: &'a str,
+    pub alpn: &'a [&'a [u8]],
+}
+
+#[derive(Debug, Default)]
+pub struct ChainMatcher {
+    by_port: HashMap<u32, NameLevel>,
+    any_port: Option<NameLevel>,
+}
+
+#[derive(Debug, Default)]
+struct NameLevel {
+    exact: HashMap<Box<str>, ProtoLevel>,
+    /// Keyed by the suffix after `*`, e.g. `.example.com`.
+    wildcard: HashMap<Box<str>, ProtoLevel>,
+    any: Option<ProtoLevel>,
+}
+
+#[derive(Debug, Default)]
+struct ProtoLevel {
+    by_transport: Vec<(Box<str>, AlpnLevel)>,
+    any: Option<AlpnLevel>,
+}
+
+#[derive(Debug, Default)]
+struct AlpnLevel {
+    by_alpn: Vec<(Box<[u8]>, usize)>,
+    any: Option<usize>,
+}
+
+impl ChainMatcher {
+    /// Adds chain `index`. Fails when another chain has exactly the same criteria
+    /// (Envoy refuses such listeners too).
+    pub fn insert(&mut self, c: &Criteria, index: usize) -> Result<(), String> {
+        let names = match c.port {
+            Some(p) => self.by_port.entry(p).or_default(),
+            None => self.any_port.get_or_insert_with(Default::default),
+        };
+        if c.server_names.is_empty() {
+            return insert_proto(names.any.get_or_insert_with(Default::default), c, index);
+        }
+        for name in &c.server_names {
+            let level = match name.strip_prefix('*') {
+                Some(suffix) if suffix.starts_with('.') => names.wildcard.entry(suffix.into()).or_default(),
+                _ => names.exact.entry(name.as_str().into()).or_default(),
+            };
+            insert_proto(level, c, index)?;
+        }
+        Ok(())
+    }
+
+    pub fn find(&self, offer: &Offer<'_>) -> Option<usize> {
+        let names = self.by_port.get(&u32::from(offer.port)).or(self.any_port.as_ref())?;
+        let proto = match offer.server_name {
+            Some(sni) => names.lookup(sni),
+            None => names.any.as_ref(),
+        }?;
+        let alpn = proto
+            .by_transport
+            .iter()
+            .find(|(t, _)| &**t == offer.transport_protocol)
+            .map(|(_, a)| a)
+            .or(proto.any.as_ref())?;
+        offer.alpn.iter().find_map(|p| alpn.by_alpn.iter().find(|(a, _)| &**a == *p).map(|(_, i)| *i)).or(alpn.any)
+    }
+}
+
+impl NameLevel {
+    fn lookup(&self, sni: &str) -> Option<&ProtoLevel> {
+        let mut buf = [0u8; clienthello::MAX_SERVER_NAME_LEN];
+        let lower = lowercase(sni, &mut buf);
+        if let Some(p) = self.exact.get(lower) {
+            return Some(p);
+        }
+        if !self.wildcard.is_empty() {
+            // "a.b.example.com" tries ".b.example.com", ".example.com", ".com".
+            let mut rest = lower;
+            while let Some(dot) = rest.find('.') {
+                let suffix = &rest[dot..];
+                if let Some(p) = self.wildcard.get(suffix) {
+                    return Some(p);
+                }
+                rest = &rest[dot + 1..];
+            }
+        }
+        self.any.as_ref()
+    }
+}
+
+/// Lower-cases ASCII into `buf` without allocating; names longer than the buffer
+/// (impossible for a parsed SNI) are returned unchanged.
+fn lowercase<'a>(s: &'a str, buf: &'a mut [u8]) -> &'a str {
+    if !s.bytes().any(|b| b.is_ascii_uppercase()) || s.len() > buf.len() {
+        return s;
+    }
+    let out = &mut buf[..s.len()];
+    out.copy_from_slice(s.as_bytes());
+    out.make_ascii_lowercase();
+    std::str::from_utf8(out).unwrap_or(s)
+}
+
+fn insert_proto(level: &mut ProtoLevel, c: &Criteria, index: usize) -> Result<(), String> {
+    let alpn = match &c.transport_protocol {
+        Some(t) => match level.by_transport.iter().position(|(x, _)| &**x == t.as_str()) {
+            Some(i) => &mut level.by_transport[i].1,
+            None => {
+                level.by_transport.push((t.as_str().into(), AlpnLevel::default()));
+                &mut level.by_transport.last_mut().expect("just pushed").1
+            }
+        },
+        None => level.any.get_or_insert_with(Default::default),
+    };
+    let dup = |other: usize| Err(format!("filter chains #{other} and #{index} have the same match criteria"));
+    if c.application_protocols.is_empty() {
+        if let Some(other) = alpn.any {
+            return dup(other);
+        }
+        alpn.any = Some(index);
+    } else {
+        for p in &c.application_protocols {
+            if let Some((_, other)) = alpn.by_alpn.iter().find(|(a, _)| **a == *p.as_bytes()) {
+                return dup(*other);
+            }
+            alpn.by_alpn.push((p.as_bytes().into(), index));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crit(port: Option<u32>, names: &[&str], tp: Option<&str>, alpn: &[&str]) -> Criteria {
+        Criteria {
+            port,
+            server_names: names.iter().map(|s| s.to_string()).collect(),
+            transport_protocol: tp.map(str::to_string),
+            application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn offer<'a>(port: u16, sni: Option<&'a str>, tp: &'a str, alpn: &'a [&'a [u8]]) -> Offer<'a> {
+        Offer { port, server_name: sni, transport_protocol: tp, alpn }
+    }
+
+    #[test]
+    fn precedence_table() {
+        let mut m = ChainMatcher::default();
+        m.insert(&crit(None, &["backend{mesh=default}"], Some("tls"), &[]), 0).unwrap();
+        m.insert(&crit(None, &["*.example.com"], Some("tls"), &[]), 1).unwrap();
+        m.insert(&crit(None, &["*.b.example.com"], Some("tls"), &[]), 2).unwrap();
+        m.insert(&crit(None, &[], Some("tls"), &[]), 3).unwrap();
+        m.insert(&crit(None, &[], None, &[]), 4).unwrap();
+        m.insert(&crit(Some(9000), &[], None, &[]), 5).unwrap();
+        m.insert(&crit(None, &["alpn.test"], None, &["h2"]), 6).unwrap();
+        m.insert(&crit(None, &["alpn.test"], None, &["kuma"]), 7).unwrap();
+        m.insert(&crit(None, &["only-tls.test"], Some("tls"), &[]), 8).unwrap();
+        let cases: &[(Offer<'_>, Option<usize>)] = &[
+            (offer(1, Some("backend{mesh=default}"), "tls", &[]), Some(0)),
+            (offer(1, Some("BACKEND{mesh=default}"), "tls", &[]), Some(0)),
+            (offer(1, Some("x.example.com"), "tls", &[]), Some(1)),
+            (offer(1, Some("x.b.example.com"), "tls", &[]), Some(2)),
+            (offer(1, Some("a.x.b.example.com"), "tls", &[]), Some(2)),
+            (offer(1, Some("example.com"), "tls", &[]), Some(3)),
+            (offer(1, Some("other"), "tls", &[]), Some(3)),
+            (offer(1, None, "tls", &[]), Some(3)),
+            (offer(1, None, "raw_buffer", &[]), Some(4)),
+            (offer(9000, Some("backend{mesh=default}"), "tls", &[]), Some(5)),
+            (offer(1, Some("alpn.test"), "tls", &[b"x", b"kuma", b"h2"]), Some(7)),
+            (offer(1, Some("alpn.test"), "tls", &[b"h2"]), Some(6)),
+            // A matching name is never abandoned for the catch-all.
+            (offer(1, Some("alpn.test"), "tls", &[b"http/1.1"]), None),
+            (offer(1, Some("only-tls.test"), "raw_buffer", &[]), None),
+        ];
+        for (o, want) in cases {
+            assert_eq!(m.find(o), *want, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let mut m = ChainMatcher::default();
+        m.insert(&crit(None, &["a", "b"], Some("tls"), &[]), 0).unwrap();
+        let e = m.insert(&crit(None, &["b"], Some("tls"), &[]), 1).unwrap_err();
+        assert!(e.contains("#0 and #1"), "{e}");
+        m.insert(&crit(None, &["b"], Some("raw_buffer"), &[]), 2).unwrap();
+    }
+}

@@ -1,0 +1,261 @@
+//! Upstream clusters: hosts, load balancing and subsets, as resolved at build time.
+
+use crate::stats::ClusterStats;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+#[derive(Debug)]
+pub struct ClusterCfg {
+    pub name: String,
+    pub connect_timeout: Duration,
+    pub lb: LbPolicy,
+    /// Circuit breaker: most upstream connections open at once.
+    pub max_connections: u64,
+    pub hosts: Arc<HostSet>,
+    pub subsets: Option<SubsetCfg>,
+    pub stats: Arc<ClusterStats>,
+}
+
+#[derive(Debug)]
+pub struct Host {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// `filter_metadata["envoy.lb"]` of the endpoint, for subset selection.
+    pub lb_metadata: BTreeMap<String, String>,
+    pub healthy: bool,
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    pub connect_fail: AtomicU64,
+}
+
+/// The hosts one route balances over. Unhealthy hosts are excluded at build time.
+#[derive(Debug, Default)]
+pub struct HostSet {
+    pub hosts: Vec<Arc<Host>>,
+    /// Cumulative weights when weights differ; empty when all are equal.
+    cumulative: Vec<u64>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    NoFallback,
+    AnyEndpoint,
+    DefaultSubset,
+}
+
+#[derive(Debug)]
+pub struct SubsetCfg {
+    pub fallback: Fallback,
+    pub default_subset: BTreeMap<String, String>,
+    /// Key sets a metadata match may use, each with its own fallback.
+    pub selectors: Vec<(Vec<String>, Fallback)>,
+}
+
+impl HostSet {
+    pub fn new(hosts: Vec<Arc<Host>>) -> Self {
+        let healthy: Vec<Arc<Host>> = hosts.into_iter().filter(|h| h.healthy && h.weight > 0).collect();
+        let uniform = healthy.windows(2).all(|w| w[0].weight == w[1].weight);
+        let cumulative = if uniform {
+            vec![]
+        } else {
+            healthy
+                .iter()
+                .scan(0u64, |acc, h| {
+                    *acc += u64::from(h.weight);
+                    Some(*acc)
+                })
+                .collect()
+        };
+        HostSet { hosts: healthy, cumulative, next: AtomicUsize::new(0) }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// Picks a host. `attempt` > 0 on retries so a retry moves on to another host.
+    pub fn pick(&self, lb: LbPolicy, attempt: u32) -> Option<&Arc<Host>> {
+        let n = self.hosts.len();
+        match n {
+            0 => return None,
+            1 => return self.hosts.first(),
+            _ => {}
+        }
+        let i = match lb {
+            LbPolicy::RoundRobin => {
+                let tick = self.next.fetch_add(1, Ordering::Relaxed);
+                self.by_tick(tick)
+            }
+            LbPolicy::Random => self.by_tick(random() as usize + attempt as usize),
+            LbPolicy::LeastRequest => {
+                // Power of two choices, weighted by the hosts' weights.
+                let r = random();
+                let a = self.by_tick(r as usize);
+                let b = self.by_tick((r >> 32) as usize);
+                let load = |i: usize| {
+                    let h = &self.hosts[i];
+                    (h.active.load(Ordering::Relaxed) + 1) * 1_000_000 / u64::from(h.weight.max(1))
+                };
+                if load(b) < load(a) { b } else { a }
+            }
+        };
+        self.hosts.get(i)
+    }
+
+    fn by_tick(&self, tick: usize) -> usize {
+        match self.cumulative.last() {
+            None => tick % self.hosts.len(),
+            Some(&total) => {
+                let point = (tick as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % total;
+                self.cumulative.partition_point(|&c| c <= point)
+            }
+        }
+    }
+}
+
+impl ClusterCfg {
+    /// The hosts a route with `metadata_match` balances over (Envoy's subset LB).
+    pub fn subset(&self, wanted: &BTreeMap<String, String>) -> Arc<HostSet> {
+        let Some(cfg) = &self.subsets else {
+            return self.hosts.clone();
+        };
+        let filtered = |want: &BTreeMap<String, String>| {
+            let hosts: Vec<Arc<Host>> = self
+                .hosts
+                .hosts
+                .iter()
+                .filter(|h| want.iter().all(|(k, v)| h.lb_metadata.get(k) == Some(v)))
+                .cloned()
+                .collect();
+            Arc::new(HostSet::new(hosts))
+        };
+        let fallback = |f: Fallback| match f {
+            Fallback::NoFallback => Arc::new(HostSet::default()),
+            Fallback::AnyEndpoint => self.hosts.clone(),
+            Fallback::DefaultSubset => filtered(&cfg.default_subset),
+        };
+        if wanted.is_empty() {
+            return self.hosts.clone();
+        }
+        let keys: Vec<&String> = wanted.keys().collect();
+        match cfg.selectors.iter().find(|(k, _)| k.iter().collect::<Vec<_>>() == keys) {
+            None => fallback(cfg.fallback),
+            Some((_, f)) => {
+                let set = filtered(wanted);
+                if set.is_empty() { fallback(*f) } else { set }
+            }
+        }
+    }
+}
+
+/// A fast non-cryptographic random number (per-thread xorshift), for load balancing.
+fn random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (t.as_nanos() as u64) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(port: u16, weight: u32, md: &[(&str, &str)]) -> Arc<Host> {
+        Arc::new(Host {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            lb_metadata: md.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            healthy: true,
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connect_fail: AtomicU64::new(0),
+        })
+    }
+
+    fn count(set: &HostSet, lb: LbPolicy, n: usize) -> BTreeMap<u16, usize> {
+        let mut m = BTreeMap::new();
+        for _ in 0..n {
+            *m.entry(set.pick(lb, 0).unwrap().addr.port()).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn round_robin_alternates_and_weights_hold() {
+        let set = HostSet::new(vec![host(1, 1, &[]), host(2, 1, &[])]);
+        let picks: Vec<u16> = (0..4).map(|_| set.pick(LbPolicy::RoundRobin, 0).unwrap().addr.port()).collect();
+        assert_eq!(picks, [1, 2, 1, 2]);
+        let set = HostSet::new(vec![host(1, 1, &[]), host(2, 3, &[])]);
+        let c = count(&set, LbPolicy::RoundRobin, 4000);
+        assert!((900..1100).contains(&c[&1]), "{c:?}");
+        let c = count(&set, LbPolicy::Random, 4000);
+        assert!((800..1200).contains(&c[&1]), "{c:?}");
+    }
+
+    #[test]
+    fn least_request_prefers_idle_hosts() {
+        let set = HostSet::new(vec![host(1, 1, &[]), host(2, 1, &[])]);
+        set.hosts[0].active.store(100, Ordering::Relaxed);
+        let c = count(&set, LbPolicy::LeastRequest, 1000);
+        assert!(c.get(&1).copied().unwrap_or(0) < 350, "{c:?}");
+    }
+
+    #[test]
+    fn unhealthy_and_zero_weight_hosts_are_skipped() {
+        let mut h = Arc::try_unwrap(host(1, 1, &[])).unwrap();
+        h.healthy = false;
+        let set = HostSet::new(vec![Arc::new(h), host(2, 0, &[]), host(3, 1, &[])]);
+        assert_eq!(count(&set, LbPolicy::RoundRobin, 10).keys().copied().collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn subsets_follow_selectors_and_fallbacks() {
+        let all = Arc::new(HostSet::new(vec![
+            host(1, 1, &[("version", "v1"), ("region", "eu")]),
+            host(2, 1, &[("version", "v2"), ("region", "us")]),
+        ]));
+        let cluster = |fallback| ClusterCfg {
+            name: "c".into(),
+            connect_timeout: Duration::from_secs(1),
+            lb: LbPolicy::RoundRobin,
+            max_connections: 1024,
+            hosts: all.clone(),
+            subsets: Some(SubsetCfg {
+                fallback,
+                default_subset: BTreeMap::from([("version".into(), "v1".into())]),
+                selectors: vec![(vec!["version".into()], Fallback::NoFallback)],
+            }),
+            stats: Default::default(),
+        };
+        let m = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        let c = cluster(Fallback::AnyEndpoint);
+        let ports = |s: Arc<HostSet>| s.hosts.iter().map(|h| h.addr.port()).collect::<Vec<_>>();
+        assert_eq!(ports(c.subset(&m("version", "v2"))), [2]);
+        assert_eq!(ports(c.subset(&m("version", "v3"))), Vec::<u16>::new());
+        assert_eq!(ports(c.subset(&m("region", "eu"))), [1, 2]);
+        assert_eq!(ports(cluster(Fallback::DefaultSubset).subset(&m("region", "eu"))), [1]);
+        assert_eq!(ports(cluster(Fallback::NoFallback).subset(&m("region", "eu"))), Vec::<u16>::new());
+    }
+}

@@ -1,0 +1,105 @@
+//! The immutable routing snapshot every connection reads once, and its construction
+//! from Envoy resources.
+//!
+//! A snapshot is built and validated off the hot path, then published through one
+//! `ArcSwap`; a connection keeps the `Arc`s it took, so reloads never disturb it.
+
+mod build;
+pub mod chains;
+pub mod cluster;
+
+pub use build::{DnsAnswers, build, dns_names};
+
+use crate::resources::Resources;
+use crate::stats::{ListenerStats, TcpStats};
+use bytes::Bytes;
+use chains::ChainMatcher;
+use cluster::{ClusterCfg, HostSet};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub version: String,
+    pub resources: Arc<Resources>,
+    pub listeners: HashMap<String, Arc<ListenerCfg>>,
+    pub clusters: HashMap<String, Arc<ClusterCfg>>,
+}
+
+#[derive(Debug)]
+pub struct ListenerCfg {
+    pub name: String,
+    pub address: SocketAddr,
+    /// `tls_inspector` is configured: read the ClientHello before choosing a chain.
+    pub inspect_tls: bool,
+    /// How long listener filters may wait for the ClientHello; `None` = forever.
+    pub filters_timeout: Option<Duration>,
+    pub continue_on_timeout: bool,
+    /// Largest ClientHello read before the connection is refused.
+    pub max_client_hello: usize,
+    pub matcher: ChainMatcher,
+    pub chains: Vec<Arc<Chain>>,
+    pub default_chain: Option<Arc<Chain>>,
+    pub stats: Arc<ListenerStats>,
+}
+
+#[derive(Debug)]
+pub struct Chain {
+    pub name: String,
+    pub action: Action,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    TcpProxy(TcpProxyCfg),
+    /// Write these bytes and close (Kuma's ingress with nothing to route).
+    DirectResponse(Bytes),
+}
+
+#[derive(Debug)]
+pub struct TcpProxyCfg {
+    pub targets: Vec<Target>,
+    /// Cumulative weights of `targets` when there is more than one.
+    pub cumulative: Vec<u64>,
+    pub idle_timeout: Option<Duration>,
+    pub max_connect_attempts: u32,
+    pub stats: Arc<TcpStats>,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub cluster_name: String,
+    /// `None` when the cluster is unknown: connections are closed and counted.
+    pub cluster: Option<Arc<ClusterCfg>>,
+    /// The hosts after `metadata_match` (the whole cluster without one).
+    pub hosts: Arc<HostSet>,
+}
+
+impl ListenerCfg {
+    pub fn select(&self, offer: &chains::Offer<'_>) -> Option<&Arc<Chain>> {
+        match self.matcher.find(offer) {
+            Some(i) => self.chains.get(i),
+            None => self.default_chain.as_ref(),
+        }
+    }
+}
+
+impl TcpProxyCfg {
+    pub fn pick_target(&self, tick: u64) -> Option<&Target> {
+        match self.cumulative.last() {
+            None => self.targets.first(),
+            Some(&total) if total > 0 => {
+                let point = tick % total;
+                self.targets.get(self.cumulative.partition_point(|&c| c <= point))
+            }
+            Some(_) => None,
+        }
+    }
+}
+
+/// Envoy's stat name for a listener address: `127.0.0.1_10001`.
+pub fn listener_stat_name(addr: &SocketAddr) -> String {
+    format!("{}_{}", addr.ip(), addr.port())
+}

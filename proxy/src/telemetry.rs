@@ -1,0 +1,39 @@
+//! Logging: plain text on stderr, with the level changeable at run time through the
+//! admin API (`POST /logging?level=debug`).
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+/// Handle to change the log level of the running process.
+#[derive(Clone)]
+pub struct LogLevel(reload::Handle<EnvFilter, Registry>);
+
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// The filter for a kuma-dp level name. Access logs follow the level, except that
+/// `info` keeps them (they are the per-connection record users rely on).
+fn filter(level: &str) -> Result<EnvFilter, String> {
+    if !LEVELS.contains(&level) {
+        return Err(format!("unknown log level `{level}`; use one of {}", LEVELS.join(", ")));
+    }
+    EnvFilter::try_new(level).map_err(|e| e.to_string())
+}
+
+impl LogLevel {
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        let f = filter(level)?;
+        self.0.reload(f).map_err(|e| e.to_string())
+    }
+}
+
+/// Installs the global subscriber. Fails on an unknown level name.
+pub fn init(level: &str) -> Result<LogLevel, String> {
+    let (layer, handle) = reload::Layer::new(filter(level)?);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    Ok(LogLevel(handle))
+}
