@@ -73,7 +73,7 @@ impl Drain {
     /// Returns the number of connections still open at the end.
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.state.store(Readiness::Terminating as u8, Ordering::Release);
-        let _ = self.stop_tx.send(true);
+        self.stop_tx.send_replace(true);
         let wait_idle = async {
             loop {
                 let notified = self.idle.notified();
@@ -97,13 +97,14 @@ mod tests {
         let d = Drain::new();
         d.set_ready();
         let g = d.track();
-        let d2 = d.clone();
-        let task = tokio::spawn(async move { d2.drain(Duration::from_secs(30)).await });
-        tokio::task::yield_now().await;
-        assert_eq!(d.readiness(), Readiness::Terminating);
-        assert!(*d.stopped().borrow());
-        drop(g);
-        assert_eq!(task.await.unwrap(), 0);
+        // `join!` polls the drain first, so the check runs once the drain has begun.
+        let check = async {
+            assert_eq!(d.readiness(), Readiness::Terminating);
+            assert!(*d.stopped().borrow());
+            drop(g);
+        };
+        let (left, ()) = tokio::join!(d.drain(Duration::from_secs(30)), check);
+        assert_eq!(left, 0);
     }
 
     #[tokio::test(start_paused = true)]

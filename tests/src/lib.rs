@@ -1,0 +1,328 @@
+//! Harness for end-to-end tests: starts the real `dp` binary on loopback with
+//! ephemeral ports, plain-TCP and TLS backends that say who they are, and clients that
+//! send real ClientHellos.
+
+pub mod hello;
+pub mod tls;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Generous bound for anything the tests wait for; a wait that hits it fails the test.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Path of a binary of this workspace, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_uppercase());
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target dir").join(name);
+    assert!(path.exists(), "{} is missing: build it first with `cargo build --bins` (or set {var})", path.display());
+    path
+}
+
+/// The repository's `../shared/fixtures` folder (beside the clone).
+pub fn fixtures_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/kuma-2.14");
+    assert!(
+        dir.is_dir(),
+        "the Kuma fixtures folder {} is absent: these tests read ../shared/fixtures beside the \
+         repository clone",
+        dir.display()
+    );
+    dir
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("e2e-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Log lines of a child process, collected by a thread, with waiting on a pattern.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Logs {
+    fn follow(&self, r: impl Read + Send + 'static) {
+        let logs = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                let (lines, cv) = &*logs.0;
+                lines.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.0.lock().unwrap().clone()
+    }
+
+    /// Waits for a line containing every one of `parts`, returning it.
+    pub fn wait_for(&self, parts: &[&str]) -> String {
+        let (lines, cv) = &*self.0;
+        let deadline = Instant::now() + WAIT;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(l) = guard.iter().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no log line with {parts:?}; log:\n{}", guard.join("\n"));
+            guard = cv.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    pub fn count(&self, parts: &[&str]) -> usize {
+        self.lines().iter().filter(|l| parts.iter().all(|p| l.contains(p))).count()
+    }
+}
+
+/// A running `dp`.
+pub struct Dp {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub logs: Logs,
+    pub dir: PathBuf,
+}
+
+impl Dp {
+    /// Starts `dp run --xds-file <file> <extra>` and waits until its admin API answers.
+    pub fn start(xds_file: &Path, extra: &[&str]) -> Dp {
+        let dir = temp_dir("dp");
+        let admin_path = dir.join("admin-address");
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--xds-file".into(),
+            xds_file.display().to_string(),
+            "--admin-address".into(),
+            "127.0.0.1:0".into(),
+            "--admin-address-path".into(),
+            admin_path.display().to_string(),
+            "--readiness-port".into(),
+            "0".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, logs) = spawn(&bin("dp"), &args, &[]);
+        let admin = wait_until("dp to write its admin address", || {
+            std::fs::read_to_string(&admin_path).ok().and_then(|s| s.trim().parse().ok())
+        });
+        let dp = Dp { child, admin, logs, dir };
+        dp.wait_ready();
+        dp
+    }
+
+    pub fn wait_ready(&self) {
+        wait_until("dp to be ready", || (http_get(self.admin, "/ready").ok()?.0 == 200).then_some(()));
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path} on the admin API: {e}"))
+    }
+
+    /// Bound address of a listener, from the admin API.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        let (_, body) = self.get("/listeners?format=json");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("listeners JSON");
+        let l = v["listener_statuses"]
+            .as_array()
+            .and_then(|a| a.iter().find(|l| l["name"] == name))
+            .unwrap_or_else(|| panic!("no listener {name} in {body}"));
+        let sa = &l["local_address"]["socket_address"];
+        format!("{}:{}", sa["address"].as_str().unwrap(), sa["port_value"]).parse().unwrap()
+    }
+
+    /// The readiness reporter's address, from the log.
+    pub fn readiness(&self) -> SocketAddr {
+        let line = self.logs.wait_for(&["readiness reporter listening"]);
+        let addr = line.split("address=").nth(1).and_then(|s| s.split_whitespace().next()).expect("address in log");
+        addr.parse().expect("readiness address")
+    }
+
+    /// Waits until the configuration with `version` is in force.
+    pub fn wait_version(&self, version: &str) {
+        wait_until(&format!("config version {version}"), || {
+            let (_, body) = http_get(self.admin, "/config_dump").ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (v["version_info"] == version).then_some(())
+        });
+    }
+
+    /// Value of a Prometheus sample whose line starts with `prefix`.
+    pub fn stat(&self, prefix: &str) -> u64 {
+        let (_, body) = self.get("/stats/prometheus");
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no stat {prefix} in:\n{body}"))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) with our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "dp did not exit; log:\n{}", self.logs.lines().join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts a binary with stdout and stderr followed into `Logs`.
+pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)]) -> (Child, Logs) {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let logs = Logs::default();
+    logs.follow(child.stdout.take().unwrap());
+    logs.follow(child.stderr.take().unwrap());
+    (child, logs)
+}
+
+/// Runs a binary to completion: (exit status, stdout + stderr).
+pub fn run(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status, text)
+}
+
+/// Polls `f` until it returns `Some`, failing the test after `WAIT`.
+pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A tiny blocking HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = StdTcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A plain TCP backend standing in for an application behind the ingress. On every
+/// connection it answers `<name>\n` as soon as bytes arrive, records what it received
+/// and echoes the rest back.
+#[derive(Clone)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = Backend { name: name.into(), addr: l.local_addr().unwrap(), received: Default::default() };
+        let me = b.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let idx = {
+                        let mut r = me.received.lock().unwrap();
+                        r.push(vec![]);
+                        r.len() - 1
+                    };
+                    let mut buf = vec![0u8; 16384];
+                    let mut greeted = false;
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        me.received.lock().unwrap()[idx].extend_from_slice(&buf[..n]);
+                        if !greeted {
+                            greeted = true;
+                            if s.write_all(format!("{}\n", me.name).as_bytes()).await.is_err() {
+                                break;
+                            }
+                        } else if s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        b
+    }
+
+    pub fn connections(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+/// Connects to `addr`, sends a ClientHello for `sni`, and returns the first line the
+/// backend answers with (its name), or `None` when the proxy closed the connection.
+pub async fn who(addr: SocketAddr, sni: Option<&str>) -> Option<String> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(&hello::client_hello(sni, &[])).await.ok()?;
+    read_line(&mut s).await
+}
+
+/// Reads one `\n`-terminated line (without it); `None` on EOF or error first.
+pub async fn read_line(s: &mut TcpStream) -> Option<String> {
+    let mut line = vec![];
+    let mut b = [0u8; 1];
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("read timed out") {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if b[0] == b'\n' => return Some(String::from_utf8_lossy(&line).into_owned()),
+            Ok(_) => line.push(b[0]),
+        }
+    }
+}
+
+/// True when the peer closes (EOF or reset) without sending anything.
+pub async fn closed_without_data(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    matches!(tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("read timed out"), Ok(0) | Err(_))
+}

@@ -1,0 +1,297 @@
+//! Zone ingress data path: `dp run --xds-file` routes TLS by SNI without terminating it.
+
+use e2e::{Backend, Dp, closed_without_data, hello, read_line, temp_dir, who};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const TAG_SNI: &str = "backend{mesh=default,version=v1}";
+const HASH_SNI: &str = "a601e0c00295a9fbe.backend.80.default.ms";
+const KRI_SNI: &str = "sni.msvc.default.east.web.8080";
+
+fn endpoint(addr: SocketAddr, md: &[(&str, &str)]) -> Value {
+    let lb: serde_json::Map<String, Value> = md.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    json!({
+        "endpoint": {"address": {"socketAddress": {"address": addr.ip().to_string(), "portValue": addr.port()}}},
+        "metadata": {"filterMetadata": {"envoy.lb": lb}}
+    })
+}
+
+fn static_cluster(name: &str, eps: &[SocketAddr]) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name, "type": "STATIC", "connectTimeout": "1s",
+        "loadAssignment": {"clusterName": name, "endpoints": [{"lbEndpoints":
+            eps.iter().map(|a| endpoint(*a, &[])).collect::<Vec<_>>()}]}
+    })
+}
+
+fn eds_cluster(name: &str, eps: &[SocketAddr]) -> [Value; 2] {
+    [
+        json!({
+            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "name": name, "type": "EDS", "connectTimeout": "1s",
+            "edsClusterConfig": {"edsConfig": {"ads": {}, "resourceApiVersion": "V3"}}
+        }),
+        json!({
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "clusterName": name,
+            "endpoints": [{"lbEndpoints": eps.iter().map(|a| endpoint(*a, &[])).collect::<Vec<_>>()}]
+        }),
+    ]
+}
+
+fn chain(names: &[&str], cluster: &str) -> Value {
+    json!({
+        "filterChainMatch": {"serverNames": names, "transportProtocol": "tls"},
+        "filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "cluster": cluster, "statPrefix": cluster}}]
+    })
+}
+
+fn listener(name: &str, chains: Vec<Value>, extra: Value) -> Value {
+    let mut l = json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": name,
+        "address": {"socketAddress": {"address": "127.0.0.1", "portValue": 0}},
+        "listenerFilters": [{"name": "envoy.filters.listener.tls_inspector", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
+        "filterChains": chains
+    });
+    if let (Value::Object(l), Value::Object(extra)) = (&mut l, extra) {
+        l.extend(extra);
+    }
+    l
+}
+
+fn write_config(path: &PathBuf, version: &str, resources: Vec<Value>) {
+    let doc = json!({"version_info": version, "resources": resources});
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+struct Setup {
+    dp: Dp,
+    addr: SocketAddr,
+    file: PathBuf,
+    a: Backend,
+    b: Backend,
+    c: Backend,
+    d: Backend,
+}
+
+/// Three SNI forms: tag SNI on a STATIC cluster with two endpoints, hash SNI on an EDS
+/// cluster, KRI SNI on a STATIC cluster.
+async fn setup(extra: Value) -> Setup {
+    let (a, b, c, d) =
+        (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await, Backend::start("d").await);
+    let file = temp_dir("ingress").join("ingress.json");
+    let [eds, cla] = eds_cluster("hash", &[c.addr]);
+    write_config(
+        &file,
+        "1",
+        vec![
+            static_cluster("tag", &[a.addr, b.addr]),
+            eds,
+            cla,
+            static_cluster("kri", &[d.addr]),
+            listener(
+                "ingress",
+                vec![chain(&[TAG_SNI], "tag"), chain(&[HASH_SNI], "hash"), chain(&[KRI_SNI], "kri")],
+                extra,
+            ),
+        ],
+    );
+    let dp = Dp::start(&file, &["--proxy-type", "ingress"]);
+    let addr = dp.listener("ingress");
+    Setup { dp, addr, file, a, b, c, d }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_kuma_sni_forms_and_round_robins() {
+    let s = setup(json!({})).await;
+    assert_eq!(who(s.addr, Some(HASH_SNI)).await.as_deref(), Some("c"));
+    assert_eq!(who(s.addr, Some(KRI_SNI)).await.as_deref(), Some("d"));
+    let mut seen = vec![];
+    for _ in 0..4 {
+        seen.push(who(s.addr, Some(TAG_SNI)).await.expect("tag SNI routes"));
+    }
+    seen.sort();
+    assert_eq!(seen, ["a", "a", "b", "b"], "round robin spreads over both endpoints");
+    // The backend got the ClientHello byte for byte: TLS was not terminated.
+    let sent = hello::client_hello(Some(HASH_SNI), &[]);
+    assert_eq!(s.c.received.lock().unwrap()[0], sent);
+    assert_eq!(s.dp.stat("envoy_cluster_upstream_cx_total{envoy_cluster_name=\"tag\"}"), 4);
+    assert!(s.dp.stat("envoy_listener_downstream_cx_total{envoy_listener_address=\"127.0.0.1_0\"}") >= 6);
+    let (_, clusters) = s.dp.get("/clusters");
+    assert!(clusters.contains(&format!("tag::{}::cx_total::2", s.a.addr)), "{clusters}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_tls_handshake_passes_through() {
+    let s = setup(json!({})).await;
+    // Re-point the hash-SNI route (a DNS-valid name) at a real TLS server.
+    let (server, client_cfg) = e2e::tls::pair(HASH_SNI);
+    let tls_backend = e2e::tls::serve(server, "tls-c").await;
+    let [eds, cla] = eds_cluster("hash", &[tls_backend]);
+    write_config(&s.file, "2", vec![eds, cla, listener("ingress", vec![chain(&[HASH_SNI], "hash")], json!({}))]);
+    s.dp.wait_version("2");
+    let line = e2e::tls::request(s.addr, HASH_SNI, client_cfg, b"ping\n").await;
+    assert_eq!(line, "tls-c: ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_or_missing_sni_is_refused() {
+    let s = setup(json!({})).await;
+    for sni in [Some("nobody{mesh=default}"), None] {
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(&hello::client_hello(sni, &[])).await.unwrap();
+        assert!(closed_without_data(&mut c).await, "{sni:?} must be closed");
+    }
+    // Plain text is not TLS: no chain for it either.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(closed_without_data(&mut c).await);
+    let total: usize = [&s.a, &s.b, &s.c, &s.d].iter().map(|b| b.connections()).sum();
+    assert_eq!(total, 0, "no backend may see a refused connection");
+    assert_eq!(s.dp.stat("envoy_listener_no_filter_chain_match"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_sent_one_byte_per_segment_still_routes() {
+    let s = setup(json!({})).await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    // Two records of 20 bytes each way: the hello spans records and segments.
+    let bytes = hello::records(&hello::handshake(Some(HASH_SNI), &["h2"]), 20);
+    for b in &bytes {
+        c.write_all(std::slice::from_ref(b)).await.unwrap();
+        c.flush().await.unwrap();
+        // Pacing, not synchronisation: gives each byte its own TCP segment.
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert_eq!(read_line(&mut c).await.as_deref(), Some("c"));
+    assert_eq!(s.c.received.lock().unwrap()[0], bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_after_the_listener_filter_timeout() {
+    let s = setup(json!({"listenerFiltersTimeout": "0.3s"})).await;
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    assert!(closed_without_data(&mut c).await);
+    assert_eq!(s.dp.stat("envoy_listener_downstream_pre_cx_timeout"), 1);
+    assert_eq!(s.c.connections() + s.d.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_parallel_connections_reach_the_right_backend() {
+    let s = setup(json!({})).await;
+    let mut tasks = vec![];
+    for i in 0..200 {
+        let addr = s.addr;
+        tasks.push(tokio::spawn(async move {
+            let (sni, want) = [(HASH_SNI, "c"), (KRI_SNI, "d")][i % 2];
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&hello::client_hello(Some(sni), &[])).await.unwrap();
+            assert_eq!(read_line(&mut c).await.as_deref(), Some(want));
+            // The connection is still open both ways: an echo comes back.
+            let msg = format!("conn-{i}\n");
+            c.write_all(msg.as_bytes()).await.unwrap();
+            assert_eq!(read_line(&mut c).await.unwrap(), msg.trim_end());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.c.connections() + s.d.connections(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_new_connections_and_keeps_live_ones() {
+    let s = setup(json!({})).await;
+    let mut live = TcpStream::connect(s.addr).await.unwrap();
+    live.write_all(&hello::client_hello(Some(KRI_SNI), &[])).await.unwrap();
+    assert_eq!(read_line(&mut live).await.as_deref(), Some("d"));
+
+    // Version 2: the KRI name now goes to backend c.
+    let [eds, cla] = eds_cluster("hash", &[s.c.addr]);
+    write_config(&s.file, "2", vec![eds, cla, listener("ingress", vec![chain(&[KRI_SNI], "hash")], json!({}))]);
+    s.dp.wait_version("2");
+    assert_eq!(who(s.addr, Some(KRI_SNI)).await.as_deref(), Some("c"));
+    assert_eq!(who(s.addr, Some(TAG_SNI)).await, None, "removed route is gone");
+    live.write_all(b"still here\n").await.unwrap();
+    assert_eq!(read_line(&mut live).await.as_deref(), Some("still here"), "live connection keeps its route");
+
+    // An invalid version is refused; version 2 keeps serving.
+    std::fs::write(
+        &s.file,
+        b"resources: [{\"@type\": \"type.googleapis.com/envoy.config.cluster.v3.Cluster\", name: x, type: BOGUS}]",
+    )
+    .unwrap();
+    let line = s.dp.logs.wait_for(&["configuration rejected"]);
+    assert!(line.contains("resource #0 (x)") && line.contains("keeping=2"), "{line}");
+    assert_eq!(who(s.addr, Some(KRI_SNI)).await.as_deref(), Some("c"));
+    assert_eq!(s.dp.stat("envoy_config_update_rejected"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_open_connection_finish_then_exits_zero() {
+    let mut s = setup(json!({})).await;
+    let readiness = s.dp.readiness();
+    assert_eq!(e2e::http_get(readiness, "/ready").unwrap(), (200, "READY".to_string()));
+    let mut live = TcpStream::connect(s.addr).await.unwrap();
+    live.write_all(&hello::client_hello(Some(HASH_SNI), &[])).await.unwrap();
+    assert_eq!(read_line(&mut live).await.as_deref(), Some("c"));
+
+    s.dp.signal(libc::SIGTERM);
+    s.dp.logs.wait_for(&["draining"]);
+    assert_eq!(e2e::http_get(readiness, "/ready").unwrap(), (503, "TERMINATING".to_string()));
+    // New connections are refused, the live one still works.
+    assert!(TcpStream::connect(s.addr).await.is_err(), "the listener must stop accepting");
+    live.write_all(b"after term\n").await.unwrap();
+    assert_eq!(read_line(&mut live).await.as_deref(), Some("after term"));
+    assert!(s.dp.child.try_wait().unwrap().is_none(), "dp must wait for the live connection");
+    drop(live);
+    let status = s.dp.wait_exit();
+    assert!(status.success(), "{status:?}");
+    s.dp.logs.wait_for(&["all connections finished"]);
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_line() {
+    let dir = temp_dir("bad");
+    let file = dir.join("bad.yaml");
+    std::fs::write(
+        &file,
+        "resources:\n- '@type': type.googleapis.com/envoy.config.listener.v3.Listener\n  name: l\n  nope: 1\n",
+    )
+    .unwrap();
+    let f = file.display().to_string();
+    let dp = e2e::bin("dp");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--xds-file", &f, "--admin-address", "127.0.0.1:0", "--readiness-port", "0"], "resource #0 (l)"),
+        (
+            vec!["run", "--xds-file", "/nonexistent.yaml", "--admin-address", "127.0.0.1:0", "--readiness-port", "0"],
+            "cannot read",
+        ),
+        (vec!["run", "--proxy-type", "gateway", "--xds-file", &f], "--proxy-type \"gateway\" is not valid"),
+        (vec!["run", "--drain-time", "soon", "--xds-file", &f], "not a duration"),
+    ];
+    for (args, want) in cases {
+        let (status, out) = e2e::run(&dp, &args, &[]);
+        assert!(!status.success(), "{args:?} must fail");
+        let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        assert!(out.contains(want), "{args:?}: want {want:?} in:\n{out}");
+        assert!(last.len() < 400, "one line: {last}");
+    }
+    // A port in use is named.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (status, out) = e2e::run(&dp, &["run", "--xds-file", &f, "--admin-address", &format!("127.0.0.1:{port}")], &[]);
+    assert!(!status.success());
+    assert!(out.contains("cannot bind the admin API"), "{out}");
+}
