@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod app;
+pub mod bootstrap;
 pub mod cli;
 pub mod conn;
 pub mod copy;
+pub mod cp_inputs;
 pub mod drain;
 pub mod listeners;
 pub mod resources;

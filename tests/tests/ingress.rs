@@ -295,3 +295,91 @@ fn bad_input_fails_with_one_clear_line() {
     assert!(!status.success());
     assert!(out.contains("cannot bind the admin API"), "{out}");
 }
+
+fn tcp_chain(names: &[&str], tcp_proxy: Value) -> Value {
+    let mut tp = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "statPrefix": "t"
+    });
+    if let (Value::Object(a), Value::Object(b)) = (&mut tp, tcp_proxy) {
+        a.extend(b);
+    }
+    json!({
+        "filterChainMatch": {"serverNames": names, "transportProtocol": "tls"},
+        "filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": tp}]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_retry_breakers_trip_and_idle_connections_close() {
+    let live = Backend::start("live").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap() // closed when `l` drops: connections are refused
+    };
+    let (w1, w2) = (Backend::start("w1").await, Backend::start("w2").await);
+    let mut limited = static_cluster("limited", &[live.addr]);
+    limited["circuitBreakers"] = json!({"thresholds": [{"maxConnections": 1}]});
+    let file = temp_dir("policies").join("policies.json");
+    write_config(
+        &file,
+        "1",
+        vec![
+            static_cluster("flaky", &[dead, live.addr]),
+            limited,
+            static_cluster("idle", &[live.addr]),
+            static_cluster("w1", &[w1.addr]),
+            static_cluster("w2", &[w2.addr]),
+            listener(
+                "l",
+                vec![
+                    tcp_chain(&["retry.test"], json!({"cluster": "flaky", "maxConnectAttempts": 2})),
+                    tcp_chain(&["noretry.test"], json!({"cluster": "flaky", "statPrefix": "noretry"})),
+                    tcp_chain(&["limited.test"], json!({"cluster": "limited"})),
+                    tcp_chain(&["idle.test"], json!({"cluster": "idle", "idleTimeout": "0.3s", "statPrefix": "idle"})),
+                    tcp_chain(
+                        &["weighted.test"],
+                        json!({"weightedClusters": {"clusters": [{"name": "w1", "weight": 1}, {"name": "w2", "weight": 3}]}}),
+                    ),
+                ],
+                json!({}),
+            ),
+        ],
+    );
+    let dp = Dp::start(&file, &[]);
+    let addr = dp.listener("l");
+
+    // A refused connect moves on to the next endpoint within max_connect_attempts.
+    for _ in 0..4 {
+        assert_eq!(who(addr, Some("retry.test")).await.as_deref(), Some("live"));
+    }
+    assert!(dp.stat("envoy_cluster_upstream_cx_connect_fail{envoy_cluster_name=\"flaky\"}") >= 1);
+    // With one attempt, round robin sends every other connection to the dead endpoint.
+    let mut outcomes = vec![];
+    for _ in 0..4 {
+        outcomes.push(who(addr, Some("noretry.test")).await);
+    }
+    assert!(outcomes.contains(&None) && outcomes.contains(&Some("live".into())), "{outcomes:?}");
+
+    // max_connections 1: a second concurrent connection is refused and counted.
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    first.write_all(&hello::client_hello(Some("limited.test"), &[])).await.unwrap();
+    assert_eq!(read_line(&mut first).await.as_deref(), Some("live"));
+    assert_eq!(who(addr, Some("limited.test")).await, None);
+    assert_eq!(dp.stat("envoy_cluster_upstream_cx_overflow{envoy_cluster_name=\"limited\"}"), 1);
+    drop(first);
+
+    // A silent connection is closed after the tcp_proxy idle timeout.
+    let mut quiet = TcpStream::connect(addr).await.unwrap();
+    quiet.write_all(&hello::client_hello(Some("idle.test"), &[])).await.unwrap();
+    assert_eq!(read_line(&mut quiet).await.as_deref(), Some("live"));
+    assert!(closed_without_data(&mut quiet).await);
+    assert_eq!(dp.stat("envoy_tcp_idle_timeout{envoy_tcp_prefix=\"idle\"}"), 1);
+
+    // Weighted clusters split 1:3.
+    let mut w = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        *w.entry(who(addr, Some("weighted.test")).await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!((w["w1"], w["w2"]), (10, 30), "{w:?}");
+}
