@@ -10,7 +10,10 @@ use crate::resources::{MAX_FILE_BYTES, Resources};
 use crate::snapshot::{self, DnsAnswers};
 use crate::stats::Registry;
 use crate::telemetry::LogLevel;
-use anyhow::{Context, bail};
+use anyhow::Context;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use prost::Name;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -77,18 +80,27 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     let rctx = ctx.clone();
     tokio::spawn(admin::serve(readiness_listener, move |req| admin::readiness(&rctx, &req)));
 
-    let Some(path) = args.xds_file.clone() else {
-        bail!(
-            "no configuration source: pass --xds-file FILE (connecting to a control plane with \
-             --cp-address is not available in this build yet)"
-        );
-    };
     let mut applier = Applier { ctx: ctx.clone(), listeners: listeners.clone(), noted: HashSet::new() };
-    let mut source = FileSource::new(path);
-    let (resources, dns) = source.load().await.map_err(anyhow::Error::msg)?;
-    applier.apply(resources, &dns).map_err(|e| anyhow::anyhow!("--xds-file {}: {e}", source.path.display()))?;
-    drain.set_ready();
-    tokio::spawn(async move { source.watch(applier).await });
+    match args.xds_file.clone() {
+        Some(path) => {
+            let mut source = FileSource::new(path);
+            let (resources, dns) = source.load().await.map_err(anyhow::Error::msg)?;
+            applier.apply(resources, &dns).map_err(|e| anyhow::anyhow!("--xds-file {}: {e}", source.path.display()))?;
+            drain.set_ready();
+            tokio::spawn(async move { source.watch(applier).await });
+        }
+        None => {
+            let mut status = crate::control::start(&args, applier).await?;
+            let drain = drain.clone();
+            tokio::spawn(async move {
+                // Ready once listeners and clusters have been accepted at least once.
+                let needed = [Listener::type_url(), Cluster::type_url()];
+                let _ = status.wait_for(|s| needed.iter().all(|t| s.acked_types.contains(t))).await;
+                info!("first configuration from the control plane applied; ready");
+                drain.set_ready();
+            });
+        }
+    }
 
     wait_for_shutdown(&quit).await?;
     info!(drain_time = ?args.drain_time, active = drain.active(), "draining: not accepting new connections");

@@ -29,6 +29,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)] // a repeated flag: the last one wins, as with kuma-dp
 pub struct RunArgs {
     /// dataplane, ingress or egress [env: KUMA_DATAPLANE_PROXY_TYPE]
     #[arg(long, default_value = "dataplane")]
@@ -92,6 +93,19 @@ pub struct RunArgs {
     /// 0 picks a free port [env: KUMA_READINESS_PORT]
     #[arg(long, default_value_t = 9902)]
     pub readiness_port: u16,
+    /// Inline PEM of the control plane's CA; wins over --ca-cert-file [env: KUMA_CONTROL_PLANE_CA_CERT]
+    #[arg(long, hide = true)]
+    pub ca_cert: Option<String>,
+    /// Wait between bootstrap attempts [env: KUMA_CONTROL_PLANE_RETRY_BACKOFF]
+    #[arg(long, hide = true, default_value = "3s", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+    /// Give up bootstrapping after this long [env: KUMA_CONTROL_PLANE_RETRY_MAX_DURATION]
+    #[arg(long, hide = true, default_value = "5m", value_parser = parse_duration)]
+    pub retry_max_duration: Duration,
+    /// xDS variant: GRPC (state of the world) or DELTA_GRPC
+    /// [env: KUMA_DATAPLANE_RUNTIME_ENVOY_XDS_TRANSPORT_PROTOCOL_VARIANT]
+    #[arg(long, hide = true, default_value = "GRPC")]
+    pub xds_variant: String,
 }
 
 impl RunArgs {
@@ -135,12 +149,22 @@ impl RunArgs {
         opt!(self.work_dir, "KUMA_DATAPLANE_RUNTIME_WORK_DIR");
         opt!(self.binary_path, "KUMA_DATAPLANE_RUNTIME_BINARY_PATH");
         parsed!(self.readiness_port, "KUMA_READINESS_PORT", str::parse::<u16>, "a port number");
+        opt!(self.ca_cert, "KUMA_CONTROL_PLANE_CA_CERT");
+        parsed!(self.retry_backoff, "KUMA_CONTROL_PLANE_RETRY_BACKOFF", parse_duration, "a duration like 3s");
+        parsed!(self.retry_max_duration, "KUMA_CONTROL_PLANE_RETRY_MAX_DURATION", parse_duration, "a duration like 5m");
+        string!(self.xds_variant, "KUMA_DATAPLANE_RUNTIME_ENVOY_XDS_TRANSPORT_PROTOCOL_VARIANT");
         Ok(())
     }
 
     pub fn validate(&self) -> Result<(), String> {
         if !["dataplane", "ingress", "egress"].contains(&self.proxy_type.as_str()) {
             return Err(format!("--proxy-type {:?} is not valid; use dataplane, ingress or egress", self.proxy_type));
+        }
+        if !["", "GRPC", "DELTA_GRPC"].contains(&self.xds_variant.as_str()) {
+            return Err(format!(
+                "KUMA_DATAPLANE_RUNTIME_ENVOY_XDS_TRANSPORT_PROTOCOL_VARIANT {:?} is not valid; use GRPC or DELTA_GRPC",
+                self.xds_variant
+            ));
         }
         if self.drain_time.is_zero() {
             return Err("--drain-time must be greater than 0".into());

@@ -99,6 +99,9 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     let (hello, pending, flag) =
         if lst.inspect_tls { detect(&ctx, &lst, &mut down, &mut buf).await } else { (None, 0, Flag::Done) };
     let sni = hello.as_ref().and_then(ClientHello::server_name);
+    if let Some(sni) = sni {
+        tracing::Span::current().record("sni", sni);
+    }
     let mut log = AccessLog { id, listener: &lst.name, peer, sni, cluster: "", upstream: None, started };
     if flag != Flag::Done {
         lst.stats.downstream_listener_filter_error.inc();
@@ -201,6 +204,7 @@ async fn proxy<'a>(
         return log.finish(Flag::NoCluster, Transferred::default());
     };
     log.cluster = &target.cluster_name;
+    tracing::Span::current().record("cluster", log.cluster);
     let Some(cluster) = &target.cluster else {
         tp.stats.downstream_cx_no_route.inc();
         return log.finish(Flag::NoCluster, Transferred::default());
@@ -219,6 +223,7 @@ async fn proxy<'a>(
         return log.finish(Flag::ConnectFail, Transferred::default());
     };
     log.upstream = Some(host.addr);
+    tracing::Span::current().record("upstream", tracing::field::display(host.addr));
     host.active.fetch_add(1, Ordering::Relaxed);
     let (t, end, err) = copy::bidirectional(down, &mut up, buf, pending, tp.idle_timeout).await;
     host.active.fetch_sub(1, Ordering::Relaxed);

@@ -226,3 +226,78 @@ mod tests {
         assert!(parse_resource("[1", "dataplane", "f").unwrap_err().contains("not valid YAML"));
     }
 }
+
+/// Everything `dp run` needs to talk to a control plane, checked up front.
+#[derive(Debug, Clone)]
+pub struct CpInputs {
+    pub cp: crate::bootstrap::CpAddress,
+    pub trust: crate::bootstrap::Trust,
+    pub token: String,
+    pub token_path: String,
+    pub resource: Option<ProxyResource>,
+    pub mesh: String,
+    pub name: String,
+    pub delta: bool,
+}
+
+impl CpInputs {
+    pub fn from_args(a: &crate::cli::RunArgs) -> Result<Self, String> {
+        use crate::bootstrap::{CpAddress, Trust};
+        let cp = CpAddress::parse(&a.cp_address)?;
+        let trust = if a.skip_verify {
+            Trust::SkipVerify
+        } else if let Some(pem) = &a.ca_cert {
+            Trust::Ca(pem.clone().into_bytes())
+        } else if let Some(f) = &a.ca_cert_file {
+            Trust::Ca(read_ca_file(f)?)
+        } else {
+            Trust::System
+        };
+        let (token, token_path) = match (&a.dataplane_token, &a.dataplane_token_file) {
+            (Some(t), _) => (check_token(t).map_err(|e| format!("--dataplane-token: {e}"))?, String::new()),
+            (None, Some(f)) => (read_token_file(f)?, f.display().to_string()),
+            (None, None) => (String::new(), String::new()),
+        };
+        let vars = parse_vars(&a.dataplane_var)?;
+        let template = match (&a.dataplane_file, &a.dataplane) {
+            (Some(f), _) if f.as_os_str() == "-" => {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                    .map_err(|e| format!("--dataplane-file -: cannot read standard input: {e}"))?;
+                Some((s, "--dataplane-file -".to_string()))
+            }
+            (Some(f), _) => {
+                let bytes = read_bounded(f, "--dataplane-file")?;
+                let text =
+                    String::from_utf8(bytes).map_err(|_| format!("--dataplane-file {}: not text", f.display()))?;
+                Some((text, format!("--dataplane-file {}", f.display())))
+            }
+            (None, Some(inline)) => Some((inline.clone(), "--dataplane".to_string())),
+            (None, None) => None,
+        };
+        let resource = match template {
+            Some((text, source)) => {
+                if a.name.is_some() || a.mesh.is_some() {
+                    return Err(format!(
+                        "--name and --mesh must not be set with {source}: they are read from the resource"
+                    ));
+                }
+                let rendered = render(&text, &vars).map_err(|e| format!("{source}: {e}"))?;
+                Some(parse_resource(&rendered, &a.proxy_type, &source)?)
+            }
+            None => None,
+        };
+        let (mesh, name) = match &resource {
+            Some(r) => (r.mesh.clone(), r.name.clone()),
+            None => {
+                let name = a.name.clone().ok_or("--name is required when no --dataplane-file is given")?;
+                let mesh = a.mesh.clone().unwrap_or_default();
+                if a.proxy_type == "dataplane" && mesh.is_empty() {
+                    return Err("--mesh is required when no --dataplane-file is given".into());
+                }
+                (mesh, name)
+            }
+        };
+        Ok(CpInputs { cp, trust, token, token_path, resource, mesh, name, delta: a.xds_variant == "DELTA_GRPC" })
+    }
+}

@@ -6,6 +6,7 @@ pub mod app;
 pub mod bootstrap;
 pub mod cli;
 pub mod conn;
+pub mod control;
 pub mod copy;
 pub mod cp_inputs;
 pub mod drain;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{Instrument, debug_span, info, warn};
 
 #[derive(Debug)]
 struct Running {
@@ -105,7 +105,10 @@ async fn accept_loop(ctx: Arc<Ctx>, name: Arc<str>, listener: TcpListener, mut s
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let guard = ctx.drain.track();
-                    tokio::spawn(conn::serve(ctx.clone(), name.clone(), stream, peer, guard));
+                    // One span per connection; `conn::serve` records sni, cluster and upstream.
+                    let span = debug_span!("conn", listener = %name, %peer, sni = tracing::field::Empty,
+                        cluster = tracing::field::Empty, upstream = tracing::field::Empty);
+                    tokio::spawn(conn::serve(ctx.clone(), name.clone(), stream, peer, guard).instrument(span));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

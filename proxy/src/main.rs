@@ -25,6 +25,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // One crypto provider for every TLS user in the process (rustls, tonic).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if args.concurrency > 0 {
