@@ -103,12 +103,17 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     }
 
     wait_for_shutdown(&quit).await?;
-    info!(drain_time = ?args.drain_time, active = drain.active(), "draining: not accepting new connections");
+    // Readiness first, so load balancers stop sending; then close the listeners.
+    drain.begin();
+    let accept_loops = listeners.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+    for task in accept_loops {
+        let _ = task.await;
+    }
+    info!(drain_time = ?args.drain_time, active = drain.active(), "draining: listeners closed, waiting for live connections");
     let mut second = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     tokio::select! {
-        left = drain.drain(args.drain_time) => {
-            listeners.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
+        left = drain.wait(args.drain_time) => {
             if left > 0 {
                 warn!(connections = left, "drain time is over; closing the remaining connections");
             } else {

@@ -72,8 +72,18 @@ impl Drain {
     /// Starts the drain and waits until no connection is left or `deadline` passes.
     /// Returns the number of connections still open at the end.
     pub async fn drain(&self, deadline: Duration) -> usize {
+        self.begin();
+        self.wait(deadline).await
+    }
+
+    /// Readiness says TERMINATING and accept loops are told to stop.
+    pub fn begin(&self) {
         self.state.store(Readiness::Terminating as u8, Ordering::Release);
         self.stop_tx.send_replace(true);
+    }
+
+    /// Waits until no connection is left or `deadline` passes; returns how many are left.
+    pub async fn wait(&self, deadline: Duration) -> usize {
         let wait_idle = async {
             loop {
                 let notified = self.idle.notified();

@@ -20,6 +20,7 @@ struct Running {
     configured: SocketAddr,
     bound: SocketAddr,
     stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Debug, Default)]
@@ -70,8 +71,8 @@ impl Listeners {
             let bound = listener.local_addr().unwrap_or(configured);
             let (stop, stop_rx) = watch::channel(false);
             info!(listener = %name, address = %bound, "listening");
-            tokio::spawn(accept_loop(ctx.clone(), Arc::from(name.as_str()), listener, stop_rx));
-            self.running.insert(name, Running { configured, bound, stop });
+            let task = tokio::spawn(accept_loop(ctx.clone(), Arc::from(name.as_str()), listener, stop_rx));
+            self.running.insert(name, Running { configured, bound, stop, task });
         }
         ctx.stats.global.listener_manager_total_listeners_active.set(self.running.len() as u64);
     }
@@ -83,10 +84,15 @@ impl Listeners {
         v
     }
 
-    pub fn stop_all(&mut self) {
-        for (_, r) in self.running.drain() {
-            let _ = r.stop.send(true);
-        }
+    /// Stops every accept loop; await the handles to know the sockets are closed.
+    pub fn stop_all(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.running
+            .drain()
+            .map(|(_, r)| {
+                let _ = r.stop.send(true);
+                r.task
+            })
+            .collect()
     }
 }
 
