@@ -1,0 +1,432 @@
+//! `ctl`: a small kumactl for the `cp` REST API.
+//!
+//! The API address comes from `--api-address` or `CTL_API_ADDRESS`
+//! (default `http://localhost:5681`).
+
+use std::io::Read;
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+use cp::model::{MeshSpec, Resource, ResourceType, parse_documents};
+
+#[derive(Parser)]
+#[command(name = "ctl", version, about = "CLI for the cp control plane (a small kumactl)")]
+struct Cli {
+    /// REST API of the control plane.
+    #[arg(long = "api-address", env = "CTL_API_ADDRESS", default_value = "http://localhost:5681", global = true)]
+    api_address: String,
+    /// Mesh for mesh-scoped commands.
+    #[arg(short = 'm', long = "mesh", default_value = "default", global = true)]
+    mesh: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or update resources from a YAML/JSON file (`-` = stdin; several documents separated by ---).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+    },
+    /// List or show resources: meshes, dataplanes, zone-ingresses, zone-egresses, zones (singular + NAME shows one).
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete a resource: mesh, dataplane, zone, zone-ingress, zone-egress.
+    Delete { kind: String, name: String },
+    /// Generate tokens.
+    #[command(subcommand)]
+    Generate(Generate),
+    /// Inspect computed state.
+    #[command(subcommand)]
+    Inspect(Inspect),
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// Token for zone proxies (ZoneIngress/ZoneEgress).
+    ZoneToken {
+        #[arg(long)]
+        zone: String,
+        /// ingress and/or egress (repeatable; default both).
+        #[arg(long = "scope")]
+        scope: Vec<String>,
+        /// Lifetime, e.g. 24h, 720h (default 10 years, as Kuma).
+        #[arg(long = "valid-for", default_value = "")]
+        valid_for: String,
+    },
+    /// Token for a data plane proxy.
+    DataplaneToken {
+        #[arg(long)]
+        name: Option<String>,
+        /// Tag the token is bound to, k=v1,v2 (repeatable).
+        #[arg(long = "tag")]
+        tag: Vec<String>,
+        #[arg(long = "proxy-type", default_value = "")]
+        proxy_type: String,
+        #[arg(long = "valid-for", default_value = "")]
+        valid_for: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Inspect {
+    /// Services of a mesh with their Dataplane counts.
+    Services,
+}
+
+struct Api {
+    base: String,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    fn new(base: &str) -> anyhow::Result<Self> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            bail!("--api-address {base:?} must start with http:// (the REST API is plain HTTP on port 5681)");
+        }
+        Ok(Api { base, client: Client::builder(TokioExecutor::new()).build_http() })
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        ctype: &str,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let uri = format!("{}{path}", self.base);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("content-type", ctype)
+            .header("accept", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .with_context(|| format!("invalid request URL {uri}"))?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(60), self.client.request(req))
+            .await
+            .map_err(|_| anyhow!("the control plane at {} did not answer within 60s", self.base))?
+            .map_err(|e| anyhow!("cannot reach the control plane at {} ({e}); is `cp run` running? (set --api-address or CTL_API_ADDRESS)", self.base))?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.context("reading the response")?.to_bytes().to_vec();
+        Ok((status, body))
+    }
+
+    /// Call and turn non-2xx into the API's message.
+    async fn ok(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<Vec<u8>> {
+        let (status, body) = self.call(method, path, body, "application/json").await?;
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        Err(anyhow!(api_error(status, &body)))
+    }
+
+    async fn json(&self, path: &str) -> anyhow::Result<Value> {
+        let b = self.ok("GET", path, None).await?;
+        serde_json::from_slice(&b).context("the control plane answered with invalid JSON")
+    }
+}
+
+fn api_error(status: u16, body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        let title = v["title"].as_str().unwrap_or("request failed");
+        let detail = v["detail"].as_str().or(v["details"].as_str()).unwrap_or("");
+        let causes: Vec<String> = v["causes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| format!("{}: {}", c["field"].as_str().unwrap_or(""), c["message"].as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut s = format!("{title} ({status})");
+        if !detail.is_empty() {
+            s.push_str(&format!(": {detail}"));
+        }
+        if !causes.is_empty() {
+            s.push_str(&format!(" [{}]", causes.join("; ")));
+        }
+        return s;
+    }
+    let text = String::from_utf8_lossy(body);
+    format!("the control plane refused the request ({status}): {}", text.trim())
+}
+
+fn resource_path(rtype: ResourceType, mesh: &str, name: &str) -> String {
+    if rtype.is_mesh_scoped() {
+        format!("/meshes/{mesh}/{}/{name}", rtype.plural())
+    } else {
+        format!("/{}/{name}", rtype.plural())
+    }
+}
+
+fn kind_of(kind: &str) -> anyhow::Result<(ResourceType, bool)> {
+    Ok(match kind {
+        "meshes" => (ResourceType::Mesh, true),
+        "mesh" => (ResourceType::Mesh, false),
+        "dataplanes" => (ResourceType::Dataplane, true),
+        "dataplane" => (ResourceType::Dataplane, false),
+        "zone-ingresses" | "zoneingresses" => (ResourceType::ZoneIngress, true),
+        "zone-ingress" | "zoneingress" => (ResourceType::ZoneIngress, false),
+        "zone-egresses" | "zoneegresses" => (ResourceType::ZoneEgress, true),
+        "zone-egress" | "zoneegress" => (ResourceType::ZoneEgress, false),
+        "zones" => (ResourceType::Zone, true),
+        "zone" => (ResourceType::Zone, false),
+        other => bail!(
+            "unknown resource kind {other:?}: use meshes, dataplanes, zone-ingresses, zone-egresses or zones (or the singular with a name)"
+        ),
+    })
+}
+
+fn age(creation: &str) -> String {
+    let Some(t) = cp::model::parse_rfc3339(creation) else { return "-".into() };
+    let s = cp::model::now_unix().saturating_sub(t);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn table_row(rtype: ResourceType, v: &Value) -> Vec<String> {
+    let r = Resource::from_json(v).unwrap_or_else(|_| Resource::new(rtype, "", ""));
+    let created = v["creationTime"].as_str().unwrap_or("");
+    match rtype {
+        ResourceType::Mesh => {
+            let spec: MeshSpec = r.typed().unwrap_or_default();
+            vec![r.name.clone(), spec.mtls_description(), age(created)]
+        }
+        ResourceType::Dataplane => {
+            let tags: Vec<String> = v["networking"]["inbound"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|i| {
+                            i["tags"]
+                                .as_object()
+                                .map(|t| {
+                                    t.iter()
+                                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                                        .collect::<Vec<_>>()
+                                        .join(" ")
+                                })
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            vec![r.mesh.clone(), r.name.clone(), tags.join(" | "), age(created)]
+        }
+        ResourceType::ZoneIngress | ResourceType::ZoneEgress => {
+            let n = &v["networking"];
+            let addr = format!("{}:{}", n["address"].as_str().unwrap_or(""), n["port"]);
+            let adv = match (n["advertisedAddress"].as_str(), n["advertisedPort"].as_u64()) {
+                (Some(a), Some(p)) => format!("{a}:{p}"),
+                _ => "-".into(),
+            };
+            let services = v["availableServices"].as_array().map_or(0, Vec::len);
+            if rtype == ResourceType::ZoneIngress {
+                vec![
+                    r.name.clone(),
+                    v["zone"].as_str().unwrap_or("").into(),
+                    addr,
+                    adv,
+                    services.to_string(),
+                    age(created),
+                ]
+            } else {
+                vec![r.name.clone(), v["zone"].as_str().unwrap_or("").into(), addr, age(created)]
+            }
+        }
+        ResourceType::Zone => {
+            let enabled = v["enabled"].as_bool().unwrap_or(true);
+            vec![r.name.clone(), if enabled { "Enabled" } else { "Disabled" }.into(), age(created)]
+        }
+        _ => vec![r.name.clone(), age(created)],
+    }
+}
+
+fn header_of(rtype: ResourceType) -> Vec<&'static str> {
+    match rtype {
+        ResourceType::Mesh => vec!["NAME", "mTLS", "AGE"],
+        ResourceType::Dataplane => vec!["MESH", "NAME", "TAGS", "AGE"],
+        ResourceType::ZoneIngress => vec!["NAME", "ZONE", "ADDRESS", "ADVERTISED", "SERVICES", "AGE"],
+        ResourceType::ZoneEgress => vec!["NAME", "ZONE", "ADDRESS", "AGE"],
+        ResourceType::Zone => vec!["NAME", "STATUS", "AGE"],
+        _ => vec!["NAME", "AGE"],
+    }
+}
+
+fn print_value(v: &Value, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        _ => print!("{}", serde_saphyr::to_string(v).map_err(|e| anyhow!("cannot render YAML: {e}"))?),
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let api = Api::new(&cli.api_address)?;
+    match cli.cmd {
+        Cmd::Apply { file } => {
+            let text = if file == "-" {
+                let mut s = String::new();
+                std::io::stdin().take(8 * 1024 * 1024).read_to_string(&mut s).context("cannot read stdin")?;
+                s
+            } else {
+                let meta = std::fs::metadata(&file).with_context(|| format!("cannot read {file}"))?;
+                if meta.len() > 8 * 1024 * 1024 {
+                    bail!("{file} is larger than 8 MiB");
+                }
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
+            };
+            let docs = parse_documents(&text).map_err(|e| anyhow!("{file}: {e}"))?;
+            if docs.is_empty() {
+                bail!("{file} holds no resource");
+            }
+            for doc in docs {
+                let r = Resource::from_json(&doc).map_err(|e| anyhow!("{file}: {e}"))?;
+                let mesh =
+                    if doc.get("mesh").and_then(Value::as_str).is_some() { r.mesh.clone() } else { cli.mesh.clone() };
+                let path = resource_path(r.rtype, &mesh, &r.name);
+                let mut body = doc.clone();
+                if r.rtype.is_mesh_scoped() {
+                    body["mesh"] = json!(mesh);
+                }
+                api.ok("PUT", &path, Some(serde_json::to_vec(&body)?))
+                    .await
+                    .map_err(|e| anyhow!("{} {:?}: {e}", r.rtype.name(), r.name))?;
+            }
+        }
+        Cmd::Get { kind, name, output } => {
+            let (rtype, plural) = kind_of(&kind)?;
+            match (plural, name) {
+                (true, None) => {
+                    let path = if rtype.is_mesh_scoped() {
+                        format!("/meshes/{}/{}", cli.mesh, rtype.plural())
+                    } else {
+                        format!("/{}", rtype.plural())
+                    };
+                    let v = api.json(&format!("{path}?size=1000")).await?;
+                    let items = v["items"].as_array().cloned().unwrap_or_default();
+                    if output == Output::Table {
+                        let rows: Vec<Vec<String>> = items.iter().map(|i| table_row(rtype, i)).collect();
+                        print_table(&header_of(rtype), &rows);
+                    } else {
+                        print_value(&v, output)?;
+                    }
+                }
+                (false, Some(n)) | (true, Some(n)) => {
+                    let v = api.json(&resource_path(rtype, &cli.mesh, &n)).await?;
+                    if output == Output::Table {
+                        print_table(&header_of(rtype), &[table_row(rtype, &v)]);
+                    } else {
+                        print_value(&v, output)?;
+                    }
+                }
+                (false, None) => bail!("`ctl get {kind}` needs a NAME (or use the plural to list)"),
+            }
+        }
+        Cmd::Delete { kind, name } => {
+            let (rtype, _) = kind_of(&kind)?;
+            api.ok("DELETE", &resource_path(rtype, &cli.mesh, &name), None).await?;
+            println!("deleted {} {name:?}", rtype.name());
+        }
+        Cmd::Generate(Generate::ZoneToken { zone, scope, valid_for }) => {
+            let scope = if scope.is_empty() { vec!["ingress".to_string(), "egress".to_string()] } else { scope };
+            let body = json!({"zone": zone, "scope": scope, "validFor": valid_for});
+            let tok = api.ok("POST", "/tokens/zone", Some(serde_json::to_vec(&body)?)).await?;
+            println!("{}", String::from_utf8_lossy(&tok).trim());
+        }
+        Cmd::Generate(Generate::DataplaneToken { name, tag, proxy_type, valid_for }) => {
+            let mut tags = serde_json::Map::new();
+            for t in tag {
+                let (k, v) = t.split_once('=').ok_or_else(|| anyhow!("--tag {t:?} must be key=value[,value...]"))?;
+                tags.insert(k.into(), json!(v.split(',').collect::<Vec<_>>()));
+            }
+            let body = json!({"name": name.unwrap_or_default(), "mesh": cli.mesh, "tags": tags,
+                              "type": proxy_type, "validFor": valid_for});
+            let tok = api.ok("POST", "/tokens/dataplane", Some(serde_json::to_vec(&body)?)).await?;
+            println!("{}", String::from_utf8_lossy(&tok).trim());
+        }
+        Cmd::Inspect(Inspect::Services) => {
+            let v = api.json(&format!("/meshes/{}/service-insights", cli.mesh)).await?;
+            let rows: Vec<Vec<String>> = v["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|i| {
+                    let status = match i["status"].as_str().unwrap_or("") {
+                        "online" => "Online",
+                        "offline" => "Offline",
+                        "partially_degraded" => "Partially degraded",
+                        other => other,
+                    };
+                    vec![
+                        i["name"].as_str().unwrap_or("").to_string(),
+                        status.to_string(),
+                        format!("{}/{}", i["dataplanes"]["online"], i["dataplanes"]["total"]),
+                    ]
+                })
+                .collect();
+            print_table(&["SERVICE", "STATUS", "DATAPLANES"], &rows);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    cp::install_crypto_provider();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

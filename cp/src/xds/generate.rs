@@ -1,0 +1,552 @@
+//! xDS generation for zone ingresses, in the shape of Kuma 2.14's ingress goldens
+//! (`fixtures/kuma-2.14/ingress/*.yaml`).
+//!
+//! Generation first builds a deterministic plan (ordered maps only), then turns it into
+//! Envoy protos. Resource versions are hashes of the plan, because prost encodes
+//! `google.protobuf.Struct` maps in random order, so encoded bytes are not stable.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbSubsetConfig,
+    lb_subset_config::{LbSubsetFallbackPolicy, LbSubsetSelector, lb_subset_selector::LbSubsetSelectorFallbackPolicy},
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, Metadata, SocketAddress, TrafficDirection,
+    address, config_source, data_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, UInt32Value, Value, value};
+use envoy_types::util::pack_any;
+use prost::Name;
+
+use crate::model::{
+    AvailableService, DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled, sni_from_tags,
+};
+
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// One generated resource with its version (hash of its plan).
+#[derive(Clone, Debug)]
+pub struct Named {
+    pub name: String,
+    pub version: String,
+    pub any: Any,
+}
+
+/// Everything one proxy gets, by type URL; names are sorted within a type.
+#[derive(Clone, Debug, Default)]
+pub struct ProxySnapshot {
+    pub by_type: BTreeMap<String, Vec<Named>>,
+}
+
+impl ProxySnapshot {
+    pub fn resources(&self, type_url: &str) -> &[Named] {
+        self.by_type.get(type_url).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// A local endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointPlan {
+    pub address: String,
+    pub port: u32,
+    /// Endpoint metadata for `envoy.lb` / `envoy.transport_socket_match`: inbound tags without
+    /// `kuma.io/service`, plus `mesh`.
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChainPlan {
+    sni: String,
+    cluster: String,
+    stat_prefix: String,
+    metadata_match: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ClusterPlan {
+    name: String,
+    alt_stat_name: String,
+    subset_selectors: BTreeSet<Vec<String>>,
+}
+
+/// Inputs of ingress generation (a consistent read of the store).
+pub struct IngressInputs<'a> {
+    pub zone: &'a str,
+    pub node_id: &'a str,
+    pub ingress: &'a ZoneIngressSpec,
+    pub meshes: &'a [Resource],
+    pub dataplanes: &'a [Resource],
+}
+
+/// `availableServices` of the zone's ingresses: one entry per (mesh, full tag set) of the
+/// healthy inbounds of local Dataplanes, with instance counts; sorted by mesh, then tags.
+pub fn available_services(dataplanes: &[Resource]) -> Vec<AvailableService> {
+    let mut counts: BTreeMap<(String, BTreeMap<String, String>), u32> = BTreeMap::new();
+    for dp in dataplanes {
+        let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
+        let Some(net) = spec.networking else { continue };
+        for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
+            if inb.tags.get(SERVICE_TAG).is_none_or(|s| s.is_empty()) {
+                continue;
+            }
+            *counts.entry((dp.mesh.clone(), inb.tags.clone())).or_default() += 1;
+        }
+    }
+    let mut out: Vec<AvailableService> = counts
+        .into_iter()
+        .map(|((mesh, tags), instances)| AvailableService { tags, instances, mesh, external_service: false })
+        .collect();
+    out.sort_by(|a, b| (&a.mesh, sni_from_tags("", &a.tags)).cmp(&(&b.mesh, sni_from_tags("", &b.tags))));
+    out
+}
+
+/// Endpoints per (mesh, service) from the healthy inbounds of local Dataplanes.
+pub fn endpoint_map(dataplanes: &[Resource]) -> BTreeMap<(String, String), Vec<EndpointPlan>> {
+    let mut map: BTreeMap<(String, String), Vec<EndpointPlan>> = BTreeMap::new();
+    for dp in dataplanes {
+        let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
+        let Some(net) = spec.networking else { continue };
+        for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
+            let Some(service) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
+            let Ok(port) = u32::try_from(inb.port) else { continue };
+            // Kuma: the inbound's own address, else the advertised, else the Dataplane address.
+            let address = inb
+                .address
+                .clone()
+                .filter(|a| !a.is_empty())
+                .or_else(|| Some(net.advertised_address.clone()).filter(|a| !a.is_empty()))
+                .unwrap_or_else(|| net.address.clone());
+            let mut tags: BTreeMap<String, String> = inb
+                .tags
+                .iter()
+                .filter(|(k, _)| k.as_str() != SERVICE_TAG)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            tags.insert("mesh".into(), dp.mesh.clone());
+            map.entry((dp.mesh.clone(), service.clone())).or_default().push(EndpointPlan { address, port, tags });
+        }
+    }
+    for v in map.values_mut() {
+        v.sort();
+        v.dedup();
+    }
+    map
+}
+
+/// Tags of a destination that actually split the endpoints (Kuma's "relevant tags").
+fn relevant_tags(destination: &BTreeMap<String, String>, endpoints: &[EndpointPlan]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in destination {
+        if k == SERVICE_TAG || k == "mesh" {
+            continue;
+        }
+        let all: BTreeSet<(&str, u32)> = endpoints.iter().map(|e| (e.address.as_str(), e.port)).collect();
+        let matched: BTreeSet<(&str, u32)> =
+            endpoints.iter().filter(|e| e.tags.get(k) == Some(v)).map(|e| (e.address.as_str(), e.port)).collect();
+        if matched.len() < all.len() {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn version_of(plan: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, plan.as_bytes());
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn socket_address(addr: &str, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn string_struct(m: &BTreeMap<String, String>) -> Struct {
+    Struct {
+        fields: m.iter().map(|(k, v)| (k.clone(), Value { kind: Some(value::Kind::StringValue(v.clone())) })).collect(),
+    }
+}
+
+fn ads_config_source() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+fn cluster_proto(p: &ClusterPlan) -> Cluster {
+    let lb_subset_config = if p.subset_selectors.is_empty() {
+        None
+    } else {
+        Some(LbSubsetConfig {
+            fallback_policy: LbSubsetFallbackPolicy::AnyEndpoint as i32,
+            subset_selectors: p
+                .subset_selectors
+                .iter()
+                .map(|keys| LbSubsetSelector {
+                    keys: keys.clone(),
+                    fallback_policy: LbSubsetSelectorFallbackPolicy::NoFallback as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    Cluster {
+        name: p.name.clone(),
+        alt_stat_name: p.alt_stat_name.clone(),
+        connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads_config_source()),
+            service_name: String::new(),
+        }),
+        lb_subset_config,
+        ..Default::default()
+    }
+}
+
+fn cla_proto(name: &str, endpoints: &[EndpointPlan]) -> ClusterLoadAssignment {
+    let lb_endpoints = endpoints
+        .iter()
+        .map(|e| {
+            let md = string_struct(&e.tags);
+            LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(socket_address(&e.address, e.port)),
+                    ..Default::default()
+                })),
+                load_balancing_weight: Some(UInt32Value { value: 1 }),
+                metadata: Some(Metadata {
+                    filter_metadata: [
+                        ("envoy.lb".to_string(), md.clone()),
+                        ("envoy.transport_socket_match".to_string(), md),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect::<Vec<_>>();
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: if lb_endpoints.is_empty() {
+            Vec::new()
+        } else {
+            vec![LocalityLbEndpoints { lb_endpoints, ..Default::default() }]
+        },
+        ..Default::default()
+    }
+}
+
+fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(TlsInspector::default()))),
+        ..Default::default()
+    }
+}
+
+fn chain_proto(c: &ChainPlan) -> FilterChain {
+    let metadata_match = if c.metadata_match.is_empty() {
+        None
+    } else {
+        Some(Metadata {
+            filter_metadata: [("envoy.lb".to_string(), string_struct(&c.metadata_match))].into_iter().collect(),
+            ..Default::default()
+        })
+    };
+    let tcp = TcpProxy {
+        stat_prefix: c.stat_prefix.clone(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(c.cluster.clone())),
+        metadata_match,
+        ..Default::default()
+    };
+    FilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            server_names: vec![c.sni.clone()],
+            transport_protocol: "tls".into(),
+            ..Default::default()
+        }),
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(tcp))),
+        }],
+        ..Default::default()
+    }
+}
+
+fn direct_response_chain(body: &str) -> FilterChain {
+    FilterChain {
+        filters: vec![Filter {
+            name: "envoy.filters.network.direct_response".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(DirectResponse {
+                response: Some(DataSource {
+                    specifier: Some(data_source::Specifier::InlineBytes(body.as_bytes().to_vec())),
+                    ..Default::default()
+                }),
+            }))),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Generate the Listener, Clusters and ClusterLoadAssignments of a ZoneIngress.
+///
+/// * one listener `inbound:<address>:<port>` with `tls_inspector`;
+/// * per mTLS-enabled mesh and service with local endpoints: a chain for `svc{mesh=m}`
+///   (Kuma's match-all destination) and one chain per distinct tag combination of the
+///   service's available services (`svc{mesh=m,k=v,...}`), with `metadata_match` on the
+///   tags that split the endpoints, and the cluster's subset selectors for them;
+/// * no chain at all: a `direct_response` chain `{"proxy":"<node id>","zone":"<zone>"}`.
+pub fn ingress(inputs: &IngressInputs<'_>) -> ProxySnapshot {
+    let net = &inputs.ingress.networking;
+    let address = if net.address.is_empty() { "0.0.0.0".to_string() } else { net.address.clone() };
+    let port = u32::try_from(net.port).unwrap_or(0);
+    let listener_name = format!("inbound:{address}:{port}");
+
+    let mtls_meshes: BTreeSet<&str> =
+        inputs.meshes.iter().filter(|m| mesh_mtls_enabled(m)).map(|m| m.name.as_str()).collect();
+    let local: Vec<Resource> =
+        inputs.dataplanes.iter().filter(|d| mtls_meshes.contains(d.mesh.as_str())).cloned().collect();
+    let available = available_services(&local);
+    let endpoints = endpoint_map(&local);
+
+    // Destinations per (mesh, service): the tag combinations seen in availableServices.
+    let mut combos: BTreeMap<(String, String), BTreeSet<BTreeMap<String, String>>> = BTreeMap::new();
+    for s in &available {
+        let svc = s.tags.get(SERVICE_TAG).cloned().unwrap_or_default();
+        combos.entry((s.mesh.clone(), svc)).or_default().insert(s.tags.clone());
+    }
+
+    let mut chains: Vec<ChainPlan> = Vec::new();
+    let mut clusters: Vec<ClusterPlan> = Vec::new();
+    let mut loads: Vec<(String, Vec<EndpointPlan>)> = Vec::new();
+    let mut sni_used = BTreeSet::new();
+    for ((mesh, svc), tag_sets) in &combos {
+        let cluster_name = format!("{mesh}:{svc}");
+        let stat = format!("{mesh}_{svc}");
+        let eps = endpoints.get(&(mesh.clone(), svc.clone())).cloned().unwrap_or_default();
+        let mut selectors = BTreeSet::new();
+        let mut svc_chains = Vec::new();
+        for tags in tag_sets {
+            if tags.len() <= 1 {
+                continue; // only kuma.io/service: the plain chain below covers it
+            }
+            let mut with_mesh = tags.clone();
+            with_mesh.insert("mesh".into(), mesh.clone());
+            let sni = sni_from_tags(svc, &with_mesh);
+            if !sni_used.insert(sni.clone()) {
+                continue;
+            }
+            let rel = relevant_tags(tags, &eps);
+            if !rel.is_empty() {
+                selectors.insert(rel.keys().cloned().collect::<Vec<_>>());
+            }
+            svc_chains.push(ChainPlan {
+                sni,
+                cluster: cluster_name.clone(),
+                stat_prefix: stat.clone(),
+                metadata_match: rel,
+            });
+        }
+        svc_chains.sort_by(|a, b| a.sni.cmp(&b.sni));
+        let plain_tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.clone())].into_iter().collect();
+        let plain = sni_from_tags(svc, &plain_tags);
+        if sni_used.insert(plain.clone()) {
+            svc_chains.push(ChainPlan {
+                sni: plain,
+                cluster: cluster_name.clone(),
+                stat_prefix: stat.clone(),
+                metadata_match: BTreeMap::new(),
+            });
+        }
+        chains.extend(svc_chains);
+        clusters.push(ClusterPlan { name: cluster_name.clone(), alt_stat_name: stat, subset_selectors: selectors });
+        loads.push((cluster_name, eps));
+    }
+
+    let mut snap = ProxySnapshot::default();
+    let mut listener = Listener {
+        name: listener_name.clone(),
+        address: Some(socket_address(&address, port)),
+        enable_reuse_port: Some(BoolValue { value: false }),
+        listener_filters: vec![tls_inspector()],
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    };
+    let listener_plan;
+    if chains.is_empty() {
+        let body = format!(r#"{{"proxy":"{}","zone":"{}"}}"#, inputs.node_id, inputs.zone);
+        listener.filter_chains = vec![direct_response_chain(&body)];
+        listener_plan = format!("{listener_name}|direct|{body}");
+    } else {
+        listener.filter_chains = chains.iter().map(chain_proto).collect();
+        listener_plan = format!("{listener_name}|{chains:?}");
+    }
+    snap.by_type.insert(
+        LISTENER_TYPE.into(),
+        vec![Named { name: listener_name, version: version_of(&listener_plan), any: pack_any(listener) }],
+    );
+
+    let mut cluster_versions = BTreeMap::new();
+    let cds: Vec<Named> = clusters
+        .iter()
+        .map(|c| {
+            let v = version_of(&format!("{c:?}"));
+            cluster_versions.insert(c.name.clone(), v.clone());
+            Named { name: c.name.clone(), version: v, any: pack_any(cluster_proto(c)) }
+        })
+        .collect();
+    snap.by_type.insert(CLUSTER_TYPE.into(), cds);
+    // A CLA's version includes its cluster's: when a cluster changes, Envoy re-warms it and
+    // needs its endpoints again, so they must be re-sent even if unchanged (as Kuma does).
+    let eds: Vec<Named> = loads
+        .iter()
+        .map(|(name, eps)| Named {
+            name: name.clone(),
+            version: version_of(&format!("{name}|{eps:?}|{}", cluster_versions.get(name).cloned().unwrap_or_default())),
+            any: pack_any(cla_proto(name, eps)),
+        })
+        .collect();
+    snap.by_type.insert(ENDPOINT_TYPE.into(), eds);
+    snap
+}
+
+/// What other proxy kinds get for now: nothing (empty resource sets, which Envoy accepts).
+pub fn empty() -> ProxySnapshot {
+    let mut snap = ProxySnapshot::default();
+    for t in [LISTENER_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE] {
+        snap.by_type.insert(t.into(), Vec::new());
+    }
+    snap
+}
+
+/// Decode helper used by tests and diagnostics.
+pub fn unpack<T: prost::Message + Default + Name>(any: &Any) -> Option<T> {
+    if any.type_url != T::type_url() {
+        return None;
+    }
+    T::decode(any.value.as_slice()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn res(v: serde_json::Value) -> Resource {
+        Resource::from_json(&v).unwrap()
+    }
+
+    fn mesh(name: &str, mtls: bool) -> Resource {
+        if mtls {
+            res(
+                json!({"type":"Mesh","name":name,"mtls":{"enabledBackend":"ca-1","backends":[{"name":"ca-1","type":"builtin"}]}}),
+            )
+        } else {
+            res(json!({"type":"Mesh","name":name}))
+        }
+    }
+
+    fn dp(mesh: &str, name: &str, addr: &str, tags: serde_json::Value) -> Resource {
+        res(json!({"type":"Dataplane","mesh":mesh,"name":name,
+            "networking":{"address":addr,"inbound":[{"port":2521,"tags":tags}]}}))
+    }
+
+    fn ingress_spec() -> ZoneIngressSpec {
+        serde_json::from_value(json!({"networking":{"address":"10.0.0.1","port":10001}})).unwrap()
+    }
+
+    #[test]
+    fn empty_ingress_is_direct_response() {
+        let spec = ingress_spec();
+        let s = ingress(&IngressInputs {
+            zone: "zone-main",
+            node_id: "default.ingress",
+            ingress: &spec,
+            meshes: &[],
+            dataplanes: &[],
+        });
+        let l: Listener = unpack(&s.resources(LISTENER_TYPE)[0].any).unwrap();
+        assert_eq!(l.name, "inbound:10.0.0.1:10001");
+        let f = &l.filter_chains[0].filters[0];
+        assert_eq!(f.name, "envoy.filters.network.direct_response");
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { panic!() };
+        let dr: DirectResponse = unpack(any).unwrap();
+        let Some(data_source::Specifier::InlineBytes(b)) = dr.response.unwrap().specifier else { panic!() };
+        // Same bytes as golden 02's inlineBytes.
+        assert_eq!(String::from_utf8(b).unwrap(), r#"{"proxy":"default.ingress","zone":"zone-main"}"#);
+    }
+
+    #[test]
+    fn subsets_like_golden_03() {
+        let meshes = vec![mesh("mesh1", true), mesh("plain", false)];
+        let dps = vec![
+            dp("mesh1", "a", "192.168.0.1", json!({"kuma.io/service":"backend","version":"v1","region":"eu"})),
+            dp("mesh1", "b", "192.168.0.2", json!({"kuma.io/service":"backend","version":"v2","region":"us"})),
+            dp("plain", "c", "192.168.0.3", json!({"kuma.io/service":"web"})),
+        ];
+        let spec = ingress_spec();
+        let s = ingress(&IngressInputs {
+            zone: "z",
+            node_id: ".ingress",
+            ingress: &spec,
+            meshes: &meshes,
+            dataplanes: &dps,
+        });
+        let l: Listener = unpack(&s.resources(LISTENER_TYPE)[0].any).unwrap();
+        let snis: Vec<&str> =
+            l.filter_chains.iter().map(|c| c.filter_chain_match.as_ref().unwrap().server_names[0].as_str()).collect();
+        assert_eq!(
+            snis,
+            vec![
+                "backend{mesh=mesh1,region=eu,version=v1}",
+                "backend{mesh=mesh1,region=us,version=v2}",
+                "backend{mesh=mesh1}"
+            ]
+        );
+        let c: Cluster = unpack(&s.resources(CLUSTER_TYPE)[0].any).unwrap();
+        assert_eq!(c.name, "mesh1:backend");
+        let sel: Vec<Vec<String>> = c.lb_subset_config.unwrap().subset_selectors.into_iter().map(|s| s.keys).collect();
+        assert_eq!(sel, vec![vec!["region".to_string(), "version".to_string()]]);
+        let cla: ClusterLoadAssignment = unpack(&s.resources(ENDPOINT_TYPE)[0].any).unwrap();
+        assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
+        let md = &cla.endpoints[0].lb_endpoints[0].metadata.as_ref().unwrap().filter_metadata["envoy.lb"];
+        assert!(md.fields.contains_key("mesh") && !md.fields.contains_key(SERVICE_TAG));
+        // The non-mTLS mesh is not exposed.
+        assert_eq!(s.resources(CLUSTER_TYPE).len(), 1);
+        // Versions are stable across generations.
+        let s2 = ingress(&IngressInputs {
+            zone: "z",
+            node_id: ".ingress",
+            ingress: &spec,
+            meshes: &meshes,
+            dataplanes: &dps,
+        });
+        assert_eq!(s.resources(ENDPOINT_TYPE)[0].version, s2.resources(ENDPOINT_TYPE)[0].version);
+        assert_eq!(s.resources(LISTENER_TYPE)[0].version, s2.resources(LISTENER_TYPE)[0].version);
+    }
+}
