@@ -100,14 +100,22 @@ pub struct Dp {
 }
 
 impl Dp {
-    /// Starts `dp run --xds-file <file> <extra>` and waits until its admin API answers.
+    /// Starts `dp run --xds-file <file> <extra>` and waits until it is ready.
     pub fn start(xds_file: &Path, extra: &[&str]) -> Dp {
+        let mut args = vec!["--xds-file", xds_file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let dp = Dp::spawn(&args, &[]);
+        dp.wait_ready();
+        dp
+    }
+
+    /// Starts `dp run <args>` with admin and readiness on ephemeral ports; returns once
+    /// the admin API answers (not necessarily ready).
+    pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> Dp {
         let dir = temp_dir("dp");
         let admin_path = dir.join("admin-address");
         let mut args: Vec<String> = vec![
             "run".into(),
-            "--xds-file".into(),
-            xds_file.display().to_string(),
             "--admin-address".into(),
             "127.0.0.1:0".into(),
             "--admin-address-path".into(),
@@ -116,13 +124,21 @@ impl Dp {
             "0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, logs) = spawn(&bin("dp"), &args, &[]);
+        let (child, logs) = spawn(&bin("dp"), &args, env);
         let admin = wait_until("dp to write its admin address", || {
             std::fs::read_to_string(&admin_path).ok().and_then(|s| s.trim().parse().ok())
         });
-        let dp = Dp { child, admin, logs, dir };
-        dp.wait_ready();
-        dp
+        Dp { child, admin, logs, dir }
+    }
+
+    /// Bound address of the only listener.
+    pub fn only_listener(&self) -> SocketAddr {
+        let (_, body) = self.get("/listeners?format=json");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("listeners JSON");
+        let all = v["listener_statuses"].as_array().cloned().unwrap_or_default();
+        assert_eq!(all.len(), 1, "one listener expected: {body}");
+        let sa = &all[0]["local_address"]["socket_address"];
+        format!("{}:{}", sa["address"].as_str().unwrap(), sa["port_value"]).parse().unwrap()
     }
 
     pub fn wait_ready(&self) {
@@ -195,6 +211,94 @@ impl Drop for Dp {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `cp` (zone control plane) on ephemeral ports, with its own work dir.
+pub struct Cp {
+    pub child: Child,
+    pub dp_server: SocketAddr,
+    pub api: SocketAddr,
+    pub ca_file: PathBuf,
+    pub logs: Logs,
+    pub dir: PathBuf,
+}
+
+impl Cp {
+    pub fn start(zone: &str) -> Cp {
+        Cp::start_in(temp_dir("cp"), zone)
+    }
+
+    /// Starts `cp run` keeping its state in `dir` (a restart reuses it).
+    pub fn start_in(dir: PathBuf, zone: &str) -> Cp {
+        let addr_file = dir.join("addresses.json");
+        let _ = std::fs::remove_file(&addr_file);
+        let args: Vec<String> = [
+            "run",
+            "--bind-address",
+            "127.0.0.1",
+            "--dp-server-port",
+            "0",
+            "--api-port",
+            "0",
+            "--address-file",
+            addr_file.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let work = dir.display().to_string();
+        let env = [
+            ("KUMA_GENERAL_WORK_DIR", work.as_str()),
+            ("KUMA_MULTIZONE_ZONE_NAME", zone),
+            ("KUMA_XDS_DATAPLANE_DEREGISTRATION_DELAY", "1s"),
+        ];
+        let (child, logs) = spawn(&bin("cp"), &args, &env);
+        let v: serde_json::Value = wait_until("cp to write its addresses", || {
+            serde_json::from_str(&std::fs::read_to_string(&addr_file).ok()?).ok()
+        });
+        Cp {
+            child,
+            dp_server: v["dp_server"].as_str().unwrap().parse().unwrap(),
+            api: v["api"].as_str().unwrap().parse().unwrap(),
+            ca_file: PathBuf::from(v["ca_cert_file"].as_str().unwrap()),
+            logs,
+            dir,
+        }
+    }
+
+    /// Runs `ctl --api-address <api> <args>`; panics with the output when it fails.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let (status, out) = self.ctl_status(args);
+        assert!(status.success(), "ctl {args:?} failed: {out}");
+        out
+    }
+
+    pub fn ctl_status(&self, args: &[&str]) -> (ExitStatus, String) {
+        let api = format!("http://{}", self.api);
+        let mut all = vec!["--api-address", api.as_str()];
+        all.extend_from_slice(args);
+        run(&bin("ctl"), &all, &[])
+    }
+
+    /// `ctl apply -f` of a YAML document.
+    pub fn apply(&self, yaml: &str) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let f = self.dir.join(format!("apply-{n}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        self.ctl(&["apply", "-f", f.to_str().unwrap()]);
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Cp {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
