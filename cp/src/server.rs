@@ -59,9 +59,9 @@ pub async fn start_with_store(cfg: RunConfig, store: Arc<dyn Store>) -> anyhow::
     let server_tls = crate::tls::server_config(&tls)?;
     let cp = Cp::new(cfg.clone(), store, tls.ca_pem.clone(), tls.sans.clone());
     cp.tokens
-        .ensure_zone_signing_key()
+        .persist_zone_signing_key(&cfg.work_dir().join("zone-token-signing-key.pem"))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot create the zone token signing key: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot load or create the zone token signing key: {e}"))?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut dp_server = None;

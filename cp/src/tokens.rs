@@ -160,6 +160,23 @@ impl Tokens {
         }
     }
 
+    /// Loads the zone-token signing key from `file` into the store, or writes the
+    /// store's key there, so zone tokens survive a restart of an in-memory `cp`.
+    pub async fn persist_zone_signing_key(&self, file: &std::path::Path) -> Result<(), TokenError> {
+        let internal = |e: String| TokenError::Internal(format!("{}: {e}", file.display()));
+        if let Ok(pem) = std::fs::read_to_string(file) {
+            let mut r = Resource::new(ResourceType::GlobalSecret, "", &zone_key_name());
+            r.spec.insert("data".into(), base64::engine::general_purpose::STANDARD.encode(pem.as_bytes()).into());
+            self.store.upsert(r, None).await.map_err(|e| internal(e.to_string()))?;
+            return Ok(());
+        }
+        let pem = self
+            .signing_key(ResourceType::GlobalSecret, "", &zone_key_name(), true)
+            .await?
+            .ok_or_else(|| internal("no zone signing key".into()))?;
+        write_private(file, &pem).map_err(|e| internal(e.to_string()))
+    }
+
     /// Create the zone-token signing key if it does not exist yet (done at start-up).
     pub async fn ensure_zone_signing_key(&self) -> Result<(), TokenError> {
         self.signing_key(ResourceType::GlobalSecret, "", &zone_key_name(), true).await.map(|_| ())
@@ -301,6 +318,14 @@ impl Tokens {
         }
         Ok(claims)
     }
+}
+
+/// Writes a private key readable by the owner only.
+fn write_private(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(pem.as_bytes())
 }
 
 #[cfg(test)]

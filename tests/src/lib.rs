@@ -226,11 +226,13 @@ pub struct Cp {
 
 impl Cp {
     pub fn start(zone: &str) -> Cp {
-        Cp::start_in(temp_dir("cp"), zone)
+        Cp::start_in(temp_dir("cp"), zone, 0)
     }
 
-    /// Starts `cp run` keeping its state in `dir` (a restart reuses it).
-    pub fn start_in(dir: PathBuf, zone: &str) -> Cp {
+    /// Starts `cp run` keeping its state in `dir` (a restart reuses it), with the DP
+    /// server on `dp_port` (0: any free port).
+    pub fn start_in(dir: PathBuf, zone: &str, dp_port: u16) -> Cp {
+        let dp_port = dp_port.to_string();
         let addr_file = dir.join("addresses.json");
         let _ = std::fs::remove_file(&addr_file);
         let args: Vec<String> = [
@@ -238,7 +240,7 @@ impl Cp {
             "--bind-address",
             "127.0.0.1",
             "--dp-server-port",
-            "0",
+            &dp_port,
             "--api-port",
             "0",
             "--address-file",

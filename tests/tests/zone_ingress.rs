@@ -33,6 +33,10 @@ struct Zone {
 /// One zone: cp, two Dataplanes (v1, v2) and an ingress `dp` bootstrapped as the seed says.
 async fn zone(variant: &str) -> Zone {
     let cp = Cp::start("zone-1");
+    zone_with(cp, variant).await
+}
+
+async fn zone_with(cp: Cp, variant: &str) -> Zone {
     cp.apply(MESH);
     let backends = vec![Backend::start("b1").await, Backend::start("b2").await, Backend::start("b3").await];
     cp.apply(&dataplane("backend-1", &backends[0], "v1"));
@@ -164,4 +168,32 @@ async fn a_token_of_the_wrong_scope_or_zone_is_refused_clearly() {
         assert!(line.contains(want), "{args:?}: {line}");
         assert_eq!(e2e::http_get(dp.admin, "/ready").unwrap().0, 503, "not ready without configuration");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_keeps_flowing_while_the_control_plane_is_down_and_resumes_after() {
+    let mut z = zone("GRPC").await;
+    let mut live = TcpStream::connect(z.ingress).await.unwrap();
+    live.write_all(&hello::client_hello(Some("backend{mesh=default,version=v2}"), &[])).await.unwrap();
+    assert_eq!(read_line(&mut live).await.as_deref(), Some("b2"));
+
+    let (dir, dp_port) = (z.cp.dir.clone(), z.cp.dp_server.port());
+    z.cp.kill();
+    // Frozen, not broken: every new connection still routes on the last configuration.
+    for i in 0..20 {
+        let sni = if i % 2 == 0 { "backend{mesh=default}" } else { "backend{mesh=default,version=v1}" };
+        let got = who(z.ingress, Some(sni)).await;
+        assert!(matches!(got.as_deref(), Some("b1" | "b2")), "connection {i} with the CP down: {got:?}");
+    }
+    live.write_all(b"cp is down\n").await.unwrap();
+    assert_eq!(read_line(&mut live).await.as_deref(), Some("cp is down"));
+
+    // The CP comes back (same work dir, same port; its in-memory store starts empty):
+    // dp reconnects with the same zone token and picks up what is applied now.
+    z.cp = Cp::start_in(dir, "zone-1", dp_port);
+    z.cp.apply(MESH);
+    z.cp.apply(&dataplane("backend-3", &z.backends[2], "v3"));
+    wait_reached(z.ingress, "backend{mesh=default,version=v3}", &["b3"]).await;
+    live.write_all(b"cp is back\n").await.unwrap();
+    assert_eq!(read_line(&mut live).await.as_deref(), Some("cp is back"));
 }
