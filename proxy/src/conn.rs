@@ -5,15 +5,18 @@ use crate::copy::{self, BUF_SIZE, End, Transferred};
 use crate::drain::{ConnGuard, Drain};
 use crate::snapshot::chains::Offer;
 use crate::snapshot::cluster::{ClusterCfg, Host};
-use crate::snapshot::{Action, ListenerCfg, Snapshot, TcpProxyCfg};
+use crate::snapshot::{Action, ListenerCfg, Snapshot, TcpProxyCfg, Tls};
 use crate::stats::{Counter, Registry};
+use crate::tls::prefixed::Prefixed;
+use crate::tls::san;
 use arc_swap::ArcSwap;
 use clienthello::{ClientHello, MAX_ALPN, Parsed};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -50,7 +53,14 @@ enum Flag {
     /// Upstream connect failed on every attempt (Envoy: UF).
     ConnectFail,
     IdleTimeout,
+    /// The downstream TLS handshake failed, or the client's certificate was refused.
+    DownstreamTls,
+    /// A TLS context waits for an SDS secret that has not arrived.
+    TlsPending,
 }
+
+/// Longest a TLS handshake may take, either side.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Flag {
     fn as_str(self) -> &'static str {
@@ -63,6 +73,8 @@ impl Flag {
             Flag::Overflow => "UO",
             Flag::ConnectFail => "UF",
             Flag::IdleTimeout => "IDLE",
+            Flag::DownstreamTls => "DTLS",
+            Flag::TlsPending => "TLS_PENDING",
         }
     }
 }
@@ -102,7 +114,8 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     if let Some(sni) = sni {
         tracing::Span::current().record("sni", sni);
     }
-    let mut log = AccessLog { id, listener: &lst.name, peer, sni, cluster: "", upstream: None, started };
+    let mut log =
+        AccessLog { id, listener: &lst.name, peer, sni, cluster: "", upstream: None, peer_identity: None, started };
     if flag != Flag::Done {
         lst.stats.downstream_listener_filter_error.inc();
         return log.finish(flag, Transferred::default());
@@ -129,7 +142,41 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
             let _ = down.shutdown().await;
             log.finish(Flag::Done, Transferred { sent: 0, received: body.len() as u64 });
         }
-        Action::TcpProxy(tp) => proxy(tp, id, &mut down, buf, pending, &mut log).await,
+        Action::TcpProxy(tp) => match &chain.tls {
+            Tls::Off => proxy(tp, id, &mut down, buf, pending, &mut log).await,
+            Tls::Pending(secret) => {
+                debug!(id, secret = %secret, "TLS context waits for a secret; refusing");
+                log.finish(Flag::TlsPending, Transferred::default());
+            }
+            Tls::Ready(st) => {
+                // The ClientHello was read for routing: replay it into the handshake.
+                let hello = buf[..pending].to_vec();
+                let accept =
+                    tokio_rustls::TlsAcceptor::from(st.config.clone()).accept(Prefixed::new(&hello, &mut down));
+                let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        debug!(id, error = %e, "downstream TLS handshake failed");
+                        return log.finish(Flag::DownstreamTls, Transferred::default());
+                    }
+                    Err(_) => return log.finish(Flag::DownstreamTls, Transferred::default()),
+                };
+                let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                if let Some(der) = &peer_cert {
+                    if let Err(e) = san::accepted(&st.client_sans, der) {
+                        debug!(id, "client certificate refused: {e}");
+                        return log.finish(Flag::DownstreamTls, Transferred::default());
+                    }
+                    log.peer_identity = san::sans(der).and_then(|s| {
+                        s.into_iter().find_map(|n| match n {
+                            san::San::Uri(u) => Some(u.to_string()),
+                            san::San::Dns(_) => None,
+                        })
+                    });
+                }
+                proxy(tp, id, &mut tls, buf, 0, &mut log).await
+            }
+        },
     }
     lst.stats.downstream_cx_destroy.inc();
 }
@@ -190,14 +237,10 @@ async fn detect(
     }
 }
 
-async fn proxy<'a>(
-    tp: &'a TcpProxyCfg,
-    id: u64,
-    down: &mut TcpStream,
-    buf: Vec<u8>,
-    pending: usize,
-    log: &mut AccessLog<'a>,
-) {
+async fn proxy<'a, D>(tp: &'a TcpProxyCfg, id: u64, down: &mut D, buf: Vec<u8>, pending: usize, log: &mut AccessLog<'a>)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
     tp.stats.downstream_cx_total.inc();
     let Some(target) = tp.pick_target(id) else {
         tp.stats.downstream_cx_no_route.inc();
@@ -219,13 +262,20 @@ async fn proxy<'a>(
         return log.finish(Flag::Overflow, Transferred::default());
     }
     let _cluster_active = Active::new(&cs.upstream_cx_active);
-    let Some((mut up, host)) = connect(cluster, &target.hosts, tp.max_connect_attempts).await else {
+    if let Tls::Pending(secret) = &cluster.tls {
+        debug!(id, secret = %secret, "upstream TLS context waits for a secret; refusing");
+        return log.finish(Flag::TlsPending, Transferred::default());
+    }
+    let Some((up, host)) = connect(cluster, &target.hosts, tp.max_connect_attempts).await else {
         return log.finish(Flag::ConnectFail, Transferred::default());
     };
     log.upstream = Some(host.addr);
     tracing::Span::current().record("upstream", tracing::field::display(host.addr));
     host.active.fetch_add(1, Ordering::Relaxed);
-    let (t, end, err) = copy::bidirectional(down, &mut up, buf, pending, tp.idle_timeout).await;
+    let (t, end, err) = match up {
+        Upstream::Plain(mut s) => copy::bidirectional(down, &mut s, buf, pending, tp.idle_timeout).await,
+        Upstream::Tls(mut s) => copy::bidirectional(down, &mut *s, buf, pending, tp.idle_timeout).await,
+    };
     host.active.fetch_sub(1, Ordering::Relaxed);
     cs.upstream_cx_tx_bytes_total.add(t.sent);
     cs.upstream_cx_rx_bytes_total.add(t.received);
@@ -244,13 +294,19 @@ async fn proxy<'a>(
     log.finish(flag, t);
 }
 
-/// Connects to a host of the set, moving on to another host after a failure, up to
-/// `attempts` tries.
+/// An upstream connection, with TLS when the cluster originates it.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects (and handshakes, for TLS clusters) to a host of the set, moving on to
+/// another host after a failure, up to `attempts` tries.
 async fn connect(
     cluster: &ClusterCfg,
     hosts: &crate::snapshot::cluster::HostSet,
     attempts: u32,
-) -> Option<(TcpStream, Arc<Host>)> {
+) -> Option<(Upstream, Arc<Host>)> {
     let cs = &cluster.stats;
     for attempt in 0..attempts {
         let host = hosts.pick(cluster.lb, attempt)?.clone();
@@ -259,7 +315,15 @@ async fn connect(
         match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
-                return Some((s, host));
+                let Tls::Ready(ct) = &cluster.tls else {
+                    return Some((Upstream::Plain(s), host));
+                };
+                let hs = tokio_rustls::TlsConnector::from(ct.config.clone()).connect(ct.server_name.clone(), s);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
+                    Ok(Ok(tls)) => return Some((Upstream::Tls(Box::new(tls)), host)),
+                    Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, attempt, "upstream TLS handshake failed"),
+                    Err(_) => debug!(upstream = %host.addr, attempt, "upstream TLS handshake timed out"),
+                }
             }
             Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, attempt, "upstream connect failed"),
             Err(_) => {
@@ -281,6 +345,8 @@ struct AccessLog<'a> {
     sni: Option<&'a str>,
     cluster: &'a str,
     upstream: Option<SocketAddr>,
+    /// The client certificate's first URI SAN (its SPIFFE ID) when TLS was terminated.
+    peer_identity: Option<String>,
     started: Instant,
 }
 
@@ -294,6 +360,7 @@ impl AccessLog<'_> {
             sni = self.sni.unwrap_or("-"),
             cluster = if self.cluster.is_empty() { "-" } else { self.cluster },
             upstream = %self.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            peer_identity = self.peer_identity.as_deref().unwrap_or("-"),
             sent = t.sent,
             received = t.received,
             duration_ms = self.started.elapsed().as_millis() as u64,

@@ -15,3 +15,4 @@ pub mod resources;
 pub mod snapshot;
 pub mod stats;
 pub mod telemetry;
+pub mod tls;

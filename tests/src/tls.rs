@@ -68,3 +68,94 @@ pub async fn request(addr: SocketAddr, sni: &str, cfg: Arc<ClientConfig>, msg: &
     BufReader::new(tls).read_line(&mut line).await.unwrap();
     line.trim_end().to_string()
 }
+
+/// A mesh CA issuing SPIFFE identities, as the control plane's builtin CA does.
+pub struct MeshCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// An identity: certificate chain and private key, PEM.
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl MeshCa {
+    pub fn new(name: &str) -> MeshCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key).unwrap();
+        MeshCa { pem: cert.pem(), issuer: rcgen::Issuer::new(p, key) }
+    }
+
+    /// A leaf with the URI SAN `spiffe_id`, usable as client and server certificate.
+    pub fn identity(&self, spiffe_id: &str) -> Identity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+        p.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
+}
+
+/// A client verifier that accepts any server certificate (signatures still checked):
+/// for tests of a server's *client* authentication.
+#[derive(Debug)]
+pub struct AcceptAnyServer(pub Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client presenting `id` (or no certificate), accepting any server certificate.
+pub fn client_with_identity(id: Option<&Identity>) -> Arc<ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider())));
+    Arc::new(match id {
+        Some(id) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    })
+}

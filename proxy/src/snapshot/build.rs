@@ -6,17 +6,20 @@
 
 use super::chains::{ChainMatcher, Criteria};
 use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg};
-use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, listener_stat_name};
+use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
 use crate::resources::Resources;
 use crate::stats::Registry;
+use crate::tls::{self as tls_cfg, Secrets, TlsError};
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, Metadata, SocketAddress, address, data_source, socket_address,
 };
+use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter, listener_filter};
 use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value};
 use prost::{Message, Name};
 use std::collections::{BTreeMap, HashMap};
@@ -44,9 +47,11 @@ pub fn build(
 ) -> Result<Snapshot, String> {
     let endpoints: HashMap<&str, &ClusterLoadAssignment> =
         resources.endpoints.iter().map(|e| (e.cluster_name.as_str(), e)).collect();
+    let secrets: Secrets<'_> = resources.secrets.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut clusters = HashMap::new();
     for c in &resources.clusters {
-        let cfg = build_cluster(c, &endpoints, dns, stats, notes).map_err(|e| format!("cluster `{}`: {e}", c.name))?;
+        let cfg = build_cluster(c, &endpoints, dns, &secrets, stats, notes)
+            .map_err(|e| format!("cluster `{}`: {e}", c.name))?;
         if clusters.insert(c.name.clone(), Arc::new(cfg)).is_some() {
             return Err(format!("cluster `{}` is defined twice", c.name));
         }
@@ -54,7 +59,8 @@ pub fn build(
     let mut listeners = HashMap::new();
     let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
     for l in &resources.listeners {
-        let cfg = build_listener(l, &clusters, stats, notes).map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        let cfg =
+            build_listener(l, &clusters, &secrets, stats, notes).map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if cfg.address.port() != 0
             && let Some(other) = bound.insert(cfg.address, &l.name)
         {
@@ -90,6 +96,7 @@ pub fn dns_names(resources: &Resources) -> Vec<(String, u16)> {
 fn build_listener(
     l: &Listener,
     clusters: &HashMap<String, Arc<ClusterCfg>>,
+    secrets: &Secrets<'_>,
     stats: &Registry,
     notes: &mut Vec<String>,
 ) -> Result<ListenerCfg, String> {
@@ -137,13 +144,15 @@ fn build_listener(
     let mut matcher = ChainMatcher::default();
     let mut chains = vec![];
     for (i, fc) in l.filter_chains.iter().enumerate() {
-        let chain = build_chain(fc, clusters, stats).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
+        let chain = build_chain(fc, clusters, secrets, stats).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
         let criteria = criteria(fc).map_err(|e| format!("filter_chains[{i}].filter_chain_match: {e}"))?;
         matcher.insert(&criteria, i)?;
         chains.push(Arc::new(chain));
     }
     let default_chain = match &l.default_filter_chain {
-        Some(fc) => Some(Arc::new(build_chain(fc, clusters, stats).map_err(|e| format!("default_filter_chain: {e}"))?)),
+        Some(fc) => {
+            Some(Arc::new(build_chain(fc, clusters, secrets, stats).map_err(|e| format!("default_filter_chain: {e}"))?))
+        }
         None => None,
     };
     Ok(ListenerCfg {
@@ -185,9 +194,10 @@ fn criteria(fc: &FilterChain) -> Result<Criteria, String> {
 fn build_chain(
     fc: &FilterChain,
     clusters: &HashMap<String, Arc<ClusterCfg>>,
+    secrets: &Secrets<'_>,
     stats: &Registry,
 ) -> Result<Chain, String> {
-    unsupported(fc.transport_socket.is_some(), "transport_socket (TLS termination)")?;
+    let tls = transport(fc.transport_socket.as_ref(), |ctx: DownstreamTlsContext| tls_cfg::server(&ctx, secrets))?;
     let Some((last, rest)) = fc.filters.split_last() else {
         return Err("no filters".into());
     };
@@ -212,7 +222,7 @@ fn build_chain(
     } else {
         return Err(format!("filter {} ({}) is not supported", last.name, any.type_url));
     };
-    Ok(Chain { name: fc.name.clone(), action })
+    Ok(Chain { name: fc.name.clone(), action, tls })
 }
 
 fn build_tcp_proxy(
@@ -281,6 +291,7 @@ fn build_cluster(
     c: &Cluster,
     endpoints: &HashMap<&str, &ClusterLoadAssignment>,
     dns: &DnsAnswers,
+    secrets: &Secrets<'_>,
     stats: &Registry,
     notes: &mut Vec<String>,
 ) -> Result<ClusterCfg, String> {
@@ -294,7 +305,7 @@ fn build_cluster(
         Err(_) => return Err(format!("lb_policy {} is unknown", c.lb_policy)),
     };
     unsupported(c.load_balancing_policy.is_some(), "load_balancing_policy")?;
-    unsupported(c.transport_socket.is_some(), "transport_socket (upstream TLS)")?;
+    let tls = transport(c.transport_socket.as_ref(), |ctx: UpstreamTlsContext| tls_cfg::client(&ctx, secrets))?;
     unsupported(!c.transport_socket_matches.is_empty(), "transport_socket_matches (upstream TLS)")?;
     unsupported(!c.health_checks.is_empty(), "health_checks")?;
     unsupported(!c.filters.is_empty(), "filters")?;
@@ -332,7 +343,33 @@ fn build_cluster(
         hosts: Arc::new(HostSet::new(hosts)),
         subsets,
         stats: stats.cluster(&c.name),
+        tls,
     })
+}
+
+const RAW_BUFFER: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+
+/// A `transport_socket`: none or raw_buffer (plain TCP), or TLS built by `make`.
+fn transport<C, T>(ts: Option<&TransportSocket>, make: impl FnOnce(C) -> Result<T, TlsError>) -> Result<Tls<T>, String>
+where
+    C: Message + Name + Default,
+{
+    let Some(ts) = ts else { return Ok(Tls::Off) };
+    let any = match &ts.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(any)) => any,
+        None => return Err(format!("transport_socket {}: typed_config is missing", ts.name)),
+    };
+    if any.type_url.ends_with(RAW_BUFFER) {
+        return Ok(Tls::Off);
+    }
+    if any.type_url != C::type_url() {
+        return Err(format!("transport_socket {} ({}) is not supported here", ts.name, any.type_url));
+    }
+    match make(unpack(any)?) {
+        Ok(t) => Ok(Tls::Ready(Arc::new(t))),
+        Err(TlsError::Missing(name)) => Ok(Tls::Pending(name)),
+        Err(TlsError::Invalid(e)) => Err(format!("transport_socket: {e}")),
+    }
 }
 
 /// The hosts of the lowest priority that has a healthy one (Envoy's priority levels,

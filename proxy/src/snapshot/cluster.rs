@@ -24,6 +24,8 @@ pub struct ClusterCfg {
     pub hosts: Arc<HostSet>,
     pub subsets: Option<SubsetCfg>,
     pub stats: Arc<ClusterStats>,
+    /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
+    pub tls: super::Tls<crate::tls::ClientTls>,
 }
 
 #[derive(Debug)]
@@ -248,6 +250,7 @@ mod tests {
                 selectors: vec![(vec!["version".into()], Fallback::NoFallback)],
             }),
             stats: Default::default(),
+            tls: crate::snapshot::Tls::Off,
         };
         let m = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
         let c = cluster(Fallback::AnyEndpoint);

@@ -49,6 +49,17 @@ pub struct ListenerCfg {
 pub struct Chain {
     pub name: String,
     pub action: Action,
+    /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
+    pub tls: Tls<crate::tls::ServerTls>,
+}
+
+/// A TLS context of a chain or a cluster.
+#[derive(Debug)]
+pub enum Tls<T> {
+    Off,
+    Ready(Arc<T>),
+    /// Waiting for this SDS secret; connections that need it are refused meanwhile.
+    Pending(String),
 }
 
 #[derive(Debug)]
