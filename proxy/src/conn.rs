@@ -237,10 +237,31 @@ async fn detect(
     }
 }
 
-async fn proxy<'a, D>(tp: &'a TcpProxyCfg, id: u64, down: &mut D, buf: Vec<u8>, pending: usize, log: &mut AccessLog<'a>)
-where
-    D: AsyncRead + AsyncWrite + Unpin,
-{
+/// A downstream stream: plain TCP can be spliced, TLS-terminated streams are copied.
+trait Downstream: AsyncRead + AsyncWrite + Unpin {
+    fn as_tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Downstream for TcpStream {
+    fn as_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Downstream for tokio_rustls::server::TlsStream<S> {
+    fn as_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+async fn proxy<'a, D: Downstream>(
+    tp: &'a TcpProxyCfg,
+    id: u64,
+    down: &mut D,
+    buf: Vec<u8>,
+    pending: usize,
+    log: &mut AccessLog<'a>,
+) {
     tp.stats.downstream_cx_total.inc();
     let Some(target) = tp.pick_target(id) else {
         tp.stats.downstream_cx_no_route.inc();
@@ -273,7 +294,22 @@ where
     tracing::Span::current().record("upstream", tracing::field::display(host.addr));
     host.active.fetch_add(1, Ordering::Relaxed);
     let (t, end, err) = match up {
-        Upstream::Plain(mut s) => copy::bidirectional(down, &mut s, buf, pending, tp.idle_timeout).await,
+        Upstream::Plain(mut s) => match down.as_tcp() {
+            // Plain on both sides (the ingress passthrough): zero-copy splice.
+            Some(tcp) => {
+                let mut first = Transferred::default();
+                if pending > 0 {
+                    if let Err(e) = s.write_all(&buf[..pending]).await {
+                        debug!(id, error = %e, "writing the ClientHello upstream failed");
+                    }
+                    first.sent = pending as u64;
+                }
+                drop(buf);
+                let (t, end, err) = crate::splice::bidirectional(tcp, &s, tp.idle_timeout).await;
+                (Transferred { sent: t.sent + first.sent, received: t.received }, end, err)
+            }
+            None => copy::bidirectional(down, &mut s, buf, pending, tp.idle_timeout).await,
+        },
         Upstream::Tls(mut s) => copy::bidirectional(down, &mut *s, buf, pending, tp.idle_timeout).await,
     };
     host.active.fetch_sub(1, Ordering::Relaxed);

@@ -57,27 +57,39 @@ where
         let (a, b) = tokio::join!(up_dir, down_dir);
         a.err().or(b.err())
     };
-    let result = match idle {
-        None => (End::Closed, both.await),
-        Some(idle) => {
-            tokio::pin!(both);
-            let mut last = 0;
-            loop {
-                tokio::select! {
-                    err = &mut both => break (End::Closed, err),
-                    _ = tokio::time::sleep(idle) => {
-                        let now = sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
-                        if now == last {
-                            break (End::IdleTimeout, None);
-                        }
-                        last = now;
-                    }
+    let progress = || sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
+    let (end, err) = with_idle_timeout(both, idle, progress).await;
+    let t = Transferred { sent: sent.load(Ordering::Relaxed), received: received.load(Ordering::Relaxed) };
+    (t, end, err)
+}
+
+/// Runs `both` (the two directions) until it ends, or until `progress` (bytes moved so
+/// far) has not changed for a whole `idle` period.
+pub async fn with_idle_timeout<F>(
+    both: F,
+    idle: Option<Duration>,
+    progress: impl Fn() -> u64,
+) -> (End, Option<io::Error>)
+where
+    F: std::future::Future<Output = Option<io::Error>>,
+{
+    let Some(idle) = idle else {
+        return (End::Closed, both.await);
+    };
+    tokio::pin!(both);
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            err = &mut both => return (End::Closed, err),
+            _ = tokio::time::sleep(idle) => {
+                let now = progress();
+                if now == last {
+                    return (End::IdleTimeout, None);
                 }
+                last = now;
             }
         }
-    };
-    let t = Transferred { sent: sent.load(Ordering::Relaxed), received: received.load(Ordering::Relaxed) };
-    (t, result.0, result.1)
+    }
 }
 
 /// One direction: on end of stream, shut down the writer (half-close) and return.

@@ -13,6 +13,7 @@ pub mod drain;
 pub mod listeners;
 pub mod resources;
 pub mod snapshot;
+pub mod splice;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;

@@ -116,9 +116,11 @@ async fn routes_and_follows_dataplane_changes(variant: &str) {
     live.write_all(b"still routed\n").await.unwrap();
     assert_eq!(read_line(&mut live).await.as_deref(), Some("still routed"), "the live connection is untouched");
 
-    // The CP lists the ingress with what it serves.
-    let out = z.cp.ctl(&["get", "zone-ingresses", "-o", "json"]);
-    assert!(out.contains("ingress-01") && out.contains("backend"), "{out}");
+    // The CP lists the ingress with what it serves (recomputed after a short debounce).
+    e2e::wait_until("the ingress's available services", || {
+        let out = z.cp.ctl(&["get", "zone-ingresses", "-o", "json"]);
+        (out.contains("ingress-01") && out.contains("\"backend\"")).then_some(())
+    });
     drop(z.dp);
 }
 
