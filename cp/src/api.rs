@@ -297,11 +297,14 @@ async fn put(
         Ok(e) => e,
         Err(e) => return internal(e),
     };
+    let local_zone = r.spec.get("zone").and_then(Value::as_str) == Some(cp.cfg.zone_name.as_str());
     if rtype == ResourceType::ZoneIngress
+        && local_zone
         && let Some(old) = &existed
         && let Some(av) = old.spec.get("availableServices")
     {
-        // availableServices is computed by the control plane.
+        // availableServices of this zone's ingresses is computed by the control plane;
+        // other zones' ingresses (normally synced from global) keep what was applied.
         r.spec.insert("availableServices".into(), av.clone());
     }
     match cp.store.upsert(r, None).await {

@@ -19,6 +19,10 @@ pub struct Cp {
     /// Bound DP server port (the bootstrap's default ADS port).
     pub dp_port: std::sync::atomic::AtomicU16,
     pub lifecycle: Lifecycle,
+    /// Builtin mesh CAs and data plane identity certificates.
+    pub ca: crate::ca::CaManager,
+    /// `.mesh` VIP allocation.
+    pub vips: crate::vips::VipManager,
     /// Proxies with an open ADS stream: key -> number of streams.
     online: Mutex<HashMap<Key, usize>>,
 }
@@ -47,6 +51,8 @@ impl Cp {
         Arc::new(Cp {
             tokens: Tokens::new(store.clone()),
             lifecycle: Lifecycle::default(),
+            ca: crate::ca::CaManager::new(cfg.work_dir()),
+            vips: crate::vips::VipManager::new(cfg.work_dir()),
             online: Mutex::new(HashMap::new()),
             dp_port: std::sync::atomic::AtomicU16::new(cfg.dp_server_port),
             cfg,

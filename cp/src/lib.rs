@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bootstrap;
+pub mod ca;
 pub mod config;
 pub mod context;
 pub mod dpserver;
@@ -12,6 +13,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod vips;
 pub mod xds;
 
 /// Install the aws-lc-rs rustls provider (idempotent). Call first thing in `main`.

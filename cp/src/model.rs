@@ -24,10 +24,12 @@ pub enum ResourceType {
     Secret,
     /// Global secret (e.g. `zone-token-signing-key-1`).
     GlobalSecret,
+    /// Internal configuration (Kuma's `system.Config`, e.g. the `kuma-<mesh>-dns-vips` view).
+    Config,
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 7] = [
+    pub const ALL: [ResourceType; 8] = [
         ResourceType::Mesh,
         ResourceType::Dataplane,
         ResourceType::ZoneIngress,
@@ -35,6 +37,7 @@ impl ResourceType {
         ResourceType::Zone,
         ResourceType::Secret,
         ResourceType::GlobalSecret,
+        ResourceType::Config,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +49,7 @@ impl ResourceType {
             ResourceType::Zone => "Zone",
             ResourceType::Secret => "Secret",
             ResourceType::GlobalSecret => "GlobalSecret",
+            ResourceType::Config => "Config",
         }
     }
 
@@ -63,6 +67,7 @@ impl ResourceType {
             ResourceType::Zone => "zones",
             ResourceType::Secret => "secrets",
             ResourceType::GlobalSecret => "global-secrets",
+            ResourceType::Config => "configs",
         }
     }
 
@@ -276,11 +281,46 @@ pub struct DataplaneNetworking {
     #[serde(default)]
     pub inbound: Vec<Inbound>,
     #[serde(default)]
-    pub outbound: Vec<Value>,
+    pub outbound: Vec<Outbound>,
     #[serde(default)]
     pub gateway: Option<Value>,
     #[serde(default)]
     pub admin: Option<AdminPort>,
+    #[serde(default)]
+    pub transparent_proxying: Option<TransparentProxying>,
+}
+
+/// `networking.outbound[]` (legacy tag form; `backendRef` outbounds are kept but not served).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Outbound {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub port: i64,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub backend_ref: Option<Value>,
+}
+
+/// `networking.transparentProxying`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TransparentProxying {
+    #[serde(default)]
+    pub redirect_port_inbound: u32,
+    #[serde(default)]
+    pub redirect_port_outbound: u32,
+    #[serde(default)]
+    pub ip_family_mode: Option<String>,
+}
+
+impl TransparentProxying {
+    /// Kuma's `tp.Enabled()`: inbound or outbound redirection is on.
+    pub fn enabled(&self) -> bool {
+        self.redirect_port_inbound != 0 || self.redirect_port_outbound != 0
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -395,12 +435,58 @@ pub struct MtlsBackend {
     pub name: String,
     #[serde(default, rename = "type")]
     pub backend_type: String,
+    #[serde(default)]
+    pub dp_cert: Option<DpCert>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub conf: Option<Value>,
+}
+
+/// `mtls.backends[].dpCert`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DpCert {
+    #[serde(default)]
+    pub rotation: Option<DpCertRotation>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DpCertRotation {
+    #[serde(default)]
+    pub expiration: String,
+}
+
+/// Kuma's default data plane certificate lifetime (`DefaultWorkloadCertValidityPeriod`).
+pub const DEFAULT_DP_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl MtlsBackend {
+    /// `dpCert.rotation.expiration`, default 24h.
+    pub fn dp_cert_lifetime(&self) -> std::time::Duration {
+        self.dp_cert
+            .as_ref()
+            .and_then(|d| d.rotation.as_ref())
+            .filter(|r| !r.expiration.is_empty())
+            .and_then(|r| parse_duration(&r.expiration).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_DP_CERT_LIFETIME)
+    }
 }
 
 impl MeshSpec {
     /// `mtls.enabledBackend` is set (and, after validation, names an existing backend).
     pub fn mtls_enabled(&self) -> bool {
         self.mtls.as_ref().is_some_and(|m| !m.enabled_backend.is_empty())
+    }
+
+    /// The enabled backend, when mTLS is on.
+    pub fn enabled_backend(&self) -> Option<&MtlsBackend> {
+        let m = self.mtls.as_ref()?;
+        if m.enabled_backend.is_empty() {
+            return None;
+        }
+        m.backends.iter().find(|b| b.name == m.enabled_backend)
     }
 
     /// "type/name" of the enabled backend, e.g. `builtin/ca-1`.
@@ -499,6 +585,11 @@ pub fn validate(r: &Resource) -> Result<(), Vec<Cause>> {
                 causes.push(Cause::new("enabled", "must be a boolean"));
             }
         }
+        ResourceType::Config => {
+            if !matches!(r.spec.get("config"), Some(Value::String(_))) {
+                causes.push(Cause::new("config", "must be a string"));
+            }
+        }
         ResourceType::Secret | ResourceType::GlobalSecret => {
             if !matches!(r.spec.get("data"), Some(Value::String(_))) {
                 causes.push(Cause::new("data", "must be a base64 string"));
@@ -539,6 +630,26 @@ fn validate_dataplane(r: &Resource, causes: &mut Vec<Cause>) {
     }
     if let Some(admin) = &net.admin {
         check_port(causes, "networking.admin.port", admin.port);
+    }
+    for (i, ob) in net.outbound.iter().enumerate() {
+        let p = format!("networking.outbound[{i}]");
+        check_port(causes, &format!("{p}.port"), ob.port);
+        if let Some(a) = &ob.address
+            && !a.is_empty()
+            && a.parse::<IpAddr>().is_err()
+        {
+            causes.push(Cause::new(format!("{p}.address"), "address has to be valid IP address"));
+        }
+        match (&ob.backend_ref, ob.tags.is_empty()) {
+            (Some(_), false) => {
+                causes.push(Cause::new(format!("{p}.tags"), "tags and backendRef cannot be defined at the same time"))
+            }
+            (None, true) => causes.push(Cause::new(format!("{p}.tags"), "has to contain at least one tag")),
+            (None, false) if ob.tags.get(SERVICE_TAG).is_none_or(|s| s.is_empty()) => {
+                causes.push(Cause::new(format!("{p}.tags[\"{SERVICE_TAG}\"]"), "tag has to exist"))
+            }
+            _ => {}
+        }
     }
     for (i, inb) in net.inbound.iter().enumerate() {
         let p = format!("networking.inbound[{i}]");
@@ -623,6 +734,17 @@ fn validate_mesh(r: &Resource, causes: &mut Vec<Cause>) {
         }
         if !matches!(b.backend_type.as_str(), "builtin" | "provided") {
             causes.push(Cause::new(format!("mtls.backends[{i}].type"), "must be one of: builtin, provided"));
+        }
+        if let Some(r) = b.dp_cert.as_ref().and_then(|d| d.rotation.as_ref())
+            && !r.expiration.is_empty()
+            && let Err(e) = parse_duration(&r.expiration)
+        {
+            causes.push(Cause::new(format!("mtls.backends[{i}].dpCert.rotation.expiration"), e));
+        }
+        if let Some(m) = &b.mode
+            && !matches!(m.as_str(), "STRICT" | "PERMISSIVE")
+        {
+            causes.push(Cause::new(format!("mtls.backends[{i}].mode"), "must be one of: STRICT, PERMISSIVE"));
         }
     }
     if !mtls.enabled_backend.is_empty() && !seen.contains(&mtls.enabled_backend) {

@@ -122,6 +122,10 @@ async fn track_available_services(cp: Arc<Cp>, mut shutdown: watch::Receiver<boo
         if let Err(e) = update_available_services(&cp).await {
             tracing::warn!(error = %e, "cannot update availableServices");
         }
+        if let Err(e) = cp.vips.update(&cp.store).await {
+            tracing::warn!(error = %e, "cannot update the .mesh VIPs");
+        }
+        ensure_mesh_cas(&cp).await;
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
@@ -136,6 +140,9 @@ async fn update_available_services(cp: &Cp) -> anyhow::Result<()> {
     let value = serde_json::to_value(&available)?;
     for zi in cp.store.list(ResourceType::ZoneIngress, None).await? {
         let spec: ZoneIngressSpec = zi.typed().unwrap_or_default();
+        if !spec.zone.is_empty() && spec.zone != cp.cfg.zone_name {
+            continue; // another zone's ingress: its availableServices come from that zone
+        }
         if spec.available_services == available && zi.spec.contains_key("availableServices") {
             continue;
         }
@@ -148,4 +155,19 @@ async fn update_available_services(cp: &Cp) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Create the CA of every mesh whose enabled mTLS backend is builtin (Kuma's
+/// `EnsureBackends` on Mesh create/update).
+async fn ensure_mesh_cas(cp: &Cp) {
+    let Ok(meshes) = cp.store.list(ResourceType::Mesh, None).await else { return };
+    for m in meshes {
+        let spec: crate::model::MeshSpec = m.typed().unwrap_or_default();
+        if let Some(b) = spec.enabled_backend()
+            && b.backend_type == "builtin"
+            && let Err(e) = cp.ca.ensure_ca(&cp.store, &m.name, &b.name).await
+        {
+            tracing::warn!(mesh = %m.name, error = %e, "cannot create the mesh CA");
+        }
+    }
 }

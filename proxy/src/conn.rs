@@ -105,7 +105,8 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     lst.stats.downstream_cx_total.inc();
     let _active = Active::new(&lst.stats.downstream_cx_active);
     let _ = down.set_nodelay(true);
-    let port = down.local_addr().map_or(0, |a| a.port());
+    // getsockname(2) only when some chain matches on the destination port.
+    let port = if lst.matcher.uses_ports() { down.local_addr().map_or(0, |a| a.port()) } else { 0 };
 
     let mut buf = vec![0u8; BUF_SIZE.max(lst.max_client_hello)];
     let (hello, pending, flag) =
@@ -395,12 +396,24 @@ impl AccessLog<'_> {
             peer = %self.peer,
             sni = self.sni.unwrap_or("-"),
             cluster = if self.cluster.is_empty() { "-" } else { self.cluster },
-            upstream = %self.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            upstream = %OrDash(self.upstream),
             peer_identity = self.peer_identity.as_deref().unwrap_or("-"),
             sent = t.sent,
             received = t.received,
             duration_ms = self.started.elapsed().as_millis() as u64,
             flag = flag.as_str(),
         );
+    }
+}
+
+/// Displays the value, or `-` when there is none (access-log convention).
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         eprintln!("dp: {e}");
         return ExitCode::from(2);
     }
-    let log_level = match telemetry::init(&cli.log_level) {
+    let (log_level, flush_logs) = match telemetry::init(&cli.log_level) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("dp: --log-level: {e}");
@@ -39,10 +39,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(app::run(args, log_level)) {
+    let result = rt.block_on(app::run(args, log_level));
+    drop(rt);
+    // Queued log lines first, so the error below is the last line a user sees.
+    drop(flush_logs);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("dp: {e:#}");
             ExitCode::FAILURE
         }

@@ -27,13 +27,19 @@ impl LogLevel {
     }
 }
 
-/// Installs the global subscriber. Fails on an unknown level name.
-pub fn init(level: &str) -> Result<LogLevel, String> {
+/// Keeps the log writer's thread alive; dropping it flushes what is queued.
+pub type Flush = tracing_appender::non_blocking::WorkerGuard;
+
+/// Installs the global subscriber. Fails on an unknown level name. Lines are written
+/// by a background thread, so a connection's access-log line costs a queue push, not
+/// a write(2) on the data path.
+pub fn init(level: &str) -> Result<(LogLevel, Flush), String> {
     let (layer, handle) = reload::Layer::new(filter(level)?);
+    let (writer, flush) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::registry()
         .with(layer)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+        .with(tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false))
         .try_init()
         .map_err(|e| e.to_string())?;
-    Ok(LogLevel(handle))
+    Ok((LogLevel(handle), flush))
 }

@@ -51,6 +51,8 @@ pub struct Named {
 #[derive(Clone, Debug, Default)]
 pub struct ProxySnapshot {
     pub by_type: BTreeMap<String, Vec<Named>>,
+    /// When the snapshot must be rebuilt even without a store change (certificate rotation).
+    pub refresh_at: Option<std::time::SystemTime>,
 }
 
 impl ProxySnapshot {
@@ -165,12 +167,12 @@ fn relevant_tags(destination: &BTreeMap<String, String>, endpoints: &[EndpointPl
     out
 }
 
-fn version_of(plan: &str) -> String {
+pub(crate) fn version_of(plan: &str) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, plan.as_bytes());
     d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn socket_address(addr: &str, port: u32) -> Address {
+pub(crate) fn socket_address(addr: &str, port: u32) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: addr.to_string(),
@@ -180,13 +182,13 @@ fn socket_address(addr: &str, port: u32) -> Address {
     }
 }
 
-fn string_struct(m: &BTreeMap<String, String>) -> Struct {
+pub(crate) fn string_struct(m: &BTreeMap<String, String>) -> Struct {
     Struct {
         fields: m.iter().map(|(k, v)| (k.clone(), Value { kind: Some(value::Kind::StringValue(v.clone())) })).collect(),
     }
 }
 
-fn ads_config_source() -> ConfigSource {
+pub(crate) fn ads_config_source() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
@@ -438,7 +440,7 @@ pub fn ingress(inputs: &IngressInputs<'_>) -> ProxySnapshot {
 /// What other proxy kinds get for now: nothing (empty resource sets, which Envoy accepts).
 pub fn empty() -> ProxySnapshot {
     let mut snap = ProxySnapshot::default();
-    for t in [LISTENER_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE] {
+    for t in [LISTENER_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE] {
         snap.by_type.insert(t.into(), Vec::new());
     }
     snap

@@ -1,6 +1,7 @@
 //! ADS server (SotW and Delta) for zone proxies and data plane proxies.
 
 pub mod generate;
+pub mod sidecar;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -21,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{DpProxyAuth, ZoneProxyAuth};
 use crate::context::{Cp, Lifecycle, OnlineGuard, Registration};
-use crate::model::{DataplaneSpec, Resource, ResourceType, ZoneIngressSpec};
+use crate::model::{DataplaneSpec, MeshSpec, Resource, ResourceType, ZoneIngressSpec};
 use generate::{IngressInputs, Named, ProxySnapshot};
 
 type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -46,6 +47,24 @@ pub struct ProxyId {
     pub mesh: String,
     pub name: String,
     pub node_id: String,
+    /// `dataplane.dns.port` of the node metadata (0 when absent).
+    pub dns_port: u32,
+    /// `features` of the node metadata.
+    pub features: BTreeSet<String>,
+}
+
+fn struct_strings(s: &Struct, key: &str) -> BTreeSet<String> {
+    match s.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        Some(value::Kind::ListValue(l)) => l
+            .values
+            .iter()
+            .filter_map(|v| match &v.kind {
+                Some(value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => BTreeSet::new(),
+    }
 }
 
 fn struct_string(s: &Struct, key: &str) -> Option<String> {
@@ -158,7 +177,9 @@ async fn admit(
         None => None,
     };
     let online = cp.mark_online((rtype, mesh.clone(), name.clone()));
-    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone() };
+    let dns_port = struct_string(&md, "dataplane.dns.port").and_then(|p| p.trim().parse::<u32>().ok()).unwrap_or(0);
+    let features = struct_strings(&md, "features");
+    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features };
     tracing::info!(node = %id.node_id, kind = rtype.name(), "ADS stream authenticated");
     Ok((id, registration, online))
 }
@@ -182,7 +203,76 @@ pub async fn build_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
                 dataplanes: &dataplanes,
             }))
         }
+        ResourceType::Dataplane => dataplane_snapshot(cp, id).await,
         _ => Ok(generate::empty()),
+    }
+}
+
+async fn dataplane_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
+    let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+    let Some(dp) = cp.store.get(ResourceType::Dataplane, &id.mesh, &id.name).await.map_err(internal)? else {
+        return Ok(generate::empty());
+    };
+    let Some(mesh) = cp.store.get(ResourceType::Mesh, "", &id.mesh).await.map_err(internal)? else {
+        return Ok(generate::empty());
+    };
+    let mesh_spec: MeshSpec = mesh.typed().unwrap_or_default();
+    let mut refresh_at = None;
+    let tls = match mesh_spec.enabled_backend() {
+        Some(backend) if backend.backend_type == "builtin" => {
+            let ca = cp
+                .ca
+                .ensure_ca(&cp.store, &id.mesh, &backend.name)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let spec: DataplaneSpec = dp.typed().unwrap_or_default();
+            let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for inb in spec.networking.map(|n| n.inbound).unwrap_or_default() {
+                for (k, v) in inb.tags {
+                    tags.entry(k).or_default().insert(v);
+                }
+            }
+            let cert = cp
+                .ca
+                .identity(&ca, &id.mesh, &id.name, &tags, backend.dp_cert_lifetime())
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            // At least a second apart, whatever the configured lifetime.
+            let floor = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
+            refresh_at = Some(cert.rotate_at().max(floor));
+            Some(sidecar::SidecarTls { ca_pem: ca.cert_pem, cert_pem: cert.cert_pem, key_pem: cert.key_pem })
+        }
+        Some(backend) => {
+            tracing::warn!(mesh = %id.mesh, backend = %backend.name, kind = %backend.backend_type, "only builtin mTLS backends are supported; serving the proxy without mTLS");
+            None
+        }
+        None => None,
+    };
+    let dataplanes = cp.store.list(ResourceType::Dataplane, Some(&id.mesh)).await.map_err(internal)?;
+    let ingresses = cp.store.list(ResourceType::ZoneIngress, None).await.map_err(internal)?;
+    let vips = crate::vips::load(cp.store.as_ref(), &id.mesh).await;
+    let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
+        zone: &cp.cfg.zone_name,
+        dataplane: &dp,
+        dataplanes: &dataplanes,
+        ingresses: &ingresses,
+        vips: &vips,
+        dns_port: id.dns_port,
+        features: &id.features,
+        tls,
+    });
+    snap.refresh_at = refresh_at;
+    Ok(snap)
+}
+
+/// Sleep until the snapshot's refresh time (forever when it has none).
+async fn refresh_due(snap: &ProxySnapshot) {
+    match snap.refresh_at {
+        Some(t) => {
+            let wait = t.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -317,6 +407,18 @@ async fn run_sotw(
                     return Ok(());
                 }
                 debounce(&cp, &mut changes).await;
+                snap = build_snapshot(&cp, &id).await?;
+                let types: Vec<String> = st.types.keys().cloned().collect();
+                for t in types {
+                    if let Some(resp) = st.response(&snap, &t, false) {
+                        tracing::debug!(node = %id.node_id, type_url = %t, version = %resp.version_info, "push");
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            _ = refresh_due(&snap) => {
                 snap = build_snapshot(&cp, &id).await?;
                 let types: Vec<String> = st.types.keys().cloned().collect();
                 for t in types {
@@ -471,6 +573,17 @@ async fn run_delta(
                     return Ok(());
                 }
                 debounce(&cp, &mut changes).await;
+                snap = build_snapshot(&cp, &id).await?;
+                let types: Vec<String> = st.types.keys().cloned().collect();
+                for t in types {
+                    if let Some(resp) = st.diff(&snap, &t, false)
+                        && tx.send(Ok(resp)).await.is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            _ = refresh_due(&snap) => {
                 snap = build_snapshot(&cp, &id).await?;
                 let types: Vec<String> = st.types.keys().cloned().collect();
                 for t in types {

@@ -225,3 +225,26 @@ pub fn authorized<T>(msg: T, token: &str) -> tonic::Request<T> {
     r.metadata_mut().insert("authorization", token.parse().unwrap());
     r
 }
+
+/// Node of a kuma-dp sidecar (`<mesh>.<name>`, metadata as kuma-dp 2.14 sends it through the
+/// bootstrap), with the Dataplane inline and an optional DNS port.
+pub fn dataplane_node(mesh: &str, name: &str, resource_json: &str, dns_port: u32, delta: bool) -> Node {
+    let mut md = Struct::default();
+    md.fields.insert("dataplane.proxyType".into(), s("dataplane"));
+    md.fields.insert("dataplane.resource".into(), s(resource_json));
+    md.fields.insert("dataplane.admin.port".into(), s("9901"));
+    if dns_port > 0 {
+        md.fields.insert("dataplane.dns.port".into(), s(&dns_port.to_string()));
+    }
+    let mut features = vec![s("feature-tcp-accesslog-via-named-pipe"), s("feature-reuse-port")];
+    if delta {
+        features.push(s("feature-delta-grpc"));
+    }
+    md.fields.insert(
+        "features".into(),
+        PbValue {
+            kind: Some(value::Kind::ListValue(envoy_types::pb::google::protobuf::ListValue { values: features })),
+        },
+    );
+    Node { id: format!("{mesh}.{name}"), cluster: name.into(), metadata: Some(md), ..Default::default() }
+}

@@ -74,6 +74,11 @@ impl ChainMatcher {
         Ok(())
     }
 
+    /// Whether any chain matches on the destination port.
+    pub fn uses_ports(&self) -> bool {
+        !self.by_port.is_empty()
+    }
+
     pub fn find(&self, offer: &Offer<'_>) -> Option<usize> {
         let names = self.by_port.get(&u32::from(offer.port)).or(self.any_port.as_ref())?;
         let proto = match offer.server_name {

@@ -1,0 +1,546 @@
+//! xDS generation for data plane proxies (`Dataplane` sidecars), in the shape of Kuma 2.14's
+//! generator goldens (`pkg/xds/generator/testdata/{inbound-proxy,outbound-proxy,dns}`):
+//!
+//! * per inbound: listener `inbound:<address>:<port>` (tcp_proxy to the STATIC cluster
+//!   `localhost:<servicePort>`, server-side mTLS when the mesh has mTLS);
+//! * per outbound (tag form): listener `outbound:<address>:<port>` (tcp_proxy to the EDS
+//!   cluster `<service>`, whose UpstreamTlsContext carries SNI `<service>{mesh=<mesh>}`, ALPN
+//!   `kuma` and the SAN `spiffe://<mesh>/<service>`); endpoints are the local inbounds of the
+//!   service plus remote ZoneIngresses advertising it (weight = instances);
+//! * SDS secrets `identity_cert:secret:<mesh>` and `mesh_ca:secret:<mesh>`;
+//! * DNS: UDP listener `kuma:dns` with `envoy.filters.udp.dns_filter` answering the `.mesh`
+//!   names with the service VIPs; transparent-proxy Dataplanes also get `outbound:<vip>:80`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig};
+use envoy_types::pb::envoy::config::core::v3::{
+    ConfigSource, DataSource, Locality, Metadata, SocketAddress, TrafficDirection, TransportSocket, address,
+    data_source, socket_address, transport_socket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, Listener, ListenerFilter, filter, listener_filter,
+};
+use envoy_types::pb::envoy::data::dns::v3::{DnsTable, dns_table};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::filters::udp::dns_filter::v3::{DnsFilterConfig, dns_filter_config};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext, common_tls_context, secret, subject_alt_name_matcher,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
+use envoy_types::util::pack_any;
+
+use super::generate::{
+    CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
+    string_struct, version_of,
+};
+use crate::ca::{identity_secret_name, mesh_ca_secret_name};
+use crate::model::{DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec, sni_from_tags};
+use crate::vips::{SERVICE_VIP_PORT, VipMap, domains, to_v6};
+
+pub const FEATURE_REUSE_PORT: &str = "feature-reuse-port";
+pub const FEATURE_BIND_OUTBOUNDS: &str = "feature-bind-outbounds";
+/// Name of the DNS listener (`names.GetDNSListenerName()`).
+pub const DNS_LISTENER: &str = "kuma:dns";
+/// ALPN Kuma's client side sets on mesh mTLS (`KumaALPNProtocols`).
+pub const KUMA_ALPN: &str = "kuma";
+const ZONE_TAG: &str = "kuma.io/zone";
+
+/// TLS material of a proxy of an mTLS mesh.
+pub struct SidecarTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Inputs of sidecar generation (a consistent read of the store).
+pub struct SidecarInputs<'a> {
+    pub zone: &'a str,
+    pub dataplane: &'a Resource,
+    /// Dataplanes of the proxy's mesh (including itself).
+    pub dataplanes: &'a [Resource],
+    /// All ZoneIngresses (local and of other zones).
+    pub ingresses: &'a [Resource],
+    pub vips: &'a VipMap,
+    /// `dataplane.dns.port` from the node metadata (0 = the proxy did not ask for DNS).
+    pub dns_port: u32,
+    pub features: &'a BTreeSet<String>,
+    /// Set when the mesh has mTLS enabled.
+    pub tls: Option<SidecarTls>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct OutEndpoint {
+    zone: Option<String>,
+    address: String,
+    port: u32,
+    weight: u32,
+    /// Endpoint tags without `kuma.io/service`.
+    tags: BTreeMap<String, String>,
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig { name: name.to_string(), sds_config: Some(ConfigSource { ..ads_config_source() }) }
+}
+
+fn uri_san(m: string_matcher::MatchPattern) -> SubjectAltNameMatcher {
+    SubjectAltNameMatcher {
+        san_type: subject_alt_name_matcher::SanType::Uri as i32,
+        matcher: Some(StringMatcher { match_pattern: Some(m), ignore_case: false }),
+        oid: String::new(),
+    }
+}
+
+/// `CommonTlsContext` of Kuma's mesh mTLS: identity from SDS, validation = mesh CA from SDS
+/// combined with a URI SAN matcher.
+fn common_tls(mesh: &str, san: string_matcher::MatchPattern, alpn: &[&str]) -> CommonTlsContext {
+    CommonTlsContext {
+        alpn_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+        tls_certificate_sds_secret_configs: vec![sds(&identity_secret_name(mesh))],
+        validation_context_type: Some(common_tls_context::ValidationContextType::CombinedValidationContext(
+            common_tls_context::CombinedCertificateValidationContext {
+                default_validation_context: Some(CertificateValidationContext {
+                    match_typed_subject_alt_names: vec![uri_san(san)],
+                    ..Default::default()
+                }),
+                validation_context_sds_secret_config: Some(sds(&mesh_ca_secret_name(mesh))),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn tls_socket<T: prost::Message + prost::Name>(ctx: T) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(ctx))),
+    }
+}
+
+/// Server side (inbound): client certificate required, peer SAN URI prefix `spiffe://<mesh>/`.
+pub fn downstream_tls(mesh: &str) -> DownstreamTlsContext {
+    DownstreamTlsContext {
+        common_tls_context: Some(common_tls(
+            mesh,
+            string_matcher::MatchPattern::Prefix(format!("spiffe://{mesh}/")),
+            &[],
+        )),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    }
+}
+
+/// Client side (outbound): SNI from tags, ALPN `kuma`, peer SAN URI exactly `spiffe://<mesh>/<service>`.
+pub fn upstream_tls(mesh: &str, service: &str) -> UpstreamTlsContext {
+    let tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.to_string())].into_iter().collect();
+    UpstreamTlsContext {
+        common_tls_context: Some(common_tls(
+            mesh,
+            string_matcher::MatchPattern::Exact(format!("spiffe://{mesh}/{service}")),
+            &[KUMA_ALPN],
+        )),
+        sni: sni_from_tags(service, &tags),
+        ..Default::default()
+    }
+}
+
+fn inline(bytes: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes.as_bytes().to_vec())),
+        ..Default::default()
+    })
+}
+
+fn tags_metadata(tags: &BTreeMap<String, String>) -> Option<Metadata> {
+    Some(Metadata {
+        filter_metadata: [("io.kuma.tags".to_string(), string_struct(tags))].into_iter().collect(),
+        ..Default::default()
+    })
+}
+
+fn tcp_proxy_chain(cluster: &str, stat_prefix: &str, idle_secs: i64, tls: Option<TransportSocket>) -> FilterChain {
+    let tcp = TcpProxy {
+        stat_prefix: stat_prefix.to_string(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        idle_timeout: Some(Duration { seconds: idle_secs, nanos: 0 }),
+        ..Default::default()
+    };
+    FilterChain {
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(tcp))),
+        }],
+        transport_socket: tls,
+        ..Default::default()
+    }
+}
+
+/// Push a resource whose version is computed from its map-free Debug form plus `extra`
+/// (prost encodes `Struct` maps in random order, so bytes are not a stable version).
+fn push<T: prost::Message + prost::Name + std::fmt::Debug>(
+    out: &mut Vec<Named>,
+    name: &str,
+    proto: T,
+    extra: &str,
+    finish: impl FnOnce(&mut T),
+) {
+    let version = version_of(&format!("{proto:?}|{extra}"));
+    let mut proto = proto;
+    finish(&mut proto);
+    out.push(Named { name: name.to_string(), version, any: pack_any(proto) });
+}
+
+fn sorted(mut v: Vec<Named>) -> Vec<Named> {
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v.dedup_by(|a, b| a.name == b.name);
+    v
+}
+
+/// Generate the Listeners, Clusters, ClusterLoadAssignments and Secrets of a Dataplane.
+pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
+    let dp = inputs.dataplane;
+    let mesh = dp.mesh.as_str();
+    let spec: DataplaneSpec = dp.typed().unwrap_or_default();
+    let net = spec.networking.unwrap_or_default();
+    let tproxy = net.transparent_proxying.clone().filter(|t| t.enabled());
+    let reuse_port = inputs.features.contains(FEATURE_REUSE_PORT);
+    let mtls = inputs.tls.is_some();
+
+    let mut listeners: Vec<Named> = Vec::new();
+    let mut clusters: Vec<Named> = Vec::new();
+    let mut loads: Vec<Named> = Vec::new();
+    let mut secrets: Vec<Named> = Vec::new();
+
+    // --- inbounds ---------------------------------------------------------------------
+    let mut local_clusters: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    for inb in &net.inbound {
+        if inb.state.as_deref() == Some("Ignored") || inb.tags.get(SERVICE_TAG).is_none_or(|s| s.is_empty()) {
+            continue;
+        }
+        let (Ok(port), dp_ip) = (
+            u32::try_from(inb.port),
+            inb.address.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| net.address.clone()),
+        ) else {
+            continue;
+        };
+        let workload_ip = inb.service_address.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| dp_ip.clone());
+        let workload_port = inb.service_port.and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0).unwrap_or(port);
+        let cluster = format!("localhost:{workload_port}");
+        // Same name twice: the last inbound wins (as Kuma's resource set does).
+        local_clusters.insert(cluster.clone(), (workload_ip, workload_port));
+
+        let name = format!("inbound:{dp_ip}:{port}");
+        let tls = inputs.tls.as_ref().map(|_| tls_socket(downstream_tls(mesh)));
+        let l = Listener {
+            name: name.clone(),
+            address: Some(socket_address(&dp_ip, port)),
+            enable_reuse_port: Some(BoolValue { value: reuse_port }),
+            bind_to_port: tproxy.as_ref().map(|_| BoolValue { value: false }),
+            filter_chains: vec![tcp_proxy_chain(&cluster, &format!("localhost_{workload_port}"), 7200, tls)],
+            traffic_direction: TrafficDirection::Inbound as i32,
+            ..Default::default()
+        };
+        let tags = inb.tags.clone();
+        push(&mut listeners, &name, l, &format!("{tags:?}"), |l| l.metadata = tags_metadata(&tags));
+    }
+    for (name, (ip, port)) in &local_clusters {
+        let c = Cluster {
+            name: name.clone(),
+            alt_stat_name: name.replace(':', "_"),
+            connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+            load_assignment: Some(ClusterLoadAssignment {
+                cluster_name: name.clone(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: vec![LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                            address: Some(socket_address(ip, *port)),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        push(&mut clusters, name, c, "", |_| {});
+    }
+
+    // --- outbounds --------------------------------------------------------------------
+    // (address, port) -> (service, tags)
+    let mut outbounds: BTreeMap<(String, u32), (String, BTreeMap<String, String>)> = BTreeMap::new();
+    for ob in &net.outbound {
+        let Some(svc) = ob.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else {
+            continue; // backendRef (MeshService) outbounds are not served yet
+        };
+        let Ok(port) = u32::try_from(ob.port) else { continue };
+        let addr = ob.address.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| "127.0.0.1".into());
+        outbounds.insert((addr, port), (svc.clone(), ob.tags.clone()));
+    }
+    if tproxy.is_some() && !inputs.features.contains(FEATURE_BIND_OUTBOUNDS) {
+        for (svc, vip) in inputs.vips {
+            let tags: BTreeMap<String, String> = [(SERVICE_TAG.to_string(), svc.clone())].into_iter().collect();
+            outbounds.entry((vip.to_string(), SERVICE_VIP_PORT)).or_insert((svc.clone(), tags));
+        }
+    }
+    let services: BTreeSet<String> = outbounds.values().map(|(s, _)| s.clone()).collect();
+    for ((addr, port), (svc, tags)) in &outbounds {
+        let name = format!("outbound:{addr}:{port}");
+        let l = Listener {
+            name: name.clone(),
+            address: Some(socket_address(addr, *port)),
+            bind_to_port: tproxy.as_ref().map(|_| BoolValue { value: false }),
+            filter_chains: vec![tcp_proxy_chain(svc, svc, 3600, None)],
+            traffic_direction: TrafficDirection::Outbound as i32,
+            ..Default::default()
+        };
+        push(&mut listeners, &name, l, &format!("{tags:?}"), |l| l.metadata = tags_metadata(tags));
+    }
+
+    let endpoints = outbound_endpoints(inputs, mtls);
+    for svc in &services {
+        let c = Cluster {
+            name: svc.clone(),
+            connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            eds_cluster_config: Some(EdsClusterConfig {
+                eds_config: Some(ads_config_source()),
+                service_name: String::new(),
+            }),
+            transport_socket: inputs.tls.as_ref().map(|_| tls_socket(upstream_tls(mesh, svc))),
+            ..Default::default()
+        };
+        let cluster_version = version_of(&format!("{c:?}"));
+        push(&mut clusters, svc, c, "", |_| {});
+        let eps = endpoints.get(svc).cloned().unwrap_or_default();
+        let cla = cla_proto(svc, &eps);
+        // The version includes the cluster's: a changed cluster needs its endpoints again.
+        let v = version_of(&format!("{svc}|{eps:?}|{cluster_version}"));
+        loads.push(Named { name: svc.clone(), version: v, any: pack_any(cla) });
+    }
+
+    // --- secrets ----------------------------------------------------------------------
+    if let Some(t) = &inputs.tls {
+        let id = Secret {
+            name: identity_secret_name(mesh),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: inline(&t.cert_pem),
+                private_key: inline(&t.key_pem),
+                ..Default::default()
+            })),
+        };
+        let ca = Secret {
+            name: mesh_ca_secret_name(mesh),
+            r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+                trusted_ca: inline(&t.ca_pem),
+                ..Default::default()
+            })),
+        };
+        secrets.push(Named {
+            name: identity_secret_name(mesh),
+            version: version_of(&format!("{}|{}", t.cert_pem, t.key_pem)),
+            any: pack_any(id),
+        });
+        secrets.push(Named { name: mesh_ca_secret_name(mesh), version: version_of(&t.ca_pem), any: pack_any(ca) });
+    }
+
+    // --- DNS --------------------------------------------------------------------------
+    if inputs.dns_port > 0 && !inputs.features.contains(FEATURE_BIND_OUTBOUNDS) {
+        let with_v6 = tproxy.as_ref().is_some_and(|t| t.ip_family_mode.as_deref() != Some("IPv4"));
+        let mut records: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (svc, vip) in inputs.vips {
+            let mut ips = vec![vip.to_string()];
+            if with_v6 {
+                ips.push(to_v6(*vip));
+            }
+            for d in domains(svc) {
+                records.insert(d, ips.clone());
+            }
+        }
+        let l = dns_listener(inputs.dns_port, reuse_port, &records);
+        push(&mut listeners, DNS_LISTENER, l, "", |_| {});
+    }
+
+    let mut snap = ProxySnapshot::default();
+    snap.by_type.insert(LISTENER_TYPE.into(), sorted(listeners));
+    snap.by_type.insert(CLUSTER_TYPE.into(), sorted(clusters));
+    snap.by_type.insert(ENDPOINT_TYPE.into(), sorted(loads));
+    snap.by_type.insert(SECRET_TYPE.into(), sorted(secrets));
+    snap
+}
+
+/// The `kuma:dns` UDP listener (Kuma's `DNSConfigurer`; no `known_suffixes`, deprecated
+/// in Envoy and not set by Kuma).
+pub fn dns_listener(port: u32, reuse_port: bool, records: &BTreeMap<String, Vec<String>>) -> Listener {
+    let virtual_domains = records
+        .iter()
+        .map(|(name, ips)| dns_table::DnsVirtualDomain {
+            name: name.clone(),
+            endpoint: Some(dns_table::DnsEndpoint {
+                endpoint_config: Some(dns_table::dns_endpoint::EndpointConfig::AddressList(dns_table::AddressList {
+                    address: ips.clone(),
+                })),
+            }),
+            answer_ttl: Some(Duration { seconds: 30, nanos: 0 }),
+        })
+        .collect();
+    let cfg = DnsFilterConfig {
+        stat_prefix: "kuma_dns".into(),
+        server_config: Some(dns_filter_config::ServerContextConfig {
+            config_source: Some(dns_filter_config::server_context_config::ConfigSource::InlineDnsTable(DnsTable {
+                external_retry_count: 0,
+                virtual_domains,
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    Listener {
+        name: DNS_LISTENER.into(),
+        address: Some(envoy_types::pb::envoy::config::core::v3::Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: "127.0.0.1".into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                protocol: socket_address::Protocol::Udp as i32,
+                ..Default::default()
+            })),
+        }),
+        enable_reuse_port: Some(BoolValue { value: reuse_port }),
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.udp.dns_filter".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(cfg))),
+            ..Default::default()
+        }],
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+/// Endpoints per service of the proxy's mesh: healthy local inbounds (weight = number of
+/// distinct remote ingress coordinates, or 1) and, with mTLS, one endpoint per remote
+/// ZoneIngress advertising the service (weight = its instance count).
+fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String, Vec<OutEndpoint>> {
+    let mesh = inputs.dataplane.mesh.as_str();
+    let mut out: BTreeMap<String, Vec<OutEndpoint>> = BTreeMap::new();
+    let mut coordinates: BTreeSet<(String, i64)> = BTreeSet::new();
+    if mtls {
+        for zi in inputs.ingresses {
+            let Ok(spec) = zi.typed::<ZoneIngressSpec>() else { continue };
+            if spec.zone.is_empty() || spec.zone == inputs.zone {
+                continue;
+            }
+            let n = &spec.networking;
+            let Ok(port) = u32::try_from(n.advertised_port) else { continue };
+            if n.advertised_address.is_empty() || port == 0 {
+                continue;
+            }
+            let coord = (n.advertised_address.clone(), n.advertised_port);
+            if coordinates.contains(&coord) {
+                continue; // several ingress instances behind one load balancer
+            }
+            if !spec.available_services.is_empty() {
+                coordinates.insert(coord);
+            }
+            for a in &spec.available_services {
+                if a.mesh != mesh || a.external_service {
+                    continue;
+                }
+                let Some(svc) = a.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
+                let tags: BTreeMap<String, String> = a
+                    .tags
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != SERVICE_TAG)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                out.entry(svc.clone()).or_default().push(OutEndpoint {
+                    zone: Some(tags.get(ZONE_TAG).cloned().unwrap_or_else(|| spec.zone.clone())),
+                    address: n.advertised_address.clone(),
+                    port,
+                    weight: a.instances.max(1),
+                    tags,
+                });
+            }
+        }
+    }
+    let local_weight = u32::try_from(coordinates.len()).unwrap_or(u32::MAX).max(1);
+    for d in inputs.dataplanes.iter().filter(|d| d.mesh == mesh) {
+        let Ok(spec) = d.typed::<DataplaneSpec>() else { continue };
+        let Some(net) = spec.networking else { continue };
+        for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
+            let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
+            let Ok(port) = u32::try_from(inb.port) else { continue };
+            let address = Some(net.advertised_address.clone())
+                .filter(|a| !a.is_empty())
+                .or_else(|| inb.address.clone().filter(|a| !a.is_empty()))
+                .unwrap_or_else(|| net.address.clone());
+            let tags: BTreeMap<String, String> = inb
+                .tags
+                .iter()
+                .filter(|(k, _)| k.as_str() != SERVICE_TAG)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            out.entry(svc.clone()).or_default().push(OutEndpoint {
+                zone: tags.get(ZONE_TAG).cloned().or_else(|| d.labels.get(ZONE_TAG).cloned()),
+                address,
+                port,
+                weight: local_weight,
+                tags,
+            });
+        }
+    }
+    for v in out.values_mut() {
+        v.sort();
+        v.dedup();
+    }
+    out
+}
+
+fn cla_proto(name: &str, endpoints: &[OutEndpoint]) -> ClusterLoadAssignment {
+    let mut by_zone: BTreeMap<Option<String>, Vec<LbEndpoint>> = BTreeMap::new();
+    for e in endpoints {
+        let metadata = if e.tags.is_empty() {
+            None
+        } else {
+            let md = string_struct(&e.tags);
+            Some(Metadata {
+                filter_metadata: [
+                    ("envoy.lb".to_string(), md.clone()),
+                    ("envoy.transport_socket_match".to_string(), md),
+                ]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            })
+        };
+        by_zone.entry(e.zone.clone()).or_default().push(LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket_address(&e.address, e.port)),
+                ..Default::default()
+            })),
+            load_balancing_weight: Some(UInt32Value { value: e.weight }),
+            metadata,
+            ..Default::default()
+        });
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: by_zone
+            .into_iter()
+            .map(|(zone, lb_endpoints)| LocalityLbEndpoints {
+                locality: zone.map(|z| Locality { zone: z, ..Default::default() }),
+                lb_endpoints,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
