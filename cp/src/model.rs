@@ -760,6 +760,19 @@ pub fn sni_from_tags(service: &str, tags: &BTreeMap<String, String>) -> String {
     format!("{service}{{{}}}", inner.join(","))
 }
 
+/// A DNS-valid alias of a tag SNI, `a<fnv-1a 64 of the tag SNI>.<mesh-free>.sni`.
+/// TLS clients that can only send DNS names (rustls, so `dp`) cannot send
+/// `backend{mesh=default}`; ingress chains list this alias next to the tag SNI and
+/// `dp` sidecars are given it instead, while Envoy keeps Kuma's tag SNI.
+pub fn dns_sni_alias(tag_sni: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tag_sni.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("a{h:016x}.sni")
+}
+
 /// RFC 3339 UTC timestamp with second precision, e.g. `2026-01-02T03:04:05Z`.
 pub fn rfc3339(unix_secs: u64) -> String {
     let days = (unix_secs / 86_400) as i64;

@@ -11,9 +11,6 @@ use crate::snapshot::{self, DnsAnswers};
 use crate::stats::Registry;
 use crate::telemetry::LogLevel;
 use anyhow::Context;
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::listener::v3::Listener;
-use prost::Name;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -106,8 +103,9 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
             let mut status = crate::control::start(&args, applier).await?;
             let drain = drain.clone();
             tokio::spawn(async move {
-                // Ready once listeners and clusters have been accepted at least once.
-                let needed = [Listener::type_url(), Cluster::type_url()];
+                // Ready once every subscribed type (secrets included, so TLS routes are
+                // not still waiting) has been accepted at least once.
+                let needed = crate::control::type_urls();
                 let _ = status.wait_for(|s| needed.iter().all(|t| s.acked_types.contains(t))).await;
                 info!("first configuration from the control plane applied; ready");
                 drain.set_ready();

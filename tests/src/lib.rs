@@ -86,6 +86,11 @@ impl Logs {
         }
     }
 
+    /// Waits until at least `n` lines contain every one of `parts`.
+    pub fn wait_count(&self, parts: &[&str], n: usize) {
+        wait_until(&format!("{n} log lines with {parts:?}"), || (self.count(parts) >= n).then_some(()));
+    }
+
     pub fn count(&self, parts: &[&str]) -> usize {
         self.lines().iter().filter(|l| parts.iter().all(|p| l.contains(p))).count()
     }

@@ -288,7 +288,7 @@ fn chain_proto(c: &ChainPlan) -> FilterChain {
     };
     FilterChain {
         filter_chain_match: Some(FilterChainMatch {
-            server_names: vec![c.sni.clone()],
+            server_names: vec![c.sni.clone(), crate::model::dns_sni_alias(&c.sni)],
             transport_protocol: "tls".into(),
             ..Default::default()
         }),

@@ -51,6 +51,9 @@ pub struct ProxyId {
     pub dns_port: u32,
     /// `features` of the node metadata.
     pub features: BTreeSet<String>,
+    /// The proxy is `dp` (node metadata `version.envoy.build` is `dp/...`): its TLS
+    /// client sends only DNS-valid SNI, so it gets `dns_sni_alias` names.
+    pub dns_sni_only: bool,
 }
 
 fn struct_strings(s: &Struct, key: &str) -> BTreeSet<String> {
@@ -179,7 +182,14 @@ async fn admit(
     let online = cp.mark_online((rtype, mesh.clone(), name.clone()));
     let dns_port = struct_string(&md, "dataplane.dns.port").and_then(|p| p.trim().parse::<u32>().ok()).unwrap_or(0);
     let features = struct_strings(&md, "features");
-    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features };
+    let dns_sni_only = match md.fields.get("version").and_then(|v| v.kind.as_ref()) {
+        Some(value::Kind::StructValue(v)) => match v.fields.get("envoy").and_then(|e| e.kind.as_ref()) {
+            Some(value::Kind::StructValue(e)) => struct_string(e, "build").is_some_and(|b| b.starts_with("dp/")),
+            _ => false,
+        },
+        _ => false,
+    };
+    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features, dns_sni_only };
     tracing::info!(node = %id.node_id, kind = rtype.name(), "ADS stream authenticated");
     Ok((id, registration, online))
 }
@@ -260,6 +270,7 @@ async fn dataplane_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
         dns_port: id.dns_port,
         features: &id.features,
         tls,
+        dns_sni_only: id.dns_sni_only,
     });
     snap.refresh_at = refresh_at;
     Ok(snap)

@@ -73,6 +73,8 @@ pub struct SidecarInputs<'a> {
     pub features: &'a BTreeSet<String>,
     /// Set when the mesh has mTLS enabled.
     pub tls: Option<SidecarTls>,
+    /// Give outbound clusters the DNS-valid SNI alias instead of the tag SNI (`dp`).
+    pub dns_sni_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -138,15 +140,16 @@ pub fn downstream_tls(mesh: &str) -> DownstreamTlsContext {
 }
 
 /// Client side (outbound): SNI from tags, ALPN `kuma`, peer SAN URI exactly `spiffe://<mesh>/<service>`.
-pub fn upstream_tls(mesh: &str, service: &str) -> UpstreamTlsContext {
+pub fn upstream_tls(mesh: &str, service: &str, dns_sni_only: bool) -> UpstreamTlsContext {
     let tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.to_string())].into_iter().collect();
+    let tag_sni = sni_from_tags(service, &tags);
     UpstreamTlsContext {
         common_tls_context: Some(common_tls(
             mesh,
             string_matcher::MatchPattern::Exact(format!("spiffe://{mesh}/{service}")),
             &[KUMA_ALPN],
         )),
-        sni: sni_from_tags(service, &tags),
+        sni: if dns_sni_only { crate::model::dns_sni_alias(&tag_sni) } else { tag_sni },
         ..Default::default()
     }
 }
@@ -316,7 +319,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 eds_config: Some(ads_config_source()),
                 service_name: String::new(),
             }),
-            transport_socket: inputs.tls.as_ref().map(|_| tls_socket(upstream_tls(mesh, svc))),
+            transport_socket: inputs.tls.as_ref().map(|_| tls_socket(upstream_tls(mesh, svc, inputs.dns_sni_only))),
             ..Default::default()
         };
         let cluster_version = version_of(&format!("{c:?}"));
