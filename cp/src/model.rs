@@ -515,17 +515,7 @@ pub fn mesh_mtls_enabled(mesh: &Resource) -> bool {
 // Validation
 // ---------------------------------------------------------------------------------------
 
-fn is_rfc1123_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            let b = label.as_bytes();
-            !b.is_empty()
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0] != b'-'
-                && b[b.len() - 1] != b'-'
-        })
-}
+use kuma_model::resource::rfc1123_name as is_rfc1123_subdomain;
 
 fn is_mesh_name(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_.".contains(&c))
@@ -822,45 +812,7 @@ pub fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Parse a Go-style duration (`10s`, `1m30s`, `24h`, `720h`, `500ms`), plus `d` for days.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if s == "0" {
-        return Ok(std::time::Duration::ZERO);
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        if num_end == 0 {
-            return Err(format!("invalid duration {s:?}: expected a number"));
-        }
-        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let unit = &rest[..unit_end];
-        rest = &rest[unit_end..];
-        let mult = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            "" => return Err(format!("invalid duration {s:?}: missing unit (use e.g. 10s, 5m, 24h)")),
-            u => return Err(format!("invalid duration {s:?}: unknown unit {u:?}")),
-        };
-        total += n * mult;
-    }
-    if !total.is_finite() || total > 1e11 {
-        return Err(format!("invalid duration {s:?}: too large"));
-    }
-    Ok(std::time::Duration::from_secs_f64(total))
-}
+pub use kuma_model::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-/// Parses a Go duration (`30s`, `1m30s`, `1.5h`, `250ms`), as kuma-dp accepts them.
+/// Parses a Go duration (`30s`, `1m30s`, `1.5h`, `250ms`), as kuma-dp accepts them,
+/// plus `d` for days as Kuma's mesh certificate settings write them (`1d`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("{s:?} is not a duration (examples: 30s, 1m30s, 500ms)");
     if s == "0" {
@@ -25,6 +26,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
+            "d" => 86_400.0,
             _ => return Err(err()),
         };
         total += value * scale;
