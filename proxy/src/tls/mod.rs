@@ -214,7 +214,7 @@ pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientT
     })?;
     let (roots, sans) = validation(&common, secrets)?
         .ok_or("a validation context is required: dp does not originate TLS without verifying the server")?;
-    let verifier = Arc::new(SanVerifier { roots: Arc::new(roots), sans, provider: provider() });
+    let verifier = Arc::new(PeerVerifier { trust: Some((Arc::new(roots), sans)), provider: provider() });
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid(e.to_string()))?
@@ -230,16 +230,22 @@ pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientT
     Ok(ClientTls { config: Arc::new(config), server_name })
 }
 
+/// A verifier that accepts any server certificate (handshake signatures are still
+/// checked): kuma-dp's `--skip-verify`.
+pub fn accept_any_server() -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
+    Arc::new(PeerVerifier { trust: None, provider: provider() })
+}
+
 /// Envoy's upstream validation: the chain must lead to a trusted CA and a SAN must
 /// match; the SNI is not compared with the certificate's names (Kuma relies on SANs).
+/// Without `trust`, any certificate is accepted.
 #[derive(Debug)]
-struct SanVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    sans: Vec<SanMatcher>,
+struct PeerVerifier {
+    trust: Option<(Arc<rustls::RootCertStore>, Vec<SanMatcher>)>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for SanVerifier {
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -248,10 +254,13 @@ impl rustls::client::danger::ServerCertVerifier for SanVerifier {
         _: &[u8],
         now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let Some((roots, sans)) = &self.trust else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
-            &self.roots.roots,
+            &roots.roots,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -261,7 +270,7 @@ impl rustls::client::danger::ServerCertVerifier for SanVerifier {
         .map_err(|e| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
         })?;
-        san::accepted(&self.sans, end_entity.as_ref()).map_err(rustls::Error::General)?;
+        san::accepted(sans, end_entity.as_ref()).map_err(rustls::Error::General)?;
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
