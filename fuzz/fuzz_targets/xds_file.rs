@@ -7,7 +7,6 @@ use libfuzzer_sys::fuzz_target;
 use proxy::resources::Resources;
 use proxy::snapshot::{DnsAnswers, build};
 use proxy::stats::Registry;
-use std::sync::Arc;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(resources) = Resources::from_file_bytes(data, "fuzz") else { return };
@@ -15,5 +14,5 @@ fuzz_target!(|data: &[u8]| {
     let again = Resources::from_file_bytes(&json, "fuzz").expect("the JSON form decodes");
     assert_eq!(again, resources);
     let mut notes = vec![];
-    let _ = build(Arc::new(resources), &DnsAnswers::new(), &Registry::default(), &mut notes);
+    let _ = build(&resources, &DnsAnswers::new(), &Registry::default(), &mut notes);
 });

@@ -123,13 +123,19 @@ impl Admin {
     }
 
     fn listeners(&self, query: &str) -> Resp {
-        let bound = self.listeners.lock().unwrap_or_else(|e| e.into_inner()).bound();
+        let (bound, dns) = {
+            let l = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            (l.bound(), l.dns_bound())
+        };
+        let udp: std::collections::HashSet<String> = dns.iter().map(|(n, _)| n.clone()).collect();
+        let bound: Vec<(String, SocketAddr)> = bound.into_iter().chain(dns).collect();
         if query.split('&').any(|kv| kv == "format=json") {
             let items: Vec<_> = bound
                 .iter()
                 .map(|(name, a)| {
+                    let protocol = if udp.contains(name) { "UDP" } else { "TCP" };
                     serde_json::json!({"name": name, "local_address": {"socket_address": {
-                        "address": a.ip().to_string(), "port_value": a.port()}}})
+                        "address": a.ip().to_string(), "port_value": a.port(), "protocol": protocol}}})
                 })
                 .collect();
             return json(&serde_json::json!({ "listener_statuses": items }));

@@ -32,12 +32,21 @@ pub struct Applier {
     listeners: Arc<Mutex<Listeners>>,
     /// Ignored-field notes already logged, so each is said once.
     noted: HashSet<String>,
+    /// `--dns-enabled`: serve the configuration's DNS listeners.
+    dns_enabled: bool,
 }
 
 impl Applier {
-    pub fn apply(&mut self, resources: Arc<Resources>, dns: &DnsAnswers) -> Result<(), String> {
+    /// Takes the resources by value: they are dropped before the freed memory is
+    /// returned to the OS.
+    pub fn apply(&mut self, resources: Resources, dns: &DnsAnswers) -> Result<(), String> {
         let mut notes = vec![];
-        let snap = snapshot::build(resources, dns, &self.ctx.stats, &mut notes)?;
+        let mut snap = snapshot::build(&resources, dns, &self.ctx.stats, &mut notes)?;
+        drop(resources);
+        if !self.dns_enabled && !snap.dns.is_empty() {
+            notes.push("DNS listeners are not served: --dns-enabled=false".into());
+            snap.dns.clear();
+        }
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let prepared = listeners.prepare(&snap)?;
         for n in notes {
@@ -90,7 +99,12 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     let rctx = ctx.clone();
     tokio::spawn(admin::serve(readiness_listener, move |req| admin::readiness(&rctx, &req)));
 
-    let mut applier = Applier { ctx: ctx.clone(), listeners: listeners.clone(), noted: HashSet::new() };
+    let mut applier = Applier {
+        ctx: ctx.clone(),
+        listeners: listeners.clone(),
+        noted: HashSet::new(),
+        dns_enabled: args.dns_enabled,
+    };
     match args.xds_file.clone() {
         Some(path) => {
             let mut source = FileSource::new(path);
@@ -167,7 +181,7 @@ impl FileSource {
     }
 
     /// Reads and decodes the file. Errors are one line naming the file.
-    async fn load(&mut self) -> Result<(Arc<Resources>, DnsAnswers), String> {
+    async fn load(&mut self) -> Result<(Resources, DnsAnswers), String> {
         let p = self.path.display();
         self.stamp = Self::stamp(&self.path);
         let meta = std::fs::metadata(&self.path).map_err(|e| format!("--xds-file {p}: cannot read: {e}"))?;
@@ -181,14 +195,16 @@ impl FileSource {
         let resources = Resources::from_file_bytes(&bytes, &format!("{:016x}", self.hash))
             .map_err(|e| format!("--xds-file {p}: {e}"))?;
         let dns = resolve(&snapshot::dns_names(&resources)).await;
-        Ok((Arc::new(resources), dns))
+        Ok((resources, dns))
     }
 
     /// Re-applies the file when it changes, and when STRICT_DNS answers change. An
     /// invalid version is logged and counted; the previous one keeps serving.
     async fn watch(mut self, mut applier: Applier) {
-        let mut current = applier.ctx.routes.load().resources.clone();
-        let mut answers = resolve(&snapshot::dns_names(&current)).await;
+        // STRICT_DNS names of what is in force (the resources themselves are not kept
+        // decoded; they are decoded again when the answers change).
+        let mut names = snapshot::dns_names(&applier.ctx.routes.load().resources.decode().unwrap_or_default());
+        let mut answers = resolve(&names).await;
         let mut dns_tick = tokio::time::interval(DNS_REFRESH);
         let mut file_tick = tokio::time::interval(FILE_POLL);
         loop {
@@ -200,22 +216,25 @@ impl FileSource {
                     let old_hash = self.hash;
                     match self.load().await {
                         Ok(_) if self.hash == old_hash => {}
-                        Ok((resources, dns)) => match applier.apply(resources.clone(), &dns) {
-                            Ok(()) => (current, answers) = (resources, dns),
-                            Err(e) => reject(&applier, &self.path, &e),
-                        },
+                        Ok((resources, dns)) => {
+                            let new_names = snapshot::dns_names(&resources);
+                            match applier.apply(resources, &dns) {
+                                Ok(()) => (names, answers) = (new_names, dns),
+                                Err(e) => reject(&applier, &self.path, &e),
+                            }
+                        }
                         Err(e) => reject(&applier, &self.path, &e),
                     }
                 }
                 _ = dns_tick.tick() => {
-                    let names = snapshot::dns_names(&current);
                     if names.is_empty() {
                         continue;
                     }
                     let fresh = resolve(&names).await;
                     if fresh != answers {
                         info!("DNS answers of STRICT_DNS clusters changed");
-                        match applier.apply(current.clone(), &fresh) {
+                        let current = applier.ctx.routes.load().resources.decode();
+                        match current.and_then(|r| applier.apply(r, &fresh)) {
                             Ok(()) => answers = fresh,
                             Err(e) => reject(&applier, &self.path, &e),
                         }

@@ -14,7 +14,6 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use prost::Name;
 use std::net::ToSocketAddrs;
-use std::sync::Arc;
 use tracing::info;
 
 /// The types `dp` subscribes to, in the order Envoy asks for them.
@@ -92,7 +91,7 @@ impl xds_client::Handler for AdsHandler {
         let names = snapshot::dns_names(&r);
         let dns =
             if names.is_empty() { DnsAnswers::new() } else { tokio::task::block_in_place(|| resolve_blocking(&names)) };
-        self.applier.apply(Arc::new(r), &dns)
+        self.applier.apply(r, &dns)
     }
 }
 

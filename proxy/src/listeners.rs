@@ -6,6 +6,7 @@
 //! one keeps serving.
 
 use crate::conn::{self, Ctx};
+use crate::snapshot::dns::DnsListenerCfg;
 use crate::snapshot::{Snapshot, listener_stat_name};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,9 +24,19 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A running DNS listener (UDP + TCP on one port): new tables go through `table`.
+#[derive(Debug)]
+struct RunningDns {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    table: watch::Sender<Arc<dns::Table>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 #[derive(Debug, Default)]
 pub struct Listeners {
     running: HashMap<String, Running>,
+    dns: HashMap<String, RunningDns>,
 }
 
 /// Sockets bound for a snapshot that is not yet published.
@@ -33,6 +44,9 @@ pub struct Listeners {
 pub struct Prepared {
     new: Vec<(String, SocketAddr, TcpListener)>,
     removed: Vec<String>,
+    new_dns: Vec<(Arc<DnsListenerCfg>, std::net::UdpSocket, TcpListener)>,
+    updated_dns: Vec<Arc<DnsListenerCfg>>,
+    removed_dns: Vec<String>,
 }
 
 impl Listeners {
@@ -55,7 +69,24 @@ impl Listeners {
             .filter(|(name, r)| snap.listeners.get(*name).is_none_or(|c| c.address != r.configured))
             .map(|(name, _)| name.clone())
             .collect();
-        Ok(Prepared { new, removed })
+        let mut new_dns = vec![];
+        let mut updated_dns = vec![];
+        for (name, cfg) in &snap.dns {
+            if self.dns.get(name).is_some_and(|r| r.configured == cfg.address) {
+                updated_dns.push(cfg.clone());
+                continue;
+            }
+            let (udp, tcp) =
+                bind_dns(cfg.address).map_err(|e| format!("listener `{name}`: cannot bind {}: {e}", cfg.address))?;
+            new_dns.push((cfg.clone(), udp, tcp));
+        }
+        let removed_dns = self
+            .dns
+            .iter()
+            .filter(|(name, r)| snap.dns.get(*name).is_none_or(|c| c.address != r.configured))
+            .map(|(name, _)| name.clone())
+            .collect();
+        Ok(Prepared { new, removed, new_dns, updated_dns, removed_dns })
     }
 
     /// Stops removed listeners and starts the new ones; call after the snapshot that
@@ -74,7 +105,45 @@ impl Listeners {
             let task = tokio::spawn(accept_loop(ctx.clone(), Arc::from(name.as_str()), listener, stop_rx));
             self.running.insert(name, Running { configured, bound, stop, task });
         }
-        ctx.stats.global.listener_manager_total_listeners_active.set(self.running.len() as u64);
+        for name in p.removed_dns {
+            if let Some(r) = self.dns.remove(&name) {
+                r.task.abort();
+                info!(listener = %name, address = %r.bound, "DNS listener removed");
+            }
+        }
+        for cfg in p.updated_dns {
+            if let Some(r) = self.dns.get(&cfg.name) {
+                r.table.send_replace(cfg.table.clone());
+            }
+        }
+        for (cfg, udp, tcp) in p.new_dns {
+            let bound = udp.local_addr().unwrap_or(cfg.address);
+            let udp = match tokio::net::UdpSocket::from_std(udp) {
+                Ok(u) => u,
+                Err(e) => {
+                    warn!(listener = %cfg.name, error = %e, "cannot start DNS listener");
+                    continue;
+                }
+            };
+            let upstream = if cfg.upstreams.is_empty() {
+                dns::Upstream::from_resolv_conf(std::path::Path::new("/etc/resolv.conf"))
+                    .unwrap_or(dns::Upstream { servers: vec![], timeout: Duration::from_secs(2) })
+            } else {
+                dns::Upstream { servers: cfg.upstreams.clone(), timeout: Duration::from_secs(2) }
+            };
+            let (table, rx) = watch::channel(cfg.table.clone());
+            info!(listener = %cfg.name, address = %bound, names = cfg.table.len(), "DNS listening (UDP and TCP)");
+            let task = tokio::spawn(dns::serve(udp, Some(tcp), rx, upstream));
+            self.dns.insert(cfg.name.clone(), RunningDns { configured: cfg.address, bound, table, task });
+        }
+        ctx.stats.global.listener_manager_total_listeners_active.set((self.running.len() + self.dns.len()) as u64);
+    }
+
+    /// (name, bound address) of every running DNS listener.
+    pub fn dns_bound(&self) -> Vec<(String, SocketAddr)> {
+        let mut v: Vec<_> = self.dns.iter().map(|(n, r)| (n.clone(), r.bound)).collect();
+        v.sort();
+        v
     }
 
     /// (name, bound address) of every running listener, for the admin API.
@@ -86,6 +155,9 @@ impl Listeners {
 
     /// Stops every accept loop; await the handles to know the sockets are closed.
     pub fn stop_all(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        for (_, r) in self.dns.drain() {
+            r.task.abort();
+        }
         self.running
             .drain()
             .map(|(_, r)| {
@@ -94,6 +166,22 @@ impl Listeners {
             })
             .collect()
     }
+}
+
+/// UDP and TCP on the same port (with port 0, the port UDP got).
+fn bind_dns(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..8 {
+        let udp = std::net::UdpSocket::bind(addr)?;
+        udp.set_nonblocking(true)?;
+        match bind(udp.local_addr()?) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // Port 0: the TCP side of the port UDP got may be taken; try another.
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

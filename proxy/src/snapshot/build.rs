@@ -40,7 +40,7 @@ const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 
 /// Builds a snapshot. `notes` collects accepted-but-ignored fields.
 pub fn build(
-    resources: Arc<Resources>,
+    resources: &Resources,
     dns: &DnsAnswers,
     stats: &Registry,
     notes: &mut Vec<String>,
@@ -57,10 +57,18 @@ pub fn build(
         }
     }
     let mut listeners = HashMap::new();
+    let mut proxies = Proxies::new();
     let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
-    for l in &resources.listeners {
-        let cfg =
-            build_listener(l, &clusters, &secrets, stats, notes).map_err(|e| format!("listener `{}`: {e}", l.name))?;
+    let mut dns = HashMap::new();
+    for l in resources.listeners.iter().filter(|l| super::dns::is_udp(l)) {
+        let cfg = super::dns::build(l).map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        if dns.insert(l.name.clone(), Arc::new(cfg)).is_some() {
+            return Err(format!("listener `{}` is defined twice", l.name));
+        }
+    }
+    for l in resources.listeners.iter().filter(|l| !super::dns::is_udp(l)) {
+        let cfg = build_listener(l, &clusters, &secrets, &mut proxies, stats, notes)
+            .map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if cfg.address.port() != 0
             && let Some(other) = bound.insert(cfg.address, &l.name)
         {
@@ -70,7 +78,13 @@ pub fn build(
             return Err(format!("listener `{}` is defined twice", l.name));
         }
     }
-    Ok(Snapshot { version: resources.version.clone(), resources, listeners, clusters })
+    Ok(Snapshot {
+        version: resources.version.clone(),
+        resources: Arc::new(resources.encode()),
+        listeners,
+        dns,
+        clusters,
+    })
 }
 
 /// The (hostname, port) pairs STRICT_DNS clusters need resolved.
@@ -93,10 +107,14 @@ pub fn dns_names(resources: &Resources) -> Vec<(String, u16)> {
     out
 }
 
+/// `tcp_proxy` configs built so far, by their encoded bytes.
+type Proxies = HashMap<Vec<u8>, Arc<TcpProxyCfg>>;
+
 fn build_listener(
     l: &Listener,
     clusters: &HashMap<String, Arc<ClusterCfg>>,
     secrets: &Secrets<'_>,
+    proxies: &mut Proxies,
     stats: &Registry,
     notes: &mut Vec<String>,
 ) -> Result<ListenerCfg, String> {
@@ -144,15 +162,16 @@ fn build_listener(
     let mut matcher = ChainMatcher::default();
     let mut chains = vec![];
     for (i, fc) in l.filter_chains.iter().enumerate() {
-        let chain = build_chain(fc, clusters, secrets, stats).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
+        let chain =
+            build_chain(fc, clusters, secrets, proxies, stats).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
         let criteria = criteria(fc).map_err(|e| format!("filter_chains[{i}].filter_chain_match: {e}"))?;
         matcher.insert(&criteria, i)?;
         chains.push(Arc::new(chain));
     }
     let default_chain = match &l.default_filter_chain {
-        Some(fc) => {
-            Some(Arc::new(build_chain(fc, clusters, secrets, stats).map_err(|e| format!("default_filter_chain: {e}"))?))
-        }
+        Some(fc) => Some(Arc::new(
+            build_chain(fc, clusters, secrets, proxies, stats).map_err(|e| format!("default_filter_chain: {e}"))?,
+        )),
         None => None,
     };
     Ok(ListenerCfg {
@@ -195,6 +214,7 @@ fn build_chain(
     fc: &FilterChain,
     clusters: &HashMap<String, Arc<ClusterCfg>>,
     secrets: &Secrets<'_>,
+    proxies: &mut Proxies,
     stats: &Registry,
 ) -> Result<Chain, String> {
     let tls = transport(fc.transport_socket.as_ref(), |ctx: DownstreamTlsContext| tls_cfg::server(&ctx, secrets))?;
@@ -209,7 +229,16 @@ fn build_chain(
         _ => return Err(format!("filter {}: only typed_config is supported", last.name)),
     };
     let action = if any.type_url == TcpProxy::type_url() {
-        Action::TcpProxy(build_tcp_proxy(&unpack(any)?, clusters, stats).map_err(|e| format!("tcp_proxy: {e}"))?)
+        let cfg = match proxies.get(&any.value) {
+            Some(cfg) => cfg.clone(),
+            None => {
+                let cfg =
+                    Arc::new(build_tcp_proxy(&unpack(any)?, clusters, stats).map_err(|e| format!("tcp_proxy: {e}"))?);
+                proxies.insert(any.value.clone(), cfg.clone());
+                cfg
+            }
+        };
+        Action::TcpProxy(cfg)
     } else if any.type_url == DirectResponse::type_url() {
         let cfg: DirectResponse = unpack(any)?;
         let bytes = match cfg.response.and_then(|r| r.specifier) {

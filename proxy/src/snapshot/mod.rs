@@ -7,10 +7,11 @@
 mod build;
 pub mod chains;
 pub mod cluster;
+pub mod dns;
 
 pub use build::{DnsAnswers, build, dns_names};
 
-use crate::resources::Resources;
+use crate::resources::Encoded;
 use crate::stats::{ListenerStats, TcpStats};
 use bytes::Bytes;
 use chains::ChainMatcher;
@@ -23,8 +24,11 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub version: String,
-    pub resources: Arc<Resources>,
+    /// What is in force, for the admin API (kept encoded: it is rarely read).
+    pub resources: Arc<Encoded>,
     pub listeners: HashMap<String, Arc<ListenerCfg>>,
+    /// UDP listeners with a `dns_filter`.
+    pub dns: HashMap<String, Arc<dns::DnsListenerCfg>>,
     pub clusters: HashMap<String, Arc<ClusterCfg>>,
 }
 
@@ -64,7 +68,9 @@ pub enum Tls<T> {
 
 #[derive(Debug)]
 pub enum Action {
-    TcpProxy(TcpProxyCfg),
+    /// Shared by every chain with the same `tcp_proxy` config (Kuma gives each server
+    /// name its own chain, but only a few distinct proxies).
+    TcpProxy(Arc<TcpProxyCfg>),
     /// Write these bytes and close (Kuma's ingress with nothing to route).
     DirectResponse(Bytes),
 }

@@ -1,0 +1,13 @@
+//! Benchmarks for `dp`: criterion micro-benches (in `benches/`) and the side-by-side
+//! harness (`loadgen suite`, driven by `scripts/bench.sh`) comparing dp with Envoy,
+//! HAProxy, nginx and a direct connection on the same TLS backends and load.
+
+pub mod backend;
+pub mod copyproxy;
+pub mod hello;
+pub mod load;
+pub mod procstat;
+pub mod splice;
+pub mod suite;
+pub mod targets;
+pub mod tls;
