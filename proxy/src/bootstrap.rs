@@ -111,6 +111,8 @@ pub struct Request {
     pub readiness_port: u16,
     pub workdir: String,
     pub delta: bool,
+    /// Where the control plane should put the `.mesh` DNS listener (none: no DNS).
+    pub dns_port: Option<u16>,
 }
 
 impl Request {
@@ -138,6 +140,7 @@ impl Request {
             "features": features,
             "resources": {"maxHeapSizeBytes": 0},
             "workdir": self.workdir,
+            "dnsPort": self.dns_port.unwrap_or(0), // 0: no DNS (Kuma omits it)
             "ipv6Enabled": false,
         })
     }

@@ -71,6 +71,10 @@ pub struct RunArgs {
     /// Serve `.mesh` DNS [env: KUMA_DNS_ENABLED]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "true")]
     pub dns_enabled: bool,
+    /// Port of the `.mesh` DNS listener the control plane configures (Kuma 2.14's
+    /// Envoy DNS port) [env: KUMA_DNS_ENVOY_DNS_PORT]
+    #[arg(long, default_value_t = 15054)]
+    pub dns_envoy_port: u16,
     /// Worker threads; 0 uses every core [env: KUMA_DATAPLANE_RUNTIME_CONCURRENCY]
     #[arg(long, default_value_t = 0)]
     pub concurrency: usize,
@@ -146,6 +150,7 @@ impl RunArgs {
         opt!(self.dataplane, "KUMA_DATAPLANE_RUNTIME_RESOURCE");
         opt!(self.dataplane_file, "KUMA_DATAPLANE_RUNTIME_RESOURCE_PATH");
         parsed!(self.dns_enabled, "KUMA_DNS_ENABLED", parse_bool, "true or false");
+        parsed!(self.dns_envoy_port, "KUMA_DNS_ENVOY_DNS_PORT", str::parse::<u16>, "a port number");
         parsed!(self.concurrency, "KUMA_DATAPLANE_RUNTIME_CONCURRENCY", str::parse::<usize>, "a number");
         opt!(self.work_dir, "KUMA_DATAPLANE_RUNTIME_WORK_DIR");
         opt!(self.binary_path, "KUMA_DATAPLANE_RUNTIME_BINARY_PATH");

@@ -43,6 +43,7 @@ pub async fn start(
         readiness_port: args.readiness_port,
         workdir: args.work_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         delta: inputs.delta,
+        dns_port: args.dns_enabled.then_some(args.dns_envoy_port),
     };
     info!(control_plane = %inputs.cp.url(), proxy_type = %args.proxy_type, name = %inputs.name, "bootstrapping");
     let boot = bootstrap::fetch(&inputs.cp, &inputs.trust, &request, args.retry_backoff, args.retry_max_duration)

@@ -21,8 +21,9 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// Starts `dp run` against `cp` with a token and a resource file.
-fn dp(cp: &Cp, proxy_type: &str, token: &str, resource: &str) -> Dp {
+/// Starts `dp run` against `cp` with a token and a resource file; its `.mesh` DNS
+/// listener (sidecars) goes on `dns_port`.
+fn dp(cp: &Cp, proxy_type: &str, token: &str, resource: &str, dns_port: u16) -> Dp {
     let dir = temp_dir("sidecar-dp");
     let token_file = write(&dir, "token", token);
     let resource_file = write(&dir, "resource.yaml", resource);
@@ -39,7 +40,7 @@ fn dp(cp: &Cp, proxy_type: &str, token: &str, resource: &str) -> Dp {
             "--dataplane-file",
             resource_file.to_str().unwrap(),
         ],
-        &[],
+        &[("KUMA_DNS_ENVOY_DNS_PORT", &dns_port.to_string())],
     );
     dp.wait_ready();
     dp
@@ -59,7 +60,7 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
         app.addr.port()
     );
     let token = cp.ctl(&["generate", "dataplane-token", "--name", "backend-1", "-m", "default"]);
-    let server = dp(&cp, "dataplane", &token, &backend_dp);
+    let server = dp(&cp, "dataplane", &token, &backend_dp, free_port());
 
     // A zone ingress in front of the server's zone, advertised to the client as a
     // remote zone's ingress.
@@ -71,6 +72,7 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
         &format!(
             "type: ZoneIngress\nname: ingress-01\nnetworking:\n  address: 127.0.0.1\n  port: {ingress_port}\n  advertisedAddress: 127.0.0.1\n  advertisedPort: {ingress_port}\n"
         ),
+        free_port(),
     );
     cp.apply(&format!(
         "type: ZoneIngress\nname: zone-2-ingress\nzone: zone-2\nnetworking:\n  address: 127.0.0.1\n  port: {ingress_port}\n  \
@@ -85,7 +87,8 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
          - port: {outbound}\n    tags:\n      kuma.io/service: backend\n"
     );
     let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
-    let client = dp(&cp, "dataplane", &token, &web_dp);
+    let dns_port = free_port();
+    let client = dp(&cp, "dataplane", &token, &web_dp, dns_port);
 
     // Enough requests to use both endpoints of `backend`: the server's inbound and the
     // ingress (equal weights).
@@ -99,5 +102,17 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
     // ...and some went through the ingress, routed by SNI to the server's inbound.
     ingress.logs.wait_for(&["access", &format!("upstream=127.0.0.1:{inbound}")]);
     assert_eq!(app.connections(), 6);
+
+    // The client sidecar answers `.mesh` names (both forms) with the service's VIP.
+    let dig = |name: &str| {
+        let out = std::process::Command::new("dig")
+            .args(["@127.0.0.1", "-p", &dns_port.to_string(), "+short", "+time=5", "+tries=1", name, "A"])
+            .output()
+            .expect("dig (scripts/setup.sh installs dnsutils)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let vip = dig("backend.mesh");
+    assert!(vip.starts_with("240."), "backend.mesh -> {vip:?}");
+    assert_eq!(dig("BACKEND.mesh"), vip);
     drop(client);
 }
