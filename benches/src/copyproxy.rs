@@ -46,7 +46,11 @@ pub async fn forward(s: Strategy, mut down: TcpStream, upstream: SocketAddr) -> 
             }
         }
         Strategy::Splice => {
-            crate::splice::bidirectional(&down, &up).await?;
+            // dp's own splice path (proxy/src/splice.rs), as the ingress uses it.
+            let (_, _, err) = proxy::splice::bidirectional(&down, &up, None).await;
+            if let Some(e) = err {
+                return Err(e);
+            }
         }
     }
     Ok(())

@@ -7,7 +7,6 @@ pub mod copyproxy;
 pub mod hello;
 pub mod load;
 pub mod procstat;
-pub mod splice;
 pub mod suite;
 pub mod targets;
 pub mod tls;
