@@ -4,6 +4,7 @@
 use crate::admin::{self, Admin};
 use crate::cli::RunArgs;
 use crate::conn::Ctx;
+use crate::dns_proxy::DnsProxy;
 use crate::drain::Drain;
 use crate::listeners::Listeners;
 use crate::resources::{MAX_FILE_BYTES, Resources};
@@ -34,6 +35,8 @@ pub struct Applier {
     noted: HashSet<String>,
     /// `--dns-enabled`: serve the configuration's DNS listeners.
     dns_enabled: bool,
+    /// The embedded DNS proxy (`--dns-proxy-port`), fed the dynamic-config records.
+    dns_proxy: Option<Arc<DnsProxy>>,
 }
 
 impl Applier {
@@ -47,6 +50,12 @@ impl Applier {
             notes.push("DNS listeners are not served: --dns-enabled=false".into());
             snap.dns.clear();
         }
+        let embedded_dns = snap.embedded_dns.clone();
+        if embedded_dns.is_some() && self.dns_proxy.is_none() {
+            notes.push(
+                "the dynamic-config DNS records are not served: the DNS proxy is off (--dns-proxy-port 0)".into(),
+            );
+        }
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let prepared = listeners.prepare(&snap)?;
         for n in notes {
@@ -57,11 +66,36 @@ impl Applier {
         let (version, n_listeners, n_clusters) = (snap.version.clone(), snap.listeners.len(), snap.clusters.len());
         self.ctx.routes.store(Arc::new(snap));
         listeners.commit(prepared, &self.ctx);
+        if let (Some(proxy), Some(table)) = (&self.dns_proxy, embedded_dns) {
+            proxy.update(table);
+        }
         self.ctx.stats.global.config_update_success.inc();
         info!(version = %version, listeners = n_listeners, clusters = n_clusters, "configuration applied");
         release_freed_memory();
         Ok(())
     }
+}
+
+/// How long readiness waits for the DNS proxy's first records (kuma-dp's gate bypass:
+/// a control plane that sends none must not keep the proxy unready forever).
+const DNS_READY_GATE: Duration = Duration::from_secs(15);
+
+/// Marks the proxy ready after `applied`, and, with the DNS proxy on, after its first
+/// records or `DNS_READY_GATE`, whichever comes first.
+async fn ready_when(
+    drain: Arc<Drain>,
+    dns_configured: Option<tokio::sync::watch::Receiver<bool>>,
+    applied: impl Future,
+) {
+    applied.await;
+    if let Some(mut configured) = dns_configured {
+        let got = tokio::time::timeout(DNS_READY_GATE, configured.wait_for(|c| *c)).await;
+        if !matches!(got, Ok(Ok(_))) {
+            warn!(gate = ?DNS_READY_GATE, "the DNS proxy has no records from the control plane yet; ready anyway");
+        }
+    }
+    info!("ready");
+    drain.set_ready();
 }
 
 /// Decoding and building a configuration allocates far more than the snapshot keeps
@@ -99,31 +133,36 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     let rctx = ctx.clone();
     tokio::spawn(admin::serve(readiness_listener, move |req| admin::readiness(&rctx, &req)));
 
+    let dns_proxy = match (args.dns_enabled, args.dns_proxy_port) {
+        (true, port) if port != 0 => Some(Arc::new(DnsProxy::start(port)?)),
+        _ => None,
+    };
+    let dns_configured = dns_proxy.as_ref().map(|p| p.configured());
     let mut applier = Applier {
         ctx: ctx.clone(),
         listeners: listeners.clone(),
         noted: HashSet::new(),
         dns_enabled: args.dns_enabled,
+        dns_proxy,
     };
     match args.xds_file.clone() {
         Some(path) => {
             let mut source = FileSource::new(path);
             let (resources, dns) = source.load().await.map_err(anyhow::Error::msg)?;
             applier.apply(resources, &dns).map_err(|e| anyhow::anyhow!("--xds-file {}: {e}", source.path.display()))?;
-            drain.set_ready();
+            tokio::spawn(ready_when(drain.clone(), dns_configured, async { info!("configuration file applied") }));
             tokio::spawn(async move { source.watch(applier).await });
         }
         None => {
             let mut status = crate::control::start(&args, applier).await?;
-            let drain = drain.clone();
-            tokio::spawn(async move {
-                // Ready once every subscribed type (secrets included, so TLS routes are
-                // not still waiting) has been accepted at least once.
+            // Ready once every subscribed type (secrets included, so TLS routes are not
+            // still waiting) has been accepted at least once.
+            let applied = async move {
                 let needed = crate::control::type_urls();
                 let _ = status.wait_for(|s| needed.iter().all(|t| s.acked_types.contains(t))).await;
-                info!("first configuration from the control plane applied; ready");
-                drain.set_ready();
-            });
+                info!("first configuration from the control plane applied");
+            };
+            tokio::spawn(ready_when(drain.clone(), dns_configured, applied));
         }
     }
 

@@ -113,6 +113,8 @@ pub struct Request {
     pub delta: bool,
     /// Where the control plane should put the `.mesh` DNS listener (none: no DNS).
     pub dns_port: Option<u16>,
+    /// dp runs the embedded DNS proxy: ask for the `/dns` records (`feature-embedded-dns`).
+    pub embedded_dns: bool,
 }
 
 impl Request {
@@ -120,6 +122,9 @@ impl Request {
         let mut features = vec![];
         if self.delta {
             features.push("feature-delta-grpc");
+        }
+        if self.embedded_dns {
+            features.push("feature-embedded-dns");
         }
         json!({
             "mesh": self.mesh,

@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// Envoy DNS port) [env: KUMA_DNS_ENVOY_DNS_PORT]
     #[arg(long, default_value_t = 15054)]
     pub dns_envoy_port: u16,
+    /// Port of the embedded DNS proxy (kuma-dp's, on 0.0.0.0, UDP and TCP), fed by the
+    /// control plane's dynamic-config listener; 0 leaves `.mesh` DNS to the `dns_filter`
+    /// listener on --dns-envoy-port [env: KUMA_DNS_PROXY_PORT]
+    #[arg(long, default_value_t = 0)]
+    pub dns_proxy_port: u16,
     /// Worker threads; 0 uses every core [env: KUMA_DATAPLANE_RUNTIME_CONCURRENCY]
     #[arg(long, default_value_t = 0)]
     pub concurrency: usize,
@@ -151,6 +156,7 @@ impl RunArgs {
         opt!(self.dataplane_file, "KUMA_DATAPLANE_RUNTIME_RESOURCE_PATH");
         parsed!(self.dns_enabled, "KUMA_DNS_ENABLED", parse_bool, "true or false");
         parsed!(self.dns_envoy_port, "KUMA_DNS_ENVOY_DNS_PORT", str::parse::<u16>, "a port number");
+        parsed!(self.dns_proxy_port, "KUMA_DNS_PROXY_PORT", str::parse::<u16>, "a port number");
         parsed!(self.concurrency, "KUMA_DATAPLANE_RUNTIME_CONCURRENCY", str::parse::<usize>, "a number");
         opt!(self.work_dir, "KUMA_DATAPLANE_RUNTIME_WORK_DIR");
         opt!(self.binary_path, "KUMA_DATAPLANE_RUNTIME_BINARY_PATH");

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod control;
 pub mod copy;
 pub mod cp_inputs;
+pub mod dns_proxy;
 pub mod drain;
 pub mod listeners;
 pub mod resources;

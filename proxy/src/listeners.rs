@@ -126,10 +126,9 @@ impl Listeners {
                 }
             };
             let upstream = if cfg.upstreams.is_empty() {
-                dns::Upstream::from_resolv_conf(std::path::Path::new("/etc/resolv.conf"))
-                    .unwrap_or(dns::Upstream { servers: vec![], timeout: Duration::from_secs(2) })
+                host_resolvers()
             } else {
-                dns::Upstream { servers: cfg.upstreams.clone(), timeout: Duration::from_secs(2) }
+                dns::Upstream { servers: cfg.upstreams.clone(), timeout: UPSTREAM_TIMEOUT }
             };
             let (table, rx) = watch::channel(cfg.table.clone());
             info!(listener = %cfg.name, address = %bound, names = cfg.table.len(), "DNS listening (UDP and TCP)");
@@ -168,8 +167,17 @@ impl Listeners {
     }
 }
 
+/// How long a forwarded DNS query waits for the upstream resolver.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The host's resolvers (/etc/resolv.conf), for names a DNS table does not hold.
+pub fn host_resolvers() -> dns::Upstream {
+    dns::Upstream::from_resolv_conf(std::path::Path::new("/etc/resolv.conf"))
+        .unwrap_or(dns::Upstream { servers: vec![], timeout: UPSTREAM_TIMEOUT })
+}
+
 /// UDP and TCP on the same port (with port 0, the port UDP got).
-fn bind_dns(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, TcpListener)> {
+pub fn bind_dns(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, TcpListener)> {
     let mut last = None;
     for _ in 0..8 {
         let udp = std::net::UdpSocket::bind(addr)?;

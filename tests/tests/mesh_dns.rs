@@ -84,3 +84,53 @@ fn dig_gets_mesh_names_and_forwards_the_rest() {
     // Anything else goes to the configured upstream.
     assert_eq!(dig(server, &["example.org", "A", "+short"]).trim(), "192.0.2.7");
 }
+
+/// Kuma's dynamic-config listener (`_kuma:dynamicconfig`: HCM on a pipe, the records as
+/// the `/dns` route's body), as a control plane sends it to a proxy that has
+/// `feature-embedded-dns`.
+fn dynconf(version: &str, body: &str) -> serde_json::Value {
+    let route = |headers: serde_json::Value, action: serde_json::Value| json!({"match": {"path": "/dns", "headers": headers}, "directResponse": action});
+    json!({"version_info": version, "resources": [{
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": "_kuma:dynamicconfig",
+        "address": {"pipe": {"path": "/tmp/kuma-mesh-metric-config.sock"}},
+        "filterChains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "statPrefix": "_kuma_dynamicconfig",
+            "httpFilters": [{"name": "envoy.filters.http.router", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            "routeConfig": {"virtualHosts": [{"name": "_kuma:dynamicconfig", "domains": ["*"], "routes": [
+                route(json!([{"name": "If-None-Match", "stringMatch": {"exact": "0"}}]), json!({"status": 304})),
+                route(json!([]), json!({"status": 200, "body": {"inlineString": body}}))
+            ]}]}
+        }}]}]
+    }]})
+}
+
+#[test]
+fn the_dns_proxy_serves_the_records_of_the_dynamic_config_listener() {
+    let file = temp_dir("dns-proxy").join("dynconf.json");
+    let records = |ip: &str| {
+        json!({"records": [{"name": SVC, "ips": [ip, "::ffff:f000:1"]}], "ttl": 30, "extraLabels": {"mesh": "default"}})
+            .to_string()
+    };
+    std::fs::write(&file, dynconf("1", &records("240.0.0.1")).to_string()).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dp = Dp::start(&file, &["--proxy-type", "dataplane", "--dns-proxy-port", &port.to_string()]);
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    for name in [SVC, DOTTED] {
+        assert_eq!(dig(server, &[name, "A", "+short"]).trim(), "240.0.0.1", "{name}");
+    }
+    assert_eq!(dig(server, &[SVC, "AAAA", "+short", "+tcp"]).trim(), "::ffff:240.0.0.1");
+
+    // A body that is not the DNS config is refused with the reason; the records stay.
+    std::fs::write(&file, dynconf("2", "{\"records\": 7}").to_string()).unwrap();
+    let line = dp.logs.wait_for(&["configuration rejected"]);
+    assert!(line.contains("_kuma:dynamicconfig") && line.contains("/dns body"), "{line}");
+    assert_eq!(dig(server, &[SVC, "A", "+short"]).trim(), "240.0.0.1");
+
+    // New records apply with the next version.
+    std::fs::write(&file, dynconf("3", &records("240.0.0.9")).to_string()).unwrap();
+    dp.wait_version("3");
+    assert_eq!(dig(server, &[SVC, "A", "+short"]).trim(), "240.0.0.9");
+}

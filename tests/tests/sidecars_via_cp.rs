@@ -24,6 +24,10 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
 /// Starts `dp run` against `cp` with a token and a resource file; its `.mesh` DNS
 /// listener (sidecars) goes on `dns_port`.
 fn dp(cp: &Cp, proxy_type: &str, token: &str, resource: &str, dns_port: u16) -> Dp {
+    dp_with_env(cp, proxy_type, token, resource, &[("KUMA_DNS_ENVOY_DNS_PORT", &dns_port.to_string())])
+}
+
+fn dp_with_env(cp: &Cp, proxy_type: &str, token: &str, resource: &str, env: &[(&str, &str)]) -> Dp {
     let dir = temp_dir("sidecar-dp");
     let token_file = write(&dir, "token", token);
     let resource_file = write(&dir, "resource.yaml", resource);
@@ -40,7 +44,7 @@ fn dp(cp: &Cp, proxy_type: &str, token: &str, resource: &str, dns_port: u16) -> 
             "--dataplane-file",
             resource_file.to_str().unwrap(),
         ],
-        &[("KUMA_DNS_ENVOY_DNS_PORT", &dns_port.to_string())],
+        env,
     );
     dp.wait_ready();
     dp
@@ -104,15 +108,65 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
     assert_eq!(app.connections(), 6);
 
     // The client sidecar answers `.mesh` names (both forms) with the service's VIP.
-    let dig = |name: &str| {
-        let out = std::process::Command::new("dig")
-            .args(["@127.0.0.1", "-p", &dns_port.to_string(), "+short", "+time=5", "+tries=1", name, "A"])
-            .output()
-            .expect("dig (scripts/setup.sh installs dnsutils)");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let vip = dig("backend.mesh");
+    let vip = dig(dns_port, "backend.mesh");
     assert!(vip.starts_with("240."), "backend.mesh -> {vip:?}");
-    assert_eq!(dig("BACKEND.mesh"), vip);
+    assert_eq!(dig(dns_port, "BACKEND.mesh"), vip);
     drop(client);
+}
+
+/// `dig @127.0.0.1 -p <port> +short <name> A`.
+fn dig(port: u16, name: &str) -> String {
+    let out = std::process::Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+short", "+time=5", "+tries=1", name, "A"])
+        .output()
+        .expect("dig (scripts/setup.sh installs dnsutils)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Kuma 2.14's embedded DNS mode (`KUMA_DNS_PROXY_PORT`): dp asks for it with
+/// `feature-embedded-dns`, the control plane puts the records in the dynamic-config
+/// listener's `/dns` body instead of a `dns_filter` listener, and dp serves them on its
+/// own DNS proxy, following changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_dns_proxy_answers_with_the_records_of_the_dynamic_config() {
+    let cp = Cp::start("zone-1");
+    cp.apply(MESH);
+    let dataplane = |name: &str, service: &str, port: u16, outbound: &str| {
+        format!(
+            "type: Dataplane\nmesh: default\nname: {name}\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+             - port: {port}\n    servicePort: 1\n    tags:\n      kuma.io/service: {service}\n{outbound}"
+        )
+    };
+    cp.apply(&dataplane("backend-1", "echo-server_echo-example_svc_1010", free_port(), ""));
+    let outbound = format!(
+        "  outbound:\n  - port: {}\n    tags:\n      kuma.io/service: echo-server_echo-example_svc_1010\n",
+        free_port()
+    );
+    let web = dataplane("web-1", "web", free_port(), &outbound);
+    let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
+    let (proxy_port, envoy_dns_port) = (free_port(), free_port());
+    let client = dp_with_env(
+        &cp,
+        "dataplane",
+        &token,
+        &web,
+        &[("KUMA_DNS_PROXY_PORT", &proxy_port.to_string()), ("KUMA_DNS_ENVOY_DNS_PORT", &envoy_dns_port.to_string())],
+    );
+    // Ready only once the DNS proxy has its records, so the first query already answers.
+    let vip = dig(proxy_port, "echo-server_echo-example_svc_1010.mesh");
+    assert!(vip.starts_with("240."), "echo-server_echo-example_svc_1010.mesh -> {vip:?}");
+    assert_eq!(dig(proxy_port, "echo-server.echo-example.svc.1010.mesh"), vip);
+    client.logs.wait_for(&["DNS proxy: first records received"]);
+    // The records came from the dynamic-config listener, not from a `dns_filter` one.
+    let (_, dump) = client.get("/config_dump");
+    assert!(dump.contains("_kuma:dynamicconfig"), "no dynamic-config listener in the config dump");
+    assert!(!dump.contains("kuma:dns\""), "the control plane also sent the dns_filter listener");
+    let other = dig(envoy_dns_port, "echo-server_echo-example_svc_1010.mesh");
+    assert!(!other.contains(&vip), "the Envoy DNS port answered too: {other:?}");
+
+    // A new service: its name reaches the DNS proxy with the next configuration.
+    cp.apply(&dataplane("api-1", "api", free_port(), ""));
+    let api_vip =
+        e2e::wait_until("api.mesh in the DNS proxy", || Some(dig(proxy_port, "api.mesh")).filter(|v| !v.is_empty()));
+    assert!(api_vip.starts_with("240.") && api_vip != vip, "api.mesh -> {api_vip:?}");
 }

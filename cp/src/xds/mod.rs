@@ -1,5 +1,6 @@
 //! ADS server (SotW and Delta) for zone proxies and data plane proxies.
 
+pub mod dynconf;
 pub mod generate;
 pub mod sidecar;
 
@@ -51,6 +52,8 @@ pub struct ProxyId {
     pub dns_port: u32,
     /// `features` of the node metadata.
     pub features: BTreeSet<String>,
+    /// `workdir` of the node metadata (where pipes such as the dynamic-config one live).
+    pub workdir: String,
     /// The proxy is `dp` (node metadata `version.envoy.build` is `dp/...`): its TLS
     /// client sends only DNS-valid SNI, so it gets `dns_sni_alias` names.
     pub dns_sni_only: bool,
@@ -182,6 +185,7 @@ async fn admit(
     let online = cp.mark_online((rtype, mesh.clone(), name.clone()));
     let dns_port = struct_string(&md, "dataplane.dns.port").and_then(|p| p.trim().parse::<u32>().ok()).unwrap_or(0);
     let features = struct_strings(&md, "features");
+    let workdir = struct_string(&md, "workdir").unwrap_or_default();
     let dns_sni_only = match md.fields.get("version").and_then(|v| v.kind.as_ref()) {
         Some(value::Kind::StructValue(v)) => match v.fields.get("envoy").and_then(|e| e.kind.as_ref()) {
             Some(value::Kind::StructValue(e)) => struct_string(e, "build").is_some_and(|b| b.starts_with("dp/")),
@@ -189,7 +193,7 @@ async fn admit(
         },
         _ => false,
     };
-    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features, dns_sni_only };
+    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features, workdir, dns_sni_only };
     tracing::info!(node = %id.node_id, kind = rtype.name(), "ADS stream authenticated");
     Ok((id, registration, online))
 }
@@ -269,6 +273,7 @@ async fn dataplane_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
         vips: &vips,
         dns_port: id.dns_port,
         features: &id.features,
+        workdir: &id.workdir,
         tls,
         dns_sni_only: id.dns_sni_only,
     });

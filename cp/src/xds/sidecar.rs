@@ -9,7 +9,9 @@
 //!   service plus remote ZoneIngresses advertising it (weight = instances);
 //! * SDS secrets `identity_cert:secret:<mesh>` and `mesh_ca:secret:<mesh>`;
 //! * DNS: UDP listener `kuma:dns` with `envoy.filters.udp.dns_filter` answering the `.mesh`
-//!   names with the service VIPs; transparent-proxy Dataplanes also get `outbound:<vip>:80`.
+//!   names with the service VIPs, or, for a proxy with `feature-embedded-dns`, the same
+//!   records in the dynamic-config listener's `/dns` body; transparent-proxy Dataplanes
+//!   also get `outbound:<vip>:80`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,6 +38,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher}
 use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
 use envoy_types::util::pack_any;
 
+use super::dynconf;
 use super::generate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
     string_struct, version_of,
@@ -71,6 +74,8 @@ pub struct SidecarInputs<'a> {
     /// `dataplane.dns.port` from the node metadata (0 = the proxy did not ask for DNS).
     pub dns_port: u32,
     pub features: &'a BTreeSet<String>,
+    /// `workdir` from the node metadata.
+    pub workdir: &'a str,
     /// Set when the mesh has mTLS enabled.
     pub tls: Option<SidecarTls>,
     /// Give outbound clusters the DNS-valid SNI alias instead of the tag SNI (`dp`).
@@ -369,8 +374,14 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 records.insert(d, ips.clone());
             }
         }
-        let l = dns_listener(inputs.dns_port, reuse_port, &records);
-        push(&mut listeners, DNS_LISTENER, l, "", |_| {});
+        if inputs.features.contains(dynconf::FEATURE_EMBEDDED_DNS) {
+            // The proxy runs its own DNS server and reads the records from here.
+            let l = dynconf::listener(inputs.workdir, &[("dns", "/dns", dynconf::dns_body(&records))]);
+            push(&mut listeners, dynconf::LISTENER, l, "", |_| {});
+        } else {
+            let l = dns_listener(inputs.dns_port, reuse_port, &records);
+            push(&mut listeners, DNS_LISTENER, l, "", |_| {});
+        }
     }
 
     let mut snap = ProxySnapshot::default();

@@ -66,7 +66,13 @@ pub fn build(
             return Err(format!("listener `{}` is defined twice", l.name));
         }
     }
-    for l in resources.listeners.iter().filter(|l| !super::dns::is_udp(l)) {
+    let mut embedded_dns = None;
+    for l in resources.listeners.iter().filter(|l| super::dynconf::is_dynconf(l)) {
+        if let Some(t) = super::dynconf::dns_table(l).map_err(|e| format!("listener `{}`: {e}", l.name))? {
+            embedded_dns = Some(Arc::new(t));
+        }
+    }
+    for l in resources.listeners.iter().filter(|l| !super::dns::is_udp(l) && !super::dynconf::is_dynconf(l)) {
         let cfg = build_listener(l, &clusters, &secrets, &mut proxies, stats, notes)
             .map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if cfg.address.port() != 0
@@ -83,6 +89,7 @@ pub fn build(
         resources: Arc::new(resources.encode()),
         listeners,
         dns,
+        embedded_dns,
         clusters,
     })
 }

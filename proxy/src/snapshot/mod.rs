@@ -8,6 +8,7 @@ mod build;
 pub mod chains;
 pub mod cluster;
 pub mod dns;
+pub mod dynconf;
 
 pub use build::{DnsAnswers, build, dns_names};
 
@@ -29,6 +30,8 @@ pub struct Snapshot {
     pub listeners: HashMap<String, Arc<ListenerCfg>>,
     /// UDP listeners with a `dns_filter`.
     pub dns: HashMap<String, Arc<dns::DnsListenerCfg>>,
+    /// Records for the embedded DNS proxy, from the dynamic-config listener's `/dns`.
+    pub embedded_dns: Option<Arc<::dns::Table>>,
     pub clusters: HashMap<String, Arc<ClusterCfg>>,
 }
 
