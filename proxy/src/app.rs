@@ -133,10 +133,7 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     let rctx = ctx.clone();
     tokio::spawn(admin::serve(readiness_listener, move |req| admin::readiness(&rctx, &req)));
 
-    let dns_proxy = match (args.dns_enabled, args.dns_proxy_port) {
-        (true, port) if port != 0 => Some(Arc::new(DnsProxy::start(port)?)),
-        _ => None,
-    };
+    let dns_proxy = if args.embedded_dns() { Some(Arc::new(DnsProxy::start(args.dns_proxy_port)?)) } else { None };
     let dns_configured = dns_proxy.as_ref().map(|p| p.configured());
     let mut applier = Applier {
         ctx: ctx.clone(),

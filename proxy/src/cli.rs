@@ -168,6 +168,12 @@ impl RunArgs {
         Ok(())
     }
 
+    /// The embedded DNS proxy runs: DNS on, a port given, and a sidecar (kuma-dp runs no
+    /// DNS server for zone proxies).
+    pub fn embedded_dns(&self) -> bool {
+        self.dns_enabled && self.dns_proxy_port != 0 && self.proxy_type == "dataplane"
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !["dataplane", "ingress", "egress"].contains(&self.proxy_type.as_str()) {
             return Err(format!("--proxy-type {:?} is not valid; use dataplane, ingress or egress", self.proxy_type));

@@ -44,7 +44,7 @@ pub async fn start(
         workdir: args.work_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         delta: inputs.delta,
         dns_port: args.dns_enabled.then_some(args.dns_envoy_port),
-        embedded_dns: args.dns_enabled && args.dns_proxy_port != 0,
+        embedded_dns: args.embedded_dns(),
     };
     info!(control_plane = %inputs.cp.url(), proxy_type = %args.proxy_type, name = %inputs.name, "bootstrapping");
     let boot = bootstrap::fetch(&inputs.cp, &inputs.trust, &request, args.retry_backoff, args.retry_max_duration)
