@@ -146,9 +146,10 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         Some(path) => {
             let mut source = FileSource::new(path);
             let (resources, dns) = source.load().await.map_err(anyhow::Error::msg)?;
+            let names = snapshot::dns_names(&resources);
             applier.apply(resources, &dns).map_err(|e| anyhow::anyhow!("--xds-file {}: {e}", source.path.display()))?;
             tokio::spawn(ready_when(drain.clone(), dns_configured, async { info!("configuration file applied") }));
-            tokio::spawn(async move { source.watch(applier).await });
+            tokio::spawn(async move { source.watch(applier, names, dns).await });
         }
         None => {
             let mut status = crate::control::start(&args, applier).await?;
@@ -228,7 +229,12 @@ impl FileSource {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         bytes.hash(&mut h);
         self.hash = h.finish();
-        let resources = Resources::from_file_bytes(&bytes, &format!("{:016x}", self.hash))
+        // Decoded on a blocking-pool thread: a large file takes a second or more, and the
+        // runtime's workers keep serving connections meanwhile.
+        let version = format!("{:016x}", self.hash);
+        let resources = tokio::task::spawn_blocking(move || Resources::from_file_bytes(&bytes, &version))
+            .await
+            .map_err(|e| format!("--xds-file {p}: decoding stopped: {e}"))?
             .map_err(|e| format!("--xds-file {p}: {e}"))?;
         let dns = resolve(&snapshot::dns_names(&resources)).await;
         Ok((resources, dns))
@@ -236,11 +242,11 @@ impl FileSource {
 
     /// Re-applies the file when it changes, and when STRICT_DNS answers change. An
     /// invalid version is logged and counted; the previous one keeps serving.
-    async fn watch(mut self, mut applier: Applier) {
-        // STRICT_DNS names of what is in force (the resources themselves are not kept
-        // decoded; they are decoded again when the answers change).
-        let mut names = snapshot::dns_names(&applier.ctx.routes.load().resources.decode().unwrap_or_default());
-        let mut answers = resolve(&names).await;
+    ///
+    /// `names` and `answers`: the STRICT_DNS names of what is in force and their
+    /// addresses (the resources themselves are not kept decoded; they are decoded again
+    /// only when the answers change).
+    async fn watch(mut self, mut applier: Applier, mut names: Vec<(String, u16)>, mut answers: DnsAnswers) {
         let mut dns_tick = tokio::time::interval(DNS_REFRESH);
         let mut file_tick = tokio::time::interval(FILE_POLL);
         loop {

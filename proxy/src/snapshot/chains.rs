@@ -6,6 +6,7 @@
 //! Every level is a hash lookup, so selection costs O(labels in the SNI) whatever the
 //! number of chains.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// The match criteria of one chain, normalised (names lower-cased).
@@ -35,15 +36,30 @@ pub struct ChainMatcher {
 
 #[derive(Debug, Default)]
 struct NameLevel {
-    exact: HashMap<Box<str>, ProtoLevel>,
+    /// `None` only while the first chain of a name is being inserted.
+    exact: HashMap<Box<str>, Option<ProtoLevel>>,
     /// Keyed by the suffix after `*`, e.g. `.example.com`.
-    wildcard: HashMap<Box<str>, ProtoLevel>,
+    wildcard: HashMap<Box<str>, Option<ProtoLevel>>,
     any: Option<ProtoLevel>,
 }
 
+/// The chains of one server name (or of any name), by transport protocol, then ALPN.
+///
+/// Kuma gives every server name exactly one chain, with one transport protocol and no
+/// ALPN; that case is kept inline (no allocation: 32 bytes a name, which matters at
+/// 100,000 names), the general one in a table.
+#[derive(Debug)]
+enum ProtoLevel {
+    One { transport: Option<Transport>, index: usize },
+    Many(Box<ProtoTable>),
+}
+
+/// A transport protocol name; Envoy's two are not allocated.
+type Transport = Cow<'static, str>;
+
 #[derive(Debug, Default)]
-struct ProtoLevel {
-    by_transport: Vec<(Box<str>, AlpnLevel)>,
+struct ProtoTable {
+    by_transport: Vec<(Transport, AlpnLevel)>,
     any: Option<AlpnLevel>,
 }
 
@@ -62,14 +78,14 @@ impl ChainMatcher {
             None => self.any_port.get_or_insert_with(Default::default),
         };
         if c.server_names.is_empty() {
-            return insert_proto(names.any.get_or_insert_with(Default::default), c, index);
+            return ProtoLevel::insert(&mut names.any, c, index);
         }
         for name in &c.server_names {
             let level = match name.strip_prefix('*') {
-                Some(suffix) if suffix.starts_with('.') => names.wildcard.entry(suffix.into()).or_default(),
-                _ => names.exact.entry(name.as_str().into()).or_default(),
+                Some(suffix) if suffix.starts_with('.') => names.wildcard.entry(suffix.into()).or_insert(None),
+                _ => names.exact.entry(name.as_str().into()).or_insert(None),
             };
-            insert_proto(level, c, index)?;
+            ProtoLevel::insert(level, c, index)?;
         }
         Ok(())
     }
@@ -85,12 +101,17 @@ impl ChainMatcher {
             Some(sni) => names.lookup(sni),
             None => names.any.as_ref(),
         }?;
-        let alpn = proto
+        let table = match proto {
+            ProtoLevel::One { transport: Some(t), .. } if t != offer.transport_protocol => return None,
+            ProtoLevel::One { index, .. } => return Some(*index),
+            ProtoLevel::Many(table) => table,
+        };
+        let alpn = table
             .by_transport
             .iter()
-            .find(|(t, _)| &**t == offer.transport_protocol)
+            .find(|(t, _)| t == offer.transport_protocol)
             .map(|(_, a)| a)
-            .or(proto.any.as_ref())?;
+            .or(table.any.as_ref())?;
         offer.alpn.iter().find_map(|p| alpn.by_alpn.iter().find(|(a, _)| &**a == *p).map(|(_, i)| *i)).or(alpn.any)
     }
 }
@@ -99,7 +120,7 @@ impl NameLevel {
     fn lookup(&self, sni: &str) -> Option<&ProtoLevel> {
         let mut buf = [0u8; clienthello::MAX_SERVER_NAME_LEN];
         let lower = lowercase(sni, &mut buf);
-        if let Some(p) = self.exact.get(lower) {
+        if let Some(Some(p)) = self.exact.get(lower) {
             return Some(p);
         }
         if !self.wildcard.is_empty() {
@@ -107,7 +128,7 @@ impl NameLevel {
             let mut rest = lower;
             while let Some(dot) = rest.find('.') {
                 let suffix = &rest[dot..];
-                if let Some(p) = self.wildcard.get(suffix) {
+                if let Some(Some(p)) = self.wildcard.get(suffix) {
                     return Some(p);
                 }
                 rest = &rest[dot + 1..];
@@ -129,32 +150,65 @@ fn lowercase<'a>(s: &'a str, buf: &'a mut [u8]) -> &'a str {
     std::str::from_utf8(out).unwrap_or(s)
 }
 
-fn insert_proto(level: &mut ProtoLevel, c: &Criteria, index: usize) -> Result<(), String> {
-    let alpn = match &c.transport_protocol {
-        Some(t) => match level.by_transport.iter().position(|(x, _)| &**x == t.as_str()) {
-            Some(i) => &mut level.by_transport[i].1,
-            None => {
-                level.by_transport.push((t.as_str().into(), AlpnLevel::default()));
-                &mut level.by_transport.last_mut().expect("just pushed").1
-            }
-        },
-        None => level.any.get_or_insert_with(Default::default),
-    };
-    let dup = |other: usize| Err(format!("filter chains #{other} and #{index} have the same match criteria"));
-    if c.application_protocols.is_empty() {
-        if let Some(other) = alpn.any {
-            return dup(other);
-        }
-        alpn.any = Some(index);
-    } else {
-        for p in &c.application_protocols {
-            if let Some((_, other)) = alpn.by_alpn.iter().find(|(a, _)| **a == *p.as_bytes()) {
-                return dup(*other);
-            }
-            alpn.by_alpn.push((p.as_bytes().into(), index));
-        }
+fn transport(t: &str) -> Transport {
+    match t {
+        "tls" => Cow::Borrowed("tls"),
+        "raw_buffer" => Cow::Borrowed("raw_buffer"),
+        other => Cow::Owned(other.to_string()),
     }
-    Ok(())
+}
+
+impl ProtoLevel {
+    /// Adds chain `index` with `c`'s transport protocol and ALPN to the level in `slot`.
+    fn insert(slot: &mut Option<ProtoLevel>, c: &Criteria, index: usize) -> Result<(), String> {
+        let t = c.transport_protocol.as_deref();
+        if slot.is_none() && c.application_protocols.is_empty() {
+            *slot = Some(ProtoLevel::One { transport: t.map(transport), index });
+            return Ok(());
+        }
+        let mut table = match slot.take() {
+            None => Box::default(),
+            Some(ProtoLevel::One { transport, index: first }) => {
+                let mut table = Box::<ProtoTable>::default();
+                table.insert(transport.as_deref(), &[], first).expect("an empty table has no duplicates");
+                table
+            }
+            Some(ProtoLevel::Many(table)) => table,
+        };
+        let inserted = table.insert(t, &c.application_protocols, index);
+        *slot = Some(ProtoLevel::Many(table));
+        inserted
+    }
+}
+
+impl ProtoTable {
+    fn insert(&mut self, t: Option<&str>, alpns: &[String], index: usize) -> Result<(), String> {
+        let alpn = match t {
+            Some(t) => match self.by_transport.iter().position(|(x, _)| x == t) {
+                Some(i) => &mut self.by_transport[i].1,
+                None => {
+                    self.by_transport.push((transport(t), AlpnLevel::default()));
+                    &mut self.by_transport.last_mut().expect("just pushed").1
+                }
+            },
+            None => self.any.get_or_insert_with(Default::default),
+        };
+        let dup = |other: usize| Err(format!("filter chains #{other} and #{index} have the same match criteria"));
+        if alpns.is_empty() {
+            if let Some(other) = alpn.any {
+                return dup(other);
+            }
+            alpn.any = Some(index);
+        } else {
+            for p in alpns {
+                if let Some((_, other)) = alpn.by_alpn.iter().find(|(a, _)| **a == *p.as_bytes()) {
+                    return dup(*other);
+                }
+                alpn.by_alpn.push((p.as_bytes().into(), index));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +260,11 @@ mod tests {
         for (o, want) in cases {
             assert_eq!(m.find(o), *want, "{o:?}");
         }
+    }
+
+    #[test]
+    fn a_name_with_one_chain_takes_32_bytes() {
+        assert!(std::mem::size_of::<Option<ProtoLevel>>() <= 32);
     }
 
     #[test]
