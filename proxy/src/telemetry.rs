@@ -36,10 +36,12 @@ pub type Flush = tracing_appender::non_blocking::WorkerGuard;
 pub fn init(level: &str) -> Result<(LogLevel, Flush), String> {
     let (layer, handle) = reload::Layer::new(filter(level)?);
     // 8k queued lines: enough for bursts, and the queue is preallocated (the default
-    // 128k lines would cost 4 MiB of idle memory).
+    // 128k lines would cost 4 MiB of idle memory). The writer thread flushes whenever
+    // the queue is empty, so the buffer only batches the lines of a burst into one
+    // write(2) and never holds a line back.
     let (writer, flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(8192)
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(16 * 1024, std::io::stderr()));
     tracing_subscriber::registry()
         .with(layer)
         .with(tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false))
