@@ -5,7 +5,8 @@ use crate::copy::{self, BUF_SIZE, End, Transferred};
 use crate::drain::{ConnGuard, Drain};
 use crate::snapshot::chains::Offer;
 use crate::snapshot::cluster::{ClusterCfg, Host};
-use crate::snapshot::{Action, ListenerCfg, Snapshot, TcpProxyCfg, Tls};
+use crate::snapshot::rbac::Subject;
+use crate::snapshot::{Action, Chain, ListenerCfg, Snapshot, TcpProxyCfg, Tls};
 use crate::stats::{Counter, Registry};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::san;
@@ -57,6 +58,8 @@ enum Flag {
     DownstreamTls,
     /// A TLS context waits for an SDS secret that has not arrived.
     TlsPending,
+    /// The chain's RBAC filter refused the connection.
+    RbacDenied,
 }
 
 /// Longest a TLS handshake may take, either side.
@@ -75,6 +78,7 @@ impl Flag {
             Flag::IdleTimeout => "IDLE",
             Flag::DownstreamTls => "DTLS",
             Flag::TlsPending => "TLS_PENDING",
+            Flag::RbacDenied => "RBAC",
         }
     }
 }
@@ -137,6 +141,8 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
         lst.stats.no_filter_chain_match.inc();
         return log.finish(Flag::NoRoute, Transferred::default());
     };
+    // The local address only when an RBAC filter may look at it.
+    let local = if chain.rbac.is_some() { down.local_addr().ok() } else { None };
     match &chain.action {
         Action::DirectResponse(body) => {
             let _ = down.write_all(body).await;
@@ -144,6 +150,9 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
             log.finish(Flag::Done, Transferred { sent: 0, received: body.len() as u64 });
         }
         Action::TcpProxy(tp) => match &chain.tls {
+            Tls::Off if !rbac_allows(chain, peer, local, sni, None) => {
+                log.finish(Flag::RbacDenied, Transferred::default())
+            }
             Tls::Off => proxy(tp, id, &mut down, buf, pending, &mut log).await,
             Tls::Pending(secret) => {
                 debug!(id, secret = %secret, "TLS context waits for a secret; refusing");
@@ -175,11 +184,46 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
                         })
                     });
                 }
+                if !rbac_allows(chain, peer, local, sni, peer_cert.as_deref()) {
+                    debug!(id, peer_identity = ?log.peer_identity, "refused by the chain's RBAC filter");
+                    return log.finish(Flag::RbacDenied, Transferred::default());
+                }
                 proxy(tp, id, &mut tls, buf, 0, &mut log).await
             }
         },
     }
     lst.stats.downstream_cx_destroy.inc();
+}
+
+/// The chain's RBAC decision (true without a filter). `cert`: the verified client
+/// certificate of a TLS-terminating chain.
+fn rbac_allows(
+    chain: &Chain,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    sni: Option<&str>,
+    cert: Option<&[u8]>,
+) -> bool {
+    let Some(rbac) = &chain.rbac else { return true };
+    let sans = cert.and_then(san::sans).unwrap_or_default();
+    let pick = |uri: bool| -> Vec<&str> {
+        sans.iter()
+            .filter_map(|s| match (s, uri) {
+                (san::San::Uri(v), true) | (san::San::Dns(v), false) => Some(*v),
+                _ => None,
+            })
+            .collect()
+    };
+    let (uri_sans, dns_sans) = (pick(true), pick(false));
+    rbac.allows(&Subject {
+        remote_ip: Some(peer.ip()),
+        local_ip: local.map(|a| a.ip()),
+        local_port: local.map_or(0, |a| a.port()),
+        server_name: sni,
+        authenticated: cert.is_some(),
+        uri_sans: &uri_sans,
+        dns_sans: &dns_sans,
+    })
 }
 
 /// Reads until the ClientHello is complete (or it is clearly not TLS), within the

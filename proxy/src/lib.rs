@@ -12,6 +12,7 @@ pub mod cp_inputs;
 pub mod dns_proxy;
 pub mod drain;
 pub mod listeners;
+pub mod matcher;
 pub mod resources;
 pub mod snapshot;
 pub mod splice;

@@ -73,6 +73,8 @@ stat_struct!(TcpStats {
     upstream_flush_active: "gauge",
 });
 
+stat_struct!(RbacStats { allowed: "counter", denied: "counter" });
+
 stat_struct!(GlobalStats {
     tls_inspector_client_hello_too_large: "counter",
     tls_inspector_tls_found: "counter",
@@ -92,6 +94,7 @@ pub struct Registry {
     listeners: Mutex<BTreeMap<String, Arc<ListenerStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,
+    rbac: Mutex<BTreeMap<String, Arc<RbacStats>>>,
 }
 
 fn get<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, key: &str) -> Arc<T> {
@@ -112,6 +115,10 @@ impl Registry {
     pub fn tcp(&self, prefix: &str) -> Arc<TcpStats> {
         get(&self.tcp, prefix)
     }
+    /// Network RBAC filters, by `stat_prefix` (Envoy: `<prefix>rbac.allowed`).
+    pub fn rbac(&self, prefix: &str) -> Arc<RbacStats> {
+        get(&self.rbac, prefix)
+    }
 
     /// Prometheus text exposition format, Envoy's names (`envoy_cluster_upstream_cx_total`
     /// with label `envoy_cluster_name`, and so on).
@@ -125,6 +132,8 @@ impl Registry {
         family(&mut out, "envoy_cluster_", ClusterStats::FIELDS, "envoy_cluster_name", &clusters);
         let tcp = rows(&self.tcp, TcpStats::values);
         family(&mut out, "envoy_tcp_", TcpStats::FIELDS, "envoy_tcp_prefix", &tcp);
+        let rbac = rows(&self.rbac, RbacStats::values);
+        family(&mut out, "envoy_rbac_", RbacStats::FIELDS, "envoy_rbac_prefix", &rbac);
         out
     }
 }

@@ -196,3 +196,39 @@ async fn rotated_certificates_apply_to_new_handshakes_only() {
     lines.read_line(&mut line).await.unwrap();
     assert_eq!(line.trim_end(), "still here");
 }
+
+/// Kuma's TrafficPermission on an inbound: a network RBAC filter before `tcp_proxy`
+/// that allows one SPIFFE identity. Others complete the handshake and are closed
+/// before a byte reaches the app; the decisions are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rbac_filter_lets_only_the_permitted_identity_through() {
+    let ca = MeshCa::new("mesh default");
+    let app = Backend::start("app").await;
+    let file = temp_dir("sidecar-rbac").join("xds.json");
+    let mut r = server_side(&ca, &ca.identity("spiffe://default/backend"), app.addr);
+    let l = r.last_mut().unwrap();
+    let filters = l["filterChains"][0]["filters"].as_array_mut().unwrap();
+    filters.insert(
+        0,
+        json!({"name": "envoy.filters.network.rbac", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+            "statPrefix": "inbound_backend.",
+            "rules": {"policies": {"allow-web": {
+                "permissions": [{"any": true}],
+                "principals": [{"authenticated": {"principalName": {"exact": "spiffe://default/web"}}}]
+            }}}
+        }}),
+    );
+    write(&file, "1", r);
+    let server = Dp::start(&file, &[]);
+    let inbound = server.listener("inbound:backend");
+
+    let web = ca.identity("spiffe://default/web");
+    assert_eq!(direct(inbound, client_with_identity(Some(&web))).await.as_deref(), Some("app"));
+    let api = ca.identity("spiffe://default/api");
+    assert_eq!(direct(inbound, client_with_identity(Some(&api))).await, None, "api is not permitted");
+    server.logs.wait_for(&["flag=\"RBAC\"", "peer_identity=\"spiffe://default/api\""]);
+    assert_eq!(app.connections(), 1, "the refused client never reached the app");
+    assert_eq!(server.stat("envoy_rbac_allowed{envoy_rbac_prefix=\"inbound_backend.\"}"), 1);
+    assert_eq!(server.stat("envoy_rbac_denied{envoy_rbac_prefix=\"inbound_backend.\"}"), 1);
+}

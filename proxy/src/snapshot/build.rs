@@ -6,6 +6,7 @@
 
 use super::chains::{ChainMatcher, Criteria};
 use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg};
+use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
 use crate::resources::Resources;
 use crate::stats::Registry;
@@ -18,6 +19,7 @@ use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter, listener_filter};
 use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value};
@@ -228,8 +230,15 @@ fn build_chain(
     let Some((last, rest)) = fc.filters.split_last() else {
         return Err("no filters".into());
     };
-    if let Some(f) = rest.first() {
-        return Err(format!("filter {} is not supported before the terminal filter", f.name));
+    let mut rbac = None;
+    for f in rest {
+        match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) if any.type_url == RbacFilter::type_url() && rbac.is_none() => {
+                let cfg = Rbac::build(&unpack(any)?, stats).map_err(|e| format!("filter {}: {e}", f.name))?;
+                rbac = Some(Arc::new(cfg));
+            }
+            _ => return Err(format!("filter {} is not supported before the terminal filter", f.name)),
+        }
     }
     let any = match &last.config_type {
         Some(filter::ConfigType::TypedConfig(any)) => any,
@@ -258,7 +267,7 @@ fn build_chain(
     } else {
         return Err(format!("filter {} ({}) is not supported", last.name, any.type_url));
     };
-    Ok(Chain { name: fc.name.clone(), action, tls })
+    Ok(Chain { name: fc.name.clone(), rbac, action, tls })
 }
 
 fn build_tcp_proxy(

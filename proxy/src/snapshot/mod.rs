@@ -9,6 +9,7 @@ pub mod chains;
 pub mod cluster;
 pub mod dns;
 pub mod dynconf;
+pub mod rbac;
 
 pub use build::{DnsAnswers, build, dns_names};
 
@@ -55,6 +56,8 @@ pub struct ListenerCfg {
 #[derive(Debug)]
 pub struct Chain {
     pub name: String,
+    /// `envoy.filters.network.rbac` before the terminal filter.
+    pub rbac: Option<Arc<rbac::Rbac>>,
     pub action: Action,
     /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
     pub tls: Tls<crate::tls::ServerTls>,

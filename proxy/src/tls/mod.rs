@@ -8,15 +8,15 @@
 pub mod prefixed;
 pub mod san;
 
+use crate::matcher::StringMatch;
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, Secret, TlsCertificate, UpstreamTlsContext,
     common_tls_context::ValidationContextType, secret,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use san::{Pattern, SanMatcher};
+use san::SanMatcher;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -162,18 +162,8 @@ fn validation(
             }
         };
         let sm = m.matcher.as_ref().ok_or("match_typed_subject_alt_names: matcher is missing")?;
-        let pattern = match &sm.match_pattern {
-            Some(MatchPattern::Exact(s)) => Pattern::Exact(s.clone()),
-            Some(MatchPattern::Prefix(s)) => Pattern::Prefix(s.clone()),
-            Some(MatchPattern::Suffix(s)) => Pattern::Suffix(s.clone()),
-            Some(MatchPattern::Contains(s)) => Pattern::Contains(s.clone()),
-            _ => {
-                return Err(
-                    "match_typed_subject_alt_names: only exact, prefix, suffix and contains are supported".into()
-                );
-            }
-        };
-        matchers.push(SanMatcher { uri, pattern, ignore_case: sm.ignore_case });
+        let matcher = StringMatch::from_proto(sm).map_err(|e| format!("match_typed_subject_alt_names: {e}"))?;
+        matchers.push(SanMatcher { uri, matcher });
     }
     Ok(Some((roots, matchers)))
 }

@@ -2,6 +2,8 @@
 //! without a general X.509 parser: `dp` only needs URI (SPIFFE) and DNS SANs to apply
 //! Envoy's `match_typed_subject_alt_names`.
 
+use crate::matcher::StringMatch;
+
 /// One SAN entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum San<'a> {
@@ -76,49 +78,18 @@ pub fn sans(cert_der: &[u8]) -> Option<Vec<San<'_>>> {
     Some(vec![])
 }
 
-/// Envoy's `StringMatcher`, as `dp` supports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
-}
-
 /// One `match_typed_subject_alt_names` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SanMatcher {
     pub uri: bool,
-    pub pattern: Pattern,
-    pub ignore_case: bool,
+    pub matcher: StringMatch,
 }
 
 impl SanMatcher {
     fn matches(&self, san: &San<'_>) -> bool {
-        let value = match (san, self.uri) {
-            (San::Uri(v), true) | (San::Dns(v), false) => *v,
-            _ => return false,
-        };
-        let (v, p);
-        let (value, pattern) = if self.ignore_case {
-            v = value.to_ascii_lowercase();
-            p = match &self.pattern {
-                Pattern::Exact(s) | Pattern::Prefix(s) | Pattern::Suffix(s) | Pattern::Contains(s) => {
-                    s.to_ascii_lowercase()
-                }
-            };
-            (v.as_str(), p.as_str())
-        } else {
-            let s = match &self.pattern {
-                Pattern::Exact(s) | Pattern::Prefix(s) | Pattern::Suffix(s) | Pattern::Contains(s) => s.as_str(),
-            };
-            (value, s)
-        };
-        match self.pattern {
-            Pattern::Exact(_) => value == pattern,
-            Pattern::Prefix(_) => value.starts_with(pattern),
-            Pattern::Suffix(_) => value.ends_with(pattern),
-            Pattern::Contains(_) => value.contains(pattern),
+        match (san, self.uri) {
+            (San::Uri(v), true) | (San::Dns(v), false) => self.matcher.matches(v),
+            _ => false,
         }
     }
 }
@@ -145,6 +116,7 @@ pub fn accepted(matchers: &[SanMatcher], cert_der: &[u8]) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matcher::Pattern;
 
     fn cert(sans: Vec<rcgen::SanType>) -> Vec<u8> {
         let mut p = rcgen::CertificateParams::default();
@@ -173,7 +145,7 @@ mod tests {
     #[test]
     fn matchers_follow_envoy() {
         let der = cert(vec![rcgen::SanType::URI("spiffe://default/backend".try_into().unwrap())]);
-        let m = |uri, pattern| vec![SanMatcher { uri, pattern, ignore_case: false }];
+        let m = |uri, pattern| vec![SanMatcher { uri, matcher: StringMatch::new(pattern, false) }];
         assert!(accepted(&m(true, Pattern::Prefix("spiffe://default/".into())), &der).is_ok());
         assert!(accepted(&m(true, Pattern::Exact("spiffe://default/backend".into())), &der).is_ok());
         assert!(accepted(&m(true, Pattern::Exact("spiffe://default/web".into())), &der).is_err());

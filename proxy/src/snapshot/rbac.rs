@@ -1,0 +1,322 @@
+//! Envoy's network RBAC filter (`envoy.filters.network.rbac`), which Kuma puts before
+//! `tcp_proxy` on mTLS chains to apply TrafficPermission / MeshTrafficPermission.
+//!
+//! Evaluated once per connection, after the TLS handshake and before any byte goes
+//! upstream (Envoy's default `ONE_TIME_ON_FIRST_BYTE`). A policy matches when one of
+//! its permissions and one of its principals match; `ALLOW` lets a connection through
+//! only when some policy matches, `DENY` refuses it when some policy matches.
+
+use crate::matcher::StringMatch;
+use crate::stats::{RbacStats, Registry};
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
+use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, permission, principal, rbac};
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct Rbac {
+    /// `None`: no `rules`, every connection is allowed.
+    rules: Option<Rules>,
+    pub stats: Arc<RbacStats>,
+}
+
+#[derive(Debug)]
+struct Rules {
+    deny: bool,
+    /// (name, permissions, principals), in name order for stable decisions.
+    policies: Vec<(String, Vec<Perm>, Vec<Who>)>,
+}
+
+#[derive(Debug)]
+enum Perm {
+    Any,
+    And(Vec<Perm>),
+    Or(Vec<Perm>),
+    Not(Box<Perm>),
+    DestinationPort(u16),
+    DestinationIp(Cidr),
+    ServerName(StringMatch),
+}
+
+#[derive(Debug)]
+enum Who {
+    Any,
+    And(Vec<Who>),
+    Or(Vec<Who>),
+    Not(Box<Who>),
+    /// A verified client certificate, and when set a URI (then DNS) SAN that matches.
+    Authenticated(Option<StringMatch>),
+    /// Without PROXY protocol or trusted headers, the source, direct and remote
+    /// addresses of a TCP connection are all the peer's.
+    RemoteIp(Cidr),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cidr {
+    net: IpAddr,
+    len: u8,
+}
+
+/// What a connection shows the filter.
+#[derive(Debug, Default)]
+pub struct Subject<'a> {
+    pub remote_ip: Option<IpAddr>,
+    pub local_ip: Option<IpAddr>,
+    pub local_port: u16,
+    pub server_name: Option<&'a str>,
+    /// The client certificate was verified (mTLS).
+    pub authenticated: bool,
+    pub uri_sans: &'a [&'a str],
+    pub dns_sans: &'a [&'a str],
+}
+
+impl Rbac {
+    pub fn build(f: &RbacFilter, stats: &Registry) -> Result<Rbac, String> {
+        if f.matcher.is_some() {
+            return Err("matcher is not supported (use rules)".into());
+        }
+        let rules = match &f.rules {
+            None => None,
+            Some(r) => {
+                let deny = match rbac::Action::try_from(r.action) {
+                    Ok(rbac::Action::Allow) => false,
+                    Ok(rbac::Action::Deny) => true,
+                    _ => return Err(format!("rules.action {} is not supported (ALLOW and DENY are)", r.action)),
+                };
+                let mut policies = vec![];
+                for (name, p) in &r.policies {
+                    if p.condition.is_some() || p.checked_condition.is_some() {
+                        return Err(format!("policy `{name}`: conditions are not supported"));
+                    }
+                    let perms = p.permissions.iter().map(perm).collect::<Result<_, _>>();
+                    let who = p.principals.iter().map(principal).collect::<Result<_, _>>();
+                    policies.push((
+                        name.clone(),
+                        perms.map_err(|e| format!("policy `{name}`: permissions: {e}"))?,
+                        who.map_err(|e| format!("policy `{name}`: principals: {e}"))?,
+                    ));
+                }
+                policies.sort_by(|a, b| a.0.cmp(&b.0));
+                Some(Rules { deny, policies })
+            }
+        };
+        Ok(Rbac { rules, stats: stats.rbac(&f.stat_prefix) })
+    }
+
+    /// Whether the connection may go on; counts the decision.
+    pub fn allows(&self, s: &Subject<'_>) -> bool {
+        let allowed = match &self.rules {
+            None => true,
+            Some(r) => {
+                let matched = r
+                    .policies
+                    .iter()
+                    .any(|(_, perms, who)| perms.iter().any(|p| p.matches(s)) && who.iter().any(|w| w.matches(s)));
+                matched != r.deny
+            }
+        };
+        if allowed {
+            self.stats.allowed.inc()
+        } else {
+            self.stats.denied.inc()
+        }
+        allowed
+    }
+}
+
+fn perm(p: &Permission) -> Result<Perm, String> {
+    use permission::Rule;
+    Ok(match &p.rule {
+        Some(Rule::Any(true)) => Perm::Any,
+        Some(Rule::AndRules(set)) => Perm::And(set.rules.iter().map(perm).collect::<Result<_, _>>()?),
+        Some(Rule::OrRules(set)) => Perm::Or(set.rules.iter().map(perm).collect::<Result<_, _>>()?),
+        Some(Rule::NotRule(inner)) => Perm::Not(Box::new(perm(inner)?)),
+        Some(Rule::DestinationPort(port)) => {
+            Perm::DestinationPort(u16::try_from(*port).map_err(|_| format!("destination_port {port}"))?)
+        }
+        Some(Rule::DestinationIp(c)) => Perm::DestinationIp(cidr(c)?),
+        Some(Rule::RequestedServerName(m)) => {
+            Perm::ServerName(StringMatch::from_proto(m).map_err(|e| format!("requested_server_name: {e}"))?)
+        }
+        Some(Rule::Any(false)) | None => return Err("a permission has no rule".into()),
+        Some(other) => return Err(format!("{} is not supported", rule_name(other))),
+    })
+}
+
+#[allow(deprecated)]
+fn rule_name(r: &permission::Rule) -> &'static str {
+    use permission::Rule;
+    match r {
+        Rule::Header(_) => "header",
+        Rule::UrlPath(_) => "url_path",
+        Rule::DestinationPortRange(_) => "destination_port_range",
+        Rule::Metadata(_) => "metadata",
+        Rule::Matcher(_) => "matcher",
+        Rule::UriTemplate(_) => "uri_template",
+        _ => "this permission",
+    }
+}
+
+fn principal(p: &Principal) -> Result<Who, String> {
+    use principal::Identifier;
+    Ok(match &p.identifier {
+        Some(Identifier::Any(true)) => Who::Any,
+        Some(Identifier::AndIds(set)) => Who::And(set.ids.iter().map(principal).collect::<Result<_, _>>()?),
+        Some(Identifier::OrIds(set)) => Who::Or(set.ids.iter().map(principal).collect::<Result<_, _>>()?),
+        Some(Identifier::NotId(inner)) => Who::Not(Box::new(principal(inner)?)),
+        Some(Identifier::Authenticated(a)) => Who::Authenticated(
+            a.principal_name
+                .as_ref()
+                .map(StringMatch::from_proto)
+                .transpose()
+                .map_err(|e| format!("authenticated.principal_name: {e}"))?,
+        ),
+        #[allow(deprecated)]
+        Some(Identifier::SourceIp(c)) | Some(Identifier::DirectRemoteIp(c)) | Some(Identifier::RemoteIp(c)) => {
+            Who::RemoteIp(cidr(c)?)
+        }
+        Some(Identifier::Any(false)) | None => return Err("a principal has no identifier".into()),
+        Some(_) => {
+            return Err("only any, and_ids, or_ids, not_id, authenticated and the IP principals are supported".into());
+        }
+    })
+}
+
+fn cidr(c: &CidrRange) -> Result<Cidr, String> {
+    let net: IpAddr = c.address_prefix.parse().map_err(|_| format!("`{}` is not an IP address", c.address_prefix))?;
+    let max = if net.is_ipv4() { 32 } else { 128 };
+    let len = c.prefix_len.as_ref().map_or(0, |v| v.value);
+    if len > max {
+        return Err(format!("prefix_len {len} is longer than {max}"));
+    }
+    Ok(Cidr { net, len: len as u8 })
+}
+
+impl Cidr {
+    fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.net, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            _ => ip,
+        };
+        let (net, ip, bits) = match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => (u128::from(n.to_bits()), u128::from(i.to_bits()), 32),
+            (IpAddr::V6(n), IpAddr::V6(i)) => (n.to_bits(), i.to_bits(), 128),
+            _ => return false,
+        };
+        let len = u32::from(self.len);
+        len == 0 || (net ^ ip) >> (bits - len) == 0
+    }
+}
+
+impl Perm {
+    fn matches(&self, s: &Subject<'_>) -> bool {
+        match self {
+            Perm::Any => true,
+            Perm::And(all) => all.iter().all(|p| p.matches(s)),
+            Perm::Or(any) => any.iter().any(|p| p.matches(s)),
+            Perm::Not(p) => !p.matches(s),
+            Perm::DestinationPort(port) => s.local_port == *port,
+            Perm::DestinationIp(c) => s.local_ip.is_some_and(|ip| c.contains(ip)),
+            Perm::ServerName(m) => m.matches(s.server_name.unwrap_or("")),
+        }
+    }
+}
+
+impl Who {
+    fn matches(&self, s: &Subject<'_>) -> bool {
+        match self {
+            Who::Any => true,
+            Who::And(all) => all.iter().all(|w| w.matches(s)),
+            Who::Or(any) => any.iter().any(|w| w.matches(s)),
+            Who::Not(w) => !w.matches(s),
+            Who::Authenticated(None) => s.authenticated,
+            Who::Authenticated(Some(m)) => {
+                // Envoy: the URI SANs, else the DNS SANs (the subject is not read).
+                s.authenticated
+                    && if s.uri_sans.is_empty() {
+                        s.dns_sans.iter().any(|d| m.matches(d))
+                    } else {
+                        s.uri_sans.iter().any(|u| m.matches(u))
+                    }
+            }
+            Who::RemoteIp(c) => s.remote_ip.is_some_and(|ip| c.contains(ip)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::rbac::v3::{Policy, Rbac as Rules};
+    use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+    use envoy_types::pb::google::protobuf::UInt32Value;
+
+    fn exact(s: &str) -> StringMatcher {
+        StringMatcher { match_pattern: Some(string_matcher::MatchPattern::Exact(s.into())), ..Default::default() }
+    }
+
+    fn filter(action: rbac::Action, principals: Vec<Principal>, permissions: Vec<Permission>) -> Rbac {
+        let policy = Policy { permissions, principals, ..Default::default() };
+        let f = RbacFilter {
+            rules: Some(Rules {
+                action: action as i32,
+                policies: [("p".to_string(), policy)].into(),
+                ..Default::default()
+            }),
+            stat_prefix: "t.".into(),
+            ..Default::default()
+        };
+        Rbac::build(&f, &Registry::default()).unwrap()
+    }
+
+    fn any_perm() -> Permission {
+        Permission { rule: Some(permission::Rule::Any(true)) }
+    }
+
+    fn spiffe(name: &str) -> Principal {
+        Principal {
+            identifier: Some(principal::Identifier::Authenticated(principal::Authenticated {
+                principal_name: Some(exact(name)),
+            })),
+        }
+    }
+
+    #[test]
+    fn kuma_traffic_permission_allows_only_the_named_identity() {
+        let f = filter(rbac::Action::Allow, vec![spiffe("spiffe://zone-1/backend")], vec![any_perm()]);
+        let web = Subject { authenticated: true, uri_sans: &["spiffe://zone-1/web"], ..Default::default() };
+        let backend = Subject { authenticated: true, uri_sans: &["spiffe://zone-1/backend"], ..Default::default() };
+        assert!(f.allows(&backend));
+        assert!(!f.allows(&web));
+        assert!(!f.allows(&Subject::default()), "no certificate");
+        assert_eq!((f.stats.allowed.get(), f.stats.denied.get()), (1, 2));
+    }
+
+    #[test]
+    fn deny_action_and_combinators() {
+        let not_web = Principal { identifier: Some(principal::Identifier::NotId(Box::new(spiffe("spiffe://m/web")))) };
+        let port = Permission { rule: Some(permission::Rule::DestinationPort(8080)) };
+        let f = filter(rbac::Action::Deny, vec![not_web], vec![port]);
+        let web =
+            Subject { authenticated: true, uri_sans: &["spiffe://m/web"], local_port: 8080, ..Default::default() };
+        let api =
+            Subject { authenticated: true, uri_sans: &["spiffe://m/api"], local_port: 8080, ..Default::default() };
+        let api_other_port = Subject { local_port: 9090, ..api };
+        assert!(f.allows(&web));
+        assert!(!f.allows(&api));
+        assert!(f.allows(&api_other_port));
+    }
+
+    #[test]
+    fn cidrs() {
+        let c =
+            |p: &str, len| cidr(&CidrRange { address_prefix: p.into(), prefix_len: Some(UInt32Value { value: len }) });
+        assert!(c("10.0.0.0", 8).unwrap().contains("10.1.2.3".parse().unwrap()));
+        assert!(!c("10.0.0.0", 8).unwrap().contains("11.1.2.3".parse().unwrap()));
+        assert!(c("10.0.0.0", 8).unwrap().contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(c("0.0.0.0", 0).unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(c("2001:db8::", 32).unwrap().contains("2001:db8::1".parse().unwrap()));
+        assert!(c("10.0.0.0", 33).is_err());
+    }
+}
