@@ -42,9 +42,10 @@ pub struct Applier {
 impl Applier {
     /// Takes the resources by value: they are dropped before the freed memory is
     /// returned to the OS.
-    pub fn apply(&mut self, resources: Resources, dns: &DnsAnswers) -> Result<(), String> {
+    pub fn apply(&mut self, mut resources: Resources, dns: &DnsAnswers) -> Result<(), String> {
         let mut notes = vec![];
-        let mut snap = snapshot::build(&resources, dns, &self.ctx.stats, &mut notes)?;
+        let encoded = Arc::new(resources.take_encoded());
+        let mut snap = snapshot::build_with(&resources, encoded, dns, &self.ctx.stats, &mut notes)?;
         drop(resources);
         if !self.dns_enabled && !snap.dns.is_empty() {
             notes.push("DNS listeners are not served: --dns-enabled=false".into());

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use prost::Name;
+use std::collections::BTreeMap;
 use std::net::ToSocketAddrs;
 use tracing::info;
 
@@ -67,7 +68,7 @@ pub async fn start(
     };
     let (tx, rx) = tokio::sync::watch::channel(xds_client::Status::default());
     tokio::spawn(async move {
-        let Err(e) = xds_client::run(config, AdsHandler { applier }, tx).await;
+        let Err(e) = xds_client::run(config, AdsHandler { applier, built: None }, tx).await;
         tracing::error!("the xDS client stopped: {e}");
     });
     Ok(rx)
@@ -75,10 +76,38 @@ pub async fn start(
 
 struct AdsHandler {
     applier: Applier,
+    /// (name, version) of every resource, by type, of the last state built; `None`
+    /// before the first build.
+    built: Option<BTreeMap<String, Vec<(String, String)>>>,
+}
+
+/// (name, version) of each resource of every type in `state`.
+fn fingerprint(state: &xds_client::State) -> BTreeMap<String, Vec<(String, String)>> {
+    let mut out: BTreeMap<String, Vec<(String, String)>> = state
+        .resources
+        .iter()
+        .map(|(t, items)| (t.clone(), items.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect()))
+        .collect();
+    out.retain(|_, v| !v.is_empty());
+    out
 }
 
 impl xds_client::Handler for AdsHandler {
-    fn apply(&mut self, state: &xds_client::State, _changed: &str) -> Result<(), String> {
+    /// Builds the whole snapshot from the state, except when that cannot change what
+    /// is served: before the first listeners arrive (clusters alone serve nothing; this
+    /// spares the builds of the CDS and EDS responses at startup), and when the state
+    /// holds the same resources as the last build (an empty SDS response, a resend).
+    fn apply(&mut self, state: &xds_client::State, changed: &str) -> Result<(), String> {
+        let listeners = Listener::type_url();
+        if self.built.is_none() && !state.resources.contains_key(&listeners) {
+            tracing::debug!(changed, "no listeners yet: accepted without building");
+            return Ok(());
+        }
+        let print = fingerprint(state);
+        if self.built.as_ref() == Some(&print) {
+            tracing::debug!(changed, "same resources as in force: accepted without building");
+            return Ok(());
+        }
         let mut r = Resources::default();
         let mut versions = vec![];
         for (type_url, items) in &state.resources {
@@ -93,7 +122,9 @@ impl xds_client::Handler for AdsHandler {
         let names = snapshot::dns_names(&r);
         let dns =
             if names.is_empty() { DnsAnswers::new() } else { tokio::task::block_in_place(|| resolve_blocking(&names)) };
-        self.applier.apply(r, &dns)
+        self.applier.apply(r, &dns)?;
+        self.built = Some(print);
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use super::chains::{ChainMatcher, Criteria};
 use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg};
 use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
-use crate::resources::Resources;
+use crate::resources::{Encoded, Resources};
 use crate::stats::Registry;
 use crate::tls::{self as tls_cfg, Secrets, TlsError};
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -43,6 +43,18 @@ const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
 /// Builds a snapshot. `notes` collects accepted-but-ignored fields.
 pub fn build(
     resources: &Resources,
+    dns: &DnsAnswers,
+    stats: &Registry,
+    notes: &mut Vec<String>,
+) -> Result<Snapshot, String> {
+    build_with(resources, Arc::new(resources.encode()), dns, stats, notes)
+}
+
+/// [`build`] with the encoded form of `resources` already at hand (what the admin API
+/// shows).
+pub fn build_with(
+    resources: &Resources,
+    encoded: Arc<Encoded>,
     dns: &DnsAnswers,
     stats: &Registry,
     notes: &mut Vec<String>,
@@ -86,14 +98,7 @@ pub fn build(
             return Err(format!("listener `{}` is defined twice", l.name));
         }
     }
-    Ok(Snapshot {
-        version: resources.version.clone(),
-        resources: Arc::new(resources.encode()),
-        listeners,
-        dns,
-        embedded_dns,
-        clusters,
-    })
+    Ok(Snapshot { version: resources.version.clone(), resources: encoded, listeners, dns, embedded_dns, clusters })
 }
 
 /// The (hostname, port) pairs STRICT_DNS clusters need resolved.

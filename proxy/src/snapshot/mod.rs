@@ -11,7 +11,7 @@ pub mod dns;
 pub mod dynconf;
 pub mod rbac;
 
-pub use build::{DnsAnswers, build, dns_names};
+pub use build::{DnsAnswers, build, build_with, dns_names};
 
 use crate::resources::Encoded;
 use crate::stats::{ListenerStats, TcpStats};
