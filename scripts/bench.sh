@@ -2,10 +2,15 @@
 # Side-by-side benchmark: dp vs Envoy, HAProxy, nginx (stream ssl_preread) and a direct
 # connection, on the same TLS backends and load, at 2 / 1,000 / 100,000 server names;
 # then the copy-strategy comparison (copy vs splice). Writes benches/RESULTS.md (the
-# tables, then benches/ANALYSIS.md verbatim) and benches/results.json (every raw figure).
+# tables, then benches/ANALYSIS.md verbatim) and benches/results.json (every raw figure);
+# then the DNS comparison (benches/dns_bench.py: dp vs Envoy's dns_filter vs unbound),
+# appended to RESULTS.md, raw figures in benches/dns_results.json.
 #
 # Usage: scripts/bench.sh [--quick] [extra loadgen options, e.g. --runs 5 --scales 2,1000]
-#   full: ~8 minutes; --quick: ~1.5 minutes (2 and 1,000 names, shorter tests).
+#   then the xDS comparison (benches/xds_apply.py: dp vs Envoy taking a 10,000-service
+#   zone-ingress snapshot from a file and over Delta ADS from cp, and a one-endpoint
+#   Delta update), appended too, raw figures in benches/xds_results.json.
+#   full: under 10 minutes; --quick: under 2 minutes (fewer names, runs and services).
 #   BENCH_SKIP_BUILD=1 uses the binaries already in $CARGO_TARGET_DIR/release.
 #
 # The proxy under test is pinned to CPU 0 (taskset -c 0; one worker thread each), the
@@ -33,7 +38,7 @@ fi
 
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   echo "bench: building dp and loadgen (release)"
-  cargo build --release -q -p proxy --bin dp -p benches --bin loadgen
+  cargo build --release -q -p proxy --bin dp -p cp --bin cp -p benches --bin loadgen
 fi
 bin="$CARGO_TARGET_DIR/release"
 
@@ -64,4 +69,19 @@ cmd="scripts/bench.sh${*:+ $*}"
 "${sched[@]}" taskset -c 1 "$bin/loadgen" suite "${args[@]}" \
   --dp "$bin/dp" --envoy "$envoy" --haproxy "$haproxy" --nginx "$nginx" "${nginx_module[@]}" \
   --proxy-cpu 0 --header "$work/header.md" --notes "$root/benches/ANALYSIS.md" --out "$root/benches/RESULTS.md" --json "$root/benches/results.json"
+
+# DNS: dp vs Envoy's dns_filter vs unbound over 10,000 .mesh names (~70 s; --quick ~20 s),
+# appended to RESULTS.md; raw figures in benches/dns_results.json.
+dns_args=(--dp "$bin/dp" --envoy "$envoy" --out-md "$work/dns.md" --json "$root/benches/dns_results.json")
+if [ "$mode" = quick ]; then dns_args+=(--quick); fi
+"${sched[@]}" python3 benches/dns_bench.py "${dns_args[@]}" >/dev/null
+{ echo; cat "$work/dns.md"; } >>"$root/benches/RESULTS.md"
+
+# xDS: a 10,000-service snapshot from a file and over Delta ADS, then a one-endpoint
+# update (~90 s; --quick: 1,000 services, ~15 s). The script runs cp and the proxies
+# under SCHED_FIFO itself, and only while it times them.
+xds_args=(--dp "$bin/dp" --cp "$bin/cp" --envoy "$envoy" --out-md "$work/xds.md" --json "$root/benches/xds_results.json")
+if [ "$mode" = quick ]; then xds_args+=(--quick); fi
+python3 benches/xds_apply.py "${xds_args[@]}" >/dev/null
+{ echo; cat "$work/xds.md"; } >>"$root/benches/RESULTS.md"
 echo "bench: wrote benches/RESULTS.md ($mode)"
