@@ -119,6 +119,7 @@ impl xds_client::Handler for AdsHandler {
             versions.push(format!("{short}:{v}"));
         }
         r.version = versions.join(",");
+        r.raw = state.resources.values().flat_map(|items| items.values().map(|x| x.any.clone())).collect();
         let names = snapshot::dns_names(&r);
         let dns =
             if names.is_empty() { DnsAnswers::new() } else { tokio::task::block_in_place(|| resolve_blocking(&names)) };

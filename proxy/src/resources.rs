@@ -32,8 +32,10 @@ pub struct Resources {
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub secrets: Vec<Secret>,
-    /// The resources as they came, encoded (xDS `Any`s, or the file's items after JSON
-    /// decoding): kept for `/config_dump` instead of encoding the decoded structs again.
+    /// The resources as they came, encoded (the xDS `Any`s), when the caller has them:
+    /// kept for `/config_dump` instead of encoding the decoded structs again. Filled in
+    /// one pass after decoding, so that these long-lived buffers sit together on the heap
+    /// instead of between the decoder's garbage (which then could not be returned).
     pub raw: Vec<Any>,
 }
 
@@ -65,18 +67,6 @@ impl Resources {
 
     /// Adds one protobuf-encoded resource (an `Any`, as xDS carries it).
     pub fn push_any(&mut self, any: &Any) -> Result<(), String> {
-        self.decode_any(any)?;
-        self.raw.push(any.clone());
-        Ok(())
-    }
-
-    fn push_owned(&mut self, any: Any) -> Result<(), String> {
-        self.decode_any(&any)?;
-        self.raw.push(any);
-        Ok(())
-    }
-
-    fn decode_any(&mut self, any: &Any) -> Result<(), String> {
         let bytes = any.value.as_slice();
         let err = |e: prost::DecodeError| format!("cannot decode {}: {e}", any.type_url);
         match any.type_url.as_str() {
@@ -123,7 +113,7 @@ impl Resources {
         for (index, item) in items.into_iter().enumerate() {
             let (name, any) =
                 to_any(&pool, item).map_err(|(name, reason)| DecodeError::Resource { index, name, reason })?;
-            out.push_owned(any).map_err(|reason| DecodeError::Resource { index, name, reason })?;
+            out.push_any(&any).map_err(|reason| DecodeError::Resource { index, name, reason })?;
         }
         Ok(out)
     }
