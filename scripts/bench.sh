@@ -20,7 +20,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mesh-target}"
+# Each checkout builds into its own target/ unless CARGO_TARGET_DIR says otherwise: a
+# shared cache would hand one checkout test binaries built in another (their
+# CARGO_MANIFEST_DIR, and so the testdata paths they read, are compiled in).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 mode=full
 args=()
 for a in "$@"; do

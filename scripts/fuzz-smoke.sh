@@ -7,13 +7,13 @@
 #
 # Usage: scripts/fuzz-smoke.sh [SECONDS]
 # The fuzz build uses its own target dir, $MESH_FUZZ_TARGET_DIR, by default
-# ~/.cache/mesh-fuzz-target (instrumented builds must not share the
+# fuzz/target in this checkout (instrumented builds must not share the
 # workspace's target dir).
 set -euo pipefail
 
 seconds="${1:-20}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export CARGO_TARGET_DIR="${MESH_FUZZ_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mesh-fuzz-target}"
+export CARGO_TARGET_DIR="${MESH_FUZZ_TARGET_DIR:-$root/fuzz/target}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
