@@ -378,78 +378,6 @@ async fn debounce(cp: &Cp, changes: &mut tokio::sync::watch::Receiver<u64>) {
     changes.borrow_and_update();
 }
 
-async fn run_sotw(
-    cp: Arc<Cp>,
-    token: String,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) -> Result<(), Status> {
-    let Some(first) = recv_first(&mut inbound).await? else { return Ok(()) };
-    let mut changes = cp.store.subscribe();
-    changes.borrow_and_update();
-    let (id, _registration, _online) = admit(&cp, first.node.as_ref(), &token).await?;
-    let mut snap = build_snapshot(&cp, &id).await?;
-    let mut st = Sotw { types: BTreeMap::new(), nonce: 0 };
-    let mut next = Some(first);
-    loop {
-        if let Some(req) = next.take() {
-            if let Some(n) = &req.node
-                && !n.id.is_empty()
-                && n.id != id.node_id
-            {
-                return Err(Status::invalid_argument(format!(
-                    "node id changed from {} to {} on one stream",
-                    id.node_id, n.id
-                )));
-            }
-            if let Some(resp) = st.on_request(&snap, &id.node_id, req)
-                && tx.send(Ok(resp)).await.is_err()
-            {
-                return Ok(());
-            }
-            continue;
-        }
-        tokio::select! {
-            msg = inbound.message() => match msg {
-                Ok(Some(r)) => next = Some(r),
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    tracing::debug!(node = %id.node_id, error = %e, "ADS stream ended");
-                    return Ok(());
-                }
-            },
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-                debounce(&cp, &mut changes).await;
-                snap = build_snapshot(&cp, &id).await?;
-                let types: Vec<String> = st.types.keys().cloned().collect();
-                for t in types {
-                    if let Some(resp) = st.response(&snap, &t, false) {
-                        tracing::debug!(node = %id.node_id, type_url = %t, version = %resp.version_info, "push");
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            _ = refresh_due(&snap) => {
-                snap = build_snapshot(&cp, &id).await?;
-                let types: Vec<String> = st.types.keys().cloned().collect();
-                for t in types {
-                    if let Some(resp) = st.response(&snap, &t, false) {
-                        tracing::debug!(node = %id.node_id, type_url = %t, version = %resp.version_info, "push");
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[derive(Default)]
 struct DeltaType {
     subscribed: bool,
@@ -544,22 +472,81 @@ impl Delta {
     }
 }
 
-async fn run_delta(
+/// What differs between a State of the World and a Delta stream; the stream loop
+/// ([`run`]) is the same for both.
+trait Protocol: Send {
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    /// Logged when the stream ends with an error.
+    const NAME: &'static str;
+    fn node(req: &Self::Req) -> Option<&Node>;
+    /// The response to a request, if one is due.
+    fn on_request(&mut self, snap: &ProxySnapshot, node: &str, req: Self::Req) -> Option<Self::Resp>;
+    /// The push of `type_url` after the snapshot changed, if anything changed for it.
+    fn push(&mut self, snap: &ProxySnapshot, type_url: &str) -> Option<Self::Resp>;
+    /// The types the proxy subscribed to.
+    fn subscribed(&self) -> Vec<String>;
+}
+
+impl Protocol for Sotw {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const NAME: &'static str = "ADS";
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn on_request(&mut self, snap: &ProxySnapshot, node: &str, req: DiscoveryRequest) -> Option<DiscoveryResponse> {
+        Sotw::on_request(self, snap, node, req)
+    }
+    fn push(&mut self, snap: &ProxySnapshot, type_url: &str) -> Option<DiscoveryResponse> {
+        self.response(snap, type_url, false)
+    }
+    fn subscribed(&self) -> Vec<String> {
+        self.types.keys().cloned().collect()
+    }
+}
+
+impl Protocol for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta ADS";
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn on_request(
+        &mut self,
+        snap: &ProxySnapshot,
+        node: &str,
+        req: DeltaDiscoveryRequest,
+    ) -> Option<DeltaDiscoveryResponse> {
+        Delta::on_request(self, snap, node, req)
+    }
+    fn push(&mut self, snap: &ProxySnapshot, type_url: &str) -> Option<DeltaDiscoveryResponse> {
+        self.diff(snap, type_url, false)
+    }
+    fn subscribed(&self) -> Vec<String> {
+        self.types.keys().cloned().collect()
+    }
+}
+
+/// One ADS stream: admit the proxy on its first request, answer requests, and push
+/// what changed when the store changes (debounced) or a certificate is due for rotation.
+async fn run<P: Protocol>(
     cp: Arc<Cp>,
     token: String,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut st: P,
+    mut inbound: Streaming<P::Req>,
+    tx: mpsc::Sender<Result<P::Resp, Status>>,
 ) -> Result<(), Status> {
     let Some(first) = recv_first(&mut inbound).await? else { return Ok(()) };
     let mut changes = cp.store.subscribe();
     changes.borrow_and_update();
-    let (id, _registration, _online) = admit(&cp, first.node.as_ref(), &token).await?;
+    let (id, _registration, _online) = admit(&cp, P::node(&first), &token).await?;
     let mut snap = build_snapshot(&cp, &id).await?;
-    let mut st = Delta { types: BTreeMap::new(), nonce: 0 };
     let mut next = Some(first);
     loop {
         if let Some(req) = next.take() {
-            if let Some(n) = &req.node
+            if let Some(n) = P::node(&req)
                 && !n.id.is_empty()
                 && n.id != id.node_id
             {
@@ -580,7 +567,7 @@ async fn run_delta(
                 Ok(Some(r)) => next = Some(r),
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    tracing::debug!(node = %id.node_id, error = %e, "delta ADS stream ended");
+                    tracing::debug!(node = %id.node_id, error = %e, "{} stream ended", P::NAME);
                     return Ok(());
                 }
             },
@@ -589,25 +576,15 @@ async fn run_delta(
                     return Ok(());
                 }
                 debounce(&cp, &mut changes).await;
-                snap = build_snapshot(&cp, &id).await?;
-                let types: Vec<String> = st.types.keys().cloned().collect();
-                for t in types {
-                    if let Some(resp) = st.diff(&snap, &t, false)
-                        && tx.send(Ok(resp)).await.is_err()
-                    {
-                        return Ok(());
-                    }
-                }
             }
-            _ = refresh_due(&snap) => {
-                snap = build_snapshot(&cp, &id).await?;
-                let types: Vec<String> = st.types.keys().cloned().collect();
-                for t in types {
-                    if let Some(resp) = st.diff(&snap, &t, false)
-                        && tx.send(Ok(resp)).await.is_err()
-                    {
-                        return Ok(());
-                    }
+            _ = refresh_due(&snap) => {}
+        }
+        snap = build_snapshot(&cp, &id).await?;
+        for t in st.subscribed() {
+            if let Some(resp) = st.push(&snap, &t) {
+                tracing::debug!(node = %id.node_id, type_url = %t, "push");
+                if tx.send(Ok(resp)).await.is_err() {
+                    return Ok(());
                 }
             }
         }
@@ -628,7 +605,7 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel(16);
         let cp = self.cp.clone();
         tokio::spawn(async move {
-            if let Err(status) = run_sotw(cp, token, inbound, tx.clone()).await {
+            if let Err(status) = run(cp, token, Sotw { types: BTreeMap::new(), nonce: 0 }, inbound, tx.clone()).await {
                 tracing::warn!(code = ?status.code(), message = %status.message(), "ADS stream refused");
                 let _ = tx.send(Err(status)).await;
             }
@@ -645,7 +622,7 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel(16);
         let cp = self.cp.clone();
         tokio::spawn(async move {
-            if let Err(status) = run_delta(cp, token, inbound, tx.clone()).await {
+            if let Err(status) = run(cp, token, Delta { types: BTreeMap::new(), nonce: 0 }, inbound, tx.clone()).await {
                 tracing::warn!(code = ?status.code(), message = %status.message(), "delta ADS stream refused");
                 let _ = tx.send(Err(status)).await;
             }
