@@ -139,3 +139,30 @@ fn resolve_blocking(names: &[(String, u16)]) -> DnsAnswers {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::Any;
+
+    fn state(types: &[(&str, &[(&str, &str)])]) -> xds_client::State {
+        let mut s = xds_client::State::default();
+        for (t, items) in types {
+            let m = items
+                .iter()
+                .map(|(n, v)| (n.to_string(), xds_client::Resource { version: v.to_string(), any: Any::default() }))
+                .collect();
+            s.resources.insert(t.to_string(), m);
+        }
+        s
+    }
+
+    #[test]
+    fn an_empty_type_does_not_change_the_fingerprint_but_a_new_version_does() {
+        let before = state(&[("cds", &[("a", "1")]), ("lds", &[("l", "1")])]);
+        let empty_sds = state(&[("cds", &[("a", "1")]), ("lds", &[("l", "1")]), ("sds", &[])]);
+        let new_version = state(&[("cds", &[("a", "2")]), ("lds", &[("l", "1")])]);
+        assert_eq!(fingerprint(&before), fingerprint(&empty_sds));
+        assert_ne!(fingerprint(&before), fingerprint(&new_version));
+    }
+}
