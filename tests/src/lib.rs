@@ -114,6 +114,24 @@ impl Dp {
         dp
     }
 
+    /// Starts `dp run --proxy-type=<proxy_type>` against `cp` (its DP server and CA) with
+    /// the token and the resource in these files; returns once the admin API answers.
+    pub fn against(cp: &Cp, proxy_type: &str, token_file: &Path, resource_file: &Path, env: &[(&str, &str)]) -> Dp {
+        let pt = format!("--proxy-type={proxy_type}");
+        let cp_address = format!("--cp-address=https://localhost:{}", cp.dp_server.port());
+        let args = [
+            pt.as_str(),
+            &cp_address,
+            "--dataplane-token-file",
+            token_file.to_str().unwrap(),
+            "--ca-cert-file",
+            cp.ca_file.to_str().unwrap(),
+            "--dataplane-file",
+            resource_file.to_str().unwrap(),
+        ];
+        Dp::spawn(&args, env)
+    }
+
     /// Starts `dp run <args>` with admin and readiness on ephemeral ports; returns once
     /// the admin API answers (not necessarily ready).
     pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> Dp {

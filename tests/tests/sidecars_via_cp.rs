@@ -31,21 +31,7 @@ fn dp_with_env(cp: &Cp, proxy_type: &str, token: &str, resource: &str, env: &[(&
     let dir = temp_dir("sidecar-dp");
     let token_file = write(&dir, "token", token);
     let resource_file = write(&dir, "resource.yaml", resource);
-    let cp_address = format!("--cp-address=https://localhost:{}", cp.dp_server.port());
-    let pt = format!("--proxy-type={proxy_type}");
-    let dp = Dp::spawn(
-        &[
-            &pt,
-            &cp_address,
-            "--dataplane-token-file",
-            token_file.to_str().unwrap(),
-            "--ca-cert-file",
-            cp.ca_file.to_str().unwrap(),
-            "--dataplane-file",
-            resource_file.to_str().unwrap(),
-        ],
-        env,
-    );
+    let dp = Dp::against(cp, proxy_type, &token_file, &resource_file, env);
     dp.wait_ready();
     dp
 }

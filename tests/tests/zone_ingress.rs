@@ -55,18 +55,11 @@ async fn zone_with(cp: Cp, variant: &str) -> Zone {
         ),
     )
     .unwrap();
-    let cp_address = format!("--cp-address=https://localhost:{}", cp.dp_server.port());
-    let dp = Dp::spawn(
-        &[
-            "--proxy-type=ingress",
-            &cp_address,
-            "--dataplane-token-file",
-            token_file.to_str().unwrap(),
-            "--ca-cert-file",
-            cp.ca_file.to_str().unwrap(),
-            "--dataplane-file",
-            ingress_file.to_str().unwrap(),
-        ],
+    let dp = Dp::against(
+        &cp,
+        "ingress",
+        &token_file,
+        &ingress_file,
         &[("KUMA_DATAPLANE_RUNTIME_ENVOY_XDS_TRANSPORT_PROTOCOL_VARIANT", variant)],
     );
     dp.wait_ready();
@@ -144,7 +137,6 @@ async fn a_token_of_the_wrong_scope_or_zone_is_refused_clearly() {
         format!("type: ZoneIngress\nname: ingress-01\nnetworking:\n  address: 127.0.0.1\n  port: {}\n", free_port()),
     )
     .unwrap();
-    let cp_address = format!("--cp-address=https://localhost:{}", cp.dp_server.port());
     for (args, want) in [
         (vec!["--zone", "zone-1", "--scope", "egress"], "scope"),
         (vec!["--zone", "zone-2", "--scope", "ingress"], "zone-2"),
@@ -153,19 +145,7 @@ async fn a_token_of_the_wrong_scope_or_zone_is_refused_clearly() {
         ctl_args.extend_from_slice(&args);
         let token_file = dir.join("token");
         std::fs::write(&token_file, cp.ctl(&ctl_args)).unwrap();
-        let dp = Dp::spawn(
-            &[
-                "--proxy-type=ingress",
-                &cp_address,
-                "--dataplane-token-file",
-                token_file.to_str().unwrap(),
-                "--ca-cert-file",
-                cp.ca_file.to_str().unwrap(),
-                "--dataplane-file",
-                ingress_file.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let dp = Dp::against(&cp, "ingress", &token_file, &ingress_file, &[]);
         let line = dp.logs.wait_for(&["Unauthenticated"]);
         assert!(line.contains(want), "{args:?}: {line}");
         assert_eq!(e2e::http_get(dp.admin, "/ready").unwrap().0, 503, "not ready without configuration");
