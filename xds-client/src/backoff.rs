@@ -21,21 +21,21 @@ impl Default for Backoff {
 
 /// The running state of one [`Backoff`].
 #[derive(Debug)]
-pub(crate) struct Retry {
+pub struct Retry {
     config: Backoff,
     attempt: u32,
     rng: u64,
 }
 
 impl Retry {
-    pub(crate) fn new(config: Backoff) -> Self {
+    pub fn new(config: Backoff) -> Self {
         // A random seed without a dependency: std's per-process random SipHash keys.
         let seed = RandomState::new().build_hasher().finish() | 1;
         Self { config, attempt: 0, rng: seed }
     }
 
     /// Back to the first delay (after a stream that delivered a response).
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.attempt = 0;
     }
 
@@ -45,7 +45,7 @@ impl Retry {
         self.config.initial.saturating_mul(factor).min(self.config.max)
     }
 
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let cap = self.cap();
         self.attempt = self.attempt.saturating_add(1);
         // xorshift64*

@@ -29,46 +29,70 @@ pub(crate) struct Transport {
     pub(crate) display: String,
 }
 
+/// How a client trusts a control plane's certificate.
+#[derive(Clone, Debug, Default)]
+pub struct Trust {
+    /// Trust only this CA (PEM, one or more certificates).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Accept any certificate (the handshake signatures are still checked).
+    pub skip_verify: bool,
+    /// Name the certificate must match; defaults to the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+/// A tonic endpoint for a control plane at `url` (`https://host:port` or `http://host:port`):
+/// TLS as `trust` says (neither a CA nor `skip_verify`: the system trust store), connect
+/// timeout and TCP keepalive. Shared by the ADS client and `cp`'s KDS client, so both
+/// trust a control plane the same way.
+pub fn endpoint(url: &str, trust: &Trust) -> Result<Endpoint, ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidEndpoint { endpoint: url.to_string(), reason };
+    let uri: Uri = url.parse().map_err(|e: tonic::codegen::http::uri::InvalidUri| invalid(e.to_string()))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(invalid("the scheme must be http or https".into())),
+    };
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| invalid("no host".into()))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| invalid(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+        .tcp_keepalive_interval(Some(TCP_KEEPALIVE))
+        .tcp_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
+
+    if https {
+        let server_name = trust.server_name.clone().unwrap_or(host);
+        ServerName::try_from(server_name.clone())
+            .map_err(|e| ConfigError::Tls(format!("server name {server_name:?}: {e}")))?;
+        let tls = ClientTlsConfig::new().domain_name(server_name).assume_http2(true).timeout(TLS_TIMEOUT);
+        endpoint = if trust.skip_verify {
+            endpoint.tls_config_with_verifier(tls, Arc::new(AcceptAnyServerCert::new()))
+        } else if let Some(pem) = &trust.ca_pem {
+            check_ca_pem(pem)?;
+            endpoint.tls_config(tls.ca_certificate(Certificate::from_pem(pem)))
+        } else {
+            // As kuma-dp 2.14: no CA given and no --skip-verify => the system trust store.
+            endpoint.tls_config(tls.with_native_roots())
+        }
+        .map_err(|e| ConfigError::Tls(error_chain(&e)))?;
+    }
+    Ok(endpoint)
+}
+
 impl Transport {
     pub(crate) fn new(config: &Config) -> Result<Self, ConfigError> {
         if config.type_urls.is_empty() {
             return Err(ConfigError::NoTypes);
         }
-        let invalid = |reason: String| ConfigError::InvalidEndpoint { endpoint: config.endpoint.clone(), reason };
-        let uri: Uri =
-            config.endpoint.parse().map_err(|e: tonic::codegen::http::uri::InvalidUri| invalid(e.to_string()))?;
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(invalid("the scheme must be http or https".into())),
+        let trust = Trust {
+            ca_pem: config.ca_pem.clone(),
+            skip_verify: config.skip_verify,
+            server_name: config.tls_server_name.clone(),
         };
-        let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(|| invalid("no host".into()))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-
-        let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
-            .map_err(|e| invalid(e.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .tcp_keepalive(Some(TCP_KEEPALIVE))
-            .tcp_keepalive_interval(Some(TCP_KEEPALIVE))
-            .tcp_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
-
-        if https {
-            let server_name = config.tls_server_name.clone().unwrap_or(host);
-            ServerName::try_from(server_name.clone())
-                .map_err(|e| ConfigError::Tls(format!("server name {server_name:?}: {e}")))?;
-            let tls = ClientTlsConfig::new().domain_name(server_name).assume_http2(true).timeout(TLS_TIMEOUT);
-            endpoint = if config.skip_verify {
-                endpoint.tls_config_with_verifier(tls, Arc::new(AcceptAnyServerCert::new()))
-            } else if let Some(pem) = &config.ca_pem {
-                check_ca_pem(pem)?;
-                endpoint.tls_config(tls.ca_certificate(Certificate::from_pem(pem)))
-            } else {
-                // As kuma-dp 2.14: no CA given and no --skip-verify => the system trust store.
-                endpoint.tls_config(tls.with_native_roots())
-            }
-            .map_err(|e| ConfigError::Tls(error_chain(&e)))?;
-        }
+        let endpoint = endpoint(&config.endpoint, &trust)?;
 
         let token = match &config.token {
             None => None,
@@ -78,7 +102,7 @@ impl Transport {
     }
 }
 
-fn check_ca_pem(pem: &[u8]) -> Result<(), ConfigError> {
+pub fn check_ca_pem(pem: &[u8]) -> Result<(), ConfigError> {
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(pem) {
         cert.map_err(|e| ConfigError::InvalidCa(e.to_string()))?;
@@ -91,7 +115,7 @@ fn check_ca_pem(pem: &[u8]) -> Result<(), ConfigError> {
 }
 
 /// `error: cause: cause`, skipping causes that repeat their parent's text.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
