@@ -115,6 +115,8 @@ pub struct Request {
     pub dns_port: Option<u16>,
     /// dp runs the embedded DNS proxy: ask for the `/dns` records (`feature-embedded-dns`).
     pub embedded_dns: bool,
+    /// `--bind-outbounds`: VIP outbounds bound on this host (`feature-bind-outbounds`).
+    pub bind_outbounds: bool,
 }
 
 impl Request {
@@ -125,6 +127,9 @@ impl Request {
         }
         if self.embedded_dns {
             features.push("feature-embedded-dns");
+        }
+        if self.bind_outbounds {
+            features.push("feature-bind-outbounds");
         }
         json!({
             "mesh": self.mesh,

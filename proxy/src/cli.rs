@@ -116,6 +116,11 @@ pub struct RunArgs {
     /// [env: KUMA_DATAPLANE_RUNTIME_ENVOY_XDS_TRANSPORT_PROTOCOL_VARIANT]
     #[arg(long, hide = true, default_value = "GRPC")]
     pub xds_variant: String,
+    /// Bind the outbounds of every `.mesh` VIP on this host (the control plane's VIP range
+    /// must be in 127.0.0.0/8), so apps reach `<service>.mesh` without transparent
+    /// proxying [env: KUMA_DATAPLANE_RUNTIME_BIND_OUTBOUNDS]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
+    pub bind_outbounds: bool,
 }
 
 impl RunArgs {
@@ -165,6 +170,7 @@ impl RunArgs {
         parsed!(self.retry_backoff, "KUMA_CONTROL_PLANE_RETRY_BACKOFF", parse_duration, "a duration like 3s");
         parsed!(self.retry_max_duration, "KUMA_CONTROL_PLANE_RETRY_MAX_DURATION", parse_duration, "a duration like 5m");
         string!(self.xds_variant, "KUMA_DATAPLANE_RUNTIME_ENVOY_XDS_TRANSPORT_PROTOCOL_VARIANT");
+        parsed!(self.bind_outbounds, "KUMA_DATAPLANE_RUNTIME_BIND_OUTBOUNDS", parse_bool, "true or false");
         Ok(())
     }
 
