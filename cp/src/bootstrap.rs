@@ -7,8 +7,8 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::components::zone::ZoneCp;
 use crate::config::{DpProxyAuth, ZoneProxyAuth};
-use crate::context::Cp;
 use crate::model::{DataplaneSpec, Resource, ResourceType, ZoneIngressSpec};
 
 /// `kumahq/kuma:pkg/xds/bootstrap/types/bootstrap_request.go` (fields we read; the rest is ignored).
@@ -58,7 +58,7 @@ fn err(status: u16, message: impl Into<String>) -> BootstrapError {
 pub const FEATURE_DELTA: &str = "feature-delta-grpc";
 
 /// Handle a bootstrap request. `host` is the hostname the client used (Host header).
-pub async fn handle(cp: &Arc<Cp>, req: BootstrapRequest, host: &str) -> Result<(String, Value), BootstrapError> {
+pub async fn handle(cp: &Arc<ZoneCp>, req: BootstrapRequest, host: &str) -> Result<(String, Value), BootstrapError> {
     let proxy_type = if req.proxy_type.is_empty() { "dataplane".to_string() } else { req.proxy_type.clone() };
     let rtype = match proxy_type.as_str() {
         "dataplane" => ResourceType::Dataplane,

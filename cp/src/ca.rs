@@ -5,6 +5,8 @@
 //!   `<mesh>.ca-builtin-cert-<backend>` / `<mesh>.ca-builtin-key-<backend>` (base64 PEM in
 //!   `data`). It is also written to `<work dir>/mesh-ca/` so that it survives a restart of
 //!   the in-memory store: re-applying the Mesh brings the same CA back.
+//! * Only where the Mesh is created (global, or a standalone zone): a federated zone signs
+//!   with the CA secrets global sends it, and never makes one of its own.
 //! * Identity certificates (RSA 2048, empty subject, URI SANs `spiffe://<mesh>/<service>`
 //!   and `kuma://<tag>/<value>`, server+client auth) are issued on demand, kept in memory
 //!   only (as Kuma does), and re-issued after 4/5 of their lifetime, or when the proxy's
@@ -86,6 +88,8 @@ impl IdentityCert {
 /// CA and identity certificate manager (one per control plane).
 pub struct CaManager {
     work_dir: PathBuf,
+    /// False on a federated zone: the CA comes from global.
+    may_create: bool,
     /// Serialises CA creation (two streams must not create two CAs).
     create: tokio::sync::Mutex<()>,
     /// (mesh, dataplane) -> current certificate.
@@ -188,8 +192,8 @@ fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
 }
 
 impl CaManager {
-    pub fn new(work_dir: PathBuf) -> Self {
-        CaManager { work_dir, create: tokio::sync::Mutex::new(()), certs: Mutex::new(HashMap::new()) }
+    pub fn new(work_dir: PathBuf, may_create: bool) -> Self {
+        CaManager { work_dir, may_create, create: tokio::sync::Mutex::new(()), certs: Mutex::new(HashMap::new()) }
     }
 
     fn files(&self, mesh: &str, backend: &str) -> (PathBuf, PathBuf) {
@@ -217,6 +221,11 @@ impl CaManager {
     pub async fn ensure_ca(&self, store: &Arc<dyn Store>, mesh: &str, backend: &str) -> Result<MeshCa, CaError> {
         if let Some(ca) = Self::load(store.as_ref(), mesh, backend).await? {
             return Ok(ca);
+        }
+        if !self.may_create {
+            return Err(CaError::Store(format!(
+                "the CA of mesh {mesh:?} (backend {backend:?}) has not arrived from the global control plane yet"
+            )));
         }
         let _guard = self.create.lock().await;
         if let Some(ca) = Self::load(store.as_ref(), mesh, backend).await? {

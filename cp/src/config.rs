@@ -44,9 +44,47 @@ pub struct RunConfig {
     /// Name of this zone (Kuma's default is `default`).
     #[arg(long = "zone", env = "KUMA_MULTIZONE_ZONE_NAME", default_value = "default")]
     pub zone_name: String,
-    /// Address of the global CP's KDS (grpcs://host:5685). Accepted; zone<->global sync is not implemented yet.
+    /// Address of the global CP's KDS (grpcs://host:5685 or grpc://host:5685); set = a
+    /// federated zone that syncs with that global.
     #[arg(long = "global-address", env = "KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS")]
     pub global_address: Option<String>,
+    /// CA certificate (PEM) the zone trusts for global's KDS server (global's kuma-cp.crt).
+    #[arg(long = "kds-root-ca-file", env = "KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE")]
+    pub kds_root_ca_file: Option<PathBuf>,
+    /// Accept any KDS server certificate (testing only).
+    #[arg(long = "kds-tls-skip-verify", env = "KUMA_MULTIZONE_ZONE_KDS_TLS_SKIP_VERIFY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub kds_tls_skip_verify: bool,
+    /// Global: KDS gRPC port (TLS). 0 = any free port.
+    #[arg(long = "kds-port", env = "KUMA_MULTIZONE_GLOBAL_KDS_GRPC_PORT", default_value_t = 5685)]
+    pub kds_port: u16,
+    /// Global: KDS server certificate (PEM chain) instead of the generated one.
+    #[arg(long = "kds-tls-cert-file", env = "KUMA_MULTIZONE_GLOBAL_KDS_TLS_CERT_FILE")]
+    pub kds_tls_cert_file: Option<PathBuf>,
+    /// Global: private key (PEM) for --kds-tls-cert-file.
+    #[arg(long = "kds-tls-key-file", env = "KUMA_MULTIZONE_GLOBAL_KDS_TLS_KEY_FILE")]
+    pub kds_tls_key_file: Option<PathBuf>,
+    /// Largest KDS message, both ways (Kuma: 10 MiB).
+    #[arg(long = "kds-max-msg-size", env = "KUMA_MULTIZONE_GLOBAL_KDS_MAX_MSG_SIZE", default_value_t = 10 * 1024 * 1024)]
+    pub kds_max_msg_size: usize,
+    /// Global: a zone whose KDS streams stay silent this long shows Offline.
+    #[arg(long = "zone-idle-timeout", env = "KUMA_METRICS_ZONE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub zone_idle_timeout: Duration,
+    /// First delay before a zone dials global again after a failure (doubles, with jitter).
+    #[arg(long = "kds-base-backoff", env = "KUMA_GENERAL_RESILIENT_COMPONENT_BASE_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub kds_base_backoff: Duration,
+    /// Longest delay between two dials of global.
+    #[arg(long = "kds-max-backoff", env = "KUMA_GENERAL_RESILIENT_COMPONENT_MAX_BACKOFF", default_value = "15s", value_parser = parse_duration)]
+    pub kds_max_backoff: Duration,
+    /// Range the `.mesh` VIPs are allocated from. A range in 127.0.0.0/8 lets proxies
+    /// without transparent proxying bind every VIP (`<vip>:<service VIP port>`).
+    #[arg(long = "dns-cidr", env = "KUMA_DNS_SERVER_CIDR", default_value = "240.0.0.0/4")]
+    pub dns_cidr: crate::vips::Cidr,
+    /// Port of the VIP outbounds (`<service>.mesh:<port>`).
+    #[arg(long = "dns-service-vip-port", env = "KUMA_DNS_SERVER_SERVICE_VIP_PORT", default_value_t = 80)]
+    pub service_vip_port: u32,
+    /// Do not create the `default` Mesh at start-up (global and standalone zones create it).
+    #[arg(long = "skip-mesh-creation", env = "KUMA_DEFAULTS_SKIP_MESH_CREATION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub skip_mesh_creation: bool,
     /// Interface both servers bind to.
     #[arg(long = "bind-address", env = "KUMA_CP_BIND_ADDRESS", default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
@@ -97,7 +135,7 @@ pub struct RunConfig {
     /// Debounce of xDS regeneration after a store change.
     #[arg(long = "xds-debounce", env = "KUMA_XDS_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
     pub xds_debounce: Duration,
-    /// Write {"dp_server": "...", "api": "...", "ca_cert_file": "..."} here once both servers are bound.
+    /// Write {"dp_server": "...", "api": "...", "kds": "...", "ca_cert_file": "..."} here once the servers are bound.
     #[arg(long = "address-file")]
     pub address_file: Option<PathBuf>,
 }
@@ -110,6 +148,18 @@ impl RunConfig {
             mode: Mode::Zone,
             zone_name: "zone-1".into(),
             global_address: None,
+            kds_root_ca_file: None,
+            kds_tls_skip_verify: false,
+            kds_port: 0,
+            kds_tls_cert_file: None,
+            kds_tls_key_file: None,
+            kds_max_msg_size: 10 * 1024 * 1024,
+            zone_idle_timeout: Duration::from_secs(300),
+            kds_base_backoff: Duration::from_millis(200),
+            kds_max_backoff: Duration::from_secs(2),
+            skip_mesh_creation: true,
+            dns_cidr: crate::vips::Cidr::default(),
+            service_vip_port: 80,
             bind_address: IpAddr::from([127, 0, 0, 1]),
             dp_server_port: 0,
             api_port: 0,
@@ -137,5 +187,10 @@ impl RunConfig {
 
     pub fn is_global(&self) -> bool {
         self.mode == Mode::Global
+    }
+
+    /// A zone that syncs with a global control plane (`KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS` set).
+    pub fn is_federated_zone(&self) -> bool {
+        !self.is_global() && self.global_address.as_deref().is_some_and(|a| !a.trim().is_empty())
     }
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,13 +18,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::bootstrap::{self, BootstrapRequest, BootstrapResponse};
-use crate::context::Cp;
+use crate::components::zone::ZoneCp;
 
 const MAX_BOOTSTRAP_BODY: usize = 2 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 10_000;
 
-pub fn router(cp: Arc<Cp>) -> Router {
+pub fn router(cp: Arc<ZoneCp>) -> Router {
     let grpc = tonic::service::Routes::new(crate::xds::service(cp.clone())).prepare().into_axum_router();
     grpc.route("/bootstrap", post(bootstrap_handler).with_state(cp)).fallback(not_found)
 }
@@ -40,7 +39,7 @@ fn text(status: StatusCode, body: String) -> Response {
     r
 }
 
-async fn bootstrap_handler(State(cp): State<Arc<Cp>>, req: Request) -> Response {
+async fn bootstrap_handler(State(cp): State<Arc<ZoneCp>>, req: Request) -> Response {
     let host = req
         .uri()
         .host()
@@ -99,6 +98,19 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     router: Router,
     per_conn: fn(Router, SocketAddr) -> Router,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_with(listener, tls, router, per_conn, None, shutdown).await
+}
+
+/// [`serve`] with HTTP/2 PINGs every `keepalive` (a peer that does not answer within
+/// the same time is dropped): how a KDS server notices a zone behind a dead link.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: Router,
+    per_conn: fn(Router, SocketAddr) -> Router,
+    keepalive: Option<Duration>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -125,7 +137,10 @@ pub async fn serve(
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            if let Some(k) = keepalive {
+                builder.http2().keep_alive_interval(k).keep_alive_timeout(k);
+            }
             match acceptor {
                 Some(acc) => {
                     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(stream)).await {
@@ -155,6 +170,3 @@ pub async fn serve(
         });
     }
 }
-
-/// Keep the body type nameable for callers that build responses by hand.
-pub type HttpBody = Body;

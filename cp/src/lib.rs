@@ -1,15 +1,25 @@
-//! `cp`: a lightweight control plane speaking Kuma 2.14's protocols (REST API, zone and
-//! dataplane tokens, `POST /bootstrap`, SotW and Delta ADS) for zone ingresses, and the
-//! library behind the `cp` and `ctl` binaries.
+//! `cp`: a lightweight control plane speaking Kuma 2.14's protocols, and the library behind
+//! the `cp` and `ctl` binaries.
+//!
+//! * [`components`]: what each mode runs: a zone ([`components::zone`]: DP server with
+//!   bootstrap and ADS for its proxies) or global ([`components::global`]: the KDS server
+//!   zones dial); both serve the REST API ([`api`]).
+//! * [`model`] and [`store`]: Kuma resources, one descriptor per type, and their storage
+//!   with typed change events.
+//! * [`kds`]: the multi-zone sync, both sides. [`xds`]: the ADS server and generation.
+//! * [`reconcile`]: derived state (availableServices, VIPs, CAs, insights).
 
 pub mod api;
 pub mod bootstrap;
 pub mod ca;
+pub mod components;
 pub mod config;
 pub mod context;
 pub mod dpserver;
+pub mod kds;
+pub mod lifecycle;
 pub mod model;
-pub mod server;
+pub mod reconcile;
 pub mod store;
 pub mod tls;
 pub mod tokens;

@@ -10,6 +10,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::context::random_uuid;
 use crate::model::{Resource, ResourceType, now_unix};
 use crate::store::Store;
 
@@ -42,6 +43,10 @@ pub enum TokenError {
     Mismatch { what: &'static str, token: String, actual: String },
     #[error("{0}")]
     Invalid(String),
+    /// This control plane cannot issue that token (a federated zone for zone tokens, or a
+    /// key global has not sent yet).
+    #[error("{0}")]
+    NotIssuer(String),
     #[error("signing key failure: {0}")]
     Internal(String),
 }
@@ -88,16 +93,51 @@ pub struct DataplaneClaims {
 #[derive(Clone)]
 pub struct Tokens {
     store: Arc<dyn Store>,
+    /// A federated zone verifies zone tokens with the public keys global sends and mints
+    /// none; its dataplane-token keys come from global too.
+    federated: bool,
 }
 
-fn random_uuid() -> String {
-    let mut b = [0u8; 16];
-    // aws-lc's system RNG; failure is practically impossible and only weakens jti uniqueness.
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+use crate::kds::mapper::{ZONE_TOKEN_KEY_PREFIX, ZONE_TOKEN_PUBLIC_KEY_PREFIX};
+
+/// The public half of an RSA private key (PEM), as Kuma sends zone-token keys to zones:
+/// PKCS#1 `RSA PUBLIC KEY` PEM.
+pub fn rsa_public_key_pem(private_pem: &str) -> Option<String> {
+    let key = rcgen::KeyPair::from_pem(private_pem).ok()?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let pkcs1 = spki_rsa_key(&spki)?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs1);
+    let mut out = String::from("-----BEGIN RSA PUBLIC KEY-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).ok()?);
+        out.push('\n');
+    }
+    out.push_str("-----END RSA PUBLIC KEY-----\n");
+    Some(out)
+}
+
+/// The `RSAPublicKey` inside a SubjectPublicKeyInfo (DER): `SEQUENCE { algorithm,
+/// BIT STRING { 0 unused bits, RSAPublicKey } }`.
+fn spki_rsa_key(spki: &[u8]) -> Option<&[u8]> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = b.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            (rest[..n].iter().fold(0usize, |a, b| (a << 8) | usize::from(*b)), &rest[n..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    let (0x30, body, _) = tlv(spki)? else { return None };
+    let (0x30, _, rest) = tlv(body)? else { return None };
+    let (0x03, bits, _) = tlv(rest)? else { return None };
+    let (&0, key) = bits.split_first()? else { return None };
+    Some(key)
 }
 
 fn zone_key_name() -> String {
@@ -120,8 +160,8 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> TokenError {
 }
 
 impl Tokens {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Tokens { store }
+    pub fn new(store: Arc<dyn Store>, federated: bool) -> Self {
+        Tokens { store, federated }
     }
 
     /// PEM of the private signing key stored under (type, mesh, name), created when absent.
@@ -182,6 +222,12 @@ impl Tokens {
         self.signing_key(ResourceType::GlobalSecret, "", &zone_key_name(), true).await.map(|_| ())
     }
 
+    /// Create the dataplane-token signing key of `mesh` if it does not exist yet (global
+    /// and standalone zones, for every Mesh; global sends it to the zones).
+    pub async fn ensure_dataplane_signing_key(&self, mesh: &str) -> Result<(), TokenError> {
+        self.signing_key(ResourceType::Secret, mesh, &dataplane_key_name(mesh), true).await.map(|_| ())
+    }
+
     fn sign<T: Serialize>(pem: &str, claims: &T) -> Result<String, TokenError> {
         let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| TokenError::Internal(e.to_string()))?;
         let mut header = Header::new(Algorithm::RS256);
@@ -204,6 +250,13 @@ impl Tokens {
         nbf: u64,
         exp: u64,
     ) -> Result<String, TokenError> {
+        if self.federated {
+            return Err(TokenError::NotIssuer(
+                "zone tokens are issued by the global control plane: run `ctl generate zone-token` against global's \
+                 API (this zone control plane only verifies them)"
+                    .into(),
+            ));
+        }
         if zone.is_empty() {
             return Err(TokenError::Invalid("zone: must not be empty".into()));
         }
@@ -235,9 +288,14 @@ impl Tokens {
             return Err(TokenError::Invalid("type: must be one of dataplane, ingress, egress".into()));
         }
         let pem = self
-            .signing_key(ResourceType::Secret, &claims.mesh, &dataplane_key_name(&claims.mesh), true)
+            .signing_key(ResourceType::Secret, &claims.mesh, &dataplane_key_name(&claims.mesh), !self.federated)
             .await?
-            .ok_or_else(|| TokenError::Internal("no dataplane signing key".into()))?;
+            .ok_or_else(|| {
+                TokenError::NotIssuer(format!(
+                    "the dataplane token signing key of mesh {:?} has not arrived from the global control plane yet",
+                    claims.mesh
+                ))
+            })?;
         let now = now_unix();
         claims.nbf = now.saturating_sub(5);
         claims.iat = now;
@@ -266,9 +324,13 @@ impl Tokens {
             .signing_key(rtype, mesh, &format!("{key_prefix}{kid}"), false)
             .await?
             .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?;
-        let private = rcgen::KeyPair::from_pem(&pem).map_err(|e| TokenError::Internal(e.to_string()))?;
-        let key = DecodingKey::from_rsa_pem(private.public_key_pem().as_bytes())
-            .map_err(|e| TokenError::Internal(e.to_string()))?;
+        // A private key (where tokens are minted) or the public key global sent (a federated zone).
+        let public = if pem.contains("PUBLIC KEY") {
+            pem
+        } else {
+            rcgen::KeyPair::from_pem(&pem).map_err(|e| TokenError::Internal(e.to_string()))?.public_key_pem()
+        };
+        let key = DecodingKey::from_rsa_pem(public.as_bytes()).map_err(|e| TokenError::Internal(e.to_string()))?;
         let mut v = Validation::new(Algorithm::RS256);
         v.leeway = 0;
         v.validate_nbf = true;
@@ -278,7 +340,8 @@ impl Tokens {
 
     /// Validate a zone token for a zone proxy of `scope` (`ingress`/`egress`) on the CP of `cp_zone`.
     pub async fn validate_zone(&self, token: &str, scope: &str, cp_zone: &str) -> Result<ZoneClaims, TokenError> {
-        let claims: ZoneClaims = self.verify(token, ResourceType::GlobalSecret, "", "zone-token-signing-key-").await?;
+        let prefix = if self.federated { ZONE_TOKEN_PUBLIC_KEY_PREFIX } else { ZONE_TOKEN_KEY_PREFIX };
+        let claims: ZoneClaims = self.verify(token, ResourceType::GlobalSecret, "", prefix).await?;
         if !claims.scope.iter().any(|s| s == scope) {
             return Err(TokenError::Scope(scope.into()));
         }
@@ -336,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn zone_token_round_trip_and_refusals() {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let t = Tokens::new(Arc::new(MemoryStore::new()));
+        let t = Tokens::new(Arc::new(MemoryStore::new()), false);
         let tok = t.issue_zone("zone-1", &["ingress".into()], Duration::from_secs(60)).await.unwrap();
         let h = jsonwebtoken::decode_header(&tok).unwrap();
         assert_eq!(h.kid.as_deref(), Some("1"));
@@ -355,5 +418,26 @@ mod tests {
         let now = now_unix();
         let old = t.issue_zone_with_times("zone-1", &["ingress".into()], now - 100, now - 10).await.unwrap();
         assert!(matches!(t.validate_zone(&old, "ingress", "zone-1").await, Err(TokenError::Expired)));
+    }
+
+    #[tokio::test]
+    async fn a_federated_zone_verifies_with_the_public_key_and_mints_nothing() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let global = Tokens::new(Arc::new(MemoryStore::new()), false);
+        let tok = global.issue_zone("zone-1", &["ingress".into()], Duration::from_secs(60)).await.unwrap();
+        let private =
+            global.signing_key(ResourceType::GlobalSecret, "", &zone_key_name(), false).await.unwrap().unwrap();
+        let public = rsa_public_key_pem(&private).unwrap();
+        assert!(public.starts_with("-----BEGIN RSA PUBLIC KEY-----\n"), "{public}");
+        let zone_store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let mut r = Resource::new(ResourceType::GlobalSecret, "", "zone-token-signing-public-key-1");
+        r.spec.insert("data".into(), base64::engine::general_purpose::STANDARD.encode(public).into());
+        zone_store.upsert(r, None).await.unwrap();
+        let zone = Tokens::new(zone_store, true);
+        assert_eq!(zone.validate_zone(&tok, "ingress", "zone-1").await.unwrap().zone, "zone-1");
+        assert!(matches!(
+            zone.issue_zone("zone-1", &["ingress".into()], Duration::from_secs(60)).await,
+            Err(TokenError::NotIssuer(_))
+        ));
     }
 }

@@ -1,6 +1,6 @@
-//! `.mesh` virtual IPs: one per `kuma.io/service` of a mesh, from `240.0.0.0/4` (Kuma's
-//! `KUMA_DNS_SERVER_CIDR`), allocated lowest-free-first and never reclaimed, so that a
-//! service keeps its VIP.
+//! `.mesh` virtual IPs: one per `kuma.io/service` of a mesh, from `KUMA_DNS_SERVER_CIDR`
+//! (`240.0.0.0/4`), allocated lowest-free-first and never reclaimed, so that a service
+//! keeps its VIP. A VIP outside the configured range (the range changed) is allocated anew.
 //!
 //! The allocation of a mesh is stored as Kuma's `kuma-<mesh>-dns-vips` Config resource
 //! (spec `config`: JSON object service -> IP) and written to `<work dir>/dns-vips/<mesh>.json`
@@ -14,14 +14,49 @@ use std::sync::Arc;
 use crate::model::{DataplaneSpec, Resource, ResourceType, SERVICE_TAG, ZoneIngressSpec};
 use crate::store::Store;
 
-/// First address of `240.0.0.0/4`.
-const CIDR_START: u32 = 0xF000_0000;
-/// Number of addresses in `240.0.0.0/4`.
-const CIDR_SIZE: u32 = 1 << 28;
 /// Kuma's `KUMA_DNS_SERVER_DOMAIN`.
 pub const DNS_DOMAIN: &str = "mesh";
-/// Kuma's `KUMA_DNS_SERVER_SERVICE_VIP_PORT`.
+/// Kuma's default `KUMA_DNS_SERVER_SERVICE_VIP_PORT`.
 pub const SERVICE_VIP_PORT: u32 = 80;
+
+/// An IPv4 range `a.b.c.d/n` (`KUMA_DNS_SERVER_CIDR`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    start: u32,
+    /// Number of addresses.
+    size: u64,
+}
+
+impl Default for Cidr {
+    fn default() -> Self {
+        Cidr { start: 0xF000_0000, size: 1 << 28 } // 240.0.0.0/4
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err = || format!("{s:?} is not an IPv4 range like 240.0.0.0/4");
+        let (ip, bits) = s.trim().split_once('/').ok_or_else(err)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| err())?;
+        let bits: u32 = bits.parse().ok().filter(|b| (1..=32).contains(b)).ok_or_else(err)?;
+        let mask = if bits == 32 { u32::MAX } else { !(u32::MAX >> bits) };
+        Ok(Cidr { start: u32::from(ip) & mask, size: 1u64 << (32 - bits) })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let ip = u64::from(u32::from(ip));
+        ip >= u64::from(self.start) && ip < u64::from(self.start) + self.size
+    }
+
+    /// In `127.0.0.0/8`: every VIP is an address of this host, so a proxy can bind it
+    /// without transparent proxying.
+    pub fn is_loopback(&self) -> bool {
+        Ipv4Addr::from(self.start).is_loopback() && self.size <= 1 << 24
+    }
+}
 
 pub fn config_name(mesh: &str) -> String {
     format!("kuma-{mesh}-dns-vips")
@@ -93,11 +128,13 @@ pub fn services_by_mesh(dataplanes: &[Resource], ingresses: &[Resource]) -> BTre
     out
 }
 
-/// Give every service a VIP: keep existing ones, allocate the lowest free address for new ones.
-pub fn allocate(existing: &VipMap, services: &BTreeSet<String>) -> VipMap {
-    let mut out = existing.clone();
+/// Give every service a VIP in `cidr`: keep existing ones, allocate the lowest free address
+/// for new ones.
+pub fn allocate(existing: &VipMap, services: &BTreeSet<String>, cidr: Cidr) -> VipMap {
+    let mut out: VipMap =
+        existing.iter().filter(|(_, ip)| cidr.contains(**ip)).map(|(s, ip)| (s.clone(), *ip)).collect();
     let used: BTreeSet<u64> = out.values().map(|ip| u64::from(u32::from(*ip))).collect();
-    let mut next = u64::from(CIDR_START);
+    let mut next = u64::from(cidr.start);
     let mut used_iter = used.into_iter().peekable();
     for s in services {
         if out.contains_key(s) {
@@ -110,8 +147,8 @@ pub fn allocate(existing: &VipMap, services: &BTreeSet<String>) -> VipMap {
             used_iter.next();
             next += 1;
         }
-        let Some(ip) = u32::try_from(next).ok().filter(|_| next < u64::from(CIDR_START) + u64::from(CIDR_SIZE)) else {
-            tracing::warn!(service = %s, "the .mesh VIP range 240.0.0.0/4 is exhausted");
+        let Some(ip) = u32::try_from(next).ok().filter(|_| next < u64::from(cidr.start) + cidr.size) else {
+            tracing::warn!(service = %s, "the .mesh VIP range (KUMA_DNS_SERVER_CIDR) is exhausted");
             break;
         };
         out.insert(s.clone(), Ipv4Addr::from(ip));
@@ -123,12 +160,13 @@ pub fn allocate(existing: &VipMap, services: &BTreeSet<String>) -> VipMap {
 /// Keeps the VIP views of all meshes up to date (called on store changes).
 pub struct VipManager {
     dir: PathBuf,
+    cidr: Cidr,
     lock: tokio::sync::Mutex<()>,
 }
 
 impl VipManager {
-    pub fn new(work_dir: PathBuf) -> Self {
-        VipManager { dir: work_dir.join("dns-vips"), lock: tokio::sync::Mutex::new(()) }
+    pub fn new(work_dir: PathBuf, cidr: Cidr) -> Self {
+        VipManager { dir: work_dir.join("dns-vips"), cidr, lock: tokio::sync::Mutex::new(()) }
     }
 
     fn file(&self, mesh: &str) -> PathBuf {
@@ -152,7 +190,7 @@ impl VipManager {
                 // Not in the store (fresh start): what was persisted in the work directory.
                 None => std::fs::read_to_string(self.file(&mesh)).map(|s| parse_map(&s)).unwrap_or_default(),
             };
-            let updated = allocate(&existing, &services);
+            let updated = allocate(&existing, &services, self.cidr);
             if stored.is_some() && updated == existing {
                 continue;
             }
@@ -187,16 +225,23 @@ mod tests {
     #[test]
     fn allocation_is_stable_and_fills_gaps() {
         let s: BTreeSet<String> = ["b", "a"].iter().map(|s| s.to_string()).collect();
-        let m = allocate(&VipMap::new(), &s);
+        let m = allocate(&VipMap::new(), &s, Cidr::default());
         assert_eq!(m["a"], Ipv4Addr::new(240, 0, 0, 0));
         assert_eq!(m["b"], Ipv4Addr::new(240, 0, 0, 1));
         let mut existing = m.clone();
         existing.remove("a");
         let s2: BTreeSet<String> = ["b", "c", "0"].iter().map(|s| s.to_string()).collect();
-        let m2 = allocate(&existing, &s2);
+        let m2 = allocate(&existing, &s2, Cidr::default());
         assert_eq!(m2["b"], Ipv4Addr::new(240, 0, 0, 1));
         assert_eq!(m2["0"], Ipv4Addr::new(240, 0, 0, 0));
         assert_eq!(m2["c"], Ipv4Addr::new(240, 0, 0, 2));
         assert_eq!(parse_map(&render_map(&m2)), m2);
+        // A new range reallocates what is outside it.
+        let lo: Cidr = "127.1.2.0/24".parse().unwrap();
+        assert!(lo.is_loopback() && !Cidr::default().is_loopback());
+        let m3 = allocate(&m2, &s2, lo);
+        assert_eq!(m3["0"], Ipv4Addr::new(127, 1, 2, 0));
+        assert!(m3.values().all(|ip| lo.contains(*ip)));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err() && "x".parse::<Cidr>().is_err());
     }
 }

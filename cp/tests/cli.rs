@@ -105,8 +105,16 @@ fn cp_and_ctl_binaries() {
     let (ok, out, _) = ctl(&cp, &["get", "dataplane", "backend-1", "-o", "yaml"], None);
     assert!(ok && out.contains("kuma.io/service: backend"), "{out}");
 
-    let (ok, out, _) = ctl(&cp, &["inspect", "services"], None);
-    assert!(ok);
+    // Service insights are computed in the background (as Kuma's): wait for the row.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let out = loop {
+        let (ok, out, _) = ctl(&cp, &["inspect", "services"], None);
+        assert!(ok);
+        if out.contains("backend") || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(
         out.contains("SERVICE") && out.contains("backend") && out.contains("Offline") && out.contains("0/1"),
         "{out}"

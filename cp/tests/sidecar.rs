@@ -358,8 +358,9 @@ async fn mtls_sidecar_gets_secrets_listeners_clusters_endpoints_and_dns() {
     let cla: ClusterLoadAssignment = unpack(&r.resources[0]).unwrap();
     assert_eq!(cla.cluster_name, "backend");
     assert_eq!(endpoints(&cla), vec![("10.1.1.1:10001".to_string(), 3), ("127.0.0.1:18080".to_string(), 1)]);
-    let remote_locality = cla.endpoints.iter().find(|l| l.locality.is_some()).unwrap();
-    assert_eq!(remote_locality.locality.as_ref().unwrap().zone, "zone-2");
+    // Every endpoint has its zone as locality (Kuma's `GetLocality`).
+    let zones: Vec<&str> = cla.endpoints.iter().map(|l| l.locality.as_ref().unwrap().zone.as_str()).collect();
+    assert_eq!(zones, vec!["zone-1", "zone-2"]);
 
     // SDS: the identity certificate (spiffe + kuma SANs, signed by the mesh CA) and the CA.
     c.subscribe(SECRET_TYPE, &["identity_cert:secret:default", "mesh_ca:secret:default"]).await;
@@ -464,7 +465,9 @@ async fn mesh_without_mtls_gets_plain_tcp() {
     c.subscribe(SECRET_TYPE, &[]).await;
     let r = c.wait_for(SECRET_TYPE, |_| true).await;
     assert!(r.resources.is_empty());
-    assert!(cp.running.cp.store.list(ResourceType::Secret, Some("plain")).await.unwrap().is_empty());
+    // No mesh CA (the mesh's dataplane-token signing key is its only Secret).
+    let secrets = cp.running.cp.store.list(ResourceType::Secret, Some("plain")).await.unwrap();
+    assert!(secrets.iter().all(|s| !s.name.contains("ca-builtin")), "{secrets:?}");
 }
 
 #[tokio::test]

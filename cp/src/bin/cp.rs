@@ -35,18 +35,20 @@ fn main() -> std::process::ExitCode {
         }
     };
     rt.block_on(async move {
-        let running = match cp::server::start(*cfg).await {
+        let running = match cp::components::start(*cfg).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("Error: {e:#}");
                 return std::process::ExitCode::FAILURE;
             }
         };
-        tracing::info!(
-            mode = if running.cp.cfg.is_global() { "global" } else { "zone" },
-            zone = %running.cp.cfg.zone_name,
-            "control plane started"
-        );
+        let c = &running.cp.cfg;
+        if c.is_global() {
+            tracing::info!(mode = "global", instance = %running.cp.instance_id, "control plane started");
+        } else {
+            let global = c.global_address.as_deref().filter(|_| c.is_federated_zone()).unwrap_or("none (standalone)");
+            tracing::info!(mode = "zone", zone = %c.zone_name, global, instance = %running.cp.instance_id, "control plane started");
+        }
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
             Err(e) => {

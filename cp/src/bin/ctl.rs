@@ -90,6 +90,28 @@ enum Generate {
 enum Inspect {
     /// Services of a mesh with their Dataplane counts.
     Services,
+    /// Zones with their KDS connection status (ask the global control plane).
+    Zones {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Zone ingresses with their connection status.
+    #[command(name = "zone-ingresses", alias = "zoneingresses")]
+    ZoneIngresses {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Zone egresses with their connection status.
+    #[command(name = "zone-egresses", alias = "zoneegresses")]
+    ZoneEgresses {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Data plane proxies of a mesh with their connection status.
+    Dataplanes {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 struct Api {
@@ -178,33 +200,36 @@ fn resource_path(rtype: ResourceType, mesh: &str, name: &str) -> String {
     }
 }
 
+/// A kind as kumactl spells it: the REST plural (`zoneingresses`, `zone-ingresses`,
+/// `traffic-permissions`) lists, the singular (`zone-ingress`, `meshtimeout`) names one.
 fn kind_of(kind: &str) -> anyhow::Result<(ResourceType, bool)> {
-    Ok(match kind {
-        "meshes" => (ResourceType::Mesh, true),
-        "mesh" => (ResourceType::Mesh, false),
-        "dataplanes" => (ResourceType::Dataplane, true),
-        "dataplane" => (ResourceType::Dataplane, false),
-        "zone-ingresses" | "zoneingresses" => (ResourceType::ZoneIngress, true),
-        "zone-ingress" | "zoneingress" => (ResourceType::ZoneIngress, false),
-        "zone-egresses" | "zoneegresses" => (ResourceType::ZoneEgress, true),
-        "zone-egress" | "zoneegress" => (ResourceType::ZoneEgress, false),
-        "zones" => (ResourceType::Zone, true),
-        "zone" => (ResourceType::Zone, false),
-        other => bail!(
-            "unknown resource kind {other:?}: use meshes, dataplanes, zone-ingresses, zone-egresses or zones (or the singular with a name)"
-        ),
-    })
+    if let Some(t) = ResourceType::from_plural(kind) {
+        return Ok((t, true));
+    }
+    let flat = kind.replace('-', "");
+    if let Some(t) = ResourceType::ALL.iter().find(|t| t.name().to_lowercase() == flat) {
+        return Ok((*t, false));
+    }
+    bail!(
+        "unknown resource kind {kind:?}: use meshes, dataplanes, zone-ingresses, zone-egresses, zones, secrets, \
+         traffic-permissions, meshtrafficpermissions, ... (or the singular with a name)"
+    )
 }
 
+/// Time since an RFC 3339 time, as kubectl prints it (`42s`, `5m`, `2h`, `3d`); `-` when unset.
 fn age(creation: &str) -> String {
-    let Some(t) = cp::model::parse_rfc3339(creation) else { return "-".into() };
+    ago(creation).unwrap_or_else(|| "-".into())
+}
+
+fn ago(time: &str) -> Option<String> {
+    let t = cp::model::parse_rfc3339(time)?;
     let s = cp::model::now_unix().saturating_sub(t);
-    match s {
+    Some(match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m", s / 60),
         3600..86400 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
-    }
+    })
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
@@ -251,7 +276,8 @@ fn table_row(rtype: ResourceType, v: &Value) -> Vec<String> {
                         .collect()
                 })
                 .unwrap_or_default();
-            vec![r.mesh.clone(), r.name.clone(), tags.join(" | "), age(created)]
+            let zone = r.labels.get("kuma.io/zone").cloned().unwrap_or_default();
+            vec![r.mesh.clone(), r.name.clone(), zone, tags.join(" | "), age(created)]
         }
         ResourceType::ZoneIngress | ResourceType::ZoneEgress => {
             let n = &v["networking"];
@@ -285,7 +311,7 @@ fn table_row(rtype: ResourceType, v: &Value) -> Vec<String> {
 fn header_of(rtype: ResourceType) -> Vec<&'static str> {
     match rtype {
         ResourceType::Mesh => vec!["NAME", "mTLS", "AGE"],
-        ResourceType::Dataplane => vec!["MESH", "NAME", "TAGS", "AGE"],
+        ResourceType::Dataplane => vec!["MESH", "NAME", "ZONE", "TAGS", "AGE"],
         ResourceType::ZoneIngress => vec!["NAME", "ZONE", "ADDRESS", "ADVERTISED", "SERVICES", "AGE"],
         ResourceType::ZoneEgress => vec!["NAME", "ZONE", "ADDRESS", "AGE"],
         ResourceType::Zone => vec!["NAME", "STATUS", "AGE"],
@@ -408,8 +434,120 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             print_table(&["SERVICE", "STATUS", "DATAPLANES"], &rows);
         }
+        Cmd::Inspect(Inspect::Zones { output }) => {
+            inspect(&api, "/zones/_overview", output, zone_row, &ZONE_COLUMNS).await?
+        }
+        Cmd::Inspect(Inspect::ZoneIngresses { output }) => {
+            inspect(&api, "/zoneingresses/_overview", output, |i| proxy_row(i, "zoneIngressInsight"), &PROXY_COLUMNS)
+                .await?
+        }
+        Cmd::Inspect(Inspect::ZoneEgresses { output }) => {
+            inspect(&api, "/zoneegresses/_overview", output, |i| proxy_row(i, "zoneEgressInsight"), &PROXY_COLUMNS)
+                .await?
+        }
+        Cmd::Inspect(Inspect::Dataplanes { output }) => {
+            let path = format!("/meshes/{}/dataplanes/_overview", cli.mesh);
+            inspect(&api, &path, output, |i| proxy_row(i, "dataplaneInsight"), &PROXY_COLUMNS).await?
+        }
     }
     Ok(())
+}
+
+/// `kumactl inspect zones`' columns (`app/kumactl/cmd/inspect/inspect_zones.go`).
+const ZONE_COLUMNS: [&str; 8] = [
+    "NAME",
+    "STATUS",
+    "LAST CONNECTED AGO",
+    "LAST UPDATED AGO",
+    "TOTAL UPDATES",
+    "TOTAL ERRORS",
+    "ZONE-CP VERSION",
+    "BACKEND",
+];
+/// `kumactl inspect zone-ingresses` / `dataplanes` columns.
+const PROXY_COLUMNS: [&str; 8] = [
+    "NAME",
+    "STATUS",
+    "LAST CONNECTED AGO",
+    "LAST UPDATED AGO",
+    "TOTAL UPDATES",
+    "TOTAL ERRORS",
+    "KUMA-DP VERSION",
+    "ENVOY VERSION",
+];
+
+async fn inspect(
+    api: &Api,
+    path: &str,
+    output: Output,
+    row: impl Fn(&Value) -> Vec<String>,
+    columns: &[&str],
+) -> anyhow::Result<()> {
+    let v = api.json(&format!("{path}?size=1000")).await?;
+    if output != Output::Table {
+        return print_value(&v, output);
+    }
+    let rows: Vec<Vec<String>> = v["items"].as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default();
+    print_table(columns, &rows);
+    Ok(())
+}
+
+/// Kuma's `IsOnline`: a subscription connected and not disconnected.
+fn online(insight: &Value) -> bool {
+    insight["subscriptions"].as_array().is_some_and(|s| {
+        s.iter().any(|s| s.get("connectTime").is_some() && s.get("disconnectTime").is_none_or(Value::is_null))
+    })
+}
+
+/// A protojson uint64 (a string) or a number.
+fn counter(v: &Value) -> u64 {
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0)
+}
+
+fn sum(insight: &Value, key: &str) -> u64 {
+    insight["subscriptions"].as_array().map_or(0, |s| s.iter().map(|s| counter(&s["status"]["total"][key])).sum())
+}
+
+fn last_subscription(insight: &Value) -> Value {
+    insight["subscriptions"].as_array().and_then(|s| s.last()).cloned().unwrap_or(Value::Null)
+}
+
+fn zone_row(item: &Value) -> Vec<String> {
+    let insight = &item["zoneInsight"];
+    let enabled = item["zone"]["enabled"].as_bool().unwrap_or(true);
+    let last = last_subscription(insight);
+    // Online only when connected and enabled: a disabled zone shows Offline (as Kuma).
+    let status = if online(insight) && enabled { "Online" } else { "Offline" };
+    let backend = last["config"]
+        .as_str()
+        .and_then(|c| serde_json::from_str::<Value>(c).ok())
+        .and_then(|c| c["store"]["type"].as_str().map(String::from))
+        .unwrap_or_default();
+    vec![
+        item["name"].as_str().unwrap_or("").to_string(),
+        status.to_string(),
+        last["connectTime"].as_str().and_then(ago).unwrap_or_else(|| "never".into()),
+        last["status"]["lastUpdateTime"].as_str().and_then(ago).unwrap_or_else(|| "never".into()),
+        sum(insight, "responsesSent").to_string(),
+        sum(insight, "responsesRejected").to_string(),
+        last["version"]["kumaCp"]["version"].as_str().unwrap_or("").to_string(),
+        backend,
+    ]
+}
+
+fn proxy_row(item: &Value, insight_key: &str) -> Vec<String> {
+    let insight = &item[insight_key];
+    let last = last_subscription(insight);
+    vec![
+        item["name"].as_str().unwrap_or("").to_string(),
+        if online(insight) { "Online" } else { "Offline" }.to_string(),
+        last["connectTime"].as_str().and_then(ago).unwrap_or_else(|| "never".into()),
+        last["status"]["lastUpdateTime"].as_str().and_then(ago).unwrap_or_else(|| "never".into()),
+        sum(insight, "responsesSent").to_string(),
+        sum(insight, "responsesRejected").to_string(),
+        last["version"]["kumaDp"]["version"].as_str().unwrap_or("").to_string(),
+        last["version"]["envoy"]["version"].as_str().unwrap_or("").to_string(),
+    ]
 }
 
 fn main() -> std::process::ExitCode {

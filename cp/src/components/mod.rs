@@ -1,4 +1,8 @@
-//! Start a control plane: store, keys, TLS, DP server, REST API, availableServices tracker.
+//! Start a control plane: what every mode runs (store, REST API, the CP certificate),
+//! then the composition of its mode, [`zone`] or [`global`].
+
+pub mod global;
+pub mod zone;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,15 +14,18 @@ use tokio::sync::watch;
 
 use crate::config::RunConfig;
 use crate::context::Cp;
-use crate::model::{ResourceType, ZoneIngressSpec};
 use crate::store::{MemoryStore, Store};
 
 /// A running control plane. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
     pub cp: Arc<Cp>,
-    /// DP server address (None in global mode).
+    /// DP server address (zones only).
     pub dp_server: Option<SocketAddr>,
+    /// KDS server address (global only).
+    pub kds: Option<SocketAddr>,
     pub api: SocketAddr,
+    /// The CA of this control plane's certificate, for `--ca-cert-file` (zone) and
+    /// `KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE` (global).
     pub ca_cert_file: PathBuf,
     shutdown: watch::Sender<bool>,
 }
@@ -35,58 +42,44 @@ impl Running {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str, var: &str) -> anyhow::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr, what: &str, var: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr} for the {what}; free the port or choose another one with {var}")
     })
 }
 
-/// Start everything and return once both servers are bound.
+/// Start everything and return once every server is bound.
 pub async fn start(cfg: RunConfig) -> anyhow::Result<Running> {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     start_with_store(cfg, store).await
 }
 
 pub async fn start_with_store(cfg: RunConfig, store: Arc<dyn Store>) -> anyhow::Result<Running> {
+    // Inputs a person gives are checked before anything is bound or written.
+    let kds_target = if cfg.is_federated_zone() { Some(crate::kds::zone::Target::from_config(&cfg)?) } else { None };
     let work_dir = cfg.work_dir();
-    let tls = crate::tls::load_or_create(
-        &work_dir,
-        cfg.tls_cert_file.as_deref(),
-        cfg.tls_key_file.as_deref(),
-        &cfg.tls_sans,
-    )?;
-    tracing::info!(path = %tls.ca_cert_path.display(), "DP server CA certificate written; pass it to kuma-dp with --ca-cert-file");
-    let server_tls = crate::tls::server_config(&tls)?;
-    let cp = Cp::new(cfg.clone(), store, tls.ca_pem.clone(), tls.sans.clone());
-    cp.tokens
-        .persist_zone_signing_key(&cfg.work_dir().join("zone-token-signing-key.pem"))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot load or create the zone token signing key: {e}"))?;
-
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut dp_server = None;
-    if cfg.is_global() {
-        tracing::info!(
-            "global mode: serving the REST API only; KDS (zone sync) and the DP server are not implemented yet"
-        );
+    // Kuma's autoconfig: global's KDS server uses the KDS certificate files when given,
+    // else the general CP certificate (generated once in the work directory).
+    let (cert_file, key_file) = if cfg.is_global() && cfg.kds_tls_cert_file.is_some() {
+        (cfg.kds_tls_cert_file.as_deref(), cfg.kds_tls_key_file.as_deref())
     } else {
-        if let Some(g) = &cfg.global_address {
-            tracing::warn!(global_address = %g, "zone -> global sync (KDS) is not implemented yet; running as a standalone zone");
-        }
-        let l = bind(SocketAddr::new(cfg.bind_address, cfg.dp_server_port), "DP server", "KUMA_DP_SERVER_PORT").await?;
-        let addr = l.local_addr()?;
-        cp.dp_port.store(addr.port(), std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(address = %addr, "DP server listening (TLS: POST /bootstrap, gRPC ADS)");
-        tokio::spawn(crate::dpserver::serve(
-            l,
-            Some(server_tls),
-            crate::dpserver::router(cp.clone()),
-            |r, _| r,
-            shutdown_rx.clone(),
-        ));
-        tokio::spawn(track_available_services(cp.clone(), shutdown_rx.clone()));
-        dp_server = Some(addr);
-    }
+        (cfg.tls_cert_file.as_deref(), cfg.tls_key_file.as_deref())
+    };
+    let tls = crate::tls::load_or_create(&work_dir, cert_file, key_file, &cfg.tls_sans)?;
+    let server_tls = crate::tls::server_config(&tls)?;
+    let cp = Cp::new(cfg.clone(), store);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let (dp_server, kds) = if cfg.is_global() {
+        tracing::info!(path = %tls.ca_cert_path.display(), "CP CA certificate written; zones trust it with KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE");
+        let kds = global::start(&cp, server_tls, shutdown_rx.clone()).await?;
+        (None, Some(kds))
+    } else {
+        tracing::info!(path = %tls.ca_cert_path.display(), "DP server CA certificate written; pass it to kuma-dp with --ca-cert-file");
+        let dp = zone::start(&cp, &tls, server_tls, kds_target, shutdown_rx.clone()).await?;
+        (Some(dp), None)
+    };
+
     let api_ip = cfg.api_interface.unwrap_or(cfg.bind_address);
     let l = bind(SocketAddr::new(api_ip, cfg.api_port), "REST API", "KUMA_API_SERVER_HTTP_PORT").await?;
     let api = l.local_addr()?;
@@ -101,6 +94,7 @@ pub async fn start_with_store(cfg: RunConfig, store: Arc<dyn Store>) -> anyhow::
     if let Some(f) = &cfg.address_file {
         let doc = serde_json::json!({
             "dp_server": dp_server.map(|a| a.to_string()),
+            "kds": kds.map(|a| a.to_string()),
             "api": api.to_string(),
             "ca_cert_file": tls.ca_cert_path,
         });
@@ -110,64 +104,5 @@ pub async fn start_with_store(cfg: RunConfig, store: Arc<dyn Store>) -> anyhow::
     }
     // Logged last: whoever waits for this line also finds the address file.
     tracing::info!(address = %api, "REST API listening (HTTP)");
-    Ok(Running { cp, dp_server, api, ca_cert_file: tls.ca_cert_path, shutdown })
-}
-
-/// Keep every ZoneIngress's `availableServices` equal to what the zone's Dataplanes offer
-/// (Kuma recomputes every second on the leader; we recompute on every store change).
-async fn track_available_services(cp: Arc<Cp>, mut shutdown: watch::Receiver<bool>) {
-    let mut changes = cp.store.subscribe();
-    loop {
-        changes.borrow_and_update();
-        if let Err(e) = update_available_services(&cp).await {
-            tracing::warn!(error = %e, "cannot update availableServices");
-        }
-        if let Err(e) = cp.vips.update(&cp.store).await {
-            tracing::warn!(error = %e, "cannot update the .mesh VIPs");
-        }
-        ensure_mesh_cas(&cp).await;
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            _ = shutdown.changed() => return,
-        }
-        tokio::time::sleep(cp.cfg.xds_debounce).await;
-    }
-}
-
-async fn update_available_services(cp: &Cp) -> anyhow::Result<()> {
-    let dps = cp.store.list(ResourceType::Dataplane, None).await?;
-    let available = crate::xds::generate::available_services(&dps);
-    let value = serde_json::to_value(&available)?;
-    for zi in cp.store.list(ResourceType::ZoneIngress, None).await? {
-        let spec: ZoneIngressSpec = zi.typed().unwrap_or_default();
-        if !spec.zone.is_empty() && spec.zone != cp.cfg.zone_name {
-            continue; // another zone's ingress: its availableServices come from that zone
-        }
-        if spec.available_services == available && zi.spec.contains_key("availableServices") {
-            continue;
-        }
-        let version = zi.version;
-        let mut updated = zi;
-        updated.spec.insert("availableServices".into(), value.clone());
-        // Conditional write: a concurrent change wins and triggers another pass.
-        if let Err(e) = cp.store.upsert(updated, Some(version)).await {
-            tracing::debug!(error = %e, "availableServices update raced with another write");
-        }
-    }
-    Ok(())
-}
-
-/// Create the CA of every mesh whose enabled mTLS backend is builtin (Kuma's
-/// `EnsureBackends` on Mesh create/update).
-async fn ensure_mesh_cas(cp: &Cp) {
-    let Ok(meshes) = cp.store.list(ResourceType::Mesh, None).await else { return };
-    for m in meshes {
-        let spec: crate::model::MeshSpec = m.typed().unwrap_or_default();
-        if let Some(b) = spec.enabled_backend()
-            && b.backend_type == "builtin"
-            && let Err(e) = cp.ca.ensure_ca(&cp.store, &m.name, &b.name).await
-        {
-            tracing::warn!(mesh = %m.name, error = %e, "cannot create the mesh CA");
-        }
-    }
+    Ok(Running { cp, dp_server, kds, api, ca_cert_file: tls.ca_cert_path, shutdown })
 }

@@ -1,47 +1,30 @@
-//! Resource store: a trait so that a Postgres store can be added later, and the in-memory
-//! implementation used today (Kuma's default `store.type: memory`).
+//! The in-memory store: one instance, state lost on restart (as Kuma's memory store).
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
-use crate::model::{Resource, ResourceType, now_unix, rfc3339};
+use super::{ChangeEvent, ChangeKind, Key, Store, StoreError, WriteOp};
+use crate::model::{Resource, ResourceType, key, now_rfc3339};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{rtype} {name:?} was modified concurrently (expected version {expected}, found {found})")]
-    Conflict { rtype: &'static str, name: String, expected: u64, found: u64 },
-    #[error("store failure: {0}")]
-    Internal(String),
+/// Room for bursts (a KDS initial sync of thousands of resources) before a slow
+/// subscriber lags; a lagging one re-reads everything, so this only trades memory for work.
+const EVENT_CAPACITY: usize = 4096;
+
+#[derive(Default)]
+struct Inner {
+    resources: BTreeMap<Key, Resource>,
+    /// owner -> owned keys.
+    owned: BTreeMap<Key, BTreeSet<Key>>,
+    /// Change counter; also the version of the latest write.
+    counter: u64,
 }
 
-/// The key of a resource: type, mesh ("" for global-scoped types) and name.
-pub type Key = (ResourceType, String, String);
-
-/// Storage of resources with a global change counter.
-#[tonic::async_trait]
-pub trait Store: Send + Sync + 'static {
-    async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError>;
-    /// All resources of a type; `mesh = Some(m)` restricts mesh-scoped types to one mesh.
-    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError>;
-    /// Create or update. Creation/modification times and the version are set by the store.
-    /// When nothing but the times would change, the stored resource is returned unchanged
-    /// and no change is announced. `expected_version` (if any) must match the stored one
-    /// (0 = must not exist).
-    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Resource, StoreError>;
-    /// Delete; deleting a Mesh deletes every resource in it. Returns whether it existed.
-    async fn delete(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<bool, StoreError>;
-    /// Current change counter.
-    fn version(&self) -> u64;
-    /// A receiver that sees the change counter after every change.
-    fn subscribe(&self) -> watch::Receiver<u64>;
-}
-
-/// In-memory store (single instance; state is lost on restart, as in Kuma's memory store).
 pub struct MemoryStore {
-    inner: Mutex<BTreeMap<Key, Resource>>,
+    inner: Mutex<Inner>,
     changes: watch::Sender<u64>,
+    events: broadcast::Sender<ChangeEvent>,
 }
 
 impl Default for MemoryStore {
@@ -53,36 +36,106 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         let (tx, _) = watch::channel(0);
-        MemoryStore { inner: Mutex::new(BTreeMap::new()), changes: tx }
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        MemoryStore { inner: Mutex::new(Inner::default()), changes: tx, events }
     }
 
-    fn bump(&self) -> u64 {
-        let mut v = 0;
-        self.changes.send_modify(|c| {
-            *c += 1;
-            v = *c;
-        });
-        v
-    }
-
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<Key, Resource>>, StoreError> {
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
         self.inner.lock().map_err(|_| StoreError::Internal("store lock poisoned".into()))
+    }
+
+    /// Publishes the events of a write once the lock is released.
+    fn announce(&self, counter: u64, events: Vec<ChangeEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        self.changes.send_replace(counter);
+        for e in events {
+            let _ = self.events.send(e);
+        }
     }
 }
 
-fn key_of(rtype: ResourceType, mesh: &str, name: &str) -> Key {
-    (rtype, if rtype.is_mesh_scoped() { mesh.to_string() } else { String::new() }, name.to_string())
+impl Inner {
+    /// The write of `upsert`; `None` when nothing but the times would change.
+    fn upsert(
+        &mut self,
+        mut resource: Resource,
+        expected: Option<u64>,
+    ) -> Result<(Resource, Option<ChangeEvent>), StoreError> {
+        let k = key(resource.rtype, &resource.mesh, &resource.name);
+        let existing = self.resources.get(&k);
+        if let Some(exp) = expected {
+            let found = existing.map_or(0, |r| r.version);
+            if found != exp {
+                return Err(StoreError::Conflict {
+                    rtype: resource.rtype.name(),
+                    name: resource.name.clone(),
+                    expected: exp,
+                    found,
+                });
+            }
+        }
+        if let Some(old) = existing
+            && old.spec == resource.spec
+            && old.labels == resource.labels
+            && (resource.owner.is_none() || resource.owner == old.owner)
+        {
+            return Ok((old.clone(), None));
+        }
+        let now = now_rfc3339();
+        let kind = if existing.is_some() { ChangeKind::Updated } else { ChangeKind::Created };
+        resource.creation_time = existing.map_or_else(|| now.clone(), |r| r.creation_time.clone());
+        resource.modification_time = now;
+        resource.mesh = k.1.clone();
+        if resource.owner.is_none() {
+            resource.owner = existing.and_then(|r| r.owner.clone());
+        }
+        let old_owner = existing.and_then(|r| r.owner.clone());
+        self.counter += 1;
+        resource.version = self.counter;
+        if old_owner != resource.owner {
+            if let Some(o) = &old_owner
+                && let Some(set) = self.owned.get_mut(o)
+            {
+                set.remove(&k);
+            }
+            if let Some(o) = &resource.owner {
+                self.owned.entry(o.clone()).or_default().insert(k.clone());
+            }
+        }
+        let event = ChangeEvent { kind, key: k.clone(), owner: resource.owner.clone() };
+        self.resources.insert(k, resource.clone());
+        Ok((resource, Some(event)))
+    }
+
+    /// Removes `k` and what it owns, depth first; appends one event per removed resource.
+    fn delete(&mut self, k: &Key, events: &mut Vec<ChangeEvent>) -> bool {
+        let Some(r) = self.resources.remove(k) else { return false };
+        if let Some(o) = &r.owner
+            && let Some(set) = self.owned.get_mut(o)
+        {
+            set.remove(k);
+        }
+        for child in self.owned.remove(k).unwrap_or_default() {
+            self.delete(&child, events);
+        }
+        self.counter += 1;
+        events.push(ChangeEvent { kind: ChangeKind::Deleted, key: k.clone(), owner: r.owner });
+        true
+    }
 }
 
 #[tonic::async_trait]
 impl Store for MemoryStore {
     async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError> {
-        Ok(self.lock()?.get(&key_of(rtype, mesh, name)).cloned())
+        Ok(self.lock()?.resources.get(&key(rtype, mesh, name)).cloned())
     }
 
     async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError> {
-        let map = self.lock()?;
-        Ok(map
+        let inner = self.lock()?;
+        Ok(inner
+            .resources
             .range((rtype, String::new(), String::new())..)
             .take_while(|(k, _)| k.0 == rtype)
             .filter(|(k, _)| mesh.is_none_or(|m| !rtype.is_mesh_scoped() || k.1 == m))
@@ -90,55 +143,47 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn upsert(&self, mut resource: Resource, expected_version: Option<u64>) -> Result<Resource, StoreError> {
-        let key = key_of(resource.rtype, &resource.mesh, &resource.name);
-        let result = {
-            let mut map = self.lock()?;
-            let existing = map.get(&key);
-            if let Some(exp) = expected_version {
-                let found = existing.map_or(0, |r| r.version);
-                if found != exp {
-                    return Err(StoreError::Conflict {
-                        rtype: resource.rtype.name(),
-                        name: resource.name.clone(),
-                        expected: exp,
-                        found,
-                    });
-                }
-            }
-            if let Some(old) = existing
-                && old.spec == resource.spec
-                && old.labels == resource.labels
-            {
-                return Ok(old.clone());
-            }
-            let now = rfc3339(now_unix());
-            resource.creation_time = existing.map_or_else(|| now.clone(), |r| r.creation_time.clone());
-            resource.modification_time = now;
-            resource.mesh = key.1.clone();
-            // The version is the change counter value of this write; taken under the lock
-            // so that versions are unique and ordered.
-            resource.version = *self.changes.borrow() + 1;
-            map.insert(key, resource.clone());
-            resource
+    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Resource, StoreError> {
+        let (stored, event, counter) = {
+            let mut inner = self.lock()?;
+            let (stored, event) = inner.upsert(resource, expected_version)?;
+            (stored, event, inner.counter)
         };
-        self.bump();
-        Ok(result)
+        self.announce(counter, event.into_iter().collect());
+        Ok(stored)
     }
 
     async fn delete(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<bool, StoreError> {
-        let existed = {
-            let mut map = self.lock()?;
-            let existed = map.remove(&key_of(rtype, mesh, name)).is_some();
-            if existed && rtype == ResourceType::Mesh {
-                map.retain(|k, _| !(k.0.is_mesh_scoped() && k.1 == name));
-            }
-            existed
+        let mut events = Vec::new();
+        let (existed, counter) = {
+            let mut inner = self.lock()?;
+            let existed = inner.delete(&key(rtype, mesh, name), &mut events);
+            (existed, inner.counter)
         };
-        if existed {
-            self.bump();
-        }
+        self.announce(counter, events);
         Ok(existed)
+    }
+
+    async fn apply(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        let mut events = Vec::new();
+        let counter = {
+            let mut inner = self.lock()?;
+            for op in ops {
+                match op {
+                    WriteOp::Upsert(r) => {
+                        if let (_, Some(e)) = inner.upsert(r, None)? {
+                            events.push(e);
+                        }
+                    }
+                    WriteOp::Delete(k) => {
+                        inner.delete(&k, &mut events);
+                    }
+                }
+            }
+            inner.counter
+        };
+        self.announce(counter, events);
+        Ok(())
     }
 
     fn version(&self) -> u64 {
@@ -148,33 +193,82 @@ impl Store for MemoryStore {
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
+
+    fn events(&self) -> broadcast::Receiver<ChangeEvent> {
+        self.events.subscribe()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::delete_mesh;
 
     #[tokio::test]
-    async fn upsert_get_list_delete_cascade() {
+    async fn upsert_get_list_delete() {
         let s = MemoryStore::new();
         let mut rx = s.subscribe();
+        let mut events = s.events();
         let mut mesh = Resource::new(ResourceType::Mesh, "", "default");
         mesh.spec.insert("x".into(), 1.into());
         let m = s.upsert(mesh.clone(), None).await.unwrap();
         assert_eq!(m.version, 1);
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
+        assert_eq!(events.try_recv().unwrap().kind, ChangeKind::Created);
         // Same content: no change announced.
         let again = s.upsert(mesh, None).await.unwrap();
         assert_eq!(again.version, 1);
         assert!(!rx.has_changed().unwrap());
+        assert!(events.try_recv().is_err());
         let dp = Resource::new(ResourceType::Dataplane, "default", "dp-1");
         s.upsert(dp, Some(0)).await.unwrap();
         assert!(s.upsert(Resource::new(ResourceType::Dataplane, "default", "dp-1"), Some(0)).await.is_err());
         assert_eq!(s.list(ResourceType::Dataplane, Some("default")).await.unwrap().len(), 1);
         assert_eq!(s.list(ResourceType::Dataplane, Some("other")).await.unwrap().len(), 0);
+        // A plain delete of a Mesh leaves its Dataplanes (KDS semantics)...
         assert!(s.delete(ResourceType::Mesh, "", "default").await.unwrap());
+        assert_eq!(s.list(ResourceType::Dataplane, None).await.unwrap().len(), 1);
+        // ...the REST API's mesh deletion removes them.
+        s.upsert(Resource::new(ResourceType::Mesh, "", "default"), None).await.unwrap();
+        assert!(delete_mesh(&s, "default").await.unwrap());
         assert!(s.list(ResourceType::Dataplane, None).await.unwrap().is_empty());
-        assert!(!s.delete(ResourceType::Mesh, "", "default").await.unwrap());
+        assert!(!delete_mesh(&s, "default").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn deleting_an_owner_deletes_what_it_owns_recursively() {
+        let s = MemoryStore::new();
+        let zone = Resource::new(ResourceType::Zone, "", "zone-2");
+        s.upsert(zone.clone(), None).await.unwrap();
+        let mut dp = Resource::new(ResourceType::Dataplane, "default", "web-abc");
+        dp.owner = Some(zone.key());
+        s.upsert(dp.clone(), None).await.unwrap();
+        let mut insight = Resource::new(ResourceType::DataplaneInsight, "default", "web-abc");
+        insight.owner = Some(dp.key());
+        s.upsert(insight, None).await.unwrap();
+        // An update without an owner keeps the owner.
+        let mut dp2 = Resource::new(ResourceType::Dataplane, "default", "web-abc");
+        dp2.spec.insert("changed".into(), true.into());
+        assert_eq!(s.upsert(dp2, None).await.unwrap().owner, Some(zone.key()));
+        let mut events = s.events();
+        assert!(s.delete(ResourceType::Zone, "", "zone-2").await.unwrap());
+        assert!(s.list(ResourceType::Dataplane, None).await.unwrap().is_empty());
+        assert!(s.list(ResourceType::DataplaneInsight, None).await.unwrap().is_empty());
+        let deleted: Vec<ResourceType> = std::iter::from_fn(|| events.try_recv().ok()).map(|e| e.rtype()).collect();
+        assert_eq!(deleted, vec![ResourceType::DataplaneInsight, ResourceType::Dataplane, ResourceType::Zone]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_announced_once_applied() {
+        let s = MemoryStore::new();
+        let mut rx = s.subscribe();
+        let ops = (0..3).map(|i| WriteOp::Upsert(Resource::new(ResourceType::Zone, "", &format!("z{i}")))).collect();
+        s.apply(ops).await.unwrap();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 3);
+        assert_eq!(s.list(ResourceType::Zone, None).await.unwrap().len(), 3);
+        s.apply(vec![WriteOp::Delete((ResourceType::Zone, String::new(), "z1".into()))]).await.unwrap();
+        assert_eq!(s.list(ResourceType::Zone, None).await.unwrap().len(), 2);
     }
 }

@@ -29,9 +29,8 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, UInt32
 use envoy_types::util::pack_any;
 use prost::Name;
 
-use crate::model::{
-    AvailableService, DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled, sni_from_tags,
-};
+use super::sni::sni_from_tags;
+use crate::model::{AvailableService, DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled};
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -288,7 +287,7 @@ fn chain_proto(c: &ChainPlan) -> FilterChain {
     };
     FilterChain {
         filter_chain_match: Some(FilterChainMatch {
-            server_names: vec![c.sni.clone(), crate::model::dns_sni_alias(&c.sni)],
+            server_names: vec![c.sni.clone(), super::sni::dns_sni_alias(&c.sni)],
             transport_protocol: "tls".into(),
             ..Default::default()
         }),

@@ -1,8 +1,12 @@
-//! ADS server (SotW and Delta) for zone proxies and data plane proxies.
+//! ADS server (SotW and Delta) for zone proxies and data plane proxies: admit a proxy on
+//! its first request, build its snapshot from the store, and push what changed.
 
+pub mod delta;
 pub mod dynconf;
 pub mod generate;
 pub mod sidecar;
+pub mod sni;
+pub mod sotw;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -13,7 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource as DeltaResource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::{Struct, value};
 use tokio::sync::mpsc;
@@ -21,10 +25,14 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::components::zone::ZoneCp;
 use crate::config::{DpProxyAuth, ZoneProxyAuth};
-use crate::context::{Cp, Lifecycle, OnlineGuard, Registration};
+use crate::lifecycle::{Connected, Lifecycle, Registration};
 use crate::model::{DataplaneSpec, MeshSpec, Resource, ResourceType, ZoneIngressSpec};
-use generate::{IngressInputs, Named, ProxySnapshot};
+use crate::store::{Change, ChangeEvent, next_change};
+use delta::Delta;
+use generate::{IngressInputs, ProxySnapshot};
+use sotw::Sotw;
 
 type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -34,10 +42,10 @@ const MAX_DECODE: usize = 4 * 1024 * 1024;
 /// The ADS gRPC service.
 #[derive(Clone)]
 pub struct Ads {
-    cp: Arc<Cp>,
+    cp: Arc<ZoneCp>,
 }
 
-pub fn service(cp: Arc<Cp>) -> AggregatedDiscoveryServiceServer<Ads> {
+pub fn service(cp: Arc<ZoneCp>) -> AggregatedDiscoveryServiceServer<Ads> {
     AggregatedDiscoveryServiceServer::new(Ads { cp }).max_decoding_message_size(MAX_DECODE)
 }
 
@@ -94,10 +102,10 @@ fn token_from(req_meta: &tonic::metadata::MetadataMap) -> Result<String, Status>
 
 /// Identify and authenticate the proxy from its first request; register its resource.
 async fn admit(
-    cp: &Arc<Cp>,
+    cp: &Arc<ZoneCp>,
     node: Option<&Node>,
     token: &str,
-) -> Result<(ProxyId, Option<Registration>, OnlineGuard), Status> {
+) -> Result<(ProxyId, Option<Registration>, Connected), Status> {
     let node = node.ok_or_else(|| Status::invalid_argument("the first discovery request must carry a node"))?;
     let (mesh, name) = node
         .id
@@ -178,11 +186,14 @@ async fn admit(
         }
     }
 
+    // The insight first: a proxy that registers is "joining" (no endpoint yet) until it
+    // acknowledged its configuration.
+    let version = md.fields.get("version").map(crate::kds::from_pb);
+    let online = crate::lifecycle::connected(cp, &(rtype, mesh.clone(), name.clone()), version).await;
     let registration = match inline {
         Some(r) => Some(Lifecycle::register(cp, r).await.map_err(Status::failed_precondition)?),
         None => None,
     };
-    let online = cp.mark_online((rtype, mesh.clone(), name.clone()));
     let dns_port = struct_string(&md, "dataplane.dns.port").and_then(|p| p.trim().parse::<u32>().ok()).unwrap_or(0);
     let features = struct_strings(&md, "features");
     let workdir = struct_string(&md, "workdir").unwrap_or_default();
@@ -199,7 +210,7 @@ async fn admit(
 }
 
 /// Build the current snapshot of a proxy from the store.
-pub async fn build_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
+pub async fn build_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
     let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
     match id.rtype {
         ResourceType::ZoneIngress => {
@@ -208,7 +219,7 @@ pub async fn build_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
             };
             let spec: ZoneIngressSpec = zi.typed().map_err(|e| Status::internal(e.to_string()))?;
             let meshes = cp.store.list(ResourceType::Mesh, None).await.map_err(internal)?;
-            let dataplanes = cp.store.list(ResourceType::Dataplane, None).await.map_err(internal)?;
+            let dataplanes = crate::lifecycle::serving_dataplanes(cp.store.as_ref(), None).await.map_err(internal)?;
             Ok(generate::ingress(&IngressInputs {
                 zone: &cp.cfg.zone_name,
                 node_id: &id.node_id,
@@ -222,7 +233,7 @@ pub async fn build_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
     }
 }
 
-async fn dataplane_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
+async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
     let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
     let Some(dp) = cp.store.get(ResourceType::Dataplane, &id.mesh, &id.name).await.map_err(internal)? else {
         return Ok(generate::empty());
@@ -262,7 +273,7 @@ async fn dataplane_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
         }
         None => None,
     };
-    let dataplanes = cp.store.list(ResourceType::Dataplane, Some(&id.mesh)).await.map_err(internal)?;
+    let dataplanes = crate::lifecycle::serving_dataplanes(cp.store.as_ref(), Some(&id.mesh)).await.map_err(internal)?;
     let ingresses = cp.store.list(ResourceType::ZoneIngress, None).await.map_err(internal)?;
     let vips = crate::vips::load(cp.store.as_ref(), &id.mesh).await;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
@@ -271,6 +282,8 @@ async fn dataplane_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
         dataplanes: &dataplanes,
         ingresses: &ingresses,
         vips: &vips,
+        vip_port: cp.cfg.service_vip_port,
+        vips_bindable: cp.cfg.dns_cidr.is_loopback(),
         dns_port: id.dns_port,
         features: &id.features,
         workdir: &id.workdir,
@@ -282,87 +295,13 @@ async fn dataplane_snapshot(cp: &Cp, id: &ProxyId) -> Result<ProxySnapshot, Stat
 }
 
 /// Sleep until the snapshot's refresh time (forever when it has none).
-async fn refresh_due(snap: &ProxySnapshot) {
-    match snap.refresh_at {
+async fn refresh_due(snap: Option<&ProxySnapshot>) {
+    match snap.and_then(|s| s.refresh_at) {
         Some(t) => {
             let wait = t.duration_since(std::time::SystemTime::now()).unwrap_or_default();
             tokio::time::sleep(wait).await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Version of a set of resources as sent in one SotW response.
-fn set_version(items: &[&Named]) -> String {
-    let mut s = String::new();
-    for n in items {
-        s.push_str(&n.name);
-        s.push('=');
-        s.push_str(&n.version);
-        s.push(';');
-    }
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes());
-    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn select<'a>(snap: &'a ProxySnapshot, type_url: &str, names: &[String]) -> Vec<&'a Named> {
-    let all = snap.resources(type_url);
-    if names.is_empty() || names.iter().any(|n| n == "*") {
-        all.iter().collect()
-    } else {
-        all.iter().filter(|n| names.contains(&n.name)).collect()
-    }
-}
-
-#[derive(Default)]
-struct SotwType {
-    names: Vec<String>,
-    sent_version: Option<String>,
-    nonce: String,
-}
-
-struct Sotw {
-    types: BTreeMap<String, SotwType>,
-    nonce: u64,
-}
-
-impl Sotw {
-    fn response(&mut self, snap: &ProxySnapshot, type_url: &str, force: bool) -> Option<DiscoveryResponse> {
-        let st = self.types.get_mut(type_url)?;
-        let items = select(snap, type_url, &st.names);
-        let version = set_version(&items);
-        if !force && st.sent_version.as_deref() == Some(version.as_str()) {
-            return None;
-        }
-        self.nonce += 1;
-        st.nonce = self.nonce.to_string();
-        st.sent_version = Some(version.clone());
-        Some(DiscoveryResponse {
-            version_info: version,
-            resources: items.iter().map(|n| n.any.clone()).collect(),
-            type_url: type_url.to_string(),
-            nonce: st.nonce.clone(),
-            ..Default::default()
-        })
-    }
-
-    /// Handle one request; returns the response to send, if any.
-    fn on_request(&mut self, snap: &ProxySnapshot, node: &str, r: DiscoveryRequest) -> Option<DiscoveryResponse> {
-        let st = self.types.entry(r.type_url.clone()).or_default();
-        if !r.response_nonce.is_empty() && r.response_nonce != st.nonce {
-            return None; // stale: answered by a newer response already
-        }
-        if let Some(err) = &r.error_detail {
-            tracing::warn!(node, type_url = %r.type_url, version = %r.version_info, error = %err.message, "proxy rejected (NACK) the configuration");
-            return None;
-        }
-        let names_changed = st.names != r.resource_names;
-        st.names = r.resource_names.clone();
-        let first = st.sent_version.is_none();
-        // A request carrying a version other than the one we sent (e.g. after reconnecting),
-        // or changed names, or the first request of a type: answer.
-        let client_behind = r.version_info != st.sent_version.clone().unwrap_or_default();
-        self.response(snap, &r.type_url, first || names_changed || (client_behind && r.response_nonce.is_empty()))
     }
 }
 
@@ -373,103 +312,16 @@ async fn recv_first<T>(inbound: &mut Streaming<T>) -> Result<Option<T>, Status> 
     }
 }
 
-async fn debounce(cp: &Cp, changes: &mut tokio::sync::watch::Receiver<u64>) {
+/// Changes that can alter what a proxy is sent: not Zones, and of the insights only a
+/// DataplaneInsight (a proxy joining or leaving changes the endpoints of others).
+fn affects_xds(e: &ChangeEvent) -> bool {
+    let t = e.rtype();
+    (!t.descriptor().read_only || t == ResourceType::DataplaneInsight) && t != ResourceType::Zone
+}
+
+async fn debounce(cp: &ZoneCp, events: &mut tokio::sync::broadcast::Receiver<ChangeEvent>) {
     tokio::time::sleep(cp.cfg.xds_debounce).await;
-    changes.borrow_and_update();
-}
-
-#[derive(Default)]
-struct DeltaType {
-    subscribed: bool,
-    wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client has: name -> version.
-    client_has: BTreeMap<String, String>,
-}
-
-struct Delta {
-    types: BTreeMap<String, DeltaType>,
-    nonce: u64,
-}
-
-impl Delta {
-    fn diff(&mut self, snap: &ProxySnapshot, type_url: &str, force: bool) -> Option<DeltaDiscoveryResponse> {
-        let st = self.types.get_mut(type_url)?;
-        let all = snap.resources(type_url);
-        let desired: Vec<&Named> = all.iter().filter(|n| st.wildcard || st.names.contains(&n.name)).collect();
-        let updated: Vec<&Named> =
-            desired.iter().copied().filter(|n| st.client_has.get(&n.name) != Some(&n.version)).collect();
-        let desired_names: BTreeSet<&str> = desired.iter().map(|n| n.name.as_str()).collect();
-        let removed: Vec<String> =
-            st.client_has.keys().filter(|k| !desired_names.contains(k.as_str())).cloned().collect();
-        if updated.is_empty() && removed.is_empty() && !force {
-            return None;
-        }
-        for n in &updated {
-            st.client_has.insert(n.name.clone(), n.version.clone());
-        }
-        for r in &removed {
-            st.client_has.remove(r);
-        }
-        self.nonce += 1;
-        let all_refs: Vec<&Named> = all.iter().collect();
-        Some(DeltaDiscoveryResponse {
-            system_version_info: set_version(&all_refs),
-            resources: updated
-                .iter()
-                .map(|n| DeltaResource {
-                    name: n.name.clone(),
-                    version: n.version.clone(),
-                    resource: Some(n.any.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce: self.nonce.to_string(),
-            ..Default::default()
-        })
-    }
-
-    fn on_request(
-        &mut self,
-        snap: &ProxySnapshot,
-        node: &str,
-        r: DeltaDiscoveryRequest,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let st = self.types.entry(r.type_url.clone()).or_default();
-        if let Some(err) = &r.error_detail {
-            tracing::warn!(node, type_url = %r.type_url, error = %err.message, "proxy rejected (NACK) the configuration");
-        }
-        let first = !st.subscribed;
-        if first {
-            st.subscribed = true;
-            st.wildcard = r.resource_names_subscribe.is_empty();
-            for (k, v) in &r.initial_resource_versions {
-                st.client_has.insert(k.clone(), v.clone());
-            }
-        }
-        for n in &r.resource_names_subscribe {
-            if n == "*" {
-                st.wildcard = true;
-            } else {
-                st.names.insert(n.clone());
-            }
-        }
-        for n in &r.resource_names_unsubscribe {
-            if n == "*" {
-                st.wildcard = false;
-            } else {
-                st.names.remove(n);
-                st.client_has.remove(n);
-            }
-        }
-        // ACK/NACK only: nothing new to say unless subscriptions changed.
-        if !first && r.resource_names_subscribe.is_empty() && r.resource_names_unsubscribe.is_empty() {
-            return None;
-        }
-        self.diff(snap, &r.type_url, first)
-    }
+    while events.try_recv().is_ok() {}
 }
 
 /// What differs between a State of the World and a Delta stream; the stream loop
@@ -486,6 +338,8 @@ trait Protocol: Send {
     fn push(&mut self, snap: &ProxySnapshot, type_url: &str) -> Option<Self::Resp>;
     /// The types the proxy subscribed to.
     fn subscribed(&self) -> Vec<String>;
+    /// The type whose response `req` accepts (ACK), if it does.
+    fn acks(&self, req: &Self::Req) -> Option<String>;
 }
 
 impl Protocol for Sotw {
@@ -502,7 +356,10 @@ impl Protocol for Sotw {
         self.response(snap, type_url, false)
     }
     fn subscribed(&self) -> Vec<String> {
-        self.types.keys().cloned().collect()
+        Sotw::subscribed(self)
+    }
+    fn acks(&self, req: &DiscoveryRequest) -> Option<String> {
+        Sotw::acks(self, req)
     }
 }
 
@@ -519,75 +376,111 @@ impl Protocol for Delta {
         node: &str,
         req: DeltaDiscoveryRequest,
     ) -> Option<DeltaDiscoveryResponse> {
-        Delta::on_request(self, snap, node, req)
+        if let delta::Reply::Nack(reason) = delta::classify(&req) {
+            tracing::warn!(node, type_url = %req.type_url, error = %reason, "proxy rejected (NACK) the configuration");
+        }
+        Delta::on_request(self, snap, &req)
     }
     fn push(&mut self, snap: &ProxySnapshot, type_url: &str) -> Option<DeltaDiscoveryResponse> {
         self.diff(snap, type_url, false)
     }
     fn subscribed(&self) -> Vec<String> {
-        self.types.keys().cloned().collect()
+        Delta::subscribed(self)
+    }
+    fn acks(&self, req: &DeltaDiscoveryRequest) -> Option<String> {
+        (delta::classify(req) == delta::Reply::Ack).then(|| req.type_url.clone())
     }
 }
 
 /// One ADS stream: admit the proxy on its first request, answer requests, and push
 /// what changed when the store changes (debounced) or a certificate is due for rotation.
+///
+/// A snapshot that cannot be built yet (`Unavailable`: a federated zone still waits for
+/// the mesh CA from global) holds the stream, like Envoy's warming: requests queue, and
+/// the first store change that makes it buildable answers them. A rebuild that fails that
+/// way keeps the proxy on its last snapshot.
 async fn run<P: Protocol>(
-    cp: Arc<Cp>,
+    cp: Arc<ZoneCp>,
     token: String,
     mut st: P,
     mut inbound: Streaming<P::Req>,
     tx: mpsc::Sender<Result<P::Resp, Status>>,
 ) -> Result<(), Status> {
     let Some(first) = recv_first(&mut inbound).await? else { return Ok(()) };
-    let mut changes = cp.store.subscribe();
-    changes.borrow_and_update();
-    let (id, _registration, _online) = admit(&cp, P::node(&first), &token).await?;
-    let mut snap = build_snapshot(&cp, &id).await?;
-    let mut next = Some(first);
+    let mut events = cp.store.events();
+    let (id, _registration, online) = admit(&cp, P::node(&first), &token).await?;
+    let mut snap = rebuild(&cp, &id, None).await?;
+    let mut pending = std::collections::VecDeque::from([first]);
+    let mut acked = BTreeSet::new();
+    let mut ready = false;
     loop {
-        if let Some(req) = next.take() {
-            if let Some(n) = P::node(&req)
-                && !n.id.is_empty()
-                && n.id != id.node_id
-            {
-                return Err(Status::invalid_argument(format!(
-                    "node id changed from {} to {} on one stream",
-                    id.node_id, n.id
-                )));
+        if let Some(snap) = &snap {
+            while let Some(req) = pending.pop_front() {
+                if let Some(t) = st.acks(&req) {
+                    acked.insert(t);
+                }
+                if let Some(n) = P::node(&req)
+                    && !n.id.is_empty()
+                    && n.id != id.node_id
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "node id changed from {} to {} on one stream",
+                        id.node_id, n.id
+                    )));
+                }
+                if let Some(resp) = st.on_request(snap, &id.node_id, req)
+                    && tx.send(Ok(resp)).await.is_err()
+                {
+                    return Ok(());
+                }
             }
-            if let Some(resp) = st.on_request(&snap, &id.node_id, req)
-                && tx.send(Ok(resp)).await.is_err()
-            {
-                return Ok(());
+            // Serving once its listeners (and, with mTLS, its certificates) are in place:
+            // only then do other proxies get it as an endpoint.
+            let secrets = snap.resources(generate::SECRET_TYPE).is_empty() || acked.contains(generate::SECRET_TYPE);
+            if !ready && acked.contains(generate::LISTENER_TYPE) && secrets {
+                ready = true;
+                online.serving().await;
             }
-            continue;
         }
         tokio::select! {
             msg = inbound.message() => match msg {
-                Ok(Some(r)) => next = Some(r),
+                Ok(Some(r)) => { pending.push_back(r); continue; }
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     tracing::debug!(node = %id.node_id, error = %e, "{} stream ended", P::NAME);
                     return Ok(());
                 }
             },
-            changed = changes.changed() => {
-                if changed.is_err() {
+            c = next_change(&mut events, affects_xds) => {
+                if c == Change::Closed {
                     return Ok(());
                 }
-                debounce(&cp, &mut changes).await;
+                debounce(&cp, &mut events).await;
             }
-            _ = refresh_due(&snap) => {}
+            _ = refresh_due(snap.as_ref()) => {}
         }
-        snap = build_snapshot(&cp, &id).await?;
+        snap = rebuild(&cp, &id, snap).await?;
+        let Some(snap) = &snap else { continue };
         for t in st.subscribed() {
-            if let Some(resp) = st.push(&snap, &t) {
+            if let Some(resp) = st.push(snap, &t) {
                 tracing::debug!(node = %id.node_id, type_url = %t, "push");
                 if tx.send(Ok(resp)).await.is_err() {
                     return Ok(());
                 }
             }
         }
+    }
+}
+
+/// The proxy's snapshot, or `previous` when it cannot be built yet.
+async fn rebuild(cp: &ZoneCp, id: &ProxyId, previous: Option<ProxySnapshot>) -> Result<Option<ProxySnapshot>, Status> {
+    match build_snapshot(cp, id).await {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.code() == tonic::Code::Unavailable => {
+            tracing::warn!(node = %id.node_id, reason = %e.message(), "configuration on hold");
+            Ok(previous)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -605,7 +498,7 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel(16);
         let cp = self.cp.clone();
         tokio::spawn(async move {
-            if let Err(status) = run(cp, token, Sotw { types: BTreeMap::new(), nonce: 0 }, inbound, tx.clone()).await {
+            if let Err(status) = run(cp, token, Sotw::default(), inbound, tx.clone()).await {
                 tracing::warn!(code = ?status.code(), message = %status.message(), "ADS stream refused");
                 let _ = tx.send(Err(status)).await;
             }
@@ -622,7 +515,7 @@ impl AggregatedDiscoveryService for Ads {
         let (tx, rx) = mpsc::channel(16);
         let cp = self.cp.clone();
         tokio::spawn(async move {
-            if let Err(status) = run(cp, token, Delta { types: BTreeMap::new(), nonce: 0 }, inbound, tx.clone()).await {
+            if let Err(status) = run(cp, token, Delta::default(), inbound, tx.clone()).await {
                 tracing::warn!(code = ?status.code(), message = %status.message(), "delta ADS stream refused");
                 let _ = tx.send(Err(status)).await;
             }

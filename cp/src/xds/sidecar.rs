@@ -43,9 +43,10 @@ use super::generate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
     string_struct, version_of,
 };
+use super::sni::{dns_sni_alias, sni_from_tags};
 use crate::ca::{identity_secret_name, mesh_ca_secret_name};
-use crate::model::{DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec, sni_from_tags};
-use crate::vips::{SERVICE_VIP_PORT, VipMap, domains, to_v6};
+use crate::model::{DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec};
+use crate::vips::{VipMap, domains, to_v6};
 
 pub const FEATURE_REUSE_PORT: &str = "feature-reuse-port";
 pub const FEATURE_BIND_OUTBOUNDS: &str = "feature-bind-outbounds";
@@ -71,6 +72,10 @@ pub struct SidecarInputs<'a> {
     /// All ZoneIngresses (local and of other zones).
     pub ingresses: &'a [Resource],
     pub vips: &'a VipMap,
+    /// `KUMA_DNS_SERVER_SERVICE_VIP_PORT`: the port of VIP outbounds.
+    pub vip_port: u32,
+    /// The VIP range is in 127.0.0.0/8: a proxy with `feature-bind-outbounds` binds them.
+    pub vips_bindable: bool,
     /// `dataplane.dns.port` from the node metadata (0 = the proxy did not ask for DNS).
     pub dns_port: u32,
     pub features: &'a BTreeSet<String>,
@@ -154,7 +159,7 @@ pub fn upstream_tls(mesh: &str, service: &str, dns_sni_only: bool) -> UpstreamTl
             string_matcher::MatchPattern::Exact(format!("spiffe://{mesh}/{service}")),
             &[KUMA_ALPN],
         )),
-        sni: if dns_sni_only { crate::model::dns_sni_alias(&tag_sni) } else { tag_sni },
+        sni: if dns_sni_only { dns_sni_alias(&tag_sni) } else { tag_sni },
         ..Default::default()
     }
 }
@@ -294,10 +299,13 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         let addr = ob.address.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| "127.0.0.1".into());
         outbounds.insert((addr, port), (svc.clone(), ob.tags.clone()));
     }
-    if tproxy.is_some() && !inputs.features.contains(FEATURE_BIND_OUTBOUNDS) {
+    // VIP outbounds: captured by transparent proxying, or bound on this host when the
+    // proxy binds outbounds and the VIPs are loopback addresses (no iptables needed).
+    let bind_outbounds = inputs.features.contains(FEATURE_BIND_OUTBOUNDS);
+    if (tproxy.is_some() && !bind_outbounds) || (bind_outbounds && inputs.vips_bindable) {
         for (svc, vip) in inputs.vips {
             let tags: BTreeMap<String, String> = [(SERVICE_TAG.to_string(), svc.clone())].into_iter().collect();
-            outbounds.entry((vip.to_string(), SERVICE_VIP_PORT)).or_insert((svc.clone(), tags));
+            outbounds.entry((vip.to_string(), inputs.vip_port)).or_insert((svc.clone(), tags));
         }
     }
     let services: BTreeSet<String> = outbounds.values().map(|(s, _)| s.clone()).collect();
@@ -306,7 +314,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(addr, *port)),
-            bind_to_port: tproxy.as_ref().map(|_| BoolValue { value: false }),
+            bind_to_port: tproxy.as_ref().filter(|_| !bind_outbounds).map(|_| BoolValue { value: false }),
             filter_chains: vec![tcp_proxy_chain(svc, svc, 3600, None)],
             traffic_direction: TrafficDirection::Outbound as i32,
             ..Default::default()
@@ -362,7 +370,9 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
     }
 
     // --- DNS --------------------------------------------------------------------------
-    if inputs.dns_port > 0 && !inputs.features.contains(FEATURE_BIND_OUTBOUNDS) {
+    // Kuma leaves the VIP records out for bind-outbounds proxies (they resolve MeshService
+    // hostnames instead); here they resolve to the bound VIPs, which is what makes them work.
+    if inputs.dns_port > 0 {
         let with_v6 = tproxy.as_ref().is_some_and(|t| t.ip_family_mode.as_deref() != Some("IPv4"));
         let mut records: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (svc, vip) in inputs.vips {

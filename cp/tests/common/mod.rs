@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cp::components::Running;
 use cp::config::RunConfig;
-use cp::server::Running;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value};
@@ -66,7 +66,7 @@ impl TestCp {
         let dir = temp_dir(tag);
         let mut cfg = RunConfig::for_tests(dir.join("work"));
         f(&mut cfg);
-        let running = cp::server::start(cfg).await.expect("cp starts");
+        let running = cp::components::start(cfg).await.expect("cp starts");
         TestCp { running, dir }
     }
 

@@ -1,0 +1,255 @@
+//! What a zone records about the proxies connected to it:
+//!
+//! * Universal "direct lifecycle": the resource a proxy brings in its node metadata
+//!   (`dataplane.resource`, from `--dataplane-file`) is upserted when its stream opens and
+//!   removed a delay after its last stream closed (Kuma's `dataplane_lifecycle.go`);
+//! * its insight (DataplaneInsight, ZoneIngressInsight, ZoneEgressInsight): one
+//!   subscription per ADS stream with connect and disconnect times, which is what "online"
+//!   means everywhere (REST, service insights, and global through KDS).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+use crate::components::zone::ZoneCp;
+use crate::context::random_uuid;
+use crate::model::labels::compute as compute_labels;
+use crate::model::{Key, Resource, ResourceType, ZoneIngressSpec, now_rfc3339};
+
+/// Kuma's `metrics.dataplane.subscriptionLimit`: subscriptions kept per proxy insight.
+const SUBSCRIPTION_LIMIT: usize = 2;
+
+/// Streams of registered proxies: key -> (generation, open streams).
+#[derive(Default)]
+pub struct Lifecycle {
+    conns: Mutex<HashMap<Key, (u64, usize)>>,
+}
+
+/// Held by a stream that registered its proxy's resource; dropping it schedules the
+/// deregistration.
+pub struct Registration {
+    cp: Arc<ZoneCp>,
+    key: Key,
+}
+
+impl Lifecycle {
+    /// Upsert `resource` (the proxy's own resource) and count one more stream for it.
+    pub async fn register(cp: &Arc<ZoneCp>, mut resource: Resource) -> Result<Registration, String> {
+        match resource.rtype {
+            ResourceType::ZoneIngress | ResourceType::ZoneEgress => {
+                resource.spec.insert("zone".into(), cp.cfg.zone_name.clone().into());
+                if resource.rtype == ResourceType::ZoneIngress {
+                    // Keep what the tracker computed so the REST view does not flicker.
+                    if let Ok(Some(old)) = cp.store.get(resource.rtype, "", &resource.name).await
+                        && let Some(av) = old.spec.get("availableServices")
+                    {
+                        resource.spec.insert("availableServices".into(), av.clone());
+                    } else {
+                        resource.spec.remove("availableServices");
+                    }
+                    let _ = resource.typed::<ZoneIngressSpec>().map_err(|e| e.to_string())?;
+                }
+            }
+            ResourceType::Dataplane => {
+                if cp.store.get(ResourceType::Mesh, "", &resource.mesh).await.map_err(|e| e.to_string())?.is_none() {
+                    let hint = if cp.cfg.is_federated_zone() {
+                        "create it on the global control plane; it reaches this zone through KDS"
+                    } else {
+                        "create it first (ctl apply -f mesh.yaml)"
+                    };
+                    return Err(format!("mesh {:?} does not exist: {hint}", resource.mesh));
+                }
+            }
+            _ => return Err(format!("a {} cannot connect as a proxy", resource.rtype.name())),
+        }
+        compute_labels(&mut resource, cp.role());
+        let key = resource.key();
+        {
+            let mut conns = cp.lifecycle.conns.lock().map_err(|_| "lifecycle lock poisoned".to_string())?;
+            let e = conns.entry(key.clone()).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += 1;
+        }
+        // Register the stream before the upsert so a concurrent deregistration of an older
+        // stream cannot delete what we are about to write.
+        if let Err(e) = cp.store.upsert(resource, None).await {
+            drop(Registration { cp: cp.clone(), key: key.clone() });
+            return Err(e.to_string());
+        }
+        tracing::info!(kind = key.0.name(), mesh = %key.1, name = %key.2, "proxy registered");
+        Ok(Registration { cp: cp.clone(), key })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let generation = {
+            let Ok(mut conns) = self.cp.lifecycle.conns.lock() else { return };
+            let Some(e) = conns.get_mut(&self.key) else { return };
+            e.1 = e.1.saturating_sub(1);
+            if e.1 > 0 {
+                return;
+            }
+            e.0
+        };
+        let cp = self.cp.clone();
+        let key = self.key.clone();
+        let delay = cp.cfg.deregistration_delay;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        handle.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let still_gone = {
+                let Ok(mut conns) = cp.lifecycle.conns.lock() else { return };
+                match conns.get(&key) {
+                    Some((g, 0)) if *g == generation => {
+                        conns.remove(&key);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if still_gone {
+                // Deleting the proxy's resource deletes its insight (it owns it).
+                match cp.store.delete(key.0, &key.1, &key.2).await {
+                    Ok(_) => tracing::info!(kind = key.0.name(), mesh = %key.1, name = %key.2, "proxy deregistered after its stream closed"),
+                    Err(e) => tracing::warn!(error = %e, "cannot deregister proxy"),
+                }
+            }
+        });
+    }
+}
+
+/// An open subscription in a proxy's insight; dropping it records the disconnect.
+pub struct Connected {
+    cp: Arc<ZoneCp>,
+    insight: Key,
+    id: String,
+}
+
+/// Record that the proxy `subject` (a Dataplane, ZoneIngress or ZoneEgress) opened a
+/// stream; `version` is the node metadata's `version` (`{kumaDp, envoy}`).
+pub async fn connected(cp: &Arc<ZoneCp>, subject: &Key, version: Option<Value>) -> Connected {
+    let insight_type = subject.0.descriptor().insight.unwrap_or(ResourceType::DataplaneInsight);
+    let insight = (insight_type, subject.1.clone(), subject.2.clone());
+    let id = random_uuid();
+    let mut sub = json!({
+        "id": id,
+        "controlPlaneInstanceId": cp.instance_id,
+        "connectTime": now_rfc3339(),
+        "status": {"lastUpdateTime": now_rfc3339(), "total": {}},
+        "generation": 0,
+    });
+    if let Some(v) = version {
+        sub["version"] = v;
+    }
+    let owner = subject.clone();
+    update_subscriptions(cp, &insight, Some(owner), |subs| {
+        subs.push(sub.clone());
+        // Keep the newest; a proxy has one live stream, older entries are history.
+        let excess = subs.len().saturating_sub(SUBSCRIPTION_LIMIT);
+        subs.drain(..excess);
+    })
+    .await;
+    Connected { cp: cp.clone(), insight, id }
+}
+
+impl Connected {
+    /// The proxy acknowledged its listeners (and certificates): record it in its
+    /// subscription (`status.lds.responsesAcknowledged`), which ends its "joining".
+    pub async fn serving(&self) {
+        let id = self.id.clone();
+        update_subscriptions(&self.cp, &self.insight, None, |subs| {
+            for s in subs.iter_mut().filter(|s| s["id"] == id.as_str()) {
+                s["status"]["lds"] = json!({"responsesAcknowledged": "1"});
+                s["status"]["lastUpdateTime"] = Value::String(now_rfc3339());
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        let (cp, insight, id) = (self.cp.clone(), self.insight.clone(), std::mem::take(&mut self.id));
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        handle.spawn(async move {
+            update_subscriptions(&cp, &insight, None, |subs| {
+                for s in subs.iter_mut().filter(|s| s["id"] == id.as_str()) {
+                    s["disconnectTime"] = Value::String(now_rfc3339());
+                }
+            })
+            .await;
+        });
+    }
+}
+
+/// Read-modify-write of an insight's `subscriptions`, retried on concurrent writes.
+async fn update_subscriptions(cp: &ZoneCp, insight: &Key, owner: Option<Key>, f: impl Fn(&mut Vec<Value>)) {
+    for _ in 0..10 {
+        let existing = match cp.store.get(insight.0, &insight.1, &insight.2).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a proxy insight");
+                return;
+            }
+        };
+        if existing.is_none() && owner.is_none() {
+            return; // the proxy was deleted meanwhile, and its insight with it
+        }
+        let version = existing.as_ref().map_or(0, |r| r.version);
+        let mut r = existing.unwrap_or_else(|| Resource::new(insight.0, &insight.1, &insight.2));
+        let mut subs = r.spec.get("subscriptions").and_then(Value::as_array).cloned().unwrap_or_default();
+        f(&mut subs);
+        r.spec.insert("subscriptions".into(), Value::Array(subs));
+        if r.owner.is_none() {
+            r.owner = owner.clone();
+        }
+        compute_labels(&mut r, cp.role());
+        match cp.store.upsert(r, Some(version)).await {
+            Ok(_) => return,
+            Err(crate::store::StoreError::Conflict { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write a proxy insight");
+                return;
+            }
+        }
+    }
+}
+
+/// A proxy that connected but has not acknowledged its configuration yet: its newest
+/// subscription is open and has no acknowledged listeners. It is not an endpoint until
+/// then (connections to it would fail). A proxy with no insight (its resource was applied
+/// through the API) or only closed subscriptions is not joining.
+pub fn joining(insight: &Resource) -> bool {
+    let Some(last) = insight.spec.get("subscriptions").and_then(Value::as_array).and_then(|s| s.last()) else {
+        return false;
+    };
+    let open = last.get("disconnectTime").is_none_or(Value::is_null);
+    let acked = last.pointer("/status/lds/responsesAcknowledged").is_some_and(|v| v != "0" && !v.is_null());
+    open && !acked
+}
+
+/// `dataplanes` without the ones whose proxy is still joining.
+pub async fn serving_dataplanes(
+    store: &dyn crate::store::Store,
+    mesh: Option<&str>,
+) -> Result<Vec<Resource>, crate::store::StoreError> {
+    let joining: std::collections::BTreeSet<(String, String)> = store
+        .list(ResourceType::DataplaneInsight, mesh)
+        .await?
+        .into_iter()
+        .filter(joining)
+        .map(|i| (i.mesh, i.name))
+        .collect();
+    let mut dps = store.list(ResourceType::Dataplane, mesh).await?;
+    dps.retain(|d| !joining.contains(&(d.mesh.clone(), d.name.clone())));
+    Ok(dps)
+}
+
+/// Kuma's `IsOnline` of an insight: a subscription connected and not disconnected.
+pub fn is_online(insight: &Resource) -> bool {
+    insight.spec.get("subscriptions").and_then(Value::as_array).is_some_and(|subs| {
+        subs.iter().any(|s| s.get("connectTime").is_some() && s.get("disconnectTime").is_none_or(Value::is_null))
+    })
+}

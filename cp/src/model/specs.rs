@@ -1,0 +1,256 @@
+//! Typed views of the specs `cp` interprets (Dataplane and zone proxy networking, Mesh
+//! mTLS). Fields not listed are ignored here and kept in the stored JSON.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Resource, parse_duration};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataplaneSpec {
+    #[serde(default)]
+    pub networking: Option<DataplaneNetworking>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataplaneNetworking {
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub advertised_address: String,
+    #[serde(default)]
+    pub inbound: Vec<Inbound>,
+    #[serde(default)]
+    pub outbound: Vec<Outbound>,
+    #[serde(default)]
+    pub gateway: Option<Value>,
+    #[serde(default)]
+    pub admin: Option<AdminPort>,
+    #[serde(default)]
+    pub transparent_proxying: Option<TransparentProxying>,
+}
+
+/// `networking.outbound[]` (legacy tag form; `backendRef` outbounds are kept but not served).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Outbound {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub port: i64,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub backend_ref: Option<Value>,
+}
+
+/// `networking.transparentProxying`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TransparentProxying {
+    #[serde(default)]
+    pub redirect_port_inbound: u32,
+    #[serde(default)]
+    pub redirect_port_outbound: u32,
+    #[serde(default)]
+    pub ip_family_mode: Option<String>,
+}
+
+impl TransparentProxying {
+    /// Kuma's `tp.Enabled()`: inbound or outbound redirection is on.
+    pub fn enabled(&self) -> bool {
+        self.redirect_port_inbound != 0 || self.redirect_port_outbound != 0
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Inbound {
+    #[serde(default)]
+    pub port: i64,
+    #[serde(default)]
+    pub service_port: Option<i64>,
+    #[serde(default)]
+    pub service_address: Option<String>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub health: Option<Health>,
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Health {
+    #[serde(default)]
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct AdminPort {
+    #[serde(default)]
+    pub port: i64,
+}
+
+impl Inbound {
+    /// Kuma counts an inbound as serving when it has no health or is ready, and its state
+    /// is not NotReady/Ignored.
+    pub fn is_healthy(&self) -> bool {
+        let health_ok = self.health.as_ref().is_none_or(|h| h.ready);
+        let state_ok = !matches!(self.state.as_deref(), Some("NotReady") | Some("Ignored"));
+        health_ok && state_ok
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneIngressSpec {
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub networking: ZoneIngressNetworking,
+    #[serde(default)]
+    pub available_services: Vec<AvailableService>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneIngressNetworking {
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub advertised_address: String,
+    #[serde(default)]
+    pub port: i64,
+    #[serde(default)]
+    pub advertised_port: i64,
+    #[serde(default)]
+    pub admin: Option<AdminPort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct AvailableService {
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub instances: u32,
+    #[serde(default)]
+    pub mesh: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external_service: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneEgressSpec {
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub networking: ZoneIngressNetworking,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSpec {
+    #[serde(default)]
+    pub mtls: Option<MeshMtls>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshMtls {
+    #[serde(default)]
+    pub enabled_backend: String,
+    #[serde(default)]
+    pub backends: Vec<MtlsBackend>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsBackend {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub backend_type: String,
+    #[serde(default)]
+    pub dp_cert: Option<DpCert>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub conf: Option<Value>,
+}
+
+/// `mtls.backends[].dpCert`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DpCert {
+    #[serde(default)]
+    pub rotation: Option<DpCertRotation>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DpCertRotation {
+    #[serde(default)]
+    pub expiration: String,
+}
+
+/// Kuma's default data plane certificate lifetime (`DefaultWorkloadCertValidityPeriod`).
+pub const DEFAULT_DP_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl MtlsBackend {
+    /// `dpCert.rotation.expiration`, default 24h.
+    pub fn dp_cert_lifetime(&self) -> std::time::Duration {
+        self.dp_cert
+            .as_ref()
+            .and_then(|d| d.rotation.as_ref())
+            .filter(|r| !r.expiration.is_empty())
+            .and_then(|r| parse_duration(&r.expiration).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_DP_CERT_LIFETIME)
+    }
+}
+
+impl MeshSpec {
+    /// `mtls.enabledBackend` is set (and, after validation, names an existing backend).
+    pub fn mtls_enabled(&self) -> bool {
+        self.mtls.as_ref().is_some_and(|m| !m.enabled_backend.is_empty())
+    }
+
+    /// The enabled backend, when mTLS is on.
+    pub fn enabled_backend(&self) -> Option<&MtlsBackend> {
+        let m = self.mtls.as_ref()?;
+        if m.enabled_backend.is_empty() {
+            return None;
+        }
+        m.backends.iter().find(|b| b.name == m.enabled_backend)
+    }
+
+    /// "type/name" of the enabled backend, e.g. `builtin/ca-1`.
+    pub fn mtls_description(&self) -> String {
+        match &self.mtls {
+            Some(m) if !m.enabled_backend.is_empty() => {
+                let t = m
+                    .backends
+                    .iter()
+                    .find(|b| b.name == m.enabled_backend)
+                    .map(|b| b.backend_type.as_str())
+                    .unwrap_or("?");
+                format!("{t}/{}", m.enabled_backend)
+            }
+            _ => "off".into(),
+        }
+    }
+}
+
+/// Whether a Mesh resource enables mTLS (a resource that cannot be read counts as off).
+pub fn mesh_mtls_enabled(mesh: &Resource) -> bool {
+    mesh.typed::<MeshSpec>().is_ok_and(|m| m.mtls_enabled())
+}

@@ -1,0 +1,51 @@
+//! Reconcilers: jobs that keep derived resources equal to what their inputs say (Kuma
+//! runs them on the leader, every second; here each runs once at start and again after
+//! every relevant store change, debounced).
+
+pub mod available_services;
+pub mod defaults;
+pub mod service_insights;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::context::Cp;
+use crate::model::ResourceType;
+use crate::store::{Change, ChangeEvent, next_change};
+
+/// Run `job` now and after every change `relevant` accepts, until shutdown. Changes that
+/// arrive during the debounce (`KUMA_XDS_DEBOUNCE`) or a run are folded into the next run.
+pub fn spawn<F, Fut>(
+    name: &'static str,
+    cp: &Arc<Cp>,
+    mut shutdown: watch::Receiver<bool>,
+    relevant: fn(&ChangeEvent) -> bool,
+    job: F,
+) where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let cp = cp.clone();
+    tokio::spawn(async move {
+        let mut events = cp.store.events();
+        loop {
+            if let Err(e) = job().await {
+                tracing::warn!(reconciler = name, error = %e, "reconciler failed; retrying on the next change");
+            }
+            tokio::select! {
+                c = next_change(&mut events, relevant) => if c == Change::Closed { return },
+                _ = shutdown.changed() => return,
+            }
+            tokio::time::sleep(cp.cfg.xds_debounce).await;
+            // Everything queued meanwhile is covered by the next run.
+            while events.try_recv().is_ok() {}
+        }
+    });
+}
+
+/// VIPs depend on the services of Dataplanes and of ZoneIngresses, per Mesh.
+pub fn vips_relevant(e: &ChangeEvent) -> bool {
+    matches!(e.rtype(), ResourceType::Dataplane | ResourceType::ZoneIngress | ResourceType::Mesh)
+}

@@ -1,0 +1,139 @@
+//! ServiceInsight `all-services-<mesh>`: per `kuma.io/service`, how many Dataplane
+//! inbounds are online and offline, and in which zones (Kuma's `pkg/insights/resyncer.go`).
+//! Global computes it over every zone's Dataplanes and sends it to the zones; a federated
+//! zone serves what it received; a standalone zone computes its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+use crate::context::Cp;
+use crate::lifecycle::is_online;
+use crate::model::labels::{ZONE, compute as compute_labels};
+use crate::model::{DataplaneSpec, Resource, ResourceType, SERVICE_TAG};
+use crate::store::ChangeEvent;
+
+pub fn name(mesh: &str) -> String {
+    format!("all-services-{mesh}")
+}
+
+fn relevant(e: &ChangeEvent) -> bool {
+    matches!(e.rtype(), ResourceType::Dataplane | ResourceType::DataplaneInsight | ResourceType::Mesh)
+}
+
+pub fn spawn(cp: &Arc<Cp>, shutdown: watch::Receiver<bool>) {
+    let c = cp.clone();
+    super::spawn("service insights", cp, shutdown, relevant, move || {
+        let cp = c.clone();
+        async move { update(&cp).await }
+    });
+}
+
+#[derive(Default)]
+struct Stat {
+    online: u32,
+    offline: u32,
+    zones: BTreeSet<String>,
+}
+
+/// The `services` map of one mesh's ServiceInsight.
+pub fn compute(dataplanes: &[Resource], insights: &BTreeMap<(String, String), Resource>) -> Map<String, Value> {
+    let mut stats: BTreeMap<String, Stat> = BTreeMap::new();
+    for dp in dataplanes {
+        let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
+        let inbounds = spec.networking.map(|n| n.inbound).unwrap_or_default();
+        let connected = insights.get(&(dp.mesh.clone(), dp.name.clone())).is_some_and(is_online);
+        // A proxy with an inbound that is not ready is degraded, and Kuma counts a
+        // degraded proxy as offline for all its services.
+        let online = connected && inbounds.iter().all(|i| i.is_healthy());
+        for inb in &inbounds {
+            let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
+            let s = stats.entry(svc.clone()).or_default();
+            if online {
+                s.online += 1;
+            } else {
+                s.offline += 1;
+            }
+            if let Some(z) = inb.tags.get(ZONE).or_else(|| dp.labels.get(ZONE)) {
+                s.zones.insert(z.clone());
+            }
+        }
+    }
+    stats
+        .into_iter()
+        .map(|(svc, s)| {
+            let status = match (s.online, s.offline) {
+                (0, _) => "offline",
+                (_, 0) => "online",
+                _ => "partially_degraded",
+            };
+            let mut v = json!({"status": status, "dataplanes": {"online": s.online, "offline": s.offline}});
+            if !s.zones.is_empty() {
+                v["zones"] = json!(s.zones);
+            }
+            (svc, v)
+        })
+        .collect()
+}
+
+async fn update(cp: &Cp) -> anyhow::Result<()> {
+    let meshes: BTreeSet<String> = cp.store.list(ResourceType::Mesh, None).await?.into_iter().map(|m| m.name).collect();
+    let dps = cp.store.list(ResourceType::Dataplane, None).await?;
+    let insights: BTreeMap<(String, String), Resource> = cp
+        .store
+        .list(ResourceType::DataplaneInsight, None)
+        .await?
+        .into_iter()
+        .map(|i| ((i.mesh.clone(), i.name.clone()), i))
+        .collect();
+    for mesh in &meshes {
+        let mine: Vec<Resource> = dps.iter().filter(|d| &d.mesh == mesh).cloned().collect();
+        let mut r = Resource::new(ResourceType::ServiceInsight, mesh, &name(mesh));
+        r.spec.insert("services".into(), Value::Object(compute(&mine, &insights)));
+        compute_labels(&mut r, cp.role());
+        cp.store.upsert(r, None).await?;
+    }
+    // Insights of meshes that are gone (only ours: a zone keeps what global sent).
+    for si in cp.store.list(ResourceType::ServiceInsight, None).await? {
+        if !meshes.contains(&si.mesh) && si.name == name(&si.mesh) {
+            cp.store.delete(ResourceType::ServiceInsight, &si.mesh, &si.name).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dp(name: &str, svc: &str, zone: &str, ready: bool) -> Resource {
+        let v = json!({"type": "Dataplane", "mesh": "default", "name": name, "networking": {"address": "10.0.0.1",
+            "inbound": [{"port": 1, "tags": {"kuma.io/service": svc, "kuma.io/zone": zone}, "health": {"ready": ready}}]}});
+        Resource::from_json(&v).unwrap()
+    }
+
+    fn insight(name: &str, online: bool) -> ((String, String), Resource) {
+        let mut sub = json!({"id": "1", "connectTime": "2026-01-01T00:00:00Z"});
+        if !online {
+            sub["disconnectTime"] = json!("2026-01-01T00:01:00Z");
+        }
+        let v = json!({"type": "DataplaneInsight", "mesh": "default", "name": name, "subscriptions": [sub]});
+        (("default".into(), name.into()), Resource::from_json(&v).unwrap())
+    }
+
+    #[test]
+    fn counts_online_offline_and_zones() {
+        let dps =
+            vec![dp("a", "echo", "zone-1", true), dp("b", "echo", "zone-2", true), dp("c", "web", "zone-1", false)];
+        let insights: BTreeMap<_, _> =
+            [insight("a", true), insight("b", false), insight("c", true)].into_iter().collect();
+        let m = compute(&dps, &insights);
+        assert_eq!(m["echo"]["status"], "partially_degraded");
+        assert_eq!(m["echo"]["dataplanes"], json!({"online": 1, "offline": 1}));
+        assert_eq!(m["echo"]["zones"], json!(["zone-1", "zone-2"]));
+        // Connected but not ready: offline.
+        assert_eq!(m["web"]["status"], "offline");
+    }
+}

@@ -1,0 +1,121 @@
+//! Resource store: the trait every backend implements, its change events, and the
+//! in-memory backend (Kuma's default `store.type: memory`).
+//!
+//! Two ways to follow changes: [`Store::subscribe`] is a counter for "something changed",
+//! [`Store::events`] says what changed (type, key, owner), so that a consumer can ignore
+//! what it does not read (an xDS stream is not rebuilt for an insight write, a KDS stream
+//! recomputes only the types that changed).
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use tokio::sync::{broadcast, watch};
+
+pub use crate::model::Key;
+use crate::model::{Resource, ResourceType};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{rtype} {name:?} was modified concurrently (expected version {expected}, found {found})")]
+    Conflict { rtype: &'static str, name: String, expected: u64, found: u64 },
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Created,
+    Updated,
+    Deleted,
+}
+
+/// One change, announced after it is visible to readers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub kind: ChangeKind,
+    pub key: Key,
+    /// The owner of the resource (deleting the owner deleted this one too).
+    pub owner: Option<Key>,
+}
+
+impl ChangeEvent {
+    pub fn rtype(&self) -> ResourceType {
+        self.key.0
+    }
+}
+
+/// One write of a batch ([`Store::apply`]).
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    /// Create or update (times and version are set by the store; a new resource keeps
+    /// the owner it carries, an existing one keeps its owner unless this one names one).
+    Upsert(Resource),
+    /// Delete, with everything it owns.
+    Delete(Key),
+}
+
+/// Storage of resources with change notification.
+#[tonic::async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError>;
+    /// All resources of a type; `mesh = Some(m)` restricts mesh-scoped types to one mesh.
+    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError>;
+    /// Create or update. Creation/modification times and the version are set by the store.
+    /// When nothing but the times would change, the stored resource is returned unchanged
+    /// and no change is announced. `expected_version` (if any) must match the stored one
+    /// (0 = must not exist).
+    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Resource, StoreError>;
+    /// Delete a resource and, recursively, every resource it owns. Returns whether it existed.
+    async fn delete(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<bool, StoreError>;
+    /// Apply several writes at once: readers see all of them or none (Kuma runs a KDS
+    /// batch in one transaction).
+    async fn apply(&self, ops: Vec<WriteOp>) -> Result<(), StoreError>;
+    /// Current change counter.
+    fn version(&self) -> u64;
+    /// A receiver that sees the change counter after every change.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+    /// Every change, as it happens. A receiver that falls behind gets `Lagged` and should
+    /// treat everything as changed.
+    fn events(&self) -> broadcast::Receiver<ChangeEvent>;
+}
+
+/// What [`next_change`] saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Event(ChangeEvent),
+    /// The receiver fell behind: some changes were missed, treat everything as changed.
+    Lagged,
+    /// The store is gone.
+    Closed,
+}
+
+/// Waits for the next change that `relevant` accepts (or for a lag, which may have
+/// hidden one).
+pub async fn next_change(rx: &mut broadcast::Receiver<ChangeEvent>, relevant: impl Fn(&ChangeEvent) -> bool) -> Change {
+    loop {
+        match rx.recv().await {
+            Ok(e) if relevant(&e) => return Change::Event(e),
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return Change::Lagged,
+            Err(broadcast::error::RecvError::Closed) => return Change::Closed,
+        }
+    }
+}
+
+/// Delete a mesh and every mesh-scoped resource in it (the REST API's `DELETE
+/// /meshes/{name}`, as Kuma's mesh manager does). KDS deletes of a Mesh do not cascade.
+pub async fn delete_mesh(store: &dyn Store, mesh: &str) -> Result<bool, StoreError> {
+    if store.get(ResourceType::Mesh, "", mesh).await?.is_none() {
+        return Ok(false);
+    }
+    let mut ops = Vec::new();
+    for t in ResourceType::ALL.iter().filter(|t| t.is_mesh_scoped()) {
+        for r in store.list(*t, Some(mesh)).await? {
+            ops.push(WriteOp::Delete(r.key()));
+        }
+    }
+    ops.push(WriteOp::Delete((ResourceType::Mesh, String::new(), mesh.to_string())));
+    store.apply(ops).await?;
+    Ok(true)
+}

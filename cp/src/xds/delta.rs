@@ -1,0 +1,207 @@
+//! The server side of incremental (Delta) xDS, for ADS to proxies and for both KDS
+//! directions: per type, what the client subscribed to and which version of each resource
+//! it holds; a response carries only what changed and the names that went away.
+//!
+//! A resource is recorded as held when it is sent, so a NACKed resource is not sent again
+//! until it changes (go-control-plane's behaviour, which Kuma relies on). Pure: no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as DeltaResource,
+};
+
+use super::generate::{Named, ProxySnapshot};
+use super::sotw::set_version;
+
+#[derive(Default)]
+struct DeltaType {
+    subscribed: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client has: name -> version.
+    client_has: BTreeMap<String, String>,
+}
+
+/// The state of one Delta stream.
+#[derive(Default)]
+pub struct Delta {
+    types: BTreeMap<String, DeltaType>,
+    nonce: u64,
+}
+
+/// What a request said about the previous response of its type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The first request of a type (a subscription), no nonce.
+    Subscribe,
+    Ack,
+    Nack(String),
+}
+
+pub fn classify(r: &DeltaDiscoveryRequest) -> Reply {
+    match (&r.error_detail, r.response_nonce.is_empty()) {
+        (Some(e), _) => Reply::Nack(e.message.clone()),
+        (None, true) => Reply::Subscribe,
+        (None, false) => Reply::Ack,
+    }
+}
+
+impl Delta {
+    /// The response for `type_url` after `snap` changed, if the client lacks anything.
+    /// `force` answers even with nothing to say (the first response of a subscription).
+    pub fn diff(&mut self, snap: &ProxySnapshot, type_url: &str, force: bool) -> Option<DeltaDiscoveryResponse> {
+        let st = self.types.get_mut(type_url)?;
+        let all = snap.resources(type_url);
+        let desired: Vec<&Named> = all.iter().filter(|n| st.wildcard || st.names.contains(&n.name)).collect();
+        let updated: Vec<&Named> =
+            desired.iter().copied().filter(|n| st.client_has.get(&n.name) != Some(&n.version)).collect();
+        let desired_names: BTreeSet<&str> = desired.iter().map(|n| n.name.as_str()).collect();
+        let removed: Vec<String> =
+            st.client_has.keys().filter(|k| !desired_names.contains(k.as_str())).cloned().collect();
+        if updated.is_empty() && removed.is_empty() && !force {
+            return None;
+        }
+        for n in &updated {
+            st.client_has.insert(n.name.clone(), n.version.clone());
+        }
+        for r in &removed {
+            st.client_has.remove(r);
+        }
+        self.nonce += 1;
+        let all_refs: Vec<&Named> = all.iter().collect();
+        Some(DeltaDiscoveryResponse {
+            system_version_info: set_version(&all_refs),
+            resources: updated
+                .iter()
+                .map(|n| DeltaResource {
+                    name: n.name.clone(),
+                    version: n.version.clone(),
+                    resource: Some(n.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce: self.nonce.to_string(),
+            ..Default::default()
+        })
+    }
+
+    /// Handle one request; returns the response to send, if any. ACKs and NACKs are
+    /// answered only when they also change the subscription.
+    pub fn on_request(&mut self, snap: &ProxySnapshot, r: &DeltaDiscoveryRequest) -> Option<DeltaDiscoveryResponse> {
+        let st = self.types.entry(r.type_url.clone()).or_default();
+        let first = !st.subscribed;
+        if first {
+            st.subscribed = true;
+            st.wildcard = r.resource_names_subscribe.is_empty();
+            for (k, v) in &r.initial_resource_versions {
+                st.client_has.insert(k.clone(), v.clone());
+            }
+        }
+        let mut changed = false;
+        for n in &r.resource_names_subscribe {
+            if n == "*" {
+                changed |= !st.wildcard;
+                st.wildcard = true;
+            } else {
+                changed |= st.names.insert(n.clone());
+            }
+        }
+        for n in &r.resource_names_unsubscribe {
+            if n == "*" {
+                changed |= st.wildcard;
+                st.wildcard = false;
+            } else {
+                changed |= st.names.remove(n);
+                st.client_has.remove(n);
+            }
+        }
+        if !first && !changed {
+            return None;
+        }
+        self.diff(snap, &r.type_url, first)
+    }
+
+    /// The types the client subscribed to.
+    pub fn subscribed(&self) -> Vec<String> {
+        self.types.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::Any;
+    use envoy_types::pb::google::rpc::Status;
+
+    const T: &str = "Mesh";
+
+    fn snap(items: &[(&str, &str)]) -> ProxySnapshot {
+        let mut s = ProxySnapshot::default();
+        s.by_type.insert(
+            T.into(),
+            items
+                .iter()
+                .map(|(n, v)| Named { name: n.to_string(), version: v.to_string(), any: Any::default() })
+                .collect(),
+        );
+        s
+    }
+
+    fn req(nonce: &str, subscribe: &[&str], error: Option<&str>) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: T.into(),
+            response_nonce: nonce.into(),
+            resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            error_detail: error.map(|m| Status { message: m.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
+        r.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn the_first_response_is_sent_even_empty_then_only_changes() {
+        let mut d = Delta::default();
+        let r = d.on_request(&snap(&[]), &req("", &["*"], None)).unwrap();
+        assert!(r.resources.is_empty() && r.removed_resources.is_empty());
+        assert_eq!(classify(&req(&r.nonce, &[], None)), Reply::Ack);
+        assert!(d.on_request(&snap(&[]), &req(&r.nonce, &[], None)).is_none());
+        let s = snap(&[("a", "1"), ("b", "1")]);
+        let r = d.diff(&s, T, false).unwrap();
+        assert_eq!(names(&r), vec!["a", "b"]);
+        assert!(d.diff(&s, T, false).is_none());
+        let r = d.diff(&snap(&[("a", "2")]), T, false).unwrap();
+        assert_eq!(names(&r), vec!["a"]);
+        assert_eq!(r.removed_resources, vec!["b"]);
+    }
+
+    #[test]
+    fn a_nacked_resource_is_not_resent_until_it_changes() {
+        let mut d = Delta::default();
+        let s = snap(&[("a", "1")]);
+        let r = d.on_request(&s, &req("", &["*"], None)).unwrap();
+        // Kuma's NACK repeats the wildcard subscription.
+        let nack = req(&r.nonce, &["*"], Some("bad a"));
+        assert_eq!(classify(&nack), Reply::Nack("bad a".into()));
+        assert!(d.on_request(&s, &nack).is_none());
+        assert!(d.diff(&s, T, false).is_none());
+        assert_eq!(names(&d.diff(&snap(&[("a", "2")]), T, false).unwrap()), vec!["a"]);
+    }
+
+    #[test]
+    fn initial_versions_spare_what_the_client_has() {
+        let mut d = Delta::default();
+        let mut r = req("", &[], None);
+        r.initial_resource_versions =
+            [("a".to_string(), "1".to_string()), ("gone".to_string(), "1".to_string())].into();
+        let resp = d.on_request(&snap(&[("a", "1"), ("b", "1")]), &r).unwrap();
+        assert_eq!(names(&resp), vec!["b"]);
+        assert_eq!(resp.removed_resources, vec!["gone"]);
+        assert_eq!(classify(&r), Reply::Subscribe);
+    }
+}
