@@ -165,7 +165,15 @@ impl Dp {
     }
 
     pub fn wait_ready(&self) {
-        wait_until("dp to be ready", || (http_get(self.admin, "/ready").ok()?.0 == 200).then_some(()));
+        let deadline = Instant::now() + WAIT;
+        while http_get(self.admin, "/ready").ok().map(|r| r.0) != Some(200) {
+            assert!(
+                Instant::now() < deadline,
+                "dp not ready within {WAIT:?}; its log:\n{}",
+                self.logs.lines().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -237,10 +245,14 @@ impl Drop for Dp {
     }
 }
 
-/// A running `cp` (zone control plane) on ephemeral ports, with its own work dir.
+/// A running `cp` on ephemeral ports, with its own work dir: a standalone zone, a global
+/// control plane, or a zone federated with a global.
 pub struct Cp {
     pub child: Child,
+    /// DP server (zones; `0.0.0.0:0` on global, which has none).
     pub dp_server: SocketAddr,
+    /// KDS server (global only).
+    pub kds: Option<SocketAddr>,
     pub api: SocketAddr,
     pub ca_file: PathBuf,
     pub logs: Logs,
@@ -252,10 +264,54 @@ impl Cp {
         Cp::start_in(temp_dir("cp"), zone, 0)
     }
 
-    /// Starts `cp run` keeping its state in `dir` (a restart reuses it), with the DP
-    /// server on `dp_port` (0: any free port).
+    /// Starts a standalone zone `cp run` keeping its state in `dir` (a restart reuses it),
+    /// with the DP server on `dp_port` (0: any free port).
     pub fn start_in(dir: PathBuf, zone: &str, dp_port: u16) -> Cp {
-        let dp_port = dp_port.to_string();
+        Cp::launch(dir, dp_port, 0, &[("KUMA_MULTIZONE_ZONE_NAME", zone)])
+    }
+
+    /// Starts a global control plane (`KUMA_MODE=global`), KDS on any free port.
+    pub fn global() -> Cp {
+        Cp::global_in(temp_dir("global"), 0)
+    }
+
+    /// Starts a global control plane in `dir` with KDS on `kds_port` (a restart reuses both).
+    pub fn global_in(dir: PathBuf, kds_port: u16) -> Cp {
+        Cp::launch(dir, 0, kds_port, &[("KUMA_MODE", "global")])
+    }
+
+    /// Starts zone `zone` federated with `global` (trusting its CA).
+    pub fn federated(global: &Cp, zone: &str, env: &[(&str, &str)]) -> Cp {
+        Cp::federated_via(temp_dir(zone), zone, &global.kds_address(), &global.ca_file, 0, env)
+    }
+
+    /// Starts zone `zone` in `dir`, dialing global at `global_address` (`grpcs://...`).
+    pub fn federated_via(
+        dir: PathBuf,
+        zone: &str,
+        global_address: &str,
+        global_ca: &Path,
+        dp_port: u16,
+        env: &[(&str, &str)],
+    ) -> Cp {
+        let ca = global_ca.display().to_string();
+        let mut all = vec![
+            ("KUMA_MODE", "zone"),
+            ("KUMA_MULTIZONE_ZONE_NAME", zone),
+            ("KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS", global_address),
+            ("KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE", ca.as_str()),
+        ];
+        all.extend_from_slice(env);
+        Cp::launch(dir, dp_port, 0, &all)
+    }
+
+    /// `grpcs://localhost:<kds port>` of a global control plane.
+    pub fn kds_address(&self) -> String {
+        format!("grpcs://localhost:{}", self.kds.expect("a global control plane").port())
+    }
+
+    fn launch(dir: PathBuf, dp_port: u16, kds_port: u16, env: &[(&str, &str)]) -> Cp {
+        let (dp_port, kds_port) = (dp_port.to_string(), kds_port.to_string());
         let addr_file = dir.join("addresses.json");
         let _ = std::fs::remove_file(&addr_file);
         let args: Vec<String> = [
@@ -264,6 +320,8 @@ impl Cp {
             "127.0.0.1",
             "--dp-server-port",
             &dp_port,
+            "--kds-port",
+            &kds_port,
             "--api-port",
             "0",
             "--address-file",
@@ -273,23 +331,40 @@ impl Cp {
         .map(|s| s.to_string())
         .collect();
         let work = dir.display().to_string();
-        let env = [
-            ("KUMA_GENERAL_WORK_DIR", work.as_str()),
-            ("KUMA_MULTIZONE_ZONE_NAME", zone),
-            ("KUMA_XDS_DATAPLANE_DEREGISTRATION_DELAY", "1s"),
-        ];
-        let (child, logs) = spawn(&bin("cp"), &args, &env);
+        let mut all = vec![("KUMA_GENERAL_WORK_DIR", work.as_str()), ("KUMA_XDS_DATAPLANE_DEREGISTRATION_DELAY", "1s")];
+        let level = std::env::var("CP_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+        all.push(("KUMA_LOG_LEVEL", level.as_str()));
+        all.extend_from_slice(env);
+        let (child, logs) = spawn(&bin("cp"), &args, &all);
         let v: serde_json::Value = wait_until("cp to write its addresses", || {
             serde_json::from_str(&std::fs::read_to_string(&addr_file).ok()?).ok()
         });
+        let addr = |k: &str| v[k].as_str().map(|a| a.parse().unwrap());
         Cp {
             child,
-            dp_server: v["dp_server"].as_str().unwrap().parse().unwrap(),
-            api: v["api"].as_str().unwrap().parse().unwrap(),
+            dp_server: addr("dp_server").unwrap_or_else(|| "0.0.0.0:0".parse().unwrap()),
+            kds: addr("kds"),
+            api: addr("api").unwrap(),
             ca_file: PathBuf::from(v["ca_cert_file"].as_str().unwrap()),
             logs,
             dir,
         }
+    }
+
+    /// `GET <path>` on the REST API as JSON.
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http_get(self.api, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// Names of the items of a REST list.
+    pub fn names(&self, path: &str) -> Vec<String> {
+        let v = self.get_json(path);
+        v["items"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|i| i["name"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
     }
 
     /// Runs `ctl --api-address <api> <args>`; panics with the output when it fails.
@@ -354,13 +429,18 @@ pub fn run(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, Stri
 }
 
 /// Polls `f` until it returns `Some`, failing the test after `WAIT`.
-pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
+pub fn wait_until<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_within(WAIT, what, f)
+}
+
+/// Polls `f` until it returns `Some`, failing the test after `limit`.
+pub fn wait_within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
