@@ -1,40 +1,16 @@
 //! `POST /bootstrap`: kuma-dp 2.14's request, and an Envoy v3 bootstrap in the response.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::components::zone::ZoneCp;
 use crate::config::{DpProxyAuth, ZoneProxyAuth};
 use crate::model::{DataplaneSpec, Resource, ResourceType, ZoneIngressSpec};
 
-/// `kumahq/kuma:pkg/xds/bootstrap/types/bootstrap_request.go` (fields we read; the rest is ignored).
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct BootstrapRequest {
-    pub mesh: String,
-    pub name: String,
-    pub proxy_type: String,
-    pub dataplane_token: String,
-    pub dataplane_token_path: String,
-    pub dataplane_resource: String,
-    pub version: Value,
-    pub ca_cert: String,
-    pub dynamic_metadata: Option<BTreeMap<String, String>>,
-    pub dns_port: u32,
-    pub readiness_port: u32,
-    pub app_probe_proxy_disabled: bool,
-    pub operating_system: String,
-    pub features: Vec<String>,
-    pub workdir: String,
-    pub metrics_resources: Value,
-    pub system_ca_path: String,
-    pub dataplane_config: Value,
-    pub ipv6_enabled: Option<bool>,
-}
+pub use kuma_model::proxy::BootstrapRequest;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -55,17 +31,10 @@ fn err(status: u16, message: impl Into<String>) -> BootstrapError {
     BootstrapError { status, message: message.into() }
 }
 
-pub const FEATURE_DELTA: &str = "feature-delta-grpc";
-
 /// Handle a bootstrap request. `host` is the hostname the client used (Host header).
 pub async fn handle(cp: &Arc<ZoneCp>, req: BootstrapRequest, host: &str) -> Result<(String, Value), BootstrapError> {
-    let proxy_type = if req.proxy_type.is_empty() { "dataplane".to_string() } else { req.proxy_type.clone() };
-    let rtype = match proxy_type.as_str() {
-        "dataplane" => ResourceType::Dataplane,
-        "ingress" => ResourceType::ZoneIngress,
-        "egress" => ResourceType::ZoneEgress,
-        other => return Err(err(422, format!("proxyType {other:?} is not one of dataplane, ingress, egress"))),
-    };
+    let proxy_type = req.proxy_type().map_err(|e| err(422, e))?;
+    let rtype = crate::model::proxy_resource_type(proxy_type);
     let token_required = match rtype {
         ResourceType::ZoneIngress | ResourceType::ZoneEgress => cp.cfg.zone_proxy_auth == ZoneProxyAuth::ZoneToken,
         _ => cp.cfg.dp_proxy_auth == DpProxyAuth::DpToken,
@@ -150,7 +119,7 @@ pub async fn handle(cp: &Arc<ZoneCp>, req: BootstrapRequest, host: &str) -> Resu
     };
     let node_id = format!("{}.{}", resource.mesh, resource.name);
     let token = req.dataplane_token.trim().to_string();
-    let delta = req.features.iter().any(|f| f == FEATURE_DELTA);
+    let delta = req.has_feature(kuma_model::proxy::features::DELTA_GRPC);
 
     let mut metadata = serde_json::Map::new();
     metadata.insert("version".into(), req.version.clone());
@@ -168,7 +137,7 @@ pub async fn handle(cp: &Arc<ZoneCp>, req: BootstrapRequest, host: &str) -> Resu
     if req.app_probe_proxy_disabled {
         metadata.insert("dataplane.appProbeProxy.enabled".into(), json!("true"));
     }
-    metadata.insert("dataplane.proxyType".into(), json!(proxy_type));
+    metadata.insert("dataplane.proxyType".into(), json!(proxy_type.as_str()));
     metadata.insert("dataplane.resource".into(), json!(resource.to_json().to_string()));
     if let Some(dm) = &req.dynamic_metadata {
         metadata.insert("dynamicMetadata".into(), json!(dm));

@@ -284,7 +284,7 @@ impl Tokens {
         if claims.mesh.is_empty() {
             return Err(TokenError::Invalid("mesh: must not be empty".into()));
         }
-        if !matches!(claims.proxy_type.as_str(), "" | "dataplane" | "ingress" | "egress") {
+        if claims.proxy_type.parse::<kuma_model::proxy::ProxyType>().is_err() {
             return Err(TokenError::Invalid("type: must be one of dataplane, ingress, egress".into()));
         }
         let pem = self

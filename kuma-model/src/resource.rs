@@ -3,14 +3,7 @@
 
 use serde_json::Value;
 
-/// The resource type each `--proxy-type` runs as.
-pub fn resource_type(proxy_type: &str) -> &'static str {
-    match proxy_type {
-        "ingress" => "ZoneIngress",
-        "egress" => "ZoneEgress",
-        _ => "Dataplane",
-    }
-}
+use crate::proxy::ProxyType;
 
 /// A rendered and checked Dataplane / ZoneIngress / ZoneEgress.
 #[derive(Debug, Clone)]
@@ -36,7 +29,7 @@ pub fn rfc1123_name(s: &str) -> bool {
 }
 
 /// Parses the rendered resource and checks it the way kuma-dp does before bootstrap.
-pub fn parse_resource(text: &str, proxy_type: &str, source: &str) -> Result<ProxyResource, String> {
+pub fn parse_resource(text: &str, proxy_type: ProxyType, source: &str) -> Result<ProxyResource, String> {
     let json: Value = serde_json::from_str(text)
         .or_else(|_| serde_saphyr::from_str::<Value>(text))
         .map_err(|e| format!("{source}: not valid YAML or JSON: {}", e.to_string().lines().next().unwrap_or("")))?;
@@ -44,7 +37,7 @@ pub fn parse_resource(text: &str, proxy_type: &str, source: &str) -> Result<Prox
         return Err(format!("{source}: the resource must be a mapping with `type` and `name`"));
     };
     let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
-    let want = resource_type(proxy_type);
+    let want = proxy_type.resource_type();
     if kind != want {
         return Err(format!(
             "{source}: resource type {kind:?} does not match --proxy-type={proxy_type} (expected type: {want})"
@@ -73,14 +66,14 @@ mod tests {
     #[test]
     fn resources() {
         let zi = "type: ZoneIngress\nname: ingress-01\nnetworking: {address: 127.0.0.1, port: 10000}";
-        let r = parse_resource(zi, "ingress", "f").unwrap();
+        let r = parse_resource(zi, ProxyType::Ingress, "f").unwrap();
         assert_eq!((r.kind.as_str(), r.name.as_str(), r.mesh.as_str()), ("ZoneIngress", "ingress-01", ""));
-        let e = parse_resource(zi, "egress", "f").unwrap_err();
+        let e = parse_resource(zi, ProxyType::Egress, "f").unwrap_err();
         assert!(e.contains("does not match --proxy-type=egress"), "{e}");
-        let e = parse_resource("type: Dataplane\nname: Web", "dataplane", "f").unwrap_err();
+        let e = parse_resource("type: Dataplane\nname: Web", ProxyType::Dataplane, "f").unwrap_err();
         assert!(e.contains("RFC 1123"), "{e}");
-        let e = parse_resource("type: Dataplane\nname: web", "dataplane", "f").unwrap_err();
+        let e = parse_resource("type: Dataplane\nname: web", ProxyType::Dataplane, "f").unwrap_err();
         assert!(e.contains("needs a `mesh`"), "{e}");
-        assert!(parse_resource("[1", "dataplane", "f").unwrap_err().contains("not valid YAML"));
+        assert!(parse_resource("[1", ProxyType::Dataplane, "f").unwrap_err().contains("not valid YAML"));
     }
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value as PbValue, value::Kind};
 use http_body_util::{BodyExt, Full};
+use kuma_model::proxy::{BootstrapRequest, ProxyType, features};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -103,7 +104,7 @@ pub fn client_tls(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConfig,
 pub struct Request {
     pub mesh: String,
     pub name: String,
-    pub proxy_type: String,
+    pub proxy_type: ProxyType,
     pub token: String,
     pub token_path: String,
     pub resource: Value,
@@ -113,46 +114,43 @@ pub struct Request {
     pub delta: bool,
     /// Where the control plane should put the `.mesh` DNS listener (none: no DNS).
     pub dns_port: Option<u16>,
-    /// dp runs the embedded DNS proxy: ask for the `/dns` records (`feature-embedded-dns`).
+    /// dp runs the embedded DNS proxy: ask for the `/dns` records.
     pub embedded_dns: bool,
-    /// `--bind-outbounds`: VIP outbounds bound on this host (`feature-bind-outbounds`).
+    /// `--bind-outbounds`: VIP outbounds bound on this host.
     pub bind_outbounds: bool,
 }
 
 impl Request {
     pub fn to_json(&self) -> Value {
-        let mut features = vec![];
-        if self.delta {
-            features.push("feature-delta-grpc");
-        }
-        if self.embedded_dns {
-            features.push("feature-embedded-dns");
-        }
-        if self.bind_outbounds {
-            features.push("feature-bind-outbounds");
-        }
-        json!({
-            "mesh": self.mesh,
-            "name": self.name,
-            "proxyType": self.proxy_type,
-            "dataplaneToken": self.token,
-            "dataplaneTokenPath": self.token_path,
-            "dataplaneResource": self.resource.to_string(),
-            "version": {
+        let features = [
+            (self.delta, features::DELTA_GRPC),
+            (self.embedded_dns, features::EMBEDDED_DNS),
+            (self.bind_outbounds, features::BIND_OUTBOUNDS),
+        ];
+        let body = BootstrapRequest {
+            mesh: self.mesh.clone(),
+            name: self.name.clone(),
+            proxy_type: self.proxy_type.to_string(),
+            dataplane_token: self.token.clone(),
+            dataplane_token_path: self.token_path.clone(),
+            dataplane_resource: self.resource.to_string(),
+            version: json!({
                 "kumaDp": {"version": env!("CARGO_PKG_VERSION"), "gitTag": "", "gitCommit": "", "buildDate": ""},
                 // dp is the proxy itself and implements the Envoy 1.40 subset Kuma 2.14 generates.
                 "envoy": {"version": "1.40.0", "build": concat!("dp/", env!("CARGO_PKG_VERSION")), "kumaDpCompatible": true}
-            },
-            "caCert": self.ca_pem,
-            "dynamicMetadata": {},
-            "readinessPort": self.readiness_port,
-            "operatingSystem": "linux",
-            "features": features,
-            "resources": {"maxHeapSizeBytes": 0},
-            "workdir": self.workdir,
-            "dnsPort": self.dns_port.unwrap_or(0), // 0: no DNS (Kuma omits it)
-            "ipv6Enabled": false,
-        })
+            }),
+            ca_cert: self.ca_pem.clone(),
+            dynamic_metadata: Some(Default::default()),
+            readiness_port: u32::from(self.readiness_port),
+            operating_system: "linux".into(),
+            features: features.iter().filter(|(on, _)| *on).map(|(_, f)| f.to_string()).collect(),
+            resources: json!({"maxHeapSizeBytes": 0}),
+            workdir: self.workdir.clone(),
+            dns_port: u32::from(self.dns_port.unwrap_or(0)), // 0: no DNS (Kuma omits it)
+            ipv6_enabled: Some(false),
+            ..Default::default()
+        };
+        serde_json::to_value(body).unwrap_or_default()
     }
 }
 

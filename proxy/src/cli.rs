@@ -3,6 +3,7 @@
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use kuma_model::duration::parse_duration;
+use kuma_model::proxy::ProxyType;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -177,11 +178,16 @@ impl RunArgs {
     /// The embedded DNS proxy runs: DNS on, a port given, and a sidecar (kuma-dp runs no
     /// DNS server for zone proxies).
     pub fn embedded_dns(&self) -> bool {
-        self.dns_enabled && self.dns_proxy_port != 0 && self.proxy_type == "dataplane"
+        self.dns_enabled && self.dns_proxy_port != 0 && self.proxy() == ProxyType::Dataplane
+    }
+
+    /// `--proxy-type`, once [`RunArgs::validate`] accepted it.
+    pub fn proxy(&self) -> ProxyType {
+        self.proxy_type.parse().unwrap_or_default()
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if !["dataplane", "ingress", "egress"].contains(&self.proxy_type.as_str()) {
+        if self.proxy_type.is_empty() || self.proxy_type.parse::<ProxyType>().is_err() {
             return Err(format!("--proxy-type {:?} is not valid; use dataplane, ingress or egress", self.proxy_type));
         }
         if !["", "GRPC", "DELTA_GRPC"].contains(&self.xds_variant.as_str()) {

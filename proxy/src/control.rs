@@ -36,7 +36,7 @@ pub async fn start(
     let request = Request {
         mesh: inputs.mesh.clone(),
         name: inputs.name.clone(),
-        proxy_type: args.proxy_type.clone(),
+        proxy_type: args.proxy(),
         token: inputs.token.clone(),
         token_path: inputs.token_path.clone(),
         resource: inputs.resource.as_ref().map(|r| r.json.clone()).unwrap_or_default(),

@@ -93,7 +93,7 @@ impl CpInputs {
                     ));
                 }
                 let rendered = render(&text, &vars).map_err(|e| format!("{source}: {e}"))?;
-                Some(parse_resource(&rendered, &a.proxy_type, &source)?)
+                Some(parse_resource(&rendered, a.proxy(), &source)?)
             }
             None => None,
         };
@@ -102,7 +102,7 @@ impl CpInputs {
             None => {
                 let name = a.name.clone().ok_or("--name is required when no --dataplane-file is given")?;
                 let mesh = a.mesh.clone().unwrap_or_default();
-                if a.proxy_type == "dataplane" && mesh.is_empty() {
+                if a.proxy() == kuma_model::proxy::ProxyType::Dataplane && mesh.is_empty() {
                     return Err("--mesh is required when no --dataplane-file is given".into());
                 }
                 (mesh, name)

@@ -592,3 +592,76 @@ async fn a_dp_pointed_at_global_is_told_to_use_a_zone() {
     assert!(!status.success());
     assert!(out.contains("global control plane") && out.contains("zone control plane"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_zone_takes_global_resources_from_global_only() {
+    let global = Cp::global();
+    global.apply(MESH);
+    let zone1 = Cp::federated(&global, "zone-1", &[]);
+    wait_federated(&zone1);
+    // The Mesh came from global, labelled so; writing one on the zone is refused with Kuma's sentence.
+    assert_eq!(zone1.get_json("/meshes/default")["labels"]["kuma.io/origin"], "global");
+    let f = zone1.dir.join("mesh.yaml");
+    std::fs::write(&f, "type: Mesh\nname: other\n").unwrap();
+    let (status, out) = zone1.ctl_status(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("On zone control plane you can only modify zone resources"), "{out}");
+    // A policy applied on global reaches the zone under its hashed name.
+    global.apply("type: TrafficPermission\nmesh: default\nname: allow-all\nsources:\n- match:\n    kuma.io/service: '*'\ndestinations:\n- match:\n    kuma.io/service: '*'\n");
+    let names = wait_within(SYNC, "the policy in the zone", || {
+        Some(zone1.names("/meshes/default/traffic-permissions")).filter(|n| !n.is_empty())
+    });
+    assert_eq!(names.len(), 1);
+    assert!(names[0].starts_with("allow-all-"), "{names:?}");
+    // And Dataplanes are written on zones, not on global.
+    let dp = global.dir.join("dp.yaml");
+    std::fs::write(&dp, "type: Dataplane\nmesh: default\nname: d\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  - port: 1\n    tags:\n      kuma.io/service: s\n").unwrap();
+    let (status, out) = global.ctl_status(&["apply", "-f", dp.to_str().unwrap()]);
+    assert!(
+        !status.success() && out.contains("On global control plane you can not modify dataplane resources"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zone_with_a_bad_global_address_or_ca_says_which_variable_to_fix() {
+    let dir = temp_dir("bad-global");
+    let work = dir.display().to_string();
+    let (status, out) = e2e::run(
+        &e2e::bin("cp"),
+        &["run", "--api-port", "0", "--dp-server-port", "0"],
+        &[("KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS", "https://global:5685"), ("KUMA_GENERAL_WORK_DIR", &work)],
+    );
+    assert!(!status.success());
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("Error:")).collect();
+    assert_eq!(errors.len(), 1, "{out}");
+    assert!(errors[0].contains("KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS") && errors[0].contains("grpcs://"), "{out}");
+
+    // A CA file that is not there.
+    let (status, out) = e2e::run(
+        &e2e::bin("cp"),
+        &["run", "--api-port", "0", "--dp-server-port", "0"],
+        &[
+            ("KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS", "grpcs://localhost:5685"),
+            ("KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE", "/nonexistent/kuma-cp.crt"),
+            ("KUMA_GENERAL_WORK_DIR", &work),
+        ],
+    );
+    assert!(!status.success());
+    assert!(out.contains("Error: cannot read KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE=/nonexistent/kuma-cp.crt"), "{out}");
+
+    // A global whose certificate the zone cannot verify (another CA): one warning that
+    // names both ways out, however often the zone retries.
+    let global = Cp::global();
+    let other = Cp::global();
+    let other_ca = write(&dir, "other-ca.pem", &std::fs::read_to_string(&other.ca_file).unwrap());
+    let zone = Cp::federated_via(temp_dir("zone-wrong-ca"), "zone-1", &global.kds_address(), &other_ca, 0, &[]);
+    let line = zone.logs.wait_for(&["cannot sync with global"]);
+    assert!(
+        line.contains("KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE")
+            && line.contains("KUMA_MULTIZONE_ZONE_KDS_TLS_SKIP_VERIFY"),
+        "{line}"
+    );
+    // Still not Online on global, and the zone keeps running.
+    assert!(global.names("/zones").is_empty());
+}

@@ -101,20 +101,31 @@ pub async fn ensure_own_zone(cp: &Cp) -> anyhow::Result<()> {
 pub async fn run(cp: Arc<Cp>, target: Target, mut shutdown: watch::Receiver<bool>) {
     let mut retry =
         xds_client::Retry::new(xds_client::Backoff { initial: cp.cfg.kds_base_backoff, max: cp.cfg.kds_max_backoff });
+    // The same failure again and again is said once (then at debug) until something changes.
+    let mut last_error: Option<String> = None;
     loop {
         let outcome = tokio::select! {
             r = session(&cp, &target) => r,
             _ = shutdown.changed() => return,
         };
         match outcome {
-            Ok(true) => retry.reset(),
-            Ok(false) => {}
+            Ok(synced) => {
+                if synced {
+                    retry.reset();
+                }
+                last_error = None;
+                tracing::info!(global = %target, "KDS: disconnected from global; the zone keeps serving its last synced state");
+            }
+            Err(e) if last_error.as_ref() == Some(&e) => {
+                tracing::debug!(global = %target, error = %e, "KDS: still cannot connect to global")
+            }
             Err(e) => {
-                tracing::warn!(global = %target, error = %e, "KDS: connection to global failed; the zone keeps serving its last synced state")
+                tracing::warn!(global = %target, error = %e, "KDS: cannot sync with global; the zone keeps serving its last synced state and retries");
+                last_error = Some(e);
             }
         }
         let delay = retry.next_delay();
-        tracing::info!(global = %target, retry_in = ?delay, "KDS: reconnecting to global");
+        tracing::debug!(global = %target, retry_in = ?delay, "KDS: reconnecting to global");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return,

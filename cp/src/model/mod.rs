@@ -72,6 +72,11 @@ pub fn format_causes(causes: &[Cause]) -> String {
     causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect::<Vec<_>>().join("; ")
 }
 
+/// The resource type a proxy of `p` runs as.
+pub fn proxy_resource_type(p: kuma_model::proxy::ProxyType) -> ResourceType {
+    ResourceType::from_name(p.resource_type()).unwrap_or(ResourceType::Dataplane)
+}
+
 /// The key of (type, mesh, name): the mesh is dropped for global-scoped types.
 pub fn key(rtype: ResourceType, mesh: &str, name: &str) -> Key {
     (rtype, if rtype.is_mesh_scoped() { mesh.to_string() } else { String::new() }, name.to_string())

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 /// Listener name with Kuma 2.14's legacy naming (`dynconf.ListenerName`).
 pub const LISTENER: &str = "_kuma:dynamicconfig";
 /// The node-metadata feature of a proxy that runs the embedded DNS proxy.
-pub const FEATURE_EMBEDDED_DNS: &str = "feature-embedded-dns";
+pub use kuma_model::proxy::features::EMBEDDED_DNS as FEATURE_EMBEDDED_DNS;
 const SOCKET: &str = "kuma-mesh-metric-config.sock";
 
 /// The `/dns` body (Kuma's `dpapi.DNSProxyConfig`): records sorted by name, TTL 30 s.

@@ -112,13 +112,11 @@ async fn admit(
         .split_once('.')
         .ok_or_else(|| Status::invalid_argument(format!("node id {:?} is not <mesh>.<name>", node.id)))?;
     let md = node.metadata.clone().unwrap_or_default();
-    let proxy_type = struct_string(&md, "dataplane.proxyType").unwrap_or_else(|| "dataplane".into());
-    let rtype = match proxy_type.as_str() {
-        "dataplane" | "" => ResourceType::Dataplane,
-        "ingress" => ResourceType::ZoneIngress,
-        "egress" => ResourceType::ZoneEgress,
-        other => return Err(Status::invalid_argument(format!("unknown dataplane.proxyType {other:?}"))),
-    };
+    let proxy_type: kuma_model::proxy::ProxyType = struct_string(&md, "dataplane.proxyType")
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("dataplane.proxyType: {e}")))?;
+    let rtype = crate::model::proxy_resource_type(proxy_type);
     let inline = match struct_string(&md, "dataplane.resource").filter(|s| !s.is_empty()) {
         Some(json) => {
             if json.len() > 1024 * 1024 {

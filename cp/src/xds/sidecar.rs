@@ -48,8 +48,7 @@ use crate::ca::{identity_secret_name, mesh_ca_secret_name};
 use crate::model::{DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec};
 use crate::vips::{VipMap, domains, to_v6};
 
-pub const FEATURE_REUSE_PORT: &str = "feature-reuse-port";
-pub const FEATURE_BIND_OUTBOUNDS: &str = "feature-bind-outbounds";
+use kuma_model::proxy::features::{BIND_OUTBOUNDS as FEATURE_BIND_OUTBOUNDS, REUSE_PORT as FEATURE_REUSE_PORT};
 /// Name of the DNS listener (`names.GetDNSListenerName()`).
 pub const DNS_LISTENER: &str = "kuma:dns";
 /// ALPN Kuma's client side sets on mesh mTLS (`KumaALPNProtocols`).
