@@ -7,6 +7,10 @@ need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v dig >/dev/null || need+=(dnsutils)
 command -v python3 >/dev/null || need+=(python3)
+# BoringSSL (dp's mesh mTLS, through the boring crate) builds with cmake, clang and libclang.
+command -v cmake >/dev/null || need+=(cmake)
+command -v clang >/dev/null || need+=(clang)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need+=(libclang-dev)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -78,7 +78,7 @@ pub fn client_tls(trust: &Trust, alpn: &[&[u8]]) -> Result<rustls::ClientConfig,
         .map_err(|e| e.to_string())?;
     let mut cfg = match trust {
         Trust::SkipVerify => {
-            builder.dangerous().with_custom_certificate_verifier(crate::tls::accept_any_server()).with_no_client_auth()
+            builder.dangerous().with_custom_certificate_verifier(xds_client::accept_any_server()).with_no_client_auth()
         }
         Trust::Ca(_) | Trust::System => {
             let bundle = match trust {

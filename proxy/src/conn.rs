@@ -161,8 +161,8 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
             Tls::Ready(st) => {
                 // The ClientHello was read for routing: replay it into the handshake.
                 let hello = buf[..pending].to_vec();
-                let accept =
-                    tokio_rustls::TlsAcceptor::from(st.config.clone()).accept(Prefixed::new(&hello, &mut down));
+                // The client's chain and SANs are checked inside the handshake.
+                let accept = st.accept(Prefixed::new(&hello, &mut down));
                 let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -171,16 +171,12 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
                     }
                     Err(_) => return log.finish(Flag::DownstreamTls, Transferred::default()),
                 };
-                let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                let peer_cert = crate::tls::peer_certificate(tls.ssl());
                 if let Some(der) = &peer_cert {
-                    if let Err(e) = san::accepted(&st.client_sans, der) {
-                        debug!(id, "client certificate refused: {e}");
-                        return log.finish(Flag::DownstreamTls, Transferred::default());
-                    }
                     log.peer_identity = san::sans(der).and_then(|s| {
                         s.into_iter().find_map(|n| match n {
                             san::San::Uri(u) => Some(u.to_string()),
-                            san::San::Dns(_) => None,
+                            _ => None,
                         })
                     });
                 }
@@ -293,7 +289,7 @@ impl Downstream for TcpStream {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Downstream for tokio_rustls::server::TlsStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Downstream for crate::tls::TlsStream<S> {
     fn as_tcp(&self) -> Option<&TcpStream> {
         None
     }
@@ -378,7 +374,7 @@ async fn proxy<'a, D: Downstream>(
 /// An upstream connection, with TLS when the cluster originates it.
 enum Upstream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<crate::tls::TlsStream<TcpStream>>),
 }
 
 /// Connects (and handshakes, for TLS clusters) to a host of the set, moving on to
@@ -399,7 +395,7 @@ async fn connect(
                 let Tls::Ready(ct) = &cluster.tls else {
                     return Some((Upstream::Plain(s), host));
                 };
-                let hs = tokio_rustls::TlsConnector::from(ct.config.clone()).connect(ct.server_name.clone(), s);
+                let hs = ct.connect(s);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
                     Ok(Ok(tls)) => return Some((Upstream::Tls(Box::new(tls)), host)),
                     Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, attempt, "upstream TLS handshake failed"),

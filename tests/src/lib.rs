@@ -2,6 +2,7 @@
 //! ephemeral ports, plain-TCP and TLS backends that say who they are, and clients that
 //! send real ClientHellos.
 
+pub mod envoy;
 pub mod hello;
 pub mod tls;
 
@@ -40,6 +41,12 @@ pub fn fixtures_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// A number unique within this test process.
+pub fn next_id() -> u32 {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -349,6 +356,20 @@ impl Cp {
             logs,
             dir,
         }
+    }
+
+    /// Waits until a federated zone has what global gives every zone before its proxies
+    /// can connect: the `default` Mesh with its CA, the dataplane-token signing key and the
+    /// zone-token public key.
+    pub fn wait_federated(&self) {
+        wait_within(Duration::from_secs(30), "the mesh, its CA and the signing keys to reach the zone", || {
+            let secrets = self.names("/meshes/default/secrets");
+            let ok = self.names("/meshes").contains(&"default".to_string())
+                && secrets.iter().any(|s| s.contains("ca-builtin-cert"))
+                && secrets.iter().any(|s| s.starts_with("dataplane-token-signing-key-default"))
+                && self.names("/global-secrets").iter().any(|s| s.starts_with("zone-token-signing-public-key-"));
+            ok.then_some(())
+        });
     }
 
     /// `GET <path>` on the REST API as JSON.

@@ -28,19 +28,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// Waits until a federated zone has what global gives every zone before its proxies can
-/// connect: the Mesh with its CA, the dataplane-token signing key, the zone-token public key.
-fn wait_federated(zone: &Cp) {
-    wait_within(SYNC, "the mesh, its CA and the signing keys to reach the zone", || {
-        let secrets = zone.names("/meshes/default/secrets");
-        let ok = zone.names("/meshes").contains(&"default".to_string())
-            && secrets.contains(&"default.ca-builtin-cert-ca-1".to_string())
-            && secrets.iter().any(|s| s.starts_with("dataplane-token-signing-key-default"))
-            && zone.names("/global-secrets").iter().any(|s| s.starts_with("zone-token-signing-public-key-"));
-        ok.then_some(())
-    });
-}
-
 /// A zone token minted on global, as the seed guide does (`ctl generate zone-token`).
 fn zone_token(global: &Cp, zone: &str, scopes: &[&str]) -> String {
     let mut args = vec!["generate", "zone-token", "--zone", zone];
@@ -264,8 +251,8 @@ impl World {
         let env = [("KUMA_DNS_SERVER_CIDR", cidr.as_str()), ("KUMA_DNS_SERVER_SERVICE_VIP_PORT", vip_port_s.as_str())];
         let zone1 = Cp::federated_via(temp_dir("zone-1"), "zone-1", zone1_global, &global.ca_file, 0, &env);
         let zone2 = Cp::federated(&global, "zone-2", &[]);
-        wait_federated(&zone1);
-        wait_federated(&zone2);
+        zone1.wait_federated();
+        zone2.wait_federated();
         let ingresses = vec![
             start_ingress(&global, &zone1, "zone-1", free_port()),
             start_ingress(&global, &zone2, "zone-2", free_port()),
@@ -325,7 +312,9 @@ async fn the_seed_walkthrough_reaches_a_service_in_another_zone() {
     // `.mesh` DNS on the client knows the remote service, in both name forms, and the
     // VIP answers (the client binds zone-1's loopback VIPs).
     let port = w.dns_port;
-    let vip = dig(port, "echo.mesh");
+    // The remote service's VIP is allocated once its ingress reached zone-1.
+    let vip =
+        wait_within(SYNC, "echo.mesh in the client's DNS", || Some(dig(port, "echo.mesh")).filter(|v| !v.is_empty()));
     assert!(vip.starts_with("127."), "echo.mesh -> {vip:?}");
     assert_eq!(dig(port, "ECHO.mesh"), vip);
     let vip_addr: SocketAddr = format!("{vip}:{}", w.vip_port).parse().unwrap();
@@ -397,7 +386,7 @@ async fn a_zone_can_be_deleted_only_once_its_cp_is_gone_and_what_it_owned_goes_w
     global.apply(MESH);
     let zone1 = Cp::federated(&global, "zone-1", &[]);
     let mut zone2 = Cp::federated(&global, "zone-2", &[]);
-    wait_federated(&zone2);
+    zone2.wait_federated();
     let _ingress2 = start_ingress(&global, &zone2, "zone-2", free_port());
     wait_within(SYNC, "zone-2's ingress in zone-1", || {
         ingresses(&zone1).iter().any(|(_, z)| z == "zone-2").then_some(())
@@ -547,8 +536,8 @@ async fn zone_tokens_minted_on_global_work_only_for_their_zone_and_scope() {
     global.apply(MESH);
     let zone1 = Cp::federated(&global, "zone-1", &[]);
     let zone2 = Cp::federated(&global, "zone-2", &[]);
-    wait_federated(&zone1);
-    wait_federated(&zone2);
+    zone1.wait_federated();
+    zone2.wait_federated();
     // zone-1's CP accepts global's token for its ingress (it verifies with the public key
     // global sent; it cannot mint zone tokens itself).
     let _ingress = start_ingress(&global, &zone1, "zone-1", free_port());
@@ -598,7 +587,7 @@ async fn a_federated_zone_takes_global_resources_from_global_only() {
     let global = Cp::global();
     global.apply(MESH);
     let zone1 = Cp::federated(&global, "zone-1", &[]);
-    wait_federated(&zone1);
+    zone1.wait_federated();
     // The Mesh came from global, labelled so; writing one on the zone is refused with Kuma's sentence.
     assert_eq!(zone1.get_json("/meshes/default")["labels"]["kuma.io/origin"], "global");
     let f = zone1.dir.join("mesh.yaml");

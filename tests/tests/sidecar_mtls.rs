@@ -232,3 +232,87 @@ async fn the_rbac_filter_lets_only_the_permitted_identity_through() {
     assert_eq!(server.stat("envoy_rbac_allowed{envoy_rbac_prefix=\"inbound_backend.\"}"), 1);
     assert_eq!(server.stat("envoy_rbac_denied{envoy_rbac_prefix=\"inbound_backend.\"}"), 1);
 }
+
+/// `openssl s_client` against `addr` with Kuma's tag SNI, ALPN `kuma` and `identity`,
+/// sending one line; killed on drop.
+struct SClient {
+    child: std::process::Child,
+}
+
+impl SClient {
+    fn start(addr: SocketAddr, ca: &MeshCa, identity: &Identity, extra: &[&str]) -> SClient {
+        use std::io::Write;
+        let dir = temp_dir("s-client");
+        let (cert, key, ca_file) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("ca.pem"));
+        std::fs::write(&cert, &identity.cert_pem).unwrap();
+        std::fs::write(&key, &identity.key_pem).unwrap();
+        std::fs::write(&ca_file, &ca.pem).unwrap();
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string(), "-servername", "backend{mesh=default}", "-alpn", "kuma"])
+            .args([
+                "-cert",
+                cert.to_str().unwrap(),
+                "-key",
+                key.to_str().unwrap(),
+                "-CAfile",
+                ca_file.to_str().unwrap(),
+            ])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl (scripts/setup.sh installs it)");
+        child.stdin.as_mut().unwrap().write_all(b"hello\n").unwrap();
+        SClient { child }
+    }
+
+    /// Waits for openssl to give up on its own (a refused handshake): what it printed.
+    fn refused(mut self) -> String {
+        let deadline = std::time::Instant::now() + e2e::WAIT;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "openssl kept the connection: it was not refused");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut out = String::new();
+        use std::io::Read;
+        let _ = self.child.stdout.take().unwrap().read_to_string(&mut out);
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut out);
+        out
+    }
+}
+
+impl Drop for SClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kuma's tag SNI is not a DNS name; Envoy (BoringSSL) sends and accepts it, and so does
+/// dp's inbound: `openssl s_client -servername 'backend{mesh=default}'` with a mesh client
+/// certificate gets through to the app, and foreign certificates are refused in the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_with_kumas_tag_sni_and_a_mesh_certificate_reaches_the_app() {
+    let ca = MeshCa::new("mesh default");
+    let app = Backend::start("app").await;
+    let file = temp_dir("sidecar-openssl").join("xds.json");
+    write(&file, "1", server_side(&ca, &ca.identity("spiffe://default/backend"), app.addr));
+    let server = Dp::start(&file, &[]);
+    let inbound = server.listener("inbound:backend");
+
+    let client = SClient::start(inbound, &ca, &ca.identity("spiffe://default/web"), &[]);
+    e2e::wait_until("openssl's line to reach the app", || {
+        app.received.lock().unwrap().iter().any(|r| r.starts_with(b"hello\n")).then_some(())
+    });
+    drop(client);
+    server.logs.wait_for(&["sni=\"backend{mesh=default}\"", "peer_identity=\"spiffe://default/web\""]);
+
+    // TLS 1.2, where the server checks the client certificate before the handshake ends.
+    let other = MeshCa::new("other");
+    let out = SClient::start(inbound, &ca, &other.identity("spiffe://default/web"), &["-tls1_2"]).refused();
+    assert!(out.to_lowercase().contains("alert"), "a foreign CA got through:\n{out}");
+    let out = SClient::start(inbound, &ca, &ca.identity("spiffe://other-mesh/web"), &["-tls1_2"]).refused();
+    assert!(out.to_lowercase().contains("alert"), "another mesh got through:\n{out}");
+    assert_eq!(app.connections(), 1, "refused clients never reach the app");
+}

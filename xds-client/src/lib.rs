@@ -87,7 +87,7 @@ mod transport;
 pub mod testing;
 
 pub use backoff::{Backoff, Retry};
-pub use transport::{Trust, check_ca_pem, endpoint, error_chain};
+pub use transport::{Trust, accept_any_server, check_ca_pem, endpoint, error_chain};
 
 /// Largest response accepted (tonic's default is 4 MiB, too small for big meshes).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

@@ -129,6 +129,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// A rustls verifier that accepts any server certificate (handshake signatures are still
+/// checked): kuma-dp's `--skip-verify`, for every connection to a control plane.
+pub fn accept_any_server() -> Arc<dyn ServerCertVerifier> {
+    Arc::new(AcceptAnyServerCert::new())
+}
+
 /// `skip_verify`: any certificate is accepted, but the handshake signatures are still checked,
 /// so the session is encrypted to whoever holds the presented certificate's key.
 #[derive(Debug)]

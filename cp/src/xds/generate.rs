@@ -287,7 +287,7 @@ fn chain_proto(c: &ChainPlan) -> FilterChain {
     };
     FilterChain {
         filter_chain_match: Some(FilterChainMatch {
-            server_names: vec![c.sni.clone(), super::sni::dns_sni_alias(&c.sni)],
+            server_names: vec![c.sni.clone()],
             transport_protocol: "tls".into(),
             ..Default::default()
         }),

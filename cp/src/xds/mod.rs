@@ -62,9 +62,6 @@ pub struct ProxyId {
     pub features: BTreeSet<String>,
     /// `workdir` of the node metadata (where pipes such as the dynamic-config one live).
     pub workdir: String,
-    /// The proxy is `dp` (node metadata `version.envoy.build` is `dp/...`): its TLS
-    /// client sends only DNS-valid SNI, so it gets `dns_sni_alias` names.
-    pub dns_sni_only: bool,
 }
 
 fn struct_strings(s: &Struct, key: &str) -> BTreeSet<String> {
@@ -195,14 +192,7 @@ async fn admit(
     let dns_port = struct_string(&md, "dataplane.dns.port").and_then(|p| p.trim().parse::<u32>().ok()).unwrap_or(0);
     let features = struct_strings(&md, "features");
     let workdir = struct_string(&md, "workdir").unwrap_or_default();
-    let dns_sni_only = match md.fields.get("version").and_then(|v| v.kind.as_ref()) {
-        Some(value::Kind::StructValue(v)) => match v.fields.get("envoy").and_then(|e| e.kind.as_ref()) {
-            Some(value::Kind::StructValue(e)) => struct_string(e, "build").is_some_and(|b| b.starts_with("dp/")),
-            _ => false,
-        },
-        _ => false,
-    };
-    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features, workdir, dns_sni_only };
+    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features, workdir };
     tracing::info!(node = %id.node_id, kind = rtype.name(), "ADS stream authenticated");
     Ok((id, registration, online))
 }
@@ -286,7 +276,6 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         features: &id.features,
         workdir: &id.workdir,
         tls,
-        dns_sni_only: id.dns_sni_only,
     });
     snap.refresh_at = refresh_at;
     Ok(snap)

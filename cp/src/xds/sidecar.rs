@@ -43,7 +43,7 @@ use super::generate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
     string_struct, version_of,
 };
-use super::sni::{dns_sni_alias, sni_from_tags};
+use super::sni::sni_from_tags;
 use crate::ca::{identity_secret_name, mesh_ca_secret_name};
 use crate::model::{DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec};
 use crate::vips::{VipMap, domains, to_v6};
@@ -82,8 +82,6 @@ pub struct SidecarInputs<'a> {
     pub workdir: &'a str,
     /// Set when the mesh has mTLS enabled.
     pub tls: Option<SidecarTls>,
-    /// Give outbound clusters the DNS-valid SNI alias instead of the tag SNI (`dp`).
-    pub dns_sni_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -149,7 +147,7 @@ pub fn downstream_tls(mesh: &str) -> DownstreamTlsContext {
 }
 
 /// Client side (outbound): SNI from tags, ALPN `kuma`, peer SAN URI exactly `spiffe://<mesh>/<service>`.
-pub fn upstream_tls(mesh: &str, service: &str, dns_sni_only: bool) -> UpstreamTlsContext {
+pub fn upstream_tls(mesh: &str, service: &str) -> UpstreamTlsContext {
     let tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.to_string())].into_iter().collect();
     let tag_sni = sni_from_tags(service, &tags);
     UpstreamTlsContext {
@@ -158,7 +156,7 @@ pub fn upstream_tls(mesh: &str, service: &str, dns_sni_only: bool) -> UpstreamTl
             string_matcher::MatchPattern::Exact(format!("spiffe://{mesh}/{service}")),
             &[KUMA_ALPN],
         )),
-        sni: if dns_sni_only { dns_sni_alias(&tag_sni) } else { tag_sni },
+        sni: tag_sni,
         ..Default::default()
     }
 }
@@ -331,7 +329,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 eds_config: Some(ads_config_source()),
                 service_name: String::new(),
             }),
-            transport_socket: inputs.tls.as_ref().map(|_| tls_socket(upstream_tls(mesh, svc, inputs.dns_sni_only))),
+            transport_socket: inputs.tls.as_ref().map(|_| tls_socket(upstream_tls(mesh, svc))),
             ..Default::default()
         };
         let cluster_version = version_of(&format!("{c:?}"));

@@ -1,4 +1,4 @@
-//! SNI names of mesh mTLS: Kuma 2.x tag SNI, and the DNS-valid alias `dp` sidecars use.
+//! SNI names of mesh mTLS: Kuma 2.x tag SNI (`backend{mesh=default,version=v1}`).
 
 use std::collections::BTreeMap;
 
@@ -10,19 +10,6 @@ pub fn sni_from_tags(service: &str, tags: &BTreeMap<String, String>) -> String {
     let inner: Vec<String> =
         tags.iter().filter(|(k, _)| k.as_str() != SERVICE_TAG).map(|(k, v)| format!("{k}={v}")).collect();
     format!("{service}{{{}}}", inner.join(","))
-}
-
-/// A DNS-valid alias of a tag SNI, `a<fnv-1a 64 of the tag SNI>.<mesh-free>.sni`.
-/// TLS clients that can only send DNS names (rustls, so `dp`) cannot send
-/// `backend{mesh=default}`; ingress chains list this alias next to the tag SNI and
-/// `dp` sidecars are given it instead, while Envoy keeps Kuma's tag SNI.
-pub fn dns_sni_alias(tag_sni: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in tag_sni.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("a{h:016x}.sni")
 }
 
 #[cfg(test)]

@@ -1,26 +1,44 @@
-//! TLS from Envoy resources: rustls server configs for `DownstreamTlsContext`
-//! (sidecar inbounds: terminate mTLS, require and check the client certificate) and
-//! client configs for `UpstreamTlsContext` (sidecar outbounds: originate mTLS with an
-//! SNI and ALPN, verify the server's SPIFFE SAN). Certificates come inline or from SDS
-//! `Secret`s by name. Configs are built with the snapshot, so a rotated secret gives
-//! new connections a new config while live ones keep theirs.
+//! Mesh mTLS from Envoy resources, on BoringSSL (the library Envoy links): server
+//! contexts for `DownstreamTlsContext` (sidecar inbounds: terminate mTLS, require and check
+//! the client certificate) and client contexts for `UpstreamTlsContext` (sidecar outbounds:
+//! originate mTLS with Kuma's SNI and ALPN, verify the server's SPIFFE SAN).
+//!
+//! BoringSSL sends and accepts any SNI of 1-255 bytes without NUL, as Envoy does, so
+//! Kuma's tag SNI (`backend{mesh=default}`) and KRI names ending in a port number work
+//! both ways (rustls can carry only DNS names; `shared/reference/tls-sni.md`). rustls stays
+//! on the control-plane connection, where names are DNS names.
+//!
+//! Certificates come inline or from SDS `Secret`s by name; the peer chain is verified
+//! against the validation context's CA (or, with Envoy's SPIFFE validator, the bundle of
+//! the peer's trust domain), then its SANs against `match_typed_subject_alt_names`, inside
+//! the handshake: a refused peer gets a TLS alert. Contexts are built with the snapshot,
+//! so a rotated secret gives new connections a new context while live ones keep theirs.
 
 pub mod prefixed;
 pub mod san;
 
-use crate::matcher::StringMatch;
-use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, Secret, TlsCertificate, UpstreamTlsContext,
-    common_tls_context::ValidationContextType, secret,
-};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use san::SanMatcher;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use boring::pkey::{PKey, Private};
+use boring::ssl::{AlpnError, Ssl, SslContext, SslContextBuilder, SslMethod, SslRef, SslVerifyMode, SslVersion};
+use boring::x509::store::{X509Store, X509StoreBuilder};
+use boring::x509::{X509, X509StoreContextRef};
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, Secret, SpiffeCertValidatorConfig,
+    TlsCertificate, TlsParameters, UpstreamTlsContext, common_tls_context::ValidationContextType, secret,
+    tls_parameters::TlsProtocol,
+};
+use prost::{Message, Name};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::matcher::StringMatch;
+use san::{SanMatcher, SanType};
+
 pub type Secrets<'a> = HashMap<&'a str, &'a Secret>;
+/// A TLS stream over `S` (either side).
+pub type TlsStream<S> = tokio_boring::SslStream<S>;
 
 /// Why a TLS context cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,22 +70,64 @@ impl std::fmt::Display for TlsError {
     }
 }
 
-/// A terminating TLS context: the rustls config plus the SAN rules for the client.
-#[derive(Debug)]
+fn ssl_err(what: &str) -> impl Fn(boring::error::ErrorStack) -> TlsError + '_ {
+    move |e| TlsError::Invalid(format!("{what}: {e}"))
+}
+
+/// A terminating TLS context.
 pub struct ServerTls {
-    pub config: Arc<rustls::ServerConfig>,
-    pub client_sans: Vec<SanMatcher>,
+    context: SslContext,
 }
 
-/// An originating TLS context.
-#[derive(Debug)]
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// The server side of a handshake on `stream` (whose first bytes may be a replay of
+    /// the ClientHello already read for routing).
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) -> Result<TlsStream<S>, String> {
+        let ssl = Ssl::new(&self.context).map_err(|e| e.to_string())?;
+        tokio_boring::SslStreamBuilder::new(ssl, stream).accept().await.map_err(|e| handshake_error(&e))
+    }
+}
+
+/// An originating TLS context and the SNI it sends.
 pub struct ClientTls {
-    pub config: Arc<rustls::ClientConfig>,
-    pub server_name: ServerName<'static>,
+    context: SslContext,
+    /// Sent verbatim (Kuma's tag SNI included); none when the config sets no SNI.
+    pub sni: Option<String>,
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("sni", &self.sni).finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// The client side of a handshake on `stream`.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) -> Result<TlsStream<S>, String> {
+        let mut ssl = Ssl::new(&self.context).map_err(|e| e.to_string())?;
+        if let Some(sni) = &self.sni {
+            ssl.set_hostname(sni).map_err(|e| e.to_string())?;
+        }
+        tokio_boring::SslStreamBuilder::new(ssl, stream).connect().await.map_err(|e| handshake_error(&e))
+    }
+}
+
+fn handshake_error<S>(e: &tokio_boring::HandshakeError<S>) -> String {
+    match e.as_io_error() {
+        Some(io) => format!("TLS handshake: {io}"),
+        None => format!("TLS handshake: {e}"),
+    }
+}
+
+/// The DER of the peer's leaf certificate, once the handshake is done.
+pub fn peer_certificate(ssl: &SslRef) -> Option<Vec<u8>> {
+    ssl.peer_certificate().and_then(|c| c.to_der().ok())
 }
 
 fn data(d: Option<&DataSource>, what: &str) -> Result<Vec<u8>, String> {
@@ -84,11 +144,19 @@ fn secret<'a>(secrets: &Secrets<'a>, name: &str) -> Result<&'a Secret, TlsError>
     secrets.get(name).copied().ok_or_else(|| TlsError::Missing(name.to_string()))
 }
 
+fn pem_certs(pem: &[u8], what: &str) -> Result<Vec<X509>, TlsError> {
+    let certs = X509::stack_from_pem(pem).map_err(|e| TlsError::from(format!("{what} is not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(format!("{what} holds no certificate").into());
+    }
+    Ok(certs)
+}
+
+/// A certificate chain (leaf first) and its key.
+type Identity = (Vec<X509>, PKey<Private>);
+
 /// The certificate chain and key to present.
-fn identity(
-    common: &CommonTlsContext,
-    secrets: &Secrets<'_>,
-) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsError> {
+fn identity(common: &CommonTlsContext, secrets: &Secrets<'_>) -> Result<Option<Identity>, TlsError> {
     let tls_cert: TlsCertificate = if let Some(c) = common.tls_certificates.first() {
         c.clone()
     } else if let Some(sds) = common.tls_certificate_sds_secret_configs.first() {
@@ -99,24 +167,32 @@ fn identity(
     } else {
         return Ok(None);
     };
-    let chain_pem = data(tls_cert.certificate_chain.as_ref(), "certificate_chain")?;
+    let chain = pem_certs(&data(tls_cert.certificate_chain.as_ref(), "certificate_chain")?, "certificate_chain")?;
     let key_pem = data(tls_cert.private_key.as_ref(), "private_key")?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&chain_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::from(format!("certificate_chain is not PEM: {e:?}")))?;
-    if chain.is_empty() {
-        return Err("certificate_chain holds no certificate".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| TlsError::from(format!("private_key is not a PEM key: {e:?}")))?;
+    let key = PKey::private_key_from_pem(&key_pem)
+        .map_err(|e| TlsError::from(format!("private_key is not a PEM key: {e}")))?;
     Ok(Some((chain, key)))
 }
 
-/// Trusted roots and SAN matchers of the validation context, if any.
-fn validation(
-    common: &CommonTlsContext,
-    secrets: &Secrets<'_>,
-) -> Result<Option<(rustls::RootCertStore, Vec<SanMatcher>)>, TlsError> {
+/// How a peer's chain is trusted.
+#[derive(Clone)]
+enum Trust {
+    /// Any chain leading to these CAs (`trusted_ca`).
+    Cas,
+    /// Envoy's SPIFFE validator: the chain must lead to the bundle of the trust domain
+    /// in the peer's SPIFFE ID (trust domain -> DER of its CA certificates).
+    Spiffe(Arc<HashMap<String, Vec<Vec<u8>>>>),
+}
+
+/// A peer verifier: the CA store BoringSSL checks the chain against, then what the
+/// callback checks on the leaf.
+struct Validation {
+    store: X509Store,
+    trust: Trust,
+    sans: Arc<Vec<SanMatcher>>,
+}
+
+fn validation(common: &CommonTlsContext, secrets: &Secrets<'_>) -> Result<Option<Validation>, TlsError> {
     let from_sds = |name: &str| -> Result<CertificateValidationContext, TlsError> {
         match &secret(secrets, name)?.r#type {
             Some(secret::Type::ValidationContext(v)) => Ok(v.clone()),
@@ -138,153 +214,224 @@ fn validation(
         }
         Some(_) => return Err("validation_context_certificate_provider is not supported".into()),
     };
-    let pem = data(ca.trusted_ca.as_ref(), "trusted_ca")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        let c = c.map_err(|e| TlsError::from(format!("trusted_ca is not PEM: {e:?}")))?;
-        roots.add(c).map_err(|e| TlsError::from(format!("trusted_ca: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err("trusted_ca holds no certificate".into());
-    }
     if !rules.verify_certificate_spki.is_empty() || !rules.verify_certificate_hash.is_empty() {
         return Err("verify_certificate_spki / verify_certificate_hash are not supported".into());
     }
-    let mut matchers = vec![];
-    for m in &rules.match_typed_subject_alt_names {
-        let uri = match m.san_type {
-            2 => false,
-            3 => true,
-            t => {
-                return Err(
-                    format!("match_typed_subject_alt_names: san_type {t} is not supported (DNS and URI are)").into()
-                );
+    let mut store = X509StoreBuilder::new().map_err(ssl_err("CA store"))?;
+    let trust = match ca.custom_validator_config.as_ref().or(rules.custom_validator_config.as_ref()) {
+        Some(custom) => {
+            let spiffe = spiffe_bundles(custom)?;
+            for der in spiffe.values().flatten() {
+                let c = X509::from_der(der).map_err(ssl_err("trust bundle"))?;
+                store.add_cert(c).map_err(ssl_err("trust bundle"))?;
             }
-        };
+            Trust::Spiffe(Arc::new(spiffe))
+        }
+        None => {
+            for c in pem_certs(&data(ca.trusted_ca.as_ref(), "trusted_ca")?, "trusted_ca")? {
+                store.add_cert(c).map_err(ssl_err("trusted_ca"))?;
+            }
+            Trust::Cas
+        }
+    };
+    let mut sans = vec![];
+    for m in &rules.match_typed_subject_alt_names {
+        let san_type =
+            SanType::from_proto(m.san_type, &m.oid).map_err(|e| format!("match_typed_subject_alt_names: {e}"))?;
         let sm = m.matcher.as_ref().ok_or("match_typed_subject_alt_names: matcher is missing")?;
         let matcher = StringMatch::from_proto(sm).map_err(|e| format!("match_typed_subject_alt_names: {e}"))?;
-        matchers.push(SanMatcher { uri, matcher });
+        sans.push(SanMatcher { san_type, matcher });
     }
-    Ok(Some((roots, matchers)))
+    Ok(Some(Validation { store: store.build(), trust, sans: Arc::new(sans) }))
+}
+
+/// `envoy.tls.cert_validator.spiffe`: trust domain -> its CA certificates (DER).
+fn spiffe_bundles(
+    custom: &envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig,
+) -> Result<HashMap<String, Vec<Vec<u8>>>, TlsError> {
+    let any = custom.typed_config.as_ref().ok_or("custom_validator_config has no typed_config")?;
+    if any.type_url != SpiffeCertValidatorConfig::type_url() {
+        return Err(format!(
+            "custom_validator_config {:?} is not supported (only the SPIFFE validator is)",
+            any.type_url
+        )
+        .into());
+    }
+    let cfg = SpiffeCertValidatorConfig::decode(any.value.as_slice())
+        .map_err(|e| format!("SPIFFECertValidatorConfig: {e}"))?;
+    if cfg.trust_bundles.is_some() {
+        return Err(
+            "SPIFFECertValidatorConfig.trust_bundles (a SPIFFE bundle map) is not supported; use trust_domains".into(),
+        );
+    }
+    let mut out = HashMap::new();
+    for td in &cfg.trust_domains {
+        let pem = data(td.trust_bundle.as_ref(), &format!("trust bundle of {}", td.name))?;
+        let ders = pem_certs(&pem, &format!("trust bundle of {}", td.name))?
+            .iter()
+            .map(|c| c.to_der())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ssl_err("trust bundle"))?;
+        out.insert(td.name.clone(), ders);
+    }
+    if out.is_empty() {
+        return Err("SPIFFECertValidatorConfig has no trust domain".into());
+    }
+    Ok(out)
+}
+
+/// The verify callback: BoringSSL checked the chain; at the leaf, the SPIFFE trust domain
+/// (with that validator) and the SAN matchers decide.
+fn verify_peer(preverified: bool, ctx: &mut X509StoreContextRef, trust: &Trust, sans: &[SanMatcher]) -> bool {
+    if !preverified {
+        return false;
+    }
+    if ctx.error_depth() != 0 {
+        return true;
+    }
+    let Some(leaf) = ctx.current_cert().and_then(|c| c.to_der().ok()) else { return false };
+    if let Trust::Spiffe(bundles) = trust {
+        let Some(td) = san::spiffe_id(&leaf).and_then(san::trust_domain) else {
+            tracing::debug!("peer certificate refused: no SPIFFE ID");
+            return false;
+        };
+        let root = ctx.chain().and_then(|c| c.iter().next_back()).and_then(|r| r.to_der().ok());
+        let in_bundle = bundles.get(td).is_some_and(|b| root.as_ref().is_some_and(|r| b.contains(r)));
+        if !in_bundle {
+            tracing::debug!(trust_domain = td, "peer certificate refused: not issued by its trust domain's bundle");
+            return false;
+        }
+    }
+    match san::accepted(sans, &leaf) {
+        Ok(()) => true,
+        Err(reason) => {
+            tracing::debug!(%reason, "peer certificate refused");
+            false
+        }
+    }
+}
+
+fn apply_validation(b: &mut SslContextBuilder, v: Validation, mode: SslVerifyMode) -> Result<(), TlsError> {
+    b.set_verify_cert_store(v.store).map_err(ssl_err("CA store"))?;
+    let (trust, sans) = (v.trust, v.sans);
+    b.set_verify_callback(mode, move |ok, ctx| verify_peer(ok, ctx, &trust, &sans));
+    Ok(())
+}
+
+fn apply_identity(b: &mut SslContextBuilder, chain: &[X509], key: &PKey<Private>) -> Result<(), TlsError> {
+    b.set_certificate(&chain[0]).map_err(ssl_err("certificate"))?;
+    for c in &chain[1..] {
+        b.add_extra_chain_cert(c.clone()).map_err(ssl_err("certificate chain"))?;
+    }
+    b.set_private_key(key).map_err(ssl_err("private key"))?;
+    b.check_private_key().map_err(ssl_err("certificate and key do not match"))
+}
+
+fn version(p: i32) -> Option<SslVersion> {
+    match TlsProtocol::try_from(p).ok()? {
+        TlsProtocol::TlsAuto => None,
+        TlsProtocol::TlSv10 => Some(SslVersion::TLS1),
+        TlsProtocol::TlSv11 => Some(SslVersion::TLS1_1),
+        TlsProtocol::TlSv12 => Some(SslVersion::TLS1_2),
+        TlsProtocol::TlSv13 => Some(SslVersion::TLS1_3),
+    }
+}
+
+/// A context builder with Envoy's defaults (TLS 1.2 to 1.3) or the `tls_params` versions.
+fn builder(params: Option<&TlsParameters>) -> Result<SslContextBuilder, TlsError> {
+    let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(ssl_err("TLS context"))?;
+    let min = params.and_then(|p| version(p.tls_minimum_protocol_version)).unwrap_or(SslVersion::TLS1_2);
+    let max = params.and_then(|p| version(p.tls_maximum_protocol_version)).unwrap_or(SslVersion::TLS1_3);
+    b.set_min_proto_version(Some(min)).map_err(ssl_err("tls_minimum_protocol_version"))?;
+    b.set_max_proto_version(Some(max)).map_err(ssl_err("tls_maximum_protocol_version"))?;
+    if let Some(p) = params {
+        if !p.cipher_suites.is_empty() {
+            b.set_cipher_list(&p.cipher_suites.join(":")).map_err(ssl_err("cipher_suites"))?;
+        }
+        if !p.ecdh_curves.is_empty() {
+            b.set_curves_list(&p.ecdh_curves.join(":")).map_err(ssl_err("ecdh_curves"))?;
+        }
+    }
+    Ok(b)
+}
+
+/// The first of our protocols the client offers, as a slice of the client's wire list.
+fn select_alpn<'a>(ours: &[String], client: &'a [u8]) -> Option<&'a [u8]> {
+    ours.iter().find_map(|p| {
+        let mut rest = client;
+        while let Some((&len, tail)) = rest.split_first() {
+            let (proto, next) = tail.split_at_checked(usize::from(len))?;
+            if proto == p.as_bytes() {
+                return Some(proto);
+            }
+            rest = next;
+        }
+        None
+    })
+}
+
+/// ALPN protocol list in TLS wire form.
+fn alpn_wire(protocols: &[String]) -> Result<Vec<u8>, TlsError> {
+    let mut out = vec![];
+    for p in protocols {
+        let len = u8::try_from(p.len())
+            .ok()
+            .filter(|l| *l > 0)
+            .ok_or_else(|| format!("alpn protocol {p:?} is not 1-255 bytes"))?;
+        out.push(len);
+        out.extend_from_slice(p.as_bytes());
+    }
+    Ok(out)
 }
 
 pub fn server(ctx: &DownstreamTlsContext, secrets: &Secrets<'_>) -> Result<ServerTls, TlsError> {
     let common = ctx.common_tls_context.clone().unwrap_or_default();
     let (chain, key) = identity(&common, secrets)?.ok_or("no certificate to present (tls_certificates or SDS)")?;
     let require = ctx.require_client_certificate.is_some_and(|b| b.value);
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Invalid(e.to_string()))?;
-    let (builder, client_sans) = match validation(&common, secrets)? {
-        Some((roots, sans)) => {
-            let mut v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-            if !require {
-                v = v.allow_unauthenticated();
-            }
-            let verifier = v.build().map_err(|e| TlsError::from(format!("client certificate validation: {e}")))?;
-            (builder.with_client_cert_verifier(verifier), sans)
+    let mut b = builder(common.tls_params.as_ref())?;
+    apply_identity(&mut b, &chain, &key)?;
+    match validation(&common, secrets)? {
+        Some(v) => {
+            let mode =
+                if require { SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT } else { SslVerifyMode::PEER };
+            apply_validation(&mut b, v, mode)?;
         }
         None if require => return Err("require_client_certificate needs a validation context".into()),
-        None => (builder.with_no_client_auth(), vec![]),
-    };
-    let mut config =
-        builder.with_single_cert(chain, key).map_err(|e| TlsError::from(format!("certificate and key: {e}")))?;
-    config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(ServerTls { config: Arc::new(config), client_sans })
+        None => {}
+    }
+    if !common.alpn_protocols.is_empty() {
+        let ours = common.alpn_protocols.clone();
+        b.set_alpn_select_callback(move |_, client| select_alpn(&ours, client).ok_or(AlpnError::NOACK));
+    }
+    Ok(ServerTls { context: b.build() })
+}
+
+/// Envoy's rule for an SNI it sends: 1 to 255 bytes, no NUL.
+pub fn check_sni(sni: &str) -> Result<(), String> {
+    if sni.len() > 255 {
+        return Err(format!("sni is {} bytes; at most 255 are allowed", sni.len()));
+    }
+    if sni.contains('\0') {
+        return Err("sni contains a NUL byte".into());
+    }
+    Ok(())
 }
 
 pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientTls, TlsError> {
     let common = ctx.common_tls_context.clone().unwrap_or_default();
-    // rustls sends only DNS-valid names; Kuma's tag SNI (`svc{mesh=m}`) is not one.
-    let server_name = ServerName::try_from(ctx.sni.clone()).map_err(|_| {
-        TlsError::from(format!(
-            "sni {:?} is not a DNS name, and dp's TLS client (rustls) can only send DNS names",
-            ctx.sni
-        ))
-    })?;
-    let (roots, sans) = validation(&common, secrets)?
+    check_sni(&ctx.sni)?;
+    let v = validation(&common, secrets)?
         .ok_or("a validation context is required: dp does not originate TLS without verifying the server")?;
-    let verifier = Arc::new(PeerVerifier { trust: Some((Arc::new(roots), sans)), provider: provider() });
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Invalid(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut config = match identity(&common, secrets)? {
-        Some((chain, key)) => {
-            builder.with_client_auth_cert(chain, key).map_err(|e| TlsError::from(format!("client certificate: {e}")))?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = common.alpn_protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(ClientTls { config: Arc::new(config), server_name })
-}
-
-/// A verifier that accepts any server certificate (handshake signatures are still
-/// checked): kuma-dp's `--skip-verify`.
-pub fn accept_any_server() -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
-    Arc::new(PeerVerifier { trust: None, provider: provider() })
-}
-
-/// Envoy's upstream validation: the chain must lead to a trusted CA and a SAN must
-/// match; the SNI is not compared with the certificate's names (Kuma relies on SANs).
-/// Without `trust`, any certificate is accepted.
-#[derive(Debug)]
-struct PeerVerifier {
-    trust: Option<(Arc<rustls::RootCertStore>, Vec<SanMatcher>)>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let Some((roots, sans)) = &self.trust else {
-            return Ok(rustls::client::danger::ServerCertVerified::assertion());
-        };
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &roots.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
-        })?;
-        san::accepted(sans, end_entity.as_ref()).map_err(rustls::Error::General)?;
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    let mut b = builder(common.tls_params.as_ref())?;
+    apply_validation(&mut b, v, SslVerifyMode::PEER)?;
+    if let Some((chain, key)) = identity(&common, secrets)? {
+        apply_identity(&mut b, &chain, &key)?;
     }
-
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    if !common.alpn_protocols.is_empty() {
+        b.set_alpn_protos(&alpn_wire(&common.alpn_protocols)?).map_err(ssl_err("alpn_protocols"))?;
     }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
+    let sni = (!ctx.sni.is_empty()).then(|| ctx.sni.clone());
+    Ok(ClientTls { context: b.build(), sni })
 }
 
 #[cfg(test)]
@@ -306,15 +453,21 @@ mod tests {
     }
 
     #[test]
-    fn missing_secrets_wait_and_tag_sni_is_refused_precisely() {
+    fn missing_secrets_wait_and_bad_snis_are_refused_precisely() {
         let none = Secrets::new();
+        // Kuma's tag SNI is fine; the context waits for its CA.
         assert_eq!(
-            client(&upstream("backend.default.mesh"), &none).unwrap_err(),
+            client(&upstream("backend{mesh=default}"), &none).unwrap_err(),
             TlsError::Missing("mesh_ca:secret:default".into())
         );
-        let e = client(&upstream("backend{mesh=default}"), &none).unwrap_err().to_string();
-        assert!(e.contains("\"backend{mesh=default}\" is not a DNS name"), "{e}");
+        let e = client(&upstream(&"a".repeat(256)), &none).unwrap_err().to_string();
+        assert!(e.contains("at most 255"), "{e}");
+        let e = client(&upstream("a\0b"), &none).unwrap_err().to_string();
+        assert!(e.contains("NUL"), "{e}");
         let e = server(&DownstreamTlsContext::default(), &none).unwrap_err().to_string();
         assert!(e.contains("no certificate to present"), "{e}");
+        assert_eq!(alpn_wire(&["kuma".into(), "h2".into()]).unwrap(), b"\x04kuma\x02h2");
+        assert_eq!(select_alpn(&["kuma".into()], b"\x02h2\x04kuma"), Some(&b"kuma"[..]));
+        assert_eq!(select_alpn(&["kuma".into()], b"\x02h2\x09"), None);
     }
 }

@@ -1,0 +1,166 @@
+//! A mesh in migration: `dp` and real Envoy 1.40 sidecars side by side, both fed by our
+//! `cp` (Envoy bootstrapped from `POST /bootstrap` as kuma-dp would start it), speaking
+//! mesh mTLS with Kuma's tag SNI (`backend{mesh=default}`) in every direction, directly
+//! and across zones through a `dp` zone ingress that routes by that SNI without decrypting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use e2e::envoy::{Envoy, bootstrap};
+use e2e::{Backend, Cp, Dp, read_line, temp_dir, wait_within};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const MESH: &str =
+    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
+const SYNC: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// The Dataplane of a sidecar for `app` (service `service`) with outbounds (port, service).
+fn dataplane(name: &str, service: &str, app: &Backend, outbounds: &[(u16, &str)]) -> Value {
+    let outbound: Vec<Value> =
+        outbounds.iter().map(|(p, s)| json!({"port": p, "tags": {"kuma.io/service": s}})).collect();
+    json!({"type": "Dataplane", "mesh": "default", "name": name, "networking": {"address": "127.0.0.1",
+        "inbound": [{"port": free_port(), "servicePort": app.addr.port(), "tags": {"kuma.io/service": service}}],
+        "outbound": outbound}})
+}
+
+fn token(zone: &Cp, name: &str) -> String {
+    wait_within(SYNC, "a dataplane token", || {
+        let (ok, out) = zone.ctl_status(&["generate", "dataplane-token", "--name", name, "-m", "default"]);
+        ok.success().then(|| out.trim().to_string())
+    })
+}
+
+/// A sidecar: `dp` or Envoy.
+enum Sidecar {
+    Dp(Dp),
+    Envoy(Envoy),
+}
+
+async fn sidecar(zone: &Cp, envoy: bool, resource: Value) -> Sidecar {
+    let name = resource["name"].as_str().unwrap().to_string();
+    let tok = token(zone, &name);
+    if envoy {
+        return Sidecar::Envoy(Envoy::start(bootstrap(zone, "dataplane", &tok, &resource).await));
+    }
+    let dir = temp_dir("mixed-dp");
+    let (t, r) = (write(&dir, "token", &tok), write(&dir, "dp.json", &resource.to_string()));
+    let dp = Dp::against(zone, "dataplane", &t, &r, &[("KUMA_DNS_ENABLED", "false")]);
+    dp.wait_ready();
+    Sidecar::Dp(dp)
+}
+
+async fn request(addr: SocketAddr) -> Result<String, String> {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        s.write_all(b"hello\n").await.map_err(|e| format!("write: {e}"))?;
+        read_line(&mut s).await.ok_or_else(|| "closed without an answer".to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt).await.unwrap_or_else(|_| Err("no answer within 10s".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingress() {
+    let global = Cp::global();
+    global.apply(MESH);
+    let zone1 = Cp::federated(&global, "zone-1", &[]);
+    let zone2 = Cp::federated(&global, "zone-2", &[]);
+    // zone-2's services arrive through its `dp` ingress.
+    let zone_token = global.ctl(&["generate", "zone-token", "--zone", "zone-2", "--scope", "ingress"]);
+    let ingress_port = free_port();
+    let dir = temp_dir("mixed-ingress");
+    let ingress_res = format!(
+        "type: ZoneIngress\nname: ingress-01\nnetworking:\n  address: 127.0.0.1\n  port: {ingress_port}\n  \
+         advertisedAddress: 127.0.0.1\n  advertisedPort: {ingress_port}\n"
+    );
+    zone1.wait_federated();
+    zone2.wait_federated();
+    let ingress = Dp::against(
+        &zone2,
+        "ingress",
+        &write(&dir, "t", zone_token.trim()),
+        &write(&dir, "zi.yaml", &ingress_res),
+        &[],
+    );
+    ingress.wait_ready();
+
+    // Servers: in zone-1 (reached directly) and in zone-2 (through the ingress), each once
+    // behind dp and once behind Envoy.
+    let mut servers = vec![];
+    for (zone, zname) in [(&zone1, "z1"), (&zone2, "z2")] {
+        for (kind, envoy) in [("dp", false), ("envoy", true)] {
+            let svc = format!("srv-{kind}-{zname}");
+            let app = Backend::start(&svc).await;
+            let side = sidecar(zone, envoy, dataplane(&svc, &svc, &app, &[])).await;
+            servers.push((svc, app, side));
+        }
+    }
+    // Clients in zone-1, dp and Envoy, each with an outbound to every server.
+    let mut clients = vec![];
+    for (kind, envoy) in [("dp", false), ("envoy", true)] {
+        let outs: Vec<(u16, String)> = servers.iter().map(|(svc, _, _)| (free_port(), svc.clone())).collect();
+        let refs: Vec<(u16, &str)> = outs.iter().map(|(p, s)| (*p, s.as_str())).collect();
+        let web = Backend::start("web").await;
+        let side =
+            sidecar(&zone1, envoy, dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &refs)).await;
+        clients.push((kind, outs, side, web));
+    }
+
+    // Every client/server pair answers every request.
+    for (kind, outs, _, _) in &clients {
+        for (port, svc) in outs {
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let deadline = tokio::time::Instant::now() + SYNC;
+            loop {
+                let got = request(addr).await;
+                if got.as_deref() == Ok(svc.as_str()) {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "client-{kind} -> {svc}: {got:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for i in 0..5 {
+                assert_eq!(request(addr).await.as_deref(), Ok(svc.as_str()), "client-{kind} -> {svc}, request {i}");
+            }
+        }
+    }
+    // dp servers saw each client's SPIFFE identity, through the ingress too.
+    for (svc, _, side) in &servers {
+        if let Sidecar::Dp(dp) = side {
+            for client in ["client-dp", "client-envoy"] {
+                dp.logs.wait_for(&[&format!("peer_identity=\"spiffe://default/{client}\"")]);
+            }
+            assert!(svc.starts_with("srv-dp"));
+        }
+    }
+    // The ingress routed zone-2's services by Kuma's tag SNI, without decrypting.
+    ingress.logs.wait_for(&["sni=\"srv-envoy-z2{mesh=default}\""]);
+    ingress.logs.wait_for(&["sni=\"srv-dp-z2{mesh=default}\""]);
+    // Kuma's names only: the dp client sends the tag SNI, there is no DNS-name alias.
+    for (_, _, side, _) in &clients {
+        if let Sidecar::Dp(dp) = side {
+            let (_, dump) = dp.get("/config_dump");
+            assert!(dump.contains("srv-envoy-z2{mesh=default}"), "no tag SNI in the client's config");
+            assert!(!dump.contains(".sni\""), "an alias SNI is still generated");
+        }
+    }
+    // Envoy took every configuration our cp sent.
+    for (_, _, side, _) in &clients {
+        if let Sidecar::Envoy(e) = side {
+            assert_eq!(e.stat("listener_manager.lds.update_rejected"), 0, "{}", e.logs.lines().join("\n"));
+            assert_eq!(e.stat("cluster_manager.cds.update_rejected"), 0);
+        }
+    }
+}
