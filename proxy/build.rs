@@ -1,39 +1,22 @@
-//! Extracts the part of envoy-types' descriptor set that `dp` reads from files.
+//! Embeds envoy-types' descriptor set, indexed so that `dp` loads only the files a
+//! configuration needs.
 //!
-//! envoy-types ships a FileDescriptorSet of the whole Envoy API (3.3 MB; decoded it
-//! costs ~50 MB of RSS) but does not export it. Proto3 JSON/YAML decoding only needs
-//! the files reachable from the resource and extension types we accept, so we keep
-//! that closure (a few hundred KB) and embed it.
+//! envoy-types ships a FileDescriptorSet of the whole Envoy API (3.3 MB; decoded at once
+//! it costs ~50 MB of RSS) but does not export it. Proto3 JSON needs descriptors for the
+//! resource types and for every type an `Any` inside them names (a tracing provider, a
+//! DNS resolver, ...), which can be any of Envoy's. So the build writes each file's
+//! encoded descriptor into one blob, plus an index: file name, its place in the blob and
+//! its dependencies, and which file defines each message. At run time the pool is built
+//! from the closure of the files a document names, one file at a time.
 
 use prost::Message;
-use prost_types::FileDescriptorSet;
-use std::collections::{BTreeSet, HashMap};
+use prost_types::{DescriptorProto, FileDescriptorSet};
+use std::collections::HashMap;
+use std::fmt::Write;
 use std::path::PathBuf;
 
 /// The envoy-types version pinned in the workspace; its source holds the descriptor.
 const ENVOY_TYPES: &str = "envoy-types-0.7.7";
-
-/// Files whose messages may appear in a resource or as an `Any` inside one.
-const ROOTS: &[&str] = &[
-    "envoy/config/listener/v3/listener.proto",
-    "envoy/config/cluster/v3/cluster.proto",
-    "envoy/config/endpoint/v3/endpoint.proto",
-    "envoy/extensions/transport_sockets/tls/v3/secret.proto",
-    "envoy/extensions/transport_sockets/tls/v3/tls.proto",
-    "envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto",
-    "envoy/extensions/filters/listener/original_dst/v3/original_dst.proto",
-    "envoy/extensions/filters/listener/http_inspector/v3/http_inspector.proto",
-    "envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto",
-    "envoy/extensions/filters/network/direct_response/v3/config.proto",
-    "envoy/extensions/filters/network/rbac/v3/rbac.proto",
-    "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
-    "envoy/extensions/filters/udp/dns_filter/v3/dns_filter.proto",
-    "envoy/extensions/filters/http/router/v3/router.proto",
-    "envoy/extensions/access_loggers/file/v3/file.proto",
-    "envoy/extensions/access_loggers/stream/v3/stream.proto",
-    "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
-    "envoy/extensions/upstreams/tcp/v3/tcp_protocol_options.proto",
-];
 
 fn descriptor_path() -> PathBuf {
     if let Ok(p) = std::env::var("ENVOY_TYPES_DESCRIPTOR") {
@@ -59,24 +42,55 @@ fn descriptor_path() -> PathBuf {
     })
 }
 
+/// Every message of a file, nested ones included, by full name.
+fn messages(prefix: &str, list: &[DescriptorProto], out: &mut Vec<String>) {
+    for m in list {
+        let name = format!("{prefix}.{}", m.name());
+        messages(&name, &m.nested_type, out);
+        out.push(name);
+    }
+}
+
 fn main() {
     println!("cargo:rerun-if-env-changed=ENVOY_TYPES_DESCRIPTOR");
     println!("cargo:rerun-if-changed=build.rs");
     let path = descriptor_path();
     let bytes = std::fs::read(&path).expect("read envoy-types descriptor");
     let set = FileDescriptorSet::decode(bytes.as_slice()).expect("decode envoy-types descriptor");
-    let by_name: HashMap<&str, &prost_types::FileDescriptorProto> = set.file.iter().map(|f| (f.name(), f)).collect();
-    let mut keep = BTreeSet::new();
-    let mut stack: Vec<&str> = ROOTS.to_vec();
-    while let Some(name) = stack.pop() {
-        if !keep.insert(name.to_string()) {
-            continue;
-        }
-        let file = by_name.get(name).unwrap_or_else(|| panic!("{name} is not in {}", path.display()));
-        stack.extend(file.dependency.iter().map(String::as_str));
+    let index_of: HashMap<&str, usize> = set.file.iter().enumerate().map(|(i, f)| (f.name(), i)).collect();
+    let mut blob = Vec::new();
+    let mut files = String::from("pub static FILES: &[FileEntry] = &[\n");
+    let mut by_message = Vec::new();
+    for (i, f) in set.file.iter().enumerate() {
+        let start = blob.len();
+        f.encode(&mut blob).expect("encode file descriptor");
+        let deps: Vec<String> = f
+            .dependency
+            .iter()
+            .map(|d| {
+                // The set is in dependency order: a file's dependencies come before it.
+                let j = *index_of.get(d.as_str()).unwrap_or_else(|| panic!("{d} is not in {}", path.display()));
+                assert!(j < i, "{} depends on the later {d}", f.name());
+                j.to_string()
+            })
+            .collect();
+        writeln!(files, "    FileEntry {{ start: {start}, end: {}, deps: &[{}] }},", blob.len(), deps.join(", "))
+            .unwrap();
+        let mut names = vec![];
+        messages(f.package(), &f.message_type, &mut names);
+        by_message.extend(names.into_iter().map(|n| (n, i)));
     }
-    // Keep the original order: dependencies come before their dependents.
-    let subset = FileDescriptorSet { file: set.file.iter().filter(|f| keep.contains(f.name())).cloned().collect() };
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("envoy_subset.bin");
-    std::fs::write(out, subset.encode_to_vec()).expect("write descriptor subset");
+    files.push_str("];\n");
+    by_message.sort();
+    let mut index = files;
+    index.push_str(
+        "/// (full message name, index in FILES), sorted by name.\npub static MESSAGES: &[(&str, u16)] = &[\n",
+    );
+    for (name, i) in &by_message {
+        writeln!(index, "    ({name:?}, {i}),").unwrap();
+    }
+    index.push_str("];\n");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    std::fs::write(out.join("envoy_descriptors.bin"), blob).expect("write descriptor blob");
+    std::fs::write(out.join("envoy_descriptor_index.rs"), index).expect("write descriptor index");
 }

@@ -111,12 +111,15 @@ impl Admin {
             let c = &snap.clusters[name];
             let _ = writeln!(out, "{name}::default_priority::max_connections::{}", c.max_connections);
             for h in &c.hosts.hosts {
-                let a = h.addr;
+                let a = &h.addr;
                 let _ = writeln!(out, "{name}::{a}::cx_active::{}", h.active.load(Ordering::Relaxed));
                 let _ = writeln!(out, "{name}::{a}::cx_total::{}", h.total.load(Ordering::Relaxed));
                 let _ = writeln!(out, "{name}::{a}::cx_connect_fail::{}", h.connect_fail.load(Ordering::Relaxed));
                 let _ = writeln!(out, "{name}::{a}::weight::{}", h.weight);
-                let _ = writeln!(out, "{name}::{a}::health_flags::healthy");
+                // Envoy's flags: healthy, or why not.
+                let flags =
+                    if h.health.as_ref().is_some_and(|hh| !hh.passing()) { "/failed_active_hc" } else { "healthy" };
+                let _ = writeln!(out, "{name}::{a}::health_flags::{flags}");
             }
         }
         out

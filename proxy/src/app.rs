@@ -65,6 +65,7 @@ impl Applier {
             }
         }
         let (version, n_listeners, n_clusters) = (snap.version.clone(), snap.listeners.len(), snap.clusters.len());
+        crate::health::start(&snap);
         self.ctx.routes.store(Arc::new(snap));
         listeners.commit(prepared, &self.ctx);
         if let (Some(proxy), Some(table)) = (&self.dns_proxy, embedded_dns) {

@@ -10,6 +10,7 @@ use crate::snapshot::{Action, Chain, ListenerCfg, Snapshot, TcpProxyCfg, Tls};
 use crate::stats::{Counter, Registry};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::san;
+use crate::upstream::{HostAddr, Stream};
 use arc_swap::ArcSwap;
 use clienthello::{ClientHello, MAX_ALPN, Parsed};
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ enum Flag {
     TlsPending,
     /// The chain's RBAC filter refused the connection.
     RbacDenied,
+    /// The chain is an HTTP one, which dp does not serve yet.
+    NotServed,
 }
 
 /// Longest a TLS handshake may take, either side.
@@ -79,6 +82,7 @@ impl Flag {
             Flag::DownstreamTls => "DTLS",
             Flag::TlsPending => "TLS_PENDING",
             Flag::RbacDenied => "RBAC",
+            Flag::NotServed => "NOT_SERVED",
         }
     }
 }
@@ -149,6 +153,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
             let _ = down.shutdown().await;
             log.finish(Flag::Done, Transferred { sent: 0, received: body.len() as u64 });
         }
+        Action::NotServed => log.finish(Flag::NotServed, Transferred::default()),
         Action::TcpProxy(tp) => match &chain.tls {
             Tls::Off if !rbac_allows(chain, peer, local, sni, None) => {
                 log.finish(Flag::RbacDenied, Transferred::default())
@@ -324,33 +329,29 @@ async fn proxy<'a, D: Downstream>(
         return log.finish(Flag::Overflow, Transferred::default());
     }
     let _cluster_active = Active::new(&cs.upstream_cx_active);
-    if let Tls::Pending(secret) = &cluster.tls {
-        debug!(id, secret = %secret, "upstream TLS context waits for a secret; refusing");
-        return log.finish(Flag::TlsPending, Transferred::default());
-    }
-    let Some((up, host)) = connect(cluster, &target.hosts, tp.max_connect_attempts).await else {
-        return log.finish(Flag::ConnectFail, Transferred::default());
+    let (up, host) = match connect(cluster, &target.hosts, tp.max_connect_attempts).await {
+        Ok(c) => c,
+        Err(flag) => return log.finish(flag, Transferred::default()),
     };
-    log.upstream = Some(host.addr);
-    tracing::Span::current().record("upstream", tracing::field::display(host.addr));
+    tracing::Span::current().record("upstream", tracing::field::display(&host.addr));
+    log.upstream = Some(host.addr.clone());
     host.active.fetch_add(1, Ordering::Relaxed);
     let (t, end, err) = match up {
-        Upstream::Plain(mut s) => match down.as_tcp() {
-            // Plain on both sides (the ingress passthrough): zero-copy splice.
-            Some(tcp) => {
-                let mut first = Transferred::default();
-                if pending > 0 {
-                    if let Err(e) = s.write_all(&buf[..pending]).await {
-                        debug!(id, error = %e, "writing the ClientHello upstream failed");
-                    }
-                    first.sent = pending as u64;
+        // Plain TCP on both sides (the ingress passthrough): zero-copy splice.
+        Upstream::Plain(Stream::Tcp(mut s)) if down.as_tcp().is_some() => {
+            let mut first = Transferred::default();
+            if pending > 0 {
+                if let Err(e) = s.write_all(&buf[..pending]).await {
+                    debug!(id, error = %e, "writing the ClientHello upstream failed");
                 }
-                drop(buf);
-                let (t, end, err) = crate::splice::bidirectional(tcp, &s, tp.idle_timeout).await;
-                (Transferred { sent: t.sent + first.sent, received: t.received }, end, err)
+                first.sent = pending as u64;
             }
-            None => copy::bidirectional(down, &mut s, buf, pending, tp.idle_timeout).await,
-        },
+            drop(buf);
+            let tcp = down.as_tcp().expect("checked by the guard");
+            let (t, end, err) = crate::splice::bidirectional(tcp, &s, tp.idle_timeout).await;
+            (Transferred { sent: t.sent + first.sent, received: t.received }, end, err)
+        }
+        Upstream::Plain(mut s) => copy::bidirectional(down, &mut s, buf, pending, tp.idle_timeout).await,
         Upstream::Tls(mut s) => copy::bidirectional(down, &mut *s, buf, pending, tp.idle_timeout).await,
     };
     host.active.fetch_sub(1, Ordering::Relaxed);
@@ -371,33 +372,47 @@ async fn proxy<'a, D: Downstream>(
     log.finish(flag, t);
 }
 
-/// An upstream connection, with TLS when the cluster originates it.
+/// An upstream connection, with TLS when the host's transport socket originates it.
 enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<crate::tls::TlsStream<TcpStream>>),
+    Plain(Stream),
+    Tls(Box<crate::tls::TlsStream<Stream>>),
 }
 
-/// Connects (and handshakes, for TLS clusters) to a host of the set, moving on to
-/// another host after a failure, up to `attempts` tries.
+/// Connects (and handshakes, for TLS hosts) to a host of the set, moving on to another
+/// host after a failure, up to `attempts` tries.
 async fn connect(
     cluster: &ClusterCfg,
     hosts: &crate::snapshot::cluster::HostSet,
     attempts: u32,
-) -> Option<(Upstream, Arc<Host>)> {
+) -> Result<(Upstream, Arc<Host>), Flag> {
     let cs = &cluster.stats;
+    let mut flag = Flag::NoHealthy;
     for attempt in 0..attempts {
-        let host = hosts.pick(cluster.lb, attempt)?.clone();
+        let Some(host) = hosts.pick(cluster.lb, attempt).cloned() else {
+            // Every host fails its health checks.
+            if flag == Flag::NoHealthy {
+                cs.upstream_cx_none_healthy.inc();
+            }
+            return Err(flag);
+        };
+        let tls = match cluster.tls_for(&host) {
+            Tls::Off => None,
+            Tls::Ready(ct) => Some(ct),
+            Tls::Pending(secret) => {
+                debug!(upstream = %host.addr, secret = %secret, "upstream TLS context waits for a secret; refusing");
+                return Err(Flag::TlsPending);
+            }
+        };
+        flag = Flag::ConnectFail;
         cs.upstream_cx_total.inc();
         host.total.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(host.addr)).await {
+        match tokio::time::timeout(cluster.connect_timeout, host.addr.connect()).await {
             Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                let Tls::Ready(ct) = &cluster.tls else {
-                    return Some((Upstream::Plain(s), host));
+                let Some(ct) = tls else {
+                    return Ok((Upstream::Plain(s), host));
                 };
-                let hs = ct.connect(s);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await {
-                    Ok(Ok(tls)) => return Some((Upstream::Tls(Box::new(tls)), host)),
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect(s)).await {
+                    Ok(Ok(tls)) => return Ok((Upstream::Tls(Box::new(tls)), host)),
                     Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, attempt, "upstream TLS handshake failed"),
                     Err(_) => debug!(upstream = %host.addr, attempt, "upstream TLS handshake timed out"),
                 }
@@ -411,7 +426,7 @@ async fn connect(
         cs.upstream_cx_connect_fail.inc();
         host.connect_fail.fetch_add(1, Ordering::Relaxed);
     }
-    None
+    Err(flag)
 }
 
 /// The one access-log line a connection writes when it ends.
@@ -421,7 +436,7 @@ struct AccessLog<'a> {
     peer: SocketAddr,
     sni: Option<&'a str>,
     cluster: &'a str,
-    upstream: Option<SocketAddr>,
+    upstream: Option<HostAddr>,
     /// The client certificate's first URI SAN (its SPIFFE ID) when TLS was terminated.
     peer_identity: Option<String>,
     started: Instant,
@@ -436,7 +451,7 @@ impl AccessLog<'_> {
             peer = %self.peer,
             sni = self.sni.unwrap_or("-"),
             cluster = if self.cluster.is_empty() { "-" } else { self.cluster },
-            upstream = %OrDash(self.upstream),
+            upstream = %OrDash(self.upstream.as_ref()),
             peer_identity = self.peer_identity.as_deref().unwrap_or("-"),
             sent = t.sent,
             received = t.received,

@@ -2,7 +2,7 @@
 //!
 //! The file form is the one of Envoy's file-based xDS (`{version_info, resources:
 //! [{"@type": ..., ...}]}`) or of Kuma's golden files (`resources: [{name, resource}]`).
-//! JSON is decoded through a small descriptor pool (see `build.rs`), re-encoded as
+//! JSON is decoded through a descriptor pool loaded on demand ([`crate::descriptors`]), re-encoded as
 //! protobuf and decoded into envoy-types' prost structs, so the rest of `dp` sees the
 //! same typed values whether they came from a file or from an ADS stream.
 
@@ -12,10 +12,9 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
 use serde_json::Value;
 
-static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_subset.bin"));
+use crate::descriptors::Descriptors;
 
 /// The type URL prefix every Envoy resource carries.
 const TYPE_PREFIX: &str = "type.googleapis.com/";
@@ -108,11 +107,11 @@ impl Resources {
                 "unknown top-level key `{k}` (expected `version_info` and `resources`)"
             )));
         }
-        let pool = DescriptorPool::decode(DESCRIPTORS).expect("embedded descriptor set is valid");
+        let mut pool = Descriptors::new();
         let mut out = Resources { version, ..Default::default() };
         for (index, item) in items.into_iter().enumerate() {
             let (name, any) =
-                to_any(&pool, item).map_err(|(name, reason)| DecodeError::Resource { index, name, reason })?;
+                to_any(&mut pool, item).map_err(|(name, reason)| DecodeError::Resource { index, name, reason })?;
             out.push_any(&any).map_err(|reason| DecodeError::Resource { index, name, reason })?;
         }
         Ok(out)
@@ -168,15 +167,12 @@ impl Encoded {
 
     /// Proto3 JSON of every resource, private keys redacted.
     pub fn to_json(&self) -> Value {
-        let pool = DescriptorPool::decode(DESCRIPTORS).expect("embedded descriptor set is valid");
+        let mut pool = Descriptors::new();
         let items: Vec<Value> = self
             .items
             .iter()
             .map(|any| {
                 let type_name = any.type_url.strip_prefix(TYPE_PREFIX).unwrap_or(&any.type_url);
-                let Some(desc) = pool.get_message_by_name(type_name) else {
-                    return Value::String(format!("unknown type {type_name}"));
-                };
                 let bytes = if any.type_url == Secret::type_url() {
                     match Secret::decode(any.value.as_slice()) {
                         Ok(mut s) => {
@@ -188,11 +184,8 @@ impl Encoded {
                 } else {
                     any.value.clone()
                 };
-                match DynamicMessage::decode(desc, bytes.as_slice()) {
-                    Ok(msg) => {
-                        let mut v = msg
-                            .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
-                            .unwrap_or(Value::Null);
+                match pool.to_json(type_name, &bytes) {
+                    Ok(mut v) => {
                         if let Value::Object(m) = &mut v {
                             m.insert("@type".into(), Value::String(any.type_url.clone()));
                         }
@@ -219,7 +212,7 @@ fn redact_secret(s: &mut Secret) {
 
 /// Turns one list item into an `Any`, returning the resource's name (or a placeholder)
 /// with the reason on failure.
-fn to_any(pool: &DescriptorPool, item: Value) -> Result<(String, Any), (String, String)> {
+fn to_any(pool: &mut Descriptors, item: Value) -> Result<(String, Any), (String, String)> {
     let Value::Object(mut obj) = item else {
         return Err(("?".into(), "each resource must be a mapping".into()));
     };
@@ -243,11 +236,10 @@ fn to_any(pool: &DescriptorPool, item: Value) -> Result<(String, Any), (String, 
         _ => return Err((name, "missing `@type`".into())),
     };
     let type_name = type_url.strip_prefix(TYPE_PREFIX).unwrap_or(&type_url);
-    let Some(desc) = pool.get_message_by_name(type_name) else {
+    if pool.message(type_name).is_none() {
         return Err((name, format!("unsupported resource type {type_url}")));
-    };
-    let msg = DynamicMessage::deserialize_with_options(desc, Value::Object(obj), &DeserializeOptions::new())
-        .map_err(|e| (name.clone(), e.to_string()))?;
+    }
+    let msg = pool.from_json(type_name, &Value::Object(obj)).map_err(|e| (name.clone(), e))?;
     let any = Any { type_url: format!("{TYPE_PREFIX}{type_name}"), value: msg.encode_to_vec() };
     Ok((name, any))
 }

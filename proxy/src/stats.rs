@@ -62,6 +62,9 @@ stat_struct!(ClusterStats {
     upstream_cx_tx_bytes_total: "counter",
     upstream_cx_rx_bytes_total: "counter",
     upstream_cx_destroy: "counter",
+    health_check_attempt: "counter",
+    health_check_success: "counter",
+    health_check_failure: "counter",
 });
 
 stat_struct!(TcpStats {
@@ -88,9 +91,12 @@ stat_struct!(GlobalStats {
     server_live: "gauge",
 });
 
+/// Stats, and the other per-name state that must outlive configuration updates.
 #[derive(Debug, Default)]
 pub struct Registry {
     pub global: GlobalStats,
+    /// Active health checking's verdict per host.
+    pub health: crate::health::Checks,
     listeners: Mutex<BTreeMap<String, Arc<ListenerStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,

@@ -8,9 +8,11 @@ use super::chains::{ChainMatcher, Criteria};
 use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg};
 use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
+use crate::health::{CheckCfg, Checks, HostHealth};
 use crate::resources::{Encoded, Resources};
 use crate::stats::Registry;
 use crate::tls::{self as tls_cfg, Secrets, TlsError};
+use crate::upstream::HostAddr;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, Metadata, SocketAddress, address, data_source, socket_address,
@@ -87,6 +89,14 @@ pub fn build_with(
         }
     }
     for l in resources.listeners.iter().filter(|l| !super::dns::is_udp(l) && !super::dynconf::is_dynconf(l)) {
+        if only_http(l) {
+            // The admin and metrics listeners a kuma-cp adds to zone proxies.
+            notes.push(format!(
+                "listener `{}`: http_connection_manager is accepted but not served (dp has no HTTP data path yet)",
+                l.name
+            ));
+            continue;
+        }
         let cfg = build_listener(l, &clusters, &secrets, &mut proxies, stats, notes)
             .map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if cfg.address.port() != 0
@@ -101,6 +111,20 @@ pub fn build_with(
     Ok(Snapshot { version: resources.version.clone(), resources: encoded, listeners, dns, embedded_dns, clusters })
 }
 
+const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
+/// Whether a chain ends in `http_connection_manager`.
+fn is_http(fc: &FilterChain) -> bool {
+    matches!(fc.filters.last().and_then(|f| f.config_type.as_ref()),
+        Some(filter::ConfigType::TypedConfig(any)) if any.type_url.strip_prefix("type.googleapis.com/") == Some(HCM))
+}
+
+/// Whether every chain of a listener is an HTTP one.
+fn only_http(l: &Listener) -> bool {
+    let mut chains = l.filter_chains.iter().chain(l.default_filter_chain.as_ref()).peekable();
+    chains.peek().is_some() && chains.all(is_http)
+}
+
 /// The (hostname, port) pairs STRICT_DNS clusters need resolved.
 pub fn dns_names(resources: &Resources) -> Vec<(String, u16)> {
     let mut out = vec![];
@@ -108,7 +132,7 @@ pub fn dns_names(resources: &Resources) -> Vec<(String, u16)> {
         for le in c.load_assignment.iter().flat_map(|a| &a.endpoints) {
             for ep in &le.lb_endpoints {
                 if let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &ep.host_identifier
-                    && let Ok((host, port)) = socket_address(e.address.as_ref())
+                    && let Ok(EndpointAddr::Socket(host, port)) = endpoint_address(e.address.as_ref())
                     && host.parse::<IpAddr>().is_err()
                 {
                     out.push((host.to_string(), port));
@@ -176,6 +200,12 @@ fn build_listener(
     let mut matcher = ChainMatcher::default();
     let mut chains = vec![];
     for (i, fc) in l.filter_chains.iter().enumerate() {
+        if is_http(fc) {
+            notes.push(format!(
+                "listener `{}` filter_chains[{i}]: http_connection_manager is accepted but its connections are closed (dp has no HTTP data path yet)",
+                l.name
+            ));
+        }
         let chain =
             build_chain(fc, clusters, secrets, proxies, stats).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
         let criteria = criteria(fc).map_err(|e| format!("filter_chains[{i}].filter_chain_match: {e}"))?;
@@ -231,6 +261,9 @@ fn build_chain(
     proxies: &mut Proxies,
     stats: &Registry,
 ) -> Result<Chain, String> {
+    if is_http(fc) {
+        return Ok(Chain { name: fc.name.clone(), rbac: None, action: Action::NotServed, tls: Tls::Off });
+    }
     let tls = transport(fc.transport_socket.as_ref(), |ctx: DownstreamTlsContext| tls_cfg::server(&ctx, secrets))?;
     let Some((last, rest)) = fc.filters.split_last() else {
         return Err("no filters".into());
@@ -356,8 +389,16 @@ fn build_cluster(
     };
     unsupported(c.load_balancing_policy.is_some(), "load_balancing_policy")?;
     let tls = transport(c.transport_socket.as_ref(), |ctx: UpstreamTlsContext| tls_cfg::client(&ctx, secrets))?;
-    unsupported(!c.transport_socket_matches.is_empty(), "transport_socket_matches (upstream TLS)")?;
-    unsupported(!c.health_checks.is_empty(), "health_checks")?;
+    let mut tls_matches = vec![];
+    let mut criteria = vec![];
+    for (i, m) in c.transport_socket_matches.iter().enumerate() {
+        let ts = m.transport_socket.as_ref();
+        let t = transport(ts, |ctx: UpstreamTlsContext| tls_cfg::client(&ctx, secrets))
+            .map_err(|e| format!("transport_socket_matches[{i}] ({}): {e}", m.name))?;
+        tls_matches.push(t);
+        criteria.push(struct_strings(m.r#match.as_ref()));
+    }
+    let health_check = CheckCfg::from_cluster(&c.health_checks)?.map(Arc::new);
     unsupported(!c.filters.is_empty(), "filters")?;
     if c.outlier_detection.is_some() {
         notes.push(format!("cluster `{}`: outlier_detection is not implemented; no host is ejected", c.name));
@@ -371,8 +412,12 @@ fn build_cluster(
         }
         other => return Err(format!("type {} is not supported", other.as_str_name())),
     };
+    let per_host = PerHost {
+        tls_criteria: &criteria,
+        health: health_check.as_deref().map(|cfg| (&stats.health, c.name.as_str(), cfg)),
+    };
     let hosts = match assignment {
-        Some(a) => build_hosts(a, kind == DiscoveryType::StrictDns, dns)?,
+        Some(a) => build_hosts(a, kind == DiscoveryType::StrictDns, dns, &per_host)?,
         None => vec![],
     };
     let subsets = match &c.lb_subset_config {
@@ -394,8 +439,41 @@ fn build_cluster(
         subsets,
         stats: stats.cluster(&c.name),
         tls,
+        tls_matches,
+        health_check,
     })
 }
+
+/// What a host gets from its cluster beyond its address.
+struct PerHost<'a> {
+    /// `transport_socket_matches` criteria, in order.
+    tls_criteria: &'a [BTreeMap<String, String>],
+    /// The health registry, the cluster's name and its check.
+    health: Option<(&'a Checks, &'a str, &'a CheckCfg)>,
+}
+
+impl PerHost<'_> {
+    /// The first transport socket match of an endpoint: its own metadata first, then its
+    /// locality's (Envoy's order). An empty criterion matches every endpoint.
+    fn tls_match(&self, endpoint: Option<&Metadata>, locality: Option<&Metadata>) -> Option<usize> {
+        if self.tls_criteria.is_empty() {
+            return None;
+        }
+        let md = |m: Option<&Metadata>| struct_strings(m.and_then(|m| m.filter_metadata.get(TLS_MATCH_KEY)));
+        let (ep, loc) = (md(endpoint), md(locality));
+        let hit = |have: &BTreeMap<String, String>| {
+            self.tls_criteria.iter().position(|want| want.iter().all(|(k, v)| have.get(k) == Some(v)))
+        };
+        hit(&ep).or_else(|| hit(&loc))
+    }
+
+    fn health(&self, addr: &HostAddr) -> Option<Arc<HostHealth>> {
+        self.health.map(|(checks, cluster, cfg)| checks.host(cluster, addr, cfg))
+    }
+}
+
+/// The endpoint metadata namespace `transport_socket_matches` look at.
+const TLS_MATCH_KEY: &str = "envoy.transport_socket_match";
 
 const RAW_BUFFER: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
 
@@ -424,7 +502,12 @@ where
 
 /// The hosts of the lowest priority that has a healthy one (Envoy's priority levels,
 /// without spill-over between levels).
-fn build_hosts(a: &ClusterLoadAssignment, strict_dns: bool, dns: &DnsAnswers) -> Result<Vec<Arc<Host>>, String> {
+fn build_hosts(
+    a: &ClusterLoadAssignment,
+    strict_dns: bool,
+    dns: &DnsAnswers,
+    per_host: &PerHost<'_>,
+) -> Result<Vec<Arc<Host>>, String> {
     if let Some(p) = &a.policy {
         unsupported(!p.drop_overloads.is_empty(), "load_assignment.policy.drop_overloads")?;
     }
@@ -436,22 +519,31 @@ fn build_hosts(a: &ClusterLoadAssignment, strict_dns: bool, dns: &DnsAnswers) ->
                 Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
                 _ => return Err(format!("{}: only `endpoint` is supported", at())),
             };
-            let (host, port) = socket_address(e.address.as_ref()).map_err(|err| format!("{}: {err}", at()))?;
-            let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-                Ok(ip) => vec![SocketAddr::new(ip, port)],
-                Err(_) if strict_dns => dns.get(&(host.to_string(), port)).cloned().unwrap_or_default(),
-                Err(_) => return Err(format!("{}: `{host}` is not an IP address", at())),
-            };
+            let addrs: Vec<HostAddr> =
+                match endpoint_address(e.address.as_ref()).map_err(|err| format!("{}: {err}", at()))? {
+                    EndpointAddr::Pipe(path) => vec![HostAddr::Pipe(path.into())],
+                    EndpointAddr::Socket(host, port) => match host.parse::<IpAddr>() {
+                        Ok(ip) => vec![HostAddr::Ip(SocketAddr::new(ip, port))],
+                        Err(_) if strict_dns => dns
+                            .get(&(host.to_string(), port))
+                            .map(|a| a.iter().copied().map(HostAddr::Ip).collect())
+                            .unwrap_or_default(),
+                        Err(_) => return Err(format!("{}: `{host}` is not an IP address", at())),
+                    },
+                };
             // UNHEALTHY, DRAINING and TIMEOUT hosts take no traffic.
             let healthy = !matches!(ep.health_status, 2..=4);
             let weight = ep.load_balancing_weight.map_or(1, |w| w.value);
             let lb_metadata = lb_match(ep.metadata.as_ref());
+            let tls_match = per_host.tls_match(ep.metadata.as_ref(), le.metadata.as_ref());
             for addr in addrs {
                 by_priority.entry(le.priority).or_default().push(Arc::new(Host {
+                    health: per_host.health(&addr),
                     addr,
                     weight,
                     lb_metadata: lb_metadata.clone(),
                     healthy,
+                    tls_match,
                     active: AtomicU64::new(0),
                     total: AtomicU64::new(0),
                     connect_fail: AtomicU64::new(0),
@@ -510,7 +602,7 @@ fn struct_strings(s: Option<&Struct>) -> BTreeMap<String, String> {
 fn socket_address(a: Option<&Address>) -> Result<(&str, u16), String> {
     let sa: &SocketAddress = match a.and_then(|a| a.address.as_ref()) {
         Some(address::Address::SocketAddress(sa)) => sa,
-        Some(_) => return Err("only socket_address is supported".into()),
+        Some(_) => return Err("only socket_address is supported here".into()),
         None => return Err("missing".into()),
     };
     let port = match sa.port_specifier {
@@ -521,6 +613,20 @@ fn socket_address(a: Option<&Address>) -> Result<(&str, u16), String> {
         None => 0,
     };
     Ok((sa.address.as_str(), port))
+}
+
+/// An endpoint's address: a socket address (IP or, for STRICT_DNS, a name) or a pipe.
+enum EndpointAddr<'a> {
+    Socket(&'a str, u16),
+    Pipe(&'a str),
+}
+
+fn endpoint_address(a: Option<&Address>) -> Result<EndpointAddr<'_>, String> {
+    match a.and_then(|a| a.address.as_ref()) {
+        Some(address::Address::Pipe(p)) if p.path.is_empty() => Err("pipe: the path is empty".into()),
+        Some(address::Address::Pipe(p)) => Ok(EndpointAddr::Pipe(&p.path)),
+        _ => socket_address(a).map(|(host, port)| EndpointAddr::Socket(host, port)),
+    }
 }
 
 fn unpack<M: Message + Name + Default>(any: &Any) -> Result<M, String> {

@@ -1,8 +1,10 @@
 //! Upstream clusters: hosts, load balancing and subsets, as resolved at build time.
 
+use crate::health::{CheckCfg, HostHealth};
 use crate::stats::ClusterStats;
+use crate::tls::ClientTls;
+use crate::upstream::HostAddr;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -25,22 +27,33 @@ pub struct ClusterCfg {
     pub subsets: Option<SubsetCfg>,
     pub stats: Arc<ClusterStats>,
     /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
-    pub tls: super::Tls<crate::tls::ClientTls>,
+    pub tls: super::Tls<ClientTls>,
+    /// The `transport_socket_matches` sockets, in order ([`Host::tls_match`] indexes them).
+    pub tls_matches: Vec<super::Tls<ClientTls>>,
+    /// The active health check, when the cluster has one.
+    pub health_check: Option<Arc<CheckCfg>>,
 }
 
 #[derive(Debug)]
 pub struct Host {
-    pub addr: SocketAddr,
+    pub addr: HostAddr,
     pub weight: u32,
     /// `filter_metadata["envoy.lb"]` of the endpoint, for subset selection.
     pub lb_metadata: BTreeMap<String, String>,
+    /// The EDS health status (UNHEALTHY, DRAINING and TIMEOUT hosts take no traffic).
     pub healthy: bool,
+    /// The first `transport_socket_matches` entry the endpoint matches; `None`: the
+    /// cluster's own `transport_socket`.
+    pub tls_match: Option<usize>,
+    /// Active health checking's verdict, when the cluster checks.
+    pub health: Option<Arc<HostHealth>>,
     pub active: AtomicU64,
     pub total: AtomicU64,
     pub connect_fail: AtomicU64,
 }
 
-/// The hosts one route balances over. Unhealthy hosts are excluded at build time.
+/// The hosts one route balances over. Hosts EDS calls unhealthy are excluded at build
+/// time; hosts failing active health checks are skipped when picking.
 #[derive(Debug, Default)]
 pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
@@ -87,11 +100,17 @@ impl HostSet {
     }
 
     /// Picks a host. `attempt` > 0 on retries so a retry moves on to another host.
+    /// A host failing its health checks is passed over for the next one that passes.
     pub fn pick(&self, lb: LbPolicy, attempt: u32) -> Option<&Arc<Host>> {
         let n = self.hosts.len();
-        match n {
+        let i = self.choose(lb, attempt)?;
+        (0..n).map(|k| &self.hosts[(i + k) % n]).find(|h| h.health.as_ref().is_none_or(|h| h.passing()))
+    }
+
+    fn choose(&self, lb: LbPolicy, attempt: u32) -> Option<usize> {
+        match self.hosts.len() {
             0 => return None,
-            1 => return self.hosts.first(),
+            1 => return Some(0),
             _ => {}
         }
         let i = match lb {
@@ -112,7 +131,7 @@ impl HostSet {
                 if load(b) < load(a) { b } else { a }
             }
         };
-        self.hosts.get(i)
+        Some(i)
     }
 
     fn by_tick(&self, tick: usize) -> usize {
@@ -127,6 +146,11 @@ impl HostSet {
 }
 
 impl ClusterCfg {
+    /// The TLS a connection to `host` originates.
+    pub fn tls_for(&self, host: &Host) -> &super::Tls<ClientTls> {
+        host.tls_match.and_then(|i| self.tls_matches.get(i)).unwrap_or(&self.tls)
+    }
+
     /// The hosts a route with `metadata_match` balances over (Envoy's subset LB).
     pub fn subset(&self, wanted: &BTreeMap<String, String>) -> Arc<HostSet> {
         let Some(cfg) = &self.subsets else {
@@ -186,10 +210,12 @@ mod tests {
 
     fn host(port: u16, weight: u32, md: &[(&str, &str)]) -> Arc<Host> {
         Arc::new(Host {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: HostAddr::Ip(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
             weight,
             lb_metadata: md.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             healthy: true,
+            tls_match: None,
+            health: None,
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_fail: AtomicU64::new(0),
@@ -251,6 +277,8 @@ mod tests {
             }),
             stats: Default::default(),
             tls: crate::snapshot::Tls::Off,
+            tls_matches: vec![],
+            health_check: None,
         };
         let m = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
         let c = cluster(Fallback::AnyEndpoint);

@@ -1,11 +1,13 @@
 //! UDP listeners with Envoy's `dns_filter` (how Kuma 2.14 gives sidecars their `.mesh`
 //! names): the inline table becomes a `dns::Table`, the client config the upstreams.
 
-use envoy_types::pb::envoy::config::core::v3::{Address, address, socket_address};
+use envoy_types::pb::envoy::config::core::v3::{Address, TypedExtensionConfig, address, socket_address};
 use envoy_types::pb::envoy::config::listener::v3::{Listener, listener_filter};
 use envoy_types::pb::envoy::data::dns::v3::dns_table::dns_endpoint::EndpointConfig;
 use envoy_types::pb::envoy::extensions::filters::udp::dns_filter::v3::DnsFilterConfig;
 use envoy_types::pb::envoy::extensions::filters::udp::dns_filter::v3::dns_filter_config::server_context_config::ConfigSource;
+use envoy_types::pb::envoy::extensions::network::dns_resolver::cares::v3::CaresDnsResolverConfig;
+use envoy_types::pb::envoy::extensions::network::dns_resolver::getaddrinfo::v3::GetAddrInfoDnsResolverConfig;
 use prost::{Message, Name};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -39,6 +41,20 @@ fn socket(a: &Address) -> Result<SocketAddr, String> {
         _ => 0,
     };
     Ok(SocketAddr::new(ip, port))
+}
+
+/// The resolvers of Envoy's current `typed_dns_resolver_config`: c-ares lists them;
+/// getaddrinfo (and c-ares without any) means the host's resolver.
+fn typed_resolvers(cfg: Option<&TypedExtensionConfig>) -> Result<Vec<Address>, String> {
+    let Some(any) = cfg.and_then(|c| c.typed_config.as_ref()) else { return Ok(vec![]) };
+    if any.type_url == CaresDnsResolverConfig::type_url() {
+        let c = CaresDnsResolverConfig::decode(any.value.as_slice()).map_err(|e| format!("dns_filter: {e}"))?;
+        Ok(c.resolvers)
+    } else if any.type_url == GetAddrInfoDnsResolverConfig::type_url() {
+        Ok(vec![])
+    } else {
+        Err(format!("dns_filter: client_config.typed_dns_resolver_config {} is not supported", any.type_url))
+    }
 }
 
 pub fn build(l: &Listener) -> Result<DnsListenerCfg, String> {
@@ -75,7 +91,8 @@ pub fn build(l: &Listener) -> Result<DnsListenerCfg, String> {
     #[allow(deprecated)]
     let upstreams = match &cfg.client_config {
         Some(c) => {
-            let resolvers = c.dns_resolution_config.as_ref().map(|r| r.resolvers.clone()).unwrap_or_default();
+            let mut resolvers = c.dns_resolution_config.as_ref().map(|r| r.resolvers.clone()).unwrap_or_default();
+            resolvers.extend(typed_resolvers(c.typed_dns_resolver_config.as_ref())?);
             resolvers.iter().chain(&c.upstream_resolvers).map(socket).collect::<Result<Vec<_>, _>>()?
         }
         None => vec![],

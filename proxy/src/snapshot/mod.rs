@@ -79,6 +79,9 @@ pub enum Action {
     TcpProxy(Arc<TcpProxyCfg>),
     /// Write these bytes and close (Kuma's ingress with nothing to route).
     DirectResponse(Bytes),
+    /// An HTTP chain (`http_connection_manager`) next to chains dp serves: accepted, and
+    /// its connections closed, until dp has an HTTP data path.
+    NotServed,
 }
 
 #[derive(Debug)]

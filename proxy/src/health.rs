@@ -1,0 +1,337 @@
+//! Active health checking, Envoy's `Cluster.health_checks`: TCP checks (connect-only, or
+//! send a payload and look for the expected bytes). HTTP and gRPC checks are refused by
+//! name until dp has an HTTP data path: ignoring them would send traffic to hosts the
+//! control plane meant to exclude.
+//!
+//! A host's health outlives configuration updates: it is kept in [`Checks`], keyed by
+//! cluster, address and check, and a snapshot holds `Arc`s to it. Each checked host has
+//! one task, which ends by itself once no snapshot refers to the host any more.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::HealthCheck;
+use envoy_types::pb::envoy::config::core::v3::health_check::{HealthChecker, Payload, payload};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::snapshot::Snapshot;
+use crate::snapshot::cluster::ClusterCfg;
+use crate::upstream::HostAddr;
+
+/// One cluster's check, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckCfg {
+    pub timeout: Duration,
+    pub interval: Duration,
+    /// Between checks of a host that is unhealthy (Envoy's `unhealthy_interval`).
+    pub unhealthy_interval: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    /// Bytes to send; none: connect-only.
+    pub send: Vec<u8>,
+    /// Blocks to find in the response, in order but not necessarily adjacent.
+    pub receive: Vec<Vec<u8>>,
+}
+
+impl CheckCfg {
+    /// Reads a cluster's `health_checks`; `None` when there are none.
+    pub fn from_cluster(checks: &[HealthCheck]) -> Result<Option<CheckCfg>, String> {
+        let Some(hc) = checks.first() else { return Ok(None) };
+        if checks.len() > 1 {
+            return Err("health_checks: only one check per cluster is supported".into());
+        }
+        let tcp = match &hc.health_checker {
+            Some(HealthChecker::TcpHealthCheck(t)) => t,
+            Some(HealthChecker::HttpHealthCheck(_)) => {
+                return Err(
+                    "health_checks[0]: http_health_check is not supported until dp has an HTTP data path".into()
+                );
+            }
+            Some(HealthChecker::GrpcHealthCheck(_)) => {
+                return Err("health_checks[0]: grpc_health_check is not supported".into());
+            }
+            Some(HealthChecker::CustomHealthCheck(c)) => {
+                return Err(format!("health_checks[0]: custom_health_check {} is not supported", c.name));
+            }
+            None => return Err("health_checks[0]: no health checker is set".into()),
+        };
+        if tcp.proxy_protocol_config.is_some() {
+            return Err("health_checks[0].tcp_health_check.proxy_protocol_config is not supported".into());
+        }
+        if hc.alt_port.is_some() {
+            return Err("health_checks[0].alt_port is not supported".into());
+        }
+        let d = |d: &Option<envoy_types::pb::google::protobuf::Duration>| {
+            d.as_ref().map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        };
+        let timeout = d(&hc.timeout).filter(|t| !t.is_zero()).ok_or("health_checks[0]: timeout is required")?;
+        let interval = d(&hc.interval).filter(|t| !t.is_zero()).ok_or("health_checks[0]: interval is required")?;
+        let payload = |p: &Payload| -> Result<Vec<u8>, String> {
+            match &p.payload {
+                Some(payload::Payload::Text(hex)) => decode_hex(hex),
+                Some(payload::Payload::Binary(b)) => Ok(b.clone()),
+                None => Ok(vec![]),
+            }
+        };
+        Ok(Some(CheckCfg {
+            timeout,
+            interval,
+            unhealthy_interval: d(&hc.unhealthy_interval).filter(|t| !t.is_zero()).unwrap_or(interval),
+            unhealthy_threshold: hc.unhealthy_threshold.map_or(1, |v| v.value.max(1)),
+            healthy_threshold: hc.healthy_threshold.map_or(1, |v| v.value.max(1)),
+            send: tcp.send.as_ref().map(payload).transpose()?.unwrap_or_default(),
+            receive: tcp.receive.iter().map(payload).collect::<Result<_, _>>()?,
+        }))
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+}
+
+fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
+    let bad = || format!("health_checks[0]: payload text `{s}` is not hex");
+    if !s.len().is_multiple_of(2) {
+        return Err(bad());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad()))
+        .collect()
+}
+
+const PENDING: u8 = 0;
+const HEALTHY: u8 = 1;
+const UNHEALTHY: u8 = 2;
+
+/// What the checks say about one host.
+#[derive(Debug)]
+pub struct HostHealth {
+    state: AtomicU8,
+    /// Consecutive results against the current state.
+    streak: AtomicU32,
+    started: AtomicBool,
+}
+
+impl HostHealth {
+    fn new() -> Self {
+        HostHealth { state: AtomicU8::new(PENDING), streak: AtomicU32::new(0), started: AtomicBool::new(false) }
+    }
+
+    /// Whether the host may take traffic: not before its first check passes (a new host
+    /// needs one success, as in Envoy), and not once `unhealthy_threshold` checks in a
+    /// row failed until `healthy_threshold` in a row pass.
+    pub fn passing(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == HEALTHY
+    }
+
+    fn record(&self, ok: bool, cfg: &CheckCfg) -> Option<bool> {
+        let state = self.state.load(Ordering::Relaxed);
+        let (agrees, threshold, next) = match state {
+            PENDING if ok => (false, 1, HEALTHY),
+            PENDING => (false, 1, UNHEALTHY),
+            HEALTHY => (ok, cfg.unhealthy_threshold, UNHEALTHY),
+            _ => (!ok, cfg.healthy_threshold, HEALTHY),
+        };
+        if agrees {
+            self.streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        if self.streak.fetch_add(1, Ordering::Relaxed) + 1 >= threshold {
+            self.streak.store(0, Ordering::Relaxed);
+            self.state.store(next, Ordering::Relaxed);
+            return Some(next == HEALTHY);
+        }
+        None
+    }
+}
+
+type Key = (String, HostAddr, u64);
+
+/// Every checked host's health, for as long as a snapshot uses it.
+#[derive(Debug, Default)]
+pub struct Checks {
+    hosts: Mutex<HashMap<Key, Weak<HostHealth>>>,
+}
+
+impl Checks {
+    /// The health of `addr` in `cluster` under `cfg`: the one already known, or a new
+    /// pending one.
+    pub fn host(&self, cluster: &str, addr: &HostAddr, cfg: &CheckCfg) -> Arc<HostHealth> {
+        let mut m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (cluster.to_string(), addr.clone(), cfg.fingerprint());
+        if let Some(h) = m.get(&key).and_then(Weak::upgrade) {
+            return h;
+        }
+        m.retain(|_, w| w.strong_count() > 0);
+        let h = Arc::new(HostHealth::new());
+        m.insert(key, Arc::downgrade(&h));
+        h
+    }
+}
+
+/// Starts checking every host of a snapshot's clusters that is not checked yet. Needs a
+/// tokio runtime.
+pub fn start(snapshot: &Snapshot) {
+    for c in snapshot.clusters.values() {
+        if let Some(cfg) = &c.health_check {
+            start_cluster(c, cfg);
+        }
+    }
+}
+
+fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
+    for host in &c.hosts.hosts {
+        let Some(health) = &host.health else { continue };
+        if health.started.swap(true, Ordering::Relaxed) {
+            continue;
+        }
+        let (cluster, stats, addr) = (c.name.clone(), c.stats.clone(), host.addr.clone());
+        let cfg = cfg.clone();
+        let health = Arc::downgrade(health);
+        tokio::spawn(async move {
+            loop {
+                let Some(h) = health.upgrade() else { return };
+                stats.health_check_attempt.inc();
+                let result = check(&addr, &cfg).await;
+                match &result {
+                    Ok(()) => stats.health_check_success.inc(),
+                    Err(_) => stats.health_check_failure.inc(),
+                }
+                if let Some(healthy) = h.record(result.is_ok(), &cfg) {
+                    match result {
+                        Ok(()) => tracing::info!(%cluster, host = %addr, healthy, "health check: host is healthy"),
+                        Err(e) => tracing::warn!(%cluster, host = %addr, error = %e, "health check: host is unhealthy"),
+                    }
+                }
+                let wait = if h.passing() { cfg.interval } else { cfg.unhealthy_interval };
+                drop(h);
+                tokio::time::sleep(wait).await;
+            }
+        });
+    }
+}
+
+/// One TCP check.
+async fn check(addr: &HostAddr, cfg: &CheckCfg) -> Result<(), String> {
+    let attempt = async {
+        let mut s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
+        if !cfg.send.is_empty() {
+            s.write_all(&cfg.send).await.map_err(|e| format!("send: {e}"))?;
+        }
+        if cfg.receive.is_empty() {
+            return Ok(());
+        }
+        let mut got = Vec::new();
+        let mut next = 0;
+        let mut at = 0;
+        let mut buf = [0u8; 1024];
+        loop {
+            // Each block must appear after the end of the previous one.
+            while next < cfg.receive.len() {
+                let want = &cfg.receive[next];
+                match got[at..].windows(want.len().max(1)).position(|w| w == want.as_slice()) {
+                    Some(p) => {
+                        at += p + want.len();
+                        next += 1;
+                    }
+                    None => break,
+                }
+            }
+            if next == cfg.receive.len() {
+                return Ok(());
+            }
+            let n = s.read(&mut buf).await.map_err(|e| format!("receive: {e}"))?;
+            if n == 0 {
+                return Err("the host closed the connection before the expected response".to_string());
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(cfg.timeout, attempt).await.map_err(|_| format!("no answer within {:?}", cfg.timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(unhealthy: u32, healthy: u32) -> CheckCfg {
+        CheckCfg {
+            timeout: Duration::from_secs(1),
+            interval: Duration::from_secs(1),
+            unhealthy_interval: Duration::from_secs(1),
+            unhealthy_threshold: unhealthy,
+            healthy_threshold: healthy,
+            send: vec![],
+            receive: vec![],
+        }
+    }
+
+    #[test]
+    fn thresholds_move_a_host_as_envoy_does() {
+        let c = cfg(2, 3);
+        let h = HostHealth::new();
+        assert!(!h.passing(), "a new host waits for its first check");
+        assert_eq!(h.record(true, &c), Some(true), "one success is enough for a new host");
+        assert_eq!(h.record(false, &c), None);
+        assert!(h.passing(), "one failure of two needed");
+        assert_eq!(h.record(true, &c), None, "a success resets the streak");
+        assert_eq!(h.record(false, &c), None);
+        assert_eq!(h.record(false, &c), Some(false));
+        assert!(!h.passing());
+        assert_eq!(h.record(true, &c), None);
+        assert_eq!(h.record(true, &c), None);
+        assert_eq!(h.record(true, &c), Some(true));
+        assert!(h.passing());
+    }
+
+    #[test]
+    fn health_survives_while_a_snapshot_holds_it() {
+        let checks = Checks::default();
+        let c = cfg(1, 1);
+        let addr = HostAddr::Ip("127.0.0.1:1".parse().unwrap());
+        let a = checks.host("c", &addr, &c);
+        a.record(true, &c);
+        assert!(checks.host("c", &addr, &c).passing());
+        assert!(!checks.host("other", &addr, &c).passing());
+        drop(a);
+        assert!(!checks.host("c", &addr, &c).passing(), "forgotten once no snapshot holds it");
+    }
+
+    #[tokio::test]
+    async fn tcp_checks_connect_send_and_find_the_blocks_in_order() {
+        use tokio::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = HostAddr::Ip(l.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut b = [0u8; 4];
+                    if s.read_exact(&mut b).await.is_ok() && &b == b"ping" {
+                        let _ = s.write_all(b"xxPONGyyOK").await;
+                    }
+                });
+            }
+        });
+        let mut c = cfg(1, 1);
+        c.send = b"ping".to_vec();
+        c.receive = vec![b"PONG".to_vec(), b"OK".to_vec()];
+        check(&addr, &c).await.unwrap();
+        c.receive = vec![b"OK".to_vec(), b"PONG".to_vec()];
+        let e = check(&addr, &c).await.unwrap_err();
+        assert!(e.contains("closed"), "{e}");
+        c.send = vec![];
+        c.receive = vec![];
+        check(&addr, &c).await.unwrap();
+        let closed = HostAddr::Ip(std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
+        assert!(check(&closed, &c).await.unwrap_err().starts_with("connect"));
+        assert_eq!(decode_hex("50494e47").unwrap(), b"PING");
+        assert!(decode_hex("5").is_err() && decode_hex("zz").is_err());
+    }
+}
