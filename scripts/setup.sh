@@ -6,6 +6,8 @@ set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v dig >/dev/null || need+=(dnsutils)
+command -v curl >/dev/null || need+=(curl)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v python3 >/dev/null || need+=(python3)
 # BoringSSL (dp's mesh mTLS, through the boring crate) builds with cmake, clang and libclang.
 command -v cmake >/dev/null || need+=(cmake)

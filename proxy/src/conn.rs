@@ -3,6 +3,7 @@
 
 use crate::copy::{self, BUF_SIZE, End, Transferred};
 use crate::drain::{ConnGuard, Drain};
+use crate::hcm::server::ConnInfo;
 use crate::snapshot::chains::Offer;
 use crate::snapshot::cluster::{ClusterCfg, Host};
 use crate::snapshot::rbac::Subject;
@@ -12,6 +13,7 @@ use crate::tls::prefixed::Prefixed;
 use crate::tls::san;
 use crate::upstream::{HostAddr, Stream};
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use clienthello::{ClientHello, MAX_ALPN, Parsed};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,8 +63,6 @@ enum Flag {
     TlsPending,
     /// The chain's RBAC filter refused the connection.
     RbacDenied,
-    /// The chain is an HTTP one, which dp does not serve yet.
-    NotServed,
 }
 
 /// Longest a TLS handshake may take, either side.
@@ -82,7 +82,6 @@ impl Flag {
             Flag::DownstreamTls => "DTLS",
             Flag::TlsPending => "TLS_PENDING",
             Flag::RbacDenied => "RBAC",
-            Flag::NotServed => "NOT_SERVED",
         }
     }
 }
@@ -145,29 +144,46 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
         lst.stats.no_filter_chain_match.inc();
         return log.finish(Flag::NoRoute, Transferred::default());
     };
-    // The local address only when an RBAC filter may look at it.
-    let local = if chain.rbac.is_some() { down.local_addr().ok() } else { None };
+    let http = matches!(chain.action, Action::Http(_));
+    // The local address only when an RBAC filter (or HTTP) may look at it.
+    let local = if chain.rbac.is_some() || http { down.local_addr().ok() } else { None };
     match &chain.action {
         Action::DirectResponse(body) => {
             let _ = down.write_all(body).await;
             let _ = down.shutdown().await;
             log.finish(Flag::Done, Transferred { sent: 0, received: body.len() as u64 });
         }
-        Action::NotServed => log.finish(Flag::NotServed, Transferred::default()),
-        Action::TcpProxy(tp) => match &chain.tls {
+        Action::TcpProxy(_) | Action::Http(_) => match &chain.tls {
             Tls::Off if !rbac_allows(chain, peer, local, sni, None) => {
                 log.finish(Flag::RbacDenied, Transferred::default())
             }
-            Tls::Off => proxy(tp, id, &mut down, buf, pending, &mut log).await,
+            Tls::Off => match &chain.action {
+                Action::Http(cfg) => {
+                    let info = ConnInfo {
+                        listener: listener.clone(),
+                        peer: Some(peer),
+                        local,
+                        sni: sni.map(str::to_owned),
+                        ..Default::default()
+                    };
+                    // The bytes read while looking for a ClientHello are the request's.
+                    let io = Prefixed::new(Bytes::copy_from_slice(&buf[..pending]), down);
+                    drop(buf);
+                    crate::hcm::server::serve(cfg.clone(), io, Arc::new(info)).await;
+                    log.finish(Flag::Done, Transferred::default());
+                }
+                Action::TcpProxy(tp) => proxy(tp, id, &mut down, buf, pending, &mut log).await,
+                Action::DirectResponse(_) => unreachable!("matched above"),
+            },
             Tls::Pending(secret) => {
                 debug!(id, secret = %secret, "TLS context waits for a secret; refusing");
                 log.finish(Flag::TlsPending, Transferred::default());
             }
             Tls::Ready(st) => {
                 // The ClientHello was read for routing: replay it into the handshake.
-                let hello = buf[..pending].to_vec();
+                let hello = Bytes::copy_from_slice(&buf[..pending]);
                 // The client's chain and SANs are checked inside the handshake.
-                let accept = st.accept(Prefixed::new(&hello, &mut down));
+                let accept = st.accept(Prefixed::new(hello, down));
                 let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -177,19 +193,43 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
                     Err(_) => return log.finish(Flag::DownstreamTls, Transferred::default()),
                 };
                 let peer_cert = crate::tls::peer_certificate(tls.ssl());
-                if let Some(der) = &peer_cert {
-                    log.peer_identity = san::sans(der).and_then(|s| {
-                        s.into_iter().find_map(|n| match n {
-                            san::San::Uri(u) => Some(u.to_string()),
-                            _ => None,
-                        })
-                    });
-                }
+                let sans = peer_cert.as_deref().and_then(san::sans).unwrap_or_default();
+                log.peer_identity = sans.iter().find_map(|n| match n {
+                    san::San::Uri(u) => Some(u.to_string()),
+                    _ => None,
+                });
                 if !rbac_allows(chain, peer, local, sni, peer_cert.as_deref()) {
                     debug!(id, peer_identity = ?log.peer_identity, "refused by the chain's RBAC filter");
                     return log.finish(Flag::RbacDenied, Transferred::default());
                 }
-                proxy(tp, id, &mut tls, buf, 0, &mut log).await
+                match &chain.action {
+                    Action::Http(cfg) => {
+                        let pick = |uri: bool| -> Vec<String> {
+                            sans.iter()
+                                .filter_map(|s| match (s, uri) {
+                                    (san::San::Uri(v), true) | (san::San::Dns(v), false) => Some(v.to_string()),
+                                    _ => None,
+                                })
+                                .collect()
+                        };
+                        let info = ConnInfo {
+                            listener: listener.clone(),
+                            peer: Some(peer),
+                            local,
+                            sni: sni.map(str::to_owned),
+                            tls: true,
+                            authenticated: peer_cert.is_some(),
+                            uri_sans: pick(true),
+                            dns_sans: pick(false),
+                            alpn_h2: tls.ssl().selected_alpn_protocol() == Some(b"h2"),
+                        };
+                        drop(sans);
+                        crate::hcm::server::serve(cfg.clone(), tls, Arc::new(info)).await;
+                        log.finish(Flag::Done, Transferred::default());
+                    }
+                    Action::TcpProxy(tp) => proxy(tp, id, &mut tls, buf, 0, &mut log).await,
+                    Action::DirectResponse(_) => unreachable!("matched above"),
+                }
             }
         },
     }
@@ -217,6 +257,8 @@ fn rbac_allows(
     };
     let (uri_sans, dns_sans) = (pick(true), pick(false));
     rbac.allows(&Subject {
+        headers: None,
+        path: None,
         remote_ip: Some(peer.ip()),
         local_ip: local.map(|a| a.ip()),
         local_port: local.map_or(0, |a| a.port()),

@@ -9,6 +9,7 @@
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
@@ -31,6 +32,8 @@ pub struct Resources {
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub secrets: Vec<Secret>,
+    /// Route configurations for `http_connection_manager`s that name them (`rds`).
+    pub routes: Vec<RouteConfiguration>,
     /// The resources as they came, encoded (the xDS `Any`s), when the caller has them:
     /// kept for `/config_dump` instead of encoding the decoded structs again. Filled in
     /// one pass after decoding, so that these long-lived buffers sit together on the heap
@@ -40,8 +43,8 @@ pub struct Resources {
 
 impl PartialEq for Resources {
     fn eq(&self, o: &Self) -> bool {
-        (&self.version, &self.listeners, &self.clusters, &self.endpoints, &self.secrets)
-            == (&o.version, &o.listeners, &o.clusters, &o.endpoints, &o.secrets)
+        (&self.version, &self.listeners, &self.clusters, &self.endpoints, &self.secrets, &self.routes)
+            == (&o.version, &o.listeners, &o.clusters, &o.endpoints, &o.secrets, &o.routes)
     }
 }
 
@@ -57,7 +60,7 @@ pub enum DecodeError {
 
 impl Resources {
     pub fn len(&self) -> usize {
-        self.listeners.len() + self.clusters.len() + self.endpoints.len() + self.secrets.len()
+        self.listeners.len() + self.clusters.len() + self.endpoints.len() + self.secrets.len() + self.routes.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,6 +78,9 @@ impl Resources {
                 self.endpoints.push(ClusterLoadAssignment::decode(bytes).map_err(err)?)
             }
             u if u == Secret::type_url() => self.secrets.push(Secret::decode(bytes).map_err(err)?),
+            u if u == RouteConfiguration::type_url() => {
+                self.routes.push(RouteConfiguration::decode(bytes).map_err(err)?)
+            }
             other => return Err(format!("unsupported resource type {other}")),
         }
         Ok(())
@@ -140,6 +146,7 @@ impl Resources {
         items.extend(self.clusters.iter().map(any));
         items.extend(self.endpoints.iter().map(any));
         items.extend(self.secrets.iter().map(any));
+        items.extend(self.routes.iter().map(any));
         Encoded { version: self.version.clone(), items }
     }
 

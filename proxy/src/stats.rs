@@ -31,9 +31,9 @@ impl Counter {
 }
 
 macro_rules! stat_struct {
-    ($name:ident { $($field:ident : $kind:literal),* $(,)? }) => {
+    ($name:ident { $($field:ident : $kind:literal),* $(,)? } $($extra:ident : $ty:ty),*) => {
         #[derive(Debug, Default)]
-        pub struct $name { $(pub $field: Counter,)* }
+        pub struct $name { $(pub $field: Counter,)* $(pub $extra: $ty,)* }
         impl $name {
             const FIELDS: &[(&str, &str)] = &[$((stringify!($field), $kind)),*];
             fn values(&self) -> Vec<u64> {
@@ -65,7 +65,7 @@ stat_struct!(ClusterStats {
     health_check_attempt: "counter",
     health_check_success: "counter",
     health_check_failure: "counter",
-});
+} http: std::sync::OnceLock<Box<UpstreamHttpStats>>);
 
 stat_struct!(TcpStats {
     downstream_cx_total: "counter",
@@ -77,6 +77,95 @@ stat_struct!(TcpStats {
 });
 
 stat_struct!(RbacStats { allowed: "counter", denied: "counter" });
+
+stat_struct!(HttpStats {
+    downstream_rq_total: "counter",
+    downstream_rq_active: "gauge",
+    downstream_rq_http1_total: "counter",
+    downstream_rq_http2_total: "counter",
+    rq_direct_response: "counter",
+    rq_redirect: "counter",
+    no_route: "counter",
+} classes: Classes);
+
+/// Requests by response code class (1xx to 5xx), rendered as Envoy's `_xx` stats with
+/// the `envoy_response_code_class` label.
+#[derive(Debug, Default)]
+pub struct Classes([Counter; 5]);
+
+impl Classes {
+    pub fn record(&self, status: u16) {
+        if let Some(c) = self.0.get(usize::from(status / 100).wrapping_sub(1)) {
+            c.inc();
+        }
+    }
+    pub fn get(&self, class: u16) -> u64 {
+        self.0.get(usize::from(class).wrapping_sub(1)).map_or(0, Counter::get)
+    }
+}
+
+/// Envoy's default histogram buckets, in milliseconds.
+const BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+/// A latency histogram in milliseconds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [Counter; 19],
+    count: Counter,
+    /// Sum in microseconds (rendered in milliseconds).
+    sum_us: Counter,
+}
+
+impl Histogram {
+    pub fn record(&self, d: std::time::Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        if let Some(i) = BUCKETS_MS.iter().position(|b| ms <= *b) {
+            self.buckets[i].inc();
+        }
+        self.count.inc();
+        self.sum_us.add(d.as_micros() as u64);
+    }
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+}
+
+/// The HTTP side of a cluster, made on its first request (TCP-only clusters pay nothing).
+#[derive(Debug, Default)]
+pub struct UpstreamHttpStats {
+    pub upstream_rq_total: Counter,
+    pub upstream_rq_active: Counter,
+    pub upstream_rq_pending_overflow: Counter,
+    pub upstream_rq_timeout: Counter,
+    pub upstream_rq_per_try_timeout: Counter,
+    pub upstream_rq_retry: Counter,
+    pub classes: Classes,
+    /// By response code, few distinct ones per cluster.
+    codes: Mutex<BTreeMap<u16, u64>>,
+    pub upstream_rq_time: Histogram,
+}
+
+impl UpstreamHttpStats {
+    pub fn record(&self, status: u16, took: std::time::Duration) {
+        self.upstream_rq_total.inc();
+        self.classes.record(status);
+        *self.codes.lock().unwrap_or_else(|e| e.into_inner()).entry(status).or_default() += 1;
+        self.upstream_rq_time.record(took);
+    }
+    pub fn code(&self, status: u16) -> u64 {
+        self.codes.lock().unwrap_or_else(|e| e.into_inner()).get(&status).copied().unwrap_or(0)
+    }
+}
+
+impl ClusterStats {
+    /// The cluster's HTTP stats, made on first use.
+    pub fn http(&self) -> &UpstreamHttpStats {
+        self.http.get_or_init(Default::default)
+    }
+}
 
 stat_struct!(GlobalStats {
     tls_inspector_client_hello_too_large: "counter",
@@ -101,6 +190,7 @@ pub struct Registry {
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,
     rbac: Mutex<BTreeMap<String, Arc<RbacStats>>>,
+    http: Mutex<BTreeMap<String, Arc<HttpStats>>>,
 }
 
 fn get<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, key: &str) -> Arc<T> {
@@ -125,6 +215,10 @@ impl Registry {
     pub fn rbac(&self, prefix: &str) -> Arc<RbacStats> {
         get(&self.rbac, prefix)
     }
+    /// HTTP connection managers, by `stat_prefix` (Envoy: `http.<prefix>.*`).
+    pub fn http(&self, prefix: &str) -> Arc<HttpStats> {
+        get(&self.http, prefix)
+    }
 
     /// Prometheus text exposition format, Envoy's names (`envoy_cluster_upstream_cx_total`
     /// with label `envoy_cluster_name`, and so on).
@@ -140,7 +234,103 @@ impl Registry {
         family(&mut out, "envoy_tcp_", TcpStats::FIELDS, "envoy_tcp_prefix", &tcp);
         let rbac = rows(&self.rbac, RbacStats::values);
         family(&mut out, "envoy_rbac_", RbacStats::FIELDS, "envoy_rbac_prefix", &rbac);
+        let http = rows(&self.http, HttpStats::values);
+        family(&mut out, "envoy_http_", HttpStats::FIELDS, "envoy_http_conn_manager_prefix", &http);
+        self.upstream_http(&mut out);
+        let m = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        if !m.is_empty() {
+            let _ = writeln!(out, "# TYPE envoy_http_downstream_rq_xx counter");
+            for (prefix, h) in m.iter() {
+                for class in 1..=5u16 {
+                    let _ = writeln!(
+                        out,
+                        "envoy_http_downstream_rq_xx{{envoy_response_code_class=\"{class}\",envoy_http_conn_manager_prefix=\"{}\"}} {}",
+                        prefix.replace('\\', "\\\\").replace('"', "\\\""),
+                        h.classes.get(class)
+                    );
+                }
+            }
+        }
         out
+    }
+
+    /// Clusters' HTTP stats: totals, `_xx` by code class, by code, and the request time
+    /// histogram, with Envoy's tag names.
+    fn upstream_http(&self, out: &mut String) {
+        let m = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        let with: Vec<(&String, &UpstreamHttpStats)> =
+            m.iter().filter_map(|(k, c)| c.http.get().map(|h| (k, &**h))).collect();
+        if with.is_empty() {
+            return;
+        }
+        let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+        type Field = fn(&UpstreamHttpStats) -> u64;
+        let fields: [(&str, &str, Field); 6] = [
+            ("upstream_rq_total", "counter", |h| h.upstream_rq_total.get()),
+            ("upstream_rq_active", "gauge", |h| h.upstream_rq_active.get()),
+            ("upstream_rq_pending_overflow", "counter", |h| h.upstream_rq_pending_overflow.get()),
+            ("upstream_rq_timeout", "counter", |h| h.upstream_rq_timeout.get()),
+            ("upstream_rq_per_try_timeout", "counter", |h| h.upstream_rq_per_try_timeout.get()),
+            ("upstream_rq_retry", "counter", |h| h.upstream_rq_retry.get()),
+        ];
+        for (name, kind, get) in fields {
+            let _ = writeln!(out, "# TYPE envoy_cluster_{name} {kind}");
+            for (c, h) in &with {
+                let _ = writeln!(out, "envoy_cluster_{name}{{envoy_cluster_name=\"{}\"}} {}", esc(c), get(h));
+            }
+        }
+        let _ = writeln!(out, "# TYPE envoy_cluster_upstream_rq_xx counter");
+        for (c, h) in &with {
+            for class in 1..=5u16 {
+                let _ = writeln!(
+                    out,
+                    "envoy_cluster_upstream_rq_xx{{envoy_response_code_class=\"{class}\",envoy_cluster_name=\"{}\"}} {}",
+                    esc(c),
+                    h.classes.get(class)
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE envoy_cluster_upstream_rq counter");
+        for (c, h) in &with {
+            for (code, n) in h.codes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = writeln!(
+                    out,
+                    "envoy_cluster_upstream_rq{{envoy_response_code=\"{code}\",envoy_cluster_name=\"{}\"}} {n}",
+                    esc(c)
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE envoy_cluster_upstream_rq_time histogram");
+        for (c, h) in &with {
+            let t = &h.upstream_rq_time;
+            let mut acc = 0;
+            for (i, b) in BUCKETS_MS.iter().enumerate() {
+                acc += t.buckets[i].get();
+                let _ = writeln!(
+                    out,
+                    "envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name=\"{}\",le=\"{b}\"}} {acc}",
+                    esc(c)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name=\"{}\",le=\"+Inf\"}} {}",
+                esc(c),
+                t.count.get()
+            );
+            let _ = writeln!(
+                out,
+                "envoy_cluster_upstream_rq_time_sum{{envoy_cluster_name=\"{}\"}} {}",
+                esc(c),
+                t.sum_us.get() as f64 / 1000.0
+            );
+            let _ = writeln!(
+                out,
+                "envoy_cluster_upstream_rq_time_count{{envoy_cluster_name=\"{}\"}} {}",
+                esc(c),
+                t.count.get()
+            );
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod envoy;
 pub mod hello;
+pub mod http;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,11 +1,12 @@
 //! The whole configuration a real kuma-cp 2.14 sends a zone ingress loads in `dp` and
 //! routes: besides the ingress listener, the `system_trust_bundle` secret (a SPIFFE
 //! validator config), the CP-generated admin listener and a metrics listener
-//! (`http_connection_manager`, accepted and not served yet), clusters on Unix sockets
+//! (`http_connection_manager`, routing to clusters on Unix sockets), clusters on Unix sockets
 //! (`pipe`, abstract too), a tracing provider, a DNS listener with Envoy's current
 //! `typed_dns_resolver_config`, TCP health checks and `transport_socket_matches`. It is
 //! given as a file in proto3 JSON, so every type an `Any` names must decode.
 
+use e2e::http::HttpBackend;
 use e2e::{Backend, Dp, read_line, temp_dir, wait_until, who};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -90,6 +91,8 @@ fn route(prefix: &str, cluster: &str) -> Value {
 struct Setup {
     dp: Dp,
     ingress: SocketAddr,
+    hijacker: HttpBackend,
+    readiness: HttpBackend,
     backend: Backend,
     checked: Backend,
     dead: SocketAddr,
@@ -98,15 +101,22 @@ struct Setup {
 
 async fn setup() -> Setup {
     let dir = temp_dir("zone-proxy-config");
-    let ca = e2e::tls::MeshCa::new("default").pem;
+    let mesh_ca = e2e::tls::MeshCa::new("default");
+    let ca = mesh_ca.pem.clone();
+    // The admin listener's own certificate, inline as kuma-cp sends it.
+    let admin_id = mesh_ca.identity("spiffe://default/zone-ingress");
     let backend = Backend::start("backend").await;
     let web = Backend::start("web").await;
     let checked = Backend::start("checked").await;
     let matched = Backend::start("matched").await;
     // A port nothing listens on: the health check must keep traffic away from it.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let pipe = dir.join("kuma-mh-ingress-default.sock");
+    let pipe = dir.join("kuma-pipe.sock");
     unix_backend(&pipe, "pipe");
+    // kuma-dp's metrics hijacker and the readiness reporter, as HTTP servers.
+    let hijacker_sock = dir.join("kuma-mh-ingress-default.sock");
+    let hijacker = HttpBackend::start_unix("metrics-hijacker", &hijacker_sock).await;
+    let readiness = HttpBackend::start("readiness").await;
     let abstract_name = format!("dp-e2e-{}-{}", std::process::id(), e2e::next_id());
     unix_backend(Path::new(&format!("\0{abstract_name}")), "abstract");
 
@@ -118,9 +128,12 @@ async fn setup() -> Setup {
     admin_tls["transportSocket"] = json!({"name": "envoy.transport_sockets.tls", "typedConfig": {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
         "requireClientCertificate": true,
-        "commonTlsContext": {"validationContext": {
-            "matchTypedSubjectAltNames": [{"sanType": "DNS", "matcher": {"exact": "kuma-cp"}}],
-            "trustedCa": {"inlineString": ca}}}}});
+        "commonTlsContext": {
+            "tlsCertificates": [{"certificateChain": {"inlineString": admin_id.cert_pem},
+                "privateKey": {"inlineString": admin_id.key_pem}}],
+            "validationContext": {
+                "matchTypedSubjectAltNames": [{"sanType": "DNS", "matcher": {"exact": "kuma-cp"}}],
+                "trustedCa": {"inlineString": ca}}}}});
     let resources = vec![
         cluster("backend", vec![endpoint(socket(backend.addr))], json!({})),
         cluster("kri_msvc_default_zone-1__web_8080", vec![endpoint(socket(web.addr))], json!({})),
@@ -153,8 +166,12 @@ async fn setup() -> Setup {
             vec![endpoint(json!({"pipe": {"path": dir.join("kuma-envoy-admin.sock").to_str().unwrap(), "mode": 384}}))],
             json!({}),
         ),
-        cluster("kuma:readiness", vec![endpoint(socket("127.0.0.1:9902".parse().unwrap()))], json!({})),
-        cluster("kuma:metrics:hijacker", vec![endpoint(json!({"pipe": {"path": pipe.to_str().unwrap()}}))], json!({})),
+        cluster("kuma:readiness", vec![endpoint(socket(readiness.addr))], json!({})),
+        cluster(
+            "kuma:metrics:hijacker",
+            vec![endpoint(json!({"pipe": {"path": hijacker_sock.to_str().unwrap()}}))],
+            json!({}),
+        ),
         cluster(
             "meshtrace:datadog",
             vec![endpoint(json!({"socketAddress": {"address": "localhost", "portValue": 8126}}))],
@@ -226,14 +243,20 @@ async fn setup() -> Setup {
         .unwrap();
     let dp = Dp::start(&file, &["--proxy-type", "ingress"]);
     let ingress = dp.listener("self_zoneingress_dp_zone-ingress");
-    Setup { dp, ingress, backend, checked, dead, _dir: dir }
+    Setup { dp, ingress, hijacker, readiness, backend, checked, dead, _dir: dir }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_kuma_zone_ingress_config_loads_and_every_server_name_routes() {
     let s = setup().await;
-    s.dp.logs.wait_for(&["kuma:envoy:admin", "accepted but not served"]);
-    s.dp.logs.wait_for(&["kuma:metrics:prometheus", "accepted but not served"]);
+    // The CP's admin listener answers /ready from the readiness cluster; the metrics
+    // listener serves /metrics from the hijacker on its Unix socket.
+    let got = e2e::http::get(s.dp.listener("kuma:envoy:admin"), "dp", "/ready", &[]).await;
+    assert_eq!((got.status, got.body.as_str()), (200, "readiness"));
+    assert_eq!(s.readiness.last().path, "/ready");
+    let got = e2e::http::get(s.dp.listener("kuma:metrics:prometheus"), "dp", "/metrics", &[]).await;
+    assert_eq!((got.status, got.body.as_str()), (200, "metrics-hijacker"));
+    assert_eq!(s.hijacker.last().path, "/metrics");
     // The health check finds the dead endpoint before the name is tried.
     wait_until("the health check marks the dead endpoint", || {
         let (_, clusters) = s.dp.get("/clusters");

@@ -5,9 +5,10 @@
 //! reported once as notes.
 
 use super::chains::{ChainMatcher, Criteria};
-use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg};
+use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg, UpstreamHttp};
 use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
+use crate::hcm::{BuildCtx as HttpBuildCtx, HttpCfg};
 use crate::health::{CheckCfg, Checks, HostHealth};
 use crate::resources::{Encoded, Resources};
 use crate::stats::Registry;
@@ -20,7 +21,9 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter, listener_filter};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
@@ -41,6 +44,38 @@ const DEFAULT_LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_CONNECTIONS: u64 = 1024;
+const DEFAULT_MAX_REQUESTS: u64 = 1024;
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The HTTP version of requests to a cluster: `HttpProtocolOptions` in
+/// `typed_extension_protocol_options`, else the older cluster fields.
+fn http_protocol(c: &Cluster) -> Result<UpstreamHttp, String> {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions as U;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::explicit_http_config::ProtocolConfig as E;
+    if let Some(any) = c.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS) {
+        let o: HttpProtocolOptions = unpack(any)?;
+        return Ok(match o.upstream_protocol_options {
+            Some(U::ExplicitHttpConfig(e)) => match e.protocol_config {
+                Some(E::Http2ProtocolOptions(_)) => UpstreamHttp::Http2,
+                Some(E::Http3ProtocolOptions(_)) => return Err("HTTP/3 upstreams are not supported".into()),
+                _ => UpstreamHttp::Http1,
+            },
+            Some(U::UseDownstreamProtocolConfig(_)) => UpstreamHttp::Downstream,
+            // ALPN decides with TLS; without it HTTP/1.1, as Envoy does.
+            Some(U::AutoConfig(_)) | None => UpstreamHttp::Http1,
+        });
+    }
+    #[allow(deprecated)]
+    let legacy = if c.protocol_selection == cluster::ClusterProtocolSelection::UseDownstreamProtocol as i32 {
+        UpstreamHttp::Downstream
+    } else if c.http2_protocol_options.is_some() {
+        UpstreamHttp::Http2
+    } else {
+        UpstreamHttp::Http1
+    };
+    Ok(legacy)
+}
 
 /// Builds a snapshot. `notes` collects accepted-but-ignored fields.
 pub fn build(
@@ -73,7 +108,10 @@ pub fn build_with(
         }
     }
     let mut listeners = HashMap::new();
-    let mut proxies = Proxies::new();
+    let route_configs: HashMap<&str, &RouteConfiguration> =
+        resources.routes.iter().map(|r| (r.name.as_str(), r)).collect();
+    let mut cx =
+        ChainCtx { clusters: &clusters, secrets: &secrets, proxies: Proxies::new(), stats, route_configs, notes };
     let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
     let mut dns = HashMap::new();
     for l in resources.listeners.iter().filter(|l| super::dns::is_udp(l)) {
@@ -89,16 +127,7 @@ pub fn build_with(
         }
     }
     for l in resources.listeners.iter().filter(|l| !super::dns::is_udp(l) && !super::dynconf::is_dynconf(l)) {
-        if only_http(l) {
-            // The admin and metrics listeners a kuma-cp adds to zone proxies.
-            notes.push(format!(
-                "listener `{}`: http_connection_manager is accepted but not served (dp has no HTTP data path yet)",
-                l.name
-            ));
-            continue;
-        }
-        let cfg = build_listener(l, &clusters, &secrets, &mut proxies, stats, notes)
-            .map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        let cfg = build_listener(l, &mut cx).map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if cfg.address.port() != 0
             && let Some(other) = bound.insert(cfg.address, &l.name)
         {
@@ -109,20 +138,6 @@ pub fn build_with(
         }
     }
     Ok(Snapshot { version: resources.version.clone(), resources: encoded, listeners, dns, embedded_dns, clusters })
-}
-
-const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-
-/// Whether a chain ends in `http_connection_manager`.
-fn is_http(fc: &FilterChain) -> bool {
-    matches!(fc.filters.last().and_then(|f| f.config_type.as_ref()),
-        Some(filter::ConfigType::TypedConfig(any)) if any.type_url.strip_prefix("type.googleapis.com/") == Some(HCM))
-}
-
-/// Whether every chain of a listener is an HTTP one.
-fn only_http(l: &Listener) -> bool {
-    let mut chains = l.filter_chains.iter().chain(l.default_filter_chain.as_ref()).peekable();
-    chains.peek().is_some() && chains.all(is_http)
 }
 
 /// The (hostname, port) pairs STRICT_DNS clusters need resolved.
@@ -148,14 +163,19 @@ pub fn dns_names(resources: &Resources) -> Vec<(String, u16)> {
 /// `tcp_proxy` configs built so far, by their encoded bytes.
 type Proxies = HashMap<Vec<u8>, Arc<TcpProxyCfg>>;
 
-fn build_listener(
-    l: &Listener,
-    clusters: &HashMap<String, Arc<ClusterCfg>>,
-    secrets: &Secrets<'_>,
-    proxies: &mut Proxies,
-    stats: &Registry,
-    notes: &mut Vec<String>,
-) -> Result<ListenerCfg, String> {
+/// What building a listener's chains reads and collects.
+struct ChainCtx<'a> {
+    clusters: &'a HashMap<String, Arc<ClusterCfg>>,
+    secrets: &'a Secrets<'a>,
+    proxies: Proxies,
+    stats: &'a Registry,
+    /// RDS route configurations by name.
+    route_configs: HashMap<&'a str, &'a RouteConfiguration>,
+    notes: &'a mut Vec<String>,
+}
+
+fn build_listener(l: &Listener, cx: &mut ChainCtx<'_>) -> Result<ListenerCfg, String> {
+    let stats = cx.stats;
     let (host, port) = socket_address(l.address.as_ref()).map_err(|e| format!("address: {e}"))?;
     if let Some(Address { address: Some(address::Address::SocketAddress(sa)) }) = &l.address
         && sa.protocol == socket_address::Protocol::Udp as i32
@@ -174,7 +194,7 @@ fn build_listener(
     unsupported(l.bind_to_port.is_some_and(|b| !b.value), "bind_to_port: false")?;
     unsupported(l.transparent.is_some_and(|b| b.value), "transparent")?;
     if !l.access_log.is_empty() {
-        notes.push(format!("listener `{}`: access_log is ignored (dp writes its own access log)", l.name));
+        cx.notes.push(format!("listener `{}`: access_log is ignored (dp writes its own access log)", l.name));
     }
 
     let mut inspect_tls = false;
@@ -200,22 +220,13 @@ fn build_listener(
     let mut matcher = ChainMatcher::default();
     let mut chains = vec![];
     for (i, fc) in l.filter_chains.iter().enumerate() {
-        if is_http(fc) {
-            notes.push(format!(
-                "listener `{}` filter_chains[{i}]: http_connection_manager is accepted but its connections are closed (dp has no HTTP data path yet)",
-                l.name
-            ));
-        }
-        let chain =
-            build_chain(fc, clusters, secrets, proxies, stats).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
+        let chain = build_chain(fc, cx).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
         let criteria = criteria(fc).map_err(|e| format!("filter_chains[{i}].filter_chain_match: {e}"))?;
         matcher.insert(&criteria, i)?;
         chains.push(Arc::new(chain));
     }
     let default_chain = match &l.default_filter_chain {
-        Some(fc) => Some(Arc::new(
-            build_chain(fc, clusters, secrets, proxies, stats).map_err(|e| format!("default_filter_chain: {e}"))?,
-        )),
+        Some(fc) => Some(Arc::new(build_chain(fc, cx).map_err(|e| format!("default_filter_chain: {e}"))?)),
         None => None,
     };
     Ok(ListenerCfg {
@@ -254,16 +265,8 @@ fn criteria(fc: &FilterChain) -> Result<Criteria, String> {
     })
 }
 
-fn build_chain(
-    fc: &FilterChain,
-    clusters: &HashMap<String, Arc<ClusterCfg>>,
-    secrets: &Secrets<'_>,
-    proxies: &mut Proxies,
-    stats: &Registry,
-) -> Result<Chain, String> {
-    if is_http(fc) {
-        return Ok(Chain { name: fc.name.clone(), rbac: None, action: Action::NotServed, tls: Tls::Off });
-    }
+fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String> {
+    let (clusters, secrets, stats) = (cx.clusters, cx.secrets, cx.stats);
     let tls = transport(fc.transport_socket.as_ref(), |ctx: DownstreamTlsContext| tls_cfg::server(&ctx, secrets))?;
     let Some((last, rest)) = fc.filters.split_last() else {
         return Err("no filters".into());
@@ -283,16 +286,21 @@ fn build_chain(
         _ => return Err(format!("filter {}: only typed_config is supported", last.name)),
     };
     let action = if any.type_url == TcpProxy::type_url() {
-        let cfg = match proxies.get(&any.value) {
+        let cfg = match cx.proxies.get(&any.value) {
             Some(cfg) => cfg.clone(),
             None => {
                 let cfg =
                     Arc::new(build_tcp_proxy(&unpack(any)?, clusters, stats).map_err(|e| format!("tcp_proxy: {e}"))?);
-                proxies.insert(any.value.clone(), cfg.clone());
+                cx.proxies.insert(any.value.clone(), cfg.clone());
                 cfg
             }
         };
         Action::TcpProxy(cfg)
+    } else if any.type_url == HttpConnectionManager::type_url() {
+        let hcm: HttpConnectionManager = unpack(any)?;
+        let target = |name: &str, wanted: BTreeMap<String, String>| target(clusters, name, wanted);
+        let mut hx = HttpBuildCtx { target: &target, route_configs: &cx.route_configs, stats, notes: &mut *cx.notes };
+        Action::Http(Arc::new(HttpCfg::build(&hcm, &mut hx).map_err(|e| format!("http_connection_manager: {e}"))?))
     } else if any.type_url == DirectResponse::type_url() {
         let cfg: DirectResponse = unpack(any)?;
         let bytes = match cfg.response.and_then(|r| r.specifier) {
@@ -325,9 +333,7 @@ fn build_tcp_proxy(
     let target = |name: &str, extra: BTreeMap<String, String>| {
         let mut wanted = base.clone();
         wanted.extend(extra);
-        let cluster = clusters.get(name).cloned();
-        let hosts = cluster.as_ref().map(|c| c.subset(&wanted)).unwrap_or_default();
-        Target { cluster_name: name.to_string(), cluster, hosts }
+        target(clusters, name, wanted)
     };
     let (targets, cumulative) = match &tp.cluster_specifier {
         Some(tcp_proxy::ClusterSpecifier::Cluster(name)) => (vec![target(name, BTreeMap::new())], vec![]),
@@ -358,6 +364,14 @@ fn build_tcp_proxy(
         max_connect_attempts: tp.max_connect_attempts.map_or(1, |v| v.value.max(1)),
         stats: stats.tcp(&tp.stat_prefix),
     })
+}
+
+/// A route's target: the cluster by name (`None` when unknown) and the hosts of the
+/// subset `wanted` selects.
+fn target(clusters: &HashMap<String, Arc<ClusterCfg>>, name: &str, wanted: BTreeMap<String, String>) -> Target {
+    let cluster = clusters.get(name).cloned();
+    let hosts = cluster.as_ref().map(|c| c.subset(&wanted)).unwrap_or_default();
+    Target { cluster_name: name.to_string(), cluster, hosts }
 }
 
 fn discovery_type(c: &Cluster) -> Result<cluster::DiscoveryType, String> {
@@ -441,6 +455,13 @@ fn build_cluster(
         tls,
         tls_matches,
         health_check,
+        http_protocol: http_protocol(c)?,
+        max_requests: c
+            .circuit_breakers
+            .as_ref()
+            .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+            .and_then(|t| t.max_requests)
+            .map_or(DEFAULT_MAX_REQUESTS, |v| u64::from(v.value)),
     })
 }
 
@@ -519,15 +540,19 @@ fn build_hosts(
                 Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
                 _ => return Err(format!("{}: only `endpoint` is supported", at())),
             };
+            // `auto_host_rewrite` sends the endpoint's `hostname`, or a STRICT_DNS name.
+            let mut hostname = Some(e.hostname.clone()).filter(|h| !h.is_empty());
             let addrs: Vec<HostAddr> =
                 match endpoint_address(e.address.as_ref()).map_err(|err| format!("{}: {err}", at()))? {
                     EndpointAddr::Pipe(path) => vec![HostAddr::Pipe(path.into())],
                     EndpointAddr::Socket(host, port) => match host.parse::<IpAddr>() {
                         Ok(ip) => vec![HostAddr::Ip(SocketAddr::new(ip, port))],
-                        Err(_) if strict_dns => dns
-                            .get(&(host.to_string(), port))
-                            .map(|a| a.iter().copied().map(HostAddr::Ip).collect())
-                            .unwrap_or_default(),
+                        Err(_) if strict_dns => {
+                            hostname.get_or_insert_with(|| host.to_string());
+                            dns.get(&(host.to_string(), port))
+                                .map(|a| a.iter().copied().map(HostAddr::Ip).collect())
+                                .unwrap_or_default()
+                        }
                         Err(_) => return Err(format!("{}: `{host}` is not an IP address", at())),
                     },
                 };
@@ -544,6 +569,8 @@ fn build_hosts(
                     lb_metadata: lb_metadata.clone(),
                     healthy,
                     tls_match,
+                    hostname: hostname.clone(),
+                    pool: Default::default(),
                     active: AtomicU64::new(0),
                     total: AtomicU64::new(0),
                     connect_fail: AtomicU64::new(0),
@@ -579,7 +606,7 @@ fn build_subsets(s: &cluster::LbSubsetConfig) -> Result<SubsetCfg, String> {
 }
 
 /// `filter_metadata["envoy.lb"]` as strings, the part of metadata subsets use.
-fn lb_match(m: Option<&Metadata>) -> BTreeMap<String, String> {
+pub(crate) fn lb_match(m: Option<&Metadata>) -> BTreeMap<String, String> {
     struct_strings(m.and_then(|m| m.filter_metadata.get("envoy.lb")))
 }
 

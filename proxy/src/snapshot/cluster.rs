@@ -32,6 +32,21 @@ pub struct ClusterCfg {
     pub tls_matches: Vec<super::Tls<ClientTls>>,
     /// The active health check, when the cluster has one.
     pub health_check: Option<Arc<CheckCfg>>,
+    /// Which HTTP version requests to this cluster use.
+    pub http_protocol: UpstreamHttp,
+    /// Circuit breaker: most requests in flight at once (HTTP).
+    pub max_requests: u64,
+}
+
+/// The HTTP version of upstream requests (`HttpProtocolOptions`, or the older cluster
+/// fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamHttp {
+    #[default]
+    Http1,
+    Http2,
+    /// The downstream request's version.
+    Downstream,
 }
 
 #[derive(Debug)]
@@ -47,6 +62,11 @@ pub struct Host {
     pub tls_match: Option<usize>,
     /// Active health checking's verdict, when the cluster checks.
     pub health: Option<Arc<HostHealth>>,
+    /// The DNS name of a STRICT_DNS endpoint, or the endpoint's `hostname`
+    /// (`auto_host_rewrite` sends it as the authority).
+    pub hostname: Option<String>,
+    /// Upstream HTTP connections to this host.
+    pub pool: crate::hcm::pool::HostPool,
     pub active: AtomicU64,
     pub total: AtomicU64,
     pub connect_fail: AtomicU64,
@@ -216,6 +236,8 @@ mod tests {
             healthy: true,
             tls_match: None,
             health: None,
+            hostname: None,
+            pool: Default::default(),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_fail: AtomicU64::new(0),
@@ -279,6 +301,8 @@ mod tests {
             tls: crate::snapshot::Tls::Off,
             tls_matches: vec![],
             health_check: None,
+            http_protocol: UpstreamHttp::Http1,
+            max_requests: 1024,
         };
         let m = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
         let c = cluster(Fallback::AnyEndpoint);

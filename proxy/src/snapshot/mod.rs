@@ -11,6 +11,7 @@ pub mod dns;
 pub mod dynconf;
 pub mod rbac;
 
+pub(crate) use build::lb_match as lb_match_of;
 pub use build::{DnsAnswers, build, build_with, dns_names};
 
 use crate::resources::Encoded;
@@ -79,9 +80,8 @@ pub enum Action {
     TcpProxy(Arc<TcpProxyCfg>),
     /// Write these bytes and close (Kuma's ingress with nothing to route).
     DirectResponse(Bytes),
-    /// An HTTP chain (`http_connection_manager`) next to chains dp serves: accepted, and
-    /// its connections closed, until dp has an HTTP data path.
-    NotServed,
+    /// `http_connection_manager`.
+    Http(Arc<crate::hcm::HttpCfg>),
 }
 
 #[derive(Debug)]

@@ -1,23 +1,37 @@
-//! Envoy's network RBAC filter (`envoy.filters.network.rbac`), which Kuma puts before
-//! `tcp_proxy` on mTLS chains to apply TrafficPermission / MeshTrafficPermission.
+//! Envoy's RBAC filters: the network one (`envoy.filters.network.rbac`), which Kuma puts
+//! before `tcp_proxy` on mTLS chains to apply TrafficPermission / MeshTrafficPermission,
+//! and the HTTP one (`envoy.filters.http.rbac`), on HTTP chains.
 //!
-//! Evaluated once per connection, after the TLS handshake and before any byte goes
-//! upstream (Envoy's default `ONE_TIME_ON_FIRST_BYTE`). A policy matches when one of
-//! its permissions and one of its principals match; `ALLOW` lets a connection through
-//! only when some policy matches, `DENY` refuses it when some policy matches.
+//! The network filter is evaluated once per connection, after the TLS handshake and
+//! before any byte goes upstream (Envoy's default `ONE_TIME_ON_FIRST_BYTE`); the HTTP one
+//! once per request. With `rules`, a policy matches when one of its permissions and one
+//! of its principals match; `ALLOW` lets a connection through only when some policy
+//! matches, `DENY` refuses it when some policy matches. With `matcher` (the generic
+//! matcher API, as Kuma's zone proxies use), the first matching action decides and
+//! nothing matching means deny.
 
+use crate::hcm::route::HeaderMatch;
+use crate::match_api::{Inputs, Matcher};
 use crate::matcher::StringMatch;
 use crate::stats::{RbacStats, Registry};
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
+use envoy_types::pb::envoy::config::rbac::v3::Rbac as RbacRules;
 use envoy_types::pb::envoy::config::rbac::v3::{Permission, Principal, permission, principal, rbac};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbacFilter;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
+use envoy_types::pb::xds::core::v3::TypedExtensionConfig;
+use envoy_types::pb::xds::r#type::matcher::v3::Matcher as XdsMatcher;
+use http::HeaderMap;
+use prost::{Message, Name};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct Rbac {
-    /// `None`: no `rules`, every connection is allowed.
+    /// `None` (and no matcher): every connection is allowed.
     rules: Option<Rules>,
+    /// The matcher API; its actions say allow (true) or deny.
+    matcher: Option<Matcher<bool>>,
     pub stats: Arc<RbacStats>,
 }
 
@@ -37,6 +51,10 @@ enum Perm {
     DestinationPort(u16),
     DestinationIp(Cidr),
     ServerName(StringMatch),
+    /// HTTP only.
+    Header(HeaderMatch),
+    /// HTTP only: the path without the query.
+    UrlPath(StringMatch),
 }
 
 #[derive(Debug)]
@@ -69,14 +87,36 @@ pub struct Subject<'a> {
     pub authenticated: bool,
     pub uri_sans: &'a [&'a str],
     pub dns_sans: &'a [&'a str],
+    /// The request, for the HTTP filter.
+    pub headers: Option<&'a HeaderMap>,
+    pub path: Option<&'a str>,
 }
 
 impl Rbac {
     pub fn build(f: &RbacFilter, stats: &Registry) -> Result<Rbac, String> {
-        if f.matcher.is_some() {
-            return Err("matcher is not supported (use rules)".into());
+        Rbac::from_parts(f.rules.as_ref(), f.matcher.as_ref(), &f.stat_prefix, false, stats)
+    }
+
+    pub fn build_http(f: &HttpRbacFilter, stats: &Registry) -> Result<Rbac, String> {
+        if f.shadow_rules.is_some() || f.shadow_matcher.is_some() {
+            // Shadow rules only count; they never decide.
+            return Err("shadow_rules and shadow_matcher are not supported".into());
         }
-        let rules = match &f.rules {
+        Rbac::from_parts(f.rules.as_ref(), f.matcher.as_ref(), &f.rules_stat_prefix, true, stats)
+    }
+
+    fn from_parts(
+        rules: Option<&RbacRules>,
+        matcher: Option<&XdsMatcher>,
+        stat_prefix: &str,
+        http: bool,
+        stats: &Registry,
+    ) -> Result<Rbac, String> {
+        if rules.is_some() && matcher.is_some() {
+            return Err("rules and matcher are both set".into());
+        }
+        let matcher = matcher.map(|m| Matcher::build(m, &action)).transpose().map_err(|e| format!("matcher: {e}"))?;
+        let rules = match rules {
             None => None,
             Some(r) => {
                 let deny = match rbac::Action::try_from(r.action) {
@@ -89,7 +129,7 @@ impl Rbac {
                     if p.condition.is_some() || p.checked_condition.is_some() {
                         return Err(format!("policy `{name}`: conditions are not supported"));
                     }
-                    let perms = p.permissions.iter().map(perm).collect::<Result<_, _>>();
+                    let perms = p.permissions.iter().map(|p| perm(p, http)).collect::<Result<_, _>>();
                     let who = p.principals.iter().map(principal).collect::<Result<_, _>>();
                     policies.push((
                         name.clone(),
@@ -101,14 +141,25 @@ impl Rbac {
                 Some(Rules { deny, policies })
             }
         };
-        Ok(Rbac { rules, stats: stats.rbac(&f.stat_prefix) })
+        Ok(Rbac { rules, matcher, stats: stats.rbac(stat_prefix) })
     }
 
     /// Whether the connection may go on; counts the decision.
     pub fn allows(&self, s: &Subject<'_>) -> bool {
-        let allowed = match &self.rules {
-            None => true,
-            Some(r) => {
+        let allowed = match (&self.rules, &self.matcher) {
+            (_, Some(m)) => {
+                let inputs = Inputs {
+                    uri_sans: s.uri_sans,
+                    dns_sans: s.dns_sans,
+                    server_name: s.server_name,
+                    source_ip: s.remote_ip,
+                    destination_port: Some(s.local_port),
+                    headers: s.headers,
+                };
+                m.evaluate(&inputs).copied().unwrap_or(false)
+            }
+            (None, None) => true,
+            (Some(r), None) => {
                 let matched = r
                     .policies
                     .iter()
@@ -125,13 +176,36 @@ impl Rbac {
     }
 }
 
-fn perm(p: &Permission) -> Result<Perm, String> {
+/// An RBAC action of the matcher API: allow (true) or deny.
+fn action(c: &TypedExtensionConfig) -> Result<bool, String> {
+    let any = c.typed_config.as_ref().ok_or("an action has no typed_config")?;
+    if any.type_url != envoy_types::pb::envoy::config::rbac::v3::Action::type_url() {
+        return Err(format!("action {} is not an RBAC action", any.type_url));
+    }
+    let a =
+        envoy_types::pb::envoy::config::rbac::v3::Action::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+    match rbac::Action::try_from(a.action) {
+        Ok(rbac::Action::Allow) => Ok(true),
+        Ok(rbac::Action::Deny) => Ok(false),
+        _ => Err(format!("action `{}`: only ALLOW and DENY are supported", a.name)),
+    }
+}
+
+fn perm(p: &Permission, http: bool) -> Result<Perm, String> {
     use permission::Rule;
+    let all = |l: &[Permission]| l.iter().map(|p| perm(p, http)).collect::<Result<Vec<_>, _>>();
     Ok(match &p.rule {
         Some(Rule::Any(true)) => Perm::Any,
-        Some(Rule::AndRules(set)) => Perm::And(set.rules.iter().map(perm).collect::<Result<_, _>>()?),
-        Some(Rule::OrRules(set)) => Perm::Or(set.rules.iter().map(perm).collect::<Result<_, _>>()?),
-        Some(Rule::NotRule(inner)) => Perm::Not(Box::new(perm(inner)?)),
+        Some(Rule::AndRules(set)) => Perm::And(all(&set.rules)?),
+        Some(Rule::OrRules(set)) => Perm::Or(all(&set.rules)?),
+        Some(Rule::NotRule(inner)) => Perm::Not(Box::new(perm(inner, http)?)),
+        Some(Rule::Header(h)) if http => Perm::Header(HeaderMatch::from_proto(h)?),
+        Some(Rule::UrlPath(m)) if http => match &m.rule {
+            Some(envoy_types::pb::envoy::r#type::matcher::v3::path_matcher::Rule::Path(sm)) => {
+                Perm::UrlPath(StringMatch::from_proto(sm).map_err(|e| format!("url_path: {e}"))?)
+            }
+            None => return Err("url_path has no rule".into()),
+        },
         Some(Rule::DestinationPort(port)) => {
             Perm::DestinationPort(u16::try_from(*port).map_err(|_| format!("destination_port {port}"))?)
         }
@@ -219,6 +293,8 @@ impl Perm {
             Perm::DestinationPort(port) => s.local_port == *port,
             Perm::DestinationIp(c) => s.local_ip.is_some_and(|ip| c.contains(ip)),
             Perm::ServerName(m) => m.matches(s.server_name.unwrap_or("")),
+            Perm::Header(h) => s.headers.is_some_and(|m| h.matches(m)),
+            Perm::UrlPath(m) => s.path.is_some_and(|p| m.matches(p.split('?').next().unwrap_or(p))),
         }
     }
 }

@@ -1,0 +1,601 @@
+//! One downstream HTTP connection (HTTP/1.1 or HTTP/2, hyper), and each request on it:
+//! filters, route, then a direct answer or the upstream, with retries and timeouts.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info};
+
+use super::filters::{Request as FilterRequest, Verdict};
+use super::headers::{strip_envoy_headers, strip_hop_by_hop};
+use super::pool::{Body, BoxError, Proto, SendError};
+use super::route::{Forward, RequestView, Route, RouteAction, VirtualHost};
+use super::{Codec, HttpCfg};
+use crate::snapshot::Target;
+use crate::snapshot::cluster::UpstreamHttp;
+use crate::snapshot::rbac::Subject;
+
+/// Largest request body buffered so that a retry can send it again (Envoy's default
+/// per-connection buffer limit).
+const RETRY_BUFFER: usize = 1 << 20;
+
+/// What the connection knows about its peer.
+#[derive(Debug, Default)]
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub peer: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub sni: Option<String>,
+    pub tls: bool,
+    /// The client certificate was verified.
+    pub authenticated: bool,
+    pub uri_sans: Vec<String>,
+    pub dns_sans: Vec<String>,
+    /// ALPN chose `h2`.
+    pub alpn_h2: bool,
+}
+
+/// The body of a response going downstream.
+type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Serves one downstream connection until it closes.
+pub async fn serve<IO>(cfg: Arc<HttpCfg>, io: IO, info: Arc<ConnInfo>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let armed = Arc::new(AtomicBool::new(cfg.request_headers_timeout.is_some() && !info.alpn_h2));
+    let io = HeaderDeadline {
+        io,
+        sleep: cfg.request_headers_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
+        armed: armed.clone(),
+        sniffed: false,
+    };
+    let svc_cfg = cfg.clone();
+    let svc_info = info.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        armed.store(false, Ordering::Relaxed);
+        let (cfg, info) = (svc_cfg.clone(), svc_info.clone());
+        async move { Ok::<_, Infallible>(handle(&cfg, &info, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let max_headers = (cfg.max_request_headers_kb as usize) * 1024;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(max_headers.max(8192))
+        .keep_alive(true)
+        // hyper's header timer also runs while a kept-alive connection waits for its
+        // next request: with no `request_headers_timeout` it is the idle timeout. With
+        // one, a second later than ours, so that ours answers 408 first.
+        .header_read_timeout(cfg.request_headers_timeout.map(|d| d + Duration::from_secs(1)).or(cfg.idle_timeout));
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
+    let builder = match (cfg.codec, info.alpn_h2) {
+        (Codec::Http2, _) | (Codec::Auto, true) => builder.http2_only(),
+        (Codec::Http1, _) => builder.http1_only(),
+        (Codec::Auto, false) => builder,
+    };
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        debug!(listener = %info.listener, error = %e, "downstream HTTP connection ended");
+    }
+}
+
+/// Answers `408` when a request's headers do not arrive in time (hyper would only
+/// close), and steps aside once the first request is under way or the client speaks
+/// HTTP/2 (its first bytes are the `PRI` preface).
+struct HeaderDeadline<IO> {
+    io: IO,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: Arc<AtomicBool>,
+    sniffed: bool,
+}
+
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\nserver: envoy\r\n\r\n";
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        if me.armed.load(Ordering::Relaxed)
+            && let Some(sleep) = &mut me.sleep
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            me.armed.store(false, Ordering::Relaxed);
+            me.sleep = None;
+            // Best effort: the answer is small enough for any socket buffer.
+            let _ = Pin::new(&mut me.io).poll_write(cx, REQUEST_TIMEOUT);
+            let _ = Pin::new(&mut me.io).poll_flush(cx);
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request headers timeout")));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut me.io).poll_read(cx, buf);
+        if !me.sniffed && buf.filled().len() > before {
+            me.sniffed = true;
+            if buf.filled()[before..].starts_with(b"PRI ") {
+                me.armed.store(false, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// One request's record, written once as the access-log line.
+struct Log<'a> {
+    info: &'a ConnInfo,
+    method: String,
+    authority: String,
+    path: String,
+    protocol: &'static str,
+    started: Instant,
+    cluster: String,
+    upstream: Option<String>,
+    flag: &'static str,
+    attempts: u32,
+}
+
+impl Log<'_> {
+    fn finish(&self, status: u16) {
+        info!(
+            target: "access",
+            listener = &*self.info.listener,
+            peer = %self.info.peer.map_or("-".to_string(), |p| p.to_string()),
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            protocol = self.protocol,
+            status,
+            cluster = if self.cluster.is_empty() { "-" } else { &self.cluster },
+            upstream = self.upstream.as_deref().unwrap_or("-"),
+            attempts = self.attempts,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            flag = self.flag,
+        );
+    }
+}
+
+fn local_reply(cfg: &HttpCfg, status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
+    let body: Bytes = body.into();
+    let mut r = Response::new(Full::new(body.clone()).map_err(|e: Infallible| -> BoxError { match e {} }).boxed());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if !body.is_empty() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    if let Ok(v) = HeaderValue::from_str(&cfg.server_name) {
+        h.insert(header::SERVER, v);
+    }
+    r
+}
+
+async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+    let stats = &cfg.stats;
+    stats.downstream_rq_total.inc();
+    stats.downstream_rq_active.inc();
+    match req.version() {
+        http::Version::HTTP_2 => stats.downstream_rq_http2_total.inc(),
+        _ => stats.downstream_rq_http1_total.inc(),
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_default();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let mut log = Log {
+        info,
+        method: req.method().to_string(),
+        authority: authority.clone(),
+        path: path.clone(),
+        protocol: if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+        started: Instant::now(),
+        cluster: String::new(),
+        upstream: None,
+        flag: "-",
+        attempts: 0,
+    };
+    let mut resp = respond(cfg, info, req, &authority, &path, &mut log).await;
+    if let Ok(v) = HeaderValue::from_str(&cfg.server_name) {
+        resp.headers_mut().insert(header::SERVER, v);
+    }
+    let status = resp.status().as_u16();
+    stats.classes.record(status);
+    stats.downstream_rq_active.dec();
+    log.finish(status);
+    resp
+}
+
+async fn respond(
+    cfg: &HttpCfg,
+    info: &ConnInfo,
+    req: Request<Incoming>,
+    authority: &str,
+    path: &str,
+    log: &mut Log<'_>,
+) -> Response<RespBody> {
+    let routed = cfg.routes.route(&RequestView { host: authority, path, headers: req.headers() });
+    let random = random();
+    let uri_sans: Vec<&str> = info.uri_sans.iter().map(String::as_str).collect();
+    let dns_sans: Vec<&str> = info.dns_sans.iter().map(String::as_str).collect();
+    let subject = Subject {
+        remote_ip: info.peer.map(|p| p.ip()),
+        local_ip: info.local.map(|l| l.ip()),
+        local_port: info.local.map_or(0, |l| l.port()),
+        server_name: info.sni.as_deref(),
+        authenticated: info.authenticated,
+        uri_sans: &uri_sans,
+        dns_sans: &dns_sans,
+        headers: Some(req.headers()),
+        path: Some(path),
+    };
+    let per_route =
+        routed.map(|(vh, r)| if r.per_filter.rate_limit.is_some() { &r.per_filter } else { &vh.per_filter });
+    let freq = FilterRequest { subject, random };
+    for f in &cfg.filters {
+        match f.decide(&freq, per_route) {
+            Verdict::Continue => {}
+            Verdict::Delay(d) => tokio::time::sleep(d).await,
+            Verdict::Respond { status, body, flag } => {
+                log.flag = flag;
+                return local_reply(cfg, status, body);
+            }
+        }
+    }
+    let Some((vh, route)) = routed else {
+        cfg.stats.no_route.inc();
+        log.flag = "NR";
+        return local_reply(cfg, StatusCode::NOT_FOUND, "");
+    };
+    let mut resp = match &route.action {
+        RouteAction::Direct { status, body } => {
+            cfg.stats.rq_direct_response.inc();
+            local_reply(cfg, *status, body.clone())
+        }
+        RouteAction::Redirect(rd) => {
+            cfg.stats.rq_redirect.inc();
+            let scheme = if info.tls { "https" } else { "http" };
+            let mut r = local_reply(cfg, rd.status, "");
+            if let Ok(v) = HeaderValue::from_str(&rd.location(route, scheme, authority, path)) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        RouteAction::Forward(fwd) => forward(cfg, info, req, vh, route, fwd, random, log).await,
+    };
+    let h = resp.headers_mut();
+    strip_hop_by_hop(h);
+    route.headers.apply_response(h);
+    vh.headers.apply_response(h);
+    cfg.routes.headers.apply_response(h);
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    cfg: &HttpCfg,
+    info: &ConnInfo,
+    req: Request<Incoming>,
+    vh: &VirtualHost,
+    route: &Route,
+    fwd: &Forward,
+    random: u64,
+    log: &mut Log<'_>,
+) -> Response<RespBody> {
+    let target: &Target = fwd.pick(random);
+    log.cluster = target.cluster_name.clone();
+    let Some(cluster) = &target.cluster else {
+        log.flag = "NC";
+        return local_reply(cfg, StatusCode::SERVICE_UNAVAILABLE, "");
+    };
+    if target.hosts.is_empty() {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        log.flag = "UH";
+        return local_reply(cfg, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    }
+    let hs = cluster.stats.http();
+    if hs.upstream_rq_active.get() >= cluster.max_requests {
+        hs.upstream_rq_pending_overflow.inc();
+        log.flag = "UO";
+        return local_reply(
+            cfg,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let downstream_version = parts.version;
+    let proto = match cluster.http_protocol {
+        UpstreamHttp::Http1 => Proto::Http1,
+        UpstreamHttp::Http2 => Proto::Http2,
+        UpstreamHttp::Downstream if downstream_version == http::Version::HTTP_2 => Proto::Http2,
+        UpstreamHttp::Downstream => Proto::Http1,
+    };
+    let small = content_length(&parts.headers).is_none_or(|n| n <= RETRY_BUFFER as u64);
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let peer_ip = info.peer.map(|p| p.ip());
+    let internal = peer_ip.is_some_and(|ip| cfg.is_internal(ip));
+    if !internal {
+        strip_envoy_headers(&mut headers);
+    }
+    if cfg.use_remote_address
+        && let Some(ip) = peer_ip
+    {
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    if cfg.use_remote_address || !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(if info.tls { "https" } else { "http" }));
+    }
+    if !headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&request_id(random))
+    {
+        headers.insert("x-request-id", v);
+    }
+    if let Some(t) = fwd.timeout {
+        headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
+    }
+    route.headers.apply_request(&mut headers);
+    vh.headers.apply_request(&mut headers);
+    cfg.routes.headers.apply_request(&mut headers);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let new_path = fwd.rewrite_path(route, path).unwrap_or_else(|| path.to_string());
+    let mut authority = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    if let Some(h) = &fwd.host_rewrite {
+        authority = h.clone();
+    }
+
+    // The body: buffered when a retry may need it again.
+    let retry = fwd.retry.as_deref();
+    let (buffered, mut streaming): (Option<Bytes>, Option<Incoming>) =
+        if retry.is_some_and(|r| r.num_retries > 0) && small {
+            match Limited::new(body, RETRY_BUFFER).collect().await {
+                Ok(c) => (Some(c.to_bytes()), None),
+                Err(_) => {
+                    log.flag = "DPE";
+                    return local_reply(cfg, StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry");
+                }
+            }
+        } else {
+            (None, Some(body))
+        };
+    let attempts = 1 + retry.map_or(0, |r| r.num_retries);
+    let started = Instant::now();
+    let deadline = fwd.timeout.map(|t| started + t);
+    let mut last: Option<(StatusCode, &'static str, String)> = None;
+    for attempt in 0..attempts {
+        log.attempts = attempt + 1;
+        if attempt > 0 {
+            hs.upstream_rq_retry.inc();
+            let r = retry.expect("attempts > 1 only with a retry policy");
+            let backoff = backoff(r.base_interval, r.max_interval, attempt, random);
+            if deadline.is_some_and(|d| Instant::now() + backoff >= d) {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+        let Some(host) = target.hosts.pick(cluster.lb, attempt).cloned() else {
+            cluster.stats.upstream_cx_none_healthy.inc();
+            last = Some((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream".into()));
+            break;
+        };
+        let mut host_authority = authority.clone();
+        if fwd.auto_host_rewrite
+            && let Some(name) = &host.hostname
+        {
+            host_authority = name.clone();
+        }
+        let uri = match proto {
+            Proto::Http1 => new_path.parse::<Uri>(),
+            Proto::Http2 => {
+                format!("{}://{}{}", if cluster_tls(cluster) { "https" } else { "http" }, host_authority, new_path)
+                    .parse::<Uri>()
+            }
+        };
+        let Ok(uri) = uri else {
+            log.flag = "DPE";
+            return local_reply(cfg, StatusCode::BAD_REQUEST, "");
+        };
+        let mut up = Request::builder().method(parts.method.clone()).uri(uri);
+        *up.headers_mut().expect("fresh builder") = headers.clone();
+        let up_headers = up.headers_mut().expect("fresh builder");
+        match proto {
+            Proto::Http1 => {
+                if let Ok(v) = HeaderValue::from_str(&host_authority) {
+                    up_headers.insert(header::HOST, v);
+                }
+            }
+            // HTTP/2 carries the authority in `:authority`.
+            Proto::Http2 => {
+                up_headers.remove(header::HOST);
+            }
+        }
+        let up_body: Body = match (&buffered, streaming.take()) {
+            (Some(b), _) => Full::new(b.clone()).map_err(|e: Infallible| -> BoxError { match e {} }).boxed(),
+            (None, Some(b)) => b.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+            (None, None) => break, // a streamed body cannot be sent twice
+        };
+        let Ok(up_req) = up.body(up_body) else {
+            log.flag = "DPE";
+            return local_reply(cfg, StatusCode::BAD_REQUEST, "");
+        };
+        log.upstream = Some(host.addr.to_string());
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let limit = match (per_try, deadline) {
+            (Some(p), Some(d)) => Some((Instant::now() + p).min(d)),
+            (Some(p), None) => Some(Instant::now() + p),
+            (None, d) => d,
+        };
+        hs.upstream_rq_active.inc();
+        host.active.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let sent = host.pool.send(cluster, &host, proto, up_req);
+        let result = match limit {
+            Some(l) => tokio::time::timeout_at(l.into(), sent).await.ok(),
+            None => Some(sent.await),
+        };
+        host.active.fetch_sub(1, Ordering::Relaxed);
+        hs.upstream_rq_active.dec();
+        match result {
+            None => {
+                // Dropping the request future closed that upstream request.
+                let overall = deadline.is_some_and(|d| Instant::now() >= d);
+                if overall {
+                    hs.upstream_rq_timeout.inc();
+                    log.flag = "UT";
+                    return local_reply(cfg, StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                }
+                hs.upstream_rq_per_try_timeout.inc();
+                last = Some((StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout".into()));
+                if !retry.is_some_and(|r| r.on_5xx || r.on_gateway_error) {
+                    break;
+                }
+            }
+            Some(Ok(res)) => {
+                let status = res.status().as_u16();
+                hs.record(status, t0.elapsed());
+                if attempt + 1 < attempts && retry.is_some_and(|r| r.retries_status(status)) && buffered.is_some() {
+                    last = Some((res.status(), "-", String::new()));
+                    continue;
+                }
+                let (mut rp, rb) = res.into_parts();
+                strip_hop_by_hop(&mut rp.headers);
+                rp.version = downstream_version;
+                return Response::from_parts(rp, rb.map_err(|e| -> BoxError { Box::new(e) }).boxed());
+            }
+            Some(Err(e)) => {
+                debug!(upstream = %host.addr, error = %e, attempt, "upstream request failed");
+                let (flag, retriable) = match &e {
+                    SendError::Connect(_) => ("UF", retry.is_some_and(|r| r.retries_connect_failure())),
+                    SendError::Reset(_) => ("UC", retry.is_some_and(|r| r.retries_reset())),
+                    SendError::TlsPending(_) => ("UF", false),
+                };
+                let reason = match &e {
+                    SendError::Connect(_) | SendError::TlsPending(_) => "connection failure",
+                    SendError::Reset(_) => "connection termination",
+                };
+                last = Some((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    flag,
+                    format!("upstream connect error or disconnect/reset before headers. reset reason: {reason}"),
+                ));
+                if !retriable {
+                    break;
+                }
+            }
+        }
+    }
+    let (status, flag, body) = last.unwrap_or((StatusCode::SERVICE_UNAVAILABLE, "UF", String::new()));
+    log.flag = flag;
+    if flag == "-" {
+        // The last attempt's status was retriable but no attempt was left: Envoy passes
+        // that response on; dp made the request again and has no body to pass, so it
+        // answers with the status alone.
+        return local_reply(cfg, status, "");
+    }
+    local_reply(cfg, status, body)
+}
+
+fn cluster_tls(c: &crate::snapshot::cluster::ClusterCfg) -> bool {
+    !matches!(c.tls, crate::snapshot::Tls::Off)
+}
+
+/// The request's `content-length`, when it has one.
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Envoy's retry back-off: a random wait up to base * 2^(attempt-1), capped.
+fn backoff(base: Duration, max: Duration, attempt: u32, random: u64) -> Duration {
+    let ceiling = base.saturating_mul(1 << (attempt - 1).min(16)).min(max);
+    let ms = ceiling.as_millis().max(1) as u64;
+    Duration::from_millis(random.rotate_left(attempt * 7) % ms + 1)
+}
+
+fn request_id(r: u64) -> String {
+    let b = random().to_le_bytes();
+    let a = r.to_le_bytes();
+    format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-4{:x}{:02x}-{:x}{:x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4],
+        a[5],
+        a[6] & 0xf,
+        a[7],
+        8 | (b[0] & 3),
+        b[1] & 0xf,
+        b[2],
+        b[3],
+        b[4],
+        b[5],
+        b[6],
+        b[7],
+        a[0] ^ b[0]
+    )
+}
+
+/// A fast per-thread random number (xorshift), for weights, faults and ids.
+pub fn random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (t.as_nanos() as u64) ^ (std::process::id() as u64).rotate_left(32) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
