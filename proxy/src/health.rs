@@ -1,7 +1,7 @@
 //! Active health checking, Envoy's `Cluster.health_checks`: TCP checks (connect-only, or
-//! send a payload and look for the expected bytes). HTTP and gRPC checks are refused by
-//! name until dp has an HTTP data path: ignoring them would send traffic to hosts the
-//! control plane meant to exclude.
+//! send a payload and look for the expected bytes) and HTTP checks (a GET whose status
+//! must be in the expected ranges, 200 by default). gRPC and custom checks are refused
+//! by name: ignoring them would send traffic to hosts the control plane meant to exclude.
 //!
 //! A host's health outlives configuration updates: it is kept in [`Checks`], keyed by
 //! cluster, address and check, and a snapshot holds `Arc`s to it. Each checked host has
@@ -34,22 +34,32 @@ pub struct CheckCfg {
     pub send: Vec<u8>,
     /// Blocks to find in the response, in order but not necessarily adjacent.
     pub receive: Vec<Vec<u8>>,
+    /// An HTTP check instead of a TCP one.
+    pub http: Option<HttpCheck>,
+}
+
+/// Envoy's `HttpHealthCheck`, as far as dp runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HttpCheck {
+    /// The `host` header (Envoy: the cluster's name when empty).
+    pub host: String,
+    pub path: String,
+    /// `[start, end)` ranges of statuses that pass.
+    pub expected: Vec<(u16, u16)>,
+    pub http2: bool,
 }
 
 impl CheckCfg {
     /// Reads a cluster's `health_checks`; `None` when there are none.
-    pub fn from_cluster(checks: &[HealthCheck]) -> Result<Option<CheckCfg>, String> {
+    pub fn from_cluster(checks: &[HealthCheck], cluster: &str) -> Result<Option<CheckCfg>, String> {
         let Some(hc) = checks.first() else { return Ok(None) };
         if checks.len() > 1 {
             return Err("health_checks: only one check per cluster is supported".into());
         }
-        let tcp = match &hc.health_checker {
-            Some(HealthChecker::TcpHealthCheck(t)) => t,
-            Some(HealthChecker::HttpHealthCheck(_)) => {
-                return Err(
-                    "health_checks[0]: http_health_check is not supported until dp has an HTTP data path".into()
-                );
-            }
+        let default_tcp = Default::default();
+        let (tcp, http) = match &hc.health_checker {
+            Some(HealthChecker::TcpHealthCheck(t)) => (t, None),
+            Some(HealthChecker::HttpHealthCheck(h)) => (&default_tcp, Some(http_check(h, cluster)?)),
             Some(HealthChecker::GrpcHealthCheck(_)) => {
                 return Err("health_checks[0]: grpc_health_check is not supported".into());
             }
@@ -84,6 +94,7 @@ impl CheckCfg {
             healthy_threshold: hc.healthy_threshold.map_or(1, |v| v.value.max(1)),
             send: tcp.send.as_ref().map(payload).transpose()?.unwrap_or_default(),
             receive: tcp.receive.iter().map(payload).collect::<Result<_, _>>()?,
+            http,
         }))
     }
 
@@ -92,6 +103,36 @@ impl CheckCfg {
         self.hash(&mut h);
         h.finish()
     }
+}
+
+fn http_check(
+    h: &envoy_types::pb::envoy::config::core::v3::health_check::HttpHealthCheck,
+    cluster: &str,
+) -> Result<HttpCheck, String> {
+    if h.send.is_some() || !h.receive.is_empty() || h.service_name_matcher.is_some() {
+        return Err(
+            "health_checks[0].http_health_check: send, receive and service_name_matcher are not supported".into()
+        );
+    }
+    if !h.request_headers_to_add.is_empty() || !h.request_headers_to_remove.is_empty() {
+        return Err("health_checks[0].http_health_check: request header changes are not supported".into());
+    }
+    let http2 = match h.codec_client_type {
+        0 => false,
+        1 => true,
+        c => return Err(format!("health_checks[0].http_health_check: codec_client_type {c} is not supported")),
+    };
+    let expected = if h.expected_statuses.is_empty() {
+        vec![(200, 201)]
+    } else {
+        h.expected_statuses.iter().map(|r| (r.start.clamp(100, 600) as u16, r.end.clamp(100, 600) as u16)).collect()
+    };
+    Ok(HttpCheck {
+        host: if h.host.is_empty() { cluster.to_string() } else { h.host.clone() },
+        path: if h.path.is_empty() { "/".to_string() } else { h.path.clone() },
+        expected,
+        http2,
+    })
 }
 
 fn decode_hex(s: &str) -> Result<Vec<u8>, String> {
@@ -217,8 +258,13 @@ fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
     }
 }
 
-/// One TCP check.
+/// One check.
 async fn check(addr: &HostAddr, cfg: &CheckCfg) -> Result<(), String> {
+    if let Some(h) = &cfg.http {
+        return tokio::time::timeout(cfg.timeout, http(addr, h))
+            .await
+            .map_err(|_| format!("no answer within {:?}", cfg.timeout))?;
+    }
     let attempt = async {
         let mut s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
         if !cfg.send.is_empty() {
@@ -256,6 +302,37 @@ async fn check(addr: &HostAddr, cfg: &CheckCfg) -> Result<(), String> {
     tokio::time::timeout(cfg.timeout, attempt).await.map_err(|_| format!("no answer within {:?}", cfg.timeout))?
 }
 
+/// One HTTP check: GET `path` on a new connection; the status must be expected.
+async fn http(addr: &HostAddr, h: &HttpCheck) -> Result<(), String> {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let uri = if h.http2 { format!("http://{}{}", h.host, h.path) } else { h.path.clone() };
+    let mut req = hyper::Request::get(uri).header("user-agent", "Envoy/HC");
+    if !h.http2 {
+        req = req.header("host", &h.host).header("connection", "close");
+    }
+    let req = req.body(Empty::<bytes::Bytes>::new()).map_err(|e| format!("request: {e}"))?;
+    let status = if h.http2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(conn);
+        send.send_request(req).await.map_err(|e| format!("request: {e}"))?.status()
+    } else {
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(s)).await.map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        send.send_request(req).await.map_err(|e| format!("request: {e}"))?.status()
+    };
+    let code = status.as_u16();
+    if h.expected.iter().any(|(lo, hi)| *lo <= code && code < *hi) {
+        Ok(())
+    } else {
+        Err(format!("status {code} is not expected"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +346,7 @@ mod tests {
             healthy_threshold: healthy,
             send: vec![],
             receive: vec![],
+            http: None,
         }
     }
 
@@ -332,6 +410,39 @@ mod tests {
         let closed = HostAddr::Ip(std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
         assert!(check(&closed, &c).await.unwrap_err().starts_with("connect"));
         assert_eq!(decode_hex("50494e47").unwrap(), b"PING");
+    }
+
+    #[tokio::test]
+    async fn http_checks_want_an_expected_status() {
+        use tokio::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = HostAddr::Ip(l.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut b = vec![0u8; 1024];
+                    let n = s.read(&mut b).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&b[..n]).to_string();
+                    let status = if req.starts_with("GET /health ") && req.to_lowercase().contains("host: web") {
+                        200
+                    } else {
+                        503
+                    };
+                    let _ = s.write_all(format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n").as_bytes()).await;
+                });
+            }
+        });
+        let mut c = cfg(1, 1);
+        c.http =
+            Some(HttpCheck { host: "web".into(), path: "/health".into(), expected: vec![(200, 201)], http2: false });
+        check(&addr, &c).await.unwrap();
+        c.http =
+            Some(HttpCheck { host: "web".into(), path: "/other".into(), expected: vec![(200, 201)], http2: false });
+        assert_eq!(check(&addr, &c).await.unwrap_err(), "status 503 is not expected");
+        c.http =
+            Some(HttpCheck { host: "web".into(), path: "/other".into(), expected: vec![(500, 504)], http2: false });
+        check(&addr, &c).await.unwrap();
         assert!(decode_hex("5").is_err() && decode_hex("zz").is_err());
     }
 }

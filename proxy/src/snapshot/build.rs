@@ -412,7 +412,7 @@ fn build_cluster(
         tls_matches.push(t);
         criteria.push(struct_strings(m.r#match.as_ref()));
     }
-    let health_check = CheckCfg::from_cluster(&c.health_checks)?.map(Arc::new);
+    let health_check = CheckCfg::from_cluster(&c.health_checks, &c.name)?.map(Arc::new);
     unsupported(!c.filters.is_empty(), "filters")?;
     if c.outlier_detection.is_some() {
         notes.push(format!("cluster `{}`: outlier_detection is not implemented; no host is ejected", c.name));
