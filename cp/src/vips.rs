@@ -103,10 +103,21 @@ pub async fn load(store: &dyn Store, mesh: &str) -> VipMap {
     }
 }
 
-/// Services of each mesh: inbound services of local Dataplanes, plus services that
-/// ZoneIngresses advertise for the mesh (remote zones).
-pub fn services_by_mesh(dataplanes: &[Resource], ingresses: &[Resource]) -> BTreeMap<String, BTreeSet<String>> {
+/// Services of each mesh: inbound services of local Dataplanes, services that
+/// ZoneIngresses advertise for the mesh (remote zones), and ExternalServices.
+pub fn services_by_mesh(
+    dataplanes: &[Resource],
+    ingresses: &[Resource],
+    external: &[Resource],
+) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for es in external {
+        if let Ok(spec) = es.typed::<crate::model::ExternalServiceSpec>()
+            && let Some(s) = spec.tags.get(SERVICE_TAG).filter(|s| !s.is_empty())
+        {
+            out.entry(es.mesh.clone()).or_default().insert(s.clone());
+        }
+    }
     for dp in dataplanes {
         let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
         for inb in spec.networking.map(|n| n.inbound).unwrap_or_default() {
@@ -178,9 +189,10 @@ impl VipManager {
         let _g = self.lock.lock().await;
         let dps = store.list(ResourceType::Dataplane, None).await?;
         let zis = store.list(ResourceType::ZoneIngress, None).await?;
+        let ess = store.list(ResourceType::ExternalService, None).await?;
         let meshes: BTreeSet<String> =
             store.list(ResourceType::Mesh, None).await?.into_iter().map(|m| m.name).collect();
-        for (mesh, services) in services_by_mesh(&dps, &zis) {
+        for (mesh, services) in services_by_mesh(&dps, &zis, &ess) {
             if !meshes.contains(&mesh) {
                 continue;
             }

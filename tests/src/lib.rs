@@ -5,6 +5,7 @@
 pub mod envoy;
 pub mod hello;
 pub mod http;
+pub mod mesh;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -34,6 +34,20 @@ pub fn pair(name: &str) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
     (Arc::new(server), Arc::new(client))
 }
 
+/// A server config with a self-signed certificate for `name`, and that certificate in
+/// PEM (for a peer to trust it).
+pub fn self_signed(name: &str) -> (Arc<ServerConfig>, String) {
+    let cert = rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("self-signed cert");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .expect("server config");
+    (Arc::new(server), cert.cert.pem())
+}
+
 /// A TLS server answering each line with `<name>: <line>`.
 pub async fn serve(cfg: Arc<ServerConfig>, name: &str) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -161,6 +161,102 @@ pub struct ZoneEgressSpec {
 pub struct MeshSpec {
     #[serde(default)]
     pub mtls: Option<MeshMtls>,
+    #[serde(default)]
+    pub routing: Option<MeshRouting>,
+}
+
+/// `routing` of a Mesh.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshRouting {
+    /// Cross-zone and external traffic leaves through the zone's ZoneEgresses.
+    #[serde(default)]
+    pub zone_egress: bool,
+}
+
+/// An ExternalService: a service outside the mesh, reached by its tags.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalServiceSpec {
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub networking: ExternalNetworking,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalNetworking {
+    /// `host:port`.
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub tls: Option<ExternalTls>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalTls {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub ca_cert: Option<DataSource>,
+    #[serde(default)]
+    pub client_cert: Option<DataSource>,
+    #[serde(default)]
+    pub client_key: Option<DataSource>,
+    #[serde(default)]
+    pub allow_renegotiation: bool,
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub skip_hostname_verification: bool,
+}
+
+/// Kuma's `DataSource` (one of `inline` base64 bytes, `inlineString`, `secret`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataSource {
+    #[serde(default)]
+    pub inline: Option<String>,
+    #[serde(default)]
+    pub inline_string: Option<String>,
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+impl ExternalServiceSpec {
+    /// `(host, port)` of `networking.address`.
+    pub fn host_port(&self) -> Option<(String, u32)> {
+        let (h, p) = self.networking.address.rsplit_once(':')?;
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        Some((h.to_string(), p.parse().ok().filter(|p| *p > 0 && *p <= 65535)?))
+    }
+}
+
+/// A legacy TrafficPermission: which sources may reach which destinations.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPermissionSpec {
+    #[serde(default)]
+    pub sources: Vec<Selector>,
+    #[serde(default)]
+    pub destinations: Vec<Selector>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Selector {
+    #[serde(default, rename = "match")]
+    pub matches: BTreeMap<String, String>,
+}
+
+impl Selector {
+    /// Whether these tags are selected (`*` matches any value).
+    pub fn selects(&self, tags: &BTreeMap<String, String>) -> bool {
+        self.matches.iter().all(|(k, v)| v == "*" || tags.get(k) == Some(v))
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -222,6 +318,11 @@ impl MeshSpec {
     /// `mtls.enabledBackend` is set (and, after validation, names an existing backend).
     pub fn mtls_enabled(&self) -> bool {
         self.mtls.as_ref().is_some_and(|m| !m.enabled_backend.is_empty())
+    }
+
+    /// `routing.zoneEgress`.
+    pub fn zone_egress(&self) -> bool {
+        self.routing.as_ref().is_some_and(|r| r.zone_egress)
     }
 
     /// The enabled backend, when mTLS is on.

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::specs::{DataplaneSpec, MeshSpec, ZoneEgressSpec, ZoneIngressSpec};
+use super::specs::{DataplaneSpec, ExternalServiceSpec, MeshSpec, ZoneEgressSpec, ZoneIngressSpec};
 use super::{Cause, Resource, ResourceType, SERVICE_TAG, parse_duration};
 
 use kuma_model::resource::rfc1123_name as is_rfc1123_subdomain;
@@ -60,6 +60,7 @@ pub fn validate(r: &Resource) -> Result<(), Vec<Cause>> {
         ResourceType::Dataplane => validate_dataplane(r, &mut causes),
         ResourceType::ZoneIngress => validate_zone_ingress(r, &mut causes),
         ResourceType::ZoneEgress => validate_zone_egress(r, &mut causes),
+        ResourceType::ExternalService => validate_external_service(r, &mut causes),
         ResourceType::Mesh => validate_mesh(r, &mut causes),
         ResourceType::Zone => {
             if let Some(v) = r.spec.get("enabled")
@@ -199,6 +200,21 @@ fn validate_zone_egress(r: &Resource, causes: &mut Vec<Cause>) {
     let Some(spec) = typed_or_cause::<ZoneEgressSpec>(r, causes) else { return };
     validate_ip_or_host(causes, "networking.address", &spec.networking.address, false);
     check_port(causes, "networking.port", spec.networking.port);
+}
+
+fn validate_external_service(r: &Resource, causes: &mut Vec<Cause>) {
+    let Some(spec) = typed_or_cause::<ExternalServiceSpec>(r, causes) else { return };
+    if spec.tags.get(crate::model::SERVICE_TAG).is_none_or(|s| s.is_empty()) {
+        causes.push(Cause::new("tags", "must have a kuma.io/service tag"));
+    }
+    if spec.host_port().is_none() {
+        causes.push(Cause::new("networking.address", "must be host:port with a port between 1 and 65535"));
+    }
+    if let Some(p) = spec.tags.get("kuma.io/protocol")
+        && !matches!(p.as_str(), "tcp" | "http" | "http2" | "grpc" | "kafka")
+    {
+        causes.push(Cause::new("tags[\"kuma.io/protocol\"]", "must be one of tcp, http, http2, grpc, kafka"));
+    }
 }
 
 fn validate_mesh(r: &Resource, causes: &mut Vec<Cause>) {

@@ -47,5 +47,8 @@ pub fn spawn<F, Fut>(
 
 /// VIPs depend on the services of Dataplanes and of ZoneIngresses, per Mesh.
 pub fn vips_relevant(e: &ChangeEvent) -> bool {
-    matches!(e.rtype(), ResourceType::Dataplane | ResourceType::ZoneIngress | ResourceType::Mesh)
+    matches!(
+        e.rtype(),
+        ResourceType::Dataplane | ResourceType::ZoneIngress | ResourceType::Mesh | ResourceType::ExternalService
+    )
 }

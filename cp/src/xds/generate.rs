@@ -262,7 +262,7 @@ fn cla_proto(name: &str, endpoints: &[EndpointPlan]) -> ClusterLoadAssignment {
     }
 }
 
-fn tls_inspector() -> ListenerFilter {
+pub(crate) fn tls_inspector() -> ListenerFilter {
     ListenerFilter {
         name: "envoy.filters.listener.tls_inspector".into(),
         config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(TlsInspector::default()))),

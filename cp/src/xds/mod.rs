@@ -3,6 +3,7 @@
 
 pub mod delta;
 pub mod dynconf;
+pub mod egress;
 pub mod generate;
 pub mod sidecar;
 pub mod sni;
@@ -28,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::components::zone::ZoneCp;
 use crate::config::{DpProxyAuth, ZoneProxyAuth};
 use crate::lifecycle::{Connected, Lifecycle, Registration};
-use crate::model::{DataplaneSpec, MeshSpec, Resource, ResourceType, ZoneIngressSpec};
+use crate::model::{DataplaneSpec, MeshSpec, Resource, ResourceType, ZoneEgressSpec, ZoneIngressSpec};
 use crate::store::{Change, ChangeEvent, next_change};
 use delta::Delta;
 use generate::{IngressInputs, ProxySnapshot};
@@ -216,9 +217,84 @@ pub async fn build_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
                 dataplanes: &dataplanes,
             }))
         }
+        ResourceType::ZoneEgress => egress_snapshot(cp, id).await,
         ResourceType::Dataplane => dataplane_snapshot(cp, id).await,
         _ => Ok(generate::empty()),
     }
+}
+
+/// TLS material of a proxy in a mesh with the builtin CA (`None`: no mTLS), and when it
+/// must be renewed.
+async fn mesh_identity(
+    cp: &ZoneCp,
+    mesh: &Resource,
+    proxy: &str,
+    tags: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<Option<(sidecar::SidecarTls, std::time::SystemTime)>, Status> {
+    let spec: MeshSpec = mesh.typed().unwrap_or_default();
+    match spec.enabled_backend() {
+        Some(backend) if backend.backend_type == "builtin" => {
+            let ca = cp
+                .ca
+                .ensure_ca(&cp.store, &mesh.name, &backend.name)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let cert = cp
+                .ca
+                .identity(&ca, &mesh.name, proxy, tags, backend.dp_cert_lifetime())
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            // At least a second apart, whatever the configured lifetime.
+            let floor = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
+            let refresh = cert.rotate_at().max(floor);
+            Ok(Some((
+                sidecar::SidecarTls { ca_pem: ca.cert_pem, cert_pem: cert.cert_pem, key_pem: cert.key_pem },
+                refresh,
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A ZoneEgress serves every mesh with mTLS: passthrough to other zones, and the mesh's
+/// ExternalServices.
+async fn egress_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
+    let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
+    let Some(ze) = cp.store.get(ResourceType::ZoneEgress, "", &id.name).await.map_err(internal)? else {
+        return Ok(generate::empty());
+    };
+    let spec: ZoneEgressSpec = ze.typed().map_err(|e| Status::internal(e.to_string()))?;
+    let ingresses = cp.store.list(ResourceType::ZoneIngress, None).await.map_err(internal)?;
+    let tags: BTreeMap<String, BTreeSet<String>> =
+        [(crate::model::SERVICE_TAG.to_string(), [egress::ZONE_EGRESS_SERVICE.to_string()].into_iter().collect())]
+            .into_iter()
+            .collect();
+    let mut per_mesh = vec![];
+    let mut refresh_at: Option<std::time::SystemTime> = None;
+    for mesh in cp.store.list(ResourceType::Mesh, None).await.map_err(internal)? {
+        let Some((tls, refresh)) = mesh_identity(cp, &mesh, &id.name, &tags).await? else { continue };
+        refresh_at = Some(refresh_at.map_or(refresh, |r| r.min(refresh)));
+        let es = cp.store.list(ResourceType::ExternalService, Some(&mesh.name)).await.map_err(internal)?;
+        let tps = cp.store.list(ResourceType::TrafficPermission, Some(&mesh.name)).await.map_err(internal)?;
+        per_mesh.push((mesh.name.clone(), tls, es, tps));
+    }
+    let meshes = per_mesh
+        .iter()
+        .map(|(name, tls, es, tps)| egress::EgressMesh {
+            name,
+            tls: sidecar::SidecarTls {
+                ca_pem: tls.ca_pem.clone(),
+                cert_pem: tls.cert_pem.clone(),
+                key_pem: tls.key_pem.clone(),
+            },
+            external_services: es,
+            permissions: tps,
+        })
+        .collect();
+    let mut snap =
+        egress::egress(&egress::EgressInputs { zone: &cp.cfg.zone_name, egress: &spec, meshes, ingresses: &ingresses });
+    snap.refresh_at = refresh_at;
+    Ok(snap)
 }
 
 async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
@@ -230,37 +306,24 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         return Ok(generate::empty());
     };
     let mesh_spec: MeshSpec = mesh.typed().unwrap_or_default();
-    let mut refresh_at = None;
-    let tls = match mesh_spec.enabled_backend() {
-        Some(backend) if backend.backend_type == "builtin" => {
-            let ca = cp
-                .ca
-                .ensure_ca(&cp.store, &id.mesh, &backend.name)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            let spec: DataplaneSpec = dp.typed().unwrap_or_default();
-            let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            for inb in spec.networking.map(|n| n.inbound).unwrap_or_default() {
-                for (k, v) in inb.tags {
-                    tags.entry(k).or_default().insert(v);
-                }
-            }
-            let cert = cp
-                .ca
-                .identity(&ca, &id.mesh, &id.name, &tags, backend.dp_cert_lifetime())
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            // At least a second apart, whatever the configured lifetime.
-            let floor = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
-            refresh_at = Some(cert.rotate_at().max(floor));
-            Some(sidecar::SidecarTls { ca_pem: ca.cert_pem, cert_pem: cert.cert_pem, key_pem: cert.key_pem })
+    if let Some(b) = mesh_spec.enabled_backend().filter(|b| b.backend_type != "builtin") {
+        tracing::warn!(mesh = %id.mesh, backend = %b.name, kind = %b.backend_type, "only builtin mTLS backends are supported; serving the proxy without mTLS");
+    }
+    let spec: DataplaneSpec = dp.typed().unwrap_or_default();
+    let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for inb in spec.networking.map(|n| n.inbound).unwrap_or_default() {
+        for (k, v) in inb.tags {
+            tags.entry(k).or_default().insert(v);
         }
-        Some(backend) => {
-            tracing::warn!(mesh = %id.mesh, backend = %backend.name, kind = %backend.backend_type, "only builtin mTLS backends are supported; serving the proxy without mTLS");
-            None
-        }
-        None => None,
+    }
+    let (tls, refresh_at) = match mesh_identity(cp, &mesh, &id.name, &tags).await? {
+        Some((tls, refresh)) => (Some(tls), Some(refresh)),
+        None => (None, None),
     };
+    let external_services = cp.store.list(ResourceType::ExternalService, Some(&id.mesh)).await.map_err(internal)?;
+    // With `routing.zoneEgress`, cross-zone and external traffic leaves through the
+    // zone's egresses that are online.
+    let egresses = if mesh_spec.zone_egress() { local_egresses(cp).await.map_err(internal)? } else { vec![] };
     let dataplanes = crate::lifecycle::serving_dataplanes(cp.store.as_ref(), Some(&id.mesh)).await.map_err(internal)?;
     let ingresses = cp.store.list(ResourceType::ZoneIngress, None).await.map_err(internal)?;
     let vips = crate::vips::load(cp.store.as_ref(), &id.mesh).await;
@@ -276,9 +339,38 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         features: &id.features,
         workdir: &id.workdir,
         tls,
+        zone_egress: mesh_spec.zone_egress(),
+        egresses: &egresses,
+        external_services: &external_services,
     });
     snap.refresh_at = refresh_at;
     Ok(snap)
+}
+
+/// `(address, port)` of this zone's ZoneEgresses whose proxy is connected.
+async fn local_egresses(cp: &ZoneCp) -> Result<Vec<(String, u32)>, crate::store::StoreError> {
+    let online: BTreeSet<String> = cp
+        .store
+        .list(ResourceType::ZoneEgressInsight, None)
+        .await?
+        .into_iter()
+        .filter(crate::lifecycle::is_online)
+        .map(|i| i.name)
+        .collect();
+    let mut out = vec![];
+    for ze in cp.store.list(ResourceType::ZoneEgress, None).await? {
+        let Ok(spec) = ze.typed::<ZoneEgressSpec>() else { continue };
+        if !(spec.zone.is_empty() || spec.zone == cp.cfg.zone_name) || !online.contains(&ze.name) {
+            continue;
+        }
+        if let Ok(port) = u32::try_from(spec.networking.port)
+            && port != 0
+        {
+            out.push((spec.networking.address.clone(), port));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Sleep until the snapshot's refresh time (forever when it has none).
@@ -303,7 +395,8 @@ async fn recv_first<T>(inbound: &mut Streaming<T>) -> Result<Option<T>, Status> 
 /// DataplaneInsight (a proxy joining or leaving changes the endpoints of others).
 fn affects_xds(e: &ChangeEvent) -> bool {
     let t = e.rtype();
-    (!t.descriptor().read_only || t == ResourceType::DataplaneInsight) && t != ResourceType::Zone
+    (!t.descriptor().read_only || t == ResourceType::DataplaneInsight || t == ResourceType::ZoneEgressInsight)
+        && t != ResourceType::Zone
 }
 
 async fn debounce(cp: &ZoneCp, events: &mut tokio::sync::broadcast::Receiver<ChangeEvent>) {

@@ -39,13 +39,14 @@ use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::dynconf;
+use super::egress::{ZONE_EGRESS_SERVICE, external_cluster};
 use super::generate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
     string_struct, version_of,
 };
 use super::sni::sni_from_tags;
 use crate::ca::{identity_secret_name, mesh_ca_secret_name};
-use crate::model::{DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec};
+use crate::model::{DataplaneSpec, ExternalServiceSpec, Resource, SERVICE_TAG, ZoneIngressSpec};
 use crate::vips::{VipMap, domains, to_v6};
 
 use kuma_model::proxy::features::{BIND_OUTBOUNDS as FEATURE_BIND_OUTBOUNDS, REUSE_PORT as FEATURE_REUSE_PORT};
@@ -82,6 +83,12 @@ pub struct SidecarInputs<'a> {
     pub workdir: &'a str,
     /// Set when the mesh has mTLS enabled.
     pub tls: Option<SidecarTls>,
+    /// The mesh's `routing.zoneEgress`.
+    pub zone_egress: bool,
+    /// `(address, port)` of the zone's online ZoneEgresses.
+    pub egresses: &'a [(String, u32)],
+    /// ExternalServices of the proxy's mesh.
+    pub external_services: &'a [Resource],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -126,7 +133,7 @@ fn common_tls(mesh: &str, san: string_matcher::MatchPattern, alpn: &[&str]) -> C
     }
 }
 
-fn tls_socket<T: prost::Message + prost::Name>(ctx: T) -> TransportSocket {
+pub(crate) fn tls_socket<T: prost::Message + prost::Name>(ctx: T) -> TransportSocket {
     TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(ctx))),
@@ -148,12 +155,19 @@ pub fn downstream_tls(mesh: &str) -> DownstreamTlsContext {
 
 /// Client side (outbound): SNI from tags, ALPN `kuma`, peer SAN URI exactly `spiffe://<mesh>/<service>`.
 pub fn upstream_tls(mesh: &str, service: &str) -> UpstreamTlsContext {
+    upstream_tls_via(mesh, service, service)
+}
+
+/// Client side to `service` through a proxy that presents `peer`'s identity: the SNI
+/// names the service, the certificate must be `peer`'s (a ZoneEgress terminating the
+/// mTLS of an ExternalService presents `zone-egress`).
+pub fn upstream_tls_via(mesh: &str, service: &str, peer: &str) -> UpstreamTlsContext {
     let tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.to_string())].into_iter().collect();
     let tag_sni = sni_from_tags(service, &tags);
     UpstreamTlsContext {
         common_tls_context: Some(common_tls(
             mesh,
-            string_matcher::MatchPattern::Exact(format!("spiffe://{mesh}/{service}")),
+            string_matcher::MatchPattern::Exact(format!("spiffe://{mesh}/{peer}")),
             &[KUMA_ALPN],
         )),
         sni: tag_sni,
@@ -161,7 +175,7 @@ pub fn upstream_tls(mesh: &str, service: &str) -> UpstreamTlsContext {
     }
 }
 
-fn inline(bytes: &str) -> Option<DataSource> {
+pub(crate) fn inline(bytes: &str) -> Option<DataSource> {
     Some(DataSource {
         specifier: Some(data_source::Specifier::InlineBytes(bytes.as_bytes().to_vec())),
         ..Default::default()
@@ -175,7 +189,12 @@ fn tags_metadata(tags: &BTreeMap<String, String>) -> Option<Metadata> {
     })
 }
 
-fn tcp_proxy_chain(cluster: &str, stat_prefix: &str, idle_secs: i64, tls: Option<TransportSocket>) -> FilterChain {
+pub(crate) fn tcp_proxy_chain(
+    cluster: &str,
+    stat_prefix: &str,
+    idle_secs: i64,
+    tls: Option<TransportSocket>,
+) -> FilterChain {
     let tcp = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
@@ -194,7 +213,7 @@ fn tcp_proxy_chain(cluster: &str, stat_prefix: &str, idle_secs: i64, tls: Option
 
 /// Push a resource whose version is computed from its map-free Debug form plus `extra`
 /// (prost encodes `Struct` maps in random order, so bytes are not a stable version).
-fn push<T: prost::Message + prost::Name + std::fmt::Debug>(
+pub(crate) fn push<T: prost::Message + prost::Name + std::fmt::Debug>(
     out: &mut Vec<Named>,
     name: &str,
     proto: T,
@@ -207,7 +226,7 @@ fn push<T: prost::Message + prost::Name + std::fmt::Debug>(
     out.push(Named { name: name.to_string(), version, any: pack_any(proto) });
 }
 
-fn sorted(mut v: Vec<Named>) -> Vec<Named> {
+pub(crate) fn sorted(mut v: Vec<Named>) -> Vec<Named> {
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v.dedup_by(|a, b| a.name == b.name);
     v
@@ -320,7 +339,41 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
     }
 
     let endpoints = outbound_endpoints(inputs, mtls);
+    let external: BTreeMap<String, ExternalServiceSpec> = inputs
+        .external_services
+        .iter()
+        .filter_map(|r| r.typed::<ExternalServiceSpec>().ok())
+        .filter_map(|s| Some((s.tags.get(SERVICE_TAG).filter(|v| !v.is_empty())?.clone(), s)))
+        .collect();
+    let via_egress = inputs.zone_egress && mtls;
     for svc in &services {
+        if let Some(es) = external.get(svc) {
+            if via_egress {
+                // To the zone's egresses, which terminate this mTLS as `zone-egress`.
+                let c = Cluster {
+                    name: svc.clone(),
+                    connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+                    cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                    eds_cluster_config: Some(EdsClusterConfig {
+                        eds_config: Some(ads_config_source()),
+                        service_name: String::new(),
+                    }),
+                    transport_socket: Some(tls_socket(upstream_tls_via(mesh, svc, ZONE_EGRESS_SERVICE))),
+                    ..Default::default()
+                };
+                let cluster_version = version_of(&format!("{c:?}"));
+                push(&mut clusters, svc, c, "", |_| {});
+                let eps = egress_endpoints(inputs.egresses);
+                let v = version_of(&format!("{svc}|{eps:?}|{cluster_version}"));
+                loads.push(Named { name: svc.clone(), version: v, any: pack_any(cla_proto(svc, &eps)) });
+            } else if let Some((host, port)) = es.host_port() {
+                // Straight to the external address.
+                let protocol = es.tags.get("kuma.io/protocol").map(String::as_str).unwrap_or("tcp");
+                let c = external_cluster(svc, mesh, &host, port, protocol, es);
+                push(&mut clusters, svc, c, "", |_| {});
+            }
+            continue;
+        }
         let c = Cluster {
             name: svc.clone(),
             connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
@@ -446,13 +499,29 @@ pub fn dns_listener(port: u32, reuse_port: bool, records: &BTreeMap<String, Vec<
     }
 }
 
+/// One endpoint per online egress of the zone.
+fn egress_endpoints(egresses: &[(String, u32)]) -> Vec<OutEndpoint> {
+    egresses
+        .iter()
+        .map(|(address, port)| OutEndpoint {
+            zone: None,
+            address: address.clone(),
+            port: *port,
+            weight: 1,
+            tags: BTreeMap::new(),
+        })
+        .collect()
+}
+
 /// Endpoints per service of the proxy's mesh: healthy local inbounds (weight = number of
 /// distinct remote ingress coordinates, or 1) and, with mTLS, one endpoint per remote
-/// ZoneIngress advertising the service (weight = its instance count).
+/// ZoneIngress advertising the service (weight = its instance count), or with
+/// `routing.zoneEgress` one per online egress of the zone instead.
 fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String, Vec<OutEndpoint>> {
     let mesh = inputs.dataplane.mesh.as_str();
     let mut out: BTreeMap<String, Vec<OutEndpoint>> = BTreeMap::new();
     let mut coordinates: BTreeSet<(String, i64)> = BTreeSet::new();
+    let via_egress = inputs.zone_egress && mtls;
     if mtls {
         for zi in inputs.ingresses {
             let Ok(spec) = zi.typed::<ZoneIngressSpec>() else { continue };
@@ -476,6 +545,11 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
                     continue;
                 }
                 let Some(svc) = a.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
+                if via_egress {
+                    // The egress passes the mTLS through to this ingress by SNI.
+                    out.entry(svc.clone()).or_default().extend(egress_endpoints(inputs.egresses));
+                    continue;
+                }
                 let tags: BTreeMap<String, String> = a
                     .tags
                     .iter()

@@ -431,7 +431,7 @@ fn build_cluster(
         health: health_check.as_deref().map(|cfg| (&stats.health, c.name.as_str(), cfg)),
     };
     let hosts = match assignment {
-        Some(a) => build_hosts(a, kind == DiscoveryType::StrictDns, dns, &per_host)?,
+        Some(a) => build_hosts(a, (kind == DiscoveryType::StrictDns).then_some(c.dns_lookup_family), dns, &per_host)?,
         None => vec![],
     };
     let subsets = match &c.lb_subset_config {
@@ -451,7 +451,8 @@ fn build_cluster(
         max_connections,
         hosts: Arc::new(HostSet::new(hosts)),
         subsets,
-        stats: stats.cluster(&c.name),
+        // Envoy names a cluster's stats by `alt_stat_name` when it has one.
+        stats: stats.cluster(if c.alt_stat_name.is_empty() { &c.name } else { &c.alt_stat_name }),
         tls,
         tls_matches,
         health_check,
@@ -521,11 +522,29 @@ where
     }
 }
 
+/// The addresses of a DNS answer a STRICT_DNS cluster keeps, by its `dns_lookup_family`
+/// (Envoy's resolver asks for these families and uses what comes back).
+fn by_family(addrs: &[SocketAddr], family: i32) -> Vec<SocketAddr> {
+    use cluster::DnsLookupFamily as F;
+    let (v4, v6): (Vec<SocketAddr>, Vec<SocketAddr>) = addrs.iter().partition(|a| a.is_ipv4());
+    match F::try_from(family) {
+        Ok(F::V4Only) => v4,
+        Ok(F::V6Only) => v6,
+        Ok(F::V4Preferred) if v4.is_empty() => v6,
+        Ok(F::V4Preferred) => v4,
+        Ok(F::All) => addrs.to_vec(),
+        // AUTO, the default: IPv6 when the name has such addresses, else IPv4.
+        _ if v6.is_empty() => v4,
+        _ => v6,
+    }
+}
+
 /// The hosts of the lowest priority that has a healthy one (Envoy's priority levels,
-/// without spill-over between levels).
+/// without spill-over between levels). `strict_dns`: the cluster's `dns_lookup_family`
+/// when it is a STRICT_DNS cluster.
 fn build_hosts(
     a: &ClusterLoadAssignment,
-    strict_dns: bool,
+    strict_dns: Option<i32>,
     dns: &DnsAnswers,
     per_host: &PerHost<'_>,
 ) -> Result<Vec<Arc<Host>>, String> {
@@ -540,21 +559,26 @@ fn build_hosts(
                 Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
                 _ => return Err(format!("{}: only `endpoint` is supported", at())),
             };
-            // `auto_host_rewrite` sends the endpoint's `hostname`, or a STRICT_DNS name.
+            // `auto_host_rewrite` sends the endpoint's `hostname`, or what a STRICT_DNS
+            // endpoint resolves (Envoy's host name there is the address as written, an IP
+            // literal included).
             let mut hostname = Some(e.hostname.clone()).filter(|h| !h.is_empty());
             let addrs: Vec<HostAddr> =
                 match endpoint_address(e.address.as_ref()).map_err(|err| format!("{}: {err}", at()))? {
                     EndpointAddr::Pipe(path) => vec![HostAddr::Pipe(path.into())],
-                    EndpointAddr::Socket(host, port) => match host.parse::<IpAddr>() {
-                        Ok(ip) => vec![HostAddr::Ip(SocketAddr::new(ip, port))],
-                        Err(_) if strict_dns => {
+                    EndpointAddr::Socket(host, port) => {
+                        if strict_dns.is_some() {
                             hostname.get_or_insert_with(|| host.to_string());
-                            dns.get(&(host.to_string(), port))
-                                .map(|a| a.iter().copied().map(HostAddr::Ip).collect())
-                                .unwrap_or_default()
                         }
-                        Err(_) => return Err(format!("{}: `{host}` is not an IP address", at())),
-                    },
+                        match (host.parse::<IpAddr>(), strict_dns) {
+                            (Ok(ip), _) => vec![HostAddr::Ip(SocketAddr::new(ip, port))],
+                            (Err(_), Some(family)) => dns
+                                .get(&(host.to_string(), port))
+                                .map(|a| by_family(a, family).into_iter().map(HostAddr::Ip).collect())
+                                .unwrap_or_default(),
+                            (Err(_), None) => return Err(format!("{}: `{host}` is not an IP address", at())),
+                        }
+                    }
                 };
             // UNHEALTHY, DRAINING and TIMEOUT hosts take no traffic.
             let healthy = !matches!(ep.health_status, 2..=4);
@@ -666,4 +690,63 @@ fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> Duration {
 
 fn unsupported(set: bool, field: &str) -> Result<(), String> {
     if set { Err(format!("{field} is not supported")) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints};
+
+    fn assignment(hosts: &[(&str, u16)]) -> ClusterLoadAssignment {
+        let lb_endpoints = hosts
+            .iter()
+            .map(|(host, port)| LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: host.to_string(),
+                            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(*port))),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .collect();
+        ClusterLoadAssignment {
+            endpoints: vec![LocalityLbEndpoints { lb_endpoints, ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn strict_dns_hosts_follow_the_lookup_family_and_keep_their_name() {
+        use cluster::DnsLookupFamily as F;
+        let (v4, v6): (SocketAddr, SocketAddr) = ("127.0.0.1:80".parse().unwrap(), "[::1]:80".parse().unwrap());
+        let dns = DnsAnswers::from([(("localhost".to_string(), 80), vec![v4, v6])]);
+        let per_host = PerHost { tls_criteria: &[], health: None };
+        let a = assignment(&[("localhost", 80), ("127.0.0.2", 81)]);
+        let hosts = |family: F| -> Vec<(String, Option<String>)> {
+            build_hosts(&a, Some(family as i32), &dns, &per_host)
+                .unwrap()
+                .iter()
+                .map(|h| (h.addr.to_string(), h.hostname.clone()))
+                .collect()
+        };
+        let named = |addr: &str, name: &str| (addr.to_string(), Some(name.to_string()));
+        // An IP literal is a host of its own, named as written (Envoy's auto_host_rewrite
+        // sends it); a name gives one host per address of the family asked for.
+        assert_eq!(hosts(F::V4Only), [named("127.0.0.1:80", "localhost"), named("127.0.0.2:81", "127.0.0.2")]);
+        assert_eq!(hosts(F::V6Only), [named("[::1]:80", "localhost"), named("127.0.0.2:81", "127.0.0.2")]);
+        assert_eq!(hosts(F::Auto)[0], named("[::1]:80", "localhost"));
+        assert_eq!(hosts(F::V4Preferred)[0], named("127.0.0.1:80", "localhost"));
+        assert_eq!(hosts(F::All).len(), 3);
+        assert_eq!(by_family(&[v4], F::Auto as i32), [v4]);
+        assert_eq!(by_family(&[v6], F::V4Preferred as i32), [v6]);
+        assert_eq!(by_family(&[v6], F::V4Only as i32), []);
+        // Outside STRICT_DNS an IP endpoint has no name to send.
+        let static_hosts = build_hosts(&assignment(&[("127.0.0.2", 81)]), None, &dns, &per_host).unwrap();
+        assert_eq!(static_hosts[0].hostname, None);
+    }
 }
