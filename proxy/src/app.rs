@@ -20,10 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How often the xDS file is checked for changes.
 const FILE_POLL: Duration = Duration::from_millis(200);
+/// A file that fails to decode and was modified less than this long ago is taken to be
+/// still being written: it is read again, not rejected.
+const FILE_SETTLE: Duration = Duration::from_millis(1000);
 /// How often STRICT_DNS names are resolved again.
 const DNS_REFRESH: Duration = Duration::from_secs(5);
 
@@ -242,6 +245,13 @@ impl FileSource {
         Ok((resources, dns))
     }
 
+    /// Whether the file changed since it was read, or was modified within
+    /// [`FILE_SETTLE`]: a writer that rewrites it in place may not be done.
+    fn still_changing(&self) -> bool {
+        let now = Self::stamp(&self.path);
+        now != self.stamp || now.is_some_and(|(modified, _)| modified.elapsed().is_ok_and(|age| age < FILE_SETTLE))
+    }
+
     /// Re-applies the file when it changes, and when STRICT_DNS answers change. An
     /// invalid version is logged and counted; the previous one keeps serving.
     ///
@@ -266,6 +276,10 @@ impl FileSource {
                                 Ok(()) => (names, answers) = (new_names, dns),
                                 Err(e) => reject(&applier, &self.path, &e),
                             }
+                        }
+                        Err(e) if self.still_changing() => {
+                            debug!(file = %self.path.display(), error = %e, "the file is still being written; reading it again");
+                            self.stamp = None;
                         }
                         Err(e) => reject(&applier, &self.path, &e),
                     }

@@ -383,3 +383,22 @@ async fn connect_failures_retry_breakers_trip_and_idle_connections_close() {
     }
     assert_eq!((w["w1"], w["w2"]), (10, 30), "{w:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_in_place_in_slow_pieces_is_never_rejected() {
+    let s = setup(json!({})).await;
+    let text = std::fs::read_to_string(&s.file).unwrap().replace("\"version_info\": \"1\"", "\"version_info\": \"2\"");
+    assert!(text.contains("\"version_info\": \"2\""));
+    // An editor saving in place: truncate, then the content in pieces with pauses longer
+    // than dp's poll interval (pacing the writer, not synchronising with dp).
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&s.file).unwrap();
+    for piece in text.as_bytes().chunks(text.len() / 4 + 1) {
+        std::io::Write::write_all(&mut f, piece).unwrap();
+        std::io::Write::flush(&mut f).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    drop(f);
+    s.dp.wait_version("2");
+    assert_eq!(s.dp.stat("envoy_config_update_rejected"), 0, "a half-written file was reported as rejected");
+    assert_eq!(who(s.addr, Some(KRI_SNI)).await.as_deref(), Some("d"));
+}

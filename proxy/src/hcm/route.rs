@@ -388,7 +388,8 @@ fn string_or_regex(m: &envoy_types::pb::envoy::r#type::matcher::v3::StringMatche
 }
 
 /// Reads a `typed_per_filter_config`.
-pub type PerFilterFn<'a> = &'a dyn Fn(&HashMap<String, envoy_types::pb::google::protobuf::Any>) -> Result<PerRoute, String>;
+pub type PerFilterFn<'a> =
+    &'a dyn Fn(&HashMap<String, envoy_types::pb::google::protobuf::Any>) -> Result<PerRoute, String>;
 
 /// Everything a route table needs from the rest of the snapshot.
 pub struct Resolve<'a> {
