@@ -116,10 +116,8 @@ impl Admin {
                 let _ = writeln!(out, "{name}::{a}::cx_total::{}", h.total.load(Ordering::Relaxed));
                 let _ = writeln!(out, "{name}::{a}::cx_connect_fail::{}", h.connect_fail.load(Ordering::Relaxed));
                 let _ = writeln!(out, "{name}::{a}::weight::{}", h.weight);
-                // Envoy's flags: healthy, or why not.
-                let flags =
-                    if h.health.as_ref().is_some_and(|hh| !hh.passing()) { "/failed_active_hc" } else { "healthy" };
-                let _ = writeln!(out, "{name}::{a}::health_flags::{flags}");
+                let _ = writeln!(out, "{name}::{a}::priority::{}", h.priority);
+                let _ = writeln!(out, "{name}::{a}::health_flags::{}", health_flags(h));
             }
         }
         out
@@ -170,4 +168,21 @@ pub async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot bind the {what} to {addr}: {e}; choose another address or stop the process using it")
     })
+}
+
+/// Envoy's `health_flags` of a host: `healthy`, or each reason it takes no traffic.
+fn health_flags(h: &crate::snapshot::cluster::Host) -> String {
+    let mut flags = String::new();
+    if h.health.as_ref().is_some_and(|hh| !hh.passing()) {
+        flags.push_str("/failed_active_hc");
+    }
+    if let Some((d, m)) = &h.outlier
+        && m.ejected_until(&d.cfg(), std::time::Instant::now()).is_some()
+    {
+        flags.push_str("/failed_outlier_check");
+    }
+    if !h.healthy {
+        flags.push_str("/failed_eds_health");
+    }
+    if flags.is_empty() { "healthy".into() } else { flags }
 }

@@ -4,6 +4,7 @@
 use crate::copy::{self, BUF_SIZE, End, Transferred};
 use crate::drain::{ConnGuard, Drain};
 use crate::hcm::server::ConnInfo;
+use crate::outlier::Outcome;
 use crate::snapshot::chains::Offer;
 use crate::snapshot::cluster::{ClusterCfg, Host};
 use crate::snapshot::rbac::Subject;
@@ -430,7 +431,7 @@ async fn connect(
     let cs = &cluster.stats;
     let mut flag = Flag::NoHealthy;
     for attempt in 0..attempts {
-        let Some(host) = hosts.pick(cluster.lb, attempt).cloned() else {
+        let Some(host) = hosts.pick(cluster.lb, attempt) else {
             // Every host fails its health checks.
             if flag == Flag::NoHealthy {
                 cs.upstream_cx_none_healthy.inc();
@@ -448,23 +449,33 @@ async fn connect(
         flag = Flag::ConnectFail;
         cs.upstream_cx_total.inc();
         host.total.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(cluster.connect_timeout, host.addr.connect()).await {
+        let outcome = match tokio::time::timeout(cluster.connect_timeout, host.addr.connect()).await {
             Ok(Ok(s)) => {
                 let Some(ct) = tls else {
+                    host.record(Outcome::Connected);
                     return Ok((Upstream::Plain(s), host));
                 };
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect(s)).await {
-                    Ok(Ok(tls)) => return Ok((Upstream::Tls(Box::new(tls)), host)),
+                    Ok(Ok(tls)) => {
+                        host.record(Outcome::Connected);
+                        return Ok((Upstream::Tls(Box::new(tls)), host));
+                    }
                     Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, attempt, "upstream TLS handshake failed"),
                     Err(_) => debug!(upstream = %host.addr, attempt, "upstream TLS handshake timed out"),
                 }
+                Outcome::ConnectFailed
             }
-            Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, attempt, "upstream connect failed"),
+            Ok(Err(e)) => {
+                debug!(upstream = %host.addr, error = %e, attempt, "upstream connect failed");
+                Outcome::ConnectFailed
+            }
             Err(_) => {
                 cs.upstream_cx_connect_timeout.inc();
                 debug!(upstream = %host.addr, attempt, "upstream connect timed out");
+                Outcome::ConnectTimeout
             }
-        }
+        };
+        host.record(outcome);
         cs.upstream_cx_connect_fail.inc();
         host.connect_fail.fetch_add(1, Ordering::Relaxed);
     }

@@ -245,6 +245,7 @@ fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
                     Err(_) => stats.health_check_failure.inc(),
                 }
                 if let Some(healthy) = h.record(result.is_ok(), &cfg) {
+                    crate::snapshot::lb::availability_changed();
                     match result {
                         Ok(()) => tracing::info!(%cluster, host = %addr, healthy, "health check: host is healthy"),
                         Err(e) => tracing::warn!(%cluster, host = %addr, error = %e, "health check: host is unhealthy"),

@@ -17,6 +17,7 @@ pub mod health;
 pub mod listeners;
 pub mod match_api;
 pub mod matcher;
+pub mod outlier;
 pub mod resources;
 pub mod snapshot;
 pub mod splice;

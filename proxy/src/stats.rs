@@ -65,6 +65,14 @@ stat_struct!(ClusterStats {
     health_check_attempt: "counter",
     health_check_success: "counter",
     health_check_failure: "counter",
+    outlier_detection_ejections_active: "gauge",
+    outlier_detection_ejections_total: "counter",
+    outlier_detection_ejections_enforced_total: "counter",
+    outlier_detection_ejections_overflow: "counter",
+    outlier_detection_ejections_enforced_consecutive_5xx: "counter",
+    outlier_detection_ejections_detected_consecutive_5xx: "counter",
+    outlier_detection_ejections_enforced_consecutive_gateway_failure: "counter",
+    outlier_detection_ejections_detected_consecutive_gateway_failure: "counter",
 } http: std::sync::OnceLock<Box<UpstreamHttpStats>>);
 
 stat_struct!(TcpStats {
@@ -186,6 +194,8 @@ pub struct Registry {
     pub global: GlobalStats,
     /// Active health checking's verdict per host.
     pub health: crate::health::Checks,
+    /// Outlier detection per cluster.
+    pub outlier: crate::outlier::Detectors,
     listeners: Mutex<BTreeMap<String, Arc<ListenerStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,

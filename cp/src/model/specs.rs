@@ -172,6 +172,10 @@ pub struct MeshRouting {
     /// Cross-zone and external traffic leaves through the zone's ZoneEgresses.
     #[serde(default)]
     pub zone_egress: bool,
+    /// Endpoints in other zones get priority 1: used only when the local zone has none
+    /// healthy (Kuma 2.14's legacy locality awareness).
+    #[serde(default)]
+    pub locality_aware_load_balancing: bool,
 }
 
 /// An ExternalService: a service outside the mesh, reached by its tags.
@@ -323,6 +327,11 @@ impl MeshSpec {
     /// `routing.zoneEgress`.
     pub fn zone_egress(&self) -> bool {
         self.routing.as_ref().is_some_and(|r| r.zone_egress)
+    }
+
+    /// `routing.localityAwareLoadBalancing`.
+    pub fn locality_aware(&self) -> bool {
+        self.routing.as_ref().is_some_and(|r| r.locality_aware_load_balancing)
     }
 
     /// The enabled backend, when mTLS is on.

@@ -5,6 +5,7 @@ pub mod delta;
 pub mod dynconf;
 pub mod egress;
 pub mod generate;
+pub mod resilience;
 pub mod sidecar;
 pub mod sni;
 pub mod sotw;
@@ -327,6 +328,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let dataplanes = crate::lifecycle::serving_dataplanes(cp.store.as_ref(), Some(&id.mesh)).await.map_err(internal)?;
     let ingresses = cp.store.list(ResourceType::ZoneIngress, None).await.map_err(internal)?;
     let vips = crate::vips::load(cp.store.as_ref(), &id.mesh).await;
+    let circuit_breakers = cp.store.list(ResourceType::MeshCircuitBreaker, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -340,8 +342,10 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         workdir: &id.workdir,
         tls,
         zone_egress: mesh_spec.zone_egress(),
+        locality_aware: mesh_spec.locality_aware(),
         egresses: &egresses,
         external_services: &external_services,
+        circuit_breakers: &circuit_breakers,
     });
     snap.refresh_at = refresh_at;
     Ok(snap)

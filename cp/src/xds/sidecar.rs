@@ -85,10 +85,14 @@ pub struct SidecarInputs<'a> {
     pub tls: Option<SidecarTls>,
     /// The mesh's `routing.zoneEgress`.
     pub zone_egress: bool,
+    /// The mesh's `routing.localityAwareLoadBalancing`.
+    pub locality_aware: bool,
     /// `(address, port)` of the zone's online ZoneEgresses.
     pub egresses: &'a [(String, u32)],
     /// ExternalServices of the proxy's mesh.
     pub external_services: &'a [Resource],
+    /// MeshCircuitBreakers of the proxy's mesh.
+    pub circuit_breakers: &'a [Resource],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -374,7 +378,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             }
             continue;
         }
-        let c = Cluster {
+        let mut c = Cluster {
             name: svc.clone(),
             connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -385,10 +389,21 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             transport_socket: inputs.tls.as_ref().map(|_| tls_socket(upstream_tls(mesh, svc))),
             ..Default::default()
         };
+        if let Some(conf) = super::resilience::merged_conf(inputs.circuit_breakers, svc) {
+            super::resilience::apply(&mut c, &conf);
+        }
         let cluster_version = version_of(&format!("{c:?}"));
         push(&mut clusters, svc, c, "", |_| {});
         let eps = endpoints.get(svc).cloned().unwrap_or_default();
-        let cla = cla_proto(svc, &eps);
+        let mut cla = cla_proto(svc, &eps);
+        if inputs.locality_aware {
+            // Kuma's locality awareness: other zones' endpoints are the fallback level.
+            for l in &mut cla.endpoints {
+                if l.locality.as_ref().is_some_and(|z| z.zone != inputs.zone) {
+                    l.priority = 1;
+                }
+            }
+        }
         // The version includes the cluster's: a changed cluster needs its endpoints again.
         let v = version_of(&format!("{svc}|{eps:?}|{cluster_version}"));
         loads.push(Named { name: svc.clone(), version: v, any: pack_any(cla) });

@@ -24,6 +24,7 @@ use super::headers::{strip_envoy_headers, strip_hop_by_hop};
 use super::pool::{Body, BoxError, Proto, SendError};
 use super::route::{Forward, RequestView, Route, RouteAction, VirtualHost};
 use super::{Codec, HttpCfg};
+use crate::outlier::Outcome;
 use crate::snapshot::Target;
 use crate::snapshot::cluster::UpstreamHttp;
 use crate::snapshot::rbac::Subject;
@@ -418,7 +419,7 @@ async fn forward(
             }
             tokio::time::sleep(backoff).await;
         }
-        let Some(host) = target.hosts.pick(cluster.lb, attempt).cloned() else {
+        let Some(host) = target.hosts.pick(cluster.lb, attempt) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             last = Some((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream".into()));
             break;
@@ -480,6 +481,12 @@ async fn forward(
         };
         host.active.fetch_sub(1, Ordering::Relaxed);
         hs.upstream_rq_active.dec();
+        host.record(match &result {
+            None => Outcome::ConnectTimeout,
+            Some(Ok(res)) => Outcome::Status(res.status().as_u16()),
+            Some(Err(SendError::Connect(_))) => Outcome::ConnectFailed,
+            Some(Err(_)) => Outcome::Status(500),
+        });
         match result {
             None => {
                 // Dropping the request future closed that upstream request.

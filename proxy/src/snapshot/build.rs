@@ -6,10 +6,12 @@
 
 use super::chains::{ChainMatcher, Criteria};
 use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg, UpstreamHttp};
+use super::lb;
 use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
 use crate::hcm::{BuildCtx as HttpBuildCtx, HttpCfg};
 use crate::health::{CheckCfg, Checks, HostHealth};
+use crate::outlier::OutlierCfg;
 use crate::resources::{Encoded, Resources};
 use crate::stats::Registry;
 use crate::tls::{self as tls_cfg, Secrets, TlsError};
@@ -414,9 +416,10 @@ fn build_cluster(
     }
     let health_check = CheckCfg::from_cluster(&c.health_checks, &c.name)?.map(Arc::new);
     unsupported(!c.filters.is_empty(), "filters")?;
-    if c.outlier_detection.is_some() {
-        notes.push(format!("cluster `{}`: outlier_detection is not implemented; no host is ejected", c.name));
-    }
+    let outlier = match &c.outlier_detection {
+        Some(o) => Some(OutlierCfg::from_proto(o, notes, &c.name)?),
+        None => None,
+    };
     let assignment = match kind {
         DiscoveryType::Static | DiscoveryType::StrictDns => c.load_assignment.as_ref(),
         DiscoveryType::Eds => {
@@ -430,10 +433,28 @@ fn build_cluster(
         tls_criteria: &criteria,
         health: health_check.as_deref().map(|cfg| (&stats.health, c.name.as_str(), cfg)),
     };
-    let hosts = match assignment {
+    let mut hosts = match assignment {
         Some(a) => build_hosts(a, (kind == DiscoveryType::StrictDns).then_some(c.dns_lookup_family), dns, &per_host)?,
         None => vec![],
     };
+    // Envoy's name for the cluster's stats: `alt_stat_name` when it has one.
+    let cluster_stats = stats.cluster(if c.alt_stat_name.is_empty() { &c.name } else { &c.alt_stat_name });
+    if let Some(cfg) = outlier {
+        let detector = stats.outlier.cluster(&c.name, &cfg, &cluster_stats);
+        let addrs: Vec<HostAddr> = hosts.iter().map(|h| h.addr.clone()).collect();
+        for (h, m) in hosts.iter_mut().zip(detector.update(cfg, &addrs)) {
+            Arc::get_mut(h).expect("hosts are not shared yet").outlier = Some((detector.clone(), m));
+        }
+    }
+    let overprovisioning = assignment
+        .and_then(|a| a.policy.as_ref())
+        .and_then(|p| p.overprovisioning_factor)
+        .map_or(lb::DEFAULT_OVERPROVISIONING, |v| v.value);
+    let panic_threshold = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.healthy_panic_threshold.as_ref())
+        .map_or(lb::DEFAULT_PANIC_THRESHOLD, |p| p.value.clamp(0.0, 100.0) as u32);
     let subsets = match &c.lb_subset_config {
         None => None,
         Some(s) => Some(build_subsets(s)?),
@@ -449,10 +470,9 @@ fn build_cluster(
         connect_timeout: c.connect_timeout.as_ref().map_or(DEFAULT_CONNECT_TIMEOUT, duration),
         lb,
         max_connections,
-        hosts: Arc::new(HostSet::new(hosts)),
+        hosts: Arc::new(HostSet::new(hosts, overprovisioning, panic_threshold)),
         subsets,
-        // Envoy names a cluster's stats by `alt_stat_name` when it has one.
-        stats: stats.cluster(if c.alt_stat_name.is_empty() { &c.name } else { &c.alt_stat_name }),
+        stats: cluster_stats,
         tls,
         tls_matches,
         health_check,
@@ -539,9 +559,8 @@ fn by_family(addrs: &[SocketAddr], family: i32) -> Vec<SocketAddr> {
     }
 }
 
-/// The hosts of the lowest priority that has a healthy one (Envoy's priority levels,
-/// without spill-over between levels). `strict_dns`: the cluster's `dns_lookup_family`
-/// when it is a STRICT_DNS cluster.
+/// Every host of an assignment, with its priority. `strict_dns`: the cluster's
+/// `dns_lookup_family` when it is a STRICT_DNS cluster.
 fn build_hosts(
     a: &ClusterLoadAssignment,
     strict_dns: Option<i32>,
@@ -551,7 +570,7 @@ fn build_hosts(
     if let Some(p) = &a.policy {
         unsupported(!p.drop_overloads.is_empty(), "load_assignment.policy.drop_overloads")?;
     }
-    let mut by_priority: BTreeMap<u32, Vec<Arc<Host>>> = BTreeMap::new();
+    let mut hosts = vec![];
     for (i, le) in a.endpoints.iter().enumerate() {
         for (j, ep) in le.lb_endpoints.iter().enumerate() {
             let at = || format!("endpoints[{i}].lb_endpoints[{j}]");
@@ -586,7 +605,7 @@ fn build_hosts(
             let lb_metadata = lb_match(ep.metadata.as_ref());
             let tls_match = per_host.tls_match(ep.metadata.as_ref(), le.metadata.as_ref());
             for addr in addrs {
-                by_priority.entry(le.priority).or_default().push(Arc::new(Host {
+                hosts.push(Arc::new(Host {
                     health: per_host.health(&addr),
                     addr,
                     weight,
@@ -595,6 +614,8 @@ fn build_hosts(
                     tls_match,
                     hostname: hostname.clone(),
                     pool: Default::default(),
+                    priority: le.priority,
+                    outlier: None,
                     active: AtomicU64::new(0),
                     total: AtomicU64::new(0),
                     connect_fail: AtomicU64::new(0),
@@ -602,8 +623,7 @@ fn build_hosts(
             }
         }
     }
-    let first_healthy = by_priority.values().position(|hs| hs.iter().any(|h| h.healthy && h.weight > 0));
-    Ok(by_priority.into_values().nth(first_healthy.unwrap_or(0)).unwrap_or_default())
+    Ok(hosts)
 }
 
 fn build_subsets(s: &cluster::LbSubsetConfig) -> Result<SubsetCfg, String> {

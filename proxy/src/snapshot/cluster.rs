@@ -1,12 +1,16 @@
 //! Upstream clusters: hosts, load balancing and subsets, as resolved at build time.
 
 use crate::health::{CheckCfg, HostHealth};
+use crate::outlier::{Detector, Monitor, Outcome};
 use crate::stats::ClusterStats;
 use crate::tls::ClientTls;
 use crate::upstream::HostAddr;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+pub use super::lb::HostSet;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,19 +71,34 @@ pub struct Host {
     pub hostname: Option<String>,
     /// Upstream HTTP connections to this host.
     pub pool: crate::hcm::pool::HostPool,
+    /// The EDS priority of the host's locality (0 is the highest).
+    pub priority: u32,
+    /// Outlier detection's view of the host, when its cluster has it.
+    pub outlier: Option<(Arc<Detector>, Arc<Monitor>)>,
     pub active: AtomicU64,
     pub total: AtomicU64,
     pub connect_fail: AtomicU64,
 }
 
-/// The hosts one route balances over. Hosts EDS calls unhealthy are excluded at build
-/// time; hosts failing active health checks are skipped when picking.
-#[derive(Debug, Default)]
-pub struct HostSet {
-    pub hosts: Vec<Arc<Host>>,
-    /// Cumulative weights when weights differ; empty when all are equal.
-    cumulative: Vec<u64>,
-    next: AtomicUsize,
+impl Host {
+    /// Whether the host may take traffic now: healthy as EDS says, passing its active
+    /// health checks, and not ejected. `Err(Some(t))`: ejected until `t`.
+    pub fn available(&self, now: Instant) -> Result<(), Option<Instant>> {
+        if !self.healthy || self.health.as_ref().is_some_and(|h| !h.passing()) {
+            return Err(None);
+        }
+        match &self.outlier {
+            Some((d, m)) => m.ejected_until(&d.cfg(), now).map_or(Ok(()), |t| Err(Some(t))),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells outlier detection how a connection or request to this host ended.
+    pub fn record(&self, outcome: Outcome) {
+        if let Some((d, m)) = &self.outlier {
+            d.record(m, &self.addr, outcome);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,74 +114,6 @@ pub struct SubsetCfg {
     pub default_subset: BTreeMap<String, String>,
     /// Key sets a metadata match may use, each with its own fallback.
     pub selectors: Vec<(Vec<String>, Fallback)>,
-}
-
-impl HostSet {
-    pub fn new(hosts: Vec<Arc<Host>>) -> Self {
-        let healthy: Vec<Arc<Host>> = hosts.into_iter().filter(|h| h.healthy && h.weight > 0).collect();
-        let uniform = healthy.windows(2).all(|w| w[0].weight == w[1].weight);
-        let cumulative = if uniform {
-            vec![]
-        } else {
-            healthy
-                .iter()
-                .scan(0u64, |acc, h| {
-                    *acc += u64::from(h.weight);
-                    Some(*acc)
-                })
-                .collect()
-        };
-        HostSet { hosts: healthy, cumulative, next: AtomicUsize::new(0) }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty()
-    }
-
-    /// Picks a host. `attempt` > 0 on retries so a retry moves on to another host.
-    /// A host failing its health checks is passed over for the next one that passes.
-    pub fn pick(&self, lb: LbPolicy, attempt: u32) -> Option<&Arc<Host>> {
-        let n = self.hosts.len();
-        let i = self.choose(lb, attempt)?;
-        (0..n).map(|k| &self.hosts[(i + k) % n]).find(|h| h.health.as_ref().is_none_or(|h| h.passing()))
-    }
-
-    fn choose(&self, lb: LbPolicy, attempt: u32) -> Option<usize> {
-        match self.hosts.len() {
-            0 => return None,
-            1 => return Some(0),
-            _ => {}
-        }
-        let i = match lb {
-            LbPolicy::RoundRobin => {
-                let tick = self.next.fetch_add(1, Ordering::Relaxed);
-                self.by_tick(tick)
-            }
-            LbPolicy::Random => self.by_tick(random() as usize + attempt as usize),
-            LbPolicy::LeastRequest => {
-                // Power of two choices, weighted by the hosts' weights.
-                let r = random();
-                let a = self.by_tick(r as usize);
-                let b = self.by_tick((r >> 32) as usize);
-                let load = |i: usize| {
-                    let h = &self.hosts[i];
-                    (h.active.load(Ordering::Relaxed) + 1) * 1_000_000 / u64::from(h.weight.max(1))
-                };
-                if load(b) < load(a) { b } else { a }
-            }
-        };
-        Some(i)
-    }
-
-    fn by_tick(&self, tick: usize) -> usize {
-        match self.cumulative.last() {
-            None => tick % self.hosts.len(),
-            Some(&total) => {
-                let point = (tick as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % total;
-                self.cumulative.partition_point(|&c| c <= point)
-            }
-        }
-    }
 }
 
 impl ClusterCfg {
@@ -184,7 +135,7 @@ impl ClusterCfg {
                 .filter(|h| want.iter().all(|(k, v)| h.lb_metadata.get(k) == Some(v)))
                 .cloned()
                 .collect();
-            Arc::new(HostSet::new(hosts))
+            Arc::new(self.hosts.with_hosts(hosts))
         };
         let fallback = |f: Fallback| match f {
             Fallback::NoFallback => Arc::new(HostSet::default()),
@@ -205,28 +156,14 @@ impl ClusterCfg {
     }
 }
 
-/// A fast non-cryptographic random number (per-thread xorshift), for load balancing.
-fn random() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            (t.as_nanos() as u64) | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        x
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn host_set(hosts: Vec<Arc<Host>>) -> HostSet {
+        HostSet::new(hosts, 140, 50)
+    }
 
     fn host(port: u16, weight: u32, md: &[(&str, &str)]) -> Arc<Host> {
         Arc::new(Host {
@@ -238,6 +175,8 @@ mod tests {
             health: None,
             hostname: None,
             pool: Default::default(),
+            priority: 0,
+            outlier: None,
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             connect_fail: AtomicU64::new(0),
@@ -254,10 +193,10 @@ mod tests {
 
     #[test]
     fn round_robin_alternates_and_weights_hold() {
-        let set = HostSet::new(vec![host(1, 1, &[]), host(2, 1, &[])]);
+        let set = host_set(vec![host(1, 1, &[]), host(2, 1, &[])]);
         let picks: Vec<u16> = (0..4).map(|_| set.pick(LbPolicy::RoundRobin, 0).unwrap().addr.port()).collect();
         assert_eq!(picks, [1, 2, 1, 2]);
-        let set = HostSet::new(vec![host(1, 1, &[]), host(2, 3, &[])]);
+        let set = host_set(vec![host(1, 1, &[]), host(2, 3, &[])]);
         let c = count(&set, LbPolicy::RoundRobin, 4000);
         assert!((900..1100).contains(&c[&1]), "{c:?}");
         let c = count(&set, LbPolicy::Random, 4000);
@@ -266,7 +205,7 @@ mod tests {
 
     #[test]
     fn least_request_prefers_idle_hosts() {
-        let set = HostSet::new(vec![host(1, 1, &[]), host(2, 1, &[])]);
+        let set = host_set(vec![host(1, 1, &[]), host(2, 1, &[])]);
         set.hosts[0].active.store(100, Ordering::Relaxed);
         let c = count(&set, LbPolicy::LeastRequest, 1000);
         assert!(c.get(&1).copied().unwrap_or(0) < 350, "{c:?}");
@@ -276,13 +215,13 @@ mod tests {
     fn unhealthy_and_zero_weight_hosts_are_skipped() {
         let mut h = Arc::try_unwrap(host(1, 1, &[])).unwrap();
         h.healthy = false;
-        let set = HostSet::new(vec![Arc::new(h), host(2, 0, &[]), host(3, 1, &[])]);
+        let set = host_set(vec![Arc::new(h), host(2, 0, &[]), host(3, 1, &[])]);
         assert_eq!(count(&set, LbPolicy::RoundRobin, 10).keys().copied().collect::<Vec<_>>(), [3]);
     }
 
     #[test]
     fn subsets_follow_selectors_and_fallbacks() {
-        let all = Arc::new(HostSet::new(vec![
+        let all = Arc::new(host_set(vec![
             host(1, 1, &[("version", "v1"), ("region", "eu")]),
             host(2, 1, &[("version", "v2"), ("region", "us")]),
         ]));

@@ -9,6 +9,7 @@ pub mod chains;
 pub mod cluster;
 pub mod dns;
 pub mod dynconf;
+pub mod lb;
 pub mod rbac;
 
 pub(crate) use build::lb_match as lb_match_of;

@@ -1,0 +1,165 @@
+//! MeshCircuitBreaker on a sidecar's outbound clusters, as Kuma 2.14's plugin writes it:
+//! `connectionLimits` as the cluster's default-priority thresholds, `outlierDetection`
+//! as Envoy's, detectors without a `consecutive` not enforced, and
+//! `healthyPanicThreshold` as the cluster's panic threshold.
+//!
+//! Policies that apply to the whole mesh (`targetRef.kind: Mesh`) are read; their `to`
+//! entries for the mesh and then for the outbound's service are merged in that order,
+//! later fields winning, as Kuma orders targetRefs by specificity. Other top-level
+//! targetRefs are not matched yet (said once per policy in the log).
+
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, OutlierDetection, circuit_breakers};
+use envoy_types::pb::envoy::config::core::v3::RoutingPriority;
+use envoy_types::pb::envoy::r#type::v3::Percent;
+use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use kuma_model::duration::parse_duration;
+use serde_json::{Map, Value};
+
+use crate::model::Resource;
+
+/// The merged `default` of every MeshCircuitBreaker `to` entry that selects `service`.
+pub fn merged_conf(policies: &[Resource], service: &str) -> Option<Map<String, Value>> {
+    let mut sorted: Vec<(&Resource, Value)> =
+        policies.iter().filter_map(|r| Some((r, r.typed::<Value>().ok()?))).collect();
+    sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let mut mesh_level = vec![];
+    let mut service_level = vec![];
+    for (r, spec) in &sorted {
+        match spec["targetRef"]["kind"].as_str() {
+            None | Some("Mesh") => {}
+            Some(other) => {
+                tracing::debug!(policy = %r.name, kind = other, "MeshCircuitBreaker: only targetRef.kind Mesh is matched");
+                continue;
+            }
+        }
+        for to in spec["to"].as_array().into_iter().flatten() {
+            let t = &to["targetRef"];
+            match t["kind"].as_str() {
+                Some("Mesh") => mesh_level.push(&to["default"]),
+                Some("MeshService") if t["name"].as_str() == Some(service) => service_level.push(&to["default"]),
+                _ => {}
+            }
+        }
+    }
+    let mut out: Option<Map<String, Value>> = None;
+    for d in mesh_level.into_iter().chain(service_level) {
+        if let Value::Object(d) = d {
+            merge(out.get_or_insert_with(Map::new), d);
+        }
+    }
+    out
+}
+
+/// Deep merge: objects field by field, anything else replaced.
+fn merge(into: &mut Map<String, Value>, from: &Map<String, Value>) {
+    for (k, v) in from {
+        match (into.get_mut(k), v) {
+            (Some(Value::Object(a)), Value::Object(b)) => merge(a, b),
+            _ => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Applies the merged conf to an outbound cluster.
+pub fn apply(cluster: &mut Cluster, conf: &Map<String, Value>) {
+    let u32_of = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).map(|value| UInt32Value { value });
+    if let Some(limits) = conf.get("connectionLimits") {
+        let t = circuit_breakers::Thresholds {
+            priority: RoutingPriority::Default as i32,
+            max_connections: u32_of(&limits["maxConnections"]),
+            max_pending_requests: u32_of(&limits["maxPendingRequests"]),
+            max_requests: u32_of(&limits["maxRequests"]),
+            max_retries: u32_of(&limits["maxRetries"]),
+            max_connection_pools: u32_of(&limits["maxConnectionPools"]),
+            ..Default::default()
+        };
+        cluster.circuit_breakers = Some(CircuitBreakers { thresholds: vec![t], ..Default::default() });
+    }
+    let Some(od) = conf.get("outlierDetection") else { return };
+    if od["disabled"].as_bool() == Some(true) {
+        return;
+    }
+    let duration = |v: &Value| {
+        let d = parse_duration(v.as_str()?).ok()?;
+        Some(Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 })
+    };
+    let det = &od["detectors"];
+    // A detector without `consecutive` is not enforced (Kuma sets enforcing to 0).
+    let consecutive = |name: &str| u32_of(&det[name]["consecutive"]);
+    let enforcing = |on: bool| Some(UInt32Value { value: if on { 100 } else { 0 } });
+    let total = consecutive("totalFailures");
+    let gateway = consecutive("gatewayFailures");
+    let local = consecutive("localOriginFailures");
+    cluster.outlier_detection = Some(OutlierDetection {
+        interval: duration(&od["interval"]),
+        base_ejection_time: duration(&od["baseEjectionTime"]),
+        max_ejection_percent: u32_of(&od["maxEjectionPercent"]),
+        split_external_local_origin_errors: od["splitExternalAndLocalErrors"].as_bool().unwrap_or(false),
+        enforcing_consecutive_5xx: enforcing(total.is_some()),
+        consecutive_5xx: total,
+        enforcing_consecutive_gateway_failure: enforcing(gateway.is_some()),
+        consecutive_gateway_failure: gateway,
+        enforcing_consecutive_local_origin_failure: enforcing(local.is_some()),
+        consecutive_local_origin_failure: local,
+        enforcing_success_rate: enforcing(det.get("successRate").is_some()),
+        enforcing_local_origin_success_rate: enforcing(det.get("successRate").is_some()),
+        enforcing_failure_percentage: enforcing(det.get("failurePercentage").is_some()),
+        enforcing_failure_percentage_local_origin: enforcing(det.get("failurePercentage").is_some()),
+        ..Default::default()
+    });
+    let panic = match &od["healthyPanicThreshold"] {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim_end_matches('%').parse().ok(),
+        _ => None,
+    };
+    if let Some(value) = panic {
+        cluster.common_lb_config.get_or_insert_with(Default::default).healthy_panic_threshold = Some(Percent { value });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ResourceType;
+    use serde_json::json;
+
+    fn policy(name: &str, spec: Value) -> Resource {
+        let mut r = Resource::new(ResourceType::MeshCircuitBreaker, "default", name);
+        r.spec = spec.as_object().unwrap().clone();
+        r
+    }
+
+    #[test]
+    fn mesh_then_service_entries_merge_and_map_to_envoy() {
+        let p = [
+            policy(
+                "all",
+                json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "Mesh"}, "default": {
+                "connectionLimits": {"maxConnections": 1024, "maxRequests": 1024},
+                "outlierDetection": {"interval": "5s", "baseEjectionTime": "30s",
+                    "detectors": {"totalFailures": {"consecutive": 10}}}}}]}),
+            ),
+            policy(
+                "echo",
+                json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "MeshService", "name": "echo"},
+                "default": {"outlierDetection": {"maxEjectionPercent": 100, "healthyPanicThreshold": 0,
+                    "detectors": {"totalFailures": {"consecutive": 3}}}}}]}),
+            ),
+        ];
+        let conf = merged_conf(&p, "echo").unwrap();
+        let mut c = Cluster::default();
+        apply(&mut c, &conf);
+        let od = c.outlier_detection.unwrap();
+        assert_eq!(od.consecutive_5xx.unwrap().value, 3, "the service entry wins");
+        assert_eq!(od.interval.unwrap().seconds, 5, "the mesh entry's interval stays");
+        assert_eq!(od.max_ejection_percent.unwrap().value, 100);
+        assert_eq!(od.enforcing_consecutive_gateway_failure.unwrap().value, 0);
+        assert_eq!(c.circuit_breakers.unwrap().thresholds[0].max_connections.unwrap().value, 1024);
+        assert_eq!(c.common_lb_config.unwrap().healthy_panic_threshold.unwrap().value, 0.0);
+        let other = merged_conf(&p, "web").unwrap();
+        assert_eq!(other["outlierDetection"]["detectors"]["totalFailures"]["consecutive"], 10);
+        assert!(merged_conf(&[], "echo").is_none());
+    }
+}
