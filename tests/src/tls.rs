@@ -116,6 +116,18 @@ impl MeshCa {
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
     }
+
+    /// A leaf with these SANs (several SPIFFE IDs, DNS names, IP addresses), usable as
+    /// client and server certificate.
+    pub fn leaf(&self, sans: Vec<rcgen::SanType>) -> Identity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
 }
 
 /// A client verifier that accepts any server certificate (signatures still checked):

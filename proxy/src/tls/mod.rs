@@ -144,7 +144,17 @@ pub struct ClientTls {
     pub sni: Option<String>,
     /// None when `max_session_keys` is 0 (no resumption).
     sessions: Option<Arc<Sessions>>,
+    /// The context sets `alpn_protocols`: they are offered, and no fallback.
+    alpn_configured: bool,
 }
+
+/// ALPN an HTTP connection pool offers, in wire form, when the cluster's
+/// `UpstreamTlsContext` configures none: Envoy's pools pass their protocol as the ALPN
+/// fallback (`http/1.1` for HTTP/1.1, `h2` for HTTP/2), so a TLS server that picks its
+/// protocol by ALPN (Go, nginx, gRPC servers) speaks the one the pool will use.
+pub const ALPN_HTTP11: &[u8] = b"\x08http/1.1";
+/// See [`ALPN_HTTP11`].
+pub const ALPN_H2: &[u8] = b"\x02h2";
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,11 +163,26 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
-    /// The client side of a handshake on `stream`.
+    /// The client side of a handshake on `stream`, offering the configured
+    /// `alpn_protocols` if any (what `tcp_proxy` does: Envoy adds no fallback there).
     pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) -> Result<TlsStream<S>, String> {
+        self.connect_with_alpn_fallback(stream, &[]).await
+    }
+
+    /// [`connect`](Self::connect) for a connection pool of a known protocol: when the
+    /// context configures no `alpn_protocols`, it offers `fallback` (a wire-form list such
+    /// as [`ALPN_H2`]). Envoy's precedence: configured ALPN first, then the fallback.
+    pub async fn connect_with_alpn_fallback<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        fallback: &[u8],
+    ) -> Result<TlsStream<S>, String> {
         let mut ssl = Ssl::new(&self.context).map_err(|e| e.to_string())?;
         if let Some(sni) = &self.sni {
             ssl.set_hostname(sni).map_err(|e| e.to_string())?;
+        }
+        if !self.alpn_configured && !fallback.is_empty() {
+            ssl.set_alpn_protos(fallback).map_err(|e| format!("ALPN fallback: {e}"))?;
         }
         if let Some(session) = self.sessions.as_ref().and_then(|s| s.take()) {
             #[allow(unsafe_code)]
@@ -491,7 +516,7 @@ pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientT
         b.set_new_session_callback(move |_, session| store.push(session));
     }
     let sni = (!ctx.sni.is_empty()).then(|| ctx.sni.clone());
-    Ok(ClientTls { context: b.build(), sni, sessions })
+    Ok(ClientTls { context: b.build(), sni, sessions, alpn_configured: !common.alpn_protocols.is_empty() })
 }
 
 #[cfg(test)]
@@ -529,5 +554,70 @@ mod tests {
         assert_eq!(alpn_wire(&["kuma".into(), "h2".into()]).unwrap(), b"\x04kuma\x02h2");
         assert_eq!(select_alpn(&["kuma".into()], b"\x02h2\x04kuma"), Some(&b"kuma"[..]));
         assert_eq!(select_alpn(&["kuma".into()], b"\x02h2\x09"), None);
+    }
+
+    fn inline(pem: String) -> Option<DataSource> {
+        Some(DataSource { specifier: Some(data_source::Specifier::InlineString(pem)), ..Default::default() })
+    }
+
+    /// The ALPN a client context offers, as a server accepting h2, http/1.1 and kuma sees
+    /// it: what it negotiates with each of them.
+    #[tokio::test]
+    async fn http_pools_offer_their_protocol_as_alpn_unless_the_context_configures_one() {
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext;
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "external CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["external.test".to_string()]).unwrap();
+        let leaf = leaf.signed_by(&key, &issuer).unwrap();
+        let alpn = |list: &[&str]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let srv = server(
+            &DownstreamTlsContext {
+                common_tls_context: Some(CommonTlsContext {
+                    tls_certificates: vec![TlsCertificate {
+                        certificate_chain: inline(leaf.pem()),
+                        private_key: inline(key.serialize_pem()),
+                        ..Default::default()
+                    }],
+                    alpn_protocols: alpn(&["h2", "http/1.1", "kuma"]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &Secrets::new(),
+        )
+        .unwrap();
+        let client_with = |protocols: &[&str]| {
+            let ctx = UpstreamTlsContext {
+                sni: "external.test".into(),
+                common_tls_context: Some(CommonTlsContext {
+                    validation_context_type: Some(ValidationContextType::ValidationContext(
+                        CertificateValidationContext { trusted_ca: inline(ca_cert.pem()), ..Default::default() },
+                    )),
+                    alpn_protocols: alpn(protocols),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            client(&ctx, &Secrets::new()).unwrap()
+        };
+        let negotiated = async |c: &ClientTls, fallback: &[u8]| -> Option<String> {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let (accepted, connected) = tokio::join!(srv.accept(a), c.connect_with_alpn_fallback(b, fallback));
+            accepted.unwrap();
+            connected.unwrap().ssl().selected_alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned())
+        };
+        let plain = client_with(&[]);
+        assert_eq!(negotiated(&plain, ALPN_H2).await.as_deref(), Some("h2"));
+        assert_eq!(negotiated(&plain, ALPN_HTTP11).await.as_deref(), Some("http/1.1"));
+        // tcp_proxy: no fallback, no ALPN.
+        assert_eq!(negotiated(&plain, &[]).await, None);
+        // Configured ALPN wins over the pool's fallback, as in Envoy.
+        let kuma = client_with(&["kuma"]);
+        assert_eq!(negotiated(&kuma, ALPN_H2).await.as_deref(), Some("kuma"));
     }
 }
