@@ -51,8 +51,18 @@ where
     F: Fn(Request<Incoming>) -> Resp + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
+    let mut errors = crate::accept::AcceptErrors::new(format!("admin-style listener {:?}", listener.local_addr().ok()));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                errors.accepted();
+                stream
+            }
+            Err(e) => {
+                errors.failed(&e, None).await;
+                continue;
+            }
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {

@@ -115,14 +115,33 @@ fn release_freed_memory() {
     }
 }
 
+/// Where the configuration comes from, read and checked. One value per process: the
+/// variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    File(FileSource, Resources, DnsAnswers),
+    Cp(crate::cp_inputs::CpInputs),
+}
+
 pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     let stats = Arc::new(Registry::default());
     stats.global.server_live.set(1);
     let drain = Drain::new();
     let ctx = Ctx::new(stats, drain.clone());
+    ctx.max_connections.store(args.global_downstream_max_connections, std::sync::atomic::Ordering::Relaxed);
     let listeners = Arc::new(Mutex::new(Listeners::default()));
     let quit = Arc::new(Notify::new());
 
+    // Every input is read and checked before anything is bound: a bad token or file is
+    // reported as such, not hidden behind a busy port.
+    let source = match args.xds_file.clone() {
+        Some(path) => {
+            let mut source = FileSource::new(path);
+            let (resources, dns) = source.load().await.map_err(anyhow::Error::msg)?;
+            Source::File(source, resources, dns)
+        }
+        None => Source::Cp(crate::cp_inputs::CpInputs::from_args(&args).map_err(anyhow::Error::msg)?),
+    };
     let admin_listener = admin::bind("admin API", args.admin_address).await?;
     let admin_addr = admin_listener.local_addr()?;
     if let Some(p) = &args.admin_address_path {
@@ -147,17 +166,15 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         dns_enabled: args.dns_enabled,
         dns_proxy,
     };
-    match args.xds_file.clone() {
-        Some(path) => {
-            let mut source = FileSource::new(path);
-            let (resources, dns) = source.load().await.map_err(anyhow::Error::msg)?;
+    match source {
+        Source::File(source, resources, dns) => {
             let names = snapshot::dns_names(&resources);
             applier.apply(resources, &dns).map_err(|e| anyhow::anyhow!("--xds-file {}: {e}", source.path.display()))?;
             tokio::spawn(ready_when(drain.clone(), dns_configured, async { info!("configuration file applied") }));
             tokio::spawn(async move { source.watch(applier, names, dns).await });
         }
-        None => {
-            let mut status = crate::control::start(&args, applier).await?;
+        Source::Cp(inputs) => {
+            let mut status = crate::control::start(&args, inputs, applier).await?;
             // Ready once every subscribed type (secrets included, so TLS routes are not
             // still waiting) has been accepted at least once.
             let applied = async move {
@@ -183,6 +200,9 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         left = drain.wait(args.drain_time) => {
             if left > 0 {
                 warn!(connections = left, "drain time is over; closing the remaining connections");
+                // Each cut connection writes its access-log line (flag DRAIN) as it goes.
+                drain.cut();
+                let _ = drain.wait(Duration::from_secs(1)).await;
             } else {
                 info!("all connections finished");
             }

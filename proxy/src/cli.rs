@@ -122,6 +122,12 @@ pub struct RunArgs {
     /// proxying [env: KUMA_DATAPLANE_RUNTIME_BIND_OUTBOUNDS]
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
     pub bind_outbounds: bool,
+    /// Most downstream connections at once over every listener; the ones above are closed
+    /// and counted as `downstream_global_cx_overflow` (Envoy's overload manager
+    /// `global_downstream_max_connections`). 0: no limit
+    /// [env: KUMA_DATAPLANE_RUNTIME_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS]
+    #[arg(long, default_value_t = 0)]
+    pub global_downstream_max_connections: u64,
 }
 
 impl RunArgs {
@@ -172,6 +178,12 @@ impl RunArgs {
         parsed!(self.retry_max_duration, "KUMA_CONTROL_PLANE_RETRY_MAX_DURATION", parse_duration, "a duration like 5m");
         string!(self.xds_variant, "KUMA_DATAPLANE_RUNTIME_ENVOY_XDS_TRANSPORT_PROTOCOL_VARIANT");
         parsed!(self.bind_outbounds, "KUMA_DATAPLANE_RUNTIME_BIND_OUTBOUNDS", parse_bool, "true or false");
+        parsed!(
+            self.global_downstream_max_connections,
+            "KUMA_DATAPLANE_RUNTIME_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS",
+            str::parse::<u64>,
+            "a number"
+        );
         Ok(())
     }
 

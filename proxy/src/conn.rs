@@ -31,12 +31,21 @@ pub struct Ctx {
     pub routes: ArcSwap<Snapshot>,
     pub stats: Arc<Registry>,
     pub drain: Arc<Drain>,
+    /// Most downstream connections at once over every listener (0: no limit), Envoy's
+    /// `global_downstream_max_connections`.
+    pub max_connections: AtomicU64,
     next_id: AtomicU64,
 }
 
 impl Ctx {
     pub fn new(stats: Arc<Registry>, drain: Arc<Drain>) -> Arc<Self> {
-        Arc::new(Ctx { routes: ArcSwap::from_pointee(Snapshot::default()), stats, drain, next_id: AtomicU64::new(0) })
+        Arc::new(Ctx {
+            routes: ArcSwap::from_pointee(Snapshot::default()),
+            stats,
+            drain,
+            max_connections: AtomicU64::new(0),
+            next_id: AtomicU64::new(0),
+        })
     }
 }
 
@@ -64,6 +73,12 @@ enum Flag {
     TlsPending,
     /// The chain's RBAC filter refused the connection.
     RbacDenied,
+    /// The chain's `connection_limit` is reached.
+    Limited,
+    /// Cut when the drain time ran out.
+    DrainTimeout,
+    /// Ended by a bug (a panic in its task).
+    Internal,
 }
 
 /// Longest a TLS handshake may take, either side.
@@ -83,6 +98,9 @@ impl Flag {
             Flag::DownstreamTls => "DTLS",
             Flag::TlsPending => "TLS_PENDING",
             Flag::RbacDenied => "RBAC",
+            Flag::Limited => "LIMIT",
+            Flag::DrainTimeout => "DRAIN",
+            Flag::Internal => "INTERNAL",
         }
     }
 }
@@ -107,6 +125,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     let started = Instant::now();
     let snap = ctx.routes.load_full();
     let Some(lst) = snap.listeners.get(&*listener).cloned() else {
+        debug!(%listener, %peer, "the listener was removed before the connection was served; closing it");
         return;
     };
     let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
@@ -123,8 +142,21 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     if let Some(sni) = sni {
         tracing::Span::current().record("sni", sni);
     }
-    let mut log =
-        AccessLog { id, listener: &lst.name, peer, sni, cluster: "", upstream: None, peer_identity: None, started };
+    // From here on the record counts the connection's end and writes its access-log line
+    // exactly once, whichever way it ends (a panic, or being cut at drain timeout, too).
+    let mut log = AccessLog {
+        id,
+        listener: &lst.name,
+        peer,
+        sni,
+        cluster: "",
+        upstream: None,
+        peer_identity: None,
+        started,
+        ended: None,
+        destroy: &lst.stats.downstream_cx_destroy,
+        drain: &ctx.drain,
+    };
     if flag != Flag::Done {
         lst.stats.downstream_listener_filter_error.inc();
         return log.finish(flag, Transferred::default());
@@ -144,6 +176,11 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     let Some(chain) = lst.select(&offer) else {
         lst.stats.no_filter_chain_match.inc();
         return log.finish(Flag::NoRoute, Transferred::default());
+    };
+    let _permit = match chain.limit.as_ref().map(|l| l.admit()) {
+        Some(None) => return log.finish(Flag::Limited, Transferred::default()),
+        Some(Some(p)) => Some(p),
+        None => None,
     };
     let http = matches!(chain.action, Action::Http(_));
     // The local address only when an RBAC filter (or HTTP) may look at it.
@@ -234,7 +271,6 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
             }
         },
     }
-    lst.stats.downstream_cx_destroy.inc();
 }
 
 /// The chain's RBAC decision (true without a filter). `cert`: the verified client
@@ -482,7 +518,8 @@ async fn connect(
     Err(flag)
 }
 
-/// The one access-log line a connection writes when it ends.
+/// The one access-log line a connection writes, and the count of its end: written
+/// when the record drops, so every exit path writes exactly one.
 struct AccessLog<'a> {
     id: u64,
     listener: &'a str,
@@ -493,10 +530,29 @@ struct AccessLog<'a> {
     /// The client certificate's first URI SAN (its SPIFFE ID) when TLS was terminated.
     peer_identity: Option<String>,
     started: Instant,
+    /// How the connection ended, once it has.
+    ended: Option<(Flag, Transferred)>,
+    /// The listener's `downstream_cx_destroy`.
+    destroy: &'a Counter,
+    drain: &'a Drain,
 }
 
 impl AccessLog<'_> {
-    fn finish(&self, flag: Flag, t: Transferred) {
+    /// Records how the connection ended; the line is written when the record drops.
+    fn finish(&mut self, flag: Flag, t: Transferred) {
+        self.ended = Some((flag, t));
+    }
+}
+
+impl Drop for AccessLog<'_> {
+    fn drop(&mut self) {
+        self.destroy.inc();
+        let (flag, t) = match self.ended.take() {
+            Some(e) => e,
+            // Dropped before it ended: cut when the drain time ran out, or a panic.
+            None if self.drain.cut_off() => (Flag::DrainTimeout, Transferred::default()),
+            None => (Flag::Internal, Transferred::default()),
+        };
         info!(
             target: "access",
             id = self.id,

@@ -26,9 +26,9 @@ pub fn type_urls() -> Vec<String> {
 /// client runs; readiness is set by the caller when the first state is applied.
 pub async fn start(
     args: &RunArgs,
+    inputs: CpInputs,
     applier: Applier,
 ) -> anyhow::Result<tokio::sync::watch::Receiver<xds_client::Status>> {
-    let inputs = CpInputs::from_args(args).map_err(anyhow::Error::msg)?;
     let ca_pem = match &inputs.trust {
         bootstrap::Trust::Ca(pem) => String::from_utf8_lossy(pem).into_owned(),
         _ => String::new(),

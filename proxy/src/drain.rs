@@ -19,6 +19,8 @@ pub struct Drain {
     active: AtomicUsize,
     idle: Notify,
     stop_tx: watch::Sender<bool>,
+    /// Set when the drain time ran out: live connections are cut.
+    cut_tx: watch::Sender<bool>,
 }
 
 /// Held by each live connection; dropping it lets the drain finish sooner.
@@ -40,6 +42,7 @@ impl Drain {
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             stop_tx: watch::channel(false).0,
+            cut_tx: watch::channel(false).0,
         })
     }
 
@@ -58,6 +61,15 @@ impl Drain {
     pub fn track(self: &Arc<Self>) -> ConnGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
         ConnGuard(self.clone())
+    }
+
+    /// Tracks one more connection unless `limit` (> 0) are live already.
+    pub fn try_track(self: &Arc<Self>, limit: usize) -> Option<ConnGuard> {
+        if limit == 0 {
+            return Some(self.track());
+        }
+        let admitted = self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1));
+        admitted.is_ok().then(|| ConnGuard(self.clone()))
     }
 
     pub fn active(&self) -> usize {
@@ -80,6 +92,22 @@ impl Drain {
     pub fn begin(&self) {
         self.state.store(Readiness::Terminating as u8, Ordering::Release);
         self.stop_tx.send_replace(true);
+    }
+
+    /// Cuts every live connection (the drain time ran out); each logs why as it goes.
+    pub fn cut(&self) {
+        self.cut_tx.send_replace(true);
+    }
+
+    /// Whether [`Drain::cut`] was called.
+    pub fn cut_off(&self) -> bool {
+        *self.cut_tx.borrow()
+    }
+
+    /// Resolves when connections are cut.
+    pub async fn until_cut(&self) {
+        let mut rx = self.cut_tx.subscribe();
+        let _ = rx.wait_for(|cut| *cut).await;
     }
 
     /// Waits until no connection is left or `deadline` passes; returns how many are left.

@@ -1,6 +1,7 @@
 //! The `dp` data plane: configuration (xDS resources -> routing snapshot), listeners,
 //! TLS-passthrough routing by SNI, the admin API and drain. `main.rs` is a thin CLI.
 
+pub mod accept;
 pub mod admin;
 pub mod app;
 pub mod bootstrap;

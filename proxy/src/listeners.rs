@@ -5,16 +5,18 @@
 //! snapshot is published, so a port in use rejects the whole version and the previous
 //! one keeps serving.
 
+use crate::accept::AcceptErrors;
 use crate::conn::{self, Ctx};
 use crate::snapshot::dns::DnsListenerCfg;
 use crate::snapshot::{Snapshot, listener_stat_name};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{Instrument, debug_span, info, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 #[derive(Debug)]
 struct Running {
@@ -202,20 +204,40 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(ctx: Arc<Ctx>, name: Arc<str>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let mut drain = ctx.drain.stopped();
     let addr = listener.local_addr().map(|a| listener_stat_name(&a)).unwrap_or_default();
+    // The listener's stats are named by its configured address, as Envoy names them.
+    let stats = |ctx: &Ctx| ctx.routes.load().listeners.get(&*name).map(|l| l.stats.clone());
+    let mut errors = AcceptErrors::new(format!("listener {name} ({addr})"));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let guard = ctx.drain.track();
+                    errors.accepted();
+                    let limit = usize::try_from(ctx.max_connections.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+                    let Some(guard) = ctx.drain.try_track(limit) else {
+                        // Envoy's global_downstream_max_connections: closed at once, counted.
+                        if let Some(s) = stats(&ctx) {
+                            s.downstream_global_cx_overflow.inc();
+                        }
+                        debug!(listener = %name, %peer, limit, "global connection limit reached; closing");
+                        continue;
+                    };
                     // One span per connection; `conn::serve` records sni, cluster and upstream.
                     let span = debug_span!("conn", listener = %name, %peer, sni = tracing::field::Empty,
                         cluster = tracing::field::Empty, upstream = tracing::field::Empty);
-                    tokio::spawn(conn::serve(ctx.clone(), name.clone(), stream, peer, guard).instrument(span));
+                    let (ctx, name) = (ctx.clone(), name.clone());
+                    tokio::spawn(async move {
+                        let drain = ctx.drain.clone();
+                        // Cut at drain timeout: dropping the connection's future writes
+                        // its record.
+                        tokio::select! {
+                            _ = conn::serve(ctx, name, stream, peer, guard) => {}
+                            _ = drain.until_cut() => {}
+                        }
+                    }.instrument(span));
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(listener = %name, address = %addr, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let s = stats(&ctx);
+                    errors.failed(&e, s.as_ref().map(|s| &s.downstream_cx_accept_error)).await;
                 }
             },
             _ = stop.changed() => break,

@@ -28,6 +28,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Adds one unless the value is `limit` or more; says whether it did.
+    pub fn fetch_inc_below(&self, limit: u64) -> bool {
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| (v < limit).then_some(v + 1)).is_ok()
+    }
 }
 
 macro_rules! stat_struct {
@@ -47,6 +51,9 @@ stat_struct!(ListenerStats {
     downstream_cx_total: "counter",
     downstream_cx_active: "gauge",
     downstream_cx_destroy: "counter",
+    downstream_cx_overflow: "counter",
+    downstream_global_cx_overflow: "counter",
+    downstream_cx_accept_error: "counter",
     no_filter_chain_match: "counter",
     downstream_listener_filter_error: "counter",
     downstream_pre_cx_timeout: "counter",
@@ -85,6 +92,8 @@ stat_struct!(TcpStats {
 });
 
 stat_struct!(RbacStats { allowed: "counter", denied: "counter" });
+
+stat_struct!(ConnectionLimitStats { limited_connections: "counter", active_connections: "gauge" });
 
 stat_struct!(HttpStats {
     downstream_rq_total: "counter",
@@ -200,6 +209,7 @@ pub struct Registry {
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,
     rbac: Mutex<BTreeMap<String, Arc<RbacStats>>>,
+    connection_limit: Mutex<BTreeMap<String, Arc<ConnectionLimitStats>>>,
     http: Mutex<BTreeMap<String, Arc<HttpStats>>>,
 }
 
@@ -225,6 +235,10 @@ impl Registry {
     pub fn rbac(&self, prefix: &str) -> Arc<RbacStats> {
         get(&self.rbac, prefix)
     }
+    /// `connection_limit` filters, by `stat_prefix` (Envoy: `connection_limit.<prefix>.*`).
+    pub fn connection_limit(&self, prefix: &str) -> Arc<ConnectionLimitStats> {
+        get(&self.connection_limit, prefix)
+    }
     /// HTTP connection managers, by `stat_prefix` (Envoy: `http.<prefix>.*`).
     pub fn http(&self, prefix: &str) -> Arc<HttpStats> {
         get(&self.http, prefix)
@@ -244,6 +258,9 @@ impl Registry {
         family(&mut out, "envoy_tcp_", TcpStats::FIELDS, "envoy_tcp_prefix", &tcp);
         let rbac = rows(&self.rbac, RbacStats::values);
         family(&mut out, "envoy_rbac_", RbacStats::FIELDS, "envoy_rbac_prefix", &rbac);
+        let limits = rows(&self.connection_limit, ConnectionLimitStats::values);
+        let prefix = "envoy_connection_limit_prefix";
+        family(&mut out, "envoy_connection_limit_", ConnectionLimitStats::FIELDS, prefix, &limits);
         let http = rows(&self.http, HttpStats::values);
         family(&mut out, "envoy_http_", HttpStats::FIELDS, "envoy_http_conn_manager_prefix", &http);
         self.upstream_http(&mut out);

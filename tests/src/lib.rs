@@ -8,6 +8,7 @@ pub mod http;
 pub mod mesh;
 pub mod pair;
 pub mod tls;
+pub mod xds;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
@@ -145,6 +146,12 @@ impl Dp {
     /// Starts `dp run <args>` with admin and readiness on ephemeral ports; returns once
     /// the admin API answers (not necessarily ready).
     pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> Dp {
+        Dp::spawn_under(&[], extra, env)
+    }
+
+    /// [`Dp::spawn`] run by `wrapper` (e.g. `prlimit --nofile=256:256`), which must exec
+    /// dp in its own process.
+    pub fn spawn_under(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Dp {
         let dir = temp_dir("dp");
         let admin_path = dir.join("admin-address");
         let mut args: Vec<String> = vec![
@@ -157,7 +164,15 @@ impl Dp {
             "0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, logs) = spawn(&bin("dp"), &args, env);
+        let (child, logs) = match wrapper.split_first() {
+            None => spawn(&bin("dp"), &args, env),
+            Some((program, rest)) => {
+                let mut all: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+                all.push(bin("dp").display().to_string());
+                all.extend(args);
+                spawn(Path::new(program), &all, env)
+            }
+        };
         let admin = wait_until("dp to write its admin address", || {
             std::fs::read_to_string(&admin_path).ok().and_then(|s| s.trim().parse().ok())
         });

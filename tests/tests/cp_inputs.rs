@@ -77,6 +77,29 @@ fn each_bad_input_gets_its_own_sentence() {
 }
 
 #[test]
+fn a_bad_token_is_reported_before_a_busy_port() {
+    let f = Files::new();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let args = [
+        "run",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--readiness-port",
+        &port,
+        "--proxy-type=ingress",
+        "--cp-address=https://127.0.0.1:1",
+        "--dataplane-token-file",
+        &f.path("bad-token", Some("hello")),
+        "--dataplane-file",
+        &f.path("ingress.yaml", None),
+    ];
+    let (status, out) = run(&bin("dp"), &args, &[]);
+    assert!(!status.success());
+    assert!(out.contains("not a JWT") && !out.contains("cannot bind"), "{out}");
+}
+
+#[test]
 fn an_unreachable_control_plane_is_named_after_the_retries() {
     let f = Files::new();
     let (token, ingress) = (f.path("token", None), f.path("ingress.yaml", None));

@@ -4,6 +4,7 @@
 //! the log line a user reads. Fields that only shape observability are accepted and
 //! reported once as notes.
 
+use super::ChainLimit;
 use super::chains::{ChainMatcher, Criteria};
 use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg, UpstreamHttp};
 use super::lb;
@@ -24,6 +25,7 @@ use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter, listener_filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
@@ -274,11 +276,22 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
         return Err("no filters".into());
     };
     let mut rbac = None;
+    let mut limit = None;
     for f in rest {
         match &f.config_type {
             Some(filter::ConfigType::TypedConfig(any)) if any.type_url == RbacFilter::type_url() && rbac.is_none() => {
                 let cfg = Rbac::build(&unpack(any)?, stats).map_err(|e| format!("filter {}: {e}", f.name))?;
                 rbac = Some(Arc::new(cfg));
+            }
+            Some(filter::ConfigType::TypedConfig(any))
+                if any.type_url == ConnectionLimit::type_url() && limit.is_none() =>
+            {
+                let cfg: ConnectionLimit = unpack(any)?;
+                let max =
+                    cfg.max_connections.map(|v| v.value).filter(|v| *v > 0).ok_or_else(|| {
+                        format!("filter {}: connection_limit.max_connections must be at least 1", f.name)
+                    })?;
+                limit = Some(Arc::new(ChainLimit::new(max, stats.connection_limit(&cfg.stat_prefix))));
             }
             _ => return Err(format!("filter {} is not supported before the terminal filter", f.name)),
         }
@@ -315,7 +328,7 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
     } else {
         return Err(format!("filter {} ({}) is not supported", last.name, any.type_url));
     };
-    Ok(Chain { name: fc.name.clone(), rbac, action, tls })
+    Ok(Chain { name: fc.name.clone(), rbac, limit, action, tls })
 }
 
 fn build_tcp_proxy(

@@ -60,6 +60,8 @@ pub struct Chain {
     pub name: String,
     /// `envoy.filters.network.rbac` before the terminal filter.
     pub rbac: Option<Arc<rbac::Rbac>>,
+    /// `envoy.filters.network.connection_limit`.
+    pub limit: Option<Arc<ChainLimit>>,
     pub action: Action,
     /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
     pub tls: Tls<crate::tls::ServerTls>,
@@ -129,4 +131,39 @@ impl TcpProxyCfg {
 /// Envoy's stat name for a listener address: `127.0.0.1_10001`.
 pub fn listener_stat_name(addr: &SocketAddr) -> String {
     format!("{}_{}", addr.ip(), addr.port())
+}
+
+/// A chain's `connection_limit` filter: at most `max` connections at once; the others are
+/// closed and counted.
+#[derive(Debug)]
+pub struct ChainLimit {
+    max: u64,
+    stats: Arc<crate::stats::ConnectionLimitStats>,
+}
+
+/// One connection admitted by a [`ChainLimit`]; dropping it frees the place.
+#[derive(Debug)]
+pub struct LimitPermit(Arc<crate::stats::ConnectionLimitStats>);
+
+impl Drop for LimitPermit {
+    fn drop(&mut self) {
+        self.0.active_connections.dec();
+    }
+}
+
+impl ChainLimit {
+    pub fn new(max: u64, stats: Arc<crate::stats::ConnectionLimitStats>) -> Self {
+        ChainLimit { max, stats }
+    }
+
+    /// A place for one more connection, or `None` (counted as limited).
+    pub fn admit(&self) -> Option<LimitPermit> {
+        let active = &self.stats.active_connections;
+        if active.fetch_inc_below(self.max) {
+            Some(LimitPermit(self.stats.clone()))
+        } else {
+            self.stats.limited_connections.inc();
+            None
+        }
+    }
 }
