@@ -24,6 +24,7 @@ pub mod reconcile;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod transparent_proxy;
 pub mod vips;
 pub mod xds;
 

@@ -81,6 +81,8 @@ pub mod features {
     pub const BIND_OUTBOUNDS: &str = "feature-bind-outbounds";
     /// Listeners may set `enable_reuse_port`.
     pub const REUSE_PORT: &str = "feature-reuse-port";
+    /// The transparent-proxy config travels in the bootstrap request (`dataplaneConfig`).
+    pub const TRANSPARENT_PROXY_IN_METADATA: &str = "feature-transparent-proxy-in-dataplane-metadata";
 }
 
 /// The JSON body of `POST /bootstrap` (fields Kuma 2.14 defines; absent ones default).

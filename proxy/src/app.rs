@@ -157,7 +157,11 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     let rctx = ctx.clone();
     tokio::spawn(admin::serve(readiness_listener, move |req| admin::readiness(&rctx, &req)));
 
-    let dns_proxy = if args.embedded_dns() { Some(Arc::new(DnsProxy::start(args.dns_proxy_port)?)) } else { None };
+    let dns_proxy = if args.embedded_dns() {
+        Some(Arc::new(DnsProxy::start(args.dns_proxy_port, args.transparent_proxy)?))
+    } else {
+        None
+    };
     let dns_configured = dns_proxy.as_ref().map(|p| p.configured());
     let mut applier = Applier {
         ctx: ctx.clone(),

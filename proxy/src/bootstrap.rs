@@ -118,6 +118,8 @@ pub struct Request {
     pub embedded_dns: bool,
     /// `--bind-outbounds`: VIP outbounds bound on this host.
     pub bind_outbounds: bool,
+    /// `--transparent-proxy`: kumactl's default redirect ports are in force.
+    pub transparent_proxy: bool,
 }
 
 impl Request {
@@ -126,7 +128,17 @@ impl Request {
             (self.delta, features::DELTA_GRPC),
             (self.embedded_dns, features::EMBEDDED_DNS),
             (self.bind_outbounds, features::BIND_OUTBOUNDS),
+            (self.transparent_proxy, features::TRANSPARENT_PROXY_IN_METADATA),
         ];
+        let dataplane_config = if self.transparent_proxy {
+            let dns = self.dns_port.is_some();
+            json!({"ipFamilyMode": "ipv4", "redirect": {
+                "inbound": {"enabled": true, "port": 15006},
+                "outbound": {"enabled": true, "port": 15001},
+                "dns": {"enabled": dns, "port": 15053}}})
+        } else {
+            Value::Null
+        };
         let body = BootstrapRequest {
             mesh: self.mesh.clone(),
             name: self.name.clone(),
@@ -148,6 +160,7 @@ impl Request {
             workdir: self.workdir.clone(),
             dns_port: u32::from(self.dns_port.unwrap_or(0)), // 0: no DNS (Kuma omits it)
             ipv6_enabled: Some(false),
+            dataplane_config,
             ..Default::default()
         };
         serde_json::to_value(body).unwrap_or_default()

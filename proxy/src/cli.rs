@@ -128,6 +128,11 @@ pub struct RunArgs {
     /// [env: KUMA_DATAPLANE_RUNTIME_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS]
     #[arg(long, default_value_t = 0)]
     pub global_downstream_max_connections: u64,
+    /// Transparent proxying is set up on this host (`ctl install transparent-proxy`): tell
+    /// the control plane (it generates the capture listeners) and bind the DNS proxy on
+    /// 127.0.0.1, where the DNS redirect sends the host's queries
+    #[arg(long)]
+    pub transparent_proxy: bool,
 }
 
 impl RunArgs {

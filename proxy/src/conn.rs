@@ -121,7 +121,16 @@ impl Drop for Active<'_> {
     }
 }
 
-pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer: SocketAddr, _guard: ConnGuard) {
+/// Serves one downstream connection on `listener`. `original`: where it was headed
+/// before transparent proxying redirected it (it stands for the local address).
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    listener: Arc<str>,
+    mut down: TcpStream,
+    peer: SocketAddr,
+    original: Option<SocketAddr>,
+    _guard: ConnGuard,
+) {
     let started = Instant::now();
     let snap = ctx.routes.load_full();
     let Some(lst) = snap.listeners.get(&*listener).cloned() else {
@@ -133,7 +142,11 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     let _active = Active::new(&lst.stats.downstream_cx_active);
     let _ = down.set_nodelay(true);
     // getsockname(2) only when some chain matches on the destination port.
-    let port = if lst.matcher.uses_ports() { down.local_addr().map_or(0, |a| a.port()) } else { 0 };
+    let port = match original {
+        Some(o) => o.port(),
+        None if lst.matcher.uses_ports() => down.local_addr().map_or(0, |a| a.port()),
+        None => 0,
+    };
 
     let mut buf = vec![0u8; BUF_SIZE.max(lst.max_client_hello)];
     let (hello, pending, flag) =
@@ -184,7 +197,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
     };
     let http = matches!(chain.action, Action::Http(_));
     // The local address only when an RBAC filter (or HTTP) may look at it.
-    let local = if chain.rbac.is_some() || http { down.local_addr().ok() } else { None };
+    let local = if chain.rbac.is_some() || http { original.or_else(|| down.local_addr().ok()) } else { None };
     match &chain.action {
         Action::DirectResponse(body) => {
             let _ = down.write_all(body).await;
@@ -210,7 +223,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
                     crate::hcm::server::serve(cfg.clone(), io, Arc::new(info)).await;
                     log.finish(Flag::Done, Transferred::default());
                 }
-                Action::TcpProxy(tp) => proxy(tp, id, &mut down, buf, pending, &mut log).await,
+                Action::TcpProxy(tp) => proxy(tp, id, &mut down, buf, pending, original, &mut log).await,
                 Action::DirectResponse(_) => unreachable!("matched above"),
             },
             Tls::Pending(secret) => {
@@ -265,7 +278,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: Arc<str>, mut down: TcpStream, peer:
                         crate::hcm::server::serve(cfg.clone(), tls, Arc::new(info)).await;
                         log.finish(Flag::Done, Transferred::default());
                     }
-                    Action::TcpProxy(tp) => proxy(tp, id, &mut tls, buf, 0, &mut log).await,
+                    Action::TcpProxy(tp) => proxy(tp, id, &mut tls, buf, 0, original, &mut log).await,
                     Action::DirectResponse(_) => unreachable!("matched above"),
                 }
             }
@@ -385,6 +398,7 @@ async fn proxy<'a, D: Downstream>(
     down: &mut D,
     buf: Vec<u8>,
     pending: usize,
+    original: Option<SocketAddr>,
     log: &mut AccessLog<'a>,
 ) {
     tp.stats.downstream_cx_total.inc();
@@ -399,7 +413,20 @@ async fn proxy<'a, D: Downstream>(
         return log.finish(Flag::NoCluster, Transferred::default());
     };
     let cs = &cluster.stats;
-    if target.hosts.is_empty() {
+    // ORIGINAL_DST: the one host is where the connection was headed.
+    let passthrough;
+    let hosts = match (cluster.original_dst, original) {
+        (false, _) => &target.hosts,
+        (true, Some(dst)) => {
+            passthrough = crate::snapshot::cluster::HostSet::default().with_hosts(vec![Arc::new(Host::at(dst))]);
+            &passthrough
+        }
+        (true, None) => {
+            debug!(id, cluster = %cluster.name, "an ORIGINAL_DST cluster for a connection that was not redirected");
+            return log.finish(Flag::NoHealthy, Transferred::default());
+        }
+    };
+    if hosts.is_empty() {
         cs.upstream_cx_none_healthy.inc();
         return log.finish(Flag::NoHealthy, Transferred::default());
     }
@@ -408,7 +435,7 @@ async fn proxy<'a, D: Downstream>(
         return log.finish(Flag::Overflow, Transferred::default());
     }
     let _cluster_active = Active::new(&cs.upstream_cx_active);
-    let (up, host) = match connect(cluster, &target.hosts, tp.max_connect_attempts).await {
+    let (up, host) = match connect(cluster, hosts, tp.max_connect_attempts).await {
         Ok(c) => c,
         Err(flag) => return log.finish(flag, Transferred::default()),
     };

@@ -47,6 +47,7 @@ pub async fn start(
         dns_port: args.dns_enabled.then_some(args.dns_envoy_port),
         embedded_dns: args.embedded_dns(),
         bind_outbounds: args.bind_outbounds,
+        transparent_proxy: args.transparent_proxy,
     };
     info!(control_plane = %inputs.cp.url(), proxy_type = %args.proxy_type, name = %inputs.name, "bootstrapping");
     let boot = bootstrap::fetch(&inputs.cp, &inputs.trust, &request, args.retry_backoff, args.retry_max_duration)

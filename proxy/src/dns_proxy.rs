@@ -20,10 +20,12 @@ pub struct DnsProxy {
 }
 
 impl DnsProxy {
-    /// Binds UDP and TCP on `0.0.0.0:<port>` (kuma-dp's bind without transparent proxying)
-    /// and starts serving.
-    pub fn start(port: u16) -> anyhow::Result<DnsProxy> {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    /// Binds UDP and TCP on `0.0.0.0:<port>` (kuma-dp's bind without transparent
+    /// proxying), or on `127.0.0.1:<port>` with it (the DNS redirect brings the host's
+    /// queries there), and starts serving.
+    pub fn start(port: u16, transparent_proxy: bool) -> anyhow::Result<DnsProxy> {
+        let ip = if transparent_proxy { Ipv4Addr::LOCALHOST } else { Ipv4Addr::UNSPECIFIED };
+        let addr = SocketAddr::from((ip, port));
         let (udp, tcp) = listeners::bind_dns(addr)
             .with_context(|| format!("cannot bind the DNS proxy (--dns-proxy-port, KUMA_DNS_PROXY_PORT) on {addr}"))?;
         let address = udp.local_addr()?;

@@ -25,4 +25,5 @@ pub mod splice;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;
+pub mod tproxy;
 pub mod upstream;

@@ -56,7 +56,7 @@ impl Listeners {
     pub fn prepare(&self, snap: &Snapshot) -> Result<Prepared, String> {
         let mut new = vec![];
         for (name, cfg) in &snap.listeners {
-            if self.running.get(name).is_some_and(|r| r.configured == cfg.address) {
+            if !cfg.bind || self.running.get(name).is_some_and(|r| r.configured == cfg.address) {
                 continue;
             }
             // A listener that moves releases its old address only after commit, so a
@@ -68,7 +68,7 @@ impl Listeners {
         let removed = self
             .running
             .iter()
-            .filter(|(name, r)| snap.listeners.get(*name).is_none_or(|c| c.address != r.configured))
+            .filter(|(name, r)| snap.listeners.get(*name).is_none_or(|c| !c.bind || c.address != r.configured))
             .map(|(name, _)| name.clone())
             .collect();
         let mut new_dns = vec![];
@@ -169,6 +169,20 @@ impl Listeners {
     }
 }
 
+/// For a `use_original_dst` listener: the connection's original destination, and the
+/// name of the unbound listener it is handed to when there is one.
+fn capture(ctx: &Ctx, name: &mut Arc<str>, stream: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    let snap = ctx.routes.load();
+    if !snap.listeners.get(&**name).is_some_and(|l| l.use_original_dst) {
+        return None;
+    }
+    let dst = crate::tproxy::original_dst(stream)?;
+    if let Some(target) = snap.captured_by(dst) {
+        *name = Arc::from(target);
+    }
+    Some(dst)
+}
+
 /// How long a forwarded DNS query waits for the upstream resolver.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -224,13 +238,16 @@ async fn accept_loop(ctx: Arc<Ctx>, name: Arc<str>, listener: TcpListener, mut s
                     // One span per connection; `conn::serve` records sni, cluster and upstream.
                     let span = debug_span!("conn", listener = %name, %peer, sni = tracing::field::Empty,
                         cluster = tracing::field::Empty, upstream = tracing::field::Empty);
-                    let (ctx, name) = (ctx.clone(), name.clone());
+                    let (ctx, mut name) = (ctx.clone(), name.clone());
                     tokio::spawn(async move {
                         let drain = ctx.drain.clone();
+                        // A connection captured by transparent proxying goes to the
+                        // listener of its original destination, or through this one.
+                        let original = capture(&ctx, &mut name, &stream);
                         // Cut at drain timeout: dropping the connection's future writes
                         // its record.
                         tokio::select! {
-                            _ = conn::serve(ctx, name, stream, peer, guard) => {}
+                            _ = conn::serve(ctx, name, stream, peer, original, guard) => {}
                             _ = drain.until_cut() => {}
                         }
                     }.instrument(span));

@@ -6,6 +6,7 @@ pub mod envoy;
 pub mod hello;
 pub mod http;
 pub mod mesh;
+pub mod netns;
 pub mod pair;
 pub mod tls;
 pub mod xds;
@@ -146,18 +147,18 @@ impl Dp {
     /// Starts `dp run <args>` with admin and readiness on ephemeral ports; returns once
     /// the admin API answers (not necessarily ready).
     pub fn spawn(extra: &[&str], env: &[(&str, &str)]) -> Dp {
-        Dp::spawn_under(&[], extra, env)
+        Dp::spawn_under(&[], "127.0.0.1", extra, env)
     }
 
-    /// [`Dp::spawn`] run by `wrapper` (e.g. `prlimit --nofile=256:256`), which must exec
-    /// dp in its own process.
-    pub fn spawn_under(wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Dp {
+    /// [`Dp::spawn`] run by `wrapper` (e.g. `prlimit --nofile=256:256`, or `ip netns exec
+    /// <ns>`), which must exec dp in its own process, with the admin API on `admin_ip`.
+    pub fn spawn_under(wrapper: &[&str], admin_ip: &str, extra: &[&str], env: &[(&str, &str)]) -> Dp {
         let dir = temp_dir("dp");
         let admin_path = dir.join("admin-address");
         let mut args: Vec<String> = vec![
             "run".into(),
             "--admin-address".into(),
-            "127.0.0.1:0".into(),
+            format!("{admin_ip}:0"),
             "--admin-address-path".into(),
             admin_path.display().to_string(),
             "--readiness-port".into(),

@@ -121,7 +121,8 @@ async fn out_of_file_descriptors_dp_keeps_serving_does_not_spin_and_recovers() {
         static_cluster("backend", &[backend.addr], json!({})),
         tls_listener("l", vec![sni_chain(&["backend"], vec![], "backend")], json!({})),
     ]);
-    let dp = Dp::spawn_under(&["prlimit", "--nofile=256:256"], &["--xds-file", file.to_str().unwrap()], &[]);
+    let dp =
+        Dp::spawn_under(&["prlimit", "--nofile=256:256"], "127.0.0.1", &["--xds-file", file.to_str().unwrap()], &[]);
     dp.wait_ready();
     let addr = dp.listener("l");
     // 400 connections: 30 proxied (two descriptors each in dp), then 370 that send

@@ -57,6 +57,102 @@ enum Cmd {
     /// Inspect computed state.
     #[command(subcommand)]
     Inspect(Inspect),
+    /// Install host components (transparent proxying's iptables rules).
+    #[command(subcommand)]
+    Install(Install),
+    /// Remove what `install` added.
+    #[command(subcommand)]
+    Uninstall(Uninstall),
+}
+
+#[derive(Subcommand)]
+enum Install {
+    /// Redirect this host's (or network namespace's) TCP traffic, and DNS, through dp.
+    TransparentProxy(TproxyArgs),
+}
+
+#[derive(Subcommand)]
+enum Uninstall {
+    /// Remove the transparent-proxy rules.
+    TransparentProxy {
+        #[arg(long = "ip-family-mode", default_value = "dualstack", value_parser = ["ipv4", "dualstack"])]
+        ip_family_mode: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct TproxyArgs {
+    /// The user dp runs as (name or uid): its traffic is never redirected.
+    #[arg(long = "kuma-dp-user", default_value = "kuma-dp")]
+    kuma_dp_user: String,
+    /// The uid dp runs as (wins over --kuma-dp-user).
+    #[arg(long = "kuma-dp-uid")]
+    kuma_dp_uid: Option<u32>,
+    #[arg(long = "redirect-inbound-port", default_value_t = 15006)]
+    redirect_inbound_port: u16,
+    #[arg(long = "redirect-outbound-port", default_value_t = 15001)]
+    redirect_outbound_port: u16,
+    /// Send DNS queries (port 53) to dp's DNS proxy.
+    #[arg(long = "redirect-dns")]
+    redirect_dns: bool,
+    #[arg(long = "redirect-dns-port", default_value_t = 15053)]
+    redirect_dns_port: u16,
+    /// Inbound ports not redirected (comma-separated).
+    #[arg(long = "exclude-inbound-ports", value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound ports not redirected (comma-separated).
+    #[arg(long = "exclude-outbound-ports", value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    #[arg(long = "ip-family-mode", default_value = "dualstack", value_parser = ["ipv4", "dualstack"])]
+    ip_family_mode: String,
+    /// Print the iptables commands instead of running them.
+    #[arg(long = "dry-run")]
+    dry_run: bool,
+}
+
+fn ip_family(mode: &str) -> cp::transparent_proxy::IpFamily {
+    if mode == "ipv4" { cp::transparent_proxy::IpFamily::Ipv4 } else { cp::transparent_proxy::IpFamily::DualStack }
+}
+
+/// `install transparent-proxy` / `uninstall transparent-proxy`: local, no control plane.
+fn tproxy(cmd: &Cmd) -> Option<anyhow::Result<()>> {
+    use cp::transparent_proxy as tp;
+    match cmd {
+        Cmd::Install(Install::TransparentProxy(a)) => Some((|| {
+            let uid = match a.kuma_dp_uid {
+                Some(u) => u,
+                None => tp::resolve_user(&a.kuma_dp_user).map_err(anyhow::Error::msg)?,
+            };
+            let cfg = tp::Config {
+                uid,
+                inbound_port: a.redirect_inbound_port,
+                outbound_port: a.redirect_outbound_port,
+                redirect_dns: a.redirect_dns,
+                dns_port: a.redirect_dns_port,
+                exclude_inbound_ports: a.exclude_inbound_ports.clone(),
+                exclude_outbound_ports: a.exclude_outbound_ports.clone(),
+                ip_family: ip_family(&a.ip_family_mode),
+            };
+            if a.dry_run {
+                print!("{}", tp::script(&cfg));
+                return Ok(());
+            }
+            tp::install(&cfg).map_err(anyhow::Error::msg)?;
+            println!(
+                "transparent proxy set up (dp user uid {uid}; inbound -> {}, outbound -> {}{})",
+                cfg.inbound_port,
+                cfg.outbound_port,
+                if cfg.redirect_dns { format!(", DNS -> {}", cfg.dns_port) } else { String::new() }
+            );
+            Ok(())
+        })()),
+        Cmd::Uninstall(Uninstall::TransparentProxy { ip_family_mode }) => {
+            tp::uninstall(ip_family(ip_family_mode));
+            println!("transparent proxy rules removed");
+            Some(Ok(()))
+        }
+        _ => None,
+    }
 }
 
 #[derive(Subcommand)]
@@ -328,8 +424,12 @@ fn print_value(v: &Value, output: Output) -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(done) = tproxy(&cli.cmd) {
+        return done;
+    }
     let api = Api::new(&cli.api_address)?;
     match cli.cmd {
+        Cmd::Install(_) | Cmd::Uninstall(_) => unreachable!("handled above"),
         Cmd::Apply { file } => {
             let text = if file == "-" {
                 let mut s = String::new();

@@ -9,6 +9,7 @@ pub mod resilience;
 pub mod sidecar;
 pub mod sni;
 pub mod sotw;
+pub mod tproxy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;

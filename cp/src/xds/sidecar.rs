@@ -308,6 +308,10 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         push(&mut clusters, name, c, "", |_| {});
     }
 
+    if let Some(tp) = &tproxy {
+        super::tproxy::capture(tp, &mut listeners, &mut clusters);
+    }
+
     // --- outbounds --------------------------------------------------------------------
     // (address, port) -> (service, tags)
     let mut outbounds: BTreeMap<(String, u32), (String, BTreeMap<String, String>)> = BTreeMap::new();

@@ -141,7 +141,16 @@ pub fn build_with(
             return Err(format!("listener `{}` is defined twice", l.name));
         }
     }
-    Ok(Snapshot { version: resources.version.clone(), resources: encoded, listeners, dns, embedded_dns, clusters })
+    let unbound = listeners.values().filter(|l| !l.bind).map(|l| (l.address, l.name.clone())).collect();
+    Ok(Snapshot {
+        version: resources.version.clone(),
+        resources: encoded,
+        listeners,
+        dns,
+        embedded_dns,
+        clusters,
+        unbound,
+    })
 }
 
 /// The (hostname, port) pairs STRICT_DNS clusters need resolved.
@@ -193,9 +202,7 @@ fn build_listener(l: &Listener, cx: &mut ChainCtx<'_>) -> Result<ListenerCfg, St
     unsupported(l.api_listener.is_some(), "api_listener")?;
     unsupported(l.listener_specifier.is_some(), "internal_listener")?;
     unsupported(!l.additional_addresses.is_empty(), "additional_addresses")?;
-    unsupported(l.use_original_dst.is_some_and(|b| b.value), "use_original_dst")?;
     unsupported(l.udp_listener_config.is_some(), "udp_listener_config")?;
-    unsupported(l.bind_to_port.is_some_and(|b| !b.value), "bind_to_port: false")?;
     unsupported(l.transparent.is_some_and(|b| b.value), "transparent")?;
     if !l.access_log.is_empty() {
         cx.notes.push(format!("listener `{}`: access_log is ignored (dp writes its own access log)", l.name));
@@ -212,6 +219,8 @@ fn build_listener(l: &Listener, cx: &mut ChainCtx<'_>) -> Result<ListenerCfg, St
             || (type_url.is_empty() && f.name == "envoy.filters.listener.tls_inspector")
         {
             inspect_tls = true;
+        } else if type_url.ends_with(ORIGINAL_DST) || (type_url.is_empty() && f.name == ORIGINAL_DST_NAME) {
+            // Every captured connection's original destination is read anyway.
         } else {
             return Err(format!("listener_filters[{i}]: {} ({type_url}) is not supported", f.name));
         }
@@ -240,6 +249,8 @@ fn build_listener(l: &Listener, cx: &mut ChainCtx<'_>) -> Result<ListenerCfg, St
         filters_timeout,
         continue_on_timeout: l.continue_on_listener_filters_timeout,
         max_client_hello: DEFAULT_MAX_CLIENT_HELLO,
+        bind: l.bind_to_port.is_none_or(|b| b.value),
+        use_original_dst: l.use_original_dst.is_some_and(|b| b.value),
         matcher,
         chains,
         default_chain,
@@ -411,6 +422,7 @@ fn build_cluster(
     let kind = discovery_type(c)?;
     let lb = match P::try_from(c.lb_policy) {
         Ok(P::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(P::ClusterProvided) if kind == cluster::DiscoveryType::OriginalDst => LbPolicy::RoundRobin,
         Ok(P::LeastRequest) => LbPolicy::LeastRequest,
         Ok(P::Random) => LbPolicy::Random,
         Ok(p) => return Err(format!("lb_policy {} is not supported", p.as_str_name())),
@@ -440,6 +452,9 @@ fn build_cluster(
             let key = if service.is_empty() { c.name.as_str() } else { service };
             endpoints.get(key).copied()
         }
+        // Each connection goes where it was originally headed (transparent proxying's
+        // passthrough); there are no hosts to pick.
+        DiscoveryType::OriginalDst => None,
         other => return Err(format!("type {} is not supported", other.as_str_name())),
     };
     let per_host = PerHost {
@@ -478,7 +493,14 @@ fn build_cluster(
         .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
         .and_then(|t| t.max_connections)
         .map_or(DEFAULT_MAX_CONNECTIONS, |v| u64::from(v.value));
+    if c.upstream_bind_config.is_some() {
+        notes.push(format!(
+            "cluster `{}`: upstream_bind_config is ignored (connections use the default source)",
+            c.name
+        ));
+    }
     Ok(ClusterCfg {
+        original_dst: kind == DiscoveryType::OriginalDst,
         name: c.name.clone(),
         connect_timeout: c.connect_timeout.as_ref().map_or(DEFAULT_CONNECT_TIMEOUT, duration),
         lb,
@@ -529,6 +551,9 @@ impl PerHost<'_> {
 
 /// The endpoint metadata namespace `transport_socket_matches` look at.
 const TLS_MATCH_KEY: &str = "envoy.transport_socket_match";
+
+const ORIGINAL_DST: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+const ORIGINAL_DST_NAME: &str = "envoy.filters.listener.original_dst";
 
 const RAW_BUFFER: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
 

@@ -23,6 +23,8 @@ pub enum LbPolicy {
 #[derive(Debug)]
 pub struct ClusterCfg {
     pub name: String,
+    /// ORIGINAL_DST: each connection goes to its own original destination.
+    pub original_dst: bool,
     pub connect_timeout: Duration,
     pub lb: LbPolicy,
     /// Circuit breaker: most upstream connections open at once.
@@ -81,6 +83,25 @@ pub struct Host {
 }
 
 impl Host {
+    /// A host at `addr` with nothing else known (an original destination).
+    pub fn at(addr: std::net::SocketAddr) -> Host {
+        Host {
+            addr: HostAddr::Ip(addr),
+            weight: 1,
+            lb_metadata: BTreeMap::new(),
+            healthy: true,
+            tls_match: None,
+            health: None,
+            hostname: None,
+            pool: Default::default(),
+            priority: 0,
+            outlier: None,
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connect_fail: AtomicU64::new(0),
+        }
+    }
+
     /// Whether the host may take traffic now: healthy as EDS says, passing its active
     /// health checks, and not ejected. `Err(Some(t))`: ejected until `t`.
     pub fn available(&self, now: Instant) -> Result<(), Option<Instant>> {
@@ -227,6 +248,7 @@ mod tests {
         ]));
         let cluster = |fallback| ClusterCfg {
             name: "c".into(),
+            original_dst: false,
             connect_timeout: Duration::from_secs(1),
             lb: LbPolicy::RoundRobin,
             max_connections: 1024,

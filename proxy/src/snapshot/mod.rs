@@ -36,6 +36,18 @@ pub struct Snapshot {
     /// Records for the embedded DNS proxy, from the dynamic-config listener's `/dns`.
     pub embedded_dns: Option<Arc<::dns::Table>>,
     pub clusters: HashMap<String, Arc<ClusterCfg>>,
+    /// Unbound listeners (`bind_to_port: false`) by address: where connections captured
+    /// by transparent proxying go, by their original destination.
+    pub unbound: HashMap<SocketAddr, String>,
+}
+
+impl Snapshot {
+    /// The unbound listener for a captured connection's original destination: the one
+    /// on exactly that address, else one on the wildcard address of that port.
+    pub fn captured_by(&self, dst: SocketAddr) -> Option<&str> {
+        let any = SocketAddr::new(if dst.is_ipv4() { [0u8; 4].into() } else { [0u16; 8].into() }, dst.port());
+        self.unbound.get(&dst).or_else(|| self.unbound.get(&any)).map(String::as_str)
+    }
 }
 
 #[derive(Debug)]
@@ -49,6 +61,12 @@ pub struct ListenerCfg {
     pub continue_on_timeout: bool,
     /// Largest ClientHello read before the connection is refused.
     pub max_client_hello: usize,
+    /// `bind_to_port` (default true): false for the listeners that connections captured by
+    /// transparent proxying are handed to by their original destination.
+    pub bind: bool,
+    /// `use_original_dst`: hand each connection to the unbound listener of its original
+    /// destination, when there is one.
+    pub use_original_dst: bool,
     pub matcher: ChainMatcher,
     pub chains: Vec<Arc<Chain>>,
     pub default_chain: Option<Arc<Chain>>,
