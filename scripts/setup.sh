@@ -20,6 +20,9 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v prlimit >/dev/null || need+=(util-linux)
+# cp's PostgreSQL store: the tests (tests/tests/postgres.rs) and benches/store_bench.py start
+# a throwaway server with Debian's initdb and postgres.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

@@ -24,7 +24,7 @@ use rcgen::{
 };
 
 use crate::model::{Resource, ResourceType};
-use crate::store::Store;
+use crate::store::{Store, StoreError, WriteOp};
 
 /// Kuma's clock skew allowance for `NotBefore`.
 const CLOCK_SKEW: Duration = Duration::from_secs(10);
@@ -231,9 +231,14 @@ impl CaManager {
         if let Some(ca) = Self::load(store.as_ref(), mesh, backend).await? {
             return Ok(ca);
         }
+        // The work-directory copy lets the memory store bring the same CA back after a
+        // restart; a durable store keeps it itself.
+        let durable = store.durable();
         let (cert_file, key_file) = self.files(mesh, backend);
         let from_disk = match (std::fs::read_to_string(&cert_file), std::fs::read_to_string(&key_file)) {
-            (Ok(cert_pem), Ok(key_pem)) if KeyPair::from_pem(&key_pem).is_ok() => Some(MeshCa { cert_pem, key_pem }),
+            (Ok(cert_pem), Ok(key_pem)) if !durable && KeyPair::from_pem(&key_pem).is_ok() => {
+                Some(MeshCa { cert_pem, key_pem })
+            }
             _ => None,
         };
         let ca = match from_disk {
@@ -246,25 +251,51 @@ impl CaManager {
                 let ca = tokio::task::spawn_blocking(move || generate_ca(&m))
                     .await
                     .map_err(|e| CaError::Crypto(e.to_string()))??;
-                if let Some(dir) = cert_file.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| CaError::Io(format!("{}: {e}", dir.display())))?;
+                if !durable {
+                    if let Some(dir) = cert_file.parent() {
+                        std::fs::create_dir_all(dir).map_err(|e| CaError::Io(format!("{}: {e}", dir.display())))?;
+                    }
+                    write_private(&key_file, &ca.key_pem)
+                        .map_err(|e| CaError::Io(format!("{}: {e}", key_file.display())))?;
+                    std::fs::write(&cert_file, &ca.cert_pem)
+                        .map_err(|e| CaError::Io(format!("{}: {e}", cert_file.display())))?;
                 }
-                write_private(&key_file, &ca.key_pem)
-                    .map_err(|e| CaError::Io(format!("{}: {e}", key_file.display())))?;
-                std::fs::write(&cert_file, &ca.cert_pem)
-                    .map_err(|e| CaError::Io(format!("{}: {e}", cert_file.display())))?;
-                tracing::info!(mesh, backend, "mesh CA generated (builtin backend)");
                 ca
             }
         };
-        for (name, pem) in
+        // Both secrets in one write that fails if either exists: of two instances creating
+        // the CA at once, one wins entirely and the other takes its CA.
+        let mut changes = store.subscribe();
+        let ops =
             [(ca_cert_secret_name(mesh, backend), &ca.cert_pem), (ca_key_secret_name(mesh, backend), &ca.key_pem)]
-        {
-            let mut r = Resource::new(ResourceType::Secret, mesh, &name);
-            r.spec.insert("data".into(), b64(pem).into());
-            store.upsert(r, None).await.map_err(|e| CaError::Store(e.to_string()))?;
+                .into_iter()
+                .map(|(name, pem)| {
+                    let mut r = Resource::new(ResourceType::Secret, mesh, &name);
+                    r.spec.insert("data".into(), b64(pem).into());
+                    WriteOp::Create(r)
+                })
+                .collect();
+        match store.apply(ops).await {
+            Ok(()) => {
+                tracing::info!(mesh, backend, "mesh CA generated (builtin backend)");
+                Ok(ca)
+            }
+            Err(StoreError::Conflict { .. }) => {
+                // Another instance created it first: wait until its write is in our copy.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Some(theirs) = Self::load(store.as_ref(), mesh, backend).await? {
+                        return Ok(theirs);
+                    }
+                    if tokio::time::timeout_at(deadline, changes.changed()).await.map_or(true, |r| r.is_err()) {
+                        return Err(CaError::Store(format!(
+                            "the CA of mesh {mesh:?} was created elsewhere but has not reached this instance"
+                        )));
+                    }
+                }
+            }
+            Err(e) => Err(CaError::Store(e.to_string())),
         }
-        Ok(ca)
     }
 
     /// The identity certificate of a proxy: the cached one unless it must rotate (4/5 of

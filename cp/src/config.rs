@@ -138,6 +138,153 @@ pub struct RunConfig {
     /// Write {"dp_server": "...", "api": "...", "kds": "...", "ca_cert_file": "..."} here once the servers are bound.
     #[arg(long = "address-file")]
     pub address_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StoreType {
+    /// In memory: one instance, state lost on restart (the default).
+    Memory,
+    /// PostgreSQL: state survives restarts, several instances share it.
+    Postgres,
+}
+
+/// Where resources are kept (`KUMA_STORE_*`).
+#[derive(Clone, Debug, Args)]
+pub struct StoreConfig {
+    /// Resource store: memory or postgres.
+    #[arg(long = "store-type", env = "KUMA_STORE_TYPE", value_enum, default_value = "memory")]
+    pub store_type: StoreType,
+    #[command(flatten)]
+    pub postgres: PostgresConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { store_type: StoreType::Memory, postgres: PostgresConfig::default() }
+    }
+}
+
+/// Kuma's `KUMA_STORE_POSTGRES_TLS_MODE` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PgTlsMode {
+    /// Plain TCP.
+    #[value(name = "disable")]
+    Disable,
+    /// TLS, any server certificate (libpq's `require`).
+    #[value(name = "verifyNone")]
+    VerifyNone,
+    /// TLS, the server certificate must chain to KUMA_STORE_POSTGRES_TLS_CA_PATH (`verify-ca`).
+    #[value(name = "verifyCa")]
+    VerifyCa,
+    /// As verifyCa, and the certificate must name KUMA_STORE_POSTGRES_HOST (`verify-full`).
+    #[value(name = "verifyFull")]
+    VerifyFull,
+}
+
+/// Connection to PostgreSQL, with Kuma's variables and defaults.
+#[derive(Clone, Args)]
+pub struct PostgresConfig {
+    /// PostgreSQL host.
+    #[arg(long = "store-postgres-host", env = "KUMA_STORE_POSTGRES_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// PostgreSQL port.
+    #[arg(long = "store-postgres-port", env = "KUMA_STORE_POSTGRES_PORT", default_value_t = 15432)]
+    pub port: u16,
+    /// PostgreSQL user.
+    #[arg(long = "store-postgres-user", env = "KUMA_STORE_POSTGRES_USER", default_value = "kuma")]
+    pub user: String,
+    /// PostgreSQL password.
+    #[arg(
+        long = "store-postgres-password",
+        env = "KUMA_STORE_POSTGRES_PASSWORD",
+        default_value = "kuma",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub password: String,
+    /// Database name.
+    #[arg(long = "store-postgres-db-name", env = "KUMA_STORE_POSTGRES_DB_NAME", default_value = "kuma")]
+    pub db_name: String,
+    /// TLS: disable, verifyNone, verifyCa or verifyFull.
+    #[arg(
+        long = "store-postgres-tls-mode",
+        env = "KUMA_STORE_POSTGRES_TLS_MODE",
+        value_enum,
+        default_value = "disable"
+    )]
+    pub tls_mode: PgTlsMode,
+    /// CA certificate (PEM) the server certificate must chain to (verifyCa, verifyFull).
+    #[arg(long = "store-postgres-tls-ca-path", env = "KUMA_STORE_POSTGRES_TLS_CA_PATH")]
+    pub tls_ca_path: Option<PathBuf>,
+    /// Client certificate (PEM), when the server asks for one.
+    #[arg(long = "store-postgres-tls-cert-path", env = "KUMA_STORE_POSTGRES_TLS_CERT_PATH")]
+    pub tls_cert_path: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long = "store-postgres-tls-key-path", env = "KUMA_STORE_POSTGRES_TLS_KEY_PATH")]
+    pub tls_key_path: Option<PathBuf>,
+    /// Largest number of connections this instance opens (besides its change listener); 0 = no limit.
+    #[arg(
+        long = "store-postgres-max-open-connections",
+        env = "KUMA_STORE_POSTGRES_MAX_OPEN_CONNECTIONS",
+        default_value_t = 50
+    )]
+    pub max_open_connections: usize,
+    /// Seconds to wait for a connection (and for any one statement).
+    #[arg(
+        long = "store-postgres-connection-timeout",
+        env = "KUMA_STORE_POSTGRES_CONNECTION_TIMEOUT",
+        default_value_t = 5
+    )]
+    pub connection_timeout: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            host: "127.0.0.1".into(),
+            port: 15432,
+            user: "kuma".into(),
+            password: "kuma".into(),
+            db_name: "kuma".into(),
+            tls_mode: PgTlsMode::Disable,
+            tls_ca_path: None,
+            tls_cert_path: None,
+            tls_key_path: None,
+            max_open_connections: 50,
+            connection_timeout: 5,
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("db_name", &self.db_name)
+            .field("tls_mode", &self.tls_mode)
+            .field("tls_ca_path", &self.tls_ca_path)
+            .field("tls_cert_path", &self.tls_cert_path)
+            .field("tls_key_path", &self.tls_key_path)
+            .field("max_open_connections", &self.max_open_connections)
+            .field("connection_timeout", &self.connection_timeout)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// `host:port/db` for messages (no credentials).
+    pub fn describe(&self) -> String {
+        format!("PostgreSQL at {}:{}/{}", self.host, self.port, self.db_name)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.connection_timeout.max(1))
+    }
 }
 
 impl RunConfig {
@@ -176,6 +323,7 @@ impl RunConfig {
             admin_port: 9901,
             xds_debounce: Duration::from_millis(100),
             address_file: None,
+            store: StoreConfig::default(),
         }
     }
 
@@ -192,5 +340,45 @@ impl RunConfig {
     /// A zone that syncs with a global control plane (`KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS` set).
     pub fn is_federated_zone(&self) -> bool {
         !self.is_global() && self.global_address.as_deref().is_some_and(|a| !a.trim().is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        store: StoreConfig,
+    }
+
+    #[test]
+    fn the_store_is_memory_unless_told_and_takes_kumas_postgres_settings() {
+        let d = Cli::try_parse_from(["cp"]).unwrap().store;
+        assert_eq!(d.store_type, StoreType::Memory);
+        assert_eq!(
+            (d.postgres.host.as_str(), d.postgres.port, d.postgres.db_name.as_str()),
+            ("127.0.0.1", 15432, "kuma")
+        );
+        assert_eq!((d.postgres.max_open_connections, d.postgres.connection_timeout), (50, 5));
+        let c = Cli::try_parse_from([
+            "cp",
+            "--store-type",
+            "postgres",
+            "--store-postgres-tls-mode",
+            "verifyFull",
+            "--store-postgres-tls-ca-path",
+            "/ca.pem",
+            "--store-postgres-password",
+            "secret",
+        ])
+        .unwrap()
+        .store;
+        assert_eq!(c.store_type, StoreType::Postgres);
+        assert_eq!(c.postgres.tls_mode, PgTlsMode::VerifyFull);
+        assert!(!format!("{:?}", c.postgres).contains("secret"), "the password must not be printed");
+        assert!(Cli::try_parse_from(["cp", "--store-postgres-tls-mode", "require"]).is_err());
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU16;
 use crate::ca::CaManager;
 use crate::config::RunConfig;
 use crate::kds::metrics::KdsMetrics;
+use crate::leader::Leadership;
 use crate::model::labels::Role;
 use crate::store::Store;
 use crate::tokens::Tokens;
@@ -23,17 +24,32 @@ pub struct Cp {
     pub dp_port: AtomicU16,
     /// Counters of the KDS streams.
     pub kds_metrics: KdsMetrics,
+    /// Whether this instance runs the leader-only jobs (always, on the memory store).
+    pub leader: Leadership,
 }
 
 impl Cp {
+    /// The only instance of its control plane (memory store): always the leader.
     pub fn new(cfg: RunConfig, store: Arc<dyn Store>) -> Arc<Self> {
+        Self::with_leadership(cfg, store, instance_id(), Leadership::always())
+    }
+
+    /// One of several instances sharing `store`, known as `instance_id`, leading when
+    /// `leader` says so.
+    pub fn with_leadership(
+        cfg: RunConfig,
+        store: Arc<dyn Store>,
+        instance_id: String,
+        leader: Leadership,
+    ) -> Arc<Self> {
         let federated = cfg.is_federated_zone();
         Arc::new(Cp {
             tokens: Tokens::new(store.clone(), federated),
             ca: CaManager::new(cfg.work_dir(), !federated),
-            instance_id: instance_id(),
+            instance_id,
             dp_port: AtomicU16::new(cfg.dp_server_port),
             kds_metrics: KdsMetrics::default(),
+            leader,
             cfg,
             store,
         })
@@ -50,7 +66,8 @@ impl Cp {
     }
 }
 
-fn instance_id() -> String {
+/// Kuma's instance id: `<hostname>-<4 hex digits>`.
+pub fn instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()

@@ -5,7 +5,8 @@
 //!   bootstrap and ADS for its proxies) or global ([`components::global`]: the KDS server
 //!   zones dial); both serve the REST API ([`api`]).
 //! * [`model`] and [`store`]: Kuma resources, one descriptor per type, and their storage
-//!   with typed change events.
+//!   with typed change events (in memory, or in PostgreSQL shared by several instances,
+//!   of which [`leader`] elects the one that runs the reconcilers).
 //! * [`kds`]: the multi-zone sync, both sides. [`xds`]: the ADS server and generation.
 //! * [`reconcile`]: derived state (availableServices, VIPs, CAs, insights).
 
@@ -18,6 +19,7 @@ pub mod context;
 pub mod dpserver;
 pub mod gui;
 pub mod kds;
+pub mod leader;
 pub mod lifecycle;
 pub mod model;
 pub mod reconcile;

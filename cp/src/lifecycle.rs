@@ -77,6 +77,7 @@ impl Lifecycle {
             drop(Registration { cp: cp.clone(), key: key.clone() });
             return Err(e.to_string());
         }
+        adopt_insight(cp, &key).await;
         tracing::info!(kind = key.0.name(), mesh = %key.1, name = %key.2, "proxy registered");
         Ok(Registration { cp: cp.clone(), key })
     }
@@ -110,6 +111,10 @@ impl Drop for Registration {
                 }
             };
             if still_gone {
+                if connected_elsewhere(&cp, &key).await {
+                    tracing::info!(kind = key.0.name(), mesh = %key.1, name = %key.2, "proxy reconnected to another control plane instance; it stays registered");
+                    return;
+                }
                 // Deleting the proxy's resource deletes its insight (it owns it).
                 match cp.store.delete(key.0, &key.1, &key.2).await {
                     Ok(_) => tracing::info!(kind = key.0.name(), mesh = %key.1, name = %key.2, "proxy deregistered after its stream closed"),
@@ -118,6 +123,41 @@ impl Drop for Registration {
             }
         });
     }
+}
+
+/// The insight of a proxy that connected before its resource existed was created without
+/// its owner (a store with foreign keys refuses an owner that is not there yet): now that
+/// the resource is registered, the insight becomes its, and goes when it goes.
+async fn adopt_insight(cp: &ZoneCp, subject: &Key) {
+    let insight_type = subject.0.descriptor().insight.unwrap_or(ResourceType::DataplaneInsight);
+    for _ in 0..10 {
+        let Ok(Some(mut insight)) = cp.store.get(insight_type, &subject.1, &subject.2).await else { return };
+        if insight.owner.is_some() {
+            return;
+        }
+        let version = insight.version;
+        insight.owner = Some(subject.clone());
+        match cp.store.upsert(insight, Some(version)).await {
+            Err(crate::store::StoreError::Conflict { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot give a proxy insight its owner");
+                return;
+            }
+            Ok(_) => return,
+        }
+    }
+}
+
+/// Whether the proxy `subject` has an open stream on another instance of this control
+/// plane (it moved there: its registration is that instance's now).
+async fn connected_elsewhere(cp: &ZoneCp, subject: &Key) -> bool {
+    let insight_type = subject.0.descriptor().insight.unwrap_or(ResourceType::DataplaneInsight);
+    let Ok(Some(insight)) = cp.store.get(insight_type, &subject.1, &subject.2).await else { return false };
+    insight.spec.get("subscriptions").and_then(Value::as_array).is_some_and(|subs| {
+        subs.iter().any(|s| {
+            s.get("disconnectTime").is_none_or(Value::is_null) && s["controlPlaneInstanceId"] != cp.instance_id.as_str()
+        })
+    })
 }
 
 /// An open subscription in a proxy's insight; dropping it records the disconnect.
@@ -144,8 +184,24 @@ pub async fn connected(cp: &Arc<ZoneCp>, subject: &Key, version: Option<Value>) 
         sub["version"] = v;
     }
     let owner = subject.clone();
+    let me = cp.instance_id.clone();
     update_subscriptions(cp, &insight, Some(owner), |subs| {
-        subs.push(sub.clone());
+        // A proxy whose newest stream is still open and serving moved here (its control
+        // plane instance died, or the path to it): it kept serving its listeners, so it is
+        // not joining again, and other proxies keep it as an endpoint.
+        let moved = subs.last().is_some_and(|s| s.get("disconnectTime").is_none_or(Value::is_null) && acked(s));
+        let mut sub = sub.clone();
+        if moved {
+            sub["status"]["lds"] = json!({"responsesAcknowledged": "1"});
+        }
+        // A proxy has one stream: one still open on another instance was cut off from it
+        // (that instance died), so it is over.
+        for s in subs.iter_mut() {
+            if s.get("disconnectTime").is_none_or(Value::is_null) && s["controlPlaneInstanceId"] != me.as_str() {
+                s["disconnectTime"] = Value::String(now_rfc3339());
+            }
+        }
+        subs.push(sub);
         // Keep the newest; a proxy has one live stream, older entries are history.
         let excess = subs.len().saturating_sub(SUBSCRIPTION_LIMIT);
         subs.drain(..excess);
@@ -198,12 +254,21 @@ async fn update_subscriptions(cp: &ZoneCp, insight: &Key, owner: Option<Key>, f:
             return; // the proxy was deleted meanwhile, and its insight with it
         }
         let version = existing.as_ref().map_or(0, |r| r.version);
+        let creating = existing.is_none();
         let mut r = existing.unwrap_or_else(|| Resource::new(insight.0, &insight.1, &insight.2));
         let mut subs = r.spec.get("subscriptions").and_then(Value::as_array).cloned().unwrap_or_default();
         f(&mut subs);
         r.spec.insert("subscriptions".into(), Value::Array(subs));
         if r.owner.is_none() {
             r.owner = owner.clone();
+        }
+        // A proxy connecting for the first time registers its resource after this: the
+        // insight is adopted then (`adopt_insight`).
+        if creating
+            && let Some(o) = &r.owner
+            && matches!(cp.store.get(o.0, &o.1, &o.2).await, Ok(None))
+        {
+            r.owner = None;
         }
         compute_labels(&mut r, cp.role());
         match cp.store.upsert(r, Some(version)).await {
@@ -226,8 +291,12 @@ pub fn joining(insight: &Resource) -> bool {
         return false;
     };
     let open = last.get("disconnectTime").is_none_or(Value::is_null);
-    let acked = last.pointer("/status/lds/responsesAcknowledged").is_some_and(|v| v != "0" && !v.is_null());
-    open && !acked
+    open && !acked(last)
+}
+
+/// A subscription whose proxy acknowledged its listeners.
+fn acked(subscription: &Value) -> bool {
+    subscription.pointer("/status/lds/responsesAcknowledged").is_some_and(|v| v != "0" && !v.is_null())
 }
 
 /// `dataplanes` without the ones whose proxy is still joining.

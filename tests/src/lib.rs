@@ -8,6 +8,7 @@ pub mod http;
 pub mod mesh;
 pub mod netns;
 pub mod pair;
+pub mod postgres;
 pub mod tls;
 pub mod xds;
 
@@ -329,6 +330,12 @@ impl Cp {
         ];
         all.extend_from_slice(env);
         Cp::launch(dir, dp_port, 0, &all)
+    }
+
+    /// Starts `cp run` in `dir` with `env` (mode, zone, `KUMA_STORE_*`, ...), the DP server
+    /// on `dp_port` and KDS on `kds_port` (0: any free port).
+    pub fn launch_with(dir: PathBuf, dp_port: u16, kds_port: u16, env: &[(&str, &str)]) -> Cp {
+        Cp::launch(dir, dp_port, kds_port, env)
     }
 
     /// `grpcs://localhost:<kds port>` of a global control plane.

@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 
 use crate::context::Cp;
 use crate::model::{Cause, ResourceType};
+use crate::store::StoreError;
 
 const MAX_BODY: usize = 1024 * 1024;
 
@@ -69,6 +70,29 @@ fn not_found(rtype: ResourceType, mesh: &str, name: &str) -> Response {
 
 fn internal(e: impl std::fmt::Display) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &e.to_string(), &[])
+}
+
+/// A failed store write as Kuma answers it: a version conflict is 409 `Conflict` with
+/// Kuma's detail, a database that cannot be reached 503, anything else 500.
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::Conflict { rtype, mesh, name, .. } => error(
+            StatusCode::CONFLICT,
+            "Conflict",
+            &format!("resource conflict: type={rtype:?} name={name:?} mesh={mesh:?}"),
+            &[],
+        ),
+        StoreError::Unavailable(msg) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service unavailable",
+            &format!(
+                "{msg}; nothing was written. The control plane keeps serving its proxies from memory and accepts \
+                 changes again once the database is back"
+            ),
+            &[],
+        ),
+        e => internal(e),
+    }
 }
 
 fn require_admin(peer: Option<Extension<Peer>>) -> Result<(), Response> {
@@ -169,15 +193,18 @@ async fn config(State(cp): State<Arc<Cp>>) -> Response {
                 "zone": {"name": cp.cfg.zone_name, "globalAddress": cp.cfg.global_address},
                 "global": {"kds": {"grpcPort": cp.cfg.kds_port}},
             },
-            "store": {"type": "memory"},
+            "store": {"type": cp.store.store_type()},
             "dpServer": {"port": cp.dp_port.load(std::sync::atomic::Ordering::Relaxed)},
         }),
     )
 }
 
-/// Prometheus text: the KDS counters.
+/// Prometheus text: the KDS counters, and Kuma's `leader` gauge.
 async fn metrics(State(cp): State<Arc<Cp>>) -> Response {
-    let mut r = (StatusCode::OK, cp.kds_metrics.render()).into_response();
+    let mut text = cp.kds_metrics.render();
+    text.push_str("# HELP leader 1 indicates that this instance is leader\n# TYPE leader gauge\n");
+    text.push_str(if cp.leader.is_leader() { "leader 1\n" } else { "leader 0\n" });
+    let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
 }

@@ -10,7 +10,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Peer, error, internal, json_response, not_found, read_body, require_admin};
+use super::{Peer, error, internal, json_response, not_found, read_body, require_admin, store_error};
 use crate::context::Cp;
 use crate::model::labels::{self, ORIGIN, ORIGIN_GLOBAL, ORIGIN_ZONE, ZONE};
 use crate::model::{Cause, Resource, ResourceError, ResourceType, parse_document, validate};
@@ -70,7 +70,14 @@ pub(super) async fn list(
 
 pub(super) async fn get_one(State(cp): State<Arc<Cp>>, rtype: ResourceType, mesh: String, name: String) -> Response {
     match cp.store.get(rtype, &mesh, &name).await {
-        Ok(Some(r)) => json_response(StatusCode::OK, &r.to_json()),
+        Ok(Some(r)) => {
+            let mut resp = json_response(StatusCode::OK, &r.to_json());
+            // The store version, for a conditional PUT (`If-Match`).
+            if let Ok(v) = axum::http::HeaderValue::from_str(&format!("\"{}\"", r.version)) {
+                resp.headers_mut().insert(axum::http::header::ETAG, v);
+            }
+            resp
+        }
         Ok(None) => not_found(rtype, &mesh, &name),
         Err(e) => internal(e),
     }
@@ -130,6 +137,10 @@ pub(super) async fn put(
     if let Err(r) = require_admin(peer).and_then(|()| writable(&cp, rtype)) {
         return r;
     }
+    let expected = match if_match(&req) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     let text = match read_body(req).await {
         Ok(t) => t,
         Err(r) => return r,
@@ -205,13 +216,30 @@ pub(super) async fn put(
         r.spec.insert("availableServices".into(), av.clone());
     }
     labels::compute(&mut r, cp.role());
-    match cp.store.upsert(r, None).await {
+    match cp.store.upsert(r, expected).await {
         Ok(_) => {
             let status = if existed.is_some() { StatusCode::OK } else { StatusCode::CREATED };
             json_response(status, &json!({"warnings": []}))
         }
-        Err(e) => internal(e),
+        Err(e) => store_error(e),
     }
+}
+
+/// `If-Match: "<version>"` (the `ETag` of a GET): write only over that version, else
+/// Kuma's 409 conflict. `If-Match: "0"` creates only. Kuma's API has no such header (its
+/// writes never fail on a concurrent change); this one only adds the check.
+fn if_match(req: &Request) -> Result<Option<u64>, Response> {
+    let Some(v) = req.headers().get(axum::http::header::IF_MATCH) else { return Ok(None) };
+    let text = v.to_str().unwrap_or_default().trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    text.parse().map(Some).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "If-Match must be the ETag of the resource (its version, e.g. \"42\")",
+            &[],
+        )
+    })
 }
 
 pub(super) async fn delete(
@@ -248,6 +276,6 @@ pub(super) async fn delete(
     match deleted {
         Ok(true) => json_response(StatusCode::OK, &json!({})),
         Ok(false) => not_found(rtype, &mesh, &name),
-        Err(e) => internal(e),
+        Err(e) => store_error(e),
     }
 }

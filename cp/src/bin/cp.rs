@@ -1,4 +1,4 @@
-//! `cp run`: the control plane.
+//! `cp run`: the control plane; `cp migrate up`: the PostgreSQL store's schema.
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -14,6 +14,39 @@ struct Cli {
 enum Cmd {
     /// Run the control plane.
     Run(Box<cp::config::RunConfig>),
+    /// Manage the schema of the PostgreSQL store.
+    #[command(subcommand)]
+    Migrate(Migrate),
+}
+
+#[derive(Subcommand)]
+enum Migrate {
+    /// Create the schema, or upgrade it to the one this cp runs on (run it before
+    /// `cp run`, and again after upgrading cp).
+    Up(Box<cp::config::StoreConfig>),
+}
+
+async fn migrate_up(cfg: &cp::config::StoreConfig) -> std::process::ExitCode {
+    if cfg.store_type != cp::config::StoreType::Postgres {
+        eprintln!(
+            "Error: KUMA_STORE_TYPE is memory, which has no schema: set KUMA_STORE_TYPE=postgres (and KUMA_STORE_POSTGRES_*) to migrate a database"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    match cp::store::postgres::PostgresStore::migrate_up(&cfg.postgres).await {
+        Ok(m) if m.from == m.to => {
+            println!("{}: already at schema version {}", cfg.postgres.describe(), m.to);
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(m) => {
+            println!("{}: migrated from schema version {} to {}", cfg.postgres.describe(), m.from, m.to);
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,13 +59,16 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let Cmd::Run(cfg) = cli.cmd;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: cannot start the async runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
+    };
+    let cfg = match cli.cmd {
+        Cmd::Run(cfg) => cfg,
+        Cmd::Migrate(Migrate::Up(store)) => return rt.block_on(migrate_up(&store)),
     };
     rt.block_on(async move {
         let running = match cp::components::start(*cfg).await {
@@ -62,6 +98,12 @@ fn main() -> std::process::ExitCode {
         }
         tracing::info!("shutting down");
         running.shutdown();
+        // A leader on a shared store gives its lease up, so that another instance takes
+        // over at once (the memory store's only instance leads until it exits).
+        if running.cp.store.durable() {
+            let mut leader = running.cp.leader.subscribe();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), leader.wait_for(|l| !*l)).await;
+        }
         std::process::ExitCode::SUCCESS
     })
 }

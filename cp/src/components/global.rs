@@ -1,6 +1,7 @@
 //! What a global control plane runs: the KDS server zones dial, and the reconcilers that
 //! own the mesh configuration (default Mesh, mesh CAs, signing keys, service insights,
-//! zone liveness). It serves no proxies: there is no DP server.
+//! zone liveness). It serves no proxies: there is no DP server. With several instances
+//! on one database, every instance serves KDS and the leader runs the reconcilers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,9 +18,12 @@ pub async fn start(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
     reconcile::defaults::standalone(cp).await?;
-    reconcile::defaults::spawn_mesh_reconcilers(cp, shutdown.clone());
-    reconcile::service_insights::spawn(cp, shutdown.clone());
-    crate::kds::insight::spawn_idle_finalizer(cp, shutdown.clone());
+    let c = cp.clone();
+    crate::leader::spawn_while_leader(&cp.leader, shutdown.clone(), "global reconcilers", move |stop| {
+        reconcile::defaults::spawn_mesh_reconcilers(&c, stop.clone());
+        reconcile::service_insights::spawn(&c, stop.clone());
+        crate::kds::insight::spawn_idle_finalizer(&c, stop);
+    });
 
     let l = super::bind(
         SocketAddr::new(cp.cfg.bind_address, cp.cfg.kds_port),

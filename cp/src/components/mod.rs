@@ -12,8 +12,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::RunConfig;
-use crate::context::Cp;
+use crate::config::{RunConfig, StoreType};
+use crate::context::{Cp, instance_id};
+use crate::leader::Leadership;
+use crate::store::postgres::PostgresStore;
 use crate::store::{MemoryStore, Store};
 
 /// A running control plane. Dropping it does not stop it; call [`Running::shutdown`].
@@ -48,13 +50,18 @@ pub(crate) async fn bind(addr: SocketAddr, what: &str, var: &str) -> anyhow::Res
     })
 }
 
-/// Start everything and return once every server is bound.
+/// Start everything on the configured store (`KUMA_STORE_TYPE`) and return once every
+/// server is bound.
 pub async fn start(cfg: RunConfig) -> anyhow::Result<Running> {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    start_with_store(cfg, store).await
+    launch(cfg, None).await
 }
 
+/// Start everything on `store`, as its only instance.
 pub async fn start_with_store(cfg: RunConfig, store: Arc<dyn Store>) -> anyhow::Result<Running> {
+    launch(cfg, Some(store)).await
+}
+
+async fn launch(cfg: RunConfig, store: Option<Arc<dyn Store>>) -> anyhow::Result<Running> {
     // Inputs a person gives are checked before anything is bound or written.
     let kds_target = if cfg.is_federated_zone() { Some(crate::kds::zone::Target::from_config(&cfg)?) } else { None };
     let work_dir = cfg.work_dir();
@@ -67,8 +74,18 @@ pub async fn start_with_store(cfg: RunConfig, store: Arc<dyn Store>) -> anyhow::
     };
     let tls = crate::tls::load_or_create(&work_dir, cert_file, key_file, &cfg.tls_sans)?;
     let server_tls = crate::tls::server_config(&tls)?;
-    let cp = Cp::new(cfg.clone(), store);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let id = instance_id();
+    let (store, leader): (Arc<dyn Store>, Leadership) = match (store, cfg.store.store_type) {
+        (Some(s), _) => (s, Leadership::always()),
+        (None, StoreType::Memory) => (Arc::new(MemoryStore::new()), Leadership::always()),
+        (None, StoreType::Postgres) => {
+            let pg = PostgresStore::open(&cfg.store.postgres).await?;
+            let leader = Leadership::postgres(pg.pool().clone(), id.clone(), shutdown_rx.clone());
+            (pg, leader)
+        }
+    };
+    let cp = Cp::with_leadership(cfg.clone(), store, id, leader);
 
     let (dp_server, kds) = if cfg.is_global() {
         tracing::info!(path = %tls.ca_cert_path.display(), "CP CA certificate written; zones trust it with KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE");

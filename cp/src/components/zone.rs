@@ -2,6 +2,9 @@
 //! reconcilers that keep their inputs current, and, when federated, the KDS client that
 //! syncs with global. A standalone zone also does global's jobs for itself (default mesh,
 //! mesh CAs, signing keys, service insights); a federated one gets those from global.
+//! With several instances on one database, every instance serves its proxies and the
+//! leader runs the reconcilers and the KDS client (Kuma: "every zone control plane
+//! leader maintains a connection to the global control plane").
 
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -77,28 +80,34 @@ pub async fn start(
         shutdown.clone(),
     ));
 
-    // availableServices of this zone's ingresses, from its Dataplanes.
-    let z = zone.clone();
-    reconcile::spawn("availableServices", cp, shutdown.clone(), reconcile::available_services::relevant, move || {
-        let z = z.clone();
-        async move { reconcile::available_services::update(&z).await }
-    });
-    // VIPs of local and remote services.
-    let z = zone.clone();
-    reconcile::spawn("VIPs", cp, shutdown.clone(), reconcile::vips_relevant, move || {
-        let z = z.clone();
-        async move { z.vips.update(&z.store).await }
-    });
-    match kds {
-        Some(target) => {
-            tracing::info!(global = %target, zone = %cp.cfg.zone_name, "federated zone: syncing with the global control plane");
-            crate::kds::zone::ensure_own_zone(cp).await?;
-            tokio::spawn(crate::kds::zone::run(cp.clone(), target, shutdown));
-        }
-        None => {
-            reconcile::defaults::spawn_mesh_reconcilers(cp, shutdown.clone());
-            reconcile::service_insights::spawn(cp, shutdown);
-        }
+    if let Some(target) = &kds {
+        tracing::info!(global = %target, zone = %cp.cfg.zone_name, "federated zone: syncing with the global control plane");
+        crate::kds::zone::ensure_own_zone(cp).await?;
     }
+    let z = zone.clone();
+    crate::leader::spawn_while_leader(&cp.leader, shutdown, "zone reconcilers", move |stop| {
+        let cp = z.core().clone();
+        // availableServices of this zone's ingresses, from its Dataplanes.
+        let z1 = z.clone();
+        reconcile::spawn("availableServices", &cp, stop.clone(), reconcile::available_services::relevant, move || {
+            let z = z1.clone();
+            async move { reconcile::available_services::update(&z).await }
+        });
+        // VIPs of local and remote services.
+        let z2 = z.clone();
+        reconcile::spawn("VIPs", &cp, stop.clone(), reconcile::vips_relevant, move || {
+            let z = z2.clone();
+            async move { z.vips.update(&z.store).await }
+        });
+        match &kds {
+            Some(target) => {
+                tokio::spawn(crate::kds::zone::run(cp.clone(), target.clone(), stop));
+            }
+            None => {
+                reconcile::defaults::spawn_mesh_reconcilers(&cp, stop.clone());
+                reconcile::service_insights::spawn(&cp, stop);
+            }
+        }
+    });
     Ok(addr)
 }

@@ -124,7 +124,7 @@ pub fn metadata_values(md: &tonic::metadata::MetadataMap, key: &str) -> Vec<Stri
 pub fn config_json(cp: &crate::context::Cp) -> String {
     serde_json::json!({
         "mode": cp.mode_name(),
-        "store": {"type": "memory"},
+        "store": {"type": cp.store.store_type()},
         "multizone": {"zone": {"name": cp.cfg.zone_name, "globalAddress": cp.cfg.global_address}},
     })
     .to_string()

@@ -17,10 +17,14 @@ pub const DEFAULT_MESH: &str = "default";
 
 /// Start-up defaults of global and of a standalone zone.
 pub async fn standalone(cp: &Arc<Cp>) -> anyhow::Result<()> {
-    cp.tokens
-        .persist_zone_signing_key(&cp.cfg.work_dir().join("zone-token-signing-key.pem"))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot load or create the zone token signing key: {e}"))?;
+    // A durable store keeps the key itself (every instance sharing it uses that one); the
+    // memory store gets a copy in the work directory so that tokens survive a restart.
+    let key = if cp.store.durable() {
+        cp.tokens.ensure_zone_signing_key().await
+    } else {
+        cp.tokens.persist_zone_signing_key(&cp.cfg.work_dir().join("zone-token-signing-key.pem")).await
+    };
+    key.map_err(|e| anyhow::anyhow!("cannot load or create the zone token signing key: {e}"))?;
     if !cp.cfg.skip_mesh_creation && cp.store.get(ResourceType::Mesh, "", DEFAULT_MESH).await?.is_none() {
         let mut mesh = Resource::new(ResourceType::Mesh, "", DEFAULT_MESH);
         compute_labels(&mut mesh, cp.role());

@@ -70,6 +70,7 @@ impl Inner {
             if found != exp {
                 return Err(StoreError::Conflict {
                     rtype: resource.rtype.name(),
+                    mesh: k.1.clone(),
                     name: resource.name.clone(),
                     expected: exp,
                     found,
@@ -168,6 +169,20 @@ impl Store for MemoryStore {
         let mut events = Vec::new();
         let counter = {
             let mut inner = self.lock()?;
+            // Creations are checked before anything of the batch is written: all or nothing.
+            for op in &ops {
+                if let WriteOp::Create(r) = op
+                    && let Some(old) = inner.resources.get(&key(r.rtype, &r.mesh, &r.name))
+                {
+                    return Err(StoreError::Conflict {
+                        rtype: r.rtype.name(),
+                        mesh: old.mesh.clone(),
+                        name: r.name.clone(),
+                        expected: 0,
+                        found: old.version,
+                    });
+                }
+            }
             for op in ops {
                 match op {
                     WriteOp::Upsert(r) => {
@@ -177,6 +192,11 @@ impl Store for MemoryStore {
                     }
                     WriteOp::Delete(k) => {
                         inner.delete(&k, &mut events);
+                    }
+                    WriteOp::Create(r) => {
+                        if let (_, Some(e)) = inner.upsert(r, Some(0))? {
+                            events.push(e);
+                        }
                     }
                 }
             }
@@ -257,6 +277,22 @@ mod tests {
         assert!(s.list(ResourceType::DataplaneInsight, None).await.unwrap().is_empty());
         let deleted: Vec<ResourceType> = std::iter::from_fn(|| events.try_recv().ok()).map(|e| e.rtype()).collect();
         assert_eq!(deleted, vec![ResourceType::DataplaneInsight, ResourceType::Dataplane, ResourceType::Zone]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_a_creation_of_an_existing_resource_writes_nothing() {
+        let s = MemoryStore::new();
+        s.upsert(Resource::new(ResourceType::Zone, "", "z1"), None).await.unwrap();
+        let mut events = s.events();
+        let ops = vec![
+            WriteOp::Upsert(Resource::new(ResourceType::Zone, "", "z0")),
+            WriteOp::Create(Resource::new(ResourceType::Zone, "", "z1")),
+        ];
+        assert!(matches!(s.apply(ops).await, Err(StoreError::Conflict { .. })));
+        assert_eq!(s.list(ResourceType::Zone, None).await.unwrap().len(), 1);
+        assert!(events.try_recv().is_err());
+        s.apply(vec![WriteOp::Create(Resource::new(ResourceType::Zone, "", "z2"))]).await.unwrap();
+        assert_eq!(events.try_recv().unwrap().kind, ChangeKind::Created);
     }
 
     #[tokio::test]

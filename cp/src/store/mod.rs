@@ -1,5 +1,6 @@
-//! Resource store: the trait every backend implements, its change events, and the
-//! in-memory backend (Kuma's default `store.type: memory`).
+//! Resource store: the trait every backend implements, its change events, the
+//! in-memory backend (Kuma's default `store.type: memory`) and the PostgreSQL one
+//! ([`postgres`], `KUMA_STORE_TYPE=postgres`), which several instances share.
 //!
 //! Two ways to follow changes: [`Store::subscribe`] is a counter for "something changed",
 //! [`Store::events`] says what changed (type, key, owner), so that a consumer can ignore
@@ -7,6 +8,7 @@
 //! recomputes only the types that changed).
 
 mod memory;
+pub mod postgres;
 
 pub use memory::MemoryStore;
 
@@ -18,7 +20,11 @@ use crate::model::{Resource, ResourceType};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{rtype} {name:?} was modified concurrently (expected version {expected}, found {found})")]
-    Conflict { rtype: &'static str, name: String, expected: u64, found: u64 },
+    Conflict { rtype: &'static str, mesh: String, name: String, expected: u64, found: u64 },
+    /// The database cannot be reached (PostgreSQL down or cut off): writes fail, reads
+    /// are served from memory.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("store failure: {0}")]
     Internal(String),
 }
@@ -53,6 +59,9 @@ pub enum WriteOp {
     Upsert(Resource),
     /// Delete, with everything it owns.
     Delete(Key),
+    /// Create; the whole batch fails with [`StoreError::Conflict`] when it already exists
+    /// (two instances creating the same pair of secrets: one wins, entirely).
+    Create(Resource),
 }
 
 /// Storage of resources with change notification.
@@ -78,6 +87,14 @@ pub trait Store: Send + Sync + 'static {
     /// Every change, as it happens. A receiver that falls behind gets `Lagged` and should
     /// treat everything as changed.
     fn events(&self) -> broadcast::Receiver<ChangeEvent>;
+    /// `memory` or `postgres` (Kuma's `store.type`).
+    fn store_type(&self) -> &'static str {
+        "memory"
+    }
+    /// Does the state outlive this process (so nothing needs a copy in the work directory)?
+    fn durable(&self) -> bool {
+        self.store_type() != "memory"
+    }
 }
 
 /// What [`next_change`] saw.
