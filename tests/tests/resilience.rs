@@ -260,4 +260,23 @@ async fn a_dead_zone_ingress_is_ejected_after_n_failures_and_tried_again_later()
     // takes traffic again.
     ingresses[2] = Some(start_ingress(&global, &zones[2], "zone-3", ports[2]));
     wait_answered_by(outbound, "echo-zone-3", &[&client]).await;
+
+    // With MeshRetry's TCP connect attempts, the same failure costs no request at all:
+    // a failed connect moves on to another zone.
+    global.apply(
+        "type: MeshRetry\nname: connect-again\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  \
+         - targetRef:\n      kind: Mesh\n    default:\n      tcp:\n        maxConnectAttempt: 3\n",
+    );
+    e2e::wait_within(SYNC, "the retry policy to reach the client", || {
+        client.get("/config_dump").1.contains("\"maxConnectAttempts\": 3").then_some(())
+    });
+    let traffic = Traffic::start(outbound);
+    traffic.wait_more(20).await;
+    ingresses[2] = None;
+    traffic.wait_more(100).await;
+    let outcomes = traffic.finish().await;
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    // A request whose connection was already through the ingress when it died cannot be
+    // retried at connect time: at most that one fails.
+    assert!(failed.len() <= 1, "{} of {} failed with retries: {failed:?}", failed.len(), outcomes.len());
 }

@@ -330,6 +330,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let ingresses = cp.store.list(ResourceType::ZoneIngress, None).await.map_err(internal)?;
     let vips = crate::vips::load(cp.store.as_ref(), &id.mesh).await;
     let circuit_breakers = cp.store.list(ResourceType::MeshCircuitBreaker, Some(&id.mesh)).await.map_err(internal)?;
+    let retries = cp.store.list(ResourceType::MeshRetry, Some(&id.mesh)).await.map_err(internal)?;
+    let health_checks = cp.store.list(ResourceType::MeshHealthCheck, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -347,6 +349,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         egresses: &egresses,
         external_services: &external_services,
         circuit_breakers: &circuit_breakers,
+        retries: &retries,
+        health_checks: &health_checks,
     });
     snap.refresh_at = refresh_at;
     Ok(snap)

@@ -1,7 +1,11 @@
-//! MeshCircuitBreaker on a sidecar's outbound clusters, as Kuma 2.14's plugin writes it:
-//! `connectionLimits` as the cluster's default-priority thresholds, `outlierDetection`
-//! as Envoy's, detectors without a `consecutive` not enforced, and
-//! `healthyPanicThreshold` as the cluster's panic threshold.
+//! Resilience policies on a sidecar's outbounds, as Kuma 2.14's plugins write them:
+//! * MeshCircuitBreaker: `connectionLimits` as the cluster's default-priority thresholds,
+//!   `outlierDetection` as Envoy's, detectors without a `consecutive` not enforced, and
+//!   `healthyPanicThreshold` as the cluster's panic threshold;
+//! * MeshRetry: `tcp.maxConnectAttempt` as the outbound tcp_proxy's
+//!   `max_connect_attempts` (the outbounds are TCP; HTTP retries need HTTP outbounds);
+//! * MeshHealthCheck: an active TCP check (connect, or `send`/`receive` payloads) with
+//!   Kuma's defaults (interval 1m, timeout 15s, 5 failures down, 1 success up).
 //!
 //! Policies that apply to the whole mesh (`targetRef.kind: Mesh`) are read; their `to`
 //! entries for the mesh and then for the outbound's service are merged in that order,
@@ -17,7 +21,8 @@ use serde_json::{Map, Value};
 
 use crate::model::Resource;
 
-/// The merged `default` of every MeshCircuitBreaker `to` entry that selects `service`.
+/// The merged `default` of every `to` entry of these policies (one kind) that selects
+/// `service`.
 pub fn merged_conf(policies: &[Resource], service: &str) -> Option<Map<String, Value>> {
     let mut sorted: Vec<(&Resource, Value)> =
         policies.iter().filter_map(|r| Some((r, r.typed::<Value>().ok()?))).collect();
@@ -119,6 +124,51 @@ pub fn apply(cluster: &mut Cluster, conf: &Map<String, Value>) {
     }
 }
 
+/// MeshRetry's TCP connect attempts, when set.
+pub fn connect_attempts(conf: &Map<String, Value>) -> Option<u32> {
+    conf.get("tcp")?.get("maxConnectAttempt")?.as_u64().and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0)
+}
+
+/// MeshHealthCheck as the cluster's active health check (TCP).
+pub fn apply_health_check(cluster: &mut Cluster, conf: &Map<String, Value>) {
+    use envoy_types::pb::envoy::config::core::v3::{HealthCheck, health_check};
+    let tcp = conf.get("tcp").cloned().unwrap_or(Value::Null);
+    if tcp["disabled"].as_bool() == Some(true) {
+        return;
+    }
+    let duration = |key: &str, dflt: u64| {
+        let d = conf.get(key).and_then(Value::as_str).and_then(|s| parse_duration(s).ok());
+        let d = d.unwrap_or(std::time::Duration::from_secs(dflt));
+        Some(Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 })
+    };
+    let threshold = |key: &str, dflt: u32| {
+        let v = conf.get(key).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).unwrap_or(dflt);
+        Some(UInt32Value { value: v })
+    };
+    // Kuma sends payloads as hex text.
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let payload = |text: String| health_check::Payload { payload: Some(health_check::payload::Payload::Text(text)) };
+    let check = health_check::TcpHealthCheck {
+        send: tcp["send"].as_str().map(|s| payload(hex(s))),
+        receive: tcp["receive"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|r| payload(hex(r)))
+            .collect(),
+        ..Default::default()
+    };
+    cluster.health_checks = vec![HealthCheck {
+        interval: duration("interval", 60),
+        timeout: duration("timeout", 15),
+        unhealthy_threshold: threshold("unhealthyThreshold", 5),
+        healthy_threshold: threshold("healthyThreshold", 1),
+        health_checker: Some(health_check::HealthChecker::TcpHealthCheck(check)),
+        ..Default::default()
+    }];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +211,39 @@ mod tests {
         let other = merged_conf(&p, "web").unwrap();
         assert_eq!(other["outlierDetection"]["detectors"]["totalFailures"]["consecutive"], 10);
         assert!(merged_conf(&[], "echo").is_none());
+    }
+
+    #[test]
+    fn retries_and_health_checks_map_to_envoy() {
+        let retry = [policy(
+            "r",
+            json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "Mesh"},
+                "default": {"tcp": {"maxConnectAttempt": 3}}}]}),
+        )];
+        assert_eq!(connect_attempts(&merged_conf(&retry, "echo").unwrap()), Some(3));
+        let hc = [policy(
+            "hc",
+            json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "Mesh"},
+                "default": {"interval": "2s", "unhealthyThreshold": 2, "tcp": {"send": "ping", "receive": ["pong"]}}}]}),
+        )];
+        let mut c = Cluster::default();
+        apply_health_check(&mut c, &merged_conf(&hc, "echo").unwrap());
+        let h = &c.health_checks[0];
+        assert_eq!((h.interval.unwrap().seconds, h.timeout.unwrap().seconds), (2, 15));
+        assert_eq!((h.unhealthy_threshold.unwrap().value, h.healthy_threshold.unwrap().value), (2, 1));
+        let Some(envoy_types::pb::envoy::config::core::v3::health_check::HealthChecker::TcpHealthCheck(t)) =
+            &h.health_checker
+        else {
+            panic!("a TCP check")
+        };
+        let text = |p: &Option<envoy_types::pb::envoy::config::core::v3::health_check::Payload>| match p
+            .as_ref()
+            .and_then(|p| p.payload.clone())
+        {
+            Some(envoy_types::pb::envoy::config::core::v3::health_check::payload::Payload::Text(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text(&t.send), "70696e67", "hex of ping");
+        assert_eq!(text(&t.receive.first().cloned()), "706f6e67");
     }
 }

@@ -93,6 +93,10 @@ pub struct SidecarInputs<'a> {
     pub external_services: &'a [Resource],
     /// MeshCircuitBreakers of the proxy's mesh.
     pub circuit_breakers: &'a [Resource],
+    /// MeshRetries of the proxy's mesh.
+    pub retries: &'a [Resource],
+    /// MeshHealthChecks of the proxy's mesh.
+    pub health_checks: &'a [Resource],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -205,6 +209,11 @@ pub(crate) fn tcp_proxy_chain(
         idle_timeout: Some(Duration { seconds: idle_secs, nanos: 0 }),
         ..Default::default()
     };
+    tcp_chain(tcp, tls)
+}
+
+/// A filter chain of one tcp_proxy.
+fn tcp_chain(tcp: TcpProxy, tls: Option<TransportSocket>) -> FilterChain {
     FilterChain {
         filters: vec![Filter {
             name: "envoy.filters.network.tcp_proxy".into(),
@@ -213,6 +222,19 @@ pub(crate) fn tcp_proxy_chain(
         transport_socket: tls,
         ..Default::default()
     }
+}
+
+/// An outbound's tcp_proxy, with MeshRetry's connect attempts when a policy sets them.
+fn outbound_chain(svc: &str, retries: &[Resource]) -> FilterChain {
+    let attempts = super::resilience::merged_conf(retries, svc).and_then(|c| super::resilience::connect_attempts(&c));
+    let tcp = TcpProxy {
+        stat_prefix: svc.to_string(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(svc.to_string())),
+        idle_timeout: Some(Duration { seconds: 3600, nanos: 0 }),
+        max_connect_attempts: attempts.map(|value| UInt32Value { value }),
+        ..Default::default()
+    };
+    tcp_chain(tcp, None)
 }
 
 /// Push a resource whose version is computed from its map-free Debug form plus `extra`
@@ -339,7 +361,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             name: name.clone(),
             address: Some(socket_address(addr, *port)),
             bind_to_port: tproxy.as_ref().filter(|_| !bind_outbounds).map(|_| BoolValue { value: false }),
-            filter_chains: vec![tcp_proxy_chain(svc, svc, 3600, None)],
+            filter_chains: vec![outbound_chain(svc, inputs.retries)],
             traffic_direction: TrafficDirection::Outbound as i32,
             ..Default::default()
         };
@@ -395,6 +417,9 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         };
         if let Some(conf) = super::resilience::merged_conf(inputs.circuit_breakers, svc) {
             super::resilience::apply(&mut c, &conf);
+        }
+        if let Some(conf) = super::resilience::merged_conf(inputs.health_checks, svc) {
+            super::resilience::apply_health_check(&mut c, &conf);
         }
         let cluster_version = version_of(&format!("{c:?}"));
         push(&mut clusters, svc, c, "", |_| {});
