@@ -124,41 +124,9 @@ async fn an_app_calls_mesh_services_by_name_with_no_outbounds_and_is_reached_thr
     let echo_dp = e2e::mesh::start_dp(&cp, "dataplane", &dataplane_token(&cp, "echo-1"), &echo_resource, &[]);
     echo_dp.wait_ready();
 
-    // The app in the namespace: no outbound, transparent proxying on; dp runs as root
-    // (excluded by uid), the app's curl as nobody.
     let app_port = free_port();
     let app_seen = http_app(ns.listen(SocketAddr::new(ns.ns_ip.into(), app_port)), "app");
-    let cp_port = cp.dp_server.port();
-    relay(ns.listen(SocketAddr::from(([127, 0, 0, 1], cp_port))), cp.dp_server);
-    let dir = temp_dir("tproxy-app");
-    let resource = format!(
-        "type: Dataplane\nmesh: default\nname: app-1\nnetworking:\n  address: {}\n  inbound:\n  - port: {app_port}\n    \
-         tags:\n      kuma.io/service: app\n  transparentProxying:\n    redirectPortInbound: 15006\n    \
-         redirectPortOutbound: 15001\n",
-        ns.ns_ip
-    );
-    let token = write(&dir, "token", &dataplane_token(&cp, "app-1"));
-    let resource_file = write(&dir, "app.yaml", &resource);
-    let cp_address = format!("--cp-address=https://localhost:{cp_port}");
-    let exec = ns.exec();
-    let exec: Vec<&str> = exec.iter().map(String::as_str).collect();
-    let app_dp = Dp::spawn_under(
-        &exec,
-        &ns.ns_ip.to_string(),
-        &[
-            "--proxy-type=dataplane",
-            &cp_address,
-            "--dataplane-token-file",
-            token.to_str().unwrap(),
-            "--ca-cert-file",
-            cp.ca_file.to_str().unwrap(),
-            "--dataplane-file",
-            resource_file.to_str().unwrap(),
-            "--transparent-proxy",
-        ],
-        &[("KUMA_DNS_PROXY_PORT", "15053")],
-    );
-    app_dp.wait_ready();
+    let app_dp = start_app_dp(&ns, &cp, app_port);
 
     // 1. By name: the DNS redirect brings the query to dp, the VIP connection to 15001.
     let (ok, body) = wait_until("echo.mesh to answer through the capture", || {
@@ -218,6 +186,98 @@ async fn an_app_calls_mesh_services_by_name_with_no_outbounds_and_is_reached_thr
     let (ok, out) = ns.run(ctl, &["uninstall", "transparent-proxy", "--ip-family-mode", "ipv4"]);
     assert!(ok, "{out}");
     assert_eq!(nat_rules(&ns), before, "uninstall removes exactly what install added");
+}
+
+/// The app's dp in the namespace: a Dataplane with an inbound on `app_port`, no outbound,
+/// transparent proxying on. dp runs as root (excluded by uid), the app's curl as nobody.
+fn start_app_dp(ns: &NetNs, cp: &Cp, app_port: u16) -> Dp {
+    let cp_port = cp.dp_server.port();
+    relay(ns.listen(SocketAddr::from(([127, 0, 0, 1], cp_port))), cp.dp_server);
+    let dir = temp_dir("tproxy-app");
+    let resource = format!(
+        "type: Dataplane\nmesh: default\nname: app-1\nnetworking:\n  address: {}\n  inbound:\n  - port: {app_port}\n    \
+         tags:\n      kuma.io/service: app\n  transparentProxying:\n    redirectPortInbound: 15006\n    \
+         redirectPortOutbound: 15001\n",
+        ns.ns_ip
+    );
+    let token = write(&dir, "token", &dataplane_token(cp, "app-1"));
+    let resource_file = write(&dir, "app.yaml", &resource);
+    let cp_address = format!("--cp-address=https://localhost:{cp_port}");
+    let exec = ns.exec();
+    let exec: Vec<&str> = exec.iter().map(String::as_str).collect();
+    let app_dp = Dp::spawn_under(
+        &exec,
+        &ns.ns_ip.to_string(),
+        &[
+            "--proxy-type=dataplane",
+            &cp_address,
+            "--dataplane-token-file",
+            token.to_str().unwrap(),
+            "--ca-cert-file",
+            cp.ca_file.to_str().unwrap(),
+            "--dataplane-file",
+            resource_file.to_str().unwrap(),
+            "--transparent-proxy",
+        ],
+        &[("KUMA_DNS_PROXY_PORT", "15053")],
+    );
+    app_dp.wait_ready();
+    app_dp
+}
+
+/// `ctl install transparent-proxy` inside the namespace, dp's user root, DNS redirected.
+fn install(ns: &NetNs, extra: &[&str]) {
+    let ctl = bin("ctl");
+    let mut args =
+        vec!["install", "transparent-proxy", "--kuma-dp-user", "root", "--redirect-dns", "--ip-family-mode", "ipv4"];
+    args.extend_from_slice(extra);
+    let (ok, out) = ns.run(ctl.to_str().unwrap(), &args);
+    assert!(ok, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_in_another_zone_is_called_by_name_through_the_capture_and_its_ingress() {
+    let ns = NetNs::new();
+    install(&ns, &[]);
+    let global = Cp::global();
+    global.apply(MESH);
+    let zone1 = Cp::federated(&global, "zone-1", &[]);
+    let zone2 = Cp::federated(&global, "zone-2", &[]);
+    zone1.wait_federated();
+    zone2.wait_federated();
+    // zone-2's ingress and echo on this host, on the address the namespace reaches.
+    let port = free_port();
+    let ingress = format!(
+        "type: ZoneIngress\nname: ingress-02\nnetworking:\n  address: {ip}\n  port: {port}\n  \
+         advertisedAddress: {ip}\n  advertisedPort: {port}\n",
+        ip = ns.host_ip
+    );
+    let token = e2e::mesh::zone_token(&global, "zone-2", &["ingress"]);
+    let ingress_dp = e2e::mesh::start_dp(&zone2, "ingress", &token, &ingress, &[]);
+    ingress_dp.wait_ready();
+    let echo = Backend::start("echo-zone-2").await;
+    let _echo_dp = start_sidecar(&zone2, "echo-2", "echo2", &echo, &[], &[]);
+    let app_port = free_port();
+    let _app = http_app(ns.listen(SocketAddr::new(ns.ns_ip.into(), app_port)), "app");
+    let app_dp = start_app_dp(&ns, &zone1, app_port);
+    // echo2 is a line-echo service: bash's /dev/tcp resolves the name (through the DNS
+    // redirect) and connects (through the capture), as any app would.
+    let (ok, body) = e2e::wait_within(e2e::mesh::SYNC, "echo2.mesh to answer from zone-2", || {
+        let got = ns.run(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "bash",
+                "-c",
+                "exec 3<>/dev/tcp/echo2.mesh/80; echo hello >&3; head -n1 <&3",
+            ],
+        );
+        (got.0 && got.1.trim() == "echo-zone-2").then_some(got)
+    });
+    assert!(ok && body.trim() == "echo-zone-2");
+    assert!(app_dp.stat("envoy_cluster_upstream_cx_total{envoy_cluster_name=\"echo2\"}") >= 1);
 }
 
 /// One HTTP GET through a plain TCP outbound: the body.
