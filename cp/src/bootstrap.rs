@@ -148,6 +148,11 @@ pub async fn handle(cp: &Arc<ZoneCp>, req: BootstrapRequest, host: &str) -> Resu
     if !req.system_ca_path.is_empty() {
         metadata.insert("systemCaPath".into(), json!(req.system_ca_path));
     }
+    // kuma-dp --transparent-proxy: the redirect ports travel with the proxy, not in the
+    // Dataplane (feature-transparent-proxy-in-dataplane-metadata).
+    if !req.dataplane_config.is_null() {
+        metadata.insert("transparentProxy".into(), req.dataplane_config.clone());
+    }
 
     let host_is_ip = xds_host.parse::<std::net::IpAddr>().is_ok();
     let san_type = if host_is_ip { "IP_ADDRESS" } else { "DNS" };

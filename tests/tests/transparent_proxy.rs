@@ -126,7 +126,7 @@ async fn an_app_calls_mesh_services_by_name_with_no_outbounds_and_is_reached_thr
 
     let app_port = free_port();
     let app_seen = http_app(ns.listen(SocketAddr::new(ns.ns_ip.into(), app_port)), "app");
-    let app_dp = start_app_dp(&ns, &cp, app_port);
+    let app_dp = start_app_dp(&ns, &cp, app_port, true);
 
     // 1. By name: the DNS redirect brings the query to dp, the VIP connection to 15001.
     let (ok, body) = wait_until("echo.mesh to answer through the capture", || {
@@ -189,17 +189,21 @@ async fn an_app_calls_mesh_services_by_name_with_no_outbounds_and_is_reached_thr
 }
 
 /// The app's dp in the namespace: a Dataplane with an inbound on `app_port`, no outbound,
-/// transparent proxying on. dp runs as root (excluded by uid), the app's curl as nobody.
-fn start_app_dp(ns: &NetNs, cp: &Cp, app_port: u16) -> Dp {
+/// `dp run --transparent-proxy`; the redirect ports in the Dataplane too when
+/// `in_resource` (else the control plane takes them from the proxy's metadata). dp runs
+/// as root (excluded by uid), the app's curl as nobody.
+fn start_app_dp(ns: &NetNs, cp: &Cp, app_port: u16, in_resource: bool) -> Dp {
     let cp_port = cp.dp_server.port();
     relay(ns.listen(SocketAddr::from(([127, 0, 0, 1], cp_port))), cp.dp_server);
     let dir = temp_dir("tproxy-app");
-    let resource = format!(
+    let mut resource = format!(
         "type: Dataplane\nmesh: default\nname: app-1\nnetworking:\n  address: {}\n  inbound:\n  - port: {app_port}\n    \
-         tags:\n      kuma.io/service: app\n  transparentProxying:\n    redirectPortInbound: 15006\n    \
-         redirectPortOutbound: 15001\n",
+         tags:\n      kuma.io/service: app\n",
         ns.ns_ip
     );
+    if in_resource {
+        resource.push_str("  transparentProxying:\n    redirectPortInbound: 15006\n    redirectPortOutbound: 15001\n");
+    }
     let token = write(&dir, "token", &dataplane_token(cp, "app-1"));
     let resource_file = write(&dir, "app.yaml", &resource);
     let cp_address = format!("--cp-address=https://localhost:{cp_port}");
@@ -259,7 +263,7 @@ async fn a_service_in_another_zone_is_called_by_name_through_the_capture_and_its
     let _echo_dp = start_sidecar(&zone2, "echo-2", "echo2", &echo, &[], &[]);
     let app_port = free_port();
     let _app = http_app(ns.listen(SocketAddr::new(ns.ns_ip.into(), app_port)), "app");
-    let app_dp = start_app_dp(&ns, &zone1, app_port);
+    let app_dp = start_app_dp(&ns, &zone1, app_port, false);
     // echo2 is a line-echo service: bash's /dev/tcp resolves the name (through the DNS
     // redirect) and connects (through the capture), as any app would.
     let (ok, body) = e2e::wait_within(e2e::mesh::SYNC, "echo2.mesh to answer from zone-2", || {

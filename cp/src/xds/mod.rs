@@ -65,6 +65,24 @@ pub struct ProxyId {
     pub features: BTreeSet<String>,
     /// `workdir` of the node metadata (where pipes such as the dynamic-config one live).
     pub workdir: String,
+    /// The `transparentProxy` node metadata of a proxy started with `--transparent-proxy`.
+    pub transparent_proxy: Option<serde_json::Value>,
+}
+
+/// kuma-dp's `dataplaneConfig` as the Dataplane's `networking.transparentProxying`.
+fn tproxy_from_metadata(cfg: &serde_json::Value) -> Option<serde_json::Value> {
+    let port = |side: &str| {
+        let r = &cfg["redirect"][side];
+        // Numbers come through protobuf's Struct as floats.
+        let port = r["port"].as_f64().filter(|p| (0.0..=65535.0).contains(p)).unwrap_or(0.0) as u64;
+        if r["enabled"].as_bool() == Some(false) { 0 } else { port }
+    };
+    let (inbound, outbound) = (port("inbound"), port("outbound"));
+    if inbound == 0 && outbound == 0 {
+        return None;
+    }
+    let family = if cfg["ipFamilyMode"].as_str() == Some("ipv4") { "IPv4" } else { "DualStack" };
+    Some(serde_json::json!({"redirectPortInbound": inbound, "redirectPortOutbound": outbound, "ipFamilyMode": family}))
 }
 
 fn struct_strings(s: &Struct, key: &str) -> BTreeSet<String> {
@@ -195,7 +213,12 @@ async fn admit(
     let dns_port = struct_string(&md, "dataplane.dns.port").and_then(|p| p.trim().parse::<u32>().ok()).unwrap_or(0);
     let features = struct_strings(&md, "features");
     let workdir = struct_string(&md, "workdir").unwrap_or_default();
-    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features, workdir };
+    let transparent_proxy = if features.contains(kuma_model::proxy::features::TRANSPARENT_PROXY_IN_METADATA) {
+        md.fields.get("transparentProxy").map(crate::kds::from_pb).as_ref().and_then(tproxy_from_metadata)
+    } else {
+        None
+    };
+    let id = ProxyId { rtype, mesh, name, node_id: node.id.clone(), dns_port, features, workdir, transparent_proxy };
     tracing::info!(node = %id.node_id, kind = rtype.name(), "ADS stream authenticated");
     Ok((id, registration, online))
 }
@@ -301,9 +324,16 @@ async fn egress_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Sta
 
 async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
     let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
-    let Some(dp) = cp.store.get(ResourceType::Dataplane, &id.mesh, &id.name).await.map_err(internal)? else {
+    let Some(mut dp) = cp.store.get(ResourceType::Dataplane, &id.mesh, &id.name).await.map_err(internal)? else {
         return Ok(generate::empty());
     };
+    // The proxy's own transparent-proxy settings, unless the Dataplane has some.
+    if let Some(tp) = &id.transparent_proxy
+        && let Some(serde_json::Value::Object(net)) = dp.spec.get_mut("networking")
+        && !net.contains_key("transparentProxying")
+    {
+        net.insert("transparentProxying".into(), tp.clone());
+    }
     let Some(mesh) = cp.store.get(ResourceType::Mesh, "", &id.mesh).await.map_err(internal)? else {
         return Ok(generate::empty());
     };
