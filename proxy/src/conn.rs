@@ -249,7 +249,9 @@ pub async fn serve(
                     san::San::Uri(u) => Some(u.to_string()),
                     _ => None,
                 });
-                if !rbac_allows(chain, peer, local, sni, peer_cert.as_deref()) {
+                // The certificate's names are read once, here, for RBAC, HTTP and the log.
+                let presented = peer_cert.as_ref().map(|_| sans.as_slice());
+                if !rbac_allows(chain, peer, local, sni, presented) {
                     debug!(id, peer_identity = ?log.peer_identity, "refused by the chain's RBAC filter");
                     return log.finish(Flag::RbacDenied, Transferred::default());
                 }
@@ -286,19 +288,19 @@ pub async fn serve(
     }
 }
 
-/// The chain's RBAC decision (true without a filter). `cert`: the verified client
-/// certificate of a TLS-terminating chain.
+/// The chain's RBAC decision (true without a filter). `sans`: the names of the verified
+/// client certificate of a TLS-terminating chain (`None`: no certificate).
 fn rbac_allows(
     chain: &Chain,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     sni: Option<&str>,
-    cert: Option<&[u8]>,
+    sans: Option<&[san::San<'_>]>,
 ) -> bool {
     let Some(rbac) = &chain.rbac else { return true };
-    let sans = cert.and_then(san::sans).unwrap_or_default();
     let pick = |uri: bool| -> Vec<&str> {
-        sans.iter()
+        sans.unwrap_or_default()
+            .iter()
             .filter_map(|s| match (s, uri) {
                 (san::San::Uri(v), true) | (san::San::Dns(v), false) => Some(*v),
                 _ => None,
@@ -313,7 +315,7 @@ fn rbac_allows(
         local_ip: local.map(|a| a.ip()),
         local_port: local.map_or(0, |a| a.port()),
         server_name: sni,
-        authenticated: cert.is_some(),
+        authenticated: sans.is_some(),
         uri_sans: &uri_sans,
         dns_sans: &dns_sans,
     })

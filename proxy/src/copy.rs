@@ -53,14 +53,37 @@ where
         let mut buf = vec![0u8; BUF_SIZE];
         pipe(&mut ur, &mut dw, &mut buf, &received).await
     };
-    let both = async {
-        let (a, b) = tokio::join!(up_dir, down_dir);
-        a.err().or(b.err())
-    };
+    let both = both_ways(up_dir, down_dir);
     let progress = || sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed);
     let (end, err) = with_idle_timeout(both, idle, progress).await;
     let t = Transferred { sent: sent.load(Ordering::Relaxed), received: received.load(Ordering::Relaxed) };
     (t, end, err)
+}
+
+/// Runs the two directions of a connection: a half-close (`Ok`) of one leaves the other
+/// running; an error of either (a reset) ends both at once, so the caller closes the
+/// other side too instead of leaving its peer waiting (Envoy closes a connection whose
+/// upstream resets).
+pub async fn both_ways<A, B>(a: A, b: B) -> Option<io::Error>
+where
+    A: std::future::Future<Output = io::Result<()>>,
+    B: std::future::Future<Output = io::Result<()>>,
+{
+    tokio::pin!(a, b);
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        tokio::select! {
+            r = &mut a, if !a_done => match r {
+                Ok(()) => a_done = true,
+                Err(e) => return Some(e),
+            },
+            r = &mut b, if !b_done => match r {
+                Ok(()) => b_done = true,
+                Err(e) => return Some(e),
+            },
+        }
+    }
+    None
 }
 
 /// Runs `both` (the two directions) until it ends, or until `progress` (bytes moved so
@@ -136,6 +159,26 @@ mod tests {
         let (t, end, err) = proxy.await.unwrap();
         assert_eq!((t.sent, t.received, end), (11, 5, End::Closed));
         assert!(err.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_error_one_way_ends_both_ways() {
+        let pending = std::future::pending::<io::Result<()>>();
+        let failed = async { Err(io::Error::from(io::ErrorKind::ConnectionReset)) };
+        let err = both_ways(pending, failed).await;
+        assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::ConnectionReset));
+        // A half-close keeps the other direction going.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let half = async { Ok(()) };
+        let later = async move {
+            let _ = rx.await;
+            Ok(())
+        };
+        let both = tokio::spawn(both_ways(half, later));
+        tokio::task::yield_now().await;
+        assert!(!both.is_finished());
+        tx.send(()).unwrap();
+        assert!(both.await.unwrap().is_none());
     }
 
     #[tokio::test(start_paused = true)]

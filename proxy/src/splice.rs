@@ -110,10 +110,7 @@ pub async fn bidirectional(
     idle: Option<Duration>,
 ) -> (Transferred, End, Option<io::Error>) {
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let both = async {
-        let (a, b) = tokio::join!(one_way(down, up, &sent), one_way(up, down, &received));
-        a.err().or(b.err())
-    };
+    let both = crate::copy::both_ways(one_way(down, up, &sent), one_way(up, down, &received));
     let (end, err) =
         crate::copy::with_idle_timeout(both, idle, || sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed))
             .await;

@@ -413,11 +413,21 @@ fn version(p: i32) -> Option<SslVersion> {
     }
 }
 
-/// A context builder with Envoy's defaults (TLS 1.2 to 1.3) or the `tls_params` versions.
-fn builder(params: Option<&TlsParameters>) -> Result<SslContextBuilder, TlsError> {
+/// Which side of a connection a context serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Server,
+    Client,
+}
+
+/// A context builder with Envoy's defaults or the `tls_params` versions: TLS 1.2 at the
+/// least; at most TLS 1.3 for servers and TLS 1.2 for clients (Envoy's upstream default,
+/// so a dp sidecar resumes its upstream sessions as an Envoy one does).
+fn builder(params: Option<&TlsParameters>, side: Side) -> Result<SslContextBuilder, TlsError> {
     let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(ssl_err("TLS context"))?;
+    let default_max = if side == Side::Client { SslVersion::TLS1_2 } else { SslVersion::TLS1_3 };
     let min = params.and_then(|p| version(p.tls_minimum_protocol_version)).unwrap_or(SslVersion::TLS1_2);
-    let max = params.and_then(|p| version(p.tls_maximum_protocol_version)).unwrap_or(SslVersion::TLS1_3);
+    let max = params.and_then(|p| version(p.tls_maximum_protocol_version)).unwrap_or(default_max);
     b.set_min_proto_version(Some(min)).map_err(ssl_err("tls_minimum_protocol_version"))?;
     b.set_max_proto_version(Some(max)).map_err(ssl_err("tls_maximum_protocol_version"))?;
     if let Some(p) = params {
@@ -464,7 +474,7 @@ pub fn server(ctx: &DownstreamTlsContext, secrets: &Secrets<'_>) -> Result<Serve
     let common = ctx.common_tls_context.clone().unwrap_or_default();
     let (chain, key) = identity(&common, secrets)?.ok_or("no certificate to present (tls_certificates or SDS)")?;
     let require = ctx.require_client_certificate.is_some_and(|b| b.value);
-    let mut b = builder(common.tls_params.as_ref())?;
+    let mut b = builder(common.tls_params.as_ref(), Side::Server)?;
     apply_identity(&mut b, &chain, &key)?;
     match validation(&common, secrets)? {
         Some(v) => {
@@ -498,7 +508,7 @@ pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientT
     check_sni(&ctx.sni)?;
     let v = validation(&common, secrets)?
         .ok_or("a validation context is required: dp does not originate TLS without verifying the server")?;
-    let mut b = builder(common.tls_params.as_ref())?;
+    let mut b = builder(common.tls_params.as_ref(), Side::Client)?;
     apply_validation(&mut b, v, SslVerifyMode::PEER)?;
     if let Some((chain, key)) = identity(&common, secrets)? {
         apply_identity(&mut b, &chain, &key)?;
