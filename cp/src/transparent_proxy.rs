@@ -66,61 +66,28 @@ pub fn rules(cfg: &Config, v6: bool) -> Vec<Vec<String>> {
     let loopback = if v6 { "::1/128" } else { "127.0.0.1/32" };
     let uid = cfg.uid.to_string();
     let mut r: Vec<Vec<String>> = CHAINS.iter().map(|c| args(&["-N", c])).collect();
-    let port = |p: u16| p.to_string();
-    r.push(args(&[
-        "-A",
-        "KUMA_MESH_INBOUND_REDIRECT",
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &port(cfg.inbound_port),
-    ]));
-    r.push(args(&[
-        "-A",
-        "KUMA_MESH_OUTBOUND_REDIRECT",
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &port(cfg.outbound_port),
-    ]));
+    let redirect = |chain: &str, proto: &str, dport: Option<&str>, to: u16| {
+        let mut a = args(&["-A", chain, "-p", proto]);
+        if let Some(d) = dport {
+            a.extend(args(&["--dport", d]));
+        }
+        a.extend(args(&["-j", "REDIRECT", "--to-ports", &to.to_string()]));
+        a
+    };
+    r.push(redirect("KUMA_MESH_INBOUND_REDIRECT", "tcp", None, cfg.inbound_port));
+    r.push(redirect("KUMA_MESH_OUTBOUND_REDIRECT", "tcp", None, cfg.outbound_port));
     for p in &cfg.exclude_inbound_ports {
-        r.push(args(&["-A", "KUMA_MESH_INBOUND", "-p", "tcp", "--dport", &port(*p), "-j", "RETURN"]));
+        r.push(args(&["-A", "KUMA_MESH_INBOUND", "-p", "tcp", "--dport", &p.to_string(), "-j", "RETURN"]));
     }
     r.push(args(&["-A", "KUMA_MESH_INBOUND", "-p", "tcp", "-j", "KUMA_MESH_INBOUND_REDIRECT"]));
     for p in &cfg.exclude_outbound_ports {
-        r.push(args(&["-A", "KUMA_MESH_OUTBOUND", "-p", "tcp", "--dport", &port(*p), "-j", "RETURN"]));
+        r.push(args(&["-A", "KUMA_MESH_OUTBOUND", "-p", "tcp", "--dport", &p.to_string(), "-j", "RETURN"]));
     }
     r.push(args(&["-A", "KUMA_MESH_OUTBOUND", "-m", "owner", "--uid-owner", &uid, "-j", "RETURN"]));
     if cfg.redirect_dns {
-        r.push(args(&[
-            "-A",
-            "KUMA_MESH_OUTBOUND",
-            "-p",
-            "tcp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port(cfg.dns_port),
-        ]));
+        r.push(redirect("KUMA_MESH_OUTBOUND", "tcp", Some("53"), cfg.dns_port));
         r.push(args(&["-A", "KUMA_MESH_OUTBOUND_DNS", "-m", "owner", "--uid-owner", &uid, "-j", "RETURN"]));
-        r.push(args(&[
-            "-A",
-            "KUMA_MESH_OUTBOUND_DNS",
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port(cfg.dns_port),
-        ]));
+        r.push(redirect("KUMA_MESH_OUTBOUND_DNS", "udp", Some("53"), cfg.dns_port));
     }
     r.push(args(&["-A", "KUMA_MESH_OUTBOUND", "-d", loopback, "-j", "RETURN"]));
     r.push(args(&["-A", "KUMA_MESH_OUTBOUND", "-j", "KUMA_MESH_OUTBOUND_REDIRECT"]));

@@ -1,5 +1,6 @@
 //! Zone ingress data path: `dp run --xds-file` routes TLS by SNI without terminating it.
 
+use e2e::xds::{sni_chain, tls_listener as listener};
 use e2e::{Backend, Dp, closed_without_data, hello, read_line, temp_dir, who};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -44,27 +45,7 @@ fn eds_cluster(name: &str, eps: &[SocketAddr]) -> [Value; 2] {
 }
 
 fn chain(names: &[&str], cluster: &str) -> Value {
-    json!({
-        "filterChainMatch": {"serverNames": names, "transportProtocol": "tls"},
-        "filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            "cluster": cluster, "statPrefix": cluster}}]
-    })
-}
-
-fn listener(name: &str, chains: Vec<Value>, extra: Value) -> Value {
-    let mut l = json!({
-        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-        "name": name,
-        "address": {"socketAddress": {"address": "127.0.0.1", "portValue": 0}},
-        "listenerFilters": [{"name": "envoy.filters.listener.tls_inspector", "typedConfig": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
-        "filterChains": chains
-    });
-    if let (Value::Object(l), Value::Object(extra)) = (&mut l, extra) {
-        l.extend(extra);
-    }
-    l
+    sni_chain(names, vec![], cluster)
 }
 
 fn write_config(path: &PathBuf, version: &str, resources: Vec<Value>) {
@@ -288,10 +269,13 @@ fn bad_input_fails_with_one_clear_line() {
         assert!(out.contains(want), "{args:?}: want {want:?} in:\n{out}");
         assert!(last.len() < 400, "one line: {last}");
     }
-    // A port in use is named.
+    // A port in use is named (with a valid file: inputs are checked before anything binds).
+    let good = dir.join("empty.yaml");
+    std::fs::write(&good, "resources: []\n").unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let (status, out) = e2e::run(&dp, &["run", "--xds-file", &f, "--admin-address", &format!("127.0.0.1:{port}")], &[]);
+    let args = ["run", "--xds-file", good.to_str().unwrap(), "--admin-address", &format!("127.0.0.1:{port}")];
+    let (status, out) = e2e::run(&dp, &args, &[]);
     assert!(!status.success());
     assert!(out.contains("cannot bind the admin API"), "{out}");
 }

@@ -11,29 +11,14 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use e2e::mesh::{MESH, SYNC, Traffic, assert_no_failures, dataplane_token, free_port, wait_answered_by, write};
 use e2e::postgres::Postgres;
-use e2e::{Backend, Cp, Dp, read_line, temp_dir, wait_within};
-use tokio::io::AsyncWriteExt;
+use e2e::{Backend, Cp, Dp, temp_dir, wait_within};
 use tokio::net::{TcpListener, TcpStream};
-
-const MESH: &str =
-    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
-/// Kuma's promise for convergence across zones.
-const SYNC: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
@@ -288,14 +273,6 @@ fn zone_token(global: &Cp, zone: &str) -> String {
         .to_string()
 }
 
-/// A dataplane token from a zone instance, once the mesh's signing key is there.
-fn dataplane_token(zone: &Cp, name: &str) -> String {
-    wait_within(SYNC, "the dataplane token signing key to reach the zone", || {
-        let (status, out) = zone.ctl_status(&["generate", "dataplane-token", "--name", name, "-m", "default"]);
-        status.success().then(|| out.trim().to_string())
-    })
-}
-
 /// `dp run` against `cp_address` (`https://localhost:<port>`), trusting `ca`.
 fn start_dp(cp_address: &str, ca: &Path, proxy_type: &str, token: &str, resource: &str, env: &[(&str, &str)]) -> Dp {
     let dir = temp_dir("pg-dp");
@@ -359,98 +336,6 @@ fn start_sidecar(
     let dp = start_dp(cp_address, &zone.ca_file, "dataplane", &dataplane_token(zone, name), &resource, &[]);
     dp.wait_ready();
     dp
-}
-
-/// One request: connect, say hello, read the name of the app that answered.
-async fn request(addr: SocketAddr) -> Result<String, String> {
-    let attempt = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        s.write_all(b"hello\n").await.map_err(|e| format!("write: {e}"))?;
-        read_line(&mut s).await.ok_or_else(|| "closed without an answer".to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(10), attempt).await.unwrap_or_else(|_| Err("no answer within 10s".into()))
-}
-
-/// Waits until a request to `addr` is answered by `app`.
-async fn wait_answered_by(addr: SocketAddr, app: &str, proxies: &[&Dp]) {
-    let deadline = tokio::time::Instant::now() + SYNC;
-    loop {
-        let got = request(addr).await;
-        if got.as_deref() == Ok(app) {
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let logs: Vec<String> = proxies.iter().map(|p| p.logs.lines().join("\n")).collect();
-            panic!(
-                "no request to {addr} reached {app} within {SYNC:?}; last: {got:?}; logs:\n{}",
-                logs.join("\n----\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Requests one after the other in the background, each outcome recorded.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Result<String, String>>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(addr: SocketAddr) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let (s, o) = (stop.clone(), outcomes.clone());
-        let task = tokio::spawn(async move {
-            while !s.load(Ordering::Relaxed) {
-                let r = request(addr).await;
-                o.lock().unwrap().push(r);
-                // Pacing, not synchronisation: a steady trickle of new connections.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        Traffic { stop, outcomes, task }
-    }
-
-    fn count(&self) -> usize {
-        self.outcomes.lock().unwrap().len()
-    }
-
-    /// Waits for `n` more requests (so that some ran during whatever just happened).
-    async fn wait_more(&self, n: usize) {
-        let target = self.count() + n;
-        let deadline = tokio::time::Instant::now() + SYNC;
-        while self.count() < target {
-            assert!(tokio::time::Instant::now() < deadline, "requests stalled");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn finish(self) -> Vec<Result<String, String>> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap();
-        std::mem::take(&mut *self.outcomes.lock().unwrap())
-    }
-}
-
-fn assert_no_failures(outcomes: &[Result<String, String>], expected: &[&str]) {
-    assert!(outcomes.len() >= 20, "too few requests: {}", outcomes.len());
-    let failed_at: Vec<usize> = outcomes.iter().enumerate().filter(|(_, o)| o.is_err()).map(|(i, _)| i).collect();
-    if !failed_at.is_empty() {
-        eprintln!("failed requests at {failed_at:?} of {}", outcomes.len());
-    }
-    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        outcomes.len(),
-        &failed[..failed.len().min(5)]
-    );
-    for o in outcomes.iter().flatten() {
-        assert!(expected.contains(&o.as_str()), "a request reached {o:?}");
-    }
 }
 
 /// `ctl inspect zones` against `cp`: zone -> STATUS.

@@ -188,19 +188,9 @@ mod tests {
 
     fn host(port: u16, weight: u32, md: &[(&str, &str)]) -> Arc<Host> {
         Arc::new(Host {
-            addr: HostAddr::Ip(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
             weight,
             lb_metadata: md.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            healthy: true,
-            tls_match: None,
-            health: None,
-            hostname: None,
-            pool: Default::default(),
-            priority: 0,
-            outlier: None,
-            active: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            connect_fail: AtomicU64::new(0),
+            ..Host::at(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         })
     }
 
