@@ -9,6 +9,12 @@
 //! loadgen config --names N --backend ADDR --port P --dir D   # every target's configuration
 //! loadgen backend [--secs S] [--backend-port P]  # only the backend (prints its address)
 //! loadgen handshakes|bulk|latency --addr A [--names N] [--secs S]   # one load, for profiling
+//!
+//! # The sidecar mTLS benchmark's client side (benches/mtls_bench.py; each prints one JSON line):
+//! loadgen mtls-echo [--secs S]          # plain echo app; prints its address, serves for S s
+//! loadgen mtls-handshakes --addr A --sni S --cert PEM --key PEM [--ca PEM] [--alpn kuma]
+//!                         [--curves LIST] [--tls13] [--workers N] [--secs S]
+//! loadgen mtls-latency --addr A [--conns N] [--rate R] [--secs S] [--new-conn]
 //! ```
 
 use anyhow::{Context, bail};
@@ -32,7 +38,7 @@ fn parse() -> anyhow::Result<Args> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => a.quick = true,
-            "--no-copy" | "--no-proxies" => a.flags.push(arg),
+            "--no-copy" | "--no-proxies" | "--tls13" | "--new-conn" => a.flags.push(arg),
             s if s.starts_with("--") => {
                 let v = it.next().with_context(|| format!("{s} needs a value"))?;
                 a.opts.insert(s.trim_start_matches("--").to_string(), v);
@@ -58,6 +64,9 @@ fn raise_fd_limit() {
 fn main() -> anyhow::Result<()> {
     let a = parse()?;
     raise_fd_limit();
+    if a.cmd.starts_with("mtls-") {
+        return mtls(&a);
+    }
     let mut plan = if a.quick { Plan::quick() } else { Plan::full() };
     if let Some(r) = a.opts.get("runs") {
         plan.runs = r.parse().context("--runs")?;
@@ -163,6 +172,52 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unknown command `{other}`: use suite or copy"),
     }
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// The sidecar mTLS benchmark's client side, on a one-worker runtime (the load core).
+fn mtls(a: &Args) -> anyhow::Result<()> {
+    use benches::mtls;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let secs: f64 = a.opts.get("secs").map_or(Ok(3.0), |s| s.parse()).context("--secs")?;
+    let dur = std::time::Duration::from_secs_f64(secs.clamp(0.0, 3600.0));
+    let addr = || -> anyhow::Result<std::net::SocketAddr> { Ok(a.opts.get("addr").context("--addr")?.parse()?) };
+    match a.cmd.as_str() {
+        "mtls-echo" => {
+            let l = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
+            println!("{}", l.local_addr()?);
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            rt.spawn(mtls::echo_app(l));
+            std::thread::sleep(dur);
+        }
+        "mtls-handshakes" => {
+            let o = mtls::ClientOpts {
+                sni: a.opts.get("sni").context("--sni")?.clone(),
+                alpn: a.opts.get("alpn").map(|s| s.split(',').map(str::to_string).collect()).unwrap_or_default(),
+                curves: a.opts.get("curves").cloned(),
+                ca: a.opts.get("ca").map(std::fs::read).transpose().context("--ca")?,
+                tls13_only: a.flags.iter().any(|f| f == "--tls13"),
+            };
+            let cert = PathBuf::from(a.opts.get("cert").context("--cert")?);
+            let key = PathBuf::from(a.opts.get("key").context("--key")?);
+            let ctx = mtls::client_context(&cert, &key, &o)?;
+            let workers: usize = a.opts.get("workers").map_or(Ok(16), |s| s.parse()).context("--workers")?;
+            let r = rt.block_on(mtls::handshakes(addr()?, ctx, o.sni, workers.max(1), dur));
+            println!("{}", r.json());
+        }
+        "mtls-latency" => {
+            let rate: u32 = a.opts.get("rate").map_or(Ok(2000), |s| s.parse()).context("--rate")?;
+            let r = if a.flags.iter().any(|f| f == "--new-conn") {
+                rt.block_on(mtls::latency_new(addr()?, rate, dur))
+            } else {
+                let conns: usize = a.opts.get("conns").map_or(Ok(10), |s| s.parse()).context("--conns")?;
+                rt.block_on(mtls::latency_kept(addr()?, conns.max(1), rate, dur))
+            };
+            println!("{}", r.json());
+        }
+        other => bail!("unknown command `{other}`"),
+    }
     Ok(())
 }
 
