@@ -500,6 +500,8 @@ struct TlsFront {
     attempts: Arc<std::sync::atomic::AtomicUsize>,
     /// The SNI of every completed handshake.
     snis: Arc<Mutex<Vec<Option<String>>>>,
+    /// The ALPN protocol every completed handshake negotiated.
+    alpns: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 impl TlsFront {
@@ -519,15 +521,22 @@ impl TlsFront {
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front = TlsFront { addr: l.local_addr().unwrap(), attempts: Default::default(), snis: Default::default() };
-        let (snis, attempts) = (front.snis.clone(), front.attempts.clone());
+        let front = TlsFront {
+            addr: l.local_addr().unwrap(),
+            attempts: Default::default(),
+            snis: Default::default(),
+            alpns: Default::default(),
+        };
+        let (snis, alpns, attempts) = (front.snis.clone(), front.alpns.clone(), front.attempts.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (acceptor, snis) = (acceptor.clone(), snis.clone());
+                let (acceptor, snis, alpns) = (acceptor.clone(), snis.clone(), alpns.clone());
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(s).await else { return };
                     snis.lock().unwrap().push(tls.get_ref().1.server_name().map(str::to_string));
+                    let alpn = tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+                    alpns.lock().unwrap().push(alpn);
                     let Ok(mut up) = TcpStream::connect(to).await else { return };
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
                 });
@@ -542,6 +551,10 @@ impl TlsFront {
 
     fn last_sni(&self) -> Option<String> {
         self.snis.lock().unwrap().last().cloned().flatten()
+    }
+
+    fn last_alpn(&self) -> Option<String> {
+        self.alpns.lock().unwrap().last().cloned().flatten()
     }
 }
 
@@ -1246,6 +1259,10 @@ async fn check_terminated(
                     assert_eq!(seen.headers.get("host").map(String::as_str), Some(want_host), "{who}: Host at {name}");
                     if let Some(f) = front {
                         assert_eq!(f.last_sni(), ep.sni, "{who}: upstream SNI at {name}");
+                        // The pool offers its protocol as ALPN when the context sets none,
+                        // as Envoy's pools do (a server choosing by ALPN speaks it).
+                        let alpn = if version == "HTTP/2.0" { "h2" } else { "http/1.1" };
+                        assert_eq!(f.last_alpn().as_deref(), Some(alpn), "{who}: upstream ALPN at {name}");
                         tally.tls_upstream += 1;
                     } else {
                         assert!(ep.sni.is_none());

@@ -82,7 +82,7 @@ impl HostPool {
         let mut sender = match reused {
             Some(s) => s,
             None => {
-                let io = open(cluster, host).await?;
+                let io = open(cluster, host, crate::tls::ALPN_HTTP11).await?;
                 let (sender, conn) =
                     http1::handshake(io).await.map_err(|e| SendError::Connect(format!("HTTP/1.1 handshake: {e}")))?;
                 let addr = host.addr.to_string();
@@ -125,7 +125,7 @@ impl HostPool {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let io = open(cluster, host).await?;
+                let io = open(cluster, host, crate::tls::ALPN_H2).await?;
                 let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                     .await
                     .map_err(|e| SendError::Connect(format!("HTTP/2 handshake: {e}")))?;
@@ -150,7 +150,10 @@ type Io = TokioIo<Box<dyn Stream>>;
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
-async fn open(cluster: &ClusterCfg, host: &Host) -> Result<Io, SendError> {
+/// Opens a connection to `host`, with TLS when its transport socket originates it;
+/// `alpn_fallback` is the pool's protocol, offered when the context configures no ALPN
+/// (as Envoy's pools do, so a server choosing by ALPN speaks what the pool will).
+async fn open(cluster: &ClusterCfg, host: &Host, alpn_fallback: &[u8]) -> Result<Io, SendError> {
     let cs = &cluster.stats;
     cs.upstream_cx_total.inc();
     host.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -170,17 +173,19 @@ async fn open(cluster: &ClusterCfg, host: &Host) -> Result<Io, SendError> {
     let stream: Box<dyn Stream> = match cluster.tls_for(host) {
         Tls::Off => Box::new(plain),
         Tls::Pending(secret) => return Err(SendError::TlsPending(secret.clone())),
-        Tls::Ready(ct) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect(plain)).await {
-            Ok(Ok(tls)) => Box::new(tls),
-            Ok(Err(e)) => {
-                cs.upstream_cx_connect_fail.inc();
-                return Err(SendError::Connect(format!("TLS handshake: {e}")));
+        Tls::Ready(ct) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect_with_alpn_fallback(plain, alpn_fallback)).await {
+                Ok(Ok(tls)) => Box::new(tls),
+                Ok(Err(e)) => {
+                    cs.upstream_cx_connect_fail.inc();
+                    return Err(SendError::Connect(format!("TLS handshake: {e}")));
+                }
+                Err(_) => {
+                    cs.upstream_cx_connect_fail.inc();
+                    return Err(SendError::Connect("TLS handshake timed out".into()));
+                }
             }
-            Err(_) => {
-                cs.upstream_cx_connect_fail.inc();
-                return Err(SendError::Connect("TLS handshake timed out".into()));
-            }
-        },
+        }
     };
     Ok(TokioIo::new(stream))
 }
