@@ -126,6 +126,15 @@ enum Source {
 pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
     let stats = Arc::new(Registry::default());
     stats.global.server_live.set(1);
+    // The log writer's drops, as a stat (`envoy_log_lines_dropped`).
+    let (dropped_stats, dropped_level) = (stats.clone(), log_level.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            dropped_stats.global.log_lines_dropped.set(dropped_level.dropped_lines());
+        }
+    });
     let drain = Drain::new();
     let ctx = Ctx::new(stats, drain.clone());
     ctx.max_connections.store(args.global_downstream_max_connections, std::sync::atomic::Ordering::Relaxed);

@@ -195,6 +195,7 @@ stat_struct!(GlobalStats {
     config_update_rejected: "counter",
     listener_manager_total_listeners_active: "gauge",
     server_live: "gauge",
+    log_lines_dropped: "counter",
 });
 
 /// Stats, and the other per-name state that must outlive configuration updates.

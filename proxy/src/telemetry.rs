@@ -6,9 +6,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Registry, reload};
 
-/// Handle to change the log level of the running process.
+/// Handle to change the log level of the running process (and to see what the log writer
+/// had to drop).
 #[derive(Clone)]
-pub struct LogLevel(reload::Handle<LevelFilter, Registry>);
+pub struct LogLevel(reload::Handle<LevelFilter, Registry>, tracing_appender::non_blocking::ErrorCounter);
 
 const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 
@@ -27,6 +28,12 @@ impl LogLevel {
         let f = filter(level)?;
         self.0.reload(f).map_err(|e| e.to_string())
     }
+
+    /// Lines dropped because the writer's queue was full (a burst larger than it, or
+    /// stderr blocked): counted, as a lost access-log line must not go unnoticed.
+    pub fn dropped_lines(&self) -> u64 {
+        self.1.dropped_lines() as u64
+    }
 }
 
 /// Keeps the log writer's thread alive; dropping it flushes what is queued.
@@ -44,10 +51,11 @@ pub fn init(level: &str) -> Result<(LogLevel, Flush), String> {
     let (writer, flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(8192)
         .finish(std::io::BufWriter::with_capacity(16 * 1024, std::io::stderr()));
+    let dropped = writer.error_counter();
     tracing_subscriber::registry()
         .with(layer)
         .with(tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false))
         .try_init()
         .map_err(|e| e.to_string())?;
-    Ok((LogLevel(handle), flush))
+    Ok((LogLevel(handle, dropped), flush))
 }

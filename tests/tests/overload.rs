@@ -260,6 +260,7 @@ async fn every_early_exit_counts_one_destroy_and_writes_one_access_log_line() {
     let before = dp.logs.count(&["flag=\"-\""]);
     assert_eq!(who(addr, Some("backend")).await.as_deref(), Some("backend"));
     dp.logs.wait_count(&["flag=\"-\""], before + 1);
+    assert_eq!(dp.stat("envoy_log_lines_dropped"), 0, "no log line was dropped");
 }
 
 /// A connection for `sni` is closed without an answer and logged exactly once with `flag`.
