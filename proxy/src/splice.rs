@@ -70,22 +70,46 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-/// One direction; on end of stream, half-closes the writer.
+/// One direction; on end of stream, half-closes the writer. A pipe is held only while
+/// bytes are in flight: an idle connection holds none (two descriptors and a pipe
+/// buffer less per direction, which matters at tens of thousands of idle connections).
 async fn one_way(r: &TcpStream, w: &TcpStream, count: &AtomicU64) -> io::Result<()> {
-    let pipe = Pipe::take()?;
+    let mut fallback: Vec<u8> = Vec::new();
     loop {
-        let n = loop {
-            r.readable().await?;
-            match r.try_io(Interest::READABLE, || splice(r.as_raw_fd(), pipe.w.as_raw_fd(), PIPE_SIZE)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+        r.readable().await?;
+        let pipe = match Pipe::take() {
+            Ok(p) => p,
+            // Out of descriptors: this chunk goes through user space, so the connections
+            // dp holds keep moving while it cannot open anything new.
+            Err(_) => {
+                if fallback.is_empty() {
+                    fallback.resize(16 * 1024, 0);
+                }
+                match copy_chunk(r, w, &mut fallback).await? {
+                    0 => {
+                        // SAFETY: shutdown(2) on a socket the caller keeps open.
+                        unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_WR) };
+                        return Ok(());
+                    }
+                    n => {
+                        count.fetch_add(n as u64, Ordering::Relaxed);
+                        continue;
+                    }
+                }
             }
+        };
+        let n = match r.try_io(Interest::READABLE, || splice(r.as_raw_fd(), pipe.w.as_raw_fd(), PIPE_SIZE)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing was read: the pipe is still empty.
+                pipe.give_back();
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         if n == 0 {
             // SAFETY: shutdown(2) on a socket the caller keeps open.
             unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_WR) };
-            // Every byte read into the pipe was written out: it is empty.
             pipe.give_back();
             return Ok(());
         }
@@ -98,8 +122,32 @@ async fn one_way(r: &TcpStream, w: &TcpStream, count: &AtomicU64) -> io::Result<
                 Err(e) => return Err(e),
             }
         }
+        // Every byte read into the pipe was written out: it is empty again.
+        pipe.give_back();
         count.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// One read into `buf` and its write out, for when no pipe can be had; 0 at end of
+/// stream. A read that would block moves nothing and returns after the next readiness.
+async fn copy_chunk(r: &TcpStream, w: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let n = loop {
+        match r.try_read(buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => r.readable().await?,
+            Err(e) => return Err(e),
+        }
+    };
+    let mut done = 0;
+    while done < n {
+        w.writable().await?;
+        match w.try_write(&buf[done..n]) {
+            Ok(m) => done += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Forwards both ways until both have ended, or until nothing moved for `idle`.
@@ -146,9 +194,45 @@ mod tests {
             let ((_, end, err), ()) = tokio::join!(proxy, traffic);
             assert_eq!(end, End::Closed);
             assert!(err.is_none());
-            // Both directions ended cleanly: their pipes are back in this thread's pool.
-            assert_eq!(IDLE.with(|i| i.borrow().len()), 2);
+            // Both directions ended cleanly: the pipes they used are back in this thread's
+            // pool (one or two: a pipe is held only while bytes are in flight).
+            assert!((1..=2).contains(&IDLE.with(|i| i.borrow().len())));
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_pipe() {
+        // Fill this thread's pool with a pipe or two.
+        let (mut client, down) = pair().await;
+        let (up, mut server) = pair().await;
+        let warm = async {
+            client.write_all(b"x").await.unwrap();
+            client.shutdown().await.unwrap();
+            server.read_to_end(&mut vec![]).await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let _ = tokio::join!(bidirectional(&down, &up, None), warm);
+        let pooled = IDLE.with(|i| i.borrow().len());
+        assert!(pooled >= 1);
+        // A connection with nothing to move waits for readiness without a pipe.
+        let (_client, down) = pair().await;
+        let (up, _server) = pair().await;
+        let idle = bidirectional(&down, &up, None);
+        tokio::pin!(idle);
+        for _ in 0..10 {
+            assert!(futures_poll_once(idle.as_mut()).await.is_none());
+        }
+        assert_eq!(IDLE.with(|i| i.borrow().len()), pooled, "an idle connection took a pipe");
+    }
+
+    /// Polls a future once; `None` when it is still pending.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| match std::pin::Pin::new(&mut f).poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
     }
 
     #[tokio::test]
