@@ -12,8 +12,9 @@
 #   Delta update), appended too, raw figures in benches/xds_results.json.
 #   full: under 10 minutes; --quick: under 2 minutes (fewer names, runs and services).
 #   BENCH_SKIP_BUILD=1 uses the binaries already in $CARGO_TARGET_DIR/release.
-#   The sidecar mTLS comparison has its own script (scripts/bench-mtls.sh); its section of
-#   RESULTS.md is carried over unchanged.
+#   The benches with scripts of their own (bench-mtls.sh, bench-http.sh, bench-idle.sh,
+#   bench-store.sh) write sections between `<!-- NAME-bench:start/end -->` markers; this
+#   script carries every such section over unchanged.
 #
 # The proxy under test is pinned to CPU 0 (taskset -c 0; one worker thread each), the
 # load generator and the backends to CPU 1. Everything runs with SCHED_FIFO priority 1
@@ -71,8 +72,8 @@ cmd="scripts/bench.sh${*:+ $*}"
   echo "- nginx: $("$nginx" -v 2>&1 | sed 's#.*/##'), \`worker_processes 1\` (master_process off), stream \`ssl_preread\`, map to upstreams"
 } >"$work/header.md"
 
-# The sidecar mTLS section comes from its own script (scripts/bench-mtls.sh): kept as it is.
-mtls_section="$(sed -n '/^<!-- mtls-bench:start -->$/,/^<!-- mtls-bench:end -->$/p' benches/RESULTS.md 2>/dev/null || true)"
+# The sections other bench scripts own (between NAME-bench:start/end markers): kept as they are.
+own_sections="$(sed -n '/^<!-- [a-z]*-bench:start -->$/,/^<!-- [a-z]*-bench:end -->$/p' benches/RESULTS.md 2>/dev/null || true)"
 "${sched[@]}" taskset -c 1 "$bin/loadgen" suite "${args[@]}" \
   --dp "$bin/dp" --envoy "$envoy" --haproxy "$haproxy" --nginx "$nginx" "${nginx_module[@]}" \
   --proxy-cpu 0 --header "$work/header.md" --notes "$root/benches/ANALYSIS.md" --out "$root/benches/RESULTS.md" --json "$root/benches/results.json"
@@ -91,7 +92,7 @@ xds_args=(--dp "$bin/dp" --cp "$bin/cp" --envoy "$envoy" --out-md "$work/xds.md"
 if [ "$mode" = quick ]; then xds_args+=(--quick); fi
 python3 benches/xds_apply.py "${xds_args[@]}" >/dev/null
 { echo; cat "$work/xds.md"; } >>"$root/benches/RESULTS.md"
-if [ -n "$mtls_section" ]; then
-  { echo; echo "$mtls_section"; } >>"$root/benches/RESULTS.md"
+if [ -n "$own_sections" ]; then
+  { echo; echo "$own_sections"; } >>"$root/benches/RESULTS.md"
 fi
 echo "bench: wrote benches/RESULTS.md ($mode)"

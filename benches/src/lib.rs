@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod copyproxy;
 pub mod hello;
+pub mod http_bench;
 pub mod load;
 pub mod mtls;
 pub mod procstat;

@@ -180,7 +180,9 @@ impl Predicate {
                     // Several SANs are offered joined by commas, as Envoy's inputs do.
                     Input::UriSan => Some(i.uri_sans.join(",")).filter(|s| !s.is_empty()),
                     Input::DnsSan => Some(i.dns_sans.join(",")).filter(|s| !s.is_empty()),
-                    Input::ServerName => i.server_name.map(str::to_owned),
+                    // Envoy keeps the requested server name lower-cased (a client may send
+                    // `SNI.EXAMPLE`): the input sees it so.
+                    Input::ServerName => i.server_name.map(str::to_ascii_lowercase),
                     Input::SourceIp => i.source_ip.map(|ip| ip.to_string()),
                     Input::DestinationPort => i.destination_port.map(|p| p.to_string()),
                     Input::RequestHeader(h) => {

@@ -214,3 +214,172 @@ impl Client {
         Got { status, headers, body }
     }
 }
+
+/// Reads a response into a [`Got`].
+async fn got(res: Response<Incoming>) -> Option<Got> {
+    let status = res.status().as_u16();
+    let headers =
+        res.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string())).collect();
+    let body = String::from_utf8_lossy(&res.into_body().collect().await.ok()?.to_bytes()).into_owned();
+    Some(Got { status, headers, body })
+}
+
+/// A kept-alive HTTP/1.1 connection over TLS (SNI `sni`, the client certificate of `cfg`),
+/// for requests through a TLS-terminating HTTP chain. Every step gives `None` when the
+/// proxy refuses (handshake failure, the connection closed before an answer); a step
+/// that hangs past [`crate::WAIT`] fails the test.
+pub struct TlsClient {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl TlsClient {
+    pub async fn connect(addr: SocketAddr, sni: &str, cfg: Arc<rustls::ClientConfig>) -> Option<TlsClient> {
+        let fut = async {
+            let s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("a DNS-valid SNI");
+            let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, s).await.ok()?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.ok()?;
+            tokio::spawn(conn);
+            Some(TlsClient { sender })
+        };
+        tokio::time::timeout(crate::WAIT, fut).await.expect("TLS connect through the proxy hung")
+    }
+
+    /// Whether the proxy closed the connection.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    pub async fn get(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<Got> {
+        let fut = async {
+            self.sender.ready().await.ok()?;
+            let mut b = Request::builder().uri(path).header("host", host);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            let res = self.sender.send_request(b.body(Full::new(Bytes::new())).unwrap()).await.ok()?;
+            got(res).await
+        };
+        tokio::time::timeout(crate::WAIT, fut).await.expect("a request through the proxy hung")
+    }
+}
+
+/// One request on a new TLS connection: `None` when the proxy refused it before answering.
+pub async fn tls_get(
+    addr: SocketAddr,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    host: &str,
+    path: &str,
+) -> Option<Got> {
+    TlsClient::connect(addr, sni, cfg).await?.get(host, path, &[]).await
+}
+
+/// A client certificate and key written to files, for curl.
+pub struct CurlIdentity {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl CurlIdentity {
+    pub fn write(dir: &std::path::Path, name: &str, cert_pem: &str, key_pem: &str) -> CurlIdentity {
+        let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        CurlIdentity { cert, key }
+    }
+}
+
+/// One answer curl got: status, body and content type; `None` when the proxy refused
+/// (handshake failure, connection closed: curl's status 000).
+pub type CurlAnswer = Option<(u16, String, String)>;
+
+const CURL_MARK: &str = "\n@@curl@@";
+
+/// GETs `paths` in order with curl over TLS with the SNI `sni` (any name, Kuma's
+/// `sni.extsvc.<mesh>.<zone>.<name>.80` included, which rustls refuses to send), through
+/// `addr`, presenting `id` (or no certificate), with `host` as the Host header. One curl
+/// process: the requests share kept-alive connections.
+pub async fn curl_tls(
+    addr: SocketAddr,
+    sni: &str,
+    id: Option<&CurlIdentity>,
+    host: &str,
+    paths: &[&str],
+) -> Vec<CurlAnswer> {
+    let mut args: Vec<String> = vec![
+        "-sS".into(),
+        "-k".into(),
+        "--max-time".into(),
+        crate::WAIT.as_secs().to_string(),
+        "--resolve".into(),
+        format!("{sni}:{}:{}", addr.port(), addr.ip()),
+        "-H".into(),
+        format!("host: {host}"),
+        "-w".into(),
+        format!("{CURL_MARK}%{{http_code}} %{{content_type}}\n"),
+    ];
+    if let Some(id) = id {
+        args.extend(["--cert".into(), id.cert.display().to_string(), "--key".into(), id.key.display().to_string()]);
+    }
+    for p in paths {
+        args.push(format!("https://{sni}:{}{p}", addr.port()));
+    }
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl").args(&args).output().expect("curl runs")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut answers = vec![];
+    let mut rest = text.as_str();
+    while let Some((body, after)) = rest.split_once(CURL_MARK) {
+        let (line, next) = after.split_once('\n').unwrap_or((after, ""));
+        let (code, ct) = line.split_once(' ').unwrap_or((line, ""));
+        let code: u16 = code.parse().expect("curl's http_code");
+        answers.push((code != 0).then(|| (code, body.to_string(), ct.to_string())));
+        rest = next;
+    }
+    assert_eq!(answers.len(), paths.len(), "curl answered {} of {} requests: {text}", answers.len(), paths.len());
+    answers
+}
+
+/// One GET with `openssl s_client` (`Connection: close`), which sends the SNI exactly as
+/// given (curl lower-cases the host it puts there): status, body and content type, or
+/// `None` when the proxy refused.
+pub async fn openssl_get(addr: SocketAddr, sni: &str, id: Option<&CurlIdentity>, host: &str, path: &str) -> CurlAnswer {
+    let mut args: Vec<String> = vec![
+        "s_client".into(),
+        "-quiet".into(),
+        "-ign_eof".into(),
+        "-connect".into(),
+        addr.to_string(),
+        "-servername".into(),
+        sni.into(),
+    ];
+    if let Some(id) = id {
+        args.extend(["-cert".into(), id.cert.display().to_string(), "-key".into(), id.key.display().to_string()]);
+    }
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new("openssl")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl runs");
+        child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+        child.wait_with_output().expect("openssl ends")
+    });
+    let out = tokio::time::timeout(crate::WAIT, out).await.expect("openssl s_client hung").unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let ct = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-type")))
+        .map_or(String::new(), |(_, v)| v.trim().to_string());
+    Some((status, body.to_string(), ct))
+}

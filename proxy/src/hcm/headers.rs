@@ -123,12 +123,41 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Removes the `x-envoy-*` headers an external client sent: they steer the proxy and
-/// only trusted (internal) peers may set them.
-pub fn strip_envoy_headers(h: &mut HeaderMap) {
-    let names: Vec<HeaderName> = h.keys().filter(|n| n.as_str().starts_with("x-envoy-")).cloned().collect();
-    for n in names {
+/// The `x-envoy-*` headers that steer the proxy: Envoy removes them from a request that
+/// is not internal (other `x-envoy-*` headers pass, as through Envoy).
+const INTERNAL_ONLY: [&str; 14] = [
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Removed from an edge request (no `x-forwarded-for` yet, `use_remote_address`) too.
+const EDGE_ONLY: [&str; 3] =
+    ["x-envoy-decorator-operation", "x-envoy-downstream-service-cluster", "x-envoy-downstream-service-node"];
+
+/// Removes what an external client may not set, as Envoy's connection manager does:
+/// the steering `x-envoy-*` headers, `x-envoy-internal`, and at the edge the
+/// service-identity ones.
+pub fn strip_envoy_headers(h: &mut HeaderMap, edge: bool) {
+    h.remove("x-envoy-internal");
+    for n in INTERNAL_ONLY {
         h.remove(n);
+    }
+    if edge {
+        for n in EDGE_ONLY {
+            h.remove(n);
+        }
     }
 }
 
@@ -192,5 +221,19 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn an_external_request_loses_only_the_steering_headers() {
+        let mut h = HeaderMap::new();
+        for n in ["x-envoy-retry-on", "x-envoy-internal", "x-envoy-custom", "x-envoy-decorator-operation"] {
+            h.insert(HeaderName::from_static(n), http::HeaderValue::from_static("1"));
+        }
+        let mut mid = h.clone();
+        strip_envoy_headers(&mut mid, false);
+        let names = |h: &HeaderMap| h.keys().map(|k| k.as_str().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&mid), ["x-envoy-custom", "x-envoy-decorator-operation"]);
+        strip_envoy_headers(&mut h, true);
+        assert_eq!(names(&h), ["x-envoy-custom"]);
     }
 }

@@ -29,6 +29,19 @@ use crate::snapshot::Target;
 use crate::snapshot::cluster::UpstreamHttp;
 use crate::snapshot::rbac::Subject;
 
+/// Request headers Envoy's router consumes (after the connection manager has removed
+/// them from an external request, only a trusted client's are left).
+const ROUTER_CONSUMES: [&str; 8] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
 /// Largest request body buffered so that a retry can send it again (Envoy's default
 /// per-connection buffer limit).
 const RETRY_BUFFER: usize = 1 << 20;
@@ -69,7 +82,9 @@ where
     let service = service_fn(move |req: Request<Incoming>| {
         armed.store(false, Ordering::Relaxed);
         let (cfg, info) = (svc_cfg.clone(), svc_info.clone());
-        async move { Ok::<_, Infallible>(handle(&cfg, &info, req).await) }
+        // Boxed: hyper keeps the slot of a request's future for the connection's life, so
+        // an idle kept-alive connection holds a pointer, not the whole request state.
+        async move { Ok::<_, Infallible>(Box::pin(handle(&cfg, &info, req)).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_headers = (cfg.max_request_headers_kb as usize) * 1024;
@@ -229,7 +244,17 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
         flag: "-",
         attempts: 0,
     };
-    let mut resp = respond(cfg, info, req, &authority, &path, &mut log).await;
+    let mut resp = if matches!(req.version(), http::Version::HTTP_10 | http::Version::HTTP_09) {
+        // Envoy refuses HTTP/1.0 and 0.9 unless `accept_http_10` (which dp refuses), with
+        // 426 and the connection closed. (hyper writes the status line as HTTP/1.0 to a
+        // 1.0 client; Envoy writes HTTP/1.1.)
+        log.flag = "DPE";
+        let mut r = local_reply(cfg, StatusCode::UPGRADE_REQUIRED, "Upgrade Required");
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    } else {
+        respond(cfg, info, req, &authority, &path, &mut log).await
+    };
     if let Ok(v) = HeaderValue::from_str(&cfg.server_name) {
         resp.headers_mut().insert(header::SERVER, v);
     }
@@ -349,9 +374,22 @@ async fn forward(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let peer_ip = info.peer.map(|p| p.ip());
-    let internal = peer_ip.is_some_and(|ip| cfg.is_internal(ip));
-    if !internal {
-        strip_envoy_headers(&mut headers);
+    // Envoy's notion of an internal request: exactly one client address is known (the
+    // peer when `use_remote_address` and no `x-forwarded-for` came; else the only entry of
+    // `x-forwarded-for`), and it is internal.
+    let xff = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    let (client, single) = if cfg.use_remote_address {
+        (peer_ip, xff.is_empty())
+    } else {
+        let mut entries = xff.split(',').map(str::trim).filter(|e| !e.is_empty());
+        let last = entries.clone().next_back().and_then(|e| e.parse::<std::net::IpAddr>().ok());
+        (last, entries.nth(1).is_none())
+    };
+    let internal = single && client.is_some_and(|ip| cfg.is_internal(ip));
+    if internal {
+        headers.insert("x-envoy-internal", HeaderValue::from_static("true"));
+    } else {
+        strip_envoy_headers(&mut headers, cfg.use_remote_address && xff.is_empty());
     }
     if cfg.use_remote_address
         && let Some(ip) = peer_ip
@@ -372,14 +410,44 @@ async fn forward(
     {
         headers.insert("x-request-id", v);
     }
-    if let Some(t) = fwd.timeout {
+    // The router reads the timeout a trusted client asks for (0: none), and takes the
+    // steering headers off the request. dp does not apply a client's retry headers.
+    let ms = |h: &http::HeaderMap, name: &str| h.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut timeout = fwd.timeout;
+    if let Some(ms) = ms(&headers, "x-envoy-upstream-rq-timeout-ms") {
+        timeout = (ms > 0).then(|| Duration::from_millis(ms));
+    }
+    let mut per_try_timeout = fwd.retry.as_deref().and_then(|r| r.per_try_timeout);
+    if let Some(ms) = ms(&headers, "x-envoy-upstream-rq-per-try-timeout-ms") {
+        per_try_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+    }
+    for n in ROUTER_CONSUMES {
+        headers.remove(n);
+    }
+    // What the upstream may expect: the per-try timeout when it is the shorter.
+    let expected = match (timeout, per_try_timeout) {
+        (Some(t), Some(p)) => Some(t.min(p)),
+        (None, p) => p,
+        (t, None) => t,
+    };
+    if let Some(t) = expected {
         headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
     }
     route.headers.apply_request(&mut headers);
     vh.headers.apply_request(&mut headers);
     cfg.routes.headers.apply_request(&mut headers);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let new_path = fwd.rewrite_path(route, path).unwrap_or_else(|| path.to_string());
+    // A rewritten path (even to itself) keeps the client's in `x-envoy-original-path`, as
+    // Envoy's router does.
+    let new_path = match fwd.rewrite_path(route, path) {
+        Some(p) => {
+            if let Ok(v) = HeaderValue::from_str(path) {
+                headers.insert("x-envoy-original-path", v);
+            }
+            p
+        }
+        None => path.to_string(),
+    };
     let mut authority = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -406,7 +474,7 @@ async fn forward(
         };
     let attempts = 1 + retry.map_or(0, |r| r.num_retries);
     let started = Instant::now();
-    let deadline = fwd.timeout.map(|t| started + t);
+    let deadline = timeout.map(|t| started + t);
     let mut last: Option<(StatusCode, &'static str, String)> = None;
     for attempt in 0..attempts {
         log.attempts = attempt + 1;
@@ -465,7 +533,7 @@ async fn forward(
             return local_reply(cfg, StatusCode::BAD_REQUEST, "");
         };
         log.upstream = Some(host.addr.to_string());
-        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let per_try = per_try_timeout;
         let limit = match (per_try, deadline) {
             (Some(p), Some(d)) => Some((Instant::now() + p).min(d)),
             (Some(p), None) => Some(Instant::now() + p),

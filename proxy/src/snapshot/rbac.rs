@@ -292,7 +292,11 @@ impl Perm {
             Perm::Not(p) => !p.matches(s),
             Perm::DestinationPort(port) => s.local_port == *port,
             Perm::DestinationIp(c) => s.local_ip.is_some_and(|ip| c.contains(ip)),
-            Perm::ServerName(m) => m.matches(s.server_name.unwrap_or("")),
+            // Envoy's requested server name is lower-cased (the client's case is not kept).
+            Perm::ServerName(m) => match s.server_name {
+                Some(n) if n.bytes().any(|b| b.is_ascii_uppercase()) => m.matches(&n.to_ascii_lowercase()),
+                n => m.matches(n.unwrap_or("")),
+            },
             Perm::Header(h) => s.headers.is_some_and(|m| h.matches(m)),
             Perm::UrlPath(m) => s.path.is_some_and(|p| m.matches(p.split('?').next().unwrap_or(p))),
         }
@@ -382,6 +386,19 @@ mod tests {
         assert!(f.allows(&web));
         assert!(!f.allows(&api));
         assert!(f.allows(&api_other_port));
+    }
+
+    #[test]
+    fn the_requested_server_name_is_seen_lower_cased() {
+        let by_name = Permission { rule: Some(permission::Rule::RequestedServerName(exact("sni.example"))) };
+        let f = filter(
+            rbac::Action::Allow,
+            vec![Principal { identifier: Some(principal::Identifier::Any(true)) }],
+            vec![by_name],
+        );
+        assert!(f.allows(&Subject { server_name: Some("SNI.Example"), ..Default::default() }));
+        assert!(f.allows(&Subject { server_name: Some("sni.example"), ..Default::default() }));
+        assert!(!f.allows(&Subject { server_name: Some("sni.example.other"), ..Default::default() }));
     }
 
     #[test]

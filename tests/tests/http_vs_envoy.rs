@@ -1,0 +1,764 @@
+//! dp's HTTP data path against real Envoy 1.40, with the same configuration in the same
+//! test: `dp run --xds-file` on the resources, Envoy on a static bootstrap holding the
+//! same listeners, clusters and secrets, both in front of the same backends. The configs
+//! have Kuma 2.14's shapes (zone egress goldens, the zone proxies' admin and metrics
+//! listeners): HTTP RBAC with `rules` (any/any, deny-all `rules: {}`, principals and
+//! paths) and with the matcher API (`uri_san` prefix, `server_name` exact,
+//! `on_no_match` DENY), a network RBAC in front of an HCM, a 50 % fault abort inside
+//! `ExtensionWithMatcher` + `SkipFilter`, a local rate limit per route through
+//! `typed_per_filter_config`, and the admin listener's plaintext and client-certificate
+//! chains. Every request goes to both proxies and the answers are compared.
+//!
+//! The one difference from what kuma-cp sends: the secrets are referenced by name with no
+//! `sds_config` (Envoy's static secrets); dp finds them by name either way.
+
+use e2e::http::{CurlIdentity, Got, HttpBackend, curl_tls, get, openssl_get, tls_get};
+use e2e::pair::Pair;
+use e2e::temp_dir;
+use e2e::tls::{Identity, client_with_identity};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const HTTP_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+const NET_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+const RBAC_ACTION: &str = "type.googleapis.com/envoy.config.rbac.v3.Action";
+const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+const LOCAL_RATELIMIT: &str = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+/// Trust domains of the SPIFFE validator. `EVIL` starts with `A`'s text: a `uri_san`
+/// prefix predicate on `spiffe://A` matches it too, as a plain string prefix does.
+const TD_A: &str = "mesh-a.zone-1.mesh.local";
+const TD_B: &str = "mesh-b.zone-1.mesh.local";
+const TD_EVIL: &str = "mesh-a.zone-1.mesh.local.evil";
+
+fn sni(tag: &str) -> String {
+    format!("sni.extsvc.mesh-a.zone-1.{tag}.80")
+}
+
+// ---- configuration, shared by both proxies ------------------------------------------
+
+fn socket(addr: SocketAddr) -> Value {
+    json!({"socketAddress": {"address": addr.ip().to_string(), "portValue": addr.port()}})
+}
+
+/// A cluster as kuma-cp writes an external service's (STATIC, explicit HTTP/1.1).
+fn cluster(name: &str, address: Value) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name, "type": "STATIC", "connectTimeout": "5s",
+        "altStatName": name.replace(':', "_"),
+        "circuitBreakers": {"thresholds": [{"trackRemaining": true}]},
+        "loadAssignment": {"clusterName": name, "endpoints": [{"lbEndpoints": [{"endpoint": {"address": address}}]}]},
+        "typedExtensionProtocolOptions": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "commonHttpProtocolOptions": {"idleTimeout": "3600s", "maxConnectionDuration": "0s", "maxStreamDuration": "0s"},
+            "explicitHttpConfig": {"httpProtocolOptions": {}}}}
+    })
+}
+
+fn router() -> Value {
+    json!({"name": "envoy.filters.http.router", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+}
+
+fn http_rbac(cfg: Value) -> Value {
+    let mut c = json!({"@type": HTTP_RBAC});
+    c.as_object_mut().unwrap().extend(cfg.as_object().unwrap().clone());
+    json!({"name": "envoy.filters.http.rbac", "typedConfig": c})
+}
+
+fn rbac_action(name: &str, deny: bool) -> Value {
+    let mut a = json!({"@type": RBAC_ACTION, "name": name});
+    if deny {
+        a["action"] = json!("DENY");
+    }
+    json!({"action": {"name": "envoy.filters.rbac.action", "typedConfig": a}})
+}
+
+fn uri_san_prefix(prefix: &str) -> Value {
+    json!({"singlePredicate": {
+        "input": {"name": "envoy.matching.inputs.uri_san", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.ssl.v3.UriSanInput"}},
+        "valueMatch": {"prefix": prefix}}})
+}
+
+fn server_name_exact(name: &str) -> Value {
+    json!({"singlePredicate": {
+        "input": {"name": "envoy.matching.inputs.server_name", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.ServerNameInput"}},
+        "valueMatch": {"exact": name}}})
+}
+
+/// The matcher API as Kuma 2.14 writes it: first matching predicate's action, else DENY.
+fn rbac_matcher(list: Vec<(Value, Value)>) -> Value {
+    let mut m = json!({"onNoMatch": rbac_action("default", true)});
+    if !list.is_empty() {
+        m["matcherList"] = json!({"matchers": list.into_iter().map(|(p, on)| json!({"predicate": p, "onMatch": on})).collect::<Vec<_>>()});
+    }
+    http_rbac(json!({"matcher": m}))
+}
+
+/// A TLS-terminating HTTP chain of a zone egress (Kuma 2.14): client certificate
+/// required, SPIFFE trust bundle, `network` filters before the HCM, `http` filters before
+/// the router, one virtual host `*` whose `routes` go to the `app` cluster.
+fn egress_chain(names: &[String], network: Vec<Value>, http: Vec<Value>, routes: Value) -> Value {
+    let mut filters = http;
+    filters.push(router());
+    let mut all = network;
+    all.push(json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+        "@type": HCM, "statPrefix": names[0].replace('.', "_"),
+        "httpFilters": filters,
+        "internalAddressConfig": {"cidrRanges": [{"addressPrefix": "127.0.0.1", "prefixLen": 32}]},
+        "routeConfig": {"name": names[0], "validateClusters": false,
+            "virtualHosts": [{"domains": ["*"], "name": names[0], "routes": routes}]}}}));
+    json!({
+        "name": names[0],
+        "filterChainMatch": {"serverNames": names, "transportProtocol": "tls"},
+        "filters": all,
+        "transportSocket": {"name": "envoy.transport_sockets.tls", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "commonTlsContext": {
+                "combinedValidationContext": {"defaultValidationContext": {},
+                    "validationContextSdsSecretConfig": {"name": "system_trust_bundle"}},
+                "tlsCertificateSdsSecretConfigs": [{"name": "egress_identity"}]},
+            "requireClientCertificate": true}}
+    })
+}
+
+fn to_app() -> Value {
+    json!([{"match": {"prefix": "/"}, "route": {"autoHostRewrite": true, "cluster": "app", "timeout": "0s"}}])
+}
+
+fn listener(name: &str, chains: Vec<Value>, tls_inspector: bool) -> Value {
+    let mut l = json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": name, "address": socket("127.0.0.1:0".parse().unwrap()),
+        "trafficDirection": "INBOUND", "filterChains": chains
+    });
+    if tls_inspector {
+        l["listenerFilters"] = json!([{"name": "envoy.filters.listener.tls_inspector", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]);
+    }
+    l
+}
+
+fn secrets(ca: &TestCa, server: &Identity) -> Vec<Value> {
+    let domains: Vec<Value> =
+        [TD_A, TD_B, TD_EVIL].iter().map(|d| json!({"name": d, "trustBundle": {"inlineString": ca.pem}})).collect();
+    vec![
+        json!({"@type": SECRET, "name": "system_trust_bundle",
+            "validationContext": {"customValidatorConfig": {"name": "envoy.tls.cert_validator.spiffe", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig",
+                "trustDomains": domains}}}}),
+        json!({"@type": SECRET, "name": "egress_identity", "tlsCertificate": {
+            "certificateChain": {"inlineString": server.cert_pem}, "privateKey": {"inlineString": server.key_pem}}}),
+    ]
+}
+
+/// A CA issuing leaf certificates as a mesh CA does (Kuma's: key usage digitalSignature
+/// and keyEncipherment, both extended usages). Envoy's SPIFFE validator refuses a leaf
+/// without a key usage extension (its precheck reads a missing one as "every usage").
+struct TestCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key).unwrap();
+        TestCa { pem: cert.pem(), issuer: rcgen::Issuer::new(p, key) }
+    }
+
+    fn leaf(&self, san: rcgen::SanType) -> Identity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![san];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
+        p.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+    }
+
+    /// A SPIFFE identity (URI SAN).
+    fn spiffe(&self, uri: &str) -> Identity {
+        self.leaf(rcgen::SanType::URI(uri.try_into().unwrap()))
+    }
+
+    /// A DNS identity (the control plane's `kuma-cp`).
+    fn dns(&self, name: &str) -> Identity {
+        self.leaf(rcgen::SanType::DnsName(name.try_into().unwrap()))
+    }
+}
+
+// ---- both proxies on the same resources (e2e::pair) -------------------------------------
+
+/// What a client got: an HTTP answer (and whether the backend saw the request), or no
+/// answer at all (handshake refused, connection closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Http { status: u16, body: String, upstream: bool },
+    Refused,
+}
+
+fn outcome(got: Option<Got>, upstream: bool) -> Outcome {
+    match got {
+        Some(g) => Outcome::Http { status: g.status, body: g.body, upstream },
+        None => Outcome::Refused,
+    }
+}
+
+fn ok() -> Outcome {
+    Outcome::Http { status: 200, body: "app".into(), upstream: true }
+}
+
+fn forbidden() -> Outcome {
+    Outcome::Http { status: 403, body: "RBAC: access denied".into(), upstream: false }
+}
+
+// ---- Acceptance 2: HTTP RBAC in Kuma's shapes -----------------------------------------
+
+struct Client {
+    name: &'static str,
+    id: Option<CurlIdentity>,
+    /// The client presents a certificate of the mesh's CA.
+    trusted: bool,
+}
+
+/// The outcomes of `paths` on one connection through `addr` (curl), and which of them
+/// reached the backend (its log of paths grows by exactly those).
+async fn through(addr: SocketAddr, s: &str, c: &Client, app: &HttpBackend, paths: &[&str]) -> Vec<Outcome> {
+    let before = app.requests();
+    let answers = if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        // curl would send this server name lower-cased: openssl sends it as it is.
+        let mut all = vec![];
+        for p in paths {
+            all.push(openssl_get(addr, s, c.id.as_ref(), "external.example", p).await);
+        }
+        all
+    } else {
+        curl_tls(addr, s, c.id.as_ref(), "external.example", paths).await
+    };
+    let reached: Vec<String> = app.seen.lock().unwrap()[before..].iter().map(|r| r.path.clone()).collect();
+    answers
+        .into_iter()
+        .zip(paths)
+        .map(|(a, p)| match a {
+            Some((status, body, _)) => Outcome::Http { status, body, upstream: reached.iter().any(|r| r == p) },
+            None => Outcome::Refused,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_rbac_admits_and_refuses_exactly_as_envoy() {
+    let ca = TestCa::new("mesh-a");
+    let rogue = TestCa::new("rogue");
+    let server = ca.spiffe(&format!("spiffe://{TD_A}/zone-egress"));
+    let app = HttpBackend::start("app").await;
+
+    let chains = vec![
+        // Kuma's MeshTrafficPermission on an external service: any permission, any principal.
+        egress_chain(
+            &[sni("anyany")],
+            vec![],
+            vec![http_rbac(json!({"rules": {"policies": {"MeshTrafficPermission": {
+                "permissions": [{"any": true}], "principals": [{"any": true}]}}}}))],
+            to_app(),
+        ),
+        // No permission: deny-all.
+        egress_chain(&[sni("denyall")], vec![], vec![http_rbac(json!({"rules": {}}))], to_app()),
+        // 2.14: the mesh's identities by URI SAN prefix (meshfaultinjection/sni golden).
+        egress_chain(
+            &[sni("urisan")],
+            vec![],
+            vec![rbac_matcher(vec![(
+                uri_san_prefix(&format!("spiffe://{TD_A}")),
+                rbac_action("kri_mtp_mesh-a_zone-1__allow-all_", false),
+            )])],
+            to_app(),
+        ),
+        // 2.14: allowed by server name (meshtrafficpermission/sni golden); the chain has a
+        // second name, which the predicate does not admit.
+        egress_chain(
+            &[sni("byname"), sni("byname-alias")],
+            vec![],
+            vec![rbac_matcher(vec![(server_name_exact(&sni("byname")), rbac_action("kri_mtp_byname", false))])],
+            to_app(),
+        ),
+        // 2.14 with no MeshTrafficPermission (meshratelimit/sni golden): on_no_match DENY alone.
+        egress_chain(&[sni("nomatch")], vec![], vec![rbac_matcher(vec![])], to_app()),
+        // The two inputs combined: mesh B denied explicitly first, then an AND of a URI SAN
+        // prefix and the server name, inside a nested matcher.
+        egress_chain(
+            &[sni("combo"), sni("combo-alias")],
+            vec![],
+            vec![rbac_matcher(vec![
+                (uri_san_prefix(&format!("spiffe://{TD_B}/")), rbac_action("mesh-b", true)),
+                (
+                    json!({"andMatcher": {"predicate": [uri_san_prefix("spiffe://mesh-a."), server_name_exact(&sni("combo"))]}}),
+                    json!({"matcher": {
+                        "matcherList": {"matchers": [{"predicate": {"notMatcher": uri_san_prefix(&format!("spiffe://{TD_A}/blocked"))},
+                            "onMatch": rbac_action("combo", false)}]},
+                        "onNoMatch": rbac_action("blocked", true)}}),
+                ),
+            ])],
+            to_app(),
+        ),
+        // The older TrafficPermission shape: one identity by exact URI SAN, and anyone on
+        // /public; and a DENY policy on /admin.
+        egress_chain(
+            &[sni("principal")],
+            vec![],
+            vec![http_rbac(json!({"rules": {"policies": {
+                "tp": {"permissions": [{"any": true}],
+                    "principals": [{"authenticated": {"principalName": {"exact": format!("spiffe://{TD_A}/backend")}}}]},
+                "public": {"permissions": [{"urlPath": {"path": {"prefix": "/public"}}}], "principals": [{"any": true}]}}}}))],
+            to_app(),
+        ),
+        egress_chain(
+            &[sni("deny-admin")],
+            vec![],
+            vec![http_rbac(json!({"rules": {"action": "DENY", "policies": {"admin": {
+                "permissions": [{"urlPath": {"path": {"prefix": "/admin"}}}], "principals": [{"any": true}]}}}}))],
+            to_app(),
+        ),
+        // The egress golden 05 shape: a network RBAC before the HCM (one identity), no HTTP RBAC.
+        egress_chain(
+            &[sni("netrbac")],
+            vec![json!({"name": "envoy.filters.network.rbac", "typedConfig": {"@type": NET_RBAC,
+                "statPrefix": "netrbac.", "rules": {"policies": {"allow": {"permissions": [{"any": true}],
+                    "principals": [{"authenticated": {"principalName": {"exact": format!("spiffe://{TD_A}/web")}}}]}}}}})],
+            vec![],
+            to_app(),
+        ),
+    ];
+    let mut resources = vec![cluster("app", socket(app.addr)), listener("egress", chains, true)];
+    resources.extend(secrets(&ca, &server));
+    let pair = Pair::start(resources);
+    let (dp, envoy) = pair.listener("egress");
+
+    let dir = temp_dir("rbac-identities");
+    let id = |name: &str, ca: &TestCa, uri: &str| {
+        let i = ca.spiffe(uri);
+        Some(CurlIdentity::write(&dir, name, &i.cert_pem, &i.key_pem))
+    };
+    let clients = vec![
+        Client { name: "web@A", id: id("web-a", &ca, &format!("spiffe://{TD_A}/web")), trusted: true },
+        Client { name: "backend@A", id: id("backend-a", &ca, &format!("spiffe://{TD_A}/backend")), trusted: true },
+        Client { name: "blocked@A", id: id("blocked-a", &ca, &format!("spiffe://{TD_A}/blocked/web")), trusted: true },
+        Client { name: "web@B", id: id("web-b", &ca, &format!("spiffe://{TD_B}/web")), trusted: true },
+        Client { name: "web@A.evil", id: id("web-evil", &ca, &format!("spiffe://{TD_EVIL}/web")), trusted: true },
+        Client { name: "rogue CA", id: id("rogue", &rogue, &format!("spiffe://{TD_A}/web")), trusted: false },
+        Client { name: "no certificate", id: None, trusted: false },
+    ];
+    let snis: Vec<String> = [
+        "anyany",
+        "denyall",
+        "urisan",
+        "byname",
+        "byname-alias",
+        "nomatch",
+        "combo",
+        "combo-alias",
+        "principal",
+        "deny-admin",
+        "netrbac",
+        "unknown",
+    ]
+    .iter()
+    .map(|t| sni(t))
+    .chain(["SNI.EXTSVC.MESH-A.ZONE-1.BYNAME.80".to_string()])
+    .collect();
+    let paths = ["/", "/public/x?y=1", "/admin"];
+
+    let mut rows = vec![];
+    let mut mismatches = vec![];
+    for c in &clients {
+        for s in &snis {
+            let by_dp = through(dp, s, c, &app, &paths).await;
+            let by_envoy = through(envoy, s, c, &app, &paths).await;
+            for (i, path) in paths.iter().enumerate() {
+                let expected = expect(c, s, path);
+                if by_dp[i] != by_envoy[i] || by_envoy[i] != expected {
+                    mismatches.push(format!(
+                        "{} {s} {path}: dp {:?}, Envoy {:?}, expected {expected:?}",
+                        c.name, by_dp[i], by_envoy[i]
+                    ));
+                }
+                rows.push(by_dp[i].clone());
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} requests differ:\n{}",
+        mismatches.len(),
+        rows.len(),
+        mismatches.join("\n")
+    );
+    // The matrix exercises every kind of answer.
+    for o in [ok(), forbidden(), Outcome::Refused] {
+        assert!(rows.contains(&o), "no request got {o:?}");
+    }
+}
+
+/// What Envoy answers, from its documented semantics (the test checks Envoy against it too).
+fn expect(c: &Client, s: &str, path: &str) -> Outcome {
+    // The handshake: a client certificate from a trusted domain is required.
+    if !c.trusted {
+        return Outcome::Refused;
+    }
+    // Envoy keeps the requested server name lower-cased (the socket's setter does it): the
+    // chain, the `server_name` input and `requested_server_name` all see it so.
+    let s = s.to_ascii_lowercase();
+    let tag = s.strip_prefix("sni.extsvc.mesh-a.zone-1.").and_then(|t| t.strip_suffix(".80"));
+    let Some(tag) = tag else {
+        return Outcome::Refused;
+    };
+    let name = c.name;
+    let in_a = matches!(name, "web@A" | "backend@A" | "blocked@A");
+    let allowed = match tag {
+        "anyany" => true,
+        "denyall" | "nomatch" | "byname-alias" | "combo-alias" => false,
+        "urisan" => in_a || name == "web@A.evil",
+        "byname" => true,
+        "combo" => (in_a && name != "blocked@A") || name == "web@A.evil",
+        "principal" => name == "backend@A" || path.starts_with("/public"),
+        "deny-admin" => !path.starts_with("/admin"),
+        "netrbac" => {
+            return if name == "web@A" { ok() } else { Outcome::Refused };
+        }
+        _ => return Outcome::Refused,
+    };
+    if allowed { ok() } else { forbidden() }
+}
+
+// ---- Acceptance 3: fault abort and local rate limit -------------------------------------
+
+fn fault_and_ratelimit_resources(ca: &TestCa, server: &Identity, app: &HttpBackend) -> Vec<Value> {
+    let allow_mesh =
+        || rbac_matcher(vec![(uri_san_prefix(&format!("spiffe://{TD_A}")), rbac_action("kri_mtp_allow-all", false))]);
+    // meshfaultinjection/sni: abort 503 for 50 % of requests, skipped outside one server name.
+    let fault = json!({"name": "kri_mfi_mesh-a_zone-1__mfi_", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        "extensionConfig": {"name": "envoy.filters.http.fault", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "abort": {"httpStatus": 503, "percentage": {"numerator": 50}}}},
+        "xdsMatcher": {"matcherList": {"matchers": [{
+            "onMatch": {"action": {"name": "skip", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+            "predicate": {"notMatcher": server_name_exact(&sni("fault"))}}]}}}});
+    // meshratelimit/sni: the filter names only its stat prefix; the route brings the bucket.
+    let ratelimit = json!({"name": "envoy.filters.http.local_ratelimit", "typedConfig": {
+        "@type": LOCAL_RATELIMIT, "statPrefix": "rate_limit"}});
+    let limited_routes = json!([
+        {"match": {"prefix": "/free"}, "route": {"autoHostRewrite": true, "cluster": "app", "timeout": "0s"}},
+        {"match": {"prefix": "/"}, "route": {"autoHostRewrite": true, "cluster": "app", "timeout": "0s"},
+         "typedPerFilterConfig": {"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RATELIMIT,
+            "filterEnabled": {"defaultValue": {"numerator": 100}, "runtimeKey": "local_rate_limit_enabled"},
+            "filterEnforced": {"defaultValue": {"numerator": 100}, "runtimeKey": "local_rate_limit_enforced"},
+            "statPrefix": "rate_limit", "status": {"code": "TooManyRequests"},
+            "tokenBucket": {"fillInterval": "3600s", "maxTokens": 3, "tokensPerFill": 1}}}}
+    ]);
+    let chains = vec![
+        egress_chain(&[sni("fault"), sni("fault-alias")], vec![], vec![allow_mesh(), fault], to_app()),
+        egress_chain(&[sni("ratelimit")], vec![], vec![allow_mesh(), ratelimit], limited_routes),
+    ];
+    let mut resources = vec![cluster("app", socket(app.addr)), listener("egress", chains, true)];
+    resources.extend(secrets(ca, server));
+    resources
+}
+
+/// Sends `n` requests with curl (kept-alive connections): the statuses, and the body
+/// and `content-type` of the first answer of each status.
+async fn statuses(
+    addr: SocketAddr,
+    s: &str,
+    id: &CurlIdentity,
+    path: &str,
+    n: usize,
+) -> (Vec<u16>, Vec<(u16, String, String)>) {
+    let paths = vec![path; n];
+    let mut out = vec![];
+    let mut firsts: Vec<(u16, String, String)> = vec![];
+    for a in curl_tls(addr, s, Some(id), "external.example", &paths).await {
+        let a = a.expect("an answer");
+        if !firsts.iter().any(|f| f.0 == a.0) {
+            firsts.push(a.clone());
+        }
+        out.push(a.0);
+    }
+    firsts.sort();
+    (out, firsts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_abort_hits_half_and_the_rate_limit_answers_429_as_envoy_does() {
+    let ca = TestCa::new("mesh-a");
+    let server = ca.spiffe(&format!("spiffe://{TD_A}/zone-egress"));
+    let app = HttpBackend::start("app").await;
+    let pair = Pair::start(fault_and_ratelimit_resources(&ca, &server, &app));
+    let (dp, envoy) = pair.listener("egress");
+    let web = ca.spiffe(&format!("spiffe://{TD_A}/web"));
+    let web = CurlIdentity::write(&temp_dir("fault-identity"), "web", &web.cert_pem, &web.key_pem);
+
+    // 50 % over 1,000 requests: 500 expected, standard deviation 15.8.
+    let mut shapes = vec![];
+    for (who, addr) in [("dp", dp), ("Envoy", envoy)] {
+        let before = app.requests();
+        let (st, firsts) = statuses(addr, &sni("fault"), &web, "/", 1000).await;
+        let aborted = st.iter().filter(|s| **s == 503).count();
+        let passed = st.iter().filter(|s| **s == 200).count();
+        assert_eq!(aborted + passed, 1000, "{who}: only 200 and 503 expected: {firsts:?}");
+        assert!((450..=550).contains(&aborted), "{who}: {aborted} of 1,000 requests aborted");
+        assert_eq!(app.requests() - before, passed, "{who}: an aborted request never reaches the backend");
+        // The other server name of the chain skips the filter.
+        let (st, _) = statuses(addr, &sni("fault-alias"), &web, "/", 50).await;
+        assert!(st.iter().all(|s| *s == 200), "{who}: the skipped filter aborted: {st:?}");
+        shapes.push(firsts);
+    }
+    assert_eq!(shapes[0], shapes[1], "the answers (status, body, content-type) of dp and Envoy differ");
+
+    // Three tokens an hour on `/`: three requests pass, then 429; `/free` has no bucket.
+    let mut seen = vec![];
+    for addr in [dp, envoy] {
+        let (limited, firsts) = statuses(addr, &sni("ratelimit"), &web, "/", 6).await;
+        let (free, _) = statuses(addr, &sni("ratelimit"), &web, "/free", 5).await;
+        seen.push((limited, free, firsts));
+    }
+    assert_eq!(seen[0].0, [200, 200, 200, 429, 429, 429], "dp");
+    assert_eq!(seen[0].1, [200; 5], "dp: a route without a bucket is not limited");
+    assert_eq!(seen[0], seen[1], "dp and Envoy differ (limited, free, first answers)");
+}
+
+// ---- Acceptance 5: the admin and metrics listeners of a zone proxy ----------------------
+
+fn admin_hcm(routes: Value) -> Value {
+    json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+        "@type": HCM, "statPrefix": "kuma_envoy_admin",
+        "httpFilters": [router()],
+        "internalAddressConfig": {"cidrRanges": [{"addressPrefix": "127.0.0.1", "prefixLen": 32}]},
+        "routeConfig": {"validateClusters": false,
+            "virtualHosts": [{"domains": ["*"], "name": "kuma:envoy:admin", "routes": routes}]}}})
+}
+
+fn rewrite(prefix: &str, cluster: &str, to: &str) -> Value {
+    json!({"match": {"prefix": prefix}, "route": {"cluster": cluster, "prefixRewrite": to}})
+}
+
+/// Headers a backend saw, without the values that differ from request to request.
+/// A generated `x-request-id` differs each time: only its presence is kept, and a
+/// client's own value.
+fn seen_headers(b: &HttpBackend) -> (String, BTreeMap<String, String>) {
+    let s = b.last();
+    let mut headers = s.headers;
+    if let Some(id) = headers.get_mut("x-request-id")
+        && id != "client-chosen"
+    {
+        *id = "<generated>".into();
+    }
+    (s.path, headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zone_proxy_admin_and_metrics_listeners_answer_as_through_envoy() {
+    let dir = temp_dir("admin-vs-envoy");
+    let readiness = HttpBackend::start("READY").await;
+    let admin = HttpBackend::start_unix("envoy-admin", &dir.join("kuma-envoy-admin.sock")).await;
+    let hijacker_sock = dir.join("kuma-mh-zone-proxy-egress-default.sock");
+    let hijacker = HttpBackend::start_unix("# TYPE envoy_up gauge", &hijacker_sock).await;
+    let ca = TestCa::new("kuma-ca");
+    let listener_id = ca.dns("zone-egress");
+    let pipe = |p: &Path| json!({"pipe": {"path": p.to_str().unwrap()}});
+
+    let mut admin_tls = json!({
+        "filterChainMatch": {"transportProtocol": "tls"},
+        "filters": [admin_hcm(json!([rewrite("/ready", "kuma:readiness", "/ready"), rewrite("/", "kuma:envoy:admin", "/")]))],
+        "transportSocket": {"name": "envoy.transport_sockets.tls", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "commonTlsContext": {
+                "tlsCertificates": [{"certificateChain": {"inlineString": listener_id.cert_pem},
+                    "privateKey": {"inlineString": listener_id.key_pem}}],
+                "validationContext": {"matchTypedSubjectAltNames": [{"matcher": {"exact": "kuma-cp"}, "sanType": "DNS"}],
+                    "trustedCa": {"inlineString": ca.pem}}},
+            "requireClientCertificate": true}}
+    });
+    admin_tls["name"] = json!("tls");
+    let resources = vec![
+        cluster("kuma:envoy:admin", pipe(&dir.join("kuma-envoy-admin.sock"))),
+        cluster("kuma:readiness", socket(readiness.addr)),
+        cluster("kuma:metrics:hijacker", pipe(&hijacker_sock)),
+        listener(
+            "kuma:envoy:admin",
+            vec![json!({"filters": [admin_hcm(json!([rewrite("/ready", "kuma:readiness", "/ready")]))]}), admin_tls],
+            true,
+        ),
+        listener(
+            "kuma:metrics:prometheus",
+            vec![json!({"filters": [{"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+                "@type": HCM, "statPrefix": "kuma_metrics_prometheus", "httpFilters": [router()],
+                "internalAddressConfig": {"cidrRanges": [{"addressPrefix": "127.0.0.1", "prefixLen": 32}]},
+                "routeConfig": {"validateClusters": false, "virtualHosts": [{"domains": ["*"],
+                    "name": "kuma:metrics:prometheus", "routes": [rewrite("/metrics", "kuma:metrics:hijacker", "/meshmetric")]}]}}}]})],
+            false,
+        ),
+    ];
+    let pair = Pair::start(resources);
+    let (dp_admin, envoy_admin) = pair.listener("kuma:envoy:admin");
+    let (dp_metrics, envoy_metrics) = pair.listener("kuma:metrics:prometheus");
+
+    // Plain text: /ready only.
+    type Seen = Option<(String, BTreeMap<String, String>)>;
+    let mut mismatches = vec![];
+    let mut compare = |what: String, a: (Outcome, Seen), b: (Outcome, Seen)| {
+        if a != b {
+            mismatches.push(format!("{what}:\n  dp    {a:?}\n  Envoy {b:?}"));
+        }
+        a
+    };
+    // A client that sets the headers a proxy reads or rewrites (Envoy's `x-envoy-*`
+    // controls, its own request id and scheme, a path a rewrite would record).
+    let steering: &[(&str, &str)] = &[
+        ("x-envoy-retry-on", "5xx"),
+        ("x-envoy-max-retries", "3"),
+        ("x-envoy-upstream-rq-timeout-ms", "5"),
+        ("x-envoy-original-path", "/forged"),
+        ("x-envoy-custom", "1"),
+        ("x-forwarded-proto", "https"),
+        ("x-request-id", "client-chosen"),
+        ("x-envoy-internal", "true"),
+        ("x-envoy-decorator-operation", "op"),
+        ("x-envoy-downstream-service-cluster", "web"),
+    ];
+    // The same from a trusted hop: one internal address in `x-forwarded-for`.
+    let trusted: &[(&str, &str)] = &[
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-envoy-retry-on", "5xx"),
+        ("x-envoy-max-retries", "0"),
+        ("x-envoy-retriable-status-codes", "500"),
+        ("x-envoy-upstream-rq-timeout-ms", "12000"),
+        ("x-envoy-upstream-rq-per-try-timeout-ms", "11000"),
+        ("x-envoy-custom", "1"),
+        ("x-envoy-decorator-operation", "op"),
+    ];
+    // Two hops: not internal.
+    let relayed: &[(&str, &str)] = &[("x-forwarded-for", "127.0.0.1, 127.0.0.1"), ("x-envoy-retry-on", "5xx")];
+    // (listener, path, the backend it should reach, request headers)
+    type Case<'a> = (SocketAddr, &'a str, &'a HttpBackend, &'a [(&'a str, &'a str)]);
+    let plain: [Case<'_>; 12] = [
+        (dp_admin, "/ready", &readiness, &[]),
+        (dp_admin, "/ready?verbose=1", &readiness, &[]),
+        (dp_admin, "/readyz", &readiness, &[]),
+        (dp_admin, "/stats", &readiness, &[]),
+        (dp_admin, "/ready", &readiness, steering),
+        (dp_admin, "/ready", &readiness, trusted),
+        (dp_admin, "/ready", &readiness, relayed),
+        (dp_metrics, "/metrics", &hijacker, &[]),
+        (dp_metrics, "/metrics?filter=envoy_cluster", &hijacker, &[]),
+        (dp_metrics, "/metrics/extra", &hijacker, &[]),
+        (dp_metrics, "/metrics", &hijacker, steering),
+        (dp_metrics, "/", &hijacker, &[]),
+    ];
+    let mut answers = vec![];
+    for (dp_addr, path, backend, headers) in plain {
+        let envoy_addr = if dp_addr == dp_admin { envoy_admin } else { envoy_metrics };
+        let mut both = vec![];
+        for addr in [dp_addr, envoy_addr] {
+            let before = backend.requests();
+            let g = get(addr, "127.0.0.1", path, headers).await;
+            let reached = backend.requests() > before;
+            let seen = reached.then(|| seen_headers(backend));
+            both.push((outcome(Some(g), reached), seen));
+        }
+        let b = both.pop().unwrap();
+        let a = both.pop().unwrap();
+        answers.push(compare(format!("plain {path}"), a, b));
+    }
+    // HTTP/1.0 (no `accept_http_10`): refused with 426 and closed, nothing upstream. The
+    // status line's version is left out (hyper answers a 1.0 client in 1.0, Envoy in 1.1).
+    let mut old_http = vec![];
+    for addr in [dp_admin, envoy_admin] {
+        let before = readiness.requests();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /ready HTTP/1.0\r\nhost: 127.0.0.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(e2e::WAIT, s.read_to_string(&mut out)).await.expect("the proxy closes").unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        let status = head.split_whitespace().nth(1).unwrap_or("").to_string();
+        let close = head.to_ascii_lowercase().contains("connection: close");
+        old_http.push((status, body.to_string(), close, readiness.requests() - before));
+    }
+    assert_eq!(old_http[0], old_http[1], "HTTP/1.0: dp, then Envoy");
+    assert_eq!(old_http[0].0, "426");
+
+    // TLS: the control plane's certificate (DNS SAN kuma-cp) reaches the admin; others are refused.
+    let cp = client_with_identity(Some(&ca.dns("kuma-cp")));
+    let stranger = client_with_identity(Some(&ca.dns("not-kuma-cp")));
+    let anonymous = client_with_identity(None);
+    for (who, cfg) in [("kuma-cp", &cp), ("not-kuma-cp", &stranger), ("no certificate", &anonymous)] {
+        for (path, backend) in
+            [("/ready", &readiness), ("/config_dump?include_eds", &admin), ("/stats/prometheus", &admin), ("/", &admin)]
+        {
+            let mut both = vec![];
+            for addr in [dp_admin, envoy_admin] {
+                let before = backend.requests();
+                let g = tls_get(addr, "kuma-admin", cfg.clone(), "127.0.0.1", path).await;
+                let reached = backend.requests() > before;
+                let seen = reached.then(|| seen_headers(backend));
+                both.push((outcome(g, reached), seen));
+            }
+            let b = both.pop().unwrap();
+            let a = both.pop().unwrap();
+            answers.push(compare(format!("TLS {who} {path}"), a, b));
+        }
+    }
+    assert!(mismatches.is_empty(), "dp and Envoy differ:\n{}", mismatches.join("\n"));
+    let statuses: Vec<String> = answers
+        .iter()
+        .map(|(o, seen)| match o {
+            Outcome::Http { status, .. } => format!("{status} {}", seen.as_ref().map_or("-", |s| s.0.as_str())),
+            Outcome::Refused => "refused".into(),
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "200 /ready",
+            "200 /ready?verbose=1",
+            "200 /readyz",
+            "404 -",
+            "200 /ready",
+            "200 /ready",
+            "200 /ready",
+            "200 /meshmetric",
+            "200 /meshmetric?filter=envoy_cluster",
+            "200 /meshmetric/extra",
+            "200 /meshmetric",
+            "404 -",
+            "200 /ready",
+            "200 /config_dump?include_eds",
+            "200 /stats/prometheus",
+            "200 /",
+            "refused",
+            "refused",
+            "refused",
+            "refused",
+            "refused",
+            "refused",
+            "refused",
+            "refused",
+        ]
+    );
+}
