@@ -1,7 +1,7 @@
 //! One downstream connection: read the ClientHello (without terminating TLS), pick the
 //! filter chain, then answer directly or proxy to an upstream host.
 
-use crate::copy::{self, BUF_SIZE, End, Transferred};
+use crate::copy::{self, End, Transferred};
 use crate::drain::{ConnGuard, Drain};
 use crate::hcm::server::ConnInfo;
 use crate::outlier::Outcome;
@@ -81,6 +81,9 @@ enum Flag {
     Internal,
 }
 
+/// The first read of a ClientHello (it grows up to the listener's bound when needed).
+const FIRST_READ: usize = 2048;
+
 /// Longest a TLS handshake may take, either side.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -148,7 +151,10 @@ pub async fn serve(
         None => 0,
     };
 
-    let mut buf = vec![0u8; BUF_SIZE.max(lst.max_client_hello)];
+    // Room for a typical ClientHello (a post-quantum key share makes it ~1.8 KiB); it
+    // grows up to the listener's bound only for a larger one, so a connection that waits
+    // for its hello (a slow or hostile client) costs little memory.
+    let mut buf = vec![0u8; if lst.inspect_tls { FIRST_READ.min(lst.max_client_hello) } else { 0 }];
     let (hello, pending, flag) =
         if lst.inspect_tls { detect(&ctx, &lst, &mut down, &mut buf).await } else { (None, 0, Flag::Done) };
     let sni = hello.as_ref().and_then(ClientHello::server_name);
@@ -328,10 +334,10 @@ async fn detect(
     ctx: &Ctx,
     lst: &ListenerCfg,
     down: &mut TcpStream,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
 ) -> (Option<ClientHello>, usize, Flag) {
     let g = &ctx.stats.global;
-    let limit = lst.max_client_hello.min(buf.len());
+    let limit = lst.max_client_hello;
     let deadline = lst.filters_timeout.map(|t| tokio::time::Instant::now() + t);
     let mut filled = 0;
     loop {
@@ -358,7 +364,10 @@ async fn detect(
             }
             Parsed::NeedMore => {}
         }
-        let read = down.read(&mut buf[filled..limit]);
+        if filled == buf.len() {
+            buf.resize((buf.len() * 2).max(FIRST_READ).min(limit), 0);
+        }
+        let read = down.read(&mut buf[filled..]);
         let n = match deadline {
             None => read.await,
             Some(d) => match tokio::time::timeout_at(d, read).await {

@@ -38,6 +38,10 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    // The ClientHello buffer is small; copies move BUF_SIZE at a time.
+    if first.len() < BUF_SIZE {
+        first.resize(BUF_SIZE, 0);
+    }
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let (mut dr, mut dw) = tokio::io::split(down);
