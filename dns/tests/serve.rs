@@ -176,8 +176,11 @@ async fn forwards_in_flight_are_bounded() {
 
 #[tokio::test]
 async fn tcp_pipelined_and_partial_queries() {
-    let up = FakeUpstream::start(Duration::from_millis(100)).await;
-    let s = start_server(vec![up.addr], limits()).await;
+    // The forward completes only when the test opens the gate: local answers must not
+    // wait for it (no race with a timer).
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let up = FakeUpstream::start_gated(Duration::ZERO, gate).await;
+    let s = start_server_with_timeout(vec![up.addr], limits(), Duration::from_secs(20)).await;
     let mut c = TcpStream::connect(s.addr).await.unwrap();
     // Three queries in one write: a forward (slow) and two local ones.
     let mut batch = Vec::new();
@@ -199,7 +202,11 @@ async fn tcp_pipelined_and_partial_queries() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut seen = Vec::new();
-    for _ in 0..4 {
+    for i in 0..4 {
+        if i == 3 {
+            // The three local answers came while the forward was held: now let it finish.
+            open.send_replace(true);
+        }
         let r = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut c)).await.unwrap().unwrap();
         let m = Message::from_vec(&r).unwrap();
         match m.metadata.id {

@@ -77,20 +77,28 @@ fn upstream_reply(query: &[u8], tcp: bool) -> Option<Vec<u8>> {
 
 impl FakeUpstream {
     pub async fn start(delay: Duration) -> FakeUpstream {
+        FakeUpstream::start_gated(delay, watch::channel(true).1).await
+    }
+
+    /// Answers only once `gate` is true (and `delay` later): a test decides when a
+    /// forward completes instead of racing a timer.
+    pub async fn start_gated(delay: Duration, gate: watch::Receiver<bool>) -> FakeUpstream {
         let (udp, tcp) = bind_pair().await;
         let addr = udp.local_addr().unwrap();
         let udp_queries = Arc::new(AtomicUsize::new(0));
         let tcp_queries = Arc::new(AtomicUsize::new(0));
         let udp = Arc::new(udp);
         let counter = udp_queries.clone();
+        let tcp_gate = gate.clone();
         let udp_task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65535];
             loop {
                 let (n, peer) = udp.recv_from(&mut buf).await.unwrap();
                 counter.fetch_add(1, Ordering::SeqCst);
                 let query = buf[..n].to_vec();
-                let udp = udp.clone();
+                let (udp, mut gate) = (udp.clone(), gate.clone());
                 tokio::spawn(async move {
+                    let _ = gate.wait_for(|open| *open).await;
                     tokio::time::sleep(delay).await;
                     if let Some(r) = upstream_reply(&query, false) {
                         let _ = udp.send_to(&r, peer).await;
@@ -102,10 +110,11 @@ impl FakeUpstream {
         let tcp_task = tokio::spawn(async move {
             loop {
                 let (mut s, _) = tcp.accept().await.unwrap();
-                let counter = counter.clone();
+                let (counter, mut gate) = (counter.clone(), tcp_gate.clone());
                 tokio::spawn(async move {
                     while let Ok(q) = read_frame(&mut s).await {
                         counter.fetch_add(1, Ordering::SeqCst);
+                        let _ = gate.wait_for(|open| *open).await;
                         tokio::time::sleep(delay).await;
                         let Some(r) = upstream_reply(&q, true) else { return };
                         if write_frame(&mut s, &r).await.is_err() {
@@ -143,11 +152,16 @@ impl Drop for Server {
 }
 
 pub async fn start_server(servers: Vec<SocketAddr>, limits: dns::Limits) -> Server {
+    start_server_with_timeout(servers, limits, Duration::from_millis(300)).await
+}
+
+/// [`start_server`] with this upstream timeout.
+pub async fn start_server_with_timeout(servers: Vec<SocketAddr>, limits: dns::Limits, timeout: Duration) -> Server {
     let _ = tracing_subscriber::fmt().with_env_filter("dns=debug").with_test_writer().try_init();
     let (udp, tcp) = bind_pair().await;
     let addr = udp.local_addr().unwrap();
     let (tx, rx) = watch::channel(Arc::new(table()));
-    let upstream = dns::Upstream { servers, timeout: Duration::from_millis(300) };
+    let upstream = dns::Upstream { servers, timeout };
     let task = tokio::spawn(dns::serve_with(udp, Some(tcp), rx, upstream, limits));
     Server { addr, table: tx, task }
 }
