@@ -220,3 +220,20 @@ pub async fn try_get(addr: SocketAddr, host: &str, path: &str) -> Result<crate::
     };
     tokio::time::timeout(Duration::from_secs(5), attempt).await.map_err(|_| "no answer within 5s".to_string())?
 }
+
+/// `ctl inspect zones` against `cp`: zone -> STATUS.
+pub fn zone_status(cp: &Cp) -> Vec<(String, String)> {
+    cp.ctl(&["inspect", "zones"])
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(2).map(String::from).collect::<Vec<_>>())
+        .map(|v| (v[0].clone(), v[1].clone()))
+        .collect()
+}
+
+/// Waits until `ctl inspect zones` shows `zone` with `status`.
+pub fn wait_zone_status(cp: &Cp, zone: &str, status: &str) {
+    wait_within(SYNC, &format!("{zone} to show {status}"), || {
+        zone_status(cp).iter().any(|(z, s)| z == zone && s == status).then_some(())
+    });
+}

@@ -10,22 +10,6 @@ use e2e::mesh::*;
 use e2e::{Backend, Cp, Dp, temp_dir, wait_within};
 use tokio::net::{TcpListener, TcpStream};
 
-/// `ctl inspect zones` against `cp`: zone -> STATUS.
-fn zone_status(cp: &Cp) -> Vec<(String, String)> {
-    let out = cp.ctl(&["inspect", "zones"]);
-    out.lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().take(2).map(String::from).collect::<Vec<_>>())
-        .map(|v| (v[0].clone(), v[1].clone()))
-        .collect()
-}
-
-fn wait_zone_status(cp: &Cp, zone: &str, status: &str) {
-    wait_within(SYNC, &format!("{zone} to show {status}"), || {
-        zone_status(cp).iter().any(|(z, s)| z == zone && s == status).then_some(())
-    });
-}
-
 /// Names of the ZoneIngresses a zone knows (its own and the synced ones) with their zone.
 fn ingresses(zone: &Cp) -> Vec<(String, String)> {
     let v = zone.get_json("/zoneingresses");

@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use e2e::mesh::{MESH, SYNC, Traffic, assert_no_failures, dataplane_token, free_port, wait_answered_by, write};
+use e2e::mesh::{
+    MESH, SYNC, Traffic, assert_no_failures, dataplane_token, free_port, wait_answered_by, wait_zone_status, write,
+    zone_status,
+};
 use e2e::postgres::Postgres;
 use e2e::{Backend, Cp, Dp, temp_dir, wait_within};
 use tokio::net::{TcpListener, TcpStream};
@@ -336,22 +339,6 @@ fn start_sidecar(
     let dp = start_dp(cp_address, &zone.ca_file, "dataplane", &dataplane_token(zone, name), &resource, &[]);
     dp.wait_ready();
     dp
-}
-
-/// `ctl inspect zones` against `cp`: zone -> STATUS.
-fn zone_status(cp: &Cp) -> Vec<(String, String)> {
-    cp.ctl(&["inspect", "zones"])
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().take(2).map(String::from).collect::<Vec<_>>())
-        .map(|v| (v[0].clone(), v[1].clone()))
-        .collect()
-}
-
-fn wait_zone_status(cp: &Cp, zone: &str, status: &str) {
-    wait_within(SYNC, &format!("{zone} to show {status}"), || {
-        zone_status(cp).iter().any(|(z, s)| z == zone && s == status).then_some(())
-    });
 }
 
 /// An instance's id (`GET /`).

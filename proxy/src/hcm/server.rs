@@ -27,6 +27,7 @@ use super::{Codec, HttpCfg};
 use crate::outlier::Outcome;
 use crate::snapshot::Target;
 use crate::snapshot::cluster::UpstreamHttp;
+pub use crate::snapshot::lb::random;
 use crate::snapshot::rbac::Subject;
 
 /// Request headers Envoy's router consumes (after the connection manager has removed
@@ -654,23 +655,4 @@ fn request_id(r: u64) -> String {
         b[7],
         a[0] ^ b[0]
     )
-}
-
-/// A fast per-thread random number (xorshift), for weights, faults and ids.
-pub fn random() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            (t.as_nanos() as u64) ^ (std::process::id() as u64).rotate_left(32) | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        x
-    })
 }

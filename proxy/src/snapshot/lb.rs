@@ -304,13 +304,14 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// A fast non-cryptographic random number (per-thread xorshift), for load balancing.
+/// A fast non-cryptographic random number (per-thread xorshift), for load balancing,
+/// weights, faults and request ids.
 pub fn random() -> u64 {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<u64> = Cell::new({
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            (t.as_nanos() as u64) | 1
+            (t.as_nanos() as u64) ^ u64::from(std::process::id()).rotate_left(32) | 1
         });
     }
     STATE.with(|s| {
