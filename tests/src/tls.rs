@@ -83,7 +83,9 @@ pub async fn request(addr: SocketAddr, sni: &str, cfg: Arc<ClientConfig>, msg: &
     line.trim_end().to_string()
 }
 
-/// A mesh CA issuing SPIFFE identities, as the control plane's builtin CA does.
+/// A mesh CA issuing SPIFFE identities, as the control plane's builtin CA does: leaves
+/// carry key usage digitalSignature and keyEncipherment and both extended usages (Envoy's
+/// SPIFFE validator refuses a leaf without a key usage extension).
 pub struct MeshCa {
     pub pem: String,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
@@ -108,13 +110,12 @@ impl MeshCa {
 
     /// A leaf with the URI SAN `spiffe_id`, usable as client and server certificate.
     pub fn identity(&self, spiffe_id: &str) -> Identity {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::default();
-        p.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
-        p.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+        self.leaf(vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())])
+    }
+
+    /// A leaf with the DNS SAN `name` (the control plane's `kuma-cp`, for instance).
+    pub fn dns(&self, name: &str) -> Identity {
+        self.leaf(vec![rcgen::SanType::DnsName(name.try_into().unwrap())])
     }
 
     /// A leaf with these SANs (several SPIFFE IDs, DNS names, IP addresses), usable as
@@ -123,6 +124,7 @@ impl MeshCa {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::default();
         p.subject_alt_names = sans;
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
         p.extended_key_usages =
             vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&key, &self.issuer).unwrap();

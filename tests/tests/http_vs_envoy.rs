@@ -15,7 +15,7 @@
 use e2e::http::{CurlIdentity, Got, HttpBackend, curl_tls, get, openssl_get, tls_get};
 use e2e::pair::Pair;
 use e2e::temp_dir;
-use e2e::tls::{Identity, client_with_identity};
+use e2e::tls::{Identity, MeshCa, client_with_identity};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -147,7 +147,7 @@ fn listener(name: &str, chains: Vec<Value>, tls_inspector: bool) -> Value {
     l
 }
 
-fn secrets(ca: &TestCa, server: &Identity) -> Vec<Value> {
+fn secrets(ca: &MeshCa, server: &Identity) -> Vec<Value> {
     let domains: Vec<Value> =
         [TD_A, TD_B, TD_EVIL].iter().map(|d| json!({"name": d, "trustBundle": {"inlineString": ca.pem}})).collect();
     vec![
@@ -158,47 +158,6 @@ fn secrets(ca: &TestCa, server: &Identity) -> Vec<Value> {
         json!({"@type": SECRET, "name": "egress_identity", "tlsCertificate": {
             "certificateChain": {"inlineString": server.cert_pem}, "privateKey": {"inlineString": server.key_pem}}}),
     ]
-}
-
-/// A CA issuing leaf certificates as a mesh CA does (Kuma's: key usage digitalSignature
-/// and keyEncipherment, both extended usages). Envoy's SPIFFE validator refuses a leaf
-/// without a key usage extension (its precheck reads a missing one as "every usage").
-struct TestCa {
-    pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::default();
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let cert = p.self_signed(&key).unwrap();
-        TestCa { pem: cert.pem(), issuer: rcgen::Issuer::new(p, key) }
-    }
-
-    fn leaf(&self, san: rcgen::SanType) -> Identity {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::default();
-        p.subject_alt_names = vec![san];
-        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
-        p.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
-        Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
-    }
-
-    /// A SPIFFE identity (URI SAN).
-    fn spiffe(&self, uri: &str) -> Identity {
-        self.leaf(rcgen::SanType::URI(uri.try_into().unwrap()))
-    }
-
-    /// A DNS identity (the control plane's `kuma-cp`).
-    fn dns(&self, name: &str) -> Identity {
-        self.leaf(rcgen::SanType::DnsName(name.try_into().unwrap()))
-    }
 }
 
 // ---- both proxies on the same resources (e2e::pair) -------------------------------------
@@ -262,9 +221,9 @@ async fn through(addr: SocketAddr, s: &str, c: &Client, app: &HttpBackend, paths
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_rbac_admits_and_refuses_exactly_as_envoy() {
-    let ca = TestCa::new("mesh-a");
-    let rogue = TestCa::new("rogue");
-    let server = ca.spiffe(&format!("spiffe://{TD_A}/zone-egress"));
+    let ca = MeshCa::new("mesh-a");
+    let rogue = MeshCa::new("rogue");
+    let server = ca.identity(&format!("spiffe://{TD_A}/zone-egress"));
     let app = HttpBackend::start("app").await;
 
     let chains = vec![
@@ -349,8 +308,8 @@ async fn http_rbac_admits_and_refuses_exactly_as_envoy() {
     let (dp, envoy) = pair.listener("egress");
 
     let dir = temp_dir("rbac-identities");
-    let id = |name: &str, ca: &TestCa, uri: &str| {
-        let i = ca.spiffe(uri);
+    let id = |name: &str, ca: &MeshCa, uri: &str| {
+        let i = ca.identity(uri);
         Some(CurlIdentity::write(&dir, name, &i.cert_pem, &i.key_pem))
     };
     let clients = vec![
@@ -446,7 +405,7 @@ fn expect(c: &Client, s: &str, path: &str) -> Outcome {
 
 // ---- Acceptance 3: fault abort and local rate limit -------------------------------------
 
-fn fault_and_ratelimit_resources(ca: &TestCa, server: &Identity, app: &HttpBackend) -> Vec<Value> {
+fn fault_and_ratelimit_resources(ca: &MeshCa, server: &Identity, app: &HttpBackend) -> Vec<Value> {
     let allow_mesh =
         || rbac_matcher(vec![(uri_san_prefix(&format!("spiffe://{TD_A}")), rbac_action("kri_mtp_allow-all", false))]);
     // meshfaultinjection/sni: abort 503 for 50 % of requests, skipped outside one server name.
@@ -506,12 +465,12 @@ async fn statuses(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_abort_hits_half_and_the_rate_limit_answers_429_as_envoy_does() {
-    let ca = TestCa::new("mesh-a");
-    let server = ca.spiffe(&format!("spiffe://{TD_A}/zone-egress"));
+    let ca = MeshCa::new("mesh-a");
+    let server = ca.identity(&format!("spiffe://{TD_A}/zone-egress"));
     let app = HttpBackend::start("app").await;
     let pair = Pair::start(fault_and_ratelimit_resources(&ca, &server, &app));
     let (dp, envoy) = pair.listener("egress");
-    let web = ca.spiffe(&format!("spiffe://{TD_A}/web"));
+    let web = ca.identity(&format!("spiffe://{TD_A}/web"));
     let web = CurlIdentity::write(&temp_dir("fault-identity"), "web", &web.cert_pem, &web.key_pem);
 
     // 50 % over 1,000 requests: 500 expected, standard deviation 15.8.
@@ -579,7 +538,7 @@ async fn the_zone_proxy_admin_and_metrics_listeners_answer_as_through_envoy() {
     let admin = HttpBackend::start_unix("envoy-admin", &dir.join("kuma-envoy-admin.sock")).await;
     let hijacker_sock = dir.join("kuma-mh-zone-proxy-egress-default.sock");
     let hijacker = HttpBackend::start_unix("# TYPE envoy_up gauge", &hijacker_sock).await;
-    let ca = TestCa::new("kuma-ca");
+    let ca = MeshCa::new("kuma-ca");
     let listener_id = ca.dns("zone-egress");
     let pipe = |p: &Path| json!({"pipe": {"path": p.to_str().unwrap()}});
 
