@@ -22,8 +22,28 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-/// How often the xDS file is checked for changes.
+/// How often the xDS file is checked for changes where inotify is unavailable.
 const FILE_POLL: Duration = Duration::from_millis(200);
+/// How often it is checked anyway when inotify reports changes.
+const FILE_SAFETY_POLL: Duration = Duration::from_secs(2);
+
+/// The next time to look at the file: an inotify event in its directory, or the poll.
+async fn file_changed(tick: &mut tokio::time::Interval, events: Option<&crate::file_watch::DirEvents>) {
+    match events {
+        Some(e) => tokio::select! {
+            _ = tick.tick() => {}
+            r = e.changed() => {
+                if let Err(err) = r {
+                    debug!(error = %err, "reading inotify events failed; the poll goes on");
+                    tick.tick().await;
+                }
+            }
+        },
+        None => {
+            tick.tick().await;
+        }
+    }
+}
 /// A file that fails to decode and was modified less than this long ago is taken to be
 /// still being written: it is read again, not rejected.
 const FILE_SETTLE: Duration = Duration::from_millis(1000);
@@ -293,10 +313,16 @@ impl FileSource {
     /// only when the answers change).
     async fn watch(mut self, mut applier: Applier, mut names: Vec<(String, u16)>, mut answers: DnsAnswers) {
         let mut dns_tick = tokio::time::interval(DNS_REFRESH);
-        let mut file_tick = tokio::time::interval(FILE_POLL);
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        // Changes are seen as they happen; the poll is only a safety net then.
+        let events = crate::file_watch::DirEvents::new(&dir);
+        let mut file_tick = tokio::time::interval(if events.is_some() { FILE_SAFETY_POLL } else { FILE_POLL });
         loop {
             tokio::select! {
-                _ = file_tick.tick() => {
+                _ = file_changed(&mut file_tick, events.as_ref()) => {
                     if Self::stamp(&self.path) == self.stamp {
                         continue;
                     }

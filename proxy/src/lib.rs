@@ -13,6 +13,7 @@ pub mod cp_inputs;
 pub mod descriptors;
 pub mod dns_proxy;
 pub mod drain;
+pub mod file_watch;
 pub mod hcm;
 pub mod health;
 pub mod listeners;
