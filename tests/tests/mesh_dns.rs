@@ -115,7 +115,8 @@ fn the_dns_proxy_serves_the_records_of_the_dynamic_config_listener() {
             .to_string()
     };
     std::fs::write(&file, dynconf("1", &records("240.0.0.1")).to_string()).unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // The DNS proxy binds UDP and TCP on this port.
+    let port = e2e::mesh::free_port();
     let dp = Dp::start(&file, &["--proxy-type", "dataplane", "--dns-proxy-port", &port.to_string()]);
     let server = SocketAddr::from(([127, 0, 0, 1], port));
     for name in [SVC, DOTTED] {
