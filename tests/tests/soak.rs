@@ -918,7 +918,16 @@ async fn soak_under_chaos_nothing_leaks_nothing_panics_every_connection_is_accou
         q1.pipes,
         2 * PIPE_POOL
     );
-    assert!(rss1 * 10 <= rss0 * 11, "RSS grew from {rss0} KiB to {rss1} KiB (more than 10 %)");
+    // dp's quiet RSS moves by ~8 MiB with where the allocator's arenas stand (configs
+    // are decoded and freed every few seconds): one sample against one sample would be
+    // noise. A leak shows as the end exceeding everything seen in the run's first half.
+    let first_half = warmup + secs / 2;
+    let early = samples.iter().filter(|s| s.secs <= first_half).map(|s| s.rss_kib).max().unwrap_or(0);
+    let baseline = rss0.max(early);
+    assert!(
+        rss1 * 10 <= baseline * 11,
+        "RSS grew from {baseline} KiB (the warm-up's, or the first half's highest) to {rss1} KiB (more than 10 %)"
+    );
     // dp is still running.
     assert_eq!(sh.dp.get("/ready").0, 200);
 }
