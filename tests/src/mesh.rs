@@ -72,6 +72,24 @@ pub fn start_ingress(global: &Cp, zone: &Cp, zone_name: &str, port: u16) -> Dp {
     dp
 }
 
+/// The Dataplane of a sidecar on 127.0.0.1 for `app` serving `service`, with `outbounds`
+/// (port, service).
+pub fn sidecar_resource(name: &str, service: &str, app: &Backend, outbounds: &[(u16, &str)]) -> String {
+    let mut outbound = String::new();
+    if !outbounds.is_empty() {
+        outbound.push_str("  outbound:\n");
+        for (port, svc) in outbounds {
+            outbound.push_str(&format!("  - port: {port}\n    tags:\n      kuma.io/service: {svc}\n"));
+        }
+    }
+    format!(
+        "type: Dataplane\nmesh: default\nname: {name}\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+         - port: {}\n    servicePort: {}\n    tags:\n      kuma.io/service: {service}\n{outbound}",
+        free_port(),
+        app.addr.port()
+    )
+}
+
 /// A sidecar for `app` serving `service`, with `outbounds` (port, service).
 pub fn start_sidecar(
     zone: &Cp,
@@ -81,19 +99,7 @@ pub fn start_sidecar(
     outbounds: &[(u16, &str)],
     env: &[(&str, &str)],
 ) -> Dp {
-    let mut outbound = String::new();
-    if !outbounds.is_empty() {
-        outbound.push_str("  outbound:\n");
-        for (port, svc) in outbounds {
-            outbound.push_str(&format!("  - port: {port}\n    tags:\n      kuma.io/service: {svc}\n"));
-        }
-    }
-    let resource = format!(
-        "type: Dataplane\nmesh: default\nname: {name}\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
-         - port: {}\n    servicePort: {}\n    tags:\n      kuma.io/service: {service}\n{outbound}",
-        free_port(),
-        app.addr.port()
-    );
+    let resource = sidecar_resource(name, service, app, outbounds);
     let token = dataplane_token(zone, name);
     // `.mesh` DNS only where the test asks for it (its port would clash between sidecars).
     let mut all =

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e::mesh::{
-    MESH, SYNC, Traffic, assert_no_failures, dataplane_token, free_port, wait_answered_by, wait_zone_status, write,
-    zone_status,
+    MESH, SYNC, Traffic, assert_no_failures, dataplane_token, free_port, sidecar_resource, wait_answered_by,
+    wait_zone_status, write, zone_status,
 };
 use e2e::postgres::Postgres;
 use e2e::{Backend, Cp, Dp, temp_dir, wait_within};
@@ -323,19 +323,7 @@ fn start_sidecar(
     app: &Backend,
     outbounds: &[(u16, &str)],
 ) -> Dp {
-    let mut outbound = String::new();
-    if !outbounds.is_empty() {
-        outbound.push_str("  outbound:\n");
-        for (port, svc) in outbounds {
-            outbound.push_str(&format!("  - port: {port}\n    tags:\n      kuma.io/service: {svc}\n"));
-        }
-    }
-    let resource = format!(
-        "type: Dataplane\nmesh: default\nname: {name}\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
-         - port: {}\n    servicePort: {}\n    tags:\n      kuma.io/service: {service}\n{outbound}",
-        free_port(),
-        app.addr.port()
-    );
+    let resource = sidecar_resource(name, service, app, outbounds);
     let dp = start_dp(cp_address, &zone.ca_file, "dataplane", &dataplane_token(zone, name), &resource, &[]);
     dp.wait_ready();
     dp
