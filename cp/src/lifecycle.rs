@@ -240,9 +240,23 @@ impl Drop for Connected {
     }
 }
 
-/// Read-modify-write of an insight's `subscriptions`, retried on concurrent writes.
+/// How long an insight write keeps trying through conflicts and database outages. A write
+/// given up loses a proxy's state (a proxy never marked serving is never an endpoint), so
+/// it tries as long as a proxy would reasonably wait.
+const INSIGHT_WRITE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Read-modify-write of an insight's `subscriptions`, retried on concurrent writes and
+/// while the store is unavailable.
+///
+/// A conflict means this instance's copy is behind the database (another instance wrote,
+/// or this one's change listener has not caught up, as after a database outage): the retry
+/// waits for the copy to change instead of spinning on the same stale version.
 async fn update_subscriptions(cp: &ZoneCp, insight: &Key, owner: Option<Key>, f: impl Fn(&mut Vec<Value>)) {
-    for _ in 0..10 {
+    let deadline = tokio::time::Instant::now() + INSIGHT_WRITE_PATIENCE;
+    let mut backoff = std::time::Duration::from_millis(50);
+    let mut changes = cp.store.subscribe();
+    loop {
+        changes.borrow_and_update();
         let existing = match cp.store.get(insight.0, &insight.1, &insight.2).await {
             Ok(e) => e,
             Err(e) => {
@@ -271,14 +285,28 @@ async fn update_subscriptions(cp: &ZoneCp, insight: &Key, owner: Option<Key>, f:
             r.owner = None;
         }
         compute_labels(&mut r, cp.role());
-        match cp.store.upsert(r, Some(version)).await {
+        let e = match cp.store.upsert(r, Some(version)).await {
             Ok(_) => return,
-            Err(crate::store::StoreError::Conflict { .. }) => continue,
-            Err(e) => {
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(insight = %format!("{}/{}", insight.1, insight.2), error = %e, "cannot write a proxy insight; giving up");
+            return;
+        }
+        match e {
+            crate::store::StoreError::Conflict { .. } => {
+                let _ = tokio::time::timeout(backoff, changes.changed()).await;
+            }
+            crate::store::StoreError::Unavailable(_) => {
+                tracing::debug!(error = %e, "cannot write a proxy insight yet; retrying");
+                tokio::time::sleep(backoff).await;
+            }
+            e => {
                 tracing::warn!(error = %e, "cannot write a proxy insight");
                 return;
             }
         }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
     }
 }
 

@@ -446,8 +446,18 @@ impl Cp {
 impl Drop for Cp {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what its control planes said: a flaky failure may not come
+        // back when run again.
+        if std::thread::panicking() {
+            let lines = self.logs.lines();
+            let tail = &lines[lines.len().saturating_sub(CP_LOG_TAIL)..];
+            eprintln!("---- cp (REST {}) logs, last {} lines ----\n{}", self.api, tail.len(), tail.join("\n"));
+        }
     }
 }
+
+/// How many of a control plane's last log lines a failing test prints.
+const CP_LOG_TAIL: usize = 200;
 
 /// Starts a binary with stdout and stderr followed into `Logs`.
 pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)]) -> (Child, Logs) {
