@@ -120,7 +120,7 @@ impl Admin {
         for name in names {
             let c = &snap.clusters[name];
             let _ = writeln!(out, "{name}::default_priority::max_connections::{}", c.max_connections);
-            for h in &c.hosts.hosts {
+            for h in &c.hosts().hosts {
                 let a = &h.addr;
                 let _ = writeln!(out, "{name}::{a}::cx_active::{}", h.active.load(Ordering::Relaxed));
                 let _ = writeln!(out, "{name}::{a}::cx_total::{}", h.total.load(Ordering::Relaxed));

@@ -8,10 +8,12 @@ use crate::dns_proxy::DnsProxy;
 use crate::drain::Drain;
 use crate::listeners::Listeners;
 use crate::resources::{MAX_FILE_BYTES, Resources};
-use crate::snapshot::{self, DnsAnswers};
+use crate::snapshot::{self, DnsAnswers, Snapshot};
 use crate::stats::Registry;
 use crate::telemetry::LogLevel;
 use anyhow::Context;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::google::protobuf::Any;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -68,7 +70,9 @@ impl Applier {
     pub fn apply(&mut self, mut resources: Resources, dns: &DnsAnswers) -> Result<(), String> {
         let mut notes = vec![];
         let encoded = Arc::new(resources.take_encoded());
-        let mut snap = snapshot::build_with(&resources, encoded, dns, &self.ctx.stats, &mut notes)?;
+        let previous = self.ctx.routes.load_full();
+        let mut snap = snapshot::build_with(&resources, Some(&previous), encoded, dns, &self.ctx.stats, &mut notes)?;
+        drop(previous);
         drop(resources);
         if !self.dns_enabled && !snap.dns.is_empty() {
             notes.push("DNS listeners are not served: --dns-enabled=false".into());
@@ -98,6 +102,69 @@ impl Applier {
         info!(version = %version, listeners = n_listeners, clusters = n_clusters, "configuration applied");
         release_freed_memory();
         Ok(())
+    }
+}
+
+impl Applier {
+    /// An applier for `ctx` with no DNS, as a unit test drives it.
+    #[cfg(test)]
+    pub(crate) fn for_test(ctx: Arc<Ctx>) -> Applier {
+        Applier {
+            ctx,
+            listeners: Arc::new(Mutex::new(Listeners::default())),
+            noted: HashSet::new(),
+            dns_enabled: false,
+            dns_proxy: None,
+        }
+    }
+
+    /// Applies an update of ClusterLoadAssignments alone, in place: each EDS cluster that
+    /// uses one gets new hosts ([`ClusterCfg::publish`]), and nothing else is rebuilt (the
+    /// other clusters and every listener stay the same objects). Connections see the new
+    /// hosts from their next pick; one that already picked keeps its host.
+    ///
+    /// `Ok(false)`: this update cannot be applied in place (an assignment the current
+    /// configuration does not hold where it could be replaced); build it whole instead.
+    /// `Err`: refused, as a whole build would refuse it; nothing changed.
+    ///
+    /// [`ClusterCfg::publish`]: crate::snapshot::cluster::ClusterCfg::publish
+    pub fn apply_endpoints(
+        &mut self,
+        updates: Vec<(String, Any, ClusterLoadAssignment)>,
+        version: String,
+    ) -> Result<bool, String> {
+        let current = self.ctx.routes.load_full();
+        let Some(encoded) =
+            current.resources.with_endpoints(version.clone(), updates.iter().map(|(n, a, _)| (n.clone(), a.clone())))
+        else {
+            return Ok(false);
+        };
+        // Build every new host set before publishing any: a refusal changes nothing.
+        let mut fresh = vec![];
+        for (name, _, cla) in &updates {
+            for c in current.clusters.values().filter(|c| c.eds.as_ref().is_some_and(|e| &e.service == name)) {
+                fresh.push((c.clone(), Arc::new(snapshot::eds_hosts(c, cla, &self.ctx.stats)?)));
+            }
+        }
+        for (c, hosts) in &fresh {
+            c.publish(hosts.clone());
+            if let Some(cfg) = &c.health_check {
+                crate::health::start_cluster(c, cfg);
+            }
+        }
+        let snap = Snapshot {
+            version: version.clone(),
+            resources: Arc::new(encoded),
+            listeners: current.listeners.clone(),
+            dns: current.dns.clone(),
+            embedded_dns: current.embedded_dns.clone(),
+            clusters: current.clusters.clone(),
+            unbound: current.unbound.clone(),
+        };
+        self.ctx.routes.store(Arc::new(snap));
+        self.ctx.stats.global.config_update_success.inc();
+        info!(version = %version, assignments = updates.len(), clusters = fresh.len(), "endpoints updated in place");
+        Ok(true)
     }
 }
 

@@ -425,9 +425,12 @@ async fn proxy<'a, D: Downstream>(
     };
     let cs = &cluster.stats;
     // ORIGINAL_DST: the one host is where the connection was headed.
-    let passthrough;
+    let (passthrough, current);
     let hosts = match (cluster.original_dst, original) {
-        (false, _) => &target.hosts,
+        (false, _) => {
+            current = target.hosts();
+            &current
+        }
         (true, Some(dst)) => {
             passthrough = crate::snapshot::cluster::HostSet::default().with_hosts(vec![Arc::new(Host::at(dst))]);
             &passthrough

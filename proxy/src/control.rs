@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
-use prost::Name;
+use prost::{Message, Name};
 use std::collections::BTreeMap;
 use std::net::ToSocketAddrs;
 use tracing::info;
@@ -105,23 +105,28 @@ impl xds_client::Handler for AdsHandler {
             tracing::debug!(changed, "no listeners yet: accepted without building");
             return Ok(());
         }
+        if changed == ClusterLoadAssignment::type_url() && self.endpoints_in_place(state)? {
+            return Ok(());
+        }
         let print = fingerprint(state);
         if self.built.as_ref() == Some(&print) {
             tracing::debug!(changed, "same resources as in force: accepted without building");
             return Ok(());
         }
         let mut r = Resources::default();
-        let mut versions = vec![];
+        for (name, res) in state.resources.values().flatten() {
+            r.push_any(&res.any).map_err(|e| format!("{name}: {e}"))?;
+        }
+        // In a pass of their own (see `Resources::raw`), with where each assignment is.
         for (type_url, items) in &state.resources {
             for (name, res) in items {
-                r.push_any(&res.any).map_err(|e| format!("{name}: {e}"))?;
+                if *type_url == ClusterLoadAssignment::type_url() {
+                    r.raw_endpoint_slots.insert(name.clone(), r.raw.len());
+                }
+                r.raw.push(res.any.clone());
             }
-            let short = type_url.rsplit('.').next().unwrap_or(type_url);
-            let v = items.values().map(|x| x.version.as_str()).max().unwrap_or("");
-            versions.push(format!("{short}:{v}"));
         }
-        r.version = versions.join(",");
-        r.raw = state.resources.values().flat_map(|items| items.values().map(|x| x.any.clone())).collect();
+        r.version = version_of(state);
         let names = snapshot::dns_names(&r);
         let dns =
             if names.is_empty() { DnsAnswers::new() } else { tokio::task::block_in_place(|| resolve_blocking(&names)) };
@@ -129,6 +134,59 @@ impl xds_client::Handler for AdsHandler {
         self.built = Some(print);
         Ok(())
     }
+}
+
+impl AdsHandler {
+    /// An update that changed only the versions of assignments already held (the usual
+    /// endpoint churn) is applied in place: only those are decoded, and only their
+    /// clusters' hosts change. `Ok(false)`: not such an update, build it whole.
+    fn endpoints_in_place(&mut self, state: &xds_client::State) -> Result<bool, String> {
+        let cla = ClusterLoadAssignment::type_url();
+        let Some(built) = self.built.as_mut() else { return Ok(false) };
+        let empty = BTreeMap::new();
+        let now = state.resources.get(&cla).unwrap_or(&empty);
+        let was = built.get(&cla).map(Vec::as_slice).unwrap_or(&[]);
+        if was.len() != now.len() {
+            return Ok(false);
+        }
+        let mut changed = vec![];
+        for (i, ((old_name, old_version), (name, res))) in was.iter().zip(now).enumerate() {
+            if old_name != name {
+                return Ok(false);
+            }
+            if *old_version != res.version {
+                changed.push((i, name, res));
+            }
+        }
+        if changed.is_empty() {
+            tracing::debug!("same assignments as in force: accepted without building");
+            return Ok(true);
+        }
+        let mut updates = Vec::with_capacity(changed.len());
+        for (_, name, res) in &changed {
+            let a = ClusterLoadAssignment::decode(res.any.value.as_slice()).map_err(|e| format!("{name}: {e}"))?;
+            updates.push(((*name).clone(), res.any.clone(), a));
+        }
+        if !self.applier.apply_endpoints(updates, version_of(state))? {
+            return Ok(false);
+        }
+        let entries = built.get_mut(&cla).expect("the assignments were compared above");
+        for (i, _, res) in changed {
+            entries[i].1 = res.version.clone();
+        }
+        Ok(true)
+    }
+}
+
+/// The version a state is reported as: each type's highest resource version.
+fn version_of(state: &xds_client::State) -> String {
+    let mut versions = vec![];
+    for (type_url, items) in &state.resources {
+        let short = type_url.rsplit('.').next().unwrap_or(type_url);
+        let v = items.values().map(|x| x.version.as_str()).max().unwrap_or("");
+        versions.push(format!("{short}:{v}"));
+    }
+    versions.join(",")
 }
 
 fn resolve_blocking(names: &[(String, u16)]) -> DnsAnswers {
@@ -157,6 +215,136 @@ mod tests {
             s.resources.insert(t.to_string(), m);
         }
         s
+    }
+
+    mod in_place {
+        use super::super::*;
+        use crate::conn::Ctx;
+        use crate::snapshot::Snapshot;
+        use envoy_types::pb::google::protobuf::Any;
+        use serde_json::json;
+        use std::sync::Arc;
+
+        /// `name` as an xDS resource, from its proto3 JSON.
+        fn any(v: serde_json::Value) -> Any {
+            let doc = json!({"resources": [v]});
+            let r = Resources::from_file_bytes(&serde_json::to_vec(&doc).unwrap(), "1").unwrap();
+            r.encode().items[0].as_ref().clone()
+        }
+
+        fn eds_cluster(name: &str) -> Any {
+            any(json!({"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": name,
+                "type": "EDS", "connectTimeout": "1s", "edsClusterConfig": {"edsConfig": {"ads": {}}},
+                "lbSubsetConfig": {"subsetSelectors": [{"keys": ["version"]}], "fallbackPolicy": "NO_FALLBACK"}}))
+        }
+
+        fn assignment(name: &str, ports: &[u16]) -> Any {
+            let eps: Vec<_> = ports
+                .iter()
+                .map(|p| {
+                    json!({"endpoint": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": p}}},
+                    "metadata": {"filterMetadata": {"envoy.lb": {"version": "v1"}}}})
+                })
+                .collect();
+            any(json!({"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                "clusterName": name, "endpoints": [{"lbEndpoints": eps}]}))
+        }
+
+        /// A listener whose one chain sends to `a`'s `version: v1` subset.
+        fn listener() -> Any {
+            any(json!({"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "l",
+                "address": {"socketAddress": {"address": "127.0.0.1", "portValue": 0}},
+                "filterChains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "cluster": "a", "statPrefix": "a",
+                    "metadataMatch": {"filterMetadata": {"envoy.lb": {"version": "v1"}}}}}]}]}))
+        }
+
+        fn put(s: &mut xds_client::State, type_url: String, name: &str, version: &str, any: Any) {
+            s.resources
+                .entry(type_url)
+                .or_default()
+                .insert(name.into(), xds_client::Resource { version: version.into(), any });
+        }
+
+        fn ports(set: &crate::snapshot::cluster::HostSet) -> Vec<u16> {
+            set.hosts.iter().map(|h| h.addr.port()).collect()
+        }
+
+        fn target_hosts(snap: &Snapshot) -> Vec<u16> {
+            let chain = &snap.listeners["l"].chains[0];
+            let crate::snapshot::Action::TcpProxy(tp) = &chain.action else { panic!("a tcp_proxy chain") };
+            ports(&tp.targets[0].hosts())
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+        async fn an_endpoint_update_swaps_one_clusters_hosts_and_keeps_every_other_object() {
+            let ctx = Ctx::new(Default::default(), crate::drain::Drain::new());
+            let mut h = AdsHandler { applier: crate::app::Applier::for_test(ctx.clone()), built: None };
+            let mut s = xds_client::State::default();
+            for c in ["a", "b"] {
+                put(&mut s, Cluster::type_url(), c, "1", eds_cluster(c));
+                put(&mut s, ClusterLoadAssignment::type_url(), c, "1", assignment(c, &[1001, 1002]));
+            }
+            put(&mut s, Listener::type_url(), "l", "1", listener());
+            xds_client::Handler::apply(&mut h, &s, &Listener::type_url()).unwrap();
+            let before = ctx.routes.load_full();
+            assert_eq!(target_hosts(&before), [1001, 1002]);
+            let (a_host, b_hosts) = (before.clusters["a"].hosts().hosts[0].clone(), before.clusters["b"].hosts());
+            a_host.active.store(7, std::sync::atomic::Ordering::Relaxed);
+
+            // One endpoint more for `a`.
+            put(&mut s, ClusterLoadAssignment::type_url(), "a", "2", assignment("a", &[1001, 1002, 1003]));
+            xds_client::Handler::apply(&mut h, &s, &ClusterLoadAssignment::type_url()).unwrap();
+            let after = ctx.routes.load_full();
+            assert!(!Arc::ptr_eq(&before, &after), "a new snapshot is published (its version changed)");
+            assert!(after.version.contains("ClusterLoadAssignment:2"), "{}", after.version);
+            assert!(Arc::ptr_eq(&before.listeners["l"], &after.listeners["l"]), "the listener was rebuilt");
+            for c in ["a", "b"] {
+                assert!(Arc::ptr_eq(&before.clusters[c], &after.clusters[c]), "cluster {c} was rebuilt");
+            }
+            assert!(Arc::ptr_eq(&b_hosts, &after.clusters["b"].hosts()), "b's hosts were replaced");
+            assert_eq!(ports(&after.clusters["a"].hosts()), [1001, 1002, 1003]);
+            // The route's subset follows, through the listener built before the update.
+            assert_eq!(target_hosts(&after), [1001, 1002, 1003]);
+            assert_eq!(target_hosts(&before), [1001, 1002, 1003]);
+            // The unchanged endpoint is the same host, with its count of active requests.
+            assert!(Arc::ptr_eq(&a_host, &after.clusters["a"].hosts().hosts[0]));
+            // `/config_dump` shows the new assignment.
+            let dumped = after.resources.decode().unwrap();
+            let a = dumped.endpoints.iter().find(|e| e.cluster_name == "a").unwrap();
+            assert_eq!(a.endpoints[0].lb_endpoints.len(), 3);
+
+            // A change of a cluster rebuilds it whole, and its hosts' state survives that too.
+            put(&mut s, Cluster::type_url(), "a", "2", eds_cluster("a"));
+            xds_client::Handler::apply(&mut h, &s, &Cluster::type_url()).unwrap();
+            let rebuilt = ctx.routes.load_full();
+            assert!(!Arc::ptr_eq(&after.clusters["a"], &rebuilt.clusters["a"]));
+            let kept = rebuilt.clusters["a"].hosts().hosts[0].clone();
+            assert!(Arc::ptr_eq(&a_host, &kept), "the host's state was lost in the rebuild");
+            assert_eq!(kept.active.load(std::sync::atomic::Ordering::Relaxed), 7);
+            assert_eq!(target_hosts(&rebuilt), [1001, 1002, 1003]);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+        async fn a_refused_endpoint_update_changes_nothing() {
+            let ctx = Ctx::new(Default::default(), crate::drain::Drain::new());
+            let mut h = AdsHandler { applier: crate::app::Applier::for_test(ctx.clone()), built: None };
+            let mut s = xds_client::State::default();
+            put(&mut s, Cluster::type_url(), "a", "1", eds_cluster("a"));
+            put(&mut s, ClusterLoadAssignment::type_url(), "a", "1", assignment("a", &[1001]));
+            put(&mut s, Listener::type_url(), "l", "1", listener());
+            xds_client::Handler::apply(&mut h, &s, &Listener::type_url()).unwrap();
+            let before = ctx.routes.load_full();
+            let bad = any(json!({"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                "clusterName": "a", "endpoints": [{"lbEndpoints": [{"endpoint": {"address": {"socketAddress":
+                    {"address": "not-an-ip", "portValue": 1}}}}]}]}));
+            put(&mut s, ClusterLoadAssignment::type_url(), "a", "2", bad);
+            let e = xds_client::Handler::apply(&mut h, &s, &ClusterLoadAssignment::type_url()).unwrap_err();
+            assert!(e.contains("cluster `a`") && e.contains("not-an-ip"), "{e}");
+            assert!(Arc::ptr_eq(&before, &ctx.routes.load_full()));
+            assert_eq!(ports(&before.clusters["a"].hosts()), [1001]);
+        }
     }
 
     #[test]

@@ -226,8 +226,8 @@ pub fn start(snapshot: &Snapshot) {
     }
 }
 
-fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
-    for host in &c.hosts.hosts {
+pub fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
+    for host in &c.hosts().hosts {
         let Some(health) = &host.health else { continue };
         if health.started.swap(true, Ordering::Relaxed) {
             continue;

@@ -14,6 +14,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::descriptors::Descriptors;
 
@@ -39,6 +41,9 @@ pub struct Resources {
     /// one pass after decoding, so that these long-lived buffers sit together on the heap
     /// instead of between the decoder's garbage (which then could not be returned).
     pub raw: Vec<Any>,
+    /// Where each ClusterLoadAssignment is in `raw`, by name, when the caller knows: an
+    /// update of assignments alone replaces them there ([`Encoded::with_endpoints`]).
+    pub raw_endpoint_slots: HashMap<String, usize>,
 }
 
 impl PartialEq for Resources {
@@ -127,7 +132,11 @@ impl Resources {
     /// (encoding 10,000 services again was a third of the cost of a one-endpoint update).
     pub fn take_encoded(&mut self) -> Encoded {
         if self.raw.len() == self.len() {
-            Encoded { version: self.version.clone(), items: std::mem::take(&mut self.raw) }
+            Encoded {
+                version: self.version.clone(),
+                items: std::mem::take(&mut self.raw).into_iter().map(Arc::new).collect(),
+                endpoint_slots: Arc::new(std::mem::take(&mut self.raw_endpoint_slots)),
+            }
         } else {
             self.encode()
         }
@@ -138,8 +147,8 @@ impl Resources {
     pub fn encode(&self) -> Encoded {
         // Encoded in place, not through `pack_any(r.clone())`: a transient copy of every
         // resource would fragment the heap the snapshot lives in.
-        fn any<M: Message + Name>(r: &M) -> Any {
-            Any { type_url: M::type_url(), value: r.encode_to_vec() }
+        fn any<M: Message + Name>(r: &M) -> Arc<Any> {
+            Arc::new(Any { type_url: M::type_url(), value: r.encode_to_vec() })
         }
         let mut items = Vec::with_capacity(self.len());
         items.extend(self.listeners.iter().map(any));
@@ -147,7 +156,7 @@ impl Resources {
         items.extend(self.endpoints.iter().map(any));
         items.extend(self.secrets.iter().map(any));
         items.extend(self.routes.iter().map(any));
-        Encoded { version: self.version.clone(), items }
+        Encoded { version: self.version.clone(), items, endpoint_slots: Default::default() }
     }
 
     /// Proto3 JSON of every resource, in the file form `dp run --xds-file` reads.
@@ -160,10 +169,22 @@ impl Resources {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Encoded {
     pub version: String,
-    pub items: Vec<Any>,
+    /// Shared, so that a copy with a few items replaced costs a pointer per item.
+    pub items: Vec<Arc<Any>>,
+    /// Where each ClusterLoadAssignment is in `items`, by name (empty when not known).
+    pub endpoint_slots: Arc<HashMap<String, usize>>,
 }
 
 impl Encoded {
+    /// A copy with these assignments replaced, or `None` when one of them has no slot.
+    pub fn with_endpoints(&self, version: String, updates: impl IntoIterator<Item = (String, Any)>) -> Option<Encoded> {
+        let mut items = self.items.clone();
+        for (name, any) in updates {
+            *items.get_mut(*self.endpoint_slots.get(&name)?)? = Arc::new(any);
+        }
+        Some(Encoded { version, items, endpoint_slots: self.endpoint_slots.clone() })
+    }
+
     pub fn decode(&self) -> Result<Resources, String> {
         let mut r = Resources { version: self.version.clone(), ..Default::default() };
         for any in &self.items {

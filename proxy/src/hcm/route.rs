@@ -743,7 +743,6 @@ impl Redirect {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::cluster::HostSet;
     use serde_json::json;
 
     fn table(v: serde_json::Value) -> RouteTable {
@@ -754,7 +753,7 @@ mod tests {
         let target = |name: &str, _: BTreeMap<String, String>| Target {
             cluster_name: name.to_string(),
             cluster: None,
-            hosts: Arc::new(HostSet::default()),
+            slot: None,
         };
         let per_filter = |_: &HashMap<String, envoy_types::pb::google::protobuf::Any>| Ok(PerRoute::default());
         RouteTable::build(&rc, &Resolve { target: &target, per_filter: &per_filter }).unwrap()

@@ -348,7 +348,9 @@ async fn forward(
         log.flag = "NC";
         return local_reply(cfg, StatusCode::SERVICE_UNAVAILABLE, "");
     };
-    if target.hosts.is_empty() {
+    // One view of the cluster's hosts for every attempt of this request.
+    let hosts = target.hosts();
+    if hosts.is_empty() {
         cluster.stats.upstream_cx_none_healthy.inc();
         log.flag = "UH";
         return local_reply(cfg, StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
@@ -488,7 +490,7 @@ async fn forward(
             }
             tokio::time::sleep(backoff).await;
         }
-        let Some(host) = target.hosts.pick(cluster.lb, attempt) else {
+        let Some(host) = hosts.pick(cluster.lb, attempt) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             last = Some((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream".into()));
             break;

@@ -6,7 +6,9 @@
 
 use super::ChainLimit;
 use super::chains::{ChainMatcher, Criteria};
-use super::cluster::{ClusterCfg, Fallback, Host, HostSet, LbPolicy, SubsetCfg, UpstreamHttp};
+use super::cluster::{
+    ClusterCfg, ClusterSettings, EdsSource, Fallback, Host, HostSet, LbPolicy, SubsetCfg, UpstreamHttp,
+};
 use super::lb;
 use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
@@ -88,13 +90,14 @@ pub fn build(
     stats: &Registry,
     notes: &mut Vec<String>,
 ) -> Result<Snapshot, String> {
-    build_with(resources, Arc::new(resources.encode()), dns, stats, notes)
+    build_with(resources, None, Arc::new(resources.encode()), dns, stats, notes)
 }
 
 /// [`build`] with the encoded form of `resources` already at hand (what the admin API
 /// shows).
 pub fn build_with(
     resources: &Resources,
+    previous: Option<&Snapshot>,
     encoded: Arc<Encoded>,
     dns: &DnsAnswers,
     stats: &Registry,
@@ -105,7 +108,8 @@ pub fn build_with(
     let secrets: Secrets<'_> = resources.secrets.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut clusters = HashMap::new();
     for c in &resources.clusters {
-        let cfg = build_cluster(c, &endpoints, dns, &secrets, stats, notes)
+        let before = previous.and_then(|p| p.clusters.get(&c.name)).map(|c| &**c);
+        let cfg = build_cluster(c, before, &endpoints, dns, &secrets, stats, notes)
             .map_err(|e| format!("cluster `{}`: {e}", c.name))?;
         if clusters.insert(c.name.clone(), Arc::new(cfg)).is_some() {
             return Err(format!("cluster `{}` is defined twice", c.name));
@@ -140,6 +144,10 @@ pub fn build_with(
         if listeners.insert(l.name.clone(), Arc::new(cfg)).is_some() {
             return Err(format!("listener `{}` is defined twice", l.name));
         }
+    }
+    // Every route registered its subset with its cluster: compute them once.
+    for c in clusters.values().filter(|c| c.subsets.is_some()) {
+        c.publish(c.hosts());
     }
     let unbound = listeners.values().filter(|l| !l.bind).map(|l| (l.address, l.name.clone())).collect();
     Ok(Snapshot {
@@ -396,8 +404,8 @@ fn build_tcp_proxy(
 /// subset `wanted` selects.
 fn target(clusters: &HashMap<String, Arc<ClusterCfg>>, name: &str, wanted: BTreeMap<String, String>) -> Target {
     let cluster = clusters.get(name).cloned();
-    let hosts = cluster.as_ref().map(|c| c.subset(&wanted)).unwrap_or_default();
-    Target { cluster_name: name.to_string(), cluster, hosts }
+    let slot = cluster.as_ref().and_then(|c| c.subset_slot(&wanted));
+    Target { cluster_name: name.to_string(), cluster, slot }
 }
 
 fn discovery_type(c: &Cluster) -> Result<cluster::DiscoveryType, String> {
@@ -410,8 +418,10 @@ fn discovery_type(c: &Cluster) -> Result<cluster::DiscoveryType, String> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_cluster(
     c: &Cluster,
+    previous: Option<&ClusterCfg>,
     endpoints: &HashMap<&str, &ClusterLoadAssignment>,
     dns: &DnsAnswers,
     secrets: &Secrets<'_>,
@@ -445,44 +455,46 @@ fn build_cluster(
         Some(o) => Some(OutlierCfg::from_proto(o, notes, &c.name)?),
         None => None,
     };
-    let assignment = match kind {
-        DiscoveryType::Static | DiscoveryType::StrictDns => c.load_assignment.as_ref(),
+    let service = match kind {
         DiscoveryType::Eds => {
             let service = c.eds_cluster_config.as_ref().map(|e| e.service_name.as_str()).unwrap_or("");
-            let key = if service.is_empty() { c.name.as_str() } else { service };
-            endpoints.get(key).copied()
+            Some(if service.is_empty() { c.name.as_str() } else { service })
         }
+        _ => None,
+    };
+    let assignment = match kind {
+        DiscoveryType::Static | DiscoveryType::StrictDns => c.load_assignment.as_ref(),
+        DiscoveryType::Eds => service.and_then(|s| endpoints.get(s).copied()),
         // Each connection goes where it was originally headed (transparent proxying's
         // passthrough); there are no hosts to pick.
         DiscoveryType::OriginalDst => None,
         other => return Err(format!("type {} is not supported", other.as_str_name())),
     };
-    let per_host = PerHost {
-        tls_criteria: &criteria,
-        health: health_check.as_deref().map(|cfg| (&stats.health, c.name.as_str(), cfg)),
-    };
-    let mut hosts = match assignment {
-        Some(a) => build_hosts(a, (kind == DiscoveryType::StrictDns).then_some(c.dns_lookup_family), dns, &per_host)?,
-        None => vec![],
-    };
-    // Envoy's name for the cluster's stats: `alt_stat_name` when it has one.
-    let cluster_stats = stats.cluster(if c.alt_stat_name.is_empty() { &c.name } else { &c.alt_stat_name });
-    if let Some(cfg) = outlier {
-        let detector = stats.outlier.cluster(&c.name, &cfg, &cluster_stats);
-        let addrs: Vec<HostAddr> = hosts.iter().map(|h| h.addr.clone()).collect();
-        for (h, m) in hosts.iter_mut().zip(detector.update(cfg, &addrs)) {
-            Arc::get_mut(h).expect("hosts are not shared yet").outlier = Some((detector.clone(), m));
-        }
-    }
-    let overprovisioning = assignment
-        .and_then(|a| a.policy.as_ref())
-        .and_then(|p| p.overprovisioning_factor)
-        .map_or(lb::DEFAULT_OVERPROVISIONING, |v| v.value);
     let panic_threshold = c
         .common_lb_config
         .as_ref()
         .and_then(|l| l.healthy_panic_threshold.as_ref())
         .map_or(lb::DEFAULT_PANIC_THRESHOLD, |p| p.value.clamp(0.0, 100.0) as u32);
+    let source = EdsSource {
+        service: service.unwrap_or_default().to_string(),
+        tls_criteria: criteria,
+        outlier,
+        panic_threshold,
+    };
+    // Envoy's name for the cluster's stats: `alt_stat_name` when it has one.
+    let cluster_stats = stats.cluster(if c.alt_stat_name.is_empty() { &c.name } else { &c.alt_stat_name });
+    let strict_dns = (kind == DiscoveryType::StrictDns).then_some(c.dns_lookup_family);
+    let hosts = Arc::new(host_set(
+        &c.name,
+        assignment,
+        strict_dns,
+        dns,
+        &source,
+        health_check.as_deref(),
+        &cluster_stats,
+        stats,
+        previous.map(|p| p.hosts()).as_deref(),
+    )?);
     let subsets = match &c.lb_subset_config {
         None => None,
         Some(s) => Some(build_subsets(s)?),
@@ -499,14 +511,14 @@ fn build_cluster(
             c.name
         ));
     }
-    Ok(ClusterCfg {
+    let settings = ClusterSettings {
         original_dst: kind == DiscoveryType::OriginalDst,
         name: c.name.clone(),
         connect_timeout: c.connect_timeout.as_ref().map_or(DEFAULT_CONNECT_TIMEOUT, duration),
         lb,
         max_connections,
-        hosts: Arc::new(HostSet::new(hosts, overprovisioning, panic_threshold)),
         subsets,
+        eds: (kind == DiscoveryType::Eds).then_some(source),
         stats: cluster_stats,
         tls,
         tls_matches,
@@ -518,7 +530,74 @@ fn build_cluster(
             .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
             .and_then(|t| t.max_requests)
             .map_or(DEFAULT_MAX_REQUESTS, |v| u64::from(v.value)),
-    })
+    };
+    Ok(ClusterCfg::new(settings, hosts))
+}
+
+/// The hosts of an EDS cluster after an update of its assignment alone: the cluster and
+/// every listener stay as they are ([`ClusterCfg::publish`] swaps them in).
+pub fn eds_hosts(c: &ClusterCfg, a: &ClusterLoadAssignment, stats: &Registry) -> Result<HostSet, String> {
+    let source = c.eds.as_ref().ok_or_else(|| format!("cluster `{}` is not an EDS cluster", c.name))?;
+    host_set(
+        &c.name,
+        Some(a),
+        None,
+        &DnsAnswers::new(),
+        source,
+        c.health_check.as_deref(),
+        &c.stats,
+        stats,
+        Some(&c.hosts()),
+    )
+    .map_err(|e| format!("cluster `{}`: {e}", c.name))
+}
+
+/// A cluster's hosts from its assignment. Hosts of `previous` that are the same
+/// endpoint with the same settings are kept as they are, with their connection pools
+/// and counts (active requests weigh in LEAST_REQUEST).
+#[allow(clippy::too_many_arguments)]
+fn host_set(
+    name: &str,
+    assignment: Option<&ClusterLoadAssignment>,
+    strict_dns: Option<i32>,
+    dns: &DnsAnswers,
+    source: &EdsSource,
+    health_check: Option<&CheckCfg>,
+    cluster_stats: &Arc<crate::stats::ClusterStats>,
+    stats: &Registry,
+    previous: Option<&HostSet>,
+) -> Result<HostSet, String> {
+    let per_host =
+        PerHost { tls_criteria: &source.tls_criteria, health: health_check.map(|cfg| (&stats.health, name, cfg)) };
+    let mut hosts = match assignment {
+        Some(a) => build_hosts(a, strict_dns, dns, &per_host)?,
+        None => vec![],
+    };
+    if let Some(cfg) = &source.outlier {
+        let detector = stats.outlier.cluster(name, cfg, cluster_stats);
+        let addrs: Vec<HostAddr> = hosts.iter().map(|h| h.addr.clone()).collect();
+        for (h, m) in hosts.iter_mut().zip(detector.update(cfg.clone(), &addrs)) {
+            Arc::get_mut(h).expect("hosts are not shared yet").outlier = Some((detector.clone(), m));
+        }
+    }
+    if let Some(old) = previous.filter(|p| !p.hosts.is_empty()) {
+        let by_addr: HashMap<&HostAddr, &Arc<Host>> = old.hosts.iter().map(|h| (&h.addr, h)).collect();
+        for h in hosts.iter_mut() {
+            let same_state = |o: &Host| {
+                o.health.as_ref().map(Arc::as_ptr) == h.health.as_ref().map(Arc::as_ptr)
+                    && o.outlier.as_ref().map(|(_, m)| Arc::as_ptr(m))
+                        == h.outlier.as_ref().map(|(_, m)| Arc::as_ptr(m))
+            };
+            if let Some(o) = by_addr.get(&h.addr).filter(|o| o.same_endpoint(h) && same_state(o)) {
+                *h = Arc::clone(o);
+            }
+        }
+    }
+    let overprovisioning = assignment
+        .and_then(|a| a.policy.as_ref())
+        .and_then(|p| p.overprovisioning_factor)
+        .map_or(lb::DEFAULT_OVERPROVISIONING, |v| v.value);
+    Ok(HostSet::new(hosts, overprovisioning, source.panic_threshold))
 }
 
 /// What a host gets from its cluster beyond its address.

@@ -5,9 +5,10 @@ use crate::outlier::{Detector, Monitor, Outcome};
 use crate::stats::ClusterStats;
 use crate::tls::ClientTls;
 use crate::upstream::HostAddr;
+use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub use super::lb::HostSet;
@@ -29,8 +30,18 @@ pub struct ClusterCfg {
     pub lb: LbPolicy,
     /// Circuit breaker: most upstream connections open at once.
     pub max_connections: u64,
-    pub hosts: Arc<HostSet>,
+    /// The hosts and the subsets routes select, replaced together by an EDS update
+    /// ([`ClusterCfg::publish`]) without rebuilding the cluster or any listener.
+    endpoints: ArcSwap<Endpoints>,
+    /// The `metadata_match` sets of the routes to this cluster; a [`Target`]'s slot
+    /// indexes them and [`Endpoints::subsets`].
+    ///
+    /// [`Target`]: super::Target
+    subset_keys: Mutex<Vec<BTreeMap<String, String>>>,
     pub subsets: Option<SubsetCfg>,
+    /// What an EDS update needs to build this cluster's hosts again (`None`: not an EDS
+    /// cluster, its hosts change only with the cluster).
+    pub eds: Option<EdsSource>,
     pub stats: Arc<ClusterStats>,
     /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
     pub tls: super::Tls<ClientTls>,
@@ -42,6 +53,25 @@ pub struct ClusterCfg {
     pub http_protocol: UpstreamHttp,
     /// Circuit breaker: most requests in flight at once (HTTP).
     pub max_requests: u64,
+}
+
+/// A cluster's hosts, all and by subset, as one consistent value.
+#[derive(Debug, Default)]
+pub struct Endpoints {
+    pub all: Arc<HostSet>,
+    /// By subset slot ([`ClusterCfg::subset_slot`]).
+    subsets: Vec<Arc<HostSet>>,
+}
+
+/// An EDS cluster's settings that shape its hosts.
+#[derive(Debug, Clone)]
+pub struct EdsSource {
+    /// The assignment's name: `eds_cluster_config.service_name`, else the cluster's.
+    pub service: String,
+    /// `transport_socket_matches` criteria, in order.
+    pub tls_criteria: Vec<BTreeMap<String, String>>,
+    pub outlier: Option<crate::outlier::OutlierCfg>,
+    pub panic_threshold: u32,
 }
 
 /// The HTTP version of upstream requests (`HttpProtocolOptions`, or the older cluster
@@ -102,6 +132,18 @@ impl Host {
         }
     }
 
+    /// Whether `other` is the same endpoint with the same settings: an update that keeps
+    /// it keeps this host, with its connection pool and its counts.
+    pub fn same_endpoint(&self, other: &Host) -> bool {
+        self.addr == other.addr
+            && self.weight == other.weight
+            && self.lb_metadata == other.lb_metadata
+            && self.healthy == other.healthy
+            && self.tls_match == other.tls_match
+            && self.hostname == other.hostname
+            && self.priority == other.priority
+    }
+
     /// Whether the host may take traffic now: healthy as EDS says, passing its active
     /// health checks, and not ejected. `Err(Some(t))`: ejected until `t`.
     pub fn available(&self, now: Instant) -> Result<(), Option<Instant>> {
@@ -137,34 +179,118 @@ pub struct SubsetCfg {
     pub selectors: Vec<(Vec<String>, Fallback)>,
 }
 
+/// A cluster's settings; [`ClusterCfg::new`] adds its hosts.
+#[derive(Debug)]
+pub struct ClusterSettings {
+    pub name: String,
+    pub original_dst: bool,
+    pub connect_timeout: Duration,
+    pub lb: LbPolicy,
+    pub max_connections: u64,
+    pub subsets: Option<SubsetCfg>,
+    pub eds: Option<EdsSource>,
+    pub stats: Arc<ClusterStats>,
+    pub tls: super::Tls<ClientTls>,
+    pub tls_matches: Vec<super::Tls<ClientTls>>,
+    pub health_check: Option<Arc<CheckCfg>>,
+    pub http_protocol: UpstreamHttp,
+    pub max_requests: u64,
+}
+
 impl ClusterCfg {
+    pub fn new(s: ClusterSettings, hosts: Arc<HostSet>) -> ClusterCfg {
+        ClusterCfg {
+            name: s.name,
+            original_dst: s.original_dst,
+            connect_timeout: s.connect_timeout,
+            lb: s.lb,
+            max_connections: s.max_connections,
+            endpoints: ArcSwap::from_pointee(Endpoints { all: hosts, subsets: vec![] }),
+            subset_keys: Mutex::new(vec![]),
+            subsets: s.subsets,
+            eds: s.eds,
+            stats: s.stats,
+            tls: s.tls,
+            tls_matches: s.tls_matches,
+            health_check: s.health_check,
+            http_protocol: s.http_protocol,
+            max_requests: s.max_requests,
+        }
+    }
+
     /// The TLS a connection to `host` originates.
     pub fn tls_for(&self, host: &Host) -> &super::Tls<ClientTls> {
         host.tls_match.and_then(|i| self.tls_matches.get(i)).unwrap_or(&self.tls)
     }
 
+    /// Every host of the cluster, as of now.
+    pub fn hosts(&self) -> Arc<HostSet> {
+        self.endpoints.load().all.clone()
+    }
+
+    /// The hosts of a route's subset slot (`None`: the whole cluster), as of now.
+    pub fn hosts_of(&self, slot: Option<usize>) -> Arc<HostSet> {
+        let e = self.endpoints.load();
+        match slot {
+            None => e.all.clone(),
+            Some(i) => match e.subsets.get(i) {
+                Some(set) => set.clone(),
+                // Registered after the last publish (not done by the builder, which
+                // publishes once every route is known): computed on the spot.
+                None => {
+                    let keys = self.subset_keys.lock().unwrap_or_else(|p| p.into_inner());
+                    keys.get(i).map_or_else(|| e.all.clone(), |k| self.subset_of(&e.all, k))
+                }
+            },
+        }
+    }
+
+    /// The slot of a route's `metadata_match` (`None` when it selects the whole cluster).
+    /// The builder registers every route's set, then [`publish`](Self::publish)es.
+    pub fn subset_slot(&self, wanted: &BTreeMap<String, String>) -> Option<usize> {
+        if wanted.is_empty() || self.subsets.is_none() {
+            return None;
+        }
+        let mut keys = self.subset_keys.lock().unwrap_or_else(|p| p.into_inner());
+        Some(keys.iter().position(|k| k == wanted).unwrap_or_else(|| {
+            keys.push(wanted.clone());
+            keys.len() - 1
+        }))
+    }
+
+    /// Makes `all` the cluster's hosts, with every registered subset of them. Connections
+    /// that already picked from the previous hosts keep them.
+    pub fn publish(&self, all: Arc<HostSet>) {
+        let keys = self.subset_keys.lock().unwrap_or_else(|p| p.into_inner());
+        let subsets = keys.iter().map(|k| self.subset_of(&all, k)).collect();
+        self.endpoints.store(Arc::new(Endpoints { all, subsets }));
+    }
+
     /// The hosts a route with `metadata_match` balances over (Envoy's subset LB).
     pub fn subset(&self, wanted: &BTreeMap<String, String>) -> Arc<HostSet> {
+        self.subset_of(&self.hosts(), wanted)
+    }
+
+    fn subset_of(&self, all: &Arc<HostSet>, wanted: &BTreeMap<String, String>) -> Arc<HostSet> {
         let Some(cfg) = &self.subsets else {
-            return self.hosts.clone();
+            return all.clone();
         };
         let filtered = |want: &BTreeMap<String, String>| {
-            let hosts: Vec<Arc<Host>> = self
-                .hosts
+            let hosts: Vec<Arc<Host>> = all
                 .hosts
                 .iter()
                 .filter(|h| want.iter().all(|(k, v)| h.lb_metadata.get(k) == Some(v)))
                 .cloned()
                 .collect();
-            Arc::new(self.hosts.with_hosts(hosts))
+            Arc::new(all.with_hosts(hosts))
         };
         let fallback = |f: Fallback| match f {
             Fallback::NoFallback => Arc::new(HostSet::default()),
-            Fallback::AnyEndpoint => self.hosts.clone(),
+            Fallback::AnyEndpoint => all.clone(),
             Fallback::DefaultSubset => filtered(&cfg.default_subset),
         };
         if wanted.is_empty() {
-            return self.hosts.clone();
+            return all.clone();
         }
         let keys: Vec<&String> = wanted.keys().collect();
         match cfg.selectors.iter().find(|(k, _)| k.iter().collect::<Vec<_>>() == keys) {
@@ -236,24 +362,29 @@ mod tests {
             host(1, 1, &[("version", "v1"), ("region", "eu")]),
             host(2, 1, &[("version", "v2"), ("region", "us")]),
         ]));
-        let cluster = |fallback| ClusterCfg {
-            name: "c".into(),
-            original_dst: false,
-            connect_timeout: Duration::from_secs(1),
-            lb: LbPolicy::RoundRobin,
-            max_connections: 1024,
-            hosts: all.clone(),
-            subsets: Some(SubsetCfg {
-                fallback,
-                default_subset: BTreeMap::from([("version".into(), "v1".into())]),
-                selectors: vec![(vec!["version".into()], Fallback::NoFallback)],
-            }),
-            stats: Default::default(),
-            tls: crate::snapshot::Tls::Off,
-            tls_matches: vec![],
-            health_check: None,
-            http_protocol: UpstreamHttp::Http1,
-            max_requests: 1024,
+        let cluster = |fallback| {
+            ClusterCfg::new(
+                ClusterSettings {
+                    name: "c".into(),
+                    original_dst: false,
+                    connect_timeout: Duration::from_secs(1),
+                    lb: LbPolicy::RoundRobin,
+                    max_connections: 1024,
+                    subsets: Some(SubsetCfg {
+                        fallback,
+                        default_subset: BTreeMap::from([("version".into(), "v1".into())]),
+                        selectors: vec![(vec!["version".into()], Fallback::NoFallback)],
+                    }),
+                    eds: None,
+                    stats: Default::default(),
+                    tls: crate::snapshot::Tls::Off,
+                    tls_matches: vec![],
+                    health_check: None,
+                    http_protocol: UpstreamHttp::Http1,
+                    max_requests: 1024,
+                },
+                all.clone(),
+            )
         };
         let m = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
         let c = cluster(Fallback::AnyEndpoint);

@@ -13,7 +13,7 @@ pub mod lb;
 pub mod rbac;
 
 pub(crate) use build::lb_match as lb_match_of;
-pub use build::{DnsAnswers, build, build_with, dns_names};
+pub use build::{DnsAnswers, build, build_with, dns_names, eds_hosts};
 
 use crate::resources::Encoded;
 use crate::stats::{ListenerStats, TcpStats};
@@ -120,8 +120,18 @@ pub struct Target {
     pub cluster_name: String,
     /// `None` when the cluster is unknown: connections are closed and counted.
     pub cluster: Option<Arc<ClusterCfg>>,
-    /// The hosts after `metadata_match` (the whole cluster without one).
-    pub hosts: Arc<HostSet>,
+    /// The cluster's subset slot of the route's `metadata_match` (`None`: every host).
+    pub slot: Option<usize>,
+}
+
+impl Target {
+    /// The hosts to balance over, as of now (an EDS update swaps them in place).
+    pub fn hosts(&self) -> Arc<HostSet> {
+        match &self.cluster {
+            Some(c) => c.hosts_of(self.slot),
+            None => Arc::new(HostSet::default()),
+        }
+    }
 }
 
 impl ListenerCfg {
