@@ -161,11 +161,21 @@ async fn connected_elsewhere(cp: &ZoneCp, subject: &Key) -> bool {
 }
 
 /// An open subscription in a proxy's insight; dropping it records the disconnect.
+///
+/// Its insight writes (connect, serving, disconnect) are made in order by a task of its
+/// own, each retried through conflicts and database outages: a stream never waits on
+/// them beyond [`CONNECT_WRITE_WAIT`], and none is lost to a passing outage.
 pub struct Connected {
-    cp: Arc<ZoneCp>,
-    insight: Key,
+    edits: tokio::sync::mpsc::UnboundedSender<(Edit, Option<Key>)>,
     id: String,
 }
+
+/// One change of a proxy's `subscriptions`.
+type Edit = Box<dyn Fn(&mut Vec<Value>) + Send + Sync>;
+
+/// How long a new stream waits for its connect write (the database may be down: the
+/// proxy is served meanwhile, and the write lands when it can).
+const CONNECT_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Record that the proxy `subject` (a Dataplane, ZoneIngress or ZoneEgress) opened a
 /// stream; `version` is the node metadata's `version` (`{kumaDp, envoy}`).
@@ -185,7 +195,19 @@ pub async fn connected(cp: &Arc<ZoneCp>, subject: &Key, version: Option<Value>) 
     }
     let owner = subject.clone();
     let me = cp.instance_id.clone();
-    update_subscriptions(cp, &insight, Some(owner), |subs| {
+    let (edits, mut queue) = tokio::sync::mpsc::unbounded_channel::<(Edit, Option<Key>)>();
+    let (first_done, first) = tokio::sync::oneshot::channel();
+    let writer_cp = cp.clone();
+    tokio::spawn(async move {
+        let mut first_done = Some(first_done);
+        while let Some((edit, owner)) = queue.recv().await {
+            update_subscriptions(&writer_cp, &insight, owner, |subs| edit(subs)).await;
+            if let Some(done) = first_done.take() {
+                let _ = done.send(());
+            }
+        }
+    });
+    let connect: Edit = Box::new(move |subs: &mut Vec<Value>| {
         // A proxy whose newest stream is still open and serving moved here (its control
         // plane instance died, or the path to it): it kept serving its listeners, so it is
         // not joining again, and other proxies keep it as an endpoint.
@@ -205,38 +227,41 @@ pub async fn connected(cp: &Arc<ZoneCp>, subject: &Key, version: Option<Value>) 
         // Keep the newest; a proxy has one live stream, older entries are history.
         let excess = subs.len().saturating_sub(SUBSCRIPTION_LIMIT);
         subs.drain(..excess);
-    })
-    .await;
-    Connected { cp: cp.clone(), insight, id }
+    });
+    let _ = edits.send((connect, Some(owner)));
+    let _ = tokio::time::timeout(CONNECT_WRITE_WAIT, first).await;
+    Connected { edits, id }
 }
 
 impl Connected {
     /// The proxy acknowledged its listeners (and certificates): record it in its
     /// subscription (`status.lds.responsesAcknowledged`), which ends its "joining".
-    pub async fn serving(&self) {
+    pub fn serving(&self) {
         let id = self.id.clone();
-        update_subscriptions(&self.cp, &self.insight, None, |subs| {
-            for s in subs.iter_mut().filter(|s| s["id"] == id.as_str()) {
-                s["status"]["lds"] = json!({"responsesAcknowledged": "1"});
-                s["status"]["lastUpdateTime"] = Value::String(now_rfc3339());
-            }
-        })
-        .await;
+        let _ = self.edits.send((
+            Box::new(move |subs: &mut Vec<Value>| {
+                for s in subs.iter_mut().filter(|s| s["id"] == id.as_str()) {
+                    s["status"]["lds"] = json!({"responsesAcknowledged": "1"});
+                    s["status"]["lastUpdateTime"] = Value::String(now_rfc3339());
+                }
+            }),
+            None,
+        ));
     }
 }
 
 impl Drop for Connected {
     fn drop(&mut self) {
-        let (cp, insight, id) = (self.cp.clone(), self.insight.clone(), std::mem::take(&mut self.id));
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-        handle.spawn(async move {
-            update_subscriptions(&cp, &insight, None, |subs| {
+        let id = std::mem::take(&mut self.id);
+        // The writer task ends once it has made this last write.
+        let _ = self.edits.send((
+            Box::new(move |subs: &mut Vec<Value>| {
                 for s in subs.iter_mut().filter(|s| s["id"] == id.as_str()) {
                     s["disconnectTime"] = Value::String(now_rfc3339());
                 }
-            })
-            .await;
-        });
+            }),
+            None,
+        ));
     }
 }
 

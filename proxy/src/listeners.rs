@@ -55,7 +55,7 @@ impl Listeners {
     /// Binds what `snap` adds. Nothing changes until `commit`.
     pub fn prepare(&self, snap: &Snapshot) -> Result<Prepared, String> {
         let mut new = vec![];
-        for (name, cfg) in &snap.listeners {
+        for (name, cfg) in snap.listeners.iter() {
             if !cfg.bind || self.running.get(name).is_some_and(|r| r.configured == cfg.address) {
                 continue;
             }

@@ -558,7 +558,7 @@ async fn run<P: Protocol>(
             let secrets = snap.resources(generate::SECRET_TYPE).is_empty() || acked.contains(generate::SECRET_TYPE);
             if !ready && acked.contains(generate::LISTENER_TYPE) && secrets {
                 ready = true;
-                online.serving().await;
+                online.serving();
             }
         }
         tokio::select! {

@@ -153,10 +153,10 @@ pub fn build_with(
     Ok(Snapshot {
         version: resources.version.clone(),
         resources: encoded,
-        listeners,
+        listeners: Arc::new(listeners),
         dns,
         embedded_dns,
-        clusters,
+        clusters: Arc::new(clusters),
         unbound,
     })
 }

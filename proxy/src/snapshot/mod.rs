@@ -30,12 +30,14 @@ pub struct Snapshot {
     pub version: String,
     /// What is in force, for the admin API (kept encoded: it is rarely read).
     pub resources: Arc<Encoded>,
-    pub listeners: HashMap<String, Arc<ListenerCfg>>,
+    /// Shared between snapshots that differ only in endpoints.
+    pub listeners: Arc<HashMap<String, Arc<ListenerCfg>>>,
     /// UDP listeners with a `dns_filter`.
     pub dns: HashMap<String, Arc<dns::DnsListenerCfg>>,
     /// Records for the embedded DNS proxy, from the dynamic-config listener's `/dns`.
     pub embedded_dns: Option<Arc<::dns::Table>>,
-    pub clusters: HashMap<String, Arc<ClusterCfg>>,
+    /// Shared between snapshots that differ only in endpoints.
+    pub clusters: Arc<HashMap<String, Arc<ClusterCfg>>>,
     /// Unbound listeners (`bind_to_port: false`) by address: where connections captured
     /// by transparent proxying go, by their original destination.
     pub unbound: HashMap<SocketAddr, String>,
