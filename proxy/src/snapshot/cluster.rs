@@ -21,15 +21,11 @@ pub enum LbPolicy {
     Random,
 }
 
+/// A cluster: its settings (reached through `Deref`) and its hosts, which an EDS update
+/// replaces in place.
 #[derive(Debug)]
 pub struct ClusterCfg {
-    pub name: String,
-    /// ORIGINAL_DST: each connection goes to its own original destination.
-    pub original_dst: bool,
-    pub connect_timeout: Duration,
-    pub lb: LbPolicy,
-    /// Circuit breaker: most upstream connections open at once.
-    pub max_connections: u64,
+    pub settings: ClusterSettings,
     /// The hosts and the subsets routes select, replaced together by an EDS update
     /// ([`ClusterCfg::publish`]) without rebuilding the cluster or any listener.
     endpoints: ArcSwap<Endpoints>,
@@ -38,21 +34,13 @@ pub struct ClusterCfg {
     ///
     /// [`Target`]: super::Target
     subset_keys: Mutex<Vec<BTreeMap<String, String>>>,
-    pub subsets: Option<SubsetCfg>,
-    /// What an EDS update needs to build this cluster's hosts again (`None`: not an EDS
-    /// cluster, its hosts change only with the cluster).
-    pub eds: Option<EdsSource>,
-    pub stats: Arc<ClusterStats>,
-    /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
-    pub tls: super::Tls<ClientTls>,
-    /// The `transport_socket_matches` sockets, in order ([`Host::tls_match`] indexes them).
-    pub tls_matches: Vec<super::Tls<ClientTls>>,
-    /// The active health check, when the cluster has one.
-    pub health_check: Option<Arc<CheckCfg>>,
-    /// Which HTTP version requests to this cluster use.
-    pub http_protocol: UpstreamHttp,
-    /// Circuit breaker: most requests in flight at once (HTTP).
-    pub max_requests: u64,
+}
+
+impl std::ops::Deref for ClusterCfg {
+    type Target = ClusterSettings;
+    fn deref(&self) -> &ClusterSettings {
+        &self.settings
+    }
 }
 
 /// A cluster's hosts, all and by subset, as one consistent value.
@@ -183,38 +171,35 @@ pub struct SubsetCfg {
 #[derive(Debug)]
 pub struct ClusterSettings {
     pub name: String,
+    /// ORIGINAL_DST: each connection goes to its own original destination.
     pub original_dst: bool,
     pub connect_timeout: Duration,
     pub lb: LbPolicy,
+    /// Circuit breaker: most upstream connections open at once.
     pub max_connections: u64,
     pub subsets: Option<SubsetCfg>,
+    /// What an EDS update needs to build this cluster's hosts again (`None`: not an EDS
+    /// cluster, its hosts change only with the cluster).
     pub eds: Option<EdsSource>,
     pub stats: Arc<ClusterStats>,
+    /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
     pub tls: super::Tls<ClientTls>,
+    /// The `transport_socket_matches` sockets, in order ([`Host::tls_match`] indexes them).
     pub tls_matches: Vec<super::Tls<ClientTls>>,
+    /// The active health check, when the cluster has one.
     pub health_check: Option<Arc<CheckCfg>>,
+    /// Which HTTP version requests to this cluster use.
     pub http_protocol: UpstreamHttp,
+    /// Circuit breaker: most requests in flight at once (HTTP).
     pub max_requests: u64,
 }
 
 impl ClusterCfg {
-    pub fn new(s: ClusterSettings, hosts: Arc<HostSet>) -> ClusterCfg {
+    pub fn new(settings: ClusterSettings, hosts: Arc<HostSet>) -> ClusterCfg {
         ClusterCfg {
-            name: s.name,
-            original_dst: s.original_dst,
-            connect_timeout: s.connect_timeout,
-            lb: s.lb,
-            max_connections: s.max_connections,
+            settings,
             endpoints: ArcSwap::from_pointee(Endpoints { all: hosts, subsets: vec![] }),
             subset_keys: Mutex::new(vec![]),
-            subsets: s.subsets,
-            eds: s.eds,
-            stats: s.stats,
-            tls: s.tls,
-            tls_matches: s.tls_matches,
-            health_check: s.health_check,
-            http_protocol: s.http_protocol,
-            max_requests: s.max_requests,
         }
     }
 
