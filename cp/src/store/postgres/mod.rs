@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Row};
 
 pub use db::Connector;
@@ -284,6 +285,7 @@ impl PostgresStore {
 
 /// The text parameters of a resource: spec, labels, owner (type, mesh, name).
 struct Params {
+    rtype: &'static str,
     spec: String,
     labels: String,
     owner: (Option<String>, Option<String>, Option<String>),
@@ -297,7 +299,12 @@ impl Params {
             Some((t, m, n)) => (Some(t.name().to_string()), Some(m.clone()), Some(n.clone())),
             None => (None, None, None),
         };
-        Ok(Params { spec, labels, owner })
+        Ok(Params { rtype: r.rtype.name(), spec, labels, owner })
+    }
+
+    /// `$1`..`$9` of the write statements: the key, the content, the time and the owner.
+    fn row<'a>(&'a self, r: &'a Resource, now: &'a String) -> Vec<&'a (dyn ToSql + Sync)> {
+        vec![&r.name, &r.mesh, &self.rtype, &self.spec, &self.labels, now, &self.owner.2, &self.owner.1, &self.owner.0]
     }
 }
 
@@ -387,23 +394,7 @@ impl PostgresStore {
                 let mut attempts = 0;
                 let rows = loop {
                     attempts += 1;
-                    let rows = client
-                        .query(
-                            &stmt,
-                            &[
-                                &r.name,
-                                &r.mesh,
-                                &r.rtype.name(),
-                                &p.spec,
-                                &p.labels,
-                                &now,
-                                &p.owner.2,
-                                &p.owner.1,
-                                &p.owner.0,
-                            ],
-                        )
-                        .await
-                        .map_err(|e| self.write_error(&r, &e))?;
+                    let rows = client.query(&stmt, &p.row(&r, &now)).await.map_err(|e| self.write_error(&r, &e))?;
                     // An upsert that met the same content committed by another instance after
                     // its snapshot was taken neither writes nor sees the row: once more, with
                     // a fresh snapshot (read committed), it sees it.
@@ -441,24 +432,9 @@ impl PostgresStore {
                 let now = now_rfc3339();
                 let exp_i = i64::try_from(exp).unwrap_or(i64::MAX);
                 let stmt = client.prepare_cached(UPDATE_IF).await.map_err(err)?;
-                let rows = client
-                    .query(
-                        &stmt,
-                        &[
-                            &r.name,
-                            &r.mesh,
-                            &r.rtype.name(),
-                            &p.spec,
-                            &p.labels,
-                            &now,
-                            &p.owner.2,
-                            &p.owner.1,
-                            &p.owner.0,
-                            &exp_i,
-                        ],
-                    )
-                    .await
-                    .map_err(|e| self.write_error(&r, &e))?;
+                let mut params = p.row(&r, &now);
+                params.push(&exp_i);
+                let rows = client.query(&stmt, &params).await.map_err(|e| self.write_error(&r, &e))?;
                 if let Some(row) = rows.first() {
                     return Ok(Written::Row(with_meta(r, meta(row)), true));
                 }
