@@ -20,14 +20,35 @@ pub const SYNC: Duration = Duration::from_secs(30);
 /// A loopback port free for both TCP and UDP right now (DNS listeners bind both: a port
 /// free only for TCP made a DNS test fail now and then).
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Picked below the kernel's ephemeral range: a port from that range (what binding
+    // port 0 hands out) can be taken by any outgoing connection's local end before the
+    // process it is meant for binds it, and was (a sidecar's inbound port taken by one of
+    // cp's PostgreSQL connections; the listener NACKed "Address already in use"). Ports
+    // below the range are taken only by explicit binds.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = (10_000u32, ephemeral_start().max(10_001));
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    for _ in 0..10_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // A stride coprime with any span below 32,768 visits every port before repeating.
+        let port = (low + seed.wrapping_add(n.wrapping_mul(7_919)) % (high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }
-    panic!("no loopback port free for both TCP and UDP");
+    panic!("no loopback port below the ephemeral range free for both TCP and UDP");
+}
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

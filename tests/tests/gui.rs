@@ -8,6 +8,7 @@
 //!
 //! Needs Debian's Chromium and the npm packages of tests/gui: `scripts/setup-gui.sh`.
 
+use e2e::mesh::free_port;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -47,10 +48,6 @@ fn screenshot_dir() -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the screenshot folder");
     dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -3,6 +3,7 @@
 //! mesh mTLS with Kuma's tag SNI (`backend{mesh=default}`) in every direction, directly
 //! and across zones through a `dp` zone ingress that routes by that SNI without decrypting.
 
+use e2e::mesh::free_port;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,10 +17,6 @@ use tokio::net::TcpStream;
 const MESH: &str =
     "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
 const SYNC: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

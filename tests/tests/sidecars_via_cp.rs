@@ -3,6 +3,7 @@
 //! from the mesh's builtin CA, delivered over SDS) to the server's sidecar, directly or
 //! through a zone ingress that routes by SNI without decrypting, and reach the app.
 
+use e2e::mesh::free_port;
 use e2e::{Backend, Cp, Dp, read_line, temp_dir};
 use std::path::PathBuf;
 use tokio::io::AsyncWriteExt;
@@ -10,10 +11,6 @@ use tokio::net::TcpStream;
 
 const MESH: &str =
     "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

@@ -2,6 +2,7 @@
 //! `dp run --proxy-type=ingress --cp-address ... --dataplane-token-file ...
 //! --ca-cert-file ... --dataplane-file ...`, then TLS by SNI to the Dataplanes.
 
+use e2e::mesh::free_port;
 use e2e::{Backend, Cp, Dp, WAIT, hello, read_line, temp_dir, who};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -17,10 +18,6 @@ fn dataplane(name: &str, backend: &Backend, version: &str) -> String {
          tags:\n      kuma.io/service: backend\n      version: {version}\n",
         backend.addr.port()
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct Zone {
