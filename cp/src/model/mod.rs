@@ -218,9 +218,10 @@ impl Resource {
         Value::Object(self.spec.clone())
     }
 
-    /// Typed view of the spec; fields we do not know are ignored.
+    /// Typed view of the spec; fields we do not know are ignored. Read in place (no copy
+    /// of the spec first: the generators read every Dataplane this way on each change).
     pub fn typed<T: for<'de> serde::Deserialize<'de>>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_value(self.spec_value())
+        T::deserialize(&self.spec)
     }
 
     pub fn key(&self) -> Key {

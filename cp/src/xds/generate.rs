@@ -96,7 +96,7 @@ pub struct IngressInputs<'a> {
 
 /// `availableServices` of the zone's ingresses: one entry per (mesh, full tag set) of the
 /// healthy inbounds of local Dataplanes, with instance counts; sorted by mesh, then tags.
-pub fn available_services(dataplanes: &[Resource]) -> Vec<AvailableService> {
+pub fn available_services<'a>(dataplanes: impl IntoIterator<Item = &'a Resource>) -> Vec<AvailableService> {
     let mut counts: BTreeMap<(String, BTreeMap<String, String>), u32> = BTreeMap::new();
     for dp in dataplanes {
         let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
@@ -112,12 +112,15 @@ pub fn available_services(dataplanes: &[Resource]) -> Vec<AvailableService> {
         .into_iter()
         .map(|((mesh, tags), instances)| AvailableService { tags, instances, mesh, external_service: false })
         .collect();
-    out.sort_by(|a, b| (&a.mesh, sni_from_tags("", &a.tags)).cmp(&(&b.mesh, sni_from_tags("", &b.tags))));
+    // The key is a formatted string: computed once per service, not per comparison.
+    out.sort_by_cached_key(|s| (s.mesh.clone(), sni_from_tags("", &s.tags)));
     out
 }
 
 /// Endpoints per (mesh, service) from the healthy inbounds of local Dataplanes.
-pub fn endpoint_map(dataplanes: &[Resource]) -> BTreeMap<(String, String), Vec<EndpointPlan>> {
+pub fn endpoint_map<'a>(
+    dataplanes: impl IntoIterator<Item = &'a Resource>,
+) -> BTreeMap<(String, String), Vec<EndpointPlan>> {
     let mut map: BTreeMap<(String, String), Vec<EndpointPlan>> = BTreeMap::new();
     for dp in dataplanes {
         let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
@@ -330,10 +333,9 @@ pub fn ingress(inputs: &IngressInputs<'_>) -> ProxySnapshot {
 
     let mtls_meshes: BTreeSet<&str> =
         inputs.meshes.iter().filter(|m| mesh_mtls_enabled(m)).map(|m| m.name.as_str()).collect();
-    let local: Vec<Resource> =
-        inputs.dataplanes.iter().filter(|d| mtls_meshes.contains(d.mesh.as_str())).cloned().collect();
-    let available = available_services(&local);
-    let endpoints = endpoint_map(&local);
+    let local: Vec<&Resource> = inputs.dataplanes.iter().filter(|d| mtls_meshes.contains(d.mesh.as_str())).collect();
+    let available = available_services(local.iter().copied());
+    let endpoints = endpoint_map(local.iter().copied());
 
     // Destinations per (mesh, service): the tag combinations seen in availableServices.
     let mut combos: BTreeMap<(String, String), BTreeSet<BTreeMap<String, String>>> = BTreeMap::new();
