@@ -62,12 +62,17 @@ pub struct Applier {
     dns_enabled: bool,
     /// The embedded DNS proxy (`--dns-proxy-port`), fed the dynamic-config records.
     dns_proxy: Option<Arc<DnsProxy>>,
+    /// The runtime that serves connections. The applier may run elsewhere (ADS runs on a
+    /// thread of its own, so that building a large configuration never stalls traffic);
+    /// what it starts (listeners, health checks) and the sockets it binds belong here.
+    data: tokio::runtime::Handle,
 }
 
 impl Applier {
     /// Takes the resources by value: they are dropped before the freed memory is
     /// returned to the OS.
     pub fn apply(&mut self, mut resources: Resources, dns: &DnsAnswers) -> Result<(), String> {
+        let _data = self.data.enter();
         let mut notes = vec![];
         let encoded = Arc::new(resources.take_encoded());
         let previous = self.ctx.routes.load_full();
@@ -115,7 +120,15 @@ impl Applier {
             noted: HashSet::new(),
             dns_enabled: false,
             dns_proxy: None,
+            data: tokio::runtime::Handle::current(),
         }
+    }
+
+    /// Where the running listener `name` is bound.
+    #[cfg(test)]
+    pub(crate) fn bound_for_test(&self, name: &str) -> SocketAddr {
+        let l = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        l.bound().into_iter().find(|(n, _)| n == name).map(|(_, a)| a).expect("the listener runs")
     }
 
     /// Applies an update of ClusterLoadAssignments alone, in place: each EDS cluster that
@@ -133,6 +146,7 @@ impl Applier {
         updates: Vec<(String, Any, ClusterLoadAssignment)>,
         version: String,
     ) -> Result<bool, String> {
+        let _data = self.data.enter();
         let current = self.ctx.routes.load_full();
         let Some(encoded) =
             current.resources.with_endpoints(version.clone(), updates.iter().map(|(n, a, _)| (n.clone(), a.clone())))
@@ -265,6 +279,7 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         noted: HashSet::new(),
         dns_enabled: args.dns_enabled,
         dns_proxy,
+        data: tokio::runtime::Handle::current(),
     };
     match source {
         Source::File(source, resources, dns) => {

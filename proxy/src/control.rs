@@ -69,10 +69,22 @@ pub async fn start(
         backoff: Default::default(),
     };
     let (tx, rx) = tokio::sync::watch::channel(xds_client::Status::default());
-    tokio::spawn(async move {
-        let Err(e) = xds_client::run(config, AdsHandler { applier, built: None }, tx).await;
-        tracing::error!("the xDS client stopped: {e}");
-    });
+    // ADS, decoding and building run on a thread and runtime of their own (as ztunnel
+    // does): a whole rebuild of a large configuration takes a core for a while, and must
+    // not take it from the connections the data-path runtime serves.
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name("dp-xds".into())
+        .spawn(move || {
+            let _span = span.entered();
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!("the xDS client cannot start its runtime: {e}"),
+            };
+            let Err(e) = rt.block_on(xds_client::run(config, AdsHandler { applier, built: None }, tx));
+            tracing::error!("the xDS client stopped: {e}");
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the xDS thread: {e}"))?;
     Ok(rx)
 }
 
@@ -128,8 +140,8 @@ impl xds_client::Handler for AdsHandler {
         }
         r.version = version_of(state);
         let names = snapshot::dns_names(&r);
-        let dns =
-            if names.is_empty() { DnsAnswers::new() } else { tokio::task::block_in_place(|| resolve_blocking(&names)) };
+        // Blocking is fine here: this runs on the xDS thread, not on the data path.
+        let dns = if names.is_empty() { DnsAnswers::new() } else { resolve_blocking(&names) };
         self.applier.apply(r, &dns)?;
         self.built = Some(print);
         Ok(())
@@ -324,6 +336,49 @@ mod tests {
             assert!(Arc::ptr_eq(&a_host, &kept), "the host's state was lost in the rebuild");
             assert_eq!(kept.active.load(std::sync::atomic::Ordering::Relaxed), 7);
             assert_eq!(target_hosts(&rebuilt), [1001, 1002, 1003]);
+        }
+
+        /// ADS applies configuration from a thread and runtime of its own: what it starts
+        /// must live on the data-path runtime. Here the applying runtime is gone before the
+        /// first connection, and the listener must still accept and route it.
+        #[test]
+        fn listeners_started_from_the_xds_thread_live_on_the_data_runtime() {
+            let data = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let backend = data.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+            let backend_port = backend.local_addr().unwrap().port();
+            let ctx = Ctx::new(Default::default(), crate::drain::Drain::new());
+            let applier = data.block_on(async { crate::app::Applier::for_test(ctx.clone()) });
+            let mut s = xds_client::State::default();
+            put(&mut s, Cluster::type_url(), "a", "1", eds_cluster("a"));
+            put(&mut s, ClusterLoadAssignment::type_url(), "a", "1", assignment("a", &[backend_port]));
+            put(&mut s, Listener::type_url(), "l", "1", listener());
+            let applier = std::thread::spawn(move || {
+                let xds = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let mut h = AdsHandler { applier, built: None };
+                xds.block_on(async { xds_client::Handler::apply(&mut h, &s, &Listener::type_url()) }).unwrap();
+                drop(xds);
+                h.applier
+            })
+            .join()
+            .unwrap();
+            let addr = applier.bound_for_test("l");
+            data.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let routed = async {
+                    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    client.write_all(b"ping").await.unwrap();
+                    let (mut up, _) = backend.accept().await.unwrap();
+                    let mut got = [0u8; 4];
+                    up.read_exact(&mut got).await.unwrap();
+                    got
+                };
+                // A deadline only so that a listener left on the dead runtime fails the
+                // test instead of hanging it.
+                let got = tokio::time::timeout(std::time::Duration::from_secs(10), routed)
+                    .await
+                    .expect("no connection reached the backend: the listener died with the xDS runtime");
+                assert_eq!(&got, b"ping");
+            });
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
