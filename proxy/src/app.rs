@@ -15,6 +15,7 @@ use anyhow::Context;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::google::protobuf::Any;
 use std::collections::HashSet;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -182,6 +183,26 @@ impl Applier {
     }
 }
 
+/// Runs `job`, the configuration source (ADS or the file watcher), on a thread and
+/// runtime of its own (as ztunnel does): decoding and building a large configuration
+/// takes a core for a while and must not take it from the connections the data-path
+/// runtime serves. The [`Applier`] enters the data-path runtime for what it binds and
+/// starts.
+pub fn spawn_config_thread(name: &str, job: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _span = span.entered();
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(job),
+                Err(e) => error!("the configuration source cannot start its runtime: {e}"),
+            }
+        })
+        .with_context(|| format!("cannot start the {name} thread"))?;
+    Ok(())
+}
+
 /// How long readiness waits for the DNS proxy's first records (kuma-dp's gate bypass:
 /// a control plane that sends none must not keep the proxy unready forever).
 const DNS_READY_GATE: Duration = Duration::from_secs(15);
@@ -286,7 +307,7 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
             let names = snapshot::dns_names(&resources);
             applier.apply(resources, &dns).map_err(|e| anyhow::anyhow!("--xds-file {}: {e}", source.path.display()))?;
             tokio::spawn(ready_when(drain.clone(), dns_configured, async { info!("configuration file applied") }));
-            tokio::spawn(async move { source.watch(applier, names, dns).await });
+            spawn_config_thread("dp-config-file", async move { source.watch(applier, names, dns).await })?;
         }
         Source::Cp(inputs) => {
             let mut status = crate::control::start(&args, inputs, applier).await?;

@@ -69,22 +69,10 @@ pub async fn start(
         backoff: Default::default(),
     };
     let (tx, rx) = tokio::sync::watch::channel(xds_client::Status::default());
-    // ADS, decoding and building run on a thread and runtime of their own (as ztunnel
-    // does): a whole rebuild of a large configuration takes a core for a while, and must
-    // not take it from the connections the data-path runtime serves.
-    let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name("dp-xds".into())
-        .spawn(move || {
-            let _span = span.entered();
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return tracing::error!("the xDS client cannot start its runtime: {e}"),
-            };
-            let Err(e) = rt.block_on(xds_client::run(config, AdsHandler { applier, built: None }, tx));
-            tracing::error!("the xDS client stopped: {e}");
-        })
-        .map_err(|e| anyhow::anyhow!("cannot start the xDS thread: {e}"))?;
+    crate::app::spawn_config_thread("dp-xds", async move {
+        let Err(e) = xds_client::run(config, AdsHandler { applier, built: None }, tx).await;
+        tracing::error!("the xDS client stopped: {e}");
+    })?;
     Ok(rx)
 }
 
