@@ -7,7 +7,7 @@ Names: N services `svc-<i>_ns-<i % 50>_svc_80.mesh`, each with its dotted alias
 2N names in every server. Queries use only the underscore form.
 
 * dp: `--xds-file` with one UDP listener + `envoy.filters.udp.dns_filter` (inline table),
-  the shape Kuma sends to sidecars; reload = atomic rewrite of the file (dp polls it).
+  the shape Kuma sends to sidecars; reload = atomic rewrite of the file (dp watches it with inotify).
 * Envoy: the same Listener resource through LDS from a file
   (`dynamic_resources.lds_config.path_config_source`); reload = atomic rename.
 * unbound: `local-zone: "mesh." static` + one `local-data` per name;
@@ -304,7 +304,7 @@ def markdown(args, med, cmdline, ver):
             "average, so the percentile is taken over the per-reply latencies `-v` prints (client-side, includes "
             "dnsperf's own timing; a lost query counts as infinitely slow). Queries lost in it (median): " + lost + ".",
             "- RSS idle: VmRSS 0.5 s after the load; RSS peak: VmHWM since start (includes loading the config).",
-            "- reload: one name added (dp: atomic rewrite of `--xds-file`, which dp polls every 200 ms; Envoy: atomic "
+            "- reload: one name added (dp: atomic rewrite of `--xds-file`, which dp watches with inotify; Envoy: atomic "
             "rename of the LDS file; unbound: rewrite of unbound.conf + `unbound-control reload`) until a UDP query "
             "for it is answered (polled every ~1 ms).", ""]
     return "\n".join(out)

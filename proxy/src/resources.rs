@@ -2,8 +2,8 @@
 //!
 //! The file form is the one of Envoy's file-based xDS (`{version_info, resources:
 //! [{"@type": ..., ...}]}`) or of Kuma's golden files (`resources: [{name, resource}]`).
-//! JSON is decoded through a descriptor pool loaded on demand ([`crate::descriptors`]), re-encoded as
-//! protobuf and decoded into envoy-types' prost structs, so the rest of `dp` sees the
+//! JSON is transcoded to protobuf ([`crate::json_wire`]) with a descriptor pool loaded on demand
+//! ([`crate::descriptors`]) and decoded into envoy-types' prost structs, so the rest of `dp` sees the
 //! same typed values whether they came from a file or from an ADS stream.
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::descriptors::Descriptors;
+use crate::json_wire;
 
 /// The type URL prefix every Envoy resource carries.
 const TYPE_PREFIX: &str = "type.googleapis.com/";
@@ -95,6 +96,13 @@ impl Resources {
     /// document carries no `version_info`.
     pub fn from_file_bytes(bytes: &[u8], fallback_version: &str) -> Result<Self, DecodeError> {
         let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::Syntax(format!("not UTF-8: {e}")))?;
+        if text.trim_start().starts_with('{')
+            && let Ok(r) = stream::from_json(text, fallback_version)
+        {
+            return Ok(r);
+        }
+        // YAML, or JSON the streaming reader refused: the document as one value, whose
+        // errors name the resource and the field.
         let doc: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(_) => serde_saphyr::from_str(text).map_err(|e| DecodeError::Syntax(first_line(&e.to_string())))?,
@@ -264,12 +272,131 @@ fn to_any(pool: &mut Descriptors, item: Value) -> Result<(String, Any), (String,
         _ => return Err((name, "missing `@type`".into())),
     };
     let type_name = type_url.strip_prefix(TYPE_PREFIX).unwrap_or(&type_url);
-    if pool.message(type_name).is_none() {
+    let Some(desc) = pool.message(type_name) else {
         return Err((name, format!("unsupported resource type {type_url}")));
-    }
-    let msg = pool.from_json(type_name, &Value::Object(obj)).map_err(|e| (name.clone(), e))?;
-    let any = Any { type_url: format!("{TYPE_PREFIX}{type_name}"), value: msg.encode_to_vec() };
+    };
+    let value = json_wire::transcode(&desc, &mut |n: &str| pool.message(n), &Value::Object(obj))
+        .map_err(|e| (name.clone(), e.to_string()))?;
+    let any = Any { type_url: format!("{TYPE_PREFIX}{type_name}"), value };
     Ok((name, any))
+}
+
+/// JSON documents read as a stream: each resource is transcoded to protobuf as its text
+/// is parsed, so no tree of the whole document is ever built (a 100,000-name ingress
+/// config was hundreds of MiB as a `serde_json::Value`). Anything unusual (an item whose
+/// first key is not `@type`, such as Kuma's `{name, resource}` form) is read into a
+/// `Value` for that item alone. Any error makes the caller read the document again the
+/// slow way, which names the resource in its message.
+mod stream {
+    use super::*;
+    use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    pub fn from_json(text: &str, fallback_version: &str) -> Result<Resources, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let mut doc = Doc { pool: Descriptors::new(), out: Resources::default(), version: None };
+        (&mut de).deserialize_map(&mut doc)?;
+        de.end()?;
+        let mut out = doc.out;
+        out.version = doc.version.unwrap_or_else(|| fallback_version.to_string());
+        Ok(out)
+    }
+
+    struct Doc {
+        pool: Descriptors,
+        out: Resources,
+        version: Option<String>,
+    }
+
+    impl<'de> Visitor<'de> for &mut Doc {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a mapping with a `resources` list")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "version_info" | "versionInfo" => {
+                        self.version = match map.next_value::<Value>()? {
+                            Value::String(v) => Some(v),
+                            Value::Number(n) => Some(n.to_string()),
+                            Value::Null => None,
+                            _ => return Err(A::Error::custom("`version_info` must be a string")),
+                        }
+                    }
+                    "resources" => map.next_value_seed(Items(self))?,
+                    _ => return Err(A::Error::custom("unknown top-level key")),
+                }
+            }
+            Ok(())
+        }
+    }
+
+    struct Items<'a>(&'a mut Doc);
+
+    impl<'de> DeserializeSeed<'de> for Items<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+            de.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Items<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a list of resources")
+        }
+
+        fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+            while let Some(any) = seq.next_element_seed(Item(&mut self.0.pool))? {
+                self.0.out.push_any(&any).map_err(S::Error::custom)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// One resource: `{"@type": ..., fields...}` streamed, anything else buffered.
+    struct Item<'a>(&'a mut Descriptors);
+
+    impl<'de> DeserializeSeed<'de> for Item<'_> {
+        type Value = Any;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Any, D::Error> {
+            de.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Item<'_> {
+        type Value = Any;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a resource mapping")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Any, A::Error> {
+            let pool = self.0;
+            let Some(first) = map.next_key::<String>()? else {
+                return Err(A::Error::custom("an empty resource"));
+            };
+            if first != "@type" {
+                let mut obj = serde_json::Map::new();
+                obj.insert(first, map.next_value()?);
+                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                    obj.insert(k, v);
+                }
+                return to_any(pool, Value::Object(obj)).map(|(_, any)| any).map_err(|(_, e)| A::Error::custom(e));
+            }
+            let type_url: String = map.next_value()?;
+            let type_name = type_url.strip_prefix(TYPE_PREFIX).unwrap_or(&type_url).to_string();
+            let desc = pool.message(&type_name).ok_or_else(|| A::Error::custom("unsupported resource type"))?;
+            let value = json_wire::transcode_fields(&desc, &mut |n: &str| pool.message(n), &mut map)?;
+            Ok(Any { type_url: format!("{TYPE_PREFIX}{type_name}"), value })
+        }
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -324,6 +451,23 @@ resources:
         let json = serde_json::to_string(&r.to_json()).unwrap();
         let back = Resources::from_file_bytes(json.as_bytes(), "y").unwrap();
         assert_eq!(r, back);
+    }
+
+    #[test]
+    fn json_is_streamed_with_the_same_result_and_errors() {
+        let yaml = Resources::from_file_bytes(FILE.as_bytes(), "x").unwrap();
+        let doc: Value = serde_saphyr::from_str(FILE).unwrap();
+        let json = serde_json::to_string(&doc).unwrap();
+        assert!(json.contains(r#""resource":{"#), "the {{name, resource}} form is in the document");
+        let streamed = stream::from_json(&json, "x").unwrap();
+        assert_eq!(streamed, yaml);
+        // A wrong field: the stream refuses; the document read whole names it.
+        let bad = json.replace("connectTimeout", "connectTimeoutz");
+        assert!(stream::from_json(&bad, "x").is_err());
+        let e = Resources::from_file_bytes(bad.as_bytes(), "x").unwrap_err().to_string();
+        assert!(e.contains("resource #0 (backend)") && e.contains("connectTimeoutz"), "{e}");
+        let e = Resources::from_file_bytes(br#"{"resourcez": []}"#, "x").unwrap_err().to_string();
+        assert!(e.contains("resourcez"), "{e}");
     }
 
     #[test]
