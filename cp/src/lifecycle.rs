@@ -275,7 +275,9 @@ const INSIGHT_WRITE_PATIENCE: std::time::Duration = std::time::Duration::from_se
 ///
 /// A conflict means this instance's copy is behind the database (another instance wrote,
 /// or this one's change listener has not caught up, as after a database outage): the retry
-/// waits for the copy to change instead of spinning on the same stale version.
+/// waits for the copy to change instead of spinning on the same stale version. (An insight
+/// missing from the copy is one whose proxy was deleted: the store makes a writer wait
+/// until its own write is in the copy, even while its change listener reconnects.)
 async fn update_subscriptions(cp: &ZoneCp, insight: &Key, owner: Option<Key>, f: impl Fn(&mut Vec<Value>)) {
     let deadline = tokio::time::Instant::now() + INSIGHT_WRITE_PATIENCE;
     let mut backoff = std::time::Duration::from_millis(50);
@@ -311,7 +313,10 @@ async fn update_subscriptions(cp: &ZoneCp, insight: &Key, owner: Option<Key>, f:
         }
         compute_labels(&mut r, cp.role());
         let e = match cp.store.upsert(r, Some(version)).await {
-            Ok(_) => return,
+            Ok(_) => {
+                tracing::debug!(insight = %format!("{}/{}", insight.1, insight.2), version, "proxy insight written");
+                return;
+            }
             Err(e) => e,
         };
         if tokio::time::Instant::now() >= deadline {
@@ -320,6 +325,7 @@ async fn update_subscriptions(cp: &ZoneCp, insight: &Key, owner: Option<Key>, f:
         }
         match e {
             crate::store::StoreError::Conflict { .. } => {
+                tracing::debug!(insight = %format!("{}/{}", insight.1, insight.2), version, error = %e, "proxy insight write conflicts; waiting for this instance's copy");
                 let _ = tokio::time::timeout(backoff, changes.changed()).await;
             }
             crate::store::StoreError::Unavailable(_) => {

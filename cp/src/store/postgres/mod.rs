@@ -237,8 +237,11 @@ impl PostgresStore {
     }
 
     /// Waits until the listener applied every (key, version), so that this instance reads
-    /// its own writes; gives up after the connection timeout, or at once when the listener
-    /// is not connected (its re-read on reconnecting brings the writes in).
+    /// its own writes, or re-read everything (which includes them); gives up after the
+    /// connection timeout. A write made while the listener is reconnecting (after a database
+    /// outage) waits for that re-read too: returning at once let the writer read its copy
+    /// before its own write was in it (a proxy's "serving" write then found no insight to
+    /// change, and the proxy never became an endpoint).
     async fn wait_applied(&self, written: &[(Key, u64)], resyncs_before: u64) {
         if written.is_empty() {
             return;
@@ -248,7 +251,7 @@ impl PostgresStore {
         loop {
             {
                 let st = self.shared.lock();
-                if !st.connected || st.resyncs != resyncs_before || written.iter().all(|(k, v)| st.has_applied(k, *v)) {
+                if st.resyncs != resyncs_before || written.iter().all(|(k, v)| st.has_applied(k, *v)) {
                     return;
                 }
             }
