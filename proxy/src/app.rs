@@ -99,7 +99,9 @@ impl Applier {
         }
         let (version, n_listeners, n_clusters) = (snap.version.clone(), snap.listeners.len(), snap.clusters.len());
         crate::health::start(&snap);
-        self.ctx.routes.store(Arc::new(snap));
+        let snap = Arc::new(snap);
+        let old = self.ctx.routes.swap(snap.clone());
+        retire(old, &snap);
         listeners.commit(prepared, &self.ctx);
         if let (Some(proxy), Some(table)) = (&self.dns_proxy, embedded_dns) {
             proxy.update(table);
@@ -176,11 +178,25 @@ impl Applier {
             clusters: current.clusters.clone(),
             unbound: current.unbound.clone(),
         };
-        self.ctx.routes.store(Arc::new(snap));
+        let snap = Arc::new(snap);
+        let old = self.ctx.routes.swap(snap.clone());
+        retire(old, &snap);
         self.ctx.stats.global.config_update_success.inc();
         info!(version = %version, assignments = updates.len(), clusters = fresh.len(), "endpoints updated in place");
         Ok(true)
     }
+}
+
+/// Hands a replaced snapshot, and each of its listeners the new one does not share, to
+/// the reaper: connections still hold them, and the last one to end must not free a
+/// large configuration on a data-path worker.
+fn retire(old: Arc<Snapshot>, new: &Snapshot) {
+    for (name, l) in old.listeners.iter() {
+        if !new.listeners.get(name).is_some_and(|n| Arc::ptr_eq(n, l)) {
+            crate::reaper::later(l.clone());
+        }
+    }
+    crate::reaper::later(old);
 }
 
 /// Runs `job`, the configuration source (ADS or the file watcher), on a thread and

@@ -162,17 +162,27 @@ impl<'de> Visitor<'de> for FieldsVisitor<'_, '_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let MessageSeed { cx, desc, out } = self.0;
-        let mut seen = Seen::default();
-        while let Some(field) = map.next_key_seed(FieldKey(desc))? {
-            let set = map
-                .next_value_seed(FieldSeed { cx: &mut *cx, field: &field, out: &mut *out })
-                .map_err(|e| A::Error::custom(in_field(field.json_name(), e)))?;
-            if set {
-                seen.set(&field).map_err(A::Error::custom)?;
-            }
-        }
-        Ok(())
+        rest_of_fields(cx, desc, out, &mut map, &mut Seen::default())
     }
+}
+
+/// The fields of a message from the entries left in `map`.
+fn rest_of_fields<'de, A: MapAccess<'de>>(
+    cx: &mut Cx<'_, '_>,
+    desc: &MessageDescriptor,
+    out: &mut Vec<u8>,
+    map: &mut A,
+    seen: &mut Seen,
+) -> Result<(), A::Error> {
+    while let Some(field) = map.next_key_seed(FieldKey(desc))? {
+        let set = map
+            .next_value_seed(FieldSeed { cx: &mut *cx, field: &field, out: &mut *out })
+            .map_err(|e| A::Error::custom(in_field(field.json_name(), e)))?;
+        if set {
+            seen.set(&field).map_err(A::Error::custom)?;
+        }
+    }
+    Ok(())
 }
 
 /// Prefixes an error with the field it happened in: `.name.inner[2]: reason`.
@@ -500,14 +510,7 @@ impl<'de> Visitor<'de> for AnyVisitor<'_, '_, '_> {
                     seen.set(&field).map_err(A::Error::custom)?;
                 }
             }
-            while let Some(field) = map.next_key_seed(FieldKey(&desc))? {
-                let set = map
-                    .next_value_seed(FieldSeed { cx: &mut *cx, field: &field, out: &mut body })
-                    .map_err(|e| A::Error::custom(in_field(field.json_name(), e)))?;
-                if set {
-                    seen.set(&field).map_err(A::Error::custom)?;
-                }
-            }
+            rest_of_fields(cx, &desc, &mut body, &mut map, &mut seen)?;
         }
         put_bytes(1, type_url.as_bytes(), out);
         if !body.is_empty() {

@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod match_api;
 pub mod matcher;
 pub mod outlier;
+pub mod reaper;
 pub mod resources;
 pub mod snapshot;
 pub mod splice;

@@ -386,3 +386,57 @@ async fn a_file_rewritten_in_place_in_slow_pieces_is_never_rejected() {
     assert_eq!(s.dp.stat("envoy_config_update_rejected"), 0, "a half-written file was reported as rejected");
     assert_eq!(who(s.addr, Some(KRI_SNI)).await.as_deref(), Some("d"));
 }
+
+/// A connection set up while dp swaps large configurations is routed by one of them, never
+/// by a mix: the route and the clusters it names change together (issue 13). In version A
+/// the name goes to cluster `one` (backend `v1`) and `two` holds `mixed-2`; in version B it
+/// goes to `two` (backend `v2`) and `one` holds `mixed-1`. A route of one version with the
+/// clusters of the other would reach a `mixed-*` backend. 2,000 more services make each
+/// build take a while, and the client connects all through six swaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_during_large_updates_see_one_whole_version() {
+    const NAME: &str = "x.svc.mesh";
+    let (v1, v2, mixed1, mixed2) = (
+        Backend::start("v1").await,
+        Backend::start("v2").await,
+        Backend::start("mixed-1").await,
+        Backend::start("mixed-2").await,
+    );
+    let version = move |k: usize| {
+        let a = k.is_multiple_of(2);
+        let (route, one, two) = if a { ("one", v1.addr, mixed2.addr) } else { ("two", mixed1.addr, v2.addr) };
+        let mut chains = vec![chain(&[NAME], route)];
+        let mut resources = vec![static_cluster("one", &[one]), static_cluster("two", &[two])];
+        for i in 0..2000 {
+            let c = format!("filler-{i}-{}", k % 2);
+            chains.push(chain(&[&format!("svc-{i}.filler")], &c));
+            resources.push(static_cluster(&c, &[v1.addr]));
+        }
+        resources.push(listener("ingress", chains, json!({})));
+        resources
+    };
+    let file = temp_dir("consistent").join("ingress.json");
+    write_config(&file, "0", version(0));
+    let dp = std::sync::Arc::new(Dp::start(&file, &["--proxy-type", "ingress"]));
+    let addr = dp.listener("ingress");
+    assert_eq!(who(addr, Some(NAME)).await.as_deref(), Some("v1"));
+
+    let writer = {
+        let dp = dp.clone();
+        tokio::task::spawn_blocking(move || {
+            for k in 1..=6 {
+                write_config(&file, &k.to_string(), version(k));
+                dp.wait_version(&k.to_string());
+            }
+        })
+    };
+    let mut answers = std::collections::BTreeMap::<String, usize>::new();
+    while !writer.is_finished() {
+        let got = who(addr, Some(NAME)).await.unwrap_or_else(|| "no answer".into());
+        *answers.entry(got).or_default() += 1;
+    }
+    writer.await.unwrap();
+    assert!(answers.keys().all(|k| k == "v1" || k == "v2"), "a connection saw a mixed or no route: {answers:?}");
+    assert!(answers.contains_key("v1") && answers.contains_key("v2"), "connections spanned the swaps: {answers:?}");
+    assert_eq!(who(addr, Some(NAME)).await.as_deref(), Some("v1"), "version 6 is A");
+}
