@@ -34,6 +34,7 @@ pub fn later<T: Send + Sync + 'static>(old: Arc<T>) {
 fn start() -> Option<Sender<Held>> {
     let (tx, rx) = mpsc::channel::<Held>();
     let spawned = std::thread::Builder::new().name("dp-reaper".into()).spawn(move || {
+        crate::app::yield_to_the_data_path();
         let mut held: Vec<Held> = vec![];
         loop {
             let next = if held.is_empty() {
