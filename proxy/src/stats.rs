@@ -103,6 +103,8 @@ stat_struct!(HttpStats {
     rq_direct_response: "counter",
     rq_redirect: "counter",
     no_route: "counter",
+    // dp's own: times an idle HTTP/1 connection was parked (hcm::park).
+    downstream_cx_http1_parked: "counter",
 } classes: Classes);
 
 /// Requests by response code class (1xx to 5xx), rendered as Envoy's `_xx` stats with

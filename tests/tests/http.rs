@@ -4,7 +4,7 @@
 //! and bad input answered as Envoy does.
 
 use e2e::http::{Client, HttpBackend, Mode, get};
-use e2e::{Dp, run, temp_dir, wait_until};
+use e2e::{Dp, run, temp_dir, wait_until, wait_within};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -250,4 +250,62 @@ async fn bad_requests_get_400_431_and_408_and_nothing_goes_upstream() {
     assert_eq!(s.a.requests(), before, "no bad request reached the backend");
     // A good request on the same listener still works.
     assert_eq!(get(s.strict, "x", "/", &[]).await.body, "a");
+}
+
+/// Reads one HTTP/1.1 response (headers and a `content-length` body) from a kept-alive
+/// connection.
+async fn one_response(s: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await.expect("an answer").unwrap();
+        assert!(n > 0, "dp closed the connection; got {text:?}");
+        got.extend_from_slice(&b[..n]);
+    }
+}
+
+/// An idle kept-alive HTTP/1 connection is parked (hyper's buffers released) and serves
+/// its next requests as if nothing happened: a whole request, one that arrives in two
+/// pieces with a pause between them, and two pipelined at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_kept_alive_connection_is_parked_and_serves_its_next_requests() {
+    let s = setup().await;
+    let parked = "envoy_http_downstream_cx_http1_parked{envoy_http_conn_manager_prefix=\"web\"}";
+    let before = s.dp.stat(parked);
+    let req = b"GET /direct HTTP/1.1\r\nhost: api.example\r\n\r\n";
+    let mut c = tokio::net::TcpStream::connect(s.web).await.unwrap();
+    c.write_all(req).await.unwrap();
+    assert!(one_response(&mut c).await.ends_with("made by dp"));
+    wait_within(Duration::from_secs(10), "the idle connection to be parked", || {
+        (s.dp.stat(parked) > before).then_some(())
+    });
+    // A whole request on the parked connection.
+    c.write_all(req).await.unwrap();
+    let r = one_response(&mut c).await;
+    assert!(r.starts_with("HTTP/1.1 201") && r.ends_with("made by dp") && !r.contains("connection: close"), "{r}");
+    wait_within(Duration::from_secs(10), "parked again", || (s.dp.stat(parked) > before + 1).then_some(()));
+    // Half a request, a pause longer than dp waits before parking, then the rest.
+    c.write_all(&req[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.write_all(&req[20..]).await.unwrap();
+    assert!(one_response(&mut c).await.ends_with("made by dp"));
+    // Two requests in one write: two answers, in order.
+    let mut two = req.to_vec();
+    two.extend_from_slice(b"GET /items/7 HTTP/1.1\r\nhost: api.example\r\n\r\n");
+    c.write_all(&two).await.unwrap();
+    assert!(one_response(&mut c).await.ends_with("made by dp"));
+    let r = one_response(&mut c).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains("x-backend: b"), "{r}");
 }

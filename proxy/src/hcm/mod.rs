@@ -7,6 +7,7 @@
 
 pub mod filters;
 pub mod headers;
+pub mod park;
 pub mod pool;
 pub mod route;
 pub mod server;

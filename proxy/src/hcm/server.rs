@@ -16,11 +16,12 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use super::filters::{Request as FilterRequest, Verdict};
 use super::headers::{strip_envoy_headers, strip_hop_by_hop};
+use super::park::{self, Activity, InFlight, Tracked};
 use super::pool::{Body, BoxError, Proto, SendError};
 use super::route::{Forward, RequestView, Route, RouteAction, VirtualHost};
 use super::{Codec, HttpCfg};
@@ -29,6 +30,7 @@ use crate::snapshot::Target;
 use crate::snapshot::cluster::UpstreamHttp;
 pub use crate::snapshot::lb::random;
 use crate::snapshot::rbac::Subject;
+use crate::tls::prefixed::Prefixed;
 
 /// Request headers Envoy's router consumes (after the connection manager has removed
 /// them from an external request, only a trusted client's are left).
@@ -72,42 +74,94 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let armed = Arc::new(AtomicBool::new(cfg.request_headers_timeout.is_some() && !info.alpn_h2));
-    let io = HeaderDeadline {
+    let mut io = HeaderDeadline {
         io,
         sleep: cfg.request_headers_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
         armed: armed.clone(),
         sniffed: false,
     };
+    let activity = Arc::new(Activity::default());
     let svc_cfg = cfg.clone();
     let svc_info = info.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
+    let svc_activity = activity.clone();
+    let service = service_fn(move |req: Request<Incoming>| -> ResponseFuture {
         armed.store(false, Ordering::Relaxed);
         let (cfg, info) = (svc_cfg.clone(), svc_info.clone());
+        let in_flight = InFlight::begin(&svc_activity);
         // Boxed: hyper keeps the slot of a request's future for the connection's life, so
         // an idle kept-alive connection holds a pointer, not the whole request state.
-        async move { Ok::<_, Infallible>(Box::pin(handle(&cfg, &info, req)).await) }
+        Box::pin(async move { Ok(handle(&cfg, &info, req).await.map(|b| Tracked::new(b, in_flight))) })
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let max_headers = (cfg.max_request_headers_kb as usize) * 1024;
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .max_buf_size(max_headers.max(8192))
-        .keep_alive(true)
-        // hyper's header timer also runs while a kept-alive connection waits for its
-        // next request: with no `request_headers_timeout` it is the idle timeout. With
-        // one, a second later than ours, so that ours answers 408 first.
-        .header_read_timeout(cfg.request_headers_timeout.map(|d| d + Duration::from_secs(1)).or(cfg.idle_timeout));
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
-    let builder = match (cfg.codec, info.alpn_h2) {
-        (Codec::Http2, _) | (Codec::Auto, true) => builder.http2_only(),
-        (Codec::Http1, _) => builder.http1_only(),
-        (Codec::Auto, false) => builder,
+    let first = match (cfg.codec, info.alpn_h2) {
+        (Codec::Http2, _) | (Codec::Auto, true) => First::Http2(Bytes::new()),
+        (Codec::Http1, _) => First::Http1(Bytes::new()),
+        (Codec::Auto, false) => match sniff_h2(&mut io).await {
+            Some(first) => first,
+            None => return, // closed (or timed out) before it said which
+        },
     };
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+    let ended = match first {
+        First::Http1(prefix) => {
+            let mut h1 = hyper::server::conn::http1::Builder::new();
+            h1.timer(TokioTimer::new())
+                .max_buf_size(max_headers.max(8192))
+                .keep_alive(true)
+                // hyper's header timer also runs while a kept-alive connection waits for
+                // its next request: with no `request_headers_timeout` it is the idle
+                // timeout. With one, a second later than ours, so that ours answers 408.
+                .header_read_timeout(
+                    cfg.request_headers_timeout.map(|d| d + Duration::from_secs(1)).or(cfg.idle_timeout),
+                );
+            let parked = || cfg.stats.downstream_cx_http1_parked.inc();
+            park::serve_http1(h1, io, prefix, service, activity, cfg.idle_timeout, parked).await
+        }
+        First::Http2(prefix) => {
+            let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            h2.timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
+            h2.serve_connection(TokioIo::new(Prefixed::new(prefix, io)), service).await
+        }
+    };
+    if let Err(e) = ended {
         debug!(listener = %info.listener, error = %e, "downstream HTTP connection ended");
     }
 }
+
+/// What a connection speaks, with the bytes read to tell.
+enum First {
+    Http1(Bytes),
+    Http2(Bytes),
+}
+
+/// The HTTP/2 connection preface a client sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads the first bytes until they are, or cannot be, HTTP/2's preface (at most its 24
+/// bytes: whatever else the client sent stays in the socket for hyper). `None`: the
+/// connection ended first.
+async fn sniff_h2<IO: AsyncRead + Unpin>(io: &mut IO) -> Option<First> {
+    let mut buf = [0u8; PREFACE.len()];
+    let mut filled = 0;
+    loop {
+        match io.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => filled += n,
+        }
+        let seen = Bytes::copy_from_slice(&buf[..filled]);
+        if !PREFACE.starts_with(&seen) {
+            return Some(First::Http1(seen));
+        }
+        if filled == PREFACE.len() {
+            return Some(First::Http2(seen));
+        }
+    }
+}
+
+/// The future of one request, boxed so that the service is `Unpin` (hyper's
+/// `poll_without_shutdown` asks it) and an idle connection holds a pointer, not a whole
+/// request's state.
+type ResponseFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<Response<Tracked<RespBody>>, Infallible>> + Send>>;
 
 /// Answers `408` when a request's headers do not arrive in time (hyper would only
 /// close), and steps aside once the first request is under way or the client speaks

@@ -17,6 +17,11 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Prefixed { prefix, inner }
     }
+
+    /// What is left of the prefix, and the stream.
+    pub fn into_inner(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
