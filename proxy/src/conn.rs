@@ -226,10 +226,13 @@ pub async fn serve(
                     // The bytes read while looking for a ClientHello are the request's.
                     let io = Prefixed::new(Bytes::copy_from_slice(&buf[..pending]), down);
                     drop(buf);
-                    crate::hcm::server::serve(cfg.clone(), io, Arc::new(info)).await;
+                    // Each branch's future boxed: a connection's task is the size of its
+                    // largest state, and an idle HTTP connection should not carry the
+                    // TLS and TCP proxy branches' (see hcm::park).
+                    Box::pin(crate::hcm::server::serve(cfg.clone(), io, Arc::new(info))).await;
                     log.finish(Flag::Done, Transferred::default());
                 }
-                Action::TcpProxy(tp) => proxy(tp, id, &mut down, buf, pending, original, &mut log).await,
+                Action::TcpProxy(tp) => Box::pin(proxy(tp, id, &mut down, buf, pending, original, &mut log)).await,
                 Action::DirectResponse(_) => unreachable!("matched above"),
             },
             Tls::Pending(secret) => {
@@ -241,7 +244,7 @@ pub async fn serve(
                 let hello = Bytes::copy_from_slice(&buf[..pending]);
                 // The client's chain and SANs are checked inside the handshake.
                 let accept = st.accept(Prefixed::new(hello, down));
-                let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(accept)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         debug!(id, error = %e, "downstream TLS handshake failed");
@@ -283,10 +286,10 @@ pub async fn serve(
                             alpn_h2: tls.ssl().selected_alpn_protocol() == Some(b"h2"),
                         };
                         drop(sans);
-                        crate::hcm::server::serve(cfg.clone(), tls, Arc::new(info)).await;
+                        Box::pin(crate::hcm::server::serve(cfg.clone(), tls, Arc::new(info))).await;
                         log.finish(Flag::Done, Transferred::default());
                     }
-                    Action::TcpProxy(tp) => proxy(tp, id, &mut tls, buf, 0, original, &mut log).await,
+                    Action::TcpProxy(tp) => Box::pin(proxy(tp, id, &mut tls, buf, 0, original, &mut log)).await,
                     Action::DirectResponse(_) => unreachable!("matched above"),
                 }
             }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::body::{Body, Frame, SizeHint};
+use hyper::server::conn::http1::Parts;
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -106,44 +107,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
-        // Bytes left from before hyper stopped are the start of a request: this hyper serves
-        // at least that one before it may be parked again (so a client that sends its
-        // headers slowly meets the header timeout of one connection, not a fresh one every
-        // PARK_AFTER).
-        let mut may_park = prefix.is_empty();
-        let began = activity.started.load(Ordering::Relaxed);
-        let mut conn = builder.serve_connection(TokioIo::new(Prefixed::new(prefix, io)), service);
-        let mut parking = false;
-        let mut timer = Box::pin(tokio::time::sleep(PARK_AFTER));
-        let mut armed_for = None;
-        std::future::poll_fn(|cx| {
-            loop {
-                if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
-                    return Poll::Ready(r);
-                }
-                let started = activity.started.load(Ordering::Relaxed);
-                may_park |= started != began;
-                if parking || !may_park || activity.in_flight.load(Ordering::Relaxed) > 0 {
-                    return Poll::Pending;
-                }
-                // Idle: (re)arm the timer when a request started since it was armed.
-                if armed_for != Some(started) {
-                    armed_for = Some(started);
-                    timer.as_mut().reset(tokio::time::Instant::now() + PARK_AFTER);
-                }
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                // Quiet for PARK_AFTER: ask hyper to stop, and poll it to the end.
-                parking = true;
-                Pin::new(&mut conn).graceful_shutdown();
-            }
-        })
-        .await?;
-        let parts = conn.into_parts();
-        if !parking {
+        let Some(parts) = serve_until_idle(&builder, Prefixed::new(prefix, io), service, &activity).await? else {
             return Ok(()); // the client closed, or asked to
-        }
+        };
         let (unread, inner) = parts.io.into_inner().into_inner();
         service = parts.service;
         io = inner;
@@ -169,15 +135,69 @@ where
     }
 }
 
-fn join(a: Bytes, b: Bytes) -> Bytes {
-    match (a.is_empty(), b.is_empty()) {
-        (true, _) => b,
-        (_, true) => a,
-        _ => {
-            let mut all = BytesMut::with_capacity(a.len() + b.len());
-            all.extend_from_slice(&a);
-            all.extend_from_slice(&b);
-            all.freeze()
+/// One hyper connection, until the client closes (`None`) or it has been idle for
+/// [`PARK_AFTER`] and hyper stopped (the parts to go on from). Its own
+/// function, so that nothing of it (the boxed connection, the timer) outlives it into
+/// the parked wait.
+async fn serve_until_idle<IO, S, B>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: Prefixed<IO>,
+    service: S,
+    activity: &Activity,
+) -> Result<Option<Parts<TokioIo<Prefixed<IO>>, S>>, hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = Tracked<B>> + Unpin,
+    S::Future: Unpin,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Bytes left from before hyper stopped are the start of a request: this hyper serves
+    // at least that one before it may be parked again (so a client that sends its headers
+    // slowly meets the header timeout of one connection, not a fresh one every PARK_AFTER).
+    let mut may_park = io.is_empty_prefix();
+    let began = activity.started.load(Ordering::Relaxed);
+    // Boxed: a task's size is that of its largest state, and this is the largest.
+    let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
+    let mut parking = false;
+    let mut timer = Box::pin(tokio::time::sleep(PARK_AFTER));
+    let mut armed_for = None;
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
+                return Poll::Ready(r);
+            }
+            let started = activity.started.load(Ordering::Relaxed);
+            may_park |= started != began;
+            if parking || !may_park || activity.in_flight.load(Ordering::Relaxed) > 0 {
+                return Poll::Pending;
+            }
+            // Idle: (re)arm the timer when a request started since it was armed.
+            if armed_for != Some(started) {
+                armed_for = Some(started);
+                timer.as_mut().reset(tokio::time::Instant::now() + PARK_AFTER);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Quiet for PARK_AFTER: ask hyper to stop, and poll it to the end.
+            parking = true;
+            Pin::new(&mut *conn).graceful_shutdown();
         }
+    })
+    .await?;
+    Ok(parking.then(|| (*conn).into_parts()))
+}
+
+/// The leftovers, in a buffer of their own: `read_buf` is a slice of hyper's 8 KiB read
+/// buffer, and even an empty slice of it would keep that buffer alive while parked.
+fn join(a: Bytes, b: Bytes) -> Bytes {
+    if a.is_empty() && b.is_empty() {
+        return Bytes::new();
     }
+    let mut all = BytesMut::with_capacity(a.len() + b.len());
+    all.extend_from_slice(&a);
+    all.extend_from_slice(&b);
+    all.freeze()
 }

@@ -119,7 +119,8 @@ where
         First::Http2(prefix) => {
             let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             h2.timer(TokioTimer::new()).max_header_list_size(max_headers as u32);
-            h2.serve_connection(TokioIo::new(Prefixed::new(prefix, io)), service).await
+            // Boxed, so that HTTP/2's larger state does not size every connection's task.
+            Box::pin(h2.serve_connection(TokioIo::new(Prefixed::new(prefix, io)), service)).await
         }
     };
     if let Err(e) = ended {
