@@ -548,14 +548,11 @@ pub fn run(o: &Opts, work: &Path) -> anyhow::Result<(String, Value)> {
         verdict(rss_ratio <= 0.3),
     );
     md.push_str(
-        "\nWhy the memory target is missed: hyper 1.12, which dp's HTTP/1.1 server is built on (the issue \
-         rules out a hand-written parser), gives every connection an 8 KiB read buffer and an 8 KiB header \
-         write buffer (`INIT_BUFFER_SIZE` in `proto/h1/io.rs`) that it keeps for the connection's life, with no \
-         setting to release them while idle: 16 KiB of the ~21 KiB each idle connection costs dp (Envoy's \
-         buffers are freed when empty: ~15 KiB per connection over a 68 MiB base). dp already boxes the \
-         per-request state so that an idle connection does not hold it (hyper keeps the slot of a request's \
-         future; this took dp from 30 to 21 KiB per connection). With 1,000 idle connections the ratio is \
-         therefore bounded by about (19 + 16) / (68 + 15), ~0.42, unless hyper's buffers can be shrunk.\n",
+        "\nIdle memory: hyper gives every HTTP/1 connection an 8 KiB read and an 8 KiB write buffer for its \
+         whole life, so dp parks a kept-alive connection after 10 ms without a request (`proxy/src/hcm/park.rs`): \
+         hyper is stopped without closing the socket, and a new hyper connection takes over at the next byte. A \
+         parked connection holds its socket, its task and a few small objects (~4 KiB in use); the rest of the \
+         per-connection figure is heap the parked connections' freed buffers leave behind (glibc keeps it).\n",
     );
     let json = json!({
         "opts": {"secs": o.secs, "conns": o.conns, "rate": o.rate, "rate_conns": o.rate_conns, "idle": o.idle, "runs": o.runs},
