@@ -18,7 +18,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::body::{Body, Frame, SizeHint};
-use hyper::server::conn::http1::Parts;
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -107,7 +106,47 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
-        let Some(parts) = serve_until_idle(&builder, Prefixed::new(prefix, io), service, &activity).await? else {
+        // One hyper connection, until the client closes (`None`) or it has been idle for
+        // PARK_AFTER and hyper stopped. A block of its own: nothing of it (the boxed
+        // connection, the timer) outlives it into the parked wait.
+        let parts = {
+            // Bytes left from before hyper stopped are the start of a request: this hyper serves
+            // at least that one before it may be parked again (so a client that sends its headers
+            // slowly meets the header timeout of one connection, not a fresh one every PARK_AFTER).
+            let mut may_park = prefix.is_empty();
+            let began = activity.started.load(Ordering::Relaxed);
+            // Boxed: a task's size is that of its largest state, and this is the largest.
+            let mut conn = Box::new(builder.serve_connection(TokioIo::new(Prefixed::new(prefix, io)), service));
+            let mut parking = false;
+            let mut timer = Box::pin(tokio::time::sleep(PARK_AFTER));
+            let mut armed_for = None;
+            std::future::poll_fn(|cx| {
+                loop {
+                    if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
+                        return Poll::Ready(r);
+                    }
+                    let started = activity.started.load(Ordering::Relaxed);
+                    may_park |= started != began;
+                    if parking || !may_park || activity.in_flight.load(Ordering::Relaxed) > 0 {
+                        return Poll::Pending;
+                    }
+                    // Idle: (re)arm the timer when a request started since it was armed.
+                    if armed_for != Some(started) {
+                        armed_for = Some(started);
+                        timer.as_mut().reset(tokio::time::Instant::now() + PARK_AFTER);
+                    }
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // Quiet for PARK_AFTER: ask hyper to stop, and poll it to the end.
+                    parking = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
+            })
+            .await?;
+            parking.then(|| (*conn).into_parts())
+        };
+        let Some(parts) = parts else {
             return Ok(()); // the client closed, or asked to
         };
         let (unread, inner) = parts.io.into_inner().into_inner();
@@ -133,61 +172,6 @@ where
             Ok(_) => prefix = Bytes::copy_from_slice(&first),
         }
     }
-}
-
-/// One hyper connection, until the client closes (`None`) or it has been idle for
-/// [`PARK_AFTER`] and hyper stopped (the parts to go on from). Its own
-/// function, so that nothing of it (the boxed connection, the timer) outlives it into
-/// the parked wait.
-async fn serve_until_idle<IO, S, B>(
-    builder: &hyper::server::conn::http1::Builder,
-    io: Prefixed<IO>,
-    service: S,
-    activity: &Activity,
-) -> Result<Option<Parts<TokioIo<Prefixed<IO>>, S>>, hyper::Error>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = Tracked<B>> + Unpin,
-    S::Future: Unpin,
-    B: Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    // Bytes left from before hyper stopped are the start of a request: this hyper serves
-    // at least that one before it may be parked again (so a client that sends its headers
-    // slowly meets the header timeout of one connection, not a fresh one every PARK_AFTER).
-    let mut may_park = io.is_empty_prefix();
-    let began = activity.started.load(Ordering::Relaxed);
-    // Boxed: a task's size is that of its largest state, and this is the largest.
-    let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service));
-    let mut parking = false;
-    let mut timer = Box::pin(tokio::time::sleep(PARK_AFTER));
-    let mut armed_for = None;
-    std::future::poll_fn(|cx| {
-        loop {
-            if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
-                return Poll::Ready(r);
-            }
-            let started = activity.started.load(Ordering::Relaxed);
-            may_park |= started != began;
-            if parking || !may_park || activity.in_flight.load(Ordering::Relaxed) > 0 {
-                return Poll::Pending;
-            }
-            // Idle: (re)arm the timer when a request started since it was armed.
-            if armed_for != Some(started) {
-                armed_for = Some(started);
-                timer.as_mut().reset(tokio::time::Instant::now() + PARK_AFTER);
-            }
-            if timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            // Quiet for PARK_AFTER: ask hyper to stop, and poll it to the end.
-            parking = true;
-            Pin::new(&mut *conn).graceful_shutdown();
-        }
-    })
-    .await?;
-    Ok(parking.then(|| (*conn).into_parts()))
 }
 
 /// The leftovers, in a buffer of their own: `read_buf` is a slice of hyper's 8 KiB read

@@ -18,11 +18,6 @@ impl<S> Prefixed<S> {
         Prefixed { prefix, inner }
     }
 
-    /// Whether every prefix byte has been read.
-    pub fn is_empty_prefix(&self) -> bool {
-        self.prefix.is_empty()
-    }
-
     /// What is left of the prefix, and the stream.
     pub fn into_inner(self) -> (Bytes, S) {
         (self.prefix, self.inner)
