@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU16;
 
 use crate::ca::CaManager;
 use crate::config::RunConfig;
+use crate::dataplanes::DataplaneIndex;
 use crate::kds::metrics::KdsMetrics;
 use crate::leader::Leadership;
 use crate::model::labels::Role;
@@ -26,6 +27,8 @@ pub struct Cp {
     pub kds_metrics: KdsMetrics,
     /// Whether this instance runs the leader-only jobs (always, on the memory store).
     pub leader: Leadership,
+    /// The Dataplanes, parsed once, for everything derived from them.
+    pub dataplanes: DataplaneIndex,
 }
 
 impl Cp {
@@ -50,6 +53,7 @@ impl Cp {
             dp_port: AtomicU16::new(cfg.dp_server_port),
             kds_metrics: KdsMetrics::default(),
             leader,
+            dataplanes: DataplaneIndex::new(store.events()),
             cfg,
             store,
         })

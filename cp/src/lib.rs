@@ -16,6 +16,7 @@ pub mod ca;
 pub mod components;
 pub mod config;
 pub mod context;
+pub mod dataplanes;
 pub mod dpserver;
 pub mod gui;
 pub mod kds;

@@ -358,23 +358,6 @@ fn acked(subscription: &Value) -> bool {
     subscription.pointer("/status/lds/responsesAcknowledged").is_some_and(|v| v != "0" && !v.is_null())
 }
 
-/// `dataplanes` without the ones whose proxy is still joining.
-pub async fn serving_dataplanes(
-    store: &dyn crate::store::Store,
-    mesh: Option<&str>,
-) -> Result<Vec<Resource>, crate::store::StoreError> {
-    let joining: std::collections::BTreeSet<(String, String)> = store
-        .list(ResourceType::DataplaneInsight, mesh)
-        .await?
-        .into_iter()
-        .filter(joining)
-        .map(|i| (i.mesh, i.name))
-        .collect();
-    let mut dps = store.list(ResourceType::Dataplane, mesh).await?;
-    dps.retain(|d| !joining.contains(&(d.mesh.clone(), d.name.clone())));
-    Ok(dps)
-}
-
 /// Kuma's `IsOnline` of an insight: a subscription connected and not disconnected.
 pub fn is_online(insight: &Resource) -> bool {
     insight.spec.get("subscriptions").and_then(Value::as_array).is_some_and(|subs| {

@@ -11,7 +11,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::model::{DataplaneSpec, Resource, ResourceType, SERVICE_TAG, ZoneIngressSpec};
+use crate::dataplanes::{DataplaneIndex, DataplaneView};
+use crate::model::{Resource, ResourceType, SERVICE_TAG};
 use crate::store::Store;
 
 /// Kuma's `KUMA_DNS_SERVER_DOMAIN`.
@@ -105,8 +106,8 @@ pub async fn load(store: &dyn Store, mesh: &str) -> VipMap {
 
 /// Services of each mesh: inbound services of local Dataplanes, services that
 /// ZoneIngresses advertise for the mesh (remote zones), and ExternalServices.
-pub fn services_by_mesh(
-    dataplanes: &[Resource],
+pub fn services_by_mesh<'a>(
+    dataplanes: impl IntoIterator<Item = &'a DataplaneView>,
     ingresses: &[Resource],
     external: &[Resource],
 ) -> BTreeMap<String, BTreeSet<String>> {
@@ -119,20 +120,27 @@ pub fn services_by_mesh(
         }
     }
     for dp in dataplanes {
-        let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
-        for inb in spec.networking.map(|n| n.inbound).unwrap_or_default() {
+        for inb in dp.inbounds() {
             if let Some(s) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) {
-                out.entry(dp.mesh.clone()).or_default().insert(s.clone());
+                out.entry(dp.mesh().to_string()).or_default().insert(s.clone());
             }
         }
     }
+    // Read from the JSON in place: an ingress lists thousands of services at scale, and
+    // only two strings of each matter here.
     for zi in ingresses {
-        let Ok(spec) = zi.typed::<ZoneIngressSpec>() else { continue };
-        for a in spec.available_services {
-            if let Some(s) = a.tags.get(SERVICE_TAG).filter(|s| !s.is_empty())
-                && !a.mesh.is_empty()
-            {
-                out.entry(a.mesh.clone()).or_default().insert(s.clone());
+        let Some(list) = zi.spec.get("availableServices").and_then(|v| v.as_array()) else { continue };
+        for a in list {
+            let mesh = a.get("mesh").and_then(|m| m.as_str()).filter(|m| !m.is_empty());
+            let svc = a.pointer("/tags/kuma.io~1service").and_then(|s| s.as_str()).filter(|s| !s.is_empty());
+            if let (Some(mesh), Some(svc)) = (mesh, svc) {
+                if let Some(set) = out.get_mut(mesh) {
+                    if !set.contains(svc) {
+                        set.insert(svc.to_string());
+                    }
+                } else {
+                    out.entry(mesh.to_string()).or_default().insert(svc.to_string());
+                }
             }
         }
     }
@@ -185,14 +193,14 @@ impl VipManager {
     }
 
     /// Allocate VIPs for services without one, in every mesh; store and persist changes.
-    pub async fn update(&self, store: &Arc<dyn Store>) -> anyhow::Result<()> {
+    pub async fn update(&self, store: &Arc<dyn Store>, dataplanes: &DataplaneIndex) -> anyhow::Result<()> {
         let _g = self.lock.lock().await;
-        let dps = store.list(ResourceType::Dataplane, None).await?;
+        let dps = dataplanes.read(store.as_ref()).await?;
         let zis = store.list(ResourceType::ZoneIngress, None).await?;
         let ess = store.list(ResourceType::ExternalService, None).await?;
         let meshes: BTreeSet<String> =
             store.list(ResourceType::Mesh, None).await?.into_iter().map(|m| m.name).collect();
-        for (mesh, services) in services_by_mesh(&dps, &zis, &ess) {
+        for (mesh, services) in services_by_mesh(dps.all(None).map(|d| d.as_ref()), &zis, &ess) {
             if !meshes.contains(&mesh) {
                 continue;
             }

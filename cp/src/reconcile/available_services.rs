@@ -6,7 +6,7 @@
 
 use crate::components::zone::ZoneCp;
 use crate::lifecycle::joining;
-use crate::model::{ResourceType, ZoneIngressSpec};
+use crate::model::ResourceType;
 use crate::store::ChangeEvent;
 
 pub fn relevant(e: &ChangeEvent) -> bool {
@@ -21,19 +21,23 @@ pub fn relevant(e: &ChangeEvent) -> bool {
 }
 
 pub async fn update(cp: &ZoneCp) -> anyhow::Result<()> {
-    let dps = crate::lifecycle::serving_dataplanes(cp.store.as_ref(), None).await?;
-    let services = crate::xds::generate::available_services(&dps);
+    let dps = cp.dataplanes.read(cp.store.as_ref()).await?;
+    let services = crate::xds::generate::available_services(dps.serving(None).map(|d| d.as_ref()));
+    let offered = serde_json::to_value(&services)?;
+    let nothing = serde_json::Value::Array(Vec::new());
     for zi in cp.store.list(ResourceType::ZoneIngress, None).await? {
-        let spec: ZoneIngressSpec = zi.typed().unwrap_or_default();
-        if !spec.zone.is_empty() && spec.zone != cp.cfg.zone_name {
+        let zone = zi.spec.get("zone").and_then(|z| z.as_str()).unwrap_or_default();
+        if !zone.is_empty() && zone != cp.cfg.zone_name {
             continue; // another zone's ingress: its availableServices come from that zone
         }
         let joining = cp.store.get(ResourceType::ZoneIngressInsight, "", &zi.name).await?.is_some_and(|i| joining(&i));
-        let available = if joining { Vec::new() } else { services.clone() };
-        let value = serde_json::to_value(&available)?;
-        if spec.available_services == available && zi.spec.contains_key("availableServices") {
+        let value = if joining { &nothing } else { &offered };
+        // Compared as JSON: the stored list is what an earlier pass wrote from the same
+        // serialisation (parsing thousands of entries back was most of this job's cost).
+        if zi.spec.get("availableServices") == Some(value) {
             continue;
         }
+        let value = value.clone();
         let version = zi.version;
         let mut updated = zi;
         updated.spec.insert("availableServices".into(), value);

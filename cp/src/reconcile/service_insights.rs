@@ -10,9 +10,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use crate::context::Cp;
-use crate::lifecycle::is_online;
+use crate::dataplanes::DataplaneView;
 use crate::model::labels::{ZONE, compute as compute_labels};
-use crate::model::{DataplaneSpec, Resource, ResourceType, SERVICE_TAG};
+use crate::model::{Resource, ResourceType, SERVICE_TAG};
 use crate::store::ChangeEvent;
 
 pub fn name(mesh: &str) -> String {
@@ -39,16 +39,20 @@ struct Stat {
 }
 
 /// The `services` map of one mesh's ServiceInsight.
-pub fn compute(dataplanes: &[Resource], insights: &BTreeMap<(String, String), Resource>) -> Map<String, Value> {
+/// `online(mesh, name)`: whether the Dataplane's proxy has an open subscription.
+pub fn compute<'a>(
+    dataplanes: impl IntoIterator<Item = &'a DataplaneView>,
+    online: impl Fn(&str, &str) -> bool,
+) -> Map<String, Value> {
     let mut stats: BTreeMap<String, Stat> = BTreeMap::new();
-    for dp in dataplanes {
-        let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
-        let inbounds = spec.networking.map(|n| n.inbound).unwrap_or_default();
-        let connected = insights.get(&(dp.mesh.clone(), dp.name.clone())).is_some_and(is_online);
+    for view in dataplanes {
+        let dp = &view.resource;
+        let inbounds = view.inbounds();
+        let connected = online(&dp.mesh, &dp.name);
         // A proxy with an inbound that is not ready is degraded, and Kuma counts a
         // degraded proxy as offline for all its services.
         let online = connected && inbounds.iter().all(|i| i.is_healthy());
-        for inb in &inbounds {
+        for inb in inbounds {
             let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
             let s = stats.entry(svc.clone()).or_default();
             if online {
@@ -80,18 +84,11 @@ pub fn compute(dataplanes: &[Resource], insights: &BTreeMap<(String, String), Re
 
 async fn update(cp: &Cp) -> anyhow::Result<()> {
     let meshes: BTreeSet<String> = cp.store.list(ResourceType::Mesh, None).await?.into_iter().map(|m| m.name).collect();
-    let dps = cp.store.list(ResourceType::Dataplane, None).await?;
-    let insights: BTreeMap<(String, String), Resource> = cp
-        .store
-        .list(ResourceType::DataplaneInsight, None)
-        .await?
-        .into_iter()
-        .map(|i| ((i.mesh.clone(), i.name.clone()), i))
-        .collect();
+    let dps = cp.dataplanes.read(cp.store.as_ref()).await?;
     for mesh in &meshes {
-        let mine: Vec<Resource> = dps.iter().filter(|d| &d.mesh == mesh).cloned().collect();
+        let mine = dps.all(Some(mesh)).map(|d| d.as_ref());
         let mut r = Resource::new(ResourceType::ServiceInsight, mesh, &name(mesh));
-        r.spec.insert("services".into(), Value::Object(compute(&mine, &insights)));
+        r.spec.insert("services".into(), Value::Object(compute(mine, |m, n| dps.is_online(m, n))));
         compute_labels(&mut r, cp.role());
         cp.store.upsert(r, None).await?;
     }
@@ -107,6 +104,7 @@ async fn update(cp: &Cp) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::is_online;
 
     fn dp(name: &str, svc: &str, zone: &str, ready: bool) -> Resource {
         let v = json!({"type": "Dataplane", "mesh": "default", "name": name, "networking": {"address": "10.0.0.1",
@@ -129,7 +127,8 @@ mod tests {
             vec![dp("a", "echo", "zone-1", true), dp("b", "echo", "zone-2", true), dp("c", "web", "zone-1", false)];
         let insights: BTreeMap<_, _> =
             [insight("a", true), insight("b", false), insight("c", true)].into_iter().collect();
-        let m = compute(&dps, &insights);
+        let views: Vec<DataplaneView> = dps.into_iter().map(DataplaneView::new).collect();
+        let m = compute(&views, |m, n| insights.get(&(m.to_string(), n.to_string())).is_some_and(is_online));
         assert_eq!(m["echo"]["status"], "partially_degraded");
         assert_eq!(m["echo"]["dataplanes"], json!({"online": 1, "offline": 1}));
         assert_eq!(m["echo"]["zones"], json!(["zone-1", "zone-2"]));

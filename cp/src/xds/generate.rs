@@ -30,7 +30,8 @@ use envoy_types::util::pack_any;
 use prost::Name;
 
 use super::sni::sni_from_tags;
-use crate::model::{AvailableService, DataplaneSpec, Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled};
+use crate::dataplanes::DataplaneView;
+use crate::model::{AvailableService, Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled};
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -52,6 +53,19 @@ pub struct ProxySnapshot {
     pub by_type: BTreeMap<String, Vec<Named>>,
     /// When the snapshot must be rebuilt even without a store change (certificate rotation).
     pub refresh_at: Option<std::time::SystemTime>,
+    /// What the next generation of a zone ingress can reuse from this one.
+    pub ingress_memo: Option<std::sync::Arc<IngressMemo>>,
+}
+
+/// The plans behind a zone ingress's resources, with what they generated: a resource whose
+/// plan did not change is reused as it is, neither encoded nor hashed again (at 10,000
+/// services, encoding and hashing everything was most of a one-endpoint change).
+#[derive(Debug, Default)]
+pub struct IngressMemo {
+    listener: Option<(String, Vec<ChainPlan>, Named)>,
+    clusters: BTreeMap<String, (ClusterPlan, Named)>,
+    /// Per cluster: its endpoints and its cluster's version.
+    loads: BTreeMap<String, (Vec<EndpointPlan>, String, Named)>,
 }
 
 impl ProxySnapshot {
@@ -91,26 +105,30 @@ pub struct IngressInputs<'a> {
     pub node_id: &'a str,
     pub ingress: &'a ZoneIngressSpec,
     pub meshes: &'a [Resource],
-    pub dataplanes: &'a [Resource],
+    /// The serving Dataplanes.
+    pub dataplanes: &'a [&'a DataplaneView],
 }
 
 /// `availableServices` of the zone's ingresses: one entry per (mesh, full tag set) of the
 /// healthy inbounds of local Dataplanes, with instance counts; sorted by mesh, then tags.
-pub fn available_services<'a>(dataplanes: impl IntoIterator<Item = &'a Resource>) -> Vec<AvailableService> {
-    let mut counts: BTreeMap<(String, BTreeMap<String, String>), u32> = BTreeMap::new();
+pub fn available_services<'a>(dataplanes: impl IntoIterator<Item = &'a DataplaneView>) -> Vec<AvailableService> {
+    let mut counts: BTreeMap<(&str, &BTreeMap<String, String>), u32> = BTreeMap::new();
     for dp in dataplanes {
-        let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
-        let Some(net) = spec.networking else { continue };
-        for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
+        for inb in dp.inbounds().iter().filter(|i| i.is_healthy()) {
             if inb.tags.get(SERVICE_TAG).is_none_or(|s| s.is_empty()) {
                 continue;
             }
-            *counts.entry((dp.mesh.clone(), inb.tags.clone())).or_default() += 1;
+            *counts.entry((dp.mesh(), &inb.tags)).or_default() += 1;
         }
     }
     let mut out: Vec<AvailableService> = counts
         .into_iter()
-        .map(|((mesh, tags), instances)| AvailableService { tags, instances, mesh, external_service: false })
+        .map(|((mesh, tags), instances)| AvailableService {
+            tags: tags.clone(),
+            instances,
+            mesh: mesh.to_string(),
+            external_service: false,
+        })
         .collect();
     // The key is a formatted string: computed once per service, not per comparison.
     out.sort_by_cached_key(|s| (s.mesh.clone(), sni_from_tags("", &s.tags)));
@@ -119,12 +137,11 @@ pub fn available_services<'a>(dataplanes: impl IntoIterator<Item = &'a Resource>
 
 /// Endpoints per (mesh, service) from the healthy inbounds of local Dataplanes.
 pub fn endpoint_map<'a>(
-    dataplanes: impl IntoIterator<Item = &'a Resource>,
+    dataplanes: impl IntoIterator<Item = &'a DataplaneView>,
 ) -> BTreeMap<(String, String), Vec<EndpointPlan>> {
     let mut map: BTreeMap<(String, String), Vec<EndpointPlan>> = BTreeMap::new();
     for dp in dataplanes {
-        let Ok(spec) = dp.typed::<DataplaneSpec>() else { continue };
-        let Some(net) = spec.networking else { continue };
+        let Some(net) = &dp.spec.networking else { continue };
         for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
             let Some(service) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
             let Ok(port) = u32::try_from(inb.port) else { continue };
@@ -141,8 +158,8 @@ pub fn endpoint_map<'a>(
                 .filter(|(k, _)| k.as_str() != SERVICE_TAG)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            tags.insert("mesh".into(), dp.mesh.clone());
-            map.entry((dp.mesh.clone(), service.clone())).or_default().push(EndpointPlan { address, port, tags });
+            tags.insert("mesh".into(), dp.mesh().to_string());
+            map.entry((dp.mesh().to_string(), service.clone())).or_default().push(EndpointPlan { address, port, tags });
         }
     }
     for v in map.values_mut() {
@@ -325,7 +342,11 @@ fn direct_response_chain(body: &str) -> FilterChain {
 ///   service's available services (`svc{mesh=m,k=v,...}`), with `metadata_match` on the
 ///   tags that split the endpoints, and the cluster's subset selectors for them;
 /// * no chain at all: a `direct_response` chain `{"proxy":"<node id>","zone":"<zone>"}`.
-pub fn ingress(inputs: &IngressInputs<'_>) -> ProxySnapshot {
+///
+/// `previous`: the last snapshot of this proxy, whose unchanged resources are reused.
+pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> ProxySnapshot {
+    let old = previous.and_then(|p| p.ingress_memo.as_deref());
+    let mut memo = IngressMemo::default();
     let net = &inputs.ingress.networking;
     let address = if net.address.is_empty() { "0.0.0.0".to_string() } else { net.address.clone() };
     let port = u32::try_from(net.port).unwrap_or(0);
@@ -333,7 +354,8 @@ pub fn ingress(inputs: &IngressInputs<'_>) -> ProxySnapshot {
 
     let mtls_meshes: BTreeSet<&str> =
         inputs.meshes.iter().filter(|m| mesh_mtls_enabled(m)).map(|m| m.name.as_str()).collect();
-    let local: Vec<&Resource> = inputs.dataplanes.iter().filter(|d| mtls_meshes.contains(d.mesh.as_str())).collect();
+    let local: Vec<&DataplaneView> =
+        inputs.dataplanes.iter().copied().filter(|d| mtls_meshes.contains(d.mesh())).collect();
     let available = available_services(local.iter().copied());
     let endpoints = endpoint_map(local.iter().copied());
 
@@ -392,9 +414,57 @@ pub fn ingress(inputs: &IngressInputs<'_>) -> ProxySnapshot {
     }
 
     let mut snap = ProxySnapshot::default();
+    let listener = match old.and_then(|m| m.listener.as_ref()) {
+        Some((name, old_chains, named)) if *name == listener_name && *old_chains == chains => named.clone(),
+        _ => ingress_listener(inputs, &listener_name, &address, port, &chains),
+    };
+    memo.listener = Some((listener_name, chains, listener.clone()));
+    snap.by_type.insert(LISTENER_TYPE.into(), vec![listener]);
+
+    let mut cds = Vec::with_capacity(clusters.len());
+    for c in clusters {
+        let named = match old.and_then(|m| m.clusters.get(&c.name)) {
+            Some((plan, named)) if *plan == c => named.clone(),
+            _ => {
+                Named { name: c.name.clone(), version: version_of(&format!("{c:?}")), any: pack_any(cluster_proto(&c)) }
+            }
+        };
+        cds.push(named.clone());
+        memo.clusters.insert(c.name.clone(), (c, named));
+    }
+    snap.by_type.insert(CLUSTER_TYPE.into(), cds);
+    // A CLA's version includes its cluster's: when a cluster changes, Envoy re-warms it and
+    // needs its endpoints again, so they must be re-sent even if unchanged (as Kuma does).
+    let mut eds = Vec::with_capacity(loads.len());
+    for (name, eps) in loads {
+        let cluster_version = memo.clusters.get(&name).map(|(_, n)| n.version.clone()).unwrap_or_default();
+        let named = match old.and_then(|m| m.loads.get(&name)) {
+            Some((old_eps, old_cv, named)) if *old_eps == eps && *old_cv == cluster_version => named.clone(),
+            _ => Named {
+                name: name.clone(),
+                version: version_of(&format!("{name}|{eps:?}|{cluster_version}")),
+                any: pack_any(cla_proto(&name, &eps)),
+            },
+        };
+        eds.push(named.clone());
+        memo.loads.insert(name, (eps, cluster_version, named));
+    }
+    snap.by_type.insert(ENDPOINT_TYPE.into(), eds);
+    snap.ingress_memo = Some(std::sync::Arc::new(memo));
+    snap
+}
+
+/// The ingress listener: one chain per plan, or a `direct_response` saying who answers.
+fn ingress_listener(
+    inputs: &IngressInputs<'_>,
+    listener_name: &str,
+    address: &str,
+    port: u32,
+    chains: &[ChainPlan],
+) -> Named {
     let mut listener = Listener {
-        name: listener_name.clone(),
-        address: Some(socket_address(&address, port)),
+        name: listener_name.to_string(),
+        address: Some(socket_address(address, port)),
         enable_reuse_port: Some(BoolValue { value: false }),
         listener_filters: vec![tls_inspector()],
         traffic_direction: TrafficDirection::Inbound as i32,
@@ -409,33 +479,7 @@ pub fn ingress(inputs: &IngressInputs<'_>) -> ProxySnapshot {
         listener.filter_chains = chains.iter().map(chain_proto).collect();
         listener_plan = format!("{listener_name}|{chains:?}");
     }
-    snap.by_type.insert(
-        LISTENER_TYPE.into(),
-        vec![Named { name: listener_name, version: version_of(&listener_plan), any: pack_any(listener) }],
-    );
-
-    let mut cluster_versions = BTreeMap::new();
-    let cds: Vec<Named> = clusters
-        .iter()
-        .map(|c| {
-            let v = version_of(&format!("{c:?}"));
-            cluster_versions.insert(c.name.clone(), v.clone());
-            Named { name: c.name.clone(), version: v, any: pack_any(cluster_proto(c)) }
-        })
-        .collect();
-    snap.by_type.insert(CLUSTER_TYPE.into(), cds);
-    // A CLA's version includes its cluster's: when a cluster changes, Envoy re-warms it and
-    // needs its endpoints again, so they must be re-sent even if unchanged (as Kuma does).
-    let eds: Vec<Named> = loads
-        .iter()
-        .map(|(name, eps)| Named {
-            name: name.clone(),
-            version: version_of(&format!("{name}|{eps:?}|{}", cluster_versions.get(name).cloned().unwrap_or_default())),
-            any: pack_any(cla_proto(name, eps)),
-        })
-        .collect();
-    snap.by_type.insert(ENDPOINT_TYPE.into(), eds);
-    snap
+    Named { name: listener_name.to_string(), version: version_of(&listener_plan), any: pack_any(listener) }
 }
 
 /// What other proxy kinds get for now: nothing (empty resource sets, which Envoy accepts).
@@ -486,13 +530,16 @@ mod tests {
     #[test]
     fn empty_ingress_is_direct_response() {
         let spec = ingress_spec();
-        let s = ingress(&IngressInputs {
-            zone: "zone-main",
-            node_id: "default.ingress",
-            ingress: &spec,
-            meshes: &[],
-            dataplanes: &[],
-        });
+        let s = ingress(
+            &IngressInputs {
+                zone: "zone-main",
+                node_id: "default.ingress",
+                ingress: &spec,
+                meshes: &[],
+                dataplanes: &[],
+            },
+            None,
+        );
         let l: Listener = unpack(&s.resources(LISTENER_TYPE)[0].any).unwrap();
         assert_eq!(l.name, "inbound:10.0.0.1:10001");
         let f = &l.filter_chains[0].filters[0];
@@ -512,14 +559,13 @@ mod tests {
             dp("mesh1", "b", "192.168.0.2", json!({"kuma.io/service":"backend","version":"v2","region":"us"})),
             dp("plain", "c", "192.168.0.3", json!({"kuma.io/service":"web"})),
         ];
+        let views: Vec<DataplaneView> = dps.into_iter().map(DataplaneView::new).collect();
+        let dps: Vec<&DataplaneView> = views.iter().collect();
         let spec = ingress_spec();
-        let s = ingress(&IngressInputs {
-            zone: "z",
-            node_id: ".ingress",
-            ingress: &spec,
-            meshes: &meshes,
-            dataplanes: &dps,
-        });
+        let s = ingress(
+            &IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &dps },
+            None,
+        );
         let l: Listener = unpack(&s.resources(LISTENER_TYPE)[0].any).unwrap();
         let snis: Vec<&str> =
             l.filter_chains.iter().map(|c| c.filter_chain_match.as_ref().unwrap().server_names[0].as_str()).collect();
@@ -542,14 +588,64 @@ mod tests {
         // The non-mTLS mesh is not exposed.
         assert_eq!(s.resources(CLUSTER_TYPE).len(), 1);
         // Versions are stable across generations.
-        let s2 = ingress(&IngressInputs {
-            zone: "z",
-            node_id: ".ingress",
-            ingress: &spec,
-            meshes: &meshes,
-            dataplanes: &dps,
-        });
+        let s2 = ingress(
+            &IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &dps },
+            Some(&s),
+        );
         assert_eq!(s.resources(ENDPOINT_TYPE)[0].version, s2.resources(ENDPOINT_TYPE)[0].version);
         assert_eq!(s.resources(LISTENER_TYPE)[0].version, s2.resources(LISTENER_TYPE)[0].version);
+    }
+
+    /// A generation that reuses the previous snapshot gives exactly what one from scratch
+    /// gives, for what changed and for what did not.
+    #[test]
+    fn reusing_the_previous_snapshot_equals_generating_afresh() {
+        let meshes = vec![mesh("mesh1", true)];
+        let spec = ingress_spec();
+        let gen_ = |dps: &[Resource], previous: Option<&ProxySnapshot>| {
+            let views: Vec<DataplaneView> = dps.iter().cloned().map(DataplaneView::new).collect();
+            let refs: Vec<&DataplaneView> = views.iter().collect();
+            let inputs =
+                IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &refs };
+            ingress(&inputs, previous)
+        };
+        // Encoded bytes are not stable (protobuf Struct maps), decoded messages are.
+        let flat = |s: &ProxySnapshot| {
+            let names =
+                |t: &str| s.resources(t).iter().map(|n| (n.name.clone(), n.version.clone())).collect::<Vec<_>>();
+            let listeners: Vec<Listener> = s.resources(LISTENER_TYPE).iter().map(|n| unpack(&n.any).unwrap()).collect();
+            let clusters: Vec<Cluster> = s.resources(CLUSTER_TYPE).iter().map(|n| unpack(&n.any).unwrap()).collect();
+            let loads: Vec<ClusterLoadAssignment> =
+                s.resources(ENDPOINT_TYPE).iter().map(|n| unpack(&n.any).unwrap()).collect();
+            (names(LISTENER_TYPE), names(CLUSTER_TYPE), names(ENDPOINT_TYPE), listeners, clusters, loads)
+        };
+        let before = vec![
+            dp("mesh1", "a", "192.168.0.1", json!({"kuma.io/service":"backend","version":"v1"})),
+            dp("mesh1", "b", "192.168.0.2", json!({"kuma.io/service":"web"})),
+            dp("mesh1", "c", "192.168.0.3", json!({"kuma.io/service":"api"})),
+        ];
+        let s0 = gen_(&before, None);
+        // One endpoint moves, one service gains a version, one service is new.
+        let after = vec![
+            dp("mesh1", "a", "192.168.0.1", json!({"kuma.io/service":"backend","version":"v1"})),
+            dp("mesh1", "a2", "192.168.0.9", json!({"kuma.io/service":"backend","version":"v2"})),
+            dp("mesh1", "b", "192.168.0.7", json!({"kuma.io/service":"web"})),
+            dp("mesh1", "c", "192.168.0.3", json!({"kuma.io/service":"api"})),
+            dp("mesh1", "d", "192.168.0.4", json!({"kuma.io/service":"db"})),
+        ];
+        let reused = gen_(&after, Some(&s0));
+        assert_eq!(flat(&reused), flat(&gen_(&after, None)));
+        // Only what changed has a new version: api's cluster and endpoints are untouched.
+        let version = |s: &ProxySnapshot, t: &str, n: &str| {
+            s.resources(t).iter().find(|r| r.name == n).map(|r| r.version.clone())
+        };
+        assert_eq!(version(&s0, ENDPOINT_TYPE, "mesh1:api"), version(&reused, ENDPOINT_TYPE, "mesh1:api"));
+        assert_ne!(version(&s0, ENDPOINT_TYPE, "mesh1:web"), version(&reused, ENDPOINT_TYPE, "mesh1:web"));
+        assert_ne!(
+            version(&s0, LISTENER_TYPE, "inbound:10.0.0.1:10001"),
+            version(&reused, LISTENER_TYPE, "inbound:10.0.0.1:10001")
+        );
+        // And back: the first configuration again, from the second.
+        assert_eq!(flat(&gen_(&before, Some(&reused))), flat(&s0));
     }
 }

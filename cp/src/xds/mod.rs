@@ -30,11 +30,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::components::zone::ZoneCp;
 use crate::config::{DpProxyAuth, ZoneProxyAuth};
+use crate::dataplanes::DataplaneView;
 use crate::lifecycle::{Connected, Lifecycle, Registration};
-use crate::model::{DataplaneSpec, MeshSpec, Resource, ResourceType, ZoneEgressSpec, ZoneIngressSpec};
+use crate::model::{
+    DataplaneSpec, MeshSpec, Resource, ResourceType, ZoneEgressSpec, ZoneIngressNetworking, ZoneIngressSpec,
+};
 use crate::store::{Change, ChangeEvent, next_change};
 use delta::Delta;
 use generate::{IngressInputs, ProxySnapshot};
+use serde::Deserialize;
 use sotw::Sotw;
 
 type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -224,23 +228,45 @@ async fn admit(
 }
 
 /// Build the current snapshot of a proxy from the store.
-pub async fn build_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Status> {
+///
+/// `previous`: the proxy's last snapshot, for what generation can reuse from it.
+pub async fn build_snapshot(
+    cp: &ZoneCp,
+    id: &ProxyId,
+    previous: Option<&ProxySnapshot>,
+) -> Result<ProxySnapshot, Status> {
     let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
     match id.rtype {
         ResourceType::ZoneIngress => {
             let Some(zi) = cp.store.get(ResourceType::ZoneIngress, "", &id.name).await.map_err(internal)? else {
                 return Ok(generate::empty());
             };
-            let spec: ZoneIngressSpec = zi.typed().map_err(|e| Status::internal(e.to_string()))?;
+            // Not `availableServices` (what the zone offers, thousands of entries at scale):
+            // generation reads the Dataplanes themselves.
+            let spec = ZoneIngressSpec {
+                zone: String::new(),
+                networking: zi
+                    .spec
+                    .get("networking")
+                    .map(ZoneIngressNetworking::deserialize)
+                    .transpose()
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .unwrap_or_default(),
+                available_services: Vec::new(),
+            };
             let meshes = cp.store.list(ResourceType::Mesh, None).await.map_err(internal)?;
-            let dataplanes = crate::lifecycle::serving_dataplanes(cp.store.as_ref(), None).await.map_err(internal)?;
-            Ok(generate::ingress(&IngressInputs {
-                zone: &cp.cfg.zone_name,
-                node_id: &id.node_id,
-                ingress: &spec,
-                meshes: &meshes,
-                dataplanes: &dataplanes,
-            }))
+            let all = cp.dataplanes.read(cp.store.as_ref()).await.map_err(internal)?;
+            let dataplanes: Vec<&DataplaneView> = all.serving(None).map(|d| d.as_ref()).collect();
+            Ok(generate::ingress(
+                &IngressInputs {
+                    zone: &cp.cfg.zone_name,
+                    node_id: &id.node_id,
+                    ingress: &spec,
+                    meshes: &meshes,
+                    dataplanes: &dataplanes,
+                },
+                previous,
+            ))
         }
         ResourceType::ZoneEgress => egress_snapshot(cp, id).await,
         ResourceType::Dataplane => dataplane_snapshot(cp, id).await,
@@ -356,7 +382,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     // With `routing.zoneEgress`, cross-zone and external traffic leaves through the
     // zone's egresses that are online.
     let egresses = if mesh_spec.zone_egress() { local_egresses(cp).await.map_err(internal)? } else { vec![] };
-    let dataplanes = crate::lifecycle::serving_dataplanes(cp.store.as_ref(), Some(&id.mesh)).await.map_err(internal)?;
+    let all = cp.dataplanes.read(cp.store.as_ref()).await.map_err(internal)?;
+    let dataplanes: Vec<&DataplaneView> = all.serving(Some(&id.mesh)).map(|d| d.as_ref()).collect();
     let ingresses = cp.store.list(ResourceType::ZoneIngress, None).await.map_err(internal)?;
     let vips = crate::vips::load(cp.store.as_ref(), &id.mesh).await;
     let circuit_breakers = cp.store.list(ResourceType::MeshCircuitBreaker, Some(&id.mesh)).await.map_err(internal)?;
@@ -593,7 +620,7 @@ async fn run<P: Protocol>(
 
 /// The proxy's snapshot, or `previous` when it cannot be built yet.
 async fn rebuild(cp: &ZoneCp, id: &ProxyId, previous: Option<ProxySnapshot>) -> Result<Option<ProxySnapshot>, Status> {
-    match build_snapshot(cp, id).await {
+    match build_snapshot(cp, id, previous.as_ref()).await {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.code() == tonic::Code::Unavailable => {
             tracing::warn!(node = %id.node_id, reason = %e.message(), "configuration on hold");

@@ -46,6 +46,7 @@ use super::generate::{
 };
 use super::sni::sni_from_tags;
 use crate::ca::{identity_secret_name, mesh_ca_secret_name};
+use crate::dataplanes::DataplaneView;
 use crate::model::{DataplaneSpec, ExternalServiceSpec, Resource, SERVICE_TAG, ZoneIngressSpec};
 use crate::vips::{VipMap, domains, to_v6};
 
@@ -68,7 +69,8 @@ pub struct SidecarInputs<'a> {
     pub zone: &'a str,
     pub dataplane: &'a Resource,
     /// Dataplanes of the proxy's mesh (including itself).
-    pub dataplanes: &'a [Resource],
+    /// The serving Dataplanes of the mesh.
+    pub dataplanes: &'a [&'a DataplaneView],
     /// All ZoneIngresses (local and of other zones).
     pub ingresses: &'a [Resource],
     pub vips: &'a VipMap,
@@ -611,9 +613,8 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
         }
     }
     let local_weight = u32::try_from(coordinates.len()).unwrap_or(u32::MAX).max(1);
-    for d in inputs.dataplanes.iter().filter(|d| d.mesh == mesh) {
-        let Ok(spec) = d.typed::<DataplaneSpec>() else { continue };
-        let Some(net) = spec.networking else { continue };
+    for d in inputs.dataplanes.iter().filter(|d| d.mesh() == mesh) {
+        let Some(net) = &d.spec.networking else { continue };
         for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
             let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
             let Ok(port) = u32::try_from(inb.port) else { continue };
@@ -628,7 +629,7 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             out.entry(svc.clone()).or_default().push(OutEndpoint {
-                zone: tags.get(ZONE_TAG).cloned().or_else(|| d.labels.get(ZONE_TAG).cloned()),
+                zone: tags.get(ZONE_TAG).cloned().or_else(|| d.resource.labels.get(ZONE_TAG).cloned()),
                 address,
                 port,
                 weight: local_weight,

@@ -1,0 +1,227 @@
+//! The Dataplanes of this control plane, parsed once and kept up to date from the store's
+//! change events (a small part of Kuma's mesh context).
+//!
+//! Everything derived from Dataplanes (a zone ingress's configuration, its
+//! `availableServices`, ServiceInsights, VIPs, sidecar endpoints) used to list and parse
+//! every Dataplane on every change: at 10,000 Dataplanes that was most of cp's CPU for a
+//! one-endpoint change. A read here costs what changed since the last read: it applies the
+//! events queued on its own receiver, one `get` per changed key, and shares the rest.
+//!
+//! Consistency: a reader reacts to an event it received from the store; the same broadcast
+//! put that event in this index's receiver before, so draining the receiver at read time
+//! covers it, and the `get` returns the resource as of now (never older than the event).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, broadcast};
+
+use crate::lifecycle::{is_online, joining};
+use crate::model::{DataplaneSpec, Resource, ResourceType};
+use crate::store::{ChangeEvent, Store, StoreError};
+
+/// One Dataplane with its spec parsed.
+#[derive(Debug)]
+pub struct DataplaneView {
+    pub resource: Resource,
+    /// The parsed spec (the default, with no networking, when it does not parse: such a
+    /// Dataplane offers nothing).
+    pub spec: DataplaneSpec,
+}
+
+impl DataplaneView {
+    pub fn new(resource: Resource) -> Self {
+        let spec = resource.typed().unwrap_or_default();
+        DataplaneView { resource, spec }
+    }
+
+    pub fn mesh(&self) -> &str {
+        &self.resource.mesh
+    }
+
+    /// The inbounds of the Dataplane (none without networking).
+    pub fn inbounds(&self) -> &[crate::model::Inbound] {
+        self.spec.networking.as_ref().map(|n| n.inbound.as_slice()).unwrap_or(&[])
+    }
+}
+
+type MeshName = (String, String);
+
+/// A consistent view of every Dataplane and of its proxy's state.
+#[derive(Clone, Debug, Default)]
+pub struct Dataplanes {
+    by_key: BTreeMap<MeshName, Arc<DataplaneView>>,
+    /// Proxies whose insight says they are still joining (connected, listeners not ACKed).
+    joining: BTreeSet<MeshName>,
+    /// Proxies with an open subscription.
+    online: BTreeSet<MeshName>,
+}
+
+impl Dataplanes {
+    /// Every Dataplane, of one mesh or of all, by mesh then name.
+    pub fn all<'a>(&'a self, mesh: Option<&'a str>) -> impl Iterator<Item = &'a Arc<DataplaneView>> + 'a {
+        let start = (mesh.unwrap_or_default().to_string(), String::new());
+        self.by_key.range(start..).take_while(move |((m, _), _)| mesh.is_none_or(|mesh| m == mesh)).map(|(_, v)| v)
+    }
+
+    /// The Dataplanes that are endpoints: all but those whose proxy is still joining.
+    pub fn serving<'a>(&'a self, mesh: Option<&'a str>) -> impl Iterator<Item = &'a Arc<DataplaneView>> + 'a {
+        self.all(mesh).filter(|d| !self.joining.contains(&(d.resource.mesh.clone(), d.resource.name.clone())))
+    }
+
+    /// Whether the proxy of a Dataplane has an open subscription.
+    pub fn is_online(&self, mesh: &str, name: &str) -> bool {
+        self.online.contains(&(mesh.to_string(), name.to_string()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    fn set_dataplane(&mut self, key: MeshName, r: Option<Resource>) {
+        match r {
+            Some(r) => {
+                self.by_key.insert(key, Arc::new(DataplaneView::new(r)));
+            }
+            None => {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+
+    fn set_insight(&mut self, key: MeshName, insight: Option<&Resource>) {
+        let (j, o) = insight.map_or((false, false), |i| (joining(i), is_online(i)));
+        for (set, member) in [(&mut self.joining, j), (&mut self.online, o)] {
+            if member {
+                set.insert(key.clone());
+            } else {
+                set.remove(&key);
+            }
+        }
+    }
+}
+
+/// The index: the latest [`Dataplanes`] and the events not applied to it yet.
+pub struct DataplaneIndex {
+    state: Mutex<State>,
+}
+
+struct State {
+    events: broadcast::Receiver<ChangeEvent>,
+    current: Option<Arc<Dataplanes>>,
+}
+
+impl DataplaneIndex {
+    /// An index fed by `events` (subscribe before anything reads, so nothing is missed).
+    pub fn new(events: broadcast::Receiver<ChangeEvent>) -> Self {
+        DataplaneIndex { state: Mutex::new(State { events, current: None }) }
+    }
+
+    /// The Dataplanes as the store has them now, sharing what did not change.
+    pub async fn read(&self, store: &dyn Store) -> Result<Arc<Dataplanes>, StoreError> {
+        let mut st = self.state.lock().await;
+        let mut changed: BTreeSet<(ResourceType, MeshName)> = BTreeSet::new();
+        let mut reload = st.current.is_none();
+        loop {
+            match st.events.try_recv() {
+                Ok(e) if matches!(e.rtype(), ResourceType::Dataplane | ResourceType::DataplaneInsight) => {
+                    changed.insert((e.key.0, (e.key.1, e.key.2)));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::TryRecvError::Lagged(_)) => reload = true,
+                Err(_) => break,
+            }
+        }
+        if reload {
+            let fresh = Arc::new(load(store).await?);
+            st.current = Some(fresh.clone());
+            return Ok(fresh);
+        }
+        let current = st.current.as_mut().expect("loaded above");
+        if !changed.is_empty() {
+            // Copies the map (not the views) only when a reader still holds the old one.
+            let next = Arc::make_mut(current);
+            for (rtype, key) in changed {
+                let r = store.get(rtype, &key.0, &key.1).await?;
+                match rtype {
+                    ResourceType::Dataplane => next.set_dataplane(key, r),
+                    _ => next.set_insight(key, r.as_ref()),
+                }
+            }
+        }
+        Ok(current.clone())
+    }
+}
+
+async fn load(store: &dyn Store) -> Result<Dataplanes, StoreError> {
+    let mut out = Dataplanes::default();
+    for i in store.list(ResourceType::DataplaneInsight, None).await? {
+        out.set_insight((i.mesh.clone(), i.name.clone()), Some(&i));
+    }
+    for d in store.list(ResourceType::Dataplane, None).await? {
+        out.set_dataplane((d.mesh.clone(), d.name.clone()), Some(d));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use serde_json::json;
+
+    fn res(v: serde_json::Value) -> Resource {
+        Resource::from_json(&v).unwrap()
+    }
+
+    fn dp(mesh: &str, name: &str, svc: &str) -> Resource {
+        res(json!({"type":"Dataplane","mesh":mesh,"name":name,
+            "networking":{"address":"10.0.0.1","inbound":[{"port":1,"tags":{"kuma.io/service":svc}}]}}))
+    }
+
+    fn names<'a>(it: impl Iterator<Item = &'a Arc<DataplaneView>>) -> Vec<String> {
+        it.map(|d| format!("{}/{}", d.mesh(), d.resource.name)).collect()
+    }
+
+    #[tokio::test]
+    async fn reads_follow_writes_and_share_what_did_not_change() {
+        let store = MemoryStore::new();
+        store.upsert(dp("a", "x", "web"), None).await.unwrap();
+        let index = DataplaneIndex::new(store.events());
+        store.upsert(dp("b", "y", "api"), None).await.unwrap();
+        let first = index.read(&store).await.unwrap();
+        assert_eq!(names(first.all(None)), ["a/x", "b/y"]);
+        assert_eq!(names(first.all(Some("b"))), ["b/y"]);
+        assert!(first.all(Some("c")).next().is_none());
+
+        // A change to one Dataplane: the other's view is the same Arc.
+        store.upsert(dp("b", "y", "api-2"), None).await.unwrap();
+        let second = index.read(&store).await.unwrap();
+        assert!(Arc::ptr_eq(first.all(Some("a")).next().unwrap(), second.all(Some("a")).next().unwrap()));
+        assert_eq!(second.all(Some("b")).next().unwrap().inbounds()[0].tags["kuma.io/service"], "api-2");
+        // The first reader's view is untouched.
+        assert_eq!(first.all(Some("b")).next().unwrap().inbounds()[0].tags["kuma.io/service"], "api");
+
+        // A joining proxy is not serving; once it acknowledged its listeners it is.
+        let sub = |acked: &str| {
+            res(json!({"type":"DataplaneInsight","mesh":"a","name":"x","subscriptions":[{"id":"1",
+                "connectTime":"2026-01-01T00:00:00Z","status":{"lds":{"responsesAcknowledged":acked}}}]}))
+        };
+        store.upsert(sub("0"), None).await.unwrap();
+        let third = index.read(&store).await.unwrap();
+        assert_eq!(names(third.serving(None)), ["b/y"]);
+        assert!(third.is_online("a", "x"));
+        store.upsert(sub("1"), None).await.unwrap();
+        assert_eq!(names(index.read(&store).await.unwrap().serving(None)), ["a/x", "b/y"]);
+
+        // Deleted: gone, and nothing read again when nothing changed.
+        store.delete(ResourceType::Dataplane, "b", "y").await.unwrap();
+        let fourth = index.read(&store).await.unwrap();
+        assert_eq!(names(fourth.all(None)), ["a/x"]);
+        assert!(Arc::ptr_eq(&fourth, &index.read(&store).await.unwrap()));
+    }
+}
