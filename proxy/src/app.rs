@@ -282,6 +282,11 @@ enum Source {
 }
 
 pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
+    // Before anything listens or says ready: a SIGTERM that arrives before its handler is
+    // installed kills the process at once, skipping the drain (a test that stopped dp right
+    // after it was ready saw exactly that, under load).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let stats = Arc::new(Registry::default());
     stats.global.server_live.set(1);
     // The log writer's drops, as a stat (`envoy_log_lines_dropped`).
@@ -358,7 +363,11 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         }
     }
 
-    wait_for_shutdown(&quit).await?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+        _ = quit.notified() => {}
+    }
     // Readiness first, so load balancers stop sending; then close the listeners.
     drain.begin();
     let accept_loops = listeners.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
@@ -366,8 +375,6 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         let _ = task.await;
     }
     info!(drain_time = ?args.drain_time, active = drain.active(), "draining: listeners closed, waiting for live connections");
-    let mut second = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     tokio::select! {
         left = drain.wait(args.drain_time) => {
             if left > 0 {
@@ -379,19 +386,8 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
                 info!("all connections finished");
             }
         }
-        _ = second.recv() => warn!("second signal: exiting without waiting for connections"),
-        _ = interrupt.recv() => warn!("second signal: exiting without waiting for connections"),
-    }
-    Ok(())
-}
-
-async fn wait_for_shutdown(quit: &Notify) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-        _ = quit.notified() => {}
+        _ = term.recv() => warn!("second signal: exiting without waiting for connections"),
+        _ = int.recv() => warn!("second signal: exiting without waiting for connections"),
     }
     Ok(())
 }

@@ -281,7 +281,8 @@ async fn connections_cut_when_the_drain_time_runs_out_are_each_logged() {
         conns.push(held(addr, "backend").await.unwrap());
     }
     dp.signal(libc::SIGTERM);
-    assert!(dp.wait_exit().success());
+    let status = dp.wait_exit();
+    assert!(status.success(), "dp exited with {status}:\n{}", dp.logs.lines().join("\n"));
     assert_eq!(dp.logs.count(&["flag=\"DRAIN\""]), 3, "{}", dp.logs.lines().join("\n"));
     for s in &mut conns {
         assert!(closed_without_data(s).await, "cut");

@@ -71,6 +71,16 @@ fn main() -> std::process::ExitCode {
         Cmd::Migrate(Migrate::Up(store)) => return rt.block_on(migrate_up(&store)),
     };
     rt.block_on(async move {
+        // Before anything listens: a SIGTERM that arrives before its handler is installed
+        // kills the process without the shutdown below (a leader would keep its lease).
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("Error: cannot install the SIGTERM and SIGINT handlers: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
         let running = match cp::components::start(*cfg).await {
             Ok(r) => r,
             Err(e) => {
@@ -85,15 +95,8 @@ fn main() -> std::process::ExitCode {
             let global = c.global_address.as_deref().filter(|_| c.is_federated_zone()).unwrap_or("none (standalone)");
             tracing::info!(mode = "zone", zone = %c.zone_name, global, instance = %running.cp.instance_id, "control plane started");
         }
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("Error: cannot install the SIGTERM handler: {e}");
-                return std::process::ExitCode::FAILURE;
-            }
-        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
             _ = term.recv() => {},
         }
         tracing::info!("shutting down");
