@@ -17,8 +17,10 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, broadcast};
 
 use crate::lifecycle::{is_online, joining};
-use crate::model::{DataplaneSpec, Resource, ResourceType};
+use crate::model::{AvailableService, DataplaneSpec, Resource, ResourceType};
 use crate::store::{ChangeEvent, Store, StoreError};
+use crate::xds::generate::{EndpointPlan, inbound_endpoints, inbound_services};
+use crate::xds::sni::sni_from_tags;
 
 /// One Dataplane with its spec parsed.
 #[derive(Debug)]
@@ -55,6 +57,11 @@ pub struct Dataplanes {
     joining: BTreeSet<MeshName>,
     /// Proxies with an open subscription.
     online: BTreeSet<MeshName>,
+    /// What the serving Dataplanes offer, kept with them so that a change costs what it
+    /// changed: (mesh, the tags as an SNI, the tags) -> healthy inbounds with those tags.
+    services: BTreeMap<(String, String, BTreeMap<String, String>), u32>,
+    /// (mesh, service) -> endpoint -> how many serving inbounds give it.
+    endpoints: BTreeMap<MeshName, BTreeMap<EndpointPlan, u32>>,
 }
 
 impl Dataplanes {
@@ -74,6 +81,38 @@ impl Dataplanes {
         self.online.contains(&(mesh.to_string(), name.to_string()))
     }
 
+    /// `availableServices` of the meshes `include` accepts: one entry per (mesh, full tag
+    /// set) of the serving Dataplanes' healthy inbounds, by mesh, then tags as an SNI.
+    pub fn available_services(&self, include: impl Fn(&str) -> bool) -> Vec<AvailableService> {
+        self.services
+            .iter()
+            .filter(|((mesh, _, _), _)| include(mesh))
+            .map(|((mesh, _, tags), n)| AvailableService {
+                tags: tags.clone(),
+                instances: *n,
+                mesh: mesh.clone(),
+                external_service: false,
+            })
+            .collect()
+    }
+
+    /// The endpoints of a service in a mesh, sorted, each once.
+    pub fn endpoints(&self, mesh: &str, service: &str) -> Vec<EndpointPlan> {
+        self.endpoints
+            .get(&(mesh.to_string(), service.to_string()))
+            .map(|e| e.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every Dataplane of `resources`, all serving (tests and tools).
+    pub fn from_resources(resources: impl IntoIterator<Item = Resource>) -> Self {
+        let mut out = Dataplanes::default();
+        for r in resources {
+            out.set_dataplane((r.mesh.clone(), r.name.clone()), Some(r));
+        }
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
@@ -83,24 +122,63 @@ impl Dataplanes {
     }
 
     fn set_dataplane(&mut self, key: MeshName, r: Option<Resource>) {
-        match r {
-            Some(r) => {
-                self.by_key.insert(key, Arc::new(DataplaneView::new(r)));
+        let serving = !self.joining.contains(&key);
+        let old = match r {
+            Some(r) => self.by_key.insert(key.clone(), Arc::new(DataplaneView::new(r))),
+            None => self.by_key.remove(&key),
+        };
+        if serving {
+            if let Some(old) = old {
+                self.offer(&old, false);
             }
-            None => {
-                self.by_key.remove(&key);
+            if let Some(new) = self.by_key.get(&key).cloned() {
+                self.offer(&new, true);
             }
         }
     }
 
     fn set_insight(&mut self, key: MeshName, insight: Option<&Resource>) {
         let (j, o) = insight.map_or((false, false), |i| (joining(i), is_online(i)));
+        let was_joining = self.joining.contains(&key);
         for (set, member) in [(&mut self.joining, j), (&mut self.online, o)] {
             if member {
                 set.insert(key.clone());
             } else {
                 set.remove(&key);
             }
+        }
+        if was_joining != j
+            && let Some(view) = self.by_key.get(&key).cloned()
+        {
+            self.offer(&view, !j);
+        }
+    }
+
+    /// Adds (or takes back) what a serving Dataplane offers.
+    fn offer(&mut self, view: &DataplaneView, add: bool) {
+        let mesh = view.mesh();
+        for tags in inbound_services(view) {
+            let key = (mesh.to_string(), sni_from_tags("", tags), tags.clone());
+            count(&mut self.services, key, add);
+        }
+        for (service, endpoint) in inbound_endpoints(view) {
+            let per = self.endpoints.entry((mesh.to_string(), service.clone())).or_default();
+            count(per, endpoint, add);
+            if per.is_empty() {
+                self.endpoints.remove(&(mesh.to_string(), service));
+            }
+        }
+    }
+}
+
+/// Counts `key` once more (or once less, forgetting it at zero).
+fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) {
+    if add {
+        *map.entry(key).or_default() += 1;
+    } else if let std::collections::btree_map::Entry::Occupied(mut e) = map.entry(key) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
         }
     }
 }
@@ -187,6 +265,14 @@ mod tests {
         it.map(|d| format!("{}/{}", d.mesh(), d.resource.name)).collect()
     }
 
+    /// What an index kept up to date offers is what one loaded from scratch offers.
+    async fn assert_offers_match(index: &DataplaneIndex, store: &MemoryStore) {
+        let kept = index.read(store).await.unwrap();
+        let fresh = load(store).await.unwrap();
+        assert_eq!(kept.services, fresh.services);
+        assert_eq!(kept.endpoints, fresh.endpoints);
+    }
+
     #[tokio::test]
     async fn reads_follow_writes_and_share_what_did_not_change() {
         let store = MemoryStore::new();
@@ -201,6 +287,7 @@ mod tests {
         // A change to one Dataplane: the other's view is the same Arc.
         store.upsert(dp("b", "y", "api-2"), None).await.unwrap();
         let second = index.read(&store).await.unwrap();
+        assert_offers_match(&index, &store).await;
         assert!(Arc::ptr_eq(first.all(Some("a")).next().unwrap(), second.all(Some("a")).next().unwrap()));
         assert_eq!(second.all(Some("b")).next().unwrap().inbounds()[0].tags["kuma.io/service"], "api-2");
         // The first reader's view is untouched.
@@ -214,14 +301,29 @@ mod tests {
         store.upsert(sub("0"), None).await.unwrap();
         let third = index.read(&store).await.unwrap();
         assert_eq!(names(third.serving(None)), ["b/y"]);
+        assert_eq!(third.available_services(|_| true).len(), 1, "a joining proxy offers nothing");
+        assert_offers_match(&index, &store).await;
         assert!(third.is_online("a", "x"));
         store.upsert(sub("1"), None).await.unwrap();
         assert_eq!(names(index.read(&store).await.unwrap().serving(None)), ["a/x", "b/y"]);
+        assert_offers_match(&index, &store).await;
+        // Two Dataplanes with the same endpoint: it stays while one of them is left.
+        let mut twin = dp("a", "x2", "web");
+        twin.name = "x2".into();
+        store.upsert(twin, None).await.unwrap();
+        let both = index.read(&store).await.unwrap();
+        assert_eq!(both.endpoints("a", "web").len(), 1);
+        assert_eq!(both.available_services(|m| m == "a")[0].instances, 2);
+        store.delete(ResourceType::Dataplane, "a", "x").await.unwrap();
+        assert_eq!(index.read(&store).await.unwrap().endpoints("a", "web").len(), 1);
+        assert_offers_match(&index, &store).await;
 
         // Deleted: gone, and nothing read again when nothing changed.
         store.delete(ResourceType::Dataplane, "b", "y").await.unwrap();
         let fourth = index.read(&store).await.unwrap();
-        assert_eq!(names(fourth.all(None)), ["a/x"]);
+        assert_eq!(names(fourth.all(None)), ["a/x2"]);
+        assert!(fourth.endpoints("b", "api-2").is_empty());
+        assert_offers_match(&index, &store).await;
         assert!(Arc::ptr_eq(&fourth, &index.read(&store).await.unwrap()));
     }
 }

@@ -22,7 +22,7 @@ pub fn relevant(e: &ChangeEvent) -> bool {
 
 pub async fn update(cp: &ZoneCp) -> anyhow::Result<()> {
     let dps = cp.dataplanes.read(cp.store.as_ref()).await?;
-    let services = crate::xds::generate::available_services(dps.serving(None).map(|d| d.as_ref()));
+    let services = dps.available_services(|_| true);
     let offered = serde_json::to_value(&services)?;
     let nothing = serde_json::Value::Array(Vec::new());
     for zi in cp.store.list(ResourceType::ZoneIngress, None).await? {

@@ -30,8 +30,8 @@ use envoy_types::util::pack_any;
 use prost::Name;
 
 use super::sni::sni_from_tags;
-use crate::dataplanes::DataplaneView;
-use crate::model::{AvailableService, Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled};
+use crate::dataplanes::{DataplaneView, Dataplanes};
+use crate::model::{Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled};
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -105,68 +105,39 @@ pub struct IngressInputs<'a> {
     pub node_id: &'a str,
     pub ingress: &'a ZoneIngressSpec,
     pub meshes: &'a [Resource],
-    /// The serving Dataplanes.
-    pub dataplanes: &'a [&'a DataplaneView],
+    /// The zone's Dataplanes (of which generation reads what the serving ones offer).
+    pub dataplanes: &'a Dataplanes,
 }
 
-/// `availableServices` of the zone's ingresses: one entry per (mesh, full tag set) of the
-/// healthy inbounds of local Dataplanes, with instance counts; sorted by mesh, then tags.
-pub fn available_services<'a>(dataplanes: impl IntoIterator<Item = &'a DataplaneView>) -> Vec<AvailableService> {
-    let mut counts: BTreeMap<(&str, &BTreeMap<String, String>), u32> = BTreeMap::new();
-    for dp in dataplanes {
-        for inb in dp.inbounds().iter().filter(|i| i.is_healthy()) {
-            if inb.tags.get(SERVICE_TAG).is_none_or(|s| s.is_empty()) {
-                continue;
-            }
-            *counts.entry((dp.mesh(), &inb.tags)).or_default() += 1;
-        }
+/// The endpoints one Dataplane gives its services: one per healthy inbound with a service.
+pub fn inbound_endpoints(dp: &DataplaneView) -> Vec<(String, EndpointPlan)> {
+    let Some(net) = &dp.spec.networking else { return Vec::new() };
+    let mut out = Vec::new();
+    for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
+        let Some(service) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
+        let Ok(port) = u32::try_from(inb.port) else { continue };
+        // Kuma: the inbound's own address, else the advertised, else the Dataplane address.
+        let address = inb
+            .address
+            .clone()
+            .filter(|a| !a.is_empty())
+            .or_else(|| Some(net.advertised_address.clone()).filter(|a| !a.is_empty()))
+            .unwrap_or_else(|| net.address.clone());
+        let mut tags: BTreeMap<String, String> =
+            inb.tags.iter().filter(|(k, _)| k.as_str() != SERVICE_TAG).map(|(k, v)| (k.clone(), v.clone())).collect();
+        tags.insert("mesh".into(), dp.mesh().to_string());
+        out.push((service.clone(), EndpointPlan { address, port, tags }));
     }
-    let mut out: Vec<AvailableService> = counts
-        .into_iter()
-        .map(|((mesh, tags), instances)| AvailableService {
-            tags: tags.clone(),
-            instances,
-            mesh: mesh.to_string(),
-            external_service: false,
-        })
-        .collect();
-    // The key is a formatted string: computed once per service, not per comparison.
-    out.sort_by_cached_key(|s| (s.mesh.clone(), sni_from_tags("", &s.tags)));
     out
 }
 
-/// Endpoints per (mesh, service) from the healthy inbounds of local Dataplanes.
-pub fn endpoint_map<'a>(
-    dataplanes: impl IntoIterator<Item = &'a DataplaneView>,
-) -> BTreeMap<(String, String), Vec<EndpointPlan>> {
-    let mut map: BTreeMap<(String, String), Vec<EndpointPlan>> = BTreeMap::new();
-    for dp in dataplanes {
-        let Some(net) = &dp.spec.networking else { continue };
-        for inb in net.inbound.iter().filter(|i| i.is_healthy()) {
-            let Some(service) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
-            let Ok(port) = u32::try_from(inb.port) else { continue };
-            // Kuma: the inbound's own address, else the advertised, else the Dataplane address.
-            let address = inb
-                .address
-                .clone()
-                .filter(|a| !a.is_empty())
-                .or_else(|| Some(net.advertised_address.clone()).filter(|a| !a.is_empty()))
-                .unwrap_or_else(|| net.address.clone());
-            let mut tags: BTreeMap<String, String> = inb
-                .tags
-                .iter()
-                .filter(|(k, _)| k.as_str() != SERVICE_TAG)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            tags.insert("mesh".into(), dp.mesh().to_string());
-            map.entry((dp.mesh().to_string(), service.clone())).or_default().push(EndpointPlan { address, port, tags });
-        }
-    }
-    for v in map.values_mut() {
-        v.sort();
-        v.dedup();
-    }
-    map
+/// The services one Dataplane offers: the full tag set of each healthy inbound with a service.
+pub fn inbound_services(dp: &DataplaneView) -> impl Iterator<Item = &BTreeMap<String, String>> {
+    dp.inbounds()
+        .iter()
+        .filter(|i| i.is_healthy())
+        .map(|i| &i.tags)
+        .filter(|t| t.get(SERVICE_TAG).is_some_and(|s| !s.is_empty()))
 }
 
 /// Tags of a destination that actually split the endpoints (Kuma's "relevant tags").
@@ -354,10 +325,7 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
 
     let mtls_meshes: BTreeSet<&str> =
         inputs.meshes.iter().filter(|m| mesh_mtls_enabled(m)).map(|m| m.name.as_str()).collect();
-    let local: Vec<&DataplaneView> =
-        inputs.dataplanes.iter().copied().filter(|d| mtls_meshes.contains(d.mesh())).collect();
-    let available = available_services(local.iter().copied());
-    let endpoints = endpoint_map(local.iter().copied());
+    let available = inputs.dataplanes.available_services(|m| mtls_meshes.contains(m));
 
     // Destinations per (mesh, service): the tag combinations seen in availableServices.
     let mut combos: BTreeMap<(String, String), BTreeSet<BTreeMap<String, String>>> = BTreeMap::new();
@@ -373,7 +341,7 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
     for ((mesh, svc), tag_sets) in &combos {
         let cluster_name = format!("{mesh}:{svc}");
         let stat = format!("{mesh}_{svc}");
-        let eps = endpoints.get(&(mesh.clone(), svc.clone())).cloned().unwrap_or_default();
+        let eps = inputs.dataplanes.endpoints(mesh, svc);
         let mut selectors = BTreeSet::new();
         let mut svc_chains = Vec::new();
         for tags in tag_sets {
@@ -536,7 +504,7 @@ mod tests {
                 node_id: "default.ingress",
                 ingress: &spec,
                 meshes: &[],
-                dataplanes: &[],
+                dataplanes: &Dataplanes::default(),
             },
             None,
         );
@@ -559,8 +527,7 @@ mod tests {
             dp("mesh1", "b", "192.168.0.2", json!({"kuma.io/service":"backend","version":"v2","region":"us"})),
             dp("plain", "c", "192.168.0.3", json!({"kuma.io/service":"web"})),
         ];
-        let views: Vec<DataplaneView> = dps.into_iter().map(DataplaneView::new).collect();
-        let dps: Vec<&DataplaneView> = views.iter().collect();
+        let dps = Dataplanes::from_resources(dps);
         let spec = ingress_spec();
         let s = ingress(
             &IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &dps },
@@ -603,8 +570,7 @@ mod tests {
         let meshes = vec![mesh("mesh1", true)];
         let spec = ingress_spec();
         let gen_ = |dps: &[Resource], previous: Option<&ProxySnapshot>| {
-            let views: Vec<DataplaneView> = dps.iter().cloned().map(DataplaneView::new).collect();
-            let refs: Vec<&DataplaneView> = views.iter().collect();
+            let refs = Dataplanes::from_resources(dps.iter().cloned());
             let inputs =
                 IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &refs };
             ingress(&inputs, previous)

@@ -255,8 +255,7 @@ pub async fn build_snapshot(
                 available_services: Vec::new(),
             };
             let meshes = cp.store.list(ResourceType::Mesh, None).await.map_err(internal)?;
-            let all = cp.dataplanes.read(cp.store.as_ref()).await.map_err(internal)?;
-            let dataplanes: Vec<&DataplaneView> = all.serving(None).map(|d| d.as_ref()).collect();
+            let dataplanes = cp.dataplanes.read(cp.store.as_ref()).await.map_err(internal)?;
             Ok(generate::ingress(
                 &IngressInputs {
                     zone: &cp.cfg.zone_name,
