@@ -5,11 +5,12 @@ Starts `cp` (memory store, zone `zone-1`), registers N Dataplanes of one service
 through the REST API, connects one `dp` zone ingress over Delta ADS (so every change is
 also an xDS regeneration), then PUTs `--updates` new Dataplanes one at a time, waiting for
 cp and the proxy to be idle after each. Prints cp's CPU time per change (all threads,
-/proc schedstat) and the registration time. Reuses the process helpers of xds_apply.py.
+/proc schedstat), the registration time (the REST PUTs, then until cp is idle again), and
+cp's resident memory per Dataplane ((VmRSS with them - VmRSS before) / N, read when idle). Reuses the process helpers of xds_apply.py.
 
     python3 benches/cp_update.py --cp target/release/cp --dp target/release/dp
 """
-import argparse, os, sys, tempfile, types
+import argparse, os, sys, tempfile, time, types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xds_apply as X  # noqa: E402
@@ -27,9 +28,14 @@ def main():
     cp = X.ControlPlane(a.cp, d)
     try:
         cp.put("/meshes/default", X.MESH)
-        reg = X.register(cp, a.services)
-        open(os.path.join(d, "zone-token"), "w").write(cp.zone_token())
         X.wait_idle([cp.proc.pid], quiet=0.3, limit=60)
+        rss0 = rss_kib(cp.proc.pid)
+        t0 = time.monotonic()
+        reg = X.register(cp, a.services)
+        X.wait_idle([cp.proc.pid], quiet=0.3, limit=60)
+        settled = time.monotonic() - t0 - 0.3  # the quiet period itself is not work
+        rss1 = rss_kib(cp.proc.pid)
+        open(os.path.join(d, "zone-token"), "w").write(cp.zone_token())
         proc, admin, listen, t0 = X.start_proxy("dp", a, cp, None, d, 0)
         if not X.wait_ready(admin, listen, t0 + 300):
             raise SystemExit("the dp zone ingress did not become ready")
@@ -44,8 +50,16 @@ def main():
     finally:
         cp.stop()
     per.sort()
-    print(f"{a.services} Dataplanes registered in {reg:.2f} s; cp CPU per one-Dataplane change, ms: "
-          f"median {per[len(per) // 2]:.0f} (each: {', '.join(f'{x:.0f}' for x in per)})")
+    print(f"{a.services} Dataplanes registered in {reg:.2f} s (REST), cp idle {settled:.2f} s after the first PUT; "
+          f"cp RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB, {(rss1 - rss0) / a.services:.1f} KiB per Dataplane; "
+          f"cp CPU per one-Dataplane change, ms: median {per[len(per) // 2]:.0f} (each: {', '.join(f'{x:.0f}' for x in per)})")
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, broadcast};
 
 use crate::lifecycle::{is_online, joining};
-use crate::model::{AvailableService, DataplaneSpec, Resource, ResourceType};
+use crate::model::{AvailableService, DataplaneSpec, Resource, ResourceType, SERVICE_TAG};
 use crate::store::{ChangeEvent, Store, StoreError};
 use crate::xds::generate::{EndpointPlan, inbound_endpoints, inbound_services};
 use crate::xds::sni::sni_from_tags;
@@ -49,6 +49,25 @@ impl DataplaneView {
 
 type MeshName = (String, String);
 
+/// What the serving Dataplanes offer for one service of one mesh.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceOffer {
+    /// The full tag sets of its healthy inbounds, with how many inbounds have each.
+    pub tag_sets: BTreeMap<BTreeMap<String, String>, u32>,
+    /// Its endpoints, with how many inbounds give each.
+    endpoints: BTreeMap<EndpointPlan, u32>,
+    /// A new value whenever anything above changes (unique in the process): what was
+    /// generated from an offer with the same stamp still holds.
+    pub stamp: u64,
+}
+
+impl ServiceOffer {
+    /// The endpoints, sorted, each once.
+    pub fn endpoints(&self) -> Vec<EndpointPlan> {
+        self.endpoints.keys().cloned().collect()
+    }
+}
+
 /// A consistent view of every Dataplane and of its proxy's state.
 #[derive(Clone, Debug, Default)]
 pub struct Dataplanes {
@@ -60,8 +79,10 @@ pub struct Dataplanes {
     /// What the serving Dataplanes offer, kept with them so that a change costs what it
     /// changed: (mesh, the tags as an SNI, the tags) -> healthy inbounds with those tags.
     services: BTreeMap<(String, String, BTreeMap<String, String>), u32>,
-    /// (mesh, service) -> endpoint -> how many serving inbounds give it.
-    endpoints: BTreeMap<MeshName, BTreeMap<EndpointPlan, u32>>,
+    /// (mesh, service) -> what its serving inbounds offer.
+    offers: BTreeMap<MeshName, ServiceOffer>,
+    /// Which state of the index this is: equal generations, equal content.
+    generation: u64,
 }
 
 impl Dataplanes {
@@ -74,6 +95,15 @@ impl Dataplanes {
     /// The Dataplanes that are endpoints: all but those whose proxy is still joining.
     pub fn serving<'a>(&'a self, mesh: Option<&'a str>) -> impl Iterator<Item = &'a Arc<DataplaneView>> + 'a {
         self.all(mesh).filter(|d| !self.joining.contains(&(d.resource.mesh.clone(), d.resource.name.clone())))
+    }
+
+    /// Every Dataplane of a mesh (or of all), with whether its proxy has an open subscription.
+    pub fn with_online<'a>(&'a self, mesh: Option<&'a str>) -> impl Iterator<Item = (&'a DataplaneView, bool)> + 'a {
+        let start = (mesh.unwrap_or_default().to_string(), String::new());
+        self.by_key
+            .range(start..)
+            .take_while(move |((m, _), _)| mesh.is_none_or(|mesh| m == mesh))
+            .map(|(k, v)| (v.as_ref(), self.online.contains(k)))
     }
 
     /// Whether the proxy of a Dataplane has an open subscription.
@@ -98,19 +128,29 @@ impl Dataplanes {
 
     /// The endpoints of a service in a mesh, sorted, each once.
     pub fn endpoints(&self, mesh: &str, service: &str) -> Vec<EndpointPlan> {
-        self.endpoints
-            .get(&(mesh.to_string(), service.to_string()))
-            .map(|e| e.keys().cloned().collect())
-            .unwrap_or_default()
+        self.offers.get(&(mesh.to_string(), service.to_string())).map(ServiceOffer::endpoints).unwrap_or_default()
+    }
+
+    /// What each service of the meshes `include` accepts is offered, by mesh, then service.
+    pub fn offers<'a>(
+        &'a self,
+        include: impl Fn(&str) -> bool + 'a,
+    ) -> impl Iterator<Item = (&'a MeshName, &'a ServiceOffer)> + 'a {
+        self.offers.iter().filter(move |((mesh, _), _)| include(mesh))
     }
 
     /// Every Dataplane of `resources`, all serving (tests and tools).
     pub fn from_resources(resources: impl IntoIterator<Item = Resource>) -> Self {
-        let mut out = Dataplanes::default();
+        let mut out = Dataplanes { generation: next_generation(), ..Default::default() };
         for r in resources {
             out.set_dataplane((r.mesh.clone(), r.name.clone()), Some(r));
         }
         out
+    }
+
+    /// Equal for two reads with no Dataplane change between them.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn len(&self) -> usize {
@@ -157,15 +197,27 @@ impl Dataplanes {
     /// Adds (or takes back) what a serving Dataplane offers.
     fn offer(&mut self, view: &DataplaneView, add: bool) {
         let mesh = view.mesh();
+        let mut touched = BTreeSet::new();
         for tags in inbound_services(view) {
             let key = (mesh.to_string(), sni_from_tags("", tags), tags.clone());
             count(&mut self.services, key, add);
+            let service = tags.get(SERVICE_TAG).cloned().unwrap_or_default();
+            let offer = self.offers.entry((mesh.to_string(), service.clone())).or_default();
+            count(&mut offer.tag_sets, tags.clone(), add);
+            touched.insert(service);
         }
         for (service, endpoint) in inbound_endpoints(view) {
-            let per = self.endpoints.entry((mesh.to_string(), service.clone())).or_default();
-            count(per, endpoint, add);
-            if per.is_empty() {
-                self.endpoints.remove(&(mesh.to_string(), service));
+            let offer = self.offers.entry((mesh.to_string(), service.clone())).or_default();
+            count(&mut offer.endpoints, endpoint, add);
+            touched.insert(service);
+        }
+        for service in touched {
+            let key = (mesh.to_string(), service);
+            if let Some(offer) = self.offers.get_mut(&key) {
+                offer.stamp = next_generation();
+                if offer.tag_sets.is_empty() && offer.endpoints.is_empty() {
+                    self.offers.remove(&key);
+                }
             }
         }
     }
@@ -193,6 +245,12 @@ struct State {
     current: Option<Arc<Dataplanes>>,
 }
 
+/// Generations are unique in the process, so that two different sets never share one.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl DataplaneIndex {
     /// An index fed by `events` (subscribe before anything reads, so nothing is missed).
     pub fn new(events: broadcast::Receiver<ChangeEvent>) -> Self {
@@ -215,7 +273,9 @@ impl DataplaneIndex {
             }
         }
         if reload {
-            let fresh = Arc::new(load(store).await?);
+            let mut fresh = load(store).await?;
+            fresh.generation = next_generation();
+            let fresh = Arc::new(fresh);
             st.current = Some(fresh.clone());
             return Ok(fresh);
         }
@@ -223,6 +283,7 @@ impl DataplaneIndex {
         if !changed.is_empty() {
             // Copies the map (not the views) only when a reader still holds the old one.
             let next = Arc::make_mut(current);
+            next.generation = next_generation();
             for (rtype, key) in changed {
                 let r = store.get(rtype, &key.0, &key.1).await?;
                 match rtype {
@@ -270,7 +331,10 @@ mod tests {
         let kept = index.read(store).await.unwrap();
         let fresh = load(store).await.unwrap();
         assert_eq!(kept.services, fresh.services);
-        assert_eq!(kept.endpoints, fresh.endpoints);
+        let unstamped = |d: &Dataplanes| -> Vec<(MeshName, ServiceOffer)> {
+            d.offers.iter().map(|(k, o)| (k.clone(), ServiceOffer { stamp: 0, ..o.clone() })).collect()
+        };
+        assert_eq!(unstamped(&kept), unstamped(&fresh));
     }
 
     #[tokio::test]

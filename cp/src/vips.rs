@@ -108,7 +108,7 @@ pub async fn load(store: &dyn Store, mesh: &str) -> VipMap {
 /// ZoneIngresses advertise for the mesh (remote zones), and ExternalServices.
 pub fn services_by_mesh<'a>(
     dataplanes: impl IntoIterator<Item = &'a DataplaneView>,
-    ingresses: &[Resource],
+    ingresses: impl IntoIterator<Item = &'a Resource>,
     external: &[Resource],
 ) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -196,11 +196,13 @@ impl VipManager {
     pub async fn update(&self, store: &Arc<dyn Store>, dataplanes: &DataplaneIndex) -> anyhow::Result<()> {
         let _g = self.lock.lock().await;
         let dps = dataplanes.read(store.as_ref()).await?;
-        let zis = store.list(ResourceType::ZoneIngress, None).await?;
+        let zis = store.list_shared(ResourceType::ZoneIngress, None).await?;
         let ess = store.list(ResourceType::ExternalService, None).await?;
         let meshes: BTreeSet<String> =
             store.list(ResourceType::Mesh, None).await?.into_iter().map(|m| m.name).collect();
-        for (mesh, services) in services_by_mesh(dps.all(None).map(|d| d.as_ref()), &zis, &ess) {
+        for (mesh, services) in
+            services_by_mesh(dps.all(None).map(|d| d.as_ref()), zis.iter().map(|z| z.as_ref()), &ess)
+        {
             if !meshes.contains(&mesh) {
                 continue;
             }

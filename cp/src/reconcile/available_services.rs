@@ -25,7 +25,7 @@ pub async fn update(cp: &ZoneCp) -> anyhow::Result<()> {
     let services = dps.available_services(|_| true);
     let offered = serde_json::to_value(&services)?;
     let nothing = serde_json::Value::Array(Vec::new());
-    for zi in cp.store.list(ResourceType::ZoneIngress, None).await? {
+    for zi in cp.store.list_shared(ResourceType::ZoneIngress, None).await? {
         let zone = zi.spec.get("zone").and_then(|z| z.as_str()).unwrap_or_default();
         if !zone.is_empty() && zone != cp.cfg.zone_name {
             continue; // another zone's ingress: its availableServices come from that zone
@@ -39,7 +39,7 @@ pub async fn update(cp: &ZoneCp) -> anyhow::Result<()> {
         }
         let value = value.clone();
         let version = zi.version;
-        let mut updated = zi;
+        let mut updated = (*zi).clone();
         updated.spec.insert("availableServices".into(), value);
         // Conditional write: a concurrent change wins and triggers another pass.
         if let Err(e) = cp.store.upsert(updated, Some(version)).await {

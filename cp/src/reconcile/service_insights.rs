@@ -39,22 +39,21 @@ struct Stat {
 }
 
 /// The `services` map of one mesh's ServiceInsight.
-/// `online(mesh, name)`: whether the Dataplane's proxy has an open subscription.
-pub fn compute<'a>(
-    dataplanes: impl IntoIterator<Item = &'a DataplaneView>,
-    online: impl Fn(&str, &str) -> bool,
-) -> Map<String, Value> {
+/// `dataplanes`: each with whether its proxy has an open subscription.
+pub fn compute<'a>(dataplanes: impl IntoIterator<Item = (&'a DataplaneView, bool)>) -> Map<String, Value> {
     let mut stats: BTreeMap<String, Stat> = BTreeMap::new();
-    for view in dataplanes {
+    for (view, connected) in dataplanes {
         let dp = &view.resource;
         let inbounds = view.inbounds();
-        let connected = online(&dp.mesh, &dp.name);
         // A proxy with an inbound that is not ready is degraded, and Kuma counts a
         // degraded proxy as offline for all its services.
         let online = connected && inbounds.iter().all(|i| i.is_healthy());
         for inb in inbounds {
             let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
-            let s = stats.entry(svc.clone()).or_default();
+            let s = match stats.get_mut(svc) {
+                Some(s) => s,
+                None => stats.entry(svc.clone()).or_default(),
+            };
             if online {
                 s.online += 1;
             } else {
@@ -86,14 +85,13 @@ async fn update(cp: &Cp) -> anyhow::Result<()> {
     let meshes: BTreeSet<String> = cp.store.list(ResourceType::Mesh, None).await?.into_iter().map(|m| m.name).collect();
     let dps = cp.dataplanes.read(cp.store.as_ref()).await?;
     for mesh in &meshes {
-        let mine = dps.all(Some(mesh)).map(|d| d.as_ref());
         let mut r = Resource::new(ResourceType::ServiceInsight, mesh, &name(mesh));
-        r.spec.insert("services".into(), Value::Object(compute(mine, |m, n| dps.is_online(m, n))));
+        r.spec.insert("services".into(), Value::Object(compute(dps.with_online(Some(mesh)))));
         compute_labels(&mut r, cp.role());
         cp.store.upsert(r, None).await?;
     }
     // Insights of meshes that are gone (only ours: a zone keeps what global sent).
-    for si in cp.store.list(ResourceType::ServiceInsight, None).await? {
+    for si in cp.store.list_shared(ResourceType::ServiceInsight, None).await? {
         if !meshes.contains(&si.mesh) && si.name == name(&si.mesh) {
             cp.store.delete(ResourceType::ServiceInsight, &si.mesh, &si.name).await?;
         }
@@ -128,7 +126,10 @@ mod tests {
         let insights: BTreeMap<_, _> =
             [insight("a", true), insight("b", false), insight("c", true)].into_iter().collect();
         let views: Vec<DataplaneView> = dps.into_iter().map(DataplaneView::new).collect();
-        let m = compute(&views, |m, n| insights.get(&(m.to_string(), n.to_string())).is_some_and(is_online));
+        let m =
+            compute(views.iter().map(|v| {
+                (v, insights.get(&(v.resource.mesh.clone(), v.resource.name.clone())).is_some_and(is_online))
+            }));
         assert_eq!(m["echo"]["status"], "partially_degraded");
         assert_eq!(m["echo"]["dataplanes"], json!({"online": 1, "offline": 1}));
         assert_eq!(m["echo"]["zones"], json!(["zone-1", "zone-2"]));

@@ -1,7 +1,7 @@
 //! The in-memory store: one instance, state lost on restart (as Kuma's memory store).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{broadcast, watch};
 
@@ -14,7 +14,8 @@ const EVENT_CAPACITY: usize = 4096;
 
 #[derive(Default)]
 struct Inner {
-    resources: BTreeMap<Key, Resource>,
+    /// Shared, so that a reader that only looks ([`Store::get_shared`]) copies nothing.
+    resources: BTreeMap<Key, Arc<Resource>>,
     /// owner -> owned keys.
     owned: BTreeMap<Key, BTreeSet<Key>>,
     /// Change counter; also the version of the latest write.
@@ -62,7 +63,7 @@ impl Inner {
         &mut self,
         mut resource: Resource,
         expected: Option<u64>,
-    ) -> Result<(Resource, Option<ChangeEvent>), StoreError> {
+    ) -> Result<(Arc<Resource>, Option<ChangeEvent>), StoreError> {
         let k = key(resource.rtype, &resource.mesh, &resource.name);
         let existing = self.resources.get(&k);
         if let Some(exp) = expected {
@@ -106,8 +107,9 @@ impl Inner {
             }
         }
         let event = ChangeEvent { kind, key: k.clone(), owner: resource.owner.clone() };
-        self.resources.insert(k, resource.clone());
-        Ok((resource, Some(event)))
+        let stored = Arc::new(resource);
+        self.resources.insert(k, stored.clone());
+        Ok((stored, Some(event)))
     }
 
     /// Removes `k` and what it owns, depth first; appends one event per removed resource.
@@ -122,7 +124,7 @@ impl Inner {
             self.delete(&child, events);
         }
         self.counter += 1;
-        events.push(ChangeEvent { kind: ChangeKind::Deleted, key: k.clone(), owner: r.owner });
+        events.push(ChangeEvent { kind: ChangeKind::Deleted, key: k.clone(), owner: r.owner.clone() });
         true
     }
 }
@@ -130,21 +132,29 @@ impl Inner {
 #[tonic::async_trait]
 impl Store for MemoryStore {
     async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError> {
+        Ok(self.lock()?.resources.get(&key(rtype, mesh, name)).map(|r| (**r).clone()))
+    }
+
+    async fn get_shared(
+        &self,
+        rtype: ResourceType,
+        mesh: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Resource>>, StoreError> {
         Ok(self.lock()?.resources.get(&key(rtype, mesh, name)).cloned())
+    }
+
+    async fn list_shared(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Arc<Resource>>, StoreError> {
+        let inner = self.lock()?;
+        Ok(super::range(&inner.resources, rtype, mesh).cloned().collect())
     }
 
     async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError> {
         let inner = self.lock()?;
-        Ok(inner
-            .resources
-            .range((rtype, String::new(), String::new())..)
-            .take_while(|(k, _)| k.0 == rtype)
-            .filter(|(k, _)| mesh.is_none_or(|m| !rtype.is_mesh_scoped() || k.1 == m))
-            .map(|(_, r)| r.clone())
-            .collect())
+        Ok(super::range(&inner.resources, rtype, mesh).map(|r| (**r).clone()).collect())
     }
 
-    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Resource, StoreError> {
+    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Arc<Resource>, StoreError> {
         let (stored, event, counter) = {
             let mut inner = self.lock()?;
             let (stored, event) = inner.upsert(resource, expected_version)?;

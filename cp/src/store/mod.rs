@@ -70,11 +70,34 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError>;
     /// All resources of a type; `mesh = Some(m)` restricts mesh-scoped types to one mesh.
     async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError>;
+    /// [`Store::get`] without a copy, for readers that only look (a zone ingress lists
+    /// thousands of services: copying it on every read was a large part of cp's work).
+    async fn get_shared(
+        &self,
+        rtype: ResourceType,
+        mesh: &str,
+        name: &str,
+    ) -> Result<Option<std::sync::Arc<Resource>>, StoreError> {
+        Ok(self.get(rtype, mesh, name).await?.map(std::sync::Arc::new))
+    }
+    /// [`Store::list`] without copies.
+    async fn list_shared(
+        &self,
+        rtype: ResourceType,
+        mesh: Option<&str>,
+    ) -> Result<Vec<std::sync::Arc<Resource>>, StoreError> {
+        Ok(self.list(rtype, mesh).await?.into_iter().map(std::sync::Arc::new).collect())
+    }
     /// Create or update. Creation/modification times and the version are set by the store.
     /// When nothing but the times would change, the stored resource is returned unchanged
     /// and no change is announced. `expected_version` (if any) must match the stored one
     /// (0 = must not exist).
-    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Resource, StoreError>;
+    /// Returns the stored resource, shared (a large one is not copied back).
+    async fn upsert(
+        &self,
+        resource: Resource,
+        expected_version: Option<u64>,
+    ) -> Result<std::sync::Arc<Resource>, StoreError>;
     /// Delete a resource and, recursively, every resource it owns. Returns whether it existed.
     async fn delete(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<bool, StoreError>;
     /// Apply several writes at once: readers see all of them or none (Kuma runs a KDS
@@ -95,6 +118,18 @@ pub trait Store: Send + Sync + 'static {
     fn durable(&self) -> bool {
         self.store_type() != "memory"
     }
+}
+
+/// The stored resources of one type (of one mesh, for a mesh-scoped type), by key.
+fn range<'a, V>(
+    map: &'a std::collections::BTreeMap<Key, V>,
+    rtype: ResourceType,
+    mesh: Option<&'a str>,
+) -> impl Iterator<Item = &'a V> + 'a {
+    map.range((rtype, String::new(), String::new())..)
+        .take_while(move |(k, _)| k.0 == rtype)
+        .filter(move |(k, _)| mesh.is_none_or(|m| !rtype.is_mesh_scoped() || k.1 == m))
+        .map(|(_, v)| v)
 }
 
 /// What [`next_change`] saw.

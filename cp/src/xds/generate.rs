@@ -30,7 +30,7 @@ use envoy_types::util::pack_any;
 use prost::Name;
 
 use super::sni::sni_from_tags;
-use crate::dataplanes::{DataplaneView, Dataplanes};
+use crate::dataplanes::{DataplaneView, Dataplanes, ServiceOffer};
 use crate::model::{Resource, SERVICE_TAG, ZoneIngressSpec, mesh_mtls_enabled};
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -57,21 +57,32 @@ pub struct ProxySnapshot {
     pub ingress_memo: Option<std::sync::Arc<IngressMemo>>,
 }
 
-/// The plans behind a zone ingress's resources, with what they generated: a resource whose
-/// plan did not change is reused as it is, neither encoded nor hashed again (at 10,000
-/// services, encoding and hashing everything was most of a one-endpoint change).
-#[derive(Debug, Default)]
-pub struct IngressMemo {
-    listener: Option<(String, Vec<ChainPlan>, Named)>,
-    clusters: BTreeMap<String, (ClusterPlan, Named)>,
-    /// Per cluster: its endpoints and its cluster's version.
-    loads: BTreeMap<String, (Vec<EndpointPlan>, String, Named)>,
-}
-
 impl ProxySnapshot {
     pub fn resources(&self, type_url: &str) -> &[Named] {
         self.by_type.get(type_url).map(Vec::as_slice).unwrap_or(&[])
     }
+}
+
+/// The plans behind a zone ingress's resources, with what they generated: a service whose
+/// offer did not change is reused as it is, and one that changed regenerates only the
+/// resources whose plan changed (at 10,000 services, planning, encoding and hashing every
+/// service was most of the cost of a one-endpoint change).
+#[derive(Debug, Default)]
+pub struct IngressMemo {
+    /// What the snapshot was generated from: the Dataplanes' generation and the rest.
+    inputs: (u64, String),
+    listener: Option<(String, Named)>,
+    services: BTreeMap<(String, String), std::sync::Arc<IngressService>>,
+}
+
+/// What one service of a mesh gives a zone ingress, generated from the offer with `stamp`.
+#[derive(Debug)]
+struct IngressService {
+    stamp: u64,
+    chains: Vec<ChainPlan>,
+    cluster: (ClusterPlan, Named),
+    /// The endpoints; the resource's version includes the cluster's.
+    load: (Vec<EndpointPlan>, Named),
 }
 
 /// A local endpoint of a service.
@@ -305,6 +316,21 @@ fn direct_response_chain(body: &str) -> FilterChain {
     }
 }
 
+/// What an ingress's configuration depends on besides the Dataplanes: its listener, who it
+/// is, and which meshes have mTLS.
+fn ingress_inputs(inputs: &IngressInputs<'_>) -> (u64, String) {
+    let mtls: Vec<&str> = inputs.meshes.iter().filter(|m| mesh_mtls_enabled(m)).map(|m| m.name.as_str()).collect();
+    let net = &inputs.ingress.networking;
+    let rest = format!("{}|{}|{}|{}|{mtls:?}", net.address, net.port, inputs.node_id, inputs.zone);
+    (inputs.dataplanes.generation(), rest)
+}
+
+/// Whether `previous` was generated from the same inputs (a change elsewhere, such as the
+/// ingress's own `availableServices` being rewritten, needs no new generation).
+pub fn ingress_unchanged(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> bool {
+    previous.and_then(|p| p.ingress_memo.as_deref()).is_some_and(|m| m.inputs == ingress_inputs(inputs))
+}
+
 /// Generate the Listener, Clusters and ClusterLoadAssignments of a ZoneIngress.
 ///
 /// * one listener `inbound:<address>:<port>` with `tls_inspector`;
@@ -317,7 +343,7 @@ fn direct_response_chain(body: &str) -> FilterChain {
 /// `previous`: the last snapshot of this proxy, whose unchanged resources are reused.
 pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> ProxySnapshot {
     let old = previous.and_then(|p| p.ingress_memo.as_deref());
-    let mut memo = IngressMemo::default();
+    let mut memo = IngressMemo { inputs: ingress_inputs(inputs), ..Default::default() };
     let net = &inputs.ingress.networking;
     let address = if net.address.is_empty() { "0.0.0.0".to_string() } else { net.address.clone() };
     let port = u32::try_from(net.port).unwrap_or(0);
@@ -325,101 +351,107 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
 
     let mtls_meshes: BTreeSet<&str> =
         inputs.meshes.iter().filter(|m| mesh_mtls_enabled(m)).map(|m| m.name.as_str()).collect();
-    let available = inputs.dataplanes.available_services(|m| mtls_meshes.contains(m));
-
-    // Destinations per (mesh, service): the tag combinations seen in availableServices.
-    let mut combos: BTreeMap<(String, String), BTreeSet<BTreeMap<String, String>>> = BTreeMap::new();
-    for s in &available {
-        let svc = s.tags.get(SERVICE_TAG).cloned().unwrap_or_default();
-        combos.entry((s.mesh.clone(), svc)).or_default().insert(s.tags.clone());
-    }
-
-    let mut chains: Vec<ChainPlan> = Vec::new();
-    let mut clusters: Vec<ClusterPlan> = Vec::new();
-    let mut loads: Vec<(String, Vec<EndpointPlan>)> = Vec::new();
-    let mut sni_used = BTreeSet::new();
-    for ((mesh, svc), tag_sets) in &combos {
-        let cluster_name = format!("{mesh}:{svc}");
-        let stat = format!("{mesh}_{svc}");
-        let eps = inputs.dataplanes.endpoints(mesh, svc);
-        let mut selectors = BTreeSet::new();
-        let mut svc_chains = Vec::new();
-        for tags in tag_sets {
-            if tags.len() <= 1 {
-                continue; // only kuma.io/service: the plain chain below covers it
-            }
-            let mut with_mesh = tags.clone();
-            with_mesh.insert("mesh".into(), mesh.clone());
-            let sni = sni_from_tags(svc, &with_mesh);
-            if !sni_used.insert(sni.clone()) {
-                continue;
-            }
-            let rel = relevant_tags(tags, &eps);
-            if !rel.is_empty() {
-                selectors.insert(rel.keys().cloned().collect::<Vec<_>>());
-            }
-            svc_chains.push(ChainPlan {
-                sni,
-                cluster: cluster_name.clone(),
-                stat_prefix: stat.clone(),
-                metadata_match: rel,
-            });
+    let mut chains_changed = false;
+    let mut cds = Vec::new();
+    let mut eds = Vec::new();
+    for ((mesh, svc), offer) in inputs.dataplanes.offers(|m| mtls_meshes.contains(m)) {
+        if offer.tag_sets.is_empty() {
+            continue; // endpoints without a healthy inbound to offer: not a destination
         }
-        svc_chains.sort_by(|a, b| a.sni.cmp(&b.sni));
-        let plain_tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.clone())].into_iter().collect();
-        let plain = sni_from_tags(svc, &plain_tags);
-        if sni_used.insert(plain.clone()) {
-            svc_chains.push(ChainPlan {
-                sni: plain,
-                cluster: cluster_name.clone(),
-                stat_prefix: stat.clone(),
-                metadata_match: BTreeMap::new(),
-            });
-        }
-        chains.extend(svc_chains);
-        clusters.push(ClusterPlan { name: cluster_name.clone(), alt_stat_name: stat, subset_selectors: selectors });
-        loads.push((cluster_name, eps));
+        let key = (mesh.clone(), svc.clone());
+        let before = old.and_then(|m| m.services.get(&key));
+        let service = match before {
+            Some(b) if b.stamp == offer.stamp => b.clone(),
+            _ => {
+                let s = std::sync::Arc::new(ingress_service(mesh, svc, offer, before.map(|b| b.as_ref())));
+                chains_changed |= before.is_none_or(|b| b.chains != s.chains);
+                s
+            }
+        };
+        cds.push(service.cluster.1.clone());
+        eds.push(service.load.1.clone());
+        memo.services.insert(key, service);
     }
+    // A service gone changes the chains too (one added was seen above).
+    chains_changed |= old.is_none_or(|m| m.services.len() != memo.services.len());
 
     let mut snap = ProxySnapshot::default();
     let listener = match old.and_then(|m| m.listener.as_ref()) {
-        Some((name, old_chains, named)) if *name == listener_name && *old_chains == chains => named.clone(),
-        _ => ingress_listener(inputs, &listener_name, &address, port, &chains),
+        Some((name, named)) if *name == listener_name && !chains_changed => named.clone(),
+        _ => {
+            // Each SNI once, the first service to claim it keeping it.
+            let mut seen = BTreeSet::new();
+            let chains: Vec<&ChainPlan> =
+                memo.services.values().flat_map(|s| s.chains.iter()).filter(|c| seen.insert(c.sni.as_str())).collect();
+            ingress_listener(inputs, &listener_name, &address, port, &chains)
+        }
     };
-    memo.listener = Some((listener_name, chains, listener.clone()));
+    memo.listener = Some((listener_name, listener.clone()));
     snap.by_type.insert(LISTENER_TYPE.into(), vec![listener]);
-
-    let mut cds = Vec::with_capacity(clusters.len());
-    for c in clusters {
-        let named = match old.and_then(|m| m.clusters.get(&c.name)) {
-            Some((plan, named)) if *plan == c => named.clone(),
-            _ => {
-                Named { name: c.name.clone(), version: version_of(&format!("{c:?}")), any: pack_any(cluster_proto(&c)) }
-            }
-        };
-        cds.push(named.clone());
-        memo.clusters.insert(c.name.clone(), (c, named));
-    }
     snap.by_type.insert(CLUSTER_TYPE.into(), cds);
-    // A CLA's version includes its cluster's: when a cluster changes, Envoy re-warms it and
-    // needs its endpoints again, so they must be re-sent even if unchanged (as Kuma does).
-    let mut eds = Vec::with_capacity(loads.len());
-    for (name, eps) in loads {
-        let cluster_version = memo.clusters.get(&name).map(|(_, n)| n.version.clone()).unwrap_or_default();
-        let named = match old.and_then(|m| m.loads.get(&name)) {
-            Some((old_eps, old_cv, named)) if *old_eps == eps && *old_cv == cluster_version => named.clone(),
-            _ => Named {
-                name: name.clone(),
-                version: version_of(&format!("{name}|{eps:?}|{cluster_version}")),
-                any: pack_any(cla_proto(&name, &eps)),
-            },
-        };
-        eds.push(named.clone());
-        memo.loads.insert(name, (eps, cluster_version, named));
-    }
     snap.by_type.insert(ENDPOINT_TYPE.into(), eds);
     snap.ingress_memo = Some(std::sync::Arc::new(memo));
     snap
+}
+
+/// One service's chains, cluster and endpoints: a chain for `svc{mesh=m}` and one per
+/// distinct tag combination (`svc{mesh=m,k=v,...}`) with `metadata_match` on the tags that
+/// split the endpoints, and the cluster's subset selectors for them. Resources whose plan is
+/// the same as `before`'s are reused.
+fn ingress_service(mesh: &str, svc: &str, offer: &ServiceOffer, before: Option<&IngressService>) -> IngressService {
+    let cluster_name = format!("{mesh}:{svc}");
+    let stat = format!("{mesh}_{svc}");
+    let eps = offer.endpoints();
+    let mut selectors = BTreeSet::new();
+    let mut chains = Vec::new();
+    let mut sni_used = BTreeSet::new();
+    for tags in offer.tag_sets.keys() {
+        if tags.len() <= 1 {
+            continue; // only kuma.io/service: the plain chain below covers it
+        }
+        let mut with_mesh = tags.clone();
+        with_mesh.insert("mesh".into(), mesh.to_string());
+        let sni = sni_from_tags(svc, &with_mesh);
+        if !sni_used.insert(sni.clone()) {
+            continue;
+        }
+        let rel = relevant_tags(tags, &eps);
+        if !rel.is_empty() {
+            selectors.insert(rel.keys().cloned().collect::<Vec<_>>());
+        }
+        chains.push(ChainPlan { sni, cluster: cluster_name.clone(), stat_prefix: stat.clone(), metadata_match: rel });
+    }
+    chains.sort_by(|a, b| a.sni.cmp(&b.sni));
+    let plain_tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.to_string())].into_iter().collect();
+    let plain = sni_from_tags(svc, &plain_tags);
+    if sni_used.insert(plain.clone()) {
+        chains.push(ChainPlan {
+            sni: plain,
+            cluster: cluster_name.clone(),
+            stat_prefix: stat.clone(),
+            metadata_match: BTreeMap::new(),
+        });
+    }
+    let plan = ClusterPlan { name: cluster_name.clone(), alt_stat_name: stat, subset_selectors: selectors };
+    let cluster = match before {
+        Some(b) if b.cluster.0 == plan => b.cluster.1.clone(),
+        _ => Named {
+            name: cluster_name.clone(),
+            version: version_of(&format!("{plan:?}")),
+            any: pack_any(cluster_proto(&plan)),
+        },
+    };
+    // A CLA's version includes its cluster's: when a cluster changes, Envoy re-warms it and
+    // needs its endpoints again, so they must be re-sent even if unchanged (as Kuma does).
+    let load = match before {
+        Some(b) if b.load.0 == eps && b.cluster.1.version == cluster.version => b.load.1.clone(),
+        _ => Named {
+            name: cluster_name.clone(),
+            version: version_of(&format!("{cluster_name}|{eps:?}|{}", cluster.version)),
+            any: pack_any(cla_proto(&cluster_name, &eps)),
+        },
+    };
+    IngressService { stamp: offer.stamp, chains, cluster: (plan, cluster), load: (eps, load) }
 }
 
 /// The ingress listener: one chain per plan, or a `direct_response` saying who answers.
@@ -428,7 +460,7 @@ fn ingress_listener(
     listener_name: &str,
     address: &str,
     port: u32,
-    chains: &[ChainPlan],
+    chains: &[&ChainPlan],
 ) -> Named {
     let mut listener = Listener {
         name: listener_name.to_string(),
@@ -444,7 +476,7 @@ fn ingress_listener(
         listener.filter_chains = vec![direct_response_chain(&body)];
         listener_plan = format!("{listener_name}|direct|{body}");
     } else {
-        listener.filter_chains = chains.iter().map(chain_proto).collect();
+        listener.filter_chains = chains.iter().map(|c| chain_proto(c)).collect();
         listener_plan = format!("{listener_name}|{chains:?}");
     }
     Named { name: listener_name.to_string(), version: version_of(&listener_plan), any: pack_any(listener) }
@@ -611,6 +643,12 @@ mod tests {
             version(&s0, LISTENER_TYPE, "inbound:10.0.0.1:10001"),
             version(&reused, LISTENER_TYPE, "inbound:10.0.0.1:10001")
         );
+        // Nothing changed: the previous snapshot stands; a changed Dataplane set does not.
+        let same = Dataplanes::from_resources(after.iter().cloned());
+        let inputs =
+            IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &same };
+        assert!(ingress_unchanged(&inputs, Some(&ingress(&inputs, None))));
+        assert!(!ingress_unchanged(&inputs, Some(&s0)), "s0 came from other Dataplanes");
         // And back: the first configuration again, from the second.
         assert_eq!(flat(&gen_(&before, Some(&reused))), flat(&s0));
     }

@@ -229,17 +229,18 @@ async fn admit(
 
 /// Build the current snapshot of a proxy from the store.
 ///
-/// `previous`: the proxy's last snapshot, for what generation can reuse from it.
+/// `previous`: the proxy's last snapshot, for what generation can reuse from it; `None`
+/// when it is still current.
 pub async fn build_snapshot(
     cp: &ZoneCp,
     id: &ProxyId,
     previous: Option<&ProxySnapshot>,
-) -> Result<ProxySnapshot, Status> {
+) -> Result<Option<ProxySnapshot>, Status> {
     let internal = |e: crate::store::StoreError| Status::internal(e.to_string());
     match id.rtype {
         ResourceType::ZoneIngress => {
-            let Some(zi) = cp.store.get(ResourceType::ZoneIngress, "", &id.name).await.map_err(internal)? else {
-                return Ok(generate::empty());
+            let Some(zi) = cp.store.get_shared(ResourceType::ZoneIngress, "", &id.name).await.map_err(internal)? else {
+                return Ok(Some(generate::empty()));
             };
             // Not `availableServices` (what the zone offers, thousands of entries at scale):
             // generation reads the Dataplanes themselves.
@@ -256,20 +257,21 @@ pub async fn build_snapshot(
             };
             let meshes = cp.store.list(ResourceType::Mesh, None).await.map_err(internal)?;
             let dataplanes = cp.dataplanes.read(cp.store.as_ref()).await.map_err(internal)?;
-            Ok(generate::ingress(
-                &IngressInputs {
-                    zone: &cp.cfg.zone_name,
-                    node_id: &id.node_id,
-                    ingress: &spec,
-                    meshes: &meshes,
-                    dataplanes: &dataplanes,
-                },
-                previous,
-            ))
+            let inputs = IngressInputs {
+                zone: &cp.cfg.zone_name,
+                node_id: &id.node_id,
+                ingress: &spec,
+                meshes: &meshes,
+                dataplanes: &dataplanes,
+            };
+            if generate::ingress_unchanged(&inputs, previous) {
+                return Ok(None);
+            }
+            Ok(Some(generate::ingress(&inputs, previous)))
         }
-        ResourceType::ZoneEgress => egress_snapshot(cp, id).await,
-        ResourceType::Dataplane => dataplane_snapshot(cp, id).await,
-        _ => Ok(generate::empty()),
+        ResourceType::ZoneEgress => egress_snapshot(cp, id).await.map(Some),
+        ResourceType::Dataplane => dataplane_snapshot(cp, id).await.map(Some),
+        _ => Ok(Some(generate::empty())),
     }
 }
 
@@ -617,10 +619,11 @@ async fn run<P: Protocol>(
     }
 }
 
-/// The proxy's snapshot, or `previous` when it cannot be built yet.
+/// The proxy's snapshot, or `previous` when it cannot be built yet or is still current.
 async fn rebuild(cp: &ZoneCp, id: &ProxyId, previous: Option<ProxySnapshot>) -> Result<Option<ProxySnapshot>, Status> {
     match build_snapshot(cp, id, previous.as_ref()).await {
-        Ok(s) => Ok(Some(s)),
+        Ok(Some(s)) => Ok(Some(s)),
+        Ok(None) => Ok(previous),
         Err(e) if e.code() == tonic::Code::Unavailable => {
             tracing::warn!(node = %id.node_id, reason = %e.message(), "configuration on hold");
             Ok(previous)

@@ -118,7 +118,8 @@ struct Meta {
 /// The in-memory copy and what the listener knows about it.
 #[derive(Default)]
 struct State {
-    resources: BTreeMap<Key, Resource>,
+    /// Shared, so that a reader that only looks ([`Store::get_shared`]) copies nothing.
+    resources: BTreeMap<Key, Arc<Resource>>,
     /// Versions of deleted rows the listener applied, for writers waiting on their delete.
     gone: HashMap<Key, (u64, Instant)>,
     /// Change counter of this copy (`Store::version`).
@@ -492,21 +493,27 @@ fn normalise(mut r: Resource) -> Resource {
 #[tonic::async_trait]
 impl Store for PostgresStore {
     async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError> {
+        Ok(self.shared.lock().resources.get(&key(rtype, mesh, name)).map(|r| (**r).clone()))
+    }
+
+    async fn get_shared(
+        &self,
+        rtype: ResourceType,
+        mesh: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Resource>>, StoreError> {
         Ok(self.shared.lock().resources.get(&key(rtype, mesh, name)).cloned())
     }
 
-    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError> {
-        let st = self.shared.lock();
-        Ok(st
-            .resources
-            .range((rtype, String::new(), String::new())..)
-            .take_while(|(k, _)| k.0 == rtype)
-            .filter(|(k, _)| mesh.is_none_or(|m| !rtype.is_mesh_scoped() || k.1 == m))
-            .map(|(_, r)| r.clone())
-            .collect())
+    async fn list_shared(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Arc<Resource>>, StoreError> {
+        Ok(super::range(&self.shared.lock().resources, rtype, mesh).cloned().collect())
     }
 
-    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Resource, StoreError> {
+    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError> {
+        Ok(super::range(&self.shared.lock().resources, rtype, mesh).map(|r| (**r).clone()).collect())
+    }
+
+    async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Arc<Resource>, StoreError> {
         let resource = normalise(resource);
         if expected_version.is_none()
             && let Some(old) = self.shared.lock().resources.get(&resource.key())
@@ -535,7 +542,7 @@ impl Store for PostgresStore {
                 if changed {
                     self.wait_applied(&[(k, r.version)], resyncs).await;
                 }
-                Ok(r)
+                Ok(Arc::new(r))
             }
             Written::Deleted(..) => Err(StoreError::Internal("unexpected delete".into())),
         }
@@ -781,7 +788,7 @@ async fn resync(cfg: &PostgresConfig, client: &Client, shared: &Shared, everythi
     for row in &rows {
         match resource(row) {
             Ok(Some(r)) => {
-                fresh.insert(r.key(), r);
+                fresh.insert(r.key(), Arc::new(r));
             }
             Ok(None) => {
                 unknown.insert(row.get::<_, String>(0));
@@ -856,7 +863,7 @@ async fn apply_notices(
                     events.push(ChangeEvent {
                         kind: ChangeKind::Deleted,
                         key: k.clone(),
-                        owner: old.and_then(|r| r.owner),
+                        owner: old.and_then(|r| r.owner.clone()),
                     });
                 }
                 fetch.remove(&k);
@@ -871,7 +878,7 @@ async fn apply_notices(
                             if st.resources.contains_key(&k) { ChangeKind::Updated } else { ChangeKind::Created };
                         events.push(ChangeEvent { kind, key: k.clone(), owner: r.owner.clone() });
                         fetch.remove(&k);
-                        st.resources.insert(k, r);
+                        st.resources.insert(k, Arc::new(r));
                     }
                     None => {
                         fetch.insert(k, version);
@@ -910,7 +917,7 @@ async fn apply_notices(
                 None => ChangeKind::Created,
             };
             events.push(ChangeEvent { kind, key: k.clone(), owner: r.owner.clone() });
-            st.resources.insert(k, r);
+            st.resources.insert(k, Arc::new(r));
         }
     }
     let counter = {
