@@ -81,6 +81,10 @@ pub struct Dataplanes {
     services: BTreeMap<(String, String, BTreeMap<String, String>), u32>,
     /// (mesh, service) -> what its serving inbounds offer.
     offers: BTreeMap<MeshName, ServiceOffer>,
+    /// (mesh, service) of every Dataplane's inbounds, ready or not -> how many inbounds.
+    service_names: BTreeMap<MeshName, u32>,
+    /// A new value whenever a (mesh, service) appears in or leaves `service_names`.
+    service_names_stamp: u64,
     /// Which state of the index this is: equal generations, equal content.
     generation: u64,
 }
@@ -148,6 +152,20 @@ impl Dataplanes {
         out
     }
 
+    /// The services of each mesh's Dataplanes (ready or not).
+    pub fn service_names(&self) -> BTreeMap<&str, BTreeSet<&str>> {
+        let mut out: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (mesh, svc) in self.service_names.keys() {
+            out.entry(mesh.as_str()).or_default().insert(svc.as_str());
+        }
+        out
+    }
+
+    /// Equal for two reads in which [`Dataplanes::service_names`] is the same.
+    pub fn service_names_stamp(&self) -> u64 {
+        self.service_names_stamp
+    }
+
     /// Equal for two reads with no Dataplane change between them.
     pub fn generation(&self) -> u64 {
         self.generation
@@ -167,6 +185,18 @@ impl Dataplanes {
             Some(r) => self.by_key.insert(key.clone(), Arc::new(DataplaneView::new(r))),
             None => self.by_key.remove(&key),
         };
+        let new = self.by_key.get(&key).cloned();
+        let mut names_changed = false;
+        for (view, add) in [(old.as_ref(), false), (new.as_ref(), true)] {
+            for inb in view.map(|v| v.inbounds()).unwrap_or_default() {
+                if let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) {
+                    names_changed |= count(&mut self.service_names, (key.0.clone(), svc.clone()), add);
+                }
+            }
+        }
+        if names_changed {
+            self.service_names_stamp = next_generation();
+        }
         if serving {
             if let Some(old) = old {
                 self.offer(&old, false);
@@ -223,15 +253,21 @@ impl Dataplanes {
     }
 }
 
-/// Counts `key` once more (or once less, forgetting it at zero).
-fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) {
+/// Counts `key` once more (or once less, forgetting it at zero); whether it appeared or left.
+fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) -> bool {
     if add {
-        *map.entry(key).or_default() += 1;
+        let n = map.entry(key).or_default();
+        *n += 1;
+        *n == 1
     } else if let std::collections::btree_map::Entry::Occupied(mut e) = map.entry(key) {
         *e.get_mut() -= 1;
         if *e.get() == 0 {
             e.remove();
+            return true;
         }
+        false
+    } else {
+        false
     }
 }
 

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::dataplanes::{DataplaneIndex, DataplaneView};
+use crate::dataplanes::{DataplaneIndex, Dataplanes};
 use crate::model::{Resource, ResourceType, SERVICE_TAG};
 use crate::store::Store;
 
@@ -107,7 +107,7 @@ pub async fn load(store: &dyn Store, mesh: &str) -> VipMap {
 /// Services of each mesh: inbound services of local Dataplanes, services that
 /// ZoneIngresses advertise for the mesh (remote zones), and ExternalServices.
 pub fn services_by_mesh<'a>(
-    dataplanes: impl IntoIterator<Item = &'a DataplaneView>,
+    dataplanes: &Dataplanes,
     ingresses: impl IntoIterator<Item = &'a Resource>,
     external: &[Resource],
 ) -> BTreeMap<String, BTreeSet<String>> {
@@ -119,12 +119,8 @@ pub fn services_by_mesh<'a>(
             out.entry(es.mesh.clone()).or_default().insert(s.clone());
         }
     }
-    for dp in dataplanes {
-        for inb in dp.inbounds() {
-            if let Some(s) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) {
-                out.entry(dp.mesh().to_string()).or_default().insert(s.clone());
-            }
-        }
+    for (mesh, services) in dataplanes.service_names() {
+        out.entry(mesh.to_string()).or_default().extend(services.into_iter().map(str::to_string));
     }
     // Read from the JSON in place: an ingress lists thousands of services at scale, and
     // only two strings of each matter here.
@@ -180,12 +176,21 @@ pub fn allocate(existing: &VipMap, services: &BTreeSet<String>, cidr: Cidr) -> V
 pub struct VipManager {
     dir: PathBuf,
     cidr: Cidr,
-    lock: tokio::sync::Mutex<()>,
+    /// What the last update was computed from (held while updating).
+    last: tokio::sync::Mutex<Option<Inputs>>,
+}
+
+/// What the VIPs depend on: the set of the Dataplanes' services, and the versions of the
+/// other zones' ingresses, of the ExternalServices, the Meshes and the VIP views themselves.
+#[derive(PartialEq)]
+struct Inputs {
+    services: u64,
+    versions: Vec<(crate::model::Key, u64)>,
 }
 
 impl VipManager {
     pub fn new(work_dir: PathBuf, cidr: Cidr) -> Self {
-        VipManager { dir: work_dir.join("dns-vips"), cidr, lock: tokio::sync::Mutex::new(()) }
+        VipManager { dir: work_dir.join("dns-vips"), cidr, last: tokio::sync::Mutex::new(None) }
     }
 
     fn file(&self, mesh: &str) -> PathBuf {
@@ -193,16 +198,36 @@ impl VipManager {
     }
 
     /// Allocate VIPs for services without one, in every mesh; store and persist changes.
-    pub async fn update(&self, store: &Arc<dyn Store>, dataplanes: &DataplaneIndex) -> anyhow::Result<()> {
-        let _g = self.lock.lock().await;
+    ///
+    /// `zone`: this zone, whose own ingresses offer only what its Dataplanes have.
+    pub async fn update(&self, store: &Arc<dyn Store>, dataplanes: &DataplaneIndex, zone: &str) -> anyhow::Result<()> {
+        let mut last = self.last.lock().await;
         let dps = dataplanes.read(store.as_ref()).await?;
-        let zis = store.list_shared(ResourceType::ZoneIngress, None).await?;
+        let remote =
+            |zi: &Resource| zi.spec.get("zone").and_then(|z| z.as_str()).is_some_and(|z| !z.is_empty() && z != zone);
+        let zis: Vec<_> =
+            store.list_shared(ResourceType::ZoneIngress, None).await?.into_iter().filter(|zi| remote(zi)).collect();
         let ess = store.list(ResourceType::ExternalService, None).await?;
-        let meshes: BTreeSet<String> =
-            store.list(ResourceType::Mesh, None).await?.into_iter().map(|m| m.name).collect();
-        for (mesh, services) in
-            services_by_mesh(dps.all(None).map(|d| d.as_ref()), zis.iter().map(|z| z.as_ref()), &ess)
-        {
+        let mesh_list = store.list_shared(ResourceType::Mesh, None).await?;
+        let views = store.list_shared(ResourceType::Config, None).await?;
+        // Most changes (an endpoint more of a known service) change none of this: skip them.
+        let inputs = Inputs {
+            services: dps.service_names_stamp(),
+            versions: zis
+                .iter()
+                .map(|r| r.as_ref())
+                .chain(&ess)
+                .chain(mesh_list.iter().map(|r| r.as_ref()))
+                .chain(views.iter().map(|r| r.as_ref()))
+                .map(|r| (r.key(), r.version))
+                .collect(),
+        };
+        if last.as_ref() == Some(&inputs) {
+            return Ok(());
+        }
+        let meshes: BTreeSet<String> = mesh_list.iter().map(|m| m.name.clone()).collect();
+        let mut wrote = false;
+        for (mesh, services) in services_by_mesh(&dps, zis.iter().map(|z| z.as_ref()), &ess) {
             if !meshes.contains(&mesh) {
                 continue;
             }
@@ -224,7 +249,10 @@ impl VipManager {
             r.spec.insert("config".into(), text.into());
             store.upsert(r, None).await?;
             tracing::debug!(mesh, services = updated.len(), "VIPs updated");
+            wrote = true;
         }
+        // A write changed a view's version: the next pass computes once more, then rests.
+        *last = (!wrote).then_some(inputs);
         Ok(())
     }
 }

@@ -97,7 +97,7 @@ pub async fn start(
         let z2 = z.clone();
         reconcile::spawn("VIPs", &cp, stop.clone(), reconcile::vips_relevant, move || {
             let z = z2.clone();
-            async move { z.vips.update(&z.store, &z.dataplanes).await }
+            async move { z.vips.update(&z.store, &z.dataplanes, &z.cfg.zone_name).await }
         });
         match &kds {
             Some(target) => {

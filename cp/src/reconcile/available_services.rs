@@ -6,7 +6,7 @@
 
 use crate::components::zone::ZoneCp;
 use crate::lifecycle::joining;
-use crate::model::ResourceType;
+use crate::model::{Resource, ResourceType};
 use crate::store::ChangeEvent;
 
 pub fn relevant(e: &ChangeEvent) -> bool {
@@ -39,7 +39,18 @@ pub async fn update(cp: &ZoneCp) -> anyhow::Result<()> {
         }
         let value = value.clone();
         let version = zi.version;
-        let mut updated = (*zi).clone();
+        // A copy without the old list (thousands of entries, replaced anyway).
+        let mut updated = Resource {
+            spec: zi
+                .spec
+                .iter()
+                .filter(|(k, _)| *k != "availableServices")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            labels: zi.labels.clone(),
+            owner: zi.owner.clone(),
+            ..Resource::new(zi.rtype, &zi.mesh, &zi.name)
+        };
         updated.spec.insert("availableServices".into(), value);
         // Conditional write: a concurrent change wins and triggers another pass.
         if let Err(e) = cp.store.upsert(updated, Some(version)).await {
