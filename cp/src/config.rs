@@ -135,6 +135,18 @@ pub struct RunConfig {
     /// Debounce of xDS regeneration after a store change.
     #[arg(long = "xds-debounce", env = "KUMA_XDS_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
     pub xds_debounce: Duration,
+    /// Least time between two rewrites of the zone ingresses' `availableServices` (Kuma's
+    /// `multizone.zone.ingressUpdateInterval`): a burst of changes is one rewrite a second.
+    #[arg(long = "ingress-update-interval", env = "KUMA_MULTIZONE_ZONE_INGRESS_UPDATE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub ingress_update_interval: Duration,
+    /// Least time between two recomputations of the ServiceInsights (Kuma's
+    /// `metrics.mesh.minResyncInterval`).
+    #[arg(long = "insights-min-resync-interval", env = "KUMA_METRICS_MESH_MIN_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub insights_min_resync_interval: Duration,
+    /// Least time between two passes of the `.mesh` VIP allocation (Kuma's
+    /// `runtime.universal.vipRefreshInterval`).
+    #[arg(long = "vip-refresh-interval", env = "KUMA_RUNTIME_UNIVERSAL_VIP_REFRESH_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub vip_refresh_interval: Duration,
     /// Write {"dp_server": "...", "api": "...", "kds": "...", "ca_cert_file": "..."} here once the servers are bound.
     #[arg(long = "address-file")]
     pub address_file: Option<PathBuf>,
@@ -322,6 +334,9 @@ impl RunConfig {
             xds_port: None,
             admin_port: 9901,
             xds_debounce: Duration::from_millis(100),
+            ingress_update_interval: Duration::from_secs(1),
+            insights_min_resync_interval: Duration::from_secs(1),
+            vip_refresh_interval: Duration::from_millis(500),
             address_file: None,
             store: StoreConfig::default(),
         }

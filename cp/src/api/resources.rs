@@ -183,7 +183,7 @@ pub(super) async fn put(
         return error(StatusCode::UNPROCESSABLE_ENTITY, "Could not process a resource", "Resource is not valid", &c);
     }
     if rtype.is_mesh_scoped() {
-        match cp.store.get(ResourceType::Mesh, "", &r.mesh).await {
+        match cp.store.get_shared(ResourceType::Mesh, "", &r.mesh).await {
             Ok(Some(_)) => {}
             Ok(None) => {
                 return error(
@@ -201,7 +201,7 @@ pub(super) async fn put(
     {
         r.spec.insert("zone".into(), cp.cfg.zone_name.clone().into());
     }
-    let existed = match cp.store.get(rtype, &r.mesh, &r.name).await {
+    let existed = match cp.store.get_shared(rtype, &r.mesh, &r.name).await {
         Ok(e) => e,
         Err(e) => return internal(e),
     };

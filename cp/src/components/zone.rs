@@ -89,13 +89,22 @@ pub async fn start(
         let cp = z.core().clone();
         // availableServices of this zone's ingresses, from its Dataplanes.
         let z1 = z.clone();
-        reconcile::spawn("availableServices", &cp, stop.clone(), reconcile::available_services::relevant, move || {
-            let z = z1.clone();
-            async move { reconcile::available_services::update(&z).await }
-        });
+        let interval = cp.cfg.ingress_update_interval;
+        reconcile::spawn(
+            "availableServices",
+            &cp,
+            stop.clone(),
+            reconcile::available_services::relevant,
+            interval,
+            move || {
+                let z = z1.clone();
+                async move { reconcile::available_services::update(&z).await }
+            },
+        );
         // VIPs of local and remote services.
         let z2 = z.clone();
-        reconcile::spawn("VIPs", &cp, stop.clone(), reconcile::vips_relevant, move || {
+        let interval = cp.cfg.vip_refresh_interval;
+        reconcile::spawn("VIPs", &cp, stop.clone(), reconcile::vips_relevant, interval, move || {
             let z = z2.clone();
             async move { z.vips.update(&z.store, &z.dataplanes, &z.cfg.zone_name).await }
         });

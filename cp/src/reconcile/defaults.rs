@@ -43,7 +43,7 @@ fn mesh_changed(e: &ChangeEvent) -> bool {
 /// Keep every Mesh's builtin CA and dataplane-token signing key in place.
 pub fn spawn_mesh_reconcilers(cp: &Arc<Cp>, shutdown: watch::Receiver<bool>) {
     let c = cp.clone();
-    super::spawn("mesh CAs and signing keys", cp, shutdown, mesh_changed, move || {
+    super::spawn("mesh CAs and signing keys", cp, shutdown, mesh_changed, std::time::Duration::ZERO, move || {
         let cp = c.clone();
         async move {
             for m in cp.store.list(ResourceType::Mesh, None).await? {

@@ -16,12 +16,16 @@ use crate::model::ResourceType;
 use crate::store::{Change, ChangeEvent, next_change};
 
 /// Run `job` now and after every change `relevant` accepts, until shutdown. Changes that
-/// arrive during the debounce (`KUMA_XDS_DEBOUNCE`) or a run are folded into the next run.
+/// arrive during the debounce (`KUMA_XDS_DEBOUNCE`) or a run are folded into the next run,
+/// and two runs start at least `min_interval` apart (Kuma runs such jobs on an interval: a
+/// burst of changes, such as thousands of Dataplanes registering, costs one run a second
+/// rather than one per debounce, while a lone change is still handled after the debounce).
 pub fn spawn<F, Fut>(
     name: &'static str,
     cp: &Arc<Cp>,
     mut shutdown: watch::Receiver<bool>,
     relevant: fn(&ChangeEvent) -> bool,
+    min_interval: std::time::Duration,
     job: F,
 ) where
     F: Fn() -> Fut + Send + 'static,
@@ -31,6 +35,7 @@ pub fn spawn<F, Fut>(
     tokio::spawn(async move {
         let mut events = cp.store.events();
         loop {
+            let started = tokio::time::Instant::now();
             if let Err(e) = job().await {
                 tracing::warn!(reconciler = name, error = %e, "reconciler failed; retrying on the next change");
             }
@@ -39,6 +44,7 @@ pub fn spawn<F, Fut>(
                 _ = shutdown.changed() => return,
             }
             tokio::time::sleep(cp.cfg.xds_debounce).await;
+            tokio::time::sleep_until(started + min_interval).await;
             // Everything queued meanwhile is covered by the next run.
             while events.try_recv().is_ok() {}
         }

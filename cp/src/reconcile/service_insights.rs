@@ -25,7 +25,8 @@ fn relevant(e: &ChangeEvent) -> bool {
 
 pub fn spawn(cp: &Arc<Cp>, shutdown: watch::Receiver<bool>) {
     let c = cp.clone();
-    super::spawn("service insights", cp, shutdown, relevant, move || {
+    let interval = cp.cfg.insights_min_resync_interval;
+    super::spawn("service insights", cp, shutdown, relevant, interval, move || {
         let cp = c.clone();
         async move { update(&cp).await }
     });
