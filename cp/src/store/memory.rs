@@ -131,10 +131,6 @@ impl Inner {
 
 #[tonic::async_trait]
 impl Store for MemoryStore {
-    async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError> {
-        Ok(self.lock()?.resources.get(&key(rtype, mesh, name)).map(|r| (**r).clone()))
-    }
-
     async fn get_shared(
         &self,
         rtype: ResourceType,
@@ -147,11 +143,6 @@ impl Store for MemoryStore {
     async fn list_shared(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Arc<Resource>>, StoreError> {
         let inner = self.lock()?;
         Ok(super::range(&inner.resources, rtype, mesh).cloned().collect())
-    }
-
-    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError> {
-        let inner = self.lock()?;
-        Ok(super::range(&inner.resources, rtype, mesh).map(|r| (**r).clone()).collect())
     }
 
     async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Arc<Resource>, StoreError> {

@@ -67,26 +67,29 @@ pub enum WriteOp {
 /// Storage of resources with change notification.
 #[tonic::async_trait]
 pub trait Store: Send + Sync + 'static {
-    async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError>;
-    /// All resources of a type; `mesh = Some(m)` restricts mesh-scoped types to one mesh.
-    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError>;
-    /// [`Store::get`] without a copy, for readers that only look (a zone ingress lists
-    /// thousands of services: copying it on every read was a large part of cp's work).
+    /// One resource, shared with the store: readers that only look copy nothing (a zone
+    /// ingress lists thousands of services: copying it on every read was a large part of
+    /// cp's work).
     async fn get_shared(
         &self,
         rtype: ResourceType,
         mesh: &str,
         name: &str,
-    ) -> Result<Option<std::sync::Arc<Resource>>, StoreError> {
-        Ok(self.get(rtype, mesh, name).await?.map(std::sync::Arc::new))
-    }
-    /// [`Store::list`] without copies.
+    ) -> Result<Option<std::sync::Arc<Resource>>, StoreError>;
+    /// All resources of a type, shared; `mesh = Some(m)` restricts mesh-scoped types to one
+    /// mesh.
     async fn list_shared(
         &self,
         rtype: ResourceType,
         mesh: Option<&str>,
-    ) -> Result<Vec<std::sync::Arc<Resource>>, StoreError> {
-        Ok(self.list(rtype, mesh).await?.into_iter().map(std::sync::Arc::new).collect())
+    ) -> Result<Vec<std::sync::Arc<Resource>>, StoreError>;
+    /// [`Store::get_shared`], as a copy to change.
+    async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError> {
+        Ok(self.get_shared(rtype, mesh, name).await?.map(|r| (*r).clone()))
+    }
+    /// [`Store::list_shared`], as copies.
+    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError> {
+        Ok(self.list_shared(rtype, mesh).await?.iter().map(|r| (**r).clone()).collect())
     }
     /// Create or update. Creation/modification times and the version are set by the store.
     /// When nothing but the times would change, the stored resource is returned unchanged

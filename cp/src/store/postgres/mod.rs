@@ -492,10 +492,6 @@ fn normalise(mut r: Resource) -> Resource {
 
 #[tonic::async_trait]
 impl Store for PostgresStore {
-    async fn get(&self, rtype: ResourceType, mesh: &str, name: &str) -> Result<Option<Resource>, StoreError> {
-        Ok(self.shared.lock().resources.get(&key(rtype, mesh, name)).map(|r| (**r).clone()))
-    }
-
     async fn get_shared(
         &self,
         rtype: ResourceType,
@@ -507,10 +503,6 @@ impl Store for PostgresStore {
 
     async fn list_shared(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Arc<Resource>>, StoreError> {
         Ok(super::range(&self.shared.lock().resources, rtype, mesh).cloned().collect())
-    }
-
-    async fn list(&self, rtype: ResourceType, mesh: Option<&str>) -> Result<Vec<Resource>, StoreError> {
-        Ok(super::range(&self.shared.lock().resources, rtype, mesh).map(|r| (**r).clone()).collect())
     }
 
     async fn upsert(&self, resource: Resource, expected_version: Option<u64>) -> Result<Arc<Resource>, StoreError> {
