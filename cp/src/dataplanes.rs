@@ -130,6 +130,39 @@ impl Dataplanes {
             .collect()
     }
 
+    /// [`Dataplanes::available_services`] of every mesh as the JSON a ZoneIngress stores,
+    /// built directly (the same as serialising the list).
+    pub fn available_services_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        let entry = |((mesh, _, tags), n): (&(String, String, BTreeMap<String, String>), &u32)| {
+            let tags = tags.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+            let mut m = serde_json::Map::new();
+            m.insert("tags".into(), Value::Object(tags));
+            m.insert("instances".into(), (*n).into());
+            m.insert("mesh".into(), mesh.clone().into());
+            Value::Object(m)
+        };
+        Value::Array(self.services.iter().map(entry).collect())
+    }
+
+    /// Whether `stored` is [`Dataplanes::available_services_json`], compared in place
+    /// (thousands of entries at scale: neither side is built or parsed).
+    pub fn available_services_match(&self, stored: &serde_json::Value) -> bool {
+        let Some(list) = stored.as_array() else { return false };
+        list.len() == self.services.len()
+            && list.iter().zip(&self.services).all(|(v, ((mesh, _, tags), n))| {
+                let Some(o) = v.as_object() else { return false };
+                let same_tags = o.get("tags").and_then(|t| t.as_object()).is_some_and(|t| {
+                    t.len() == tags.len()
+                        && tags.iter().all(|(k, val)| t.get(k).and_then(|x| x.as_str()) == Some(val.as_str()))
+                });
+                o.len() == 3
+                    && same_tags
+                    && o.get("instances").and_then(|i| i.as_u64()) == Some(u64::from(*n))
+                    && o.get("mesh").and_then(|m| m.as_str()) == Some(mesh.as_str())
+            })
+    }
+
     /// The endpoints of a service in a mesh, sorted, each once.
     pub fn endpoints(&self, mesh: &str, service: &str) -> Vec<EndpointPlan> {
         self.offers.get(&(mesh.to_string(), service.to_string())).map(ServiceOffer::endpoints).unwrap_or_default()
@@ -414,6 +447,14 @@ mod tests {
         let both = index.read(&store).await.unwrap();
         assert_eq!(both.endpoints("a", "web").len(), 1);
         assert_eq!(both.available_services(|m| m == "a")[0].instances, 2);
+        // The JSON built directly is the serialised list, and matches only itself.
+        let json = both.available_services_json();
+        assert_eq!(json, serde_json::to_value(both.available_services(|_| true)).unwrap());
+        assert!(both.available_services_match(&json));
+        assert!(!first.available_services_match(&json), "other counts");
+        let mut other = json.clone();
+        other[0]["tags"]["kuma.io/service"] = "x".into();
+        assert!(!both.available_services_match(&other));
         store.delete(ResourceType::Dataplane, "a", "x").await.unwrap();
         assert_eq!(index.read(&store).await.unwrap().endpoints("a", "web").len(), 1);
         assert_offers_match(&index, &store).await;

@@ -57,7 +57,7 @@ pub async fn refresh(
         for r in cp.store.list(*t, None).await? {
             let Some(out) = map(dir, &r, &enabled) else { continue };
             match codec::encode(&out) {
-                Ok(d) => named.push(Named { name: d.name, version: d.version, any: d.resource.unwrap_or_default() }),
+                Ok(d) => named.push(Named::new(d.name, d.version, d.resource.unwrap_or_default())),
                 Err(e) => {
                     tracing::warn!(kind = t.name(), name = %r.name, error = %e, "resource not synced: it cannot be encoded")
                 }

@@ -22,22 +22,24 @@ pub fn relevant(e: &ChangeEvent) -> bool {
 
 pub async fn update(cp: &ZoneCp) -> anyhow::Result<()> {
     let dps = cp.dataplanes.read(cp.store.as_ref()).await?;
-    let services = dps.available_services(|_| true);
-    let offered = serde_json::to_value(&services)?;
-    let nothing = serde_json::Value::Array(Vec::new());
     for zi in cp.store.list_shared(ResourceType::ZoneIngress, None).await? {
         let zone = zi.spec.get("zone").and_then(|z| z.as_str()).unwrap_or_default();
         if !zone.is_empty() && zone != cp.cfg.zone_name {
             continue; // another zone's ingress: its availableServices come from that zone
         }
         let joining = cp.store.get(ResourceType::ZoneIngressInsight, "", &zi.name).await?.is_some_and(|i| joining(&i));
-        let value = if joining { &nothing } else { &offered };
-        // Compared as JSON: the stored list is what an earlier pass wrote from the same
-        // serialisation (parsing thousands of entries back was most of this job's cost).
-        if zi.spec.get("availableServices") == Some(value) {
+        let stored = zi.spec.get("availableServices");
+        // Compared in place: building or parsing thousands of entries was most of this
+        // job's cost, and most passes change nothing.
+        let same = match stored {
+            Some(v) if joining => v.as_array().is_some_and(Vec::is_empty),
+            Some(v) => dps.available_services_match(v),
+            None => false,
+        };
+        if same {
             continue;
         }
-        let value = value.clone();
+        let value = if joining { serde_json::Value::Array(Vec::new()) } else { dps.available_services_json() };
         let version = zi.version;
         // A copy without the old list (thousands of entries, replaced anyway).
         let mut updated = Resource {

@@ -142,10 +142,7 @@ mod tests {
         let mut s = ProxySnapshot::default();
         s.by_type.insert(
             T.into(),
-            items
-                .iter()
-                .map(|(n, v)| Named { name: n.to_string(), version: v.to_string(), any: Any::default() })
-                .collect(),
+            items.iter().map(|(n, v)| Named::new(n.to_string(), v.to_string(), Any::default())).collect(),
         );
         s
     }

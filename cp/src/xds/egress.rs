@@ -118,7 +118,7 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
             push(&mut clusters, &cluster, c, "", |_| {});
             let v = version_of(&format!("{cluster}|{eps:?}"));
             plan.push_str(&format!("{cluster}={eps:?};"));
-            loads.push(Named { name: cluster.clone(), version: v, any: pack_any(remote_cla(&cluster, m.name, &eps)) });
+            loads.push(Named::new(cluster.clone(), v, pack_any(remote_cla(&cluster, m.name, &eps))));
         }
         // ExternalServices.
         for es in m.external_services {
@@ -162,10 +162,10 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
             push(&mut clusters, &cluster, c, "", |_| {});
         }
         // The egress's identity in the mesh, and the mesh CA.
-        secrets.push(Named {
-            name: identity_secret_name(m.name),
-            version: version_of(&format!("{}|{}", m.tls.cert_pem, m.tls.key_pem)),
-            any: pack_any(envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret {
+        secrets.push(Named::new(
+            identity_secret_name(m.name),
+            version_of(&format!("{}|{}", m.tls.cert_pem, m.tls.key_pem)),
+            pack_any(envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret {
                 name: identity_secret_name(m.name),
                 r#type: Some(
                     envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type::TlsCertificate(
@@ -177,11 +177,11 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
                     ),
                 ),
             }),
-        });
-        secrets.push(Named {
-            name: mesh_ca_secret_name(m.name),
-            version: version_of(&m.tls.ca_pem),
-            any: pack_any(envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret {
+        ));
+        secrets.push(Named::new(
+            mesh_ca_secret_name(m.name),
+            version_of(&m.tls.ca_pem),
+            pack_any(envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret {
                 name: mesh_ca_secret_name(m.name),
                 r#type: Some(
                     envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type::ValidationContext(
@@ -189,7 +189,7 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
                     ),
                 ),
             }),
-        });
+        ));
     }
 
     let name = format!("inbound:{}:{port}", n.address);

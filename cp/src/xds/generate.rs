@@ -39,12 +39,29 @@ pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cl
 pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
-/// One generated resource with its version (hash of its plan).
+/// One generated resource with its version (hash of its plan). Shared, so a copy is cheap:
+/// a zone ingress's snapshot and the memo it keeps for the next one hold the same 20,000.
 #[derive(Clone, Debug)]
-pub struct Named {
+pub struct Named(std::sync::Arc<NamedParts>);
+
+#[derive(Debug)]
+pub struct NamedParts {
     pub name: String,
     pub version: String,
     pub any: Any,
+}
+
+impl Named {
+    pub fn new(name: impl Into<String>, version: impl Into<String>, any: Any) -> Self {
+        Named(std::sync::Arc::new(NamedParts { name: name.into(), version: version.into(), any }))
+    }
+}
+
+impl std::ops::Deref for Named {
+    type Target = NamedParts;
+    fn deref(&self) -> &NamedParts {
+        &self.0
+    }
 }
 
 /// Everything one proxy gets, by type URL; names are sorted within a type.
@@ -435,21 +452,17 @@ fn ingress_service(mesh: &str, svc: &str, offer: &ServiceOffer, before: Option<&
     let plan = ClusterPlan { name: cluster_name.clone(), alt_stat_name: stat, subset_selectors: selectors };
     let cluster = match before {
         Some(b) if b.cluster.0 == plan => b.cluster.1.clone(),
-        _ => Named {
-            name: cluster_name.clone(),
-            version: version_of(&format!("{plan:?}")),
-            any: pack_any(cluster_proto(&plan)),
-        },
+        _ => Named::new(cluster_name.clone(), version_of(&format!("{plan:?}")), pack_any(cluster_proto(&plan))),
     };
     // A CLA's version includes its cluster's: when a cluster changes, Envoy re-warms it and
     // needs its endpoints again, so they must be re-sent even if unchanged (as Kuma does).
     let load = match before {
         Some(b) if b.load.0 == eps && b.cluster.1.version == cluster.version => b.load.1.clone(),
-        _ => Named {
-            name: cluster_name.clone(),
-            version: version_of(&format!("{cluster_name}|{eps:?}|{}", cluster.version)),
-            any: pack_any(cla_proto(&cluster_name, &eps)),
-        },
+        _ => Named::new(
+            cluster_name.clone(),
+            version_of(&format!("{cluster_name}|{eps:?}|{}", cluster.version)),
+            pack_any(cla_proto(&cluster_name, &eps)),
+        ),
     };
     IngressService { stamp: offer.stamp, chains, cluster: (plan, cluster), load: (eps, load) }
 }
@@ -479,7 +492,7 @@ fn ingress_listener(
         listener.filter_chains = chains.iter().map(|c| chain_proto(c)).collect();
         listener_plan = format!("{listener_name}|{chains:?}");
     }
-    Named { name: listener_name.to_string(), version: version_of(&listener_plan), any: pack_any(listener) }
+    Named::new(listener_name.to_string(), version_of(&listener_plan), pack_any(listener))
 }
 
 /// What other proxy kinds get for now: nothing (empty resource sets, which Envoy accepts).

@@ -251,7 +251,7 @@ pub(crate) fn push<T: prost::Message + prost::Name + std::fmt::Debug>(
     let version = version_of(&format!("{proto:?}|{extra}"));
     let mut proto = proto;
     finish(&mut proto);
-    out.push(Named { name: name.to_string(), version, any: pack_any(proto) });
+    out.push(Named::new(name.to_string(), version, pack_any(proto)));
 }
 
 pub(crate) fn sorted(mut v: Vec<Named>) -> Vec<Named> {
@@ -397,7 +397,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 push(&mut clusters, svc, c, "", |_| {});
                 let eps = egress_endpoints(inputs.egresses);
                 let v = version_of(&format!("{svc}|{eps:?}|{cluster_version}"));
-                loads.push(Named { name: svc.clone(), version: v, any: pack_any(cla_proto(svc, &eps)) });
+                loads.push(Named::new(svc.clone(), v, pack_any(cla_proto(svc, &eps))));
             } else if let Some((host, port)) = es.host_port() {
                 // Straight to the external address.
                 let protocol = es.tags.get("kuma.io/protocol").map(String::as_str).unwrap_or("tcp");
@@ -437,7 +437,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
         // The version includes the cluster's: a changed cluster needs its endpoints again.
         let v = version_of(&format!("{svc}|{eps:?}|{cluster_version}"));
-        loads.push(Named { name: svc.clone(), version: v, any: pack_any(cla) });
+        loads.push(Named::new(svc.clone(), v, pack_any(cla)));
     }
 
     // --- secrets ----------------------------------------------------------------------
@@ -457,12 +457,12 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 ..Default::default()
             })),
         };
-        secrets.push(Named {
-            name: identity_secret_name(mesh),
-            version: version_of(&format!("{}|{}", t.cert_pem, t.key_pem)),
-            any: pack_any(id),
-        });
-        secrets.push(Named { name: mesh_ca_secret_name(mesh), version: version_of(&t.ca_pem), any: pack_any(ca) });
+        secrets.push(Named::new(
+            identity_secret_name(mesh),
+            version_of(&format!("{}|{}", t.cert_pem, t.key_pem)),
+            pack_any(id),
+        ));
+        secrets.push(Named::new(mesh_ca_secret_name(mesh), version_of(&t.ca_pem), pack_any(ca)));
     }
 
     // --- DNS --------------------------------------------------------------------------
