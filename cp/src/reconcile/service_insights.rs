@@ -33,16 +33,49 @@ pub fn spawn(cp: &Arc<Cp>, shutdown: watch::Receiver<bool>) {
 }
 
 #[derive(Default)]
-struct Stat {
+struct Stat<'a> {
     online: u32,
     offline: u32,
-    zones: BTreeSet<String>,
+    zones: BTreeSet<&'a str>,
 }
 
-/// The `services` map of one mesh's ServiceInsight.
-/// `dataplanes`: each with whether its proxy has an open subscription.
-pub fn compute<'a>(dataplanes: impl IntoIterator<Item = (&'a DataplaneView, bool)>) -> Map<String, Value> {
-    let mut stats: BTreeMap<String, Stat> = BTreeMap::new();
+impl Stat<'_> {
+    fn status(&self) -> &'static str {
+        match (self.online, self.offline) {
+            (0, _) => "offline",
+            (_, 0) => "online",
+            _ => "partially_degraded",
+        }
+    }
+
+    /// Whether `v` is this stat's JSON, compared in place.
+    fn matches(&self, v: &Value) -> bool {
+        let zones_match = match v.get("zones").and_then(Value::as_array) {
+            None => self.zones.is_empty(),
+            Some(z) => z.len() == self.zones.len() && z.iter().zip(&self.zones).all(|(a, b)| a.as_str() == Some(*b)),
+        };
+        let n = |k: &str| v.pointer(&format!("/dataplanes/{k}")).and_then(Value::as_u64);
+        v.as_object().is_some_and(|o| o.len() == 2 + usize::from(!self.zones.is_empty()))
+            && v.get("status").and_then(Value::as_str) == Some(self.status())
+            && n("online") == Some(u64::from(self.online))
+            && n("offline") == Some(u64::from(self.offline))
+            && v.get("dataplanes").and_then(Value::as_object).is_some_and(|d| d.len() == 2)
+            && zones_match
+    }
+
+    fn to_json(&self) -> Value {
+        let mut v = json!({"status": self.status(), "dataplanes": {"online": self.online, "offline": self.offline}});
+        if !self.zones.is_empty() {
+            v["zones"] = json!(self.zones);
+        }
+        v
+    }
+}
+
+/// Per service of the given Dataplanes (each with whether its proxy has an open
+/// subscription): inbounds online and offline, and zones.
+fn stats<'a>(dataplanes: impl IntoIterator<Item = (&'a DataplaneView, bool)>) -> BTreeMap<&'a str, Stat<'a>> {
+    let mut stats: BTreeMap<&str, Stat<'_>> = BTreeMap::new();
     for (view, connected) in dataplanes {
         let dp = &view.resource;
         let inbounds = view.inbounds();
@@ -51,35 +84,31 @@ pub fn compute<'a>(dataplanes: impl IntoIterator<Item = (&'a DataplaneView, bool
         let online = connected && inbounds.iter().all(|i| i.is_healthy());
         for inb in inbounds {
             let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
-            let s = match stats.get_mut(svc) {
-                Some(s) => s,
-                None => stats.entry(svc.clone()).or_default(),
-            };
+            let s = stats.entry(svc.as_str()).or_default();
             if online {
                 s.online += 1;
             } else {
                 s.offline += 1;
             }
             if let Some(z) = inb.tags.get(ZONE).or_else(|| dp.labels.get(ZONE)) {
-                s.zones.insert(z.clone());
+                s.zones.insert(z.as_str());
             }
         }
     }
     stats
-        .into_iter()
-        .map(|(svc, s)| {
-            let status = match (s.online, s.offline) {
-                (0, _) => "offline",
-                (_, 0) => "online",
-                _ => "partially_degraded",
-            };
-            let mut v = json!({"status": status, "dataplanes": {"online": s.online, "offline": s.offline}});
-            if !s.zones.is_empty() {
-                v["zones"] = json!(s.zones);
-            }
-            (svc, v)
-        })
-        .collect()
+}
+
+/// The `services` map of one mesh's ServiceInsight.
+/// `dataplanes`: each with whether its proxy has an open subscription.
+pub fn compute<'a>(dataplanes: impl IntoIterator<Item = (&'a DataplaneView, bool)>) -> Map<String, Value> {
+    stats(dataplanes).into_iter().map(|(svc, s)| (svc.to_string(), s.to_json())).collect()
+}
+
+/// Whether a stored `services` map says what `stats` says (compared in place: it has an
+/// entry per service, thousands at scale).
+fn services_match(stats: &BTreeMap<&str, Stat<'_>>, stored: Option<&Value>) -> bool {
+    let Some(stored) = stored.and_then(Value::as_object) else { return false };
+    stored.len() == stats.len() && stats.iter().all(|(svc, s)| stored.get(*svc).is_some_and(|v| s.matches(v)))
 }
 
 async fn update(cp: &Cp) -> anyhow::Result<()> {
@@ -87,8 +116,15 @@ async fn update(cp: &Cp) -> anyhow::Result<()> {
     let dps = cp.dataplanes.read(cp.store.as_ref()).await?;
     for mesh in &meshes {
         let mut r = Resource::new(ResourceType::ServiceInsight, mesh, &name(mesh));
-        r.spec.insert("services".into(), Value::Object(compute(dps.with_online(Some(mesh)))));
         compute_labels(&mut r, cp.role());
+        let stats = stats(dps.with_online(Some(mesh)));
+        let stored = cp.store.get_shared(ResourceType::ServiceInsight, mesh, &r.name).await?;
+        if stored.as_ref().is_some_and(|old| old.labels == r.labels && services_match(&stats, old.spec.get("services")))
+        {
+            continue;
+        }
+        let services = stats.iter().map(|(svc, s)| (svc.to_string(), s.to_json())).collect();
+        r.spec.insert("services".into(), Value::Object(services));
         cp.store.upsert(r, None).await?;
     }
     // Insights of meshes that are gone (only ours: a zone keeps what global sent).
@@ -136,5 +172,17 @@ mod tests {
         assert_eq!(m["echo"]["zones"], json!(["zone-1", "zone-2"]));
         // Connected but not ready: offline.
         assert_eq!(m["web"]["status"], "offline");
+        // What was stored matches the stats it came from, and only those.
+        let online = |v: &DataplaneView| {
+            insights.get(&(v.resource.mesh.clone(), v.resource.name.clone())).is_some_and(is_online)
+        };
+        let st = stats(views.iter().map(|v| (v, online(v))));
+        let stored = Value::Object(m.clone());
+        assert!(services_match(&st, Some(&stored)));
+        let st_all_online = stats(views.iter().map(|v| (v, true)));
+        assert!(!services_match(&st_all_online, Some(&stored)));
+        let mut fewer = m.clone();
+        fewer.remove("web");
+        assert!(!services_match(&st, Some(&Value::Object(fewer))));
     }
 }
