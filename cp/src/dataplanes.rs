@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, broadcast};
 
 use crate::lifecycle::{is_online, joining};
-use crate::model::{AvailableService, DataplaneSpec, Resource, ResourceType, SERVICE_TAG};
+use crate::model::{DataplaneSpec, Resource, ResourceType, SERVICE_TAG};
 use crate::store::{ChangeEvent, Store, StoreError};
 use crate::xds::generate::{EndpointPlan, inbound_endpoints, inbound_services};
 use crate::xds::sni::sni_from_tags;
@@ -111,17 +111,20 @@ impl Dataplanes {
     }
 
     /// Whether the proxy of a Dataplane has an open subscription.
+    #[cfg(test)]
     pub fn is_online(&self, mesh: &str, name: &str) -> bool {
         self.online.contains(&(mesh.to_string(), name.to_string()))
     }
 
     /// `availableServices` of the meshes `include` accepts: one entry per (mesh, full tag
     /// set) of the serving Dataplanes' healthy inbounds, by mesh, then tags as an SNI.
-    pub fn available_services(&self, include: impl Fn(&str) -> bool) -> Vec<AvailableService> {
+    /// (What [`Dataplanes::available_services_json`] is checked against.)
+    #[cfg(test)]
+    pub fn available_services(&self, include: impl Fn(&str) -> bool) -> Vec<crate::model::AvailableService> {
         self.services
             .iter()
             .filter(|((mesh, _, _), _)| include(mesh))
-            .map(|((mesh, _, tags), n)| AvailableService {
+            .map(|((mesh, _, tags), n)| crate::model::AvailableService {
                 tags: tags.clone(),
                 instances: *n,
                 mesh: mesh.clone(),
@@ -164,6 +167,7 @@ impl Dataplanes {
     }
 
     /// The endpoints of a service in a mesh, sorted, each once.
+    #[cfg(test)]
     pub fn endpoints(&self, mesh: &str, service: &str) -> Vec<EndpointPlan> {
         self.offers.get(&(mesh.to_string(), service.to_string())).map(ServiceOffer::endpoints).unwrap_or_default()
     }
@@ -202,14 +206,6 @@ impl Dataplanes {
     /// Equal for two reads with no Dataplane change between them.
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
     }
 
     fn set_dataplane(&mut self, key: MeshName, r: Option<Resource>) {
