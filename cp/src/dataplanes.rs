@@ -90,24 +90,28 @@ pub struct Dataplanes {
 }
 
 impl Dataplanes {
+    /// The entries of one mesh or of all, by mesh then name.
+    fn entries<'a>(
+        &'a self,
+        mesh: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a MeshName, &'a Arc<DataplaneView>)> + 'a {
+        let start = (mesh.unwrap_or_default().to_string(), String::new());
+        self.by_key.range(start..).take_while(move |((m, _), _)| mesh.is_none_or(|mesh| m == mesh))
+    }
+
     /// Every Dataplane, of one mesh or of all, by mesh then name.
     pub fn all<'a>(&'a self, mesh: Option<&'a str>) -> impl Iterator<Item = &'a Arc<DataplaneView>> + 'a {
-        let start = (mesh.unwrap_or_default().to_string(), String::new());
-        self.by_key.range(start..).take_while(move |((m, _), _)| mesh.is_none_or(|mesh| m == mesh)).map(|(_, v)| v)
+        self.entries(mesh).map(|(_, v)| v)
     }
 
     /// The Dataplanes that are endpoints: all but those whose proxy is still joining.
     pub fn serving<'a>(&'a self, mesh: Option<&'a str>) -> impl Iterator<Item = &'a Arc<DataplaneView>> + 'a {
-        self.all(mesh).filter(|d| !self.joining.contains(&(d.resource.mesh.clone(), d.resource.name.clone())))
+        self.entries(mesh).filter(|(k, _)| !self.joining.contains(*k)).map(|(_, v)| v)
     }
 
     /// Every Dataplane of a mesh (or of all), with whether its proxy has an open subscription.
     pub fn with_online<'a>(&'a self, mesh: Option<&'a str>) -> impl Iterator<Item = (&'a DataplaneView, bool)> + 'a {
-        let start = (mesh.unwrap_or_default().to_string(), String::new());
-        self.by_key
-            .range(start..)
-            .take_while(move |((m, _), _)| mesh.is_none_or(|mesh| m == mesh))
-            .map(|(k, v)| (v.as_ref(), self.online.contains(k)))
+        self.entries(mesh).map(|(k, v)| (v.as_ref(), self.online.contains(k)))
     }
 
     /// Whether the proxy of a Dataplane has an open subscription.
