@@ -20,6 +20,9 @@ use std::sync::Arc;
 use crate::descriptors::Descriptors;
 use crate::json_wire;
 
+mod listener;
+pub use listener::ListenerResource;
+
 /// The type URL prefix every Envoy resource carries.
 const TYPE_PREFIX: &str = "type.googleapis.com/";
 
@@ -31,7 +34,8 @@ pub const MAX_FILE_BYTES: usize = 256 << 20;
 #[derive(Debug, Clone, Default)]
 pub struct Resources {
     pub version: String,
-    pub listeners: Vec<Listener>,
+    /// Their filter chains still encoded (see [`ListenerResource`]).
+    pub listeners: Vec<ListenerResource>,
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub secrets: Vec<Secret>,
@@ -78,7 +82,7 @@ impl Resources {
         let bytes = any.value.as_slice();
         let err = |e: prost::DecodeError| format!("cannot decode {}: {e}", any.type_url);
         match any.type_url.as_str() {
-            u if u == Listener::type_url() => self.listeners.push(Listener::decode(bytes).map_err(err)?),
+            u if u == Listener::type_url() => self.listeners.push(ListenerResource::decode(bytes).map_err(err)?),
             u if u == Cluster::type_url() => self.clusters.push(Cluster::decode(bytes).map_err(err)?),
             u if u == ClusterLoadAssignment::type_url() => {
                 self.endpoints.push(ClusterLoadAssignment::decode(bytes).map_err(err)?)
@@ -159,7 +163,10 @@ impl Resources {
             Arc::new(Any { type_url: M::type_url(), value: r.encode_to_vec() })
         }
         let mut items = Vec::with_capacity(self.len());
-        items.extend(self.listeners.iter().map(any));
+        let listener_url = Listener::type_url();
+        items.extend(
+            self.listeners.iter().map(|l| Arc::new(Any { type_url: listener_url.clone(), value: l.encode_to_vec() })),
+        );
         items.extend(self.clusters.iter().map(any));
         items.extend(self.endpoints.iter().map(any));
         items.extend(self.secrets.iter().map(any));
@@ -440,7 +447,8 @@ resources:
         assert_eq!(r.clusters[0].name, "backend");
         assert_eq!(r.clusters[0].connect_timeout.unwrap().nanos, 500_000_000);
         assert_eq!(r.listeners[0].name, "l1");
-        let tc = r.listeners[0].filter_chains[0].filters[0].config_type.as_ref().unwrap();
+        let l = r.listeners[0].to_listener().unwrap();
+        let tc = l.filter_chains[0].filters[0].config_type.as_ref().unwrap();
         let envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any) = tc else { panic!() };
         assert!(any.type_url.ends_with("TcpProxy"));
     }

@@ -15,7 +15,7 @@ use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, list
 use crate::hcm::{BuildCtx as HttpBuildCtx, HttpCfg};
 use crate::health::{CheckCfg, Checks, HostHealth};
 use crate::outlier::OutlierCfg;
-use crate::resources::{Encoded, Resources};
+use crate::resources::{Encoded, ListenerResource, Resources};
 use crate::stats::Registry;
 use crate::tls::{self as tls_cfg, Secrets, TlsError};
 use crate::upstream::HostAddr;
@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter, listener_filter};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, filter, listener_filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
@@ -123,14 +123,16 @@ pub fn build_with(
     let mut bound: HashMap<SocketAddr, &str> = HashMap::new();
     let mut dns = HashMap::new();
     for l in resources.listeners.iter().filter(|l| super::dns::is_udp(l)) {
-        let cfg = super::dns::build(l).map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        let l = l.to_listener().map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        let cfg = super::dns::build(&l).map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if dns.insert(l.name.clone(), Arc::new(cfg)).is_some() {
             return Err(format!("listener `{}` is defined twice", l.name));
         }
     }
     let mut embedded_dns = None;
     for l in resources.listeners.iter().filter(|l| super::dynconf::is_dynconf(l)) {
-        if let Some(t) = super::dynconf::dns_table(l).map_err(|e| format!("listener `{}`: {e}", l.name))? {
+        let l = l.to_listener().map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        if let Some(t) = super::dynconf::dns_table(&l).map_err(|e| format!("listener `{}`: {e}", l.name))? {
             embedded_dns = Some(Arc::new(t));
         }
     }
@@ -195,7 +197,7 @@ struct ChainCtx<'a> {
     notes: &'a mut Vec<String>,
 }
 
-fn build_listener(l: &Listener, cx: &mut ChainCtx<'_>) -> Result<ListenerCfg, String> {
+fn build_listener(l: &ListenerResource, cx: &mut ChainCtx<'_>) -> Result<ListenerCfg, String> {
     let stats = cx.stats;
     let (host, port) = socket_address(l.address.as_ref()).map_err(|e| format!("address: {e}"))?;
     if let Some(Address { address: Some(address::Address::SocketAddress(sa)) }) = &l.address
@@ -240,9 +242,11 @@ fn build_listener(l: &Listener, cx: &mut ChainCtx<'_>) -> Result<ListenerCfg, St
 
     let mut matcher = ChainMatcher::default();
     let mut chains = vec![];
-    for (i, fc) in l.filter_chains.iter().enumerate() {
-        let chain = build_chain(fc, cx).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
-        let criteria = criteria(fc).map_err(|e| format!("filter_chains[{i}].filter_chain_match: {e}"))?;
+    for (i, fc) in l.chains().enumerate() {
+        // Decoded one at a time: see `ListenerResource`.
+        let fc = fc.map_err(|e| format!("filter_chains[{i}]: {e}"))?;
+        let chain = build_chain(&fc, cx).map_err(|e| format!("filter_chains[{i}]: {e}"))?;
+        let criteria = criteria(&fc).map_err(|e| format!("filter_chains[{i}].filter_chain_match: {e}"))?;
         matcher.insert(&criteria, i)?;
         chains.push(Arc::new(chain));
     }
