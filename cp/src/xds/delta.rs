@@ -39,6 +39,25 @@ pub enum Reply {
     Nack(String),
 }
 
+/// One walk over the desired resources and what the client holds, both sorted by name: the
+/// resources it lacks or holds in another version, and the names it holds that are no longer
+/// desired.
+fn merge<'a>(desired: &[&'a Named], held: &BTreeMap<String, String>) -> (Vec<&'a Named>, Vec<String>) {
+    let (mut updated, mut removed) = (vec![], vec![]);
+    let mut held = held.iter().peekable();
+    for n in desired {
+        while let Some((k, _)) = held.next_if(|(k, _)| k.as_str() < n.name.as_str()) {
+            removed.push(k.clone());
+        }
+        match held.next_if(|(k, _)| **k == n.name) {
+            Some((_, version)) if *version == n.version => {}
+            _ => updated.push(*n),
+        }
+    }
+    removed.extend(held.map(|(k, _)| k.clone()));
+    (updated, removed)
+}
+
 pub fn classify(r: &DeltaDiscoveryRequest) -> Reply {
     match (&r.error_detail, r.response_nonce.is_empty()) {
         (Some(e), _) => Reply::Nack(e.message.clone()),
@@ -53,12 +72,12 @@ impl Delta {
     pub fn diff(&mut self, snap: &ProxySnapshot, type_url: &str, force: bool) -> Option<DeltaDiscoveryResponse> {
         let st = self.types.get_mut(type_url)?;
         let all = snap.resources(type_url);
-        let desired: Vec<&Named> = all.iter().filter(|n| st.wildcard || st.names.contains(&n.name)).collect();
-        let updated: Vec<&Named> =
-            desired.iter().copied().filter(|n| st.client_has.get(&n.name) != Some(&n.version)).collect();
-        let desired_names: BTreeSet<&str> = desired.iter().map(|n| n.name.as_str()).collect();
-        let removed: Vec<String> =
-            st.client_has.keys().filter(|k| !desired_names.contains(k.as_str())).cloned().collect();
+        let mut desired: Vec<&Named> = all.iter().filter(|n| st.wildcard || st.names.contains(&n.name)).collect();
+        // Generation emits names in order, so this is one linear pass; it makes the walk
+        // below a merge of two sorted sequences instead of a map lookup per resource (at
+        // 10,000 services those lookups were a quarter of cp's CPU for a one-endpoint change).
+        desired.sort_by(|a, b| a.name.cmp(&b.name));
+        let (updated, removed) = merge(&desired, &st.client_has);
         if updated.is_empty() && removed.is_empty() && !force {
             return None;
         }
@@ -200,5 +219,21 @@ mod tests {
         assert_eq!(names(&resp), vec!["b"]);
         assert_eq!(resp.removed_resources, vec!["gone"]);
         assert_eq!(classify(&r), Reply::Subscribe);
+    }
+
+    #[test]
+    fn updates_and_removals_interleave_in_any_order_of_the_snapshot() {
+        let mut d = Delta::default();
+        let first = snap(&[("b", "1"), ("d", "1"), ("f", "1"), ("h", "1")]);
+        d.on_request(&first, &req("", &["*"], None)).unwrap();
+        // Out of order on purpose; names before, between and after what the client holds.
+        let r = d.diff(&snap(&[("g", "1"), ("a", "1"), ("d", "2"), ("f", "1"), ("i", "1")]), T, false).unwrap();
+        let mut got: Vec<(&str, &str)> = r.resources.iter().map(|r| (r.name.as_str(), r.version.as_str())).collect();
+        got.sort();
+        assert_eq!(got, vec![("a", "1"), ("d", "2"), ("g", "1"), ("i", "1")]);
+        assert_eq!(r.removed_resources, vec!["b", "h"]);
+        assert!(d.diff(&snap(&[("a", "1"), ("d", "2"), ("f", "1"), ("g", "1"), ("i", "1")]), T, false).is_none());
+        let r = d.diff(&snap(&[]), T, false).unwrap();
+        assert_eq!(r.removed_resources, vec!["a", "d", "f", "g", "i"]);
     }
 }
