@@ -62,9 +62,11 @@ pub async fn provide(
     tx: &mpsc::Sender<DeltaDiscoveryResponse>,
 ) -> Result<(), tonic::Status> {
     let mut events = cp.store.events();
-    let mut snap = ProxySnapshot::default();
+    let (mut snap, mut memo) = (ProxySnapshot::default(), provider::Memo::default());
     let all: BTreeSet<ResourceType> = dir.types().into_iter().collect();
-    provider::refresh(cp, &dir, &all, &mut snap).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+    provider::refresh(cp, &dir, &all, &mut snap, &mut memo)
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
     let mut delta = Delta::default();
     let mut next = first;
     let mut announced: BTreeSet<String> = BTreeSet::new();
@@ -107,7 +109,9 @@ pub async fn provide(
                 }
             }
         }
-        provider::refresh(cp, &dir, &dirty, &mut snap).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+        provider::refresh(cp, &dir, &dirty, &mut snap, &mut memo)
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         for t in delta.subscribed() {
             if let Some(resp) = delta.diff(&snap, &t, false) {
                 send(cp, obs, tx, resp, &mut announced).await?;
