@@ -184,7 +184,7 @@ pub async fn consume(
         };
         let initial = synced.insert(rtype);
         let batch = decode_batch(side, hash_suffix_peer, rtype, &resp);
-        let local = cp.store.list(rtype, None).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let local = cp.store.list_shared(rtype, None).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
         let received = batch.resources.len();
         let (ops, errors) = sink::plan(side, rtype, initial, &local, batch);
         cp.store.apply(ops).await.map_err(|e| tonic::Status::internal(e.to_string()))?;
