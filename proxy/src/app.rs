@@ -223,9 +223,11 @@ pub fn spawn_config_thread(name: &str, job: impl Future<Output = ()> + Send + 's
 
 /// The nice value of dp's background threads (configuration, reaper). With 10, the
 /// scheduler gives a data-path worker about nine tenths of a CPU they both want, so a
-/// storm of large updates slows the updates rather than the connections being set up
-/// (benches/storm.py on one CPU: the p99 it adds went from 2.3–3.2 ms to 1.5–1.8 ms).
+/// storm of large updates slows the updates rather than the connections being set up.
 /// Updates still get about a tenth of a saturated CPU: they are slowed, never stopped.
+/// (benches/storm.py on one CPU adds 0.02 ms to the p99 with it; `SCHED_IDLE` and a 100 µs
+/// EEVDF slice measured the same. The larger gain once cited here was measured while the
+/// bench itself stalled its client; see benches/RESULTS.md, section 7.)
 pub const BACKGROUND_NICE: i32 = 10;
 
 /// Lowers the calling thread's scheduling priority to [`BACKGROUND_NICE`] (on Linux the
