@@ -21,39 +21,6 @@ import argparse, json, os, sys, tempfile, threading, time, types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xds_apply as X  # noqa: E402
-from procfs import free_port  # noqa: E402
-
-
-class Cp(X.ControlPlane):
-    """A control plane started with `env` (mode, zone, global address) and KDS on any port."""
-
-    def __init__(self, cp_bin, d, name, env):
-        self.dir = os.path.join(d, name)
-        os.makedirs(self.dir, exist_ok=True)
-        addr_file = os.path.join(self.dir, "addresses.json")
-        env = dict(os.environ, KUMA_GENERAL_WORK_DIR=self.dir, KUMA_LOG_LEVEL="warn", **env)
-        self.proc = X.Proc(["taskset", "-c", X.HELPER_CPU, cp_bin, "run", "--bind-address", "127.0.0.1",
-                            "--dp-server-port", "0", "--kds-port", "0", "--api-port", "0", "--address-file", addr_file],
-                           env=env, log_path=os.path.join(self.dir, "cp.log"))
-        deadline = time.monotonic() + 30
-        while not os.path.exists(addr_file):
-            if time.monotonic() > deadline or self.proc.p.poll() is not None:
-                raise SystemExit(f"{name} did not start; see {self.dir}/cp.log")
-            time.sleep(0.02)
-        time.sleep(0.05)  # the file is written whole, but give the writer its close
-        v = json.load(open(addr_file))
-        self.api, self.ca_file = v["api"], v["ca_cert_file"]
-        self.dp_server, self.kds = v.get("dp_server"), v.get("kds")
-        self.dp_port = int(self.dp_server.rsplit(":", 1)[1]) if self.dp_server else 0
-
-    def stop(self):
-        self.proc.stop()
-
-    def get(self, path):
-        st, out = X.request("GET", self.api, path, timeout=30)
-        if st != 200:
-            raise SystemExit(f"GET {path}: {st} {out[:300]!r}")
-        return json.loads(out)
 
 
 def instances(zone, from_zone):
@@ -86,14 +53,15 @@ def main():
     d = tempfile.mkdtemp(prefix="cp-multizone-")
     started = []
     try:
-        glob = Cp(args.cp, d, "global", {"KUMA_MODE": "global"})
+        quiet = {"KUMA_LOG_LEVEL": "warn"}
+        glob = X.ControlPlane(args.cp, d, "global", {"KUMA_MODE": "global", **quiet}, kds=True)
         started.append(glob)
         kds = f"grpcs://localhost:{glob.kds.rsplit(':', 1)[1]}"
         zones = []
         for z in ("zone-1", "zone-2"):
-            zones.append(Cp(args.cp, d, z, {"KUMA_MODE": "zone", "KUMA_MULTIZONE_ZONE_NAME": z,
-                                            "KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS": kds,
-                                            "KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE": glob.ca_file}))
+            zones.append(X.ControlPlane(args.cp, d, z, {"KUMA_MODE": "zone", "KUMA_MULTIZONE_ZONE_NAME": z, **quiet,
+                                                        "KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS": kds,
+                                                        "KUMA_MULTIZONE_ZONE_KDS_ROOT_CA_FILE": glob.ca_file}))
             started.append(zones[-1])
         z1, z2 = zones
         wait_for("both zones online on global",

@@ -491,22 +491,32 @@ def file_mode(a, d):
 # ---------------------------------------------------------------- part 2: Delta ADS through cp
 
 class ControlPlane:
-    def __init__(self, cp_bin, d):
-        self.dir = os.path.join(d, "cp")
+    def __init__(self, cp_bin, d, name="cp", env=None, kds=False):
+        """A `cp run` in `<d>/<name>`: a standalone zone ZONE, or what `env` says (mode, zone,
+        global address); `kds` also serves KDS (global) on any free port."""
+        self.dir = os.path.join(d, name)
         os.makedirs(self.dir, exist_ok=True)
         addr_file = os.path.join(self.dir, "addresses.json")
-        env = dict(os.environ, KUMA_GENERAL_WORK_DIR=self.dir, KUMA_MULTIZONE_ZONE_NAME=ZONE)
+        env = dict(os.environ, KUMA_GENERAL_WORK_DIR=self.dir, **(env or {"KUMA_MULTIZONE_ZONE_NAME": ZONE}))
         self.proc = Proc(SCHED + ["taskset", "-c", HELPER_CPU, cp_bin, "run", "--bind-address", "127.0.0.1",
-                          "--dp-server-port", "0", "--api-port", "0", "--address-file", addr_file],
+                          "--dp-server-port", "0", "--api-port", "0", "--address-file", addr_file]
+                         + (["--kds-port", "0"] if kds else []),
                          env=env, log_path=os.path.join(self.dir, "cp.log"))
         deadline = time.monotonic() + 30
         while not os.path.exists(addr_file):
             if time.monotonic() > deadline or self.proc.p.poll() is not None:
-                raise SystemExit(f"cp did not start; see {self.dir}/cp.log")
+                raise SystemExit(f"{name} did not start; see {self.dir}/cp.log")
             time.sleep(0.02)
         v = json.load(open(addr_file))
-        self.api, self.dp_server, self.ca_file = v["api"], v["dp_server"], v["ca_cert_file"]
-        self.dp_port = int(self.dp_server.rsplit(":", 1)[1])
+        self.api, self.ca_file = v["api"], v["ca_cert_file"]
+        self.dp_server, self.kds = v.get("dp_server"), v.get("kds")
+        self.dp_port = int(self.dp_server.rsplit(":", 1)[1]) if self.dp_server else 0
+
+    def get(self, path):
+        st, out = request("GET", self.api, path, timeout=30)
+        if st != 200:
+            raise SystemExit(f"GET {path}: {st} {out[:300]!r}")
+        return json.loads(out)
 
     def put(self, path, body, conn=None):
         st, out = request("PUT", self.api, path, body, conn=conn)
