@@ -8,6 +8,7 @@ use crate::ca::CaManager;
 use crate::config::RunConfig;
 use crate::dataplanes::DataplaneIndex;
 use crate::kds::metrics::KdsMetrics;
+use crate::kds::provider::SharedEncodes;
 use crate::leader::Leadership;
 use crate::model::labels::Role;
 use crate::store::Store;
@@ -25,6 +26,8 @@ pub struct Cp {
     pub dp_port: AtomicU16,
     /// Counters of the KDS streams.
     pub kds_metrics: KdsMetrics,
+    /// What global's zone streams encoded, shared between them.
+    pub kds_encodes: SharedEncodes,
     /// Whether this instance runs the leader-only jobs (always, on the memory store).
     pub leader: Leadership,
     /// The Dataplanes, parsed once, for everything derived from them.
@@ -52,6 +55,7 @@ impl Cp {
             instance_id,
             dp_port: AtomicU16::new(cfg.dp_server_port),
             kds_metrics: KdsMetrics::default(),
+            kds_encodes: SharedEncodes::default(),
             leader,
             dataplanes: DataplaneIndex::new(store.events()),
             cfg,

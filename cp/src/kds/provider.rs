@@ -5,6 +5,7 @@
 //! ([`Memo`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use super::codec;
 use super::mapper::{self, PeerZone};
@@ -56,6 +57,43 @@ pub struct Memo {
 /// (mesh, name) -> (store version, what it was sent as).
 type Encoded = HashMap<(String, String), (u64, Option<Named>)>;
 
+/// What global's zone streams encoded, shared between them. What global sends in place of a
+/// resource depends on the resource and on whether the zone hashes names, not on which zone
+/// it is (that only decides whether it is sent), so the ServiceInsight and each zone's
+/// ingress, 10,000 entries each at scale, are encoded once per change instead of once per
+/// zone.
+#[derive(Default)]
+pub struct SharedEncodes(Mutex<HashMap<ResourceType, SharedOfType>>);
+
+/// (mesh, name, whether the zone hashes names) -> (store version, its encoding).
+type SharedOfType = HashMap<(String, String, bool), (u64, Named)>;
+
+impl SharedEncodes {
+    fn get(&self, r: &Resource, hash_suffix: bool) -> Option<Named> {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (version, named) = all.get(&r.rtype)?.get(&(r.mesh.clone(), r.name.clone(), hash_suffix))?;
+        (*version == r.version).then(|| named.clone())
+    }
+
+    fn put(&self, r: &Resource, hash_suffix: bool, named: Named) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.entry(r.rtype).or_default().insert((r.mesh.clone(), r.name.clone(), hash_suffix), (r.version, named));
+    }
+
+    /// Forgets the resources of `rtype` that are no longer stored.
+    fn prune(&self, rtype: ResourceType, stored: &Encoded) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(of_type) = all.get_mut(&rtype) {
+            of_type.retain(|(mesh, name, _), _| stored.contains_key(&(mesh.clone(), name.clone())));
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().values().map(HashMap::len).sum()
+    }
+}
+
 /// The snapshot of the given types, replacing those types in `snap`.
 pub async fn refresh(
     cp: &Cp,
@@ -80,7 +118,7 @@ pub async fn refresh(
             let key = (r.mesh.clone(), r.name.clone());
             let out = match before.remove(&key) {
                 Some((version, out)) if version == r.version => out,
-                _ => encode(dir, &r, &memo.enabled),
+                _ => encode(cp, dir, &r, &memo.enabled),
             };
             named.extend(out.iter().cloned());
             kept.insert(key, (r.version, out));
@@ -88,16 +126,32 @@ pub async fn refresh(
         named.sort_by(|a, b| a.name.cmp(&b.name));
         named.dedup_by(|a, b| a.name == b.name);
         snap.by_type.insert(t.name().to_string(), named);
+        if matches!(dir, Direction::GlobalToZone(_)) {
+            cp.kds_encodes.prune(*t, &kept);
+        }
         memo.types.insert(*t, kept);
     }
     Ok(())
 }
 
 /// One resource as the other side receives it; `None` when it is not sent.
-fn encode(dir: &Direction, r: &Resource, enabled: &BTreeMap<String, bool>) -> Option<Named> {
+fn encode(cp: &Cp, dir: &Direction, r: &Resource, enabled: &BTreeMap<String, bool>) -> Option<Named> {
     let out = map(dir, r, enabled)?;
+    let shared = match dir {
+        Direction::GlobalToZone(peer) => Some(peer.hash_suffix),
+        Direction::ZoneToGlobal { .. } => None,
+    };
+    if let Some(named) = shared.and_then(|h| cp.kds_encodes.get(r, h)) {
+        return Some(named);
+    }
     match codec::encode(&out) {
-        Ok(d) => Some(Named::new(d.name, d.version, d.resource.unwrap_or_default())),
+        Ok(d) => {
+            let named = Named::new(d.name, d.version, d.resource.unwrap_or_default());
+            if let Some(h) = shared {
+                cp.kds_encodes.put(r, h, named.clone());
+            }
+            Some(named)
+        }
         Err(e) => {
             tracing::warn!(kind = r.rtype.name(), name = %r.name, error = %e, "resource not synced: it cannot be encoded");
             None
@@ -181,5 +235,39 @@ mod tests {
         let parts =
             |v: &[Named]| v.iter().map(|n| (n.name.clone(), n.version.clone(), n.any.clone())).collect::<Vec<_>>();
         assert_eq!(parts(second), parts(sent(&fresh)));
+    }
+
+    #[tokio::test]
+    async fn zone_streams_share_one_encoding_of_each_resource() {
+        let dir = std::env::temp_dir().join(format!("kds-provider-shared-{}", std::process::id()));
+        let cp = Cp::new(RunConfig::for_tests(dir), Arc::new(MemoryStore::new()));
+        let mesh = |name: &str, backend: &str| {
+            Resource::from_json(&json!({"type": "Mesh", "name": name,
+                "mtls": {"enabledBackend": backend, "backends": [{"name": backend, "type": "builtin"}]}}))
+            .unwrap()
+        };
+        cp.store.upsert(mesh("m1", "ca-1"), None).await.unwrap();
+        cp.store.upsert(mesh("m2", "ca-1"), None).await.unwrap();
+        async fn refresh_for(cp: &Cp, zone: &str) -> Vec<Named> {
+            let to = Direction::GlobalToZone(PeerZone { name: zone.into(), hash_suffix: true });
+            let mut snap = ProxySnapshot::default();
+            let types = BTreeSet::from([ResourceType::Mesh]);
+            refresh(cp, &to, &types, &mut snap, &mut Memo::default()).await.unwrap();
+            snap.resources(ResourceType::Mesh.name()).to_vec()
+        }
+        let (one, two) = (refresh_for(&cp, "zone-1").await, refresh_for(&cp, "zone-2").await);
+        assert_eq!(one.len(), 2);
+        for (a, b) in one.iter().zip(&two) {
+            assert!(std::ptr::eq(&**a, &**b), "{}: encoded once for both zones", a.name);
+        }
+
+        // A change is encoded once more, for whichever zone asks first; a deletion is forgotten.
+        cp.store.upsert(mesh("m1", "ca-2"), None).await.unwrap();
+        cp.store.delete(ResourceType::Mesh, "", "m2").await.unwrap();
+        let (one_again, two_again) = (refresh_for(&cp, "zone-1").await, refresh_for(&cp, "zone-2").await);
+        assert_eq!(one_again.len(), 1);
+        assert_ne!(one_again[0].version, one[0].version);
+        assert!(std::ptr::eq(&*one_again[0], &*two_again[0]));
+        assert_eq!(cp.kds_encodes.len(), 1, "m2's encoding was dropped with it");
     }
 }
