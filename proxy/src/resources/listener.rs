@@ -95,8 +95,13 @@ impl ListenerResource {
 
     /// The filter chains, each decoded when the iterator reaches it.
     pub fn chains(&self) -> impl Iterator<Item = Result<FilterChain, prost::DecodeError>> + '_ {
+        self.encoded_chains().map(FilterChain::decode)
+    }
+
+    /// Each chain's encoding.
+    fn encoded_chains(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(&self.ends).map(|(start, &end)| FilterChain::decode(&self.chains[start..end]))
+        starts.zip(&self.ends).map(|(start, &end)| &self.chains[start..end])
     }
 
     /// The whole Listener, chains decoded: for the small listeners read as a whole (DNS,
@@ -110,11 +115,10 @@ impl ListenerResource {
     pub fn encode_to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.head.encoded_len() + self.chains.len() + 4 * self.ends.len());
         self.head.encode(&mut out).expect("a Vec grows as needed");
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        for (start, &end) in starts.zip(&self.ends) {
+        for chain in self.encoded_chains() {
             encode_key(FILTER_CHAINS, WireType::LengthDelimited, &mut out);
-            encode_varint((end - start) as u64, &mut out);
-            out.extend_from_slice(&self.chains[start..end]);
+            encode_varint(chain.len() as u64, &mut out);
+            out.extend_from_slice(chain);
         }
         out
     }
