@@ -11,12 +11,14 @@
 //! put that event in this index's receiver before, so draining the receiver at read time
 //! covers it, and the `get` returns the resource as of now (never older than the event).
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tokio::sync::{Mutex, broadcast};
 
 use crate::lifecycle::{is_online, joining};
+use crate::model::labels::ZONE;
 use crate::model::{DataplaneSpec, Resource, ResourceType, SERVICE_TAG};
 use crate::store::{ChangeEvent, Store, StoreError};
 use crate::xds::generate::{EndpointPlan, inbound_endpoints, inbound_services};
@@ -49,6 +51,26 @@ impl DataplaneView {
 
 type MeshName = (String, String);
 
+/// A count, with its stamp: a value of the generation counter taken when it last changed
+/// (below the generation of the read that changed it, above every earlier one).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counted {
+    pub n: u32,
+    pub stamp: u64,
+}
+
+/// ServiceInsight figures of one service of a mesh: its Dataplanes' inbounds online and
+/// offline (a proxy that is connected with every inbound ready is online), and their zones.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceStat {
+    pub online: u32,
+    pub offline: u32,
+    /// Zone -> inbounds in it.
+    pub zones: BTreeMap<String, u32>,
+    /// Its stamp, as [`Counted::stamp`].
+    pub stamp: u64,
+}
+
 /// What the serving Dataplanes offer for one service of one mesh.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceOffer {
@@ -78,7 +100,13 @@ pub struct Dataplanes {
     online: BTreeSet<MeshName>,
     /// What the serving Dataplanes offer, kept with them so that a change costs what it
     /// changed: (mesh, the tags as an SNI, the tags) -> healthy inbounds with those tags.
-    services: BTreeMap<(String, String, BTreeMap<String, String>), u32>,
+    services: BTreeMap<(String, String, BTreeMap<String, String>), Counted>,
+    /// The stamp of the last entry that appeared in or left `services`.
+    services_keys_stamp: u64,
+    /// (mesh, service) -> its ServiceInsight figures, over every Dataplane.
+    stats: BTreeMap<MeshName, ServiceStat>,
+    /// The stamp of the last entry that appeared in or left `stats`.
+    stats_keys_stamp: u64,
     /// (mesh, service) -> what its serving inbounds offer.
     offers: BTreeMap<MeshName, ServiceOffer>,
     /// (mesh, service) of every Dataplane's inbounds, ready or not -> how many inbounds.
@@ -122,52 +150,45 @@ impl Dataplanes {
 
     /// `availableServices` of the meshes `include` accepts: one entry per (mesh, full tag
     /// set) of the serving Dataplanes' healthy inbounds, by mesh, then tags as an SNI.
-    /// (What [`Dataplanes::available_services_json`] is checked against.)
     #[cfg(test)]
     pub fn available_services(&self, include: impl Fn(&str) -> bool) -> Vec<crate::model::AvailableService> {
-        self.services
-            .iter()
-            .filter(|((mesh, _, _), _)| include(mesh))
-            .map(|((mesh, _, tags), n)| crate::model::AvailableService {
+        self.available()
+            .filter(|(mesh, _, _)| include(mesh))
+            .map(|(mesh, tags, c)| crate::model::AvailableService {
                 tags: tags.clone(),
-                instances: *n,
-                mesh: mesh.clone(),
+                instances: c.n,
+                mesh: mesh.to_string(),
                 external_service: false,
             })
             .collect()
     }
 
-    /// [`Dataplanes::available_services`] of every mesh as the JSON a ZoneIngress stores,
-    /// built directly (the same as serialising the list).
-    pub fn available_services_json(&self) -> serde_json::Value {
-        use serde_json::Value;
-        let entry = |((mesh, _, tags), n): (&(String, String, BTreeMap<String, String>), &u32)| {
-            let tags = tags.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-            let mut m = serde_json::Map::new();
-            m.insert("tags".into(), Value::Object(tags));
-            m.insert("instances".into(), (*n).into());
-            m.insert("mesh".into(), mesh.clone().into());
-            Value::Object(m)
-        };
-        Value::Array(self.services.iter().map(entry).collect())
+    /// Every mesh's entries of `availableServices`: (mesh, full tag set, healthy inbounds
+    /// with it) of the serving Dataplanes, by mesh, then tags as an SNI.
+    pub fn available(&self) -> impl Iterator<Item = (&str, &BTreeMap<String, String>, Counted)> {
+        self.services.iter().map(|((mesh, _, tags), c)| (mesh.as_str(), tags, *c))
     }
 
-    /// Whether `stored` is [`Dataplanes::available_services_json`], compared in place
-    /// (thousands of entries at scale: neither side is built or parsed).
-    pub fn available_services_match(&self, stored: &serde_json::Value) -> bool {
-        let Some(list) = stored.as_array() else { return false };
-        list.len() == self.services.len()
-            && list.iter().zip(&self.services).all(|(v, ((mesh, _, tags), n))| {
-                let Some(o) = v.as_object() else { return false };
-                let same_tags = o.get("tags").and_then(|t| t.as_object()).is_some_and(|t| {
-                    t.len() == tags.len()
-                        && tags.iter().all(|(k, val)| t.get(k).and_then(|x| x.as_str()) == Some(val.as_str()))
-                });
-                o.len() == 3
-                    && same_tags
-                    && o.get("instances").and_then(|i| i.as_u64()) == Some(u64::from(*n))
-                    && o.get("mesh").and_then(|m| m.as_str()) == Some(mesh.as_str())
-            })
+    /// How many entries [`Dataplanes::available`] has.
+    pub fn available_len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The stamp of the last entry that appeared in or left [`Dataplanes::available`]
+    /// (an entry whose count changed has its own stamp).
+    pub fn available_keys_stamp(&self) -> u64 {
+        self.services_keys_stamp
+    }
+
+    /// The ServiceInsight figures of each service of a mesh, by service.
+    pub fn service_stats<'a>(&'a self, mesh: &'a str) -> impl Iterator<Item = (&'a str, &'a ServiceStat)> + 'a {
+        let start = (mesh.to_string(), String::new());
+        self.stats.range(start..).take_while(move |((m, _), _)| m == mesh).map(|((_, svc), s)| (svc.as_str(), s))
+    }
+
+    /// The stamp of the last service that appeared in or left [`Dataplanes::service_stats`].
+    pub fn service_stats_keys_stamp(&self) -> u64 {
+        self.stats_keys_stamp
     }
 
     /// The endpoints of a service in a mesh, sorted, each once.
@@ -186,10 +207,11 @@ impl Dataplanes {
 
     /// Every Dataplane of `resources`, all serving (tests and tools).
     pub fn from_resources(resources: impl IntoIterator<Item = Resource>) -> Self {
-        let mut out = Dataplanes { generation: next_generation(), ..Default::default() };
+        let mut out = Dataplanes::default();
         for r in resources {
             out.set_dataplane((r.mesh.clone(), r.name.clone()), Some(r));
         }
+        out.generation = next_generation();
         out
     }
 
@@ -214,6 +236,7 @@ impl Dataplanes {
 
     fn set_dataplane(&mut self, key: MeshName, r: Option<Resource>) {
         let serving = !self.joining.contains(&key);
+        let online = self.online.contains(&key);
         let old = match r {
             Some(r) => self.by_key.insert(key.clone(), Arc::new(DataplaneView::new(r))),
             None => self.by_key.remove(&key),
@@ -230,6 +253,12 @@ impl Dataplanes {
         if names_changed {
             self.service_names_stamp = next_generation();
         }
+        if let Some(old) = &old {
+            self.stat(old, online, false);
+        }
+        if let Some(new) = &new {
+            self.stat(new, online, true);
+        }
         if serving {
             if let Some(old) = old {
                 self.offer(&old, false);
@@ -243,6 +272,7 @@ impl Dataplanes {
     fn set_insight(&mut self, key: MeshName, insight: Option<&Resource>) {
         let (j, o) = insight.map_or((false, false), |i| (joining(i), is_online(i)));
         let was_joining = self.joining.contains(&key);
+        let was_online = self.online.contains(&key);
         for (set, member) in [(&mut self.joining, j), (&mut self.online, o)] {
             if member {
                 set.insert(key.clone());
@@ -250,10 +280,54 @@ impl Dataplanes {
                 set.remove(&key);
             }
         }
-        if was_joining != j
-            && let Some(view) = self.by_key.get(&key).cloned()
-        {
+        let Some(view) = self.by_key.get(&key).cloned() else { return };
+        if was_joining != j {
             self.offer(&view, !j);
+        }
+        if was_online != o {
+            self.stat(&view, was_online, false);
+            self.stat(&view, o, true);
+        }
+    }
+
+    /// Adds (or takes back) a Dataplane's inbounds in its services' figures; `connected`:
+    /// whether its proxy has an open subscription.
+    fn stat(&mut self, view: &DataplaneView, connected: bool, add: bool) {
+        // A proxy with an inbound that is not ready is degraded, and Kuma counts a
+        // degraded proxy as offline for all its services.
+        let online = connected && view.inbounds().iter().all(|i| i.is_healthy());
+        for inb in view.inbounds() {
+            let Some(svc) = inb.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
+            let key = (view.mesh().to_string(), svc.clone());
+            let zone = inb.tags.get(ZONE).or_else(|| view.resource.labels.get(ZONE));
+            let stamp = next_generation();
+            if add {
+                let s = self.stats.entry(key).or_insert_with(|| {
+                    self.stats_keys_stamp = stamp;
+                    ServiceStat::default()
+                });
+                *(if online { &mut s.online } else { &mut s.offline }) += 1;
+                if let Some(z) = zone {
+                    *s.zones.entry(z.clone()).or_default() += 1;
+                }
+                s.stamp = stamp;
+            } else if let Some(s) = self.stats.get_mut(&key) {
+                let n = if online { &mut s.online } else { &mut s.offline };
+                *n = n.saturating_sub(1);
+                if let Some(z) = zone
+                    && let Some(c) = s.zones.get_mut(z)
+                {
+                    *c -= 1;
+                    if *c == 0 {
+                        s.zones.remove(z);
+                    }
+                }
+                s.stamp = stamp;
+                if s.online + s.offline == 0 {
+                    self.stats.remove(&key);
+                    self.stats_keys_stamp = stamp;
+                }
+            }
         }
     }
 
@@ -263,7 +337,21 @@ impl Dataplanes {
         let mut touched = BTreeSet::new();
         for tags in inbound_services(view) {
             let key = (mesh.to_string(), sni_from_tags("", tags), tags.clone());
-            count(&mut self.services, key, add);
+            let stamp = next_generation();
+            if add {
+                let c = self.services.entry(key).or_insert_with(|| {
+                    self.services_keys_stamp = stamp;
+                    Counted::default()
+                });
+                *c = Counted { n: c.n + 1, stamp };
+            } else if let Entry::Occupied(mut e) = self.services.entry(key) {
+                let n = e.get().n.saturating_sub(1);
+                *e.get_mut() = Counted { n, stamp };
+                if n == 0 {
+                    e.remove();
+                    self.services_keys_stamp = stamp;
+                }
+            }
             let service = tags.get(SERVICE_TAG).cloned().unwrap_or_default();
             let offer = self.offers.entry((mesh.to_string(), service.clone())).or_default();
             count(&mut offer.tag_sets, tags.clone(), add);
@@ -292,7 +380,7 @@ fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) -> bool {
         let n = map.entry(key).or_default();
         *n += 1;
         *n == 1
-    } else if let std::collections::btree_map::Entry::Occupied(mut e) = map.entry(key) {
+    } else if let Entry::Occupied(mut e) = map.entry(key) {
         *e.get_mut() -= 1;
         if *e.get() == 0 {
             e.remove();
@@ -352,14 +440,23 @@ impl DataplaneIndex {
         if !changed.is_empty() {
             // Copies the map (not the views) only when a reader still holds the old one.
             let next = Arc::make_mut(current);
-            next.generation = next_generation();
             for (rtype, key) in changed {
-                let r = store.get(rtype, &key.0, &key.1).await?;
+                let r = match store.get(rtype, &key.0, &key.1).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The events are drained and the state half applied: load it anew.
+                        st.current = None;
+                        return Err(e);
+                    }
+                };
                 match rtype {
                     ResourceType::Dataplane => next.set_dataplane(key, r),
                     _ => next.set_insight(key, r.as_ref()),
                 }
             }
+            // After the changes: every stamp in this state is below it, and every stamp a
+            // later read gives is above it (what `Written` relies on).
+            next.generation = next_generation();
         }
         Ok(current.clone())
     }
@@ -399,7 +496,13 @@ mod tests {
     async fn assert_offers_match(index: &DataplaneIndex, store: &MemoryStore) {
         let kept = index.read(store).await.unwrap();
         let fresh = load(store).await.unwrap();
-        assert_eq!(kept.services, fresh.services);
+        let counts =
+            |d: &Dataplanes| d.available().map(|(m, t, c)| (m.to_string(), t.clone(), c.n)).collect::<Vec<_>>();
+        assert_eq!(counts(&kept), counts(&fresh));
+        let stats = |d: &Dataplanes| -> Vec<(MeshName, ServiceStat)> {
+            d.stats.iter().map(|(k, s)| (k.clone(), ServiceStat { stamp: 0, ..s.clone() })).collect()
+        };
+        assert_eq!(stats(&kept), stats(&fresh));
         let unstamped = |d: &Dataplanes| -> Vec<(MeshName, ServiceOffer)> {
             d.offers.iter().map(|(k, o)| (k.clone(), ServiceOffer { stamp: 0, ..o.clone() })).collect()
         };
@@ -447,14 +550,6 @@ mod tests {
         let both = index.read(&store).await.unwrap();
         assert_eq!(both.endpoints("a", "web").len(), 1);
         assert_eq!(both.available_services(|m| m == "a")[0].instances, 2);
-        // The JSON built directly is the serialised list, and matches only itself.
-        let json = both.available_services_json();
-        assert_eq!(json, serde_json::to_value(both.available_services(|_| true)).unwrap());
-        assert!(both.available_services_match(&json));
-        assert!(!first.available_services_match(&json), "other counts");
-        let mut other = json.clone();
-        other[0]["tags"]["kuma.io/service"] = "x".into();
-        assert!(!both.available_services_match(&other));
         store.delete(ResourceType::Dataplane, "a", "x").await.unwrap();
         assert_eq!(index.read(&store).await.unwrap().endpoints("a", "web").len(), 1);
         assert_offers_match(&index, &store).await;

@@ -89,6 +89,7 @@ pub async fn start(
         let cp = z.core().clone();
         // availableServices of this zone's ingresses, from its Dataplanes.
         let z1 = z.clone();
+        let written = Arc::new(reconcile::WrittenLog::default());
         let interval = cp.cfg.ingress_update_interval;
         reconcile::spawn(
             "availableServices",
@@ -97,8 +98,8 @@ pub async fn start(
             reconcile::available_services::relevant,
             interval,
             move || {
-                let z = z1.clone();
-                async move { reconcile::available_services::update(&z).await }
+                let (z, written) = (z1.clone(), written.clone());
+                async move { reconcile::available_services::update(&z, &written).await }
             },
         );
         // VIPs of local and remote services.

@@ -6,14 +6,15 @@ pub mod available_services;
 pub mod defaults;
 pub mod service_insights;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
 use crate::context::Cp;
 use crate::model::ResourceType;
-use crate::store::{Change, ChangeEvent, next_change};
+use crate::store::{Change, ChangeEvent, Key, next_change};
 
 /// Run `job` now and after every change `relevant` accepts, until shutdown. Changes that
 /// arrive during the debounce (`KUMA_XDS_DEBOUNCE`) or a run are folded into the next run,
@@ -57,4 +58,28 @@ pub fn vips_relevant(e: &ChangeEvent) -> bool {
         e.rtype(),
         ResourceType::Dataplane | ResourceType::ZoneIngress | ResourceType::Mesh | ResourceType::ExternalService
     )
+}
+
+/// What a reconciler last wrote to (or found right in) a derived resource: its stored version
+/// and the generation of the Dataplane index it reflects. While the stored version is still
+/// that one, the next pass needs to look only at the index entries stamped after that
+/// generation, and can edit those in place.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Written {
+    pub version: u64,
+    pub generation: u64,
+}
+
+/// A reconciler's [`Written`] per resource.
+#[derive(Debug, Default)]
+pub struct WrittenLog(Mutex<HashMap<Key, Written>>);
+
+impl WrittenLog {
+    pub fn get(&self, key: &Key) -> Option<Written> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+    }
+
+    pub fn set(&self, key: Key, w: Written) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key, w);
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{broadcast, watch};
 
-use super::{ChangeEvent, ChangeKind, Key, Store, StoreError, WriteOp};
+use super::{ChangeEvent, ChangeKind, Edit, Key, Store, StoreError, WriteOp};
 use crate::model::{Resource, ResourceType, key, now_rfc3339};
 
 /// Room for bursts (a KDS initial sync of thousands of resources) before a slow
@@ -69,13 +69,7 @@ impl Inner {
         if let Some(exp) = expected {
             let found = existing.map_or(0, |r| r.version);
             if found != exp {
-                return Err(StoreError::Conflict {
-                    rtype: resource.rtype.name(),
-                    mesh: k.1.clone(),
-                    name: resource.name.clone(),
-                    expected: exp,
-                    found,
-                });
+                return Err(super::conflict(&k, exp, found));
             }
         }
         if let Some(old) = existing
@@ -110,6 +104,25 @@ impl Inner {
         let stored = Arc::new(resource);
         self.resources.insert(k, stored.clone());
         Ok((stored, Some(event)))
+    }
+
+    /// The write of `edit`; `None` when `edit` changed nothing.
+    fn edit(&mut self, k: &Key, expected: u64, edit: Edit) -> Result<(Arc<Resource>, Option<ChangeEvent>), StoreError> {
+        let counter = self.counter + 1;
+        let found = self.resources.get(k).map_or(0, |r| r.version);
+        let Some(stored) = self.resources.get_mut(k).filter(|_| found == expected) else {
+            return Err(super::conflict(k, expected, found));
+        };
+        // In place unless a reader holds it (then this copies it, as upsert would build it).
+        let r = Arc::make_mut(stored);
+        if !edit(r) {
+            return Ok((stored.clone(), None));
+        }
+        r.modification_time = now_rfc3339();
+        r.version = counter;
+        self.counter = counter;
+        let event = ChangeEvent { kind: ChangeKind::Updated, key: k.clone(), owner: r.owner.clone() };
+        Ok((stored.clone(), Some(event)))
     }
 
     /// Removes `k` and what it owns, depth first; appends one event per removed resource.
@@ -149,6 +162,16 @@ impl Store for MemoryStore {
         let (stored, event, counter) = {
             let mut inner = self.lock()?;
             let (stored, event) = inner.upsert(resource, expected_version)?;
+            (stored, event, inner.counter)
+        };
+        self.announce(counter, event.into_iter().collect());
+        Ok(stored)
+    }
+
+    async fn edit(&self, key: &Key, expected_version: u64, edit: Edit) -> Result<Arc<Resource>, StoreError> {
+        let (stored, event, counter) = {
+            let mut inner = self.lock()?;
+            let (stored, event) = inner.edit(key, expected_version, edit)?;
             (stored, event, inner.counter)
         };
         self.announce(counter, event.into_iter().collect());
@@ -255,6 +278,56 @@ mod tests {
         assert!(delete_mesh(&s, "default").await.unwrap());
         assert!(s.list(ResourceType::Dataplane, None).await.unwrap().is_empty());
         assert!(!delete_mesh(&s, "default").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn edit_changes_in_place_when_unshared_and_checks_the_version() {
+        let s = MemoryStore::new();
+        let mut si = Resource::new(ResourceType::ServiceInsight, "default", "all-services-default");
+        si.spec.insert("services".into(), serde_json::json!({"a": 1, "b": 2}));
+        let v1 = s.upsert(si, None).await.unwrap().version;
+        let k = key(ResourceType::ServiceInsight, "default", "all-services-default");
+        let mut events = s.events();
+        // A stale version is refused, and so is a resource that is not there.
+        let stale = s.edit(&k, v1 + 1, Box::new(|_| true)).await;
+        assert!(matches!(stale, Err(StoreError::Conflict { found, .. }) if found == v1));
+        let absent = key(ResourceType::ServiceInsight, "default", "other");
+        assert!(matches!(s.edit(&absent, 1, Box::new(|_| true)).await, Err(StoreError::Conflict { found: 0, .. })));
+        // An edit that changes nothing writes nothing.
+        assert_eq!(s.edit(&k, v1, Box::new(|_| false)).await.unwrap().version, v1);
+        assert!(events.try_recv().is_err());
+        // No reader holds it: the stored resource itself is changed (same allocation).
+        let before = Arc::as_ptr(&s.get_shared(k.0, &k.1, &k.2).await.unwrap().unwrap());
+        let edited = s
+            .edit(
+                &k,
+                v1,
+                Box::new(|r| {
+                    r.spec["services"]["a"] = 5.into();
+                    true
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(Arc::as_ptr(&edited), before);
+        assert!(edited.version > v1);
+        assert_eq!(edited.spec["services"], serde_json::json!({"a": 5, "b": 2}));
+        assert_eq!(events.try_recv().unwrap(), ChangeEvent { kind: ChangeKind::Updated, key: k.clone(), owner: None });
+        // A reader holding it keeps what it read.
+        let held = s.get_shared(k.0, &k.1, &k.2).await.unwrap().unwrap();
+        let v2 = held.version;
+        s.edit(
+            &k,
+            v2,
+            Box::new(|r| {
+                r.spec["services"]["b"] = 7.into();
+                true
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(held.spec["services"]["b"], 2);
+        assert_eq!(s.get(k.0, &k.1, &k.2).await.unwrap().unwrap().spec["services"]["b"], 7);
     }
 
     #[tokio::test]
