@@ -125,7 +125,7 @@ pub async fn refresh(
         }
         named.sort_by(|a, b| a.name.cmp(&b.name));
         named.dedup_by(|a, b| a.name == b.name);
-        snap.by_type.insert(t.name().to_string(), named);
+        snap.set(t.name().to_string(), named);
         if matches!(dir, Direction::GlobalToZone(_)) {
             cp.kds_encodes.prune(*t, &kept);
         }

@@ -207,10 +207,10 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
         push(&mut listeners, &name, listener, &plan, |_| {});
     }
     let mut snap = ProxySnapshot::default();
-    snap.by_type.insert(LISTENER_TYPE.into(), sorted(listeners));
-    snap.by_type.insert(CLUSTER_TYPE.into(), sorted(clusters));
-    snap.by_type.insert(ENDPOINT_TYPE.into(), sorted(loads));
-    snap.by_type.insert(SECRET_TYPE.into(), sorted(secrets));
+    snap.set(LISTENER_TYPE, sorted(listeners));
+    snap.set(CLUSTER_TYPE, sorted(clusters));
+    snap.set(ENDPOINT_TYPE, sorted(loads));
+    snap.set(SECRET_TYPE, sorted(secrets));
     snap
 }
 

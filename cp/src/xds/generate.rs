@@ -57,6 +57,13 @@ impl Named {
     }
 }
 
+impl Named {
+    /// Whether both are the same resource, not only equal (one was cloned from the other).
+    pub fn same(a: &Named, b: &Named) -> bool {
+        std::sync::Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
 impl std::ops::Deref for Named {
     type Target = NamedParts;
     fn deref(&self) -> &NamedParts {
@@ -67,7 +74,8 @@ impl std::ops::Deref for Named {
 /// Everything one proxy gets, by type URL; names are sorted within a type.
 #[derive(Clone, Debug, Default)]
 pub struct ProxySnapshot {
-    pub by_type: BTreeMap<String, Vec<Named>>,
+    /// Shared, so that a Delta stream can keep what it sent without copying it.
+    by_type: BTreeMap<String, std::sync::Arc<Vec<Named>>>,
     /// When the snapshot must be rebuilt even without a store change (certificate rotation).
     pub refresh_at: Option<std::time::SystemTime>,
     /// What the next generation of a zone ingress can reuse from this one.
@@ -76,7 +84,22 @@ pub struct ProxySnapshot {
 
 impl ProxySnapshot {
     pub fn resources(&self, type_url: &str) -> &[Named] {
-        self.by_type.get(type_url).map(Vec::as_slice).unwrap_or(&[])
+        self.by_type.get(type_url).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
+    /// The resources of a type, shared.
+    pub fn shared(&self, type_url: &str) -> Option<&std::sync::Arc<Vec<Named>>> {
+        self.by_type.get(type_url)
+    }
+
+    /// Sets the resources of a type (sorted by name).
+    pub fn set(&mut self, type_url: impl Into<String>, resources: Vec<Named>) {
+        self.by_type.insert(type_url.into(), std::sync::Arc::new(resources));
+    }
+
+    /// The types it has resources (or an empty list) for.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        self.by_type.keys().map(String::as_str)
     }
 }
 
@@ -89,12 +112,15 @@ pub struct IngressMemo {
     /// What the snapshot was generated from: the Dataplanes' generation and the rest.
     inputs: (u64, String),
     listener: Option<(String, Named)>,
-    services: BTreeMap<(String, String), std::sync::Arc<IngressService>>,
+    /// By (mesh, service), as the offers are.
+    services: Vec<std::sync::Arc<IngressService>>,
 }
 
 /// What one service of a mesh gives a zone ingress, generated from the offer with `stamp`.
 #[derive(Debug)]
 struct IngressService {
+    /// (mesh, service).
+    key: (String, String),
     stamp: u64,
     chains: Vec<ChainPlan>,
     cluster: (ClusterPlan, Named),
@@ -371,23 +397,32 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
     let mut chains_changed = false;
     let mut cds = Vec::new();
     let mut eds = Vec::new();
-    for ((mesh, svc), offer) in inputs.dataplanes.offers(|m| mtls_meshes.contains(m)) {
+    // The previous services, walked along with the offers (both by mesh, then service).
+    let mut previous = old.map(|m| m.services.as_slice()).unwrap_or_default().iter().peekable();
+    for (key, offer) in inputs.dataplanes.offers(|m| mtls_meshes.contains(m)) {
         if offer.tag_sets.is_empty() {
             continue; // endpoints without a healthy inbound to offer: not a destination
         }
-        let key = (mesh.clone(), svc.clone());
-        let before = old.and_then(|m| m.services.get(&key));
+        let before = loop {
+            match previous.peek() {
+                Some(p) if p.key < *key => {
+                    previous.next();
+                }
+                Some(p) if p.key == *key => break previous.next(),
+                _ => break None,
+            }
+        };
         let service = match before {
             Some(b) if b.stamp == offer.stamp => b.clone(),
             _ => {
-                let s = std::sync::Arc::new(ingress_service(mesh, svc, offer, before.map(|b| b.as_ref())));
+                let s = std::sync::Arc::new(ingress_service(key, offer, before.map(|b| b.as_ref())));
                 chains_changed |= before.is_none_or(|b| b.chains != s.chains);
                 s
             }
         };
         cds.push(service.cluster.1.clone());
         eds.push(service.load.1.clone());
-        memo.services.insert(key, service);
+        memo.services.push(service);
     }
     // A service gone changes the chains too (one added was seen above).
     chains_changed |= old.is_none_or(|m| m.services.len() != memo.services.len());
@@ -399,14 +434,14 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
             // Each SNI once, the first service to claim it keeping it.
             let mut seen = BTreeSet::new();
             let chains: Vec<&ChainPlan> =
-                memo.services.values().flat_map(|s| s.chains.iter()).filter(|c| seen.insert(c.sni.as_str())).collect();
+                memo.services.iter().flat_map(|s| s.chains.iter()).filter(|c| seen.insert(c.sni.as_str())).collect();
             ingress_listener(inputs, &listener_name, &address, port, &chains)
         }
     };
     memo.listener = Some((listener_name, listener.clone()));
-    snap.by_type.insert(LISTENER_TYPE.into(), vec![listener]);
-    snap.by_type.insert(CLUSTER_TYPE.into(), cds);
-    snap.by_type.insert(ENDPOINT_TYPE.into(), eds);
+    snap.set(LISTENER_TYPE, vec![listener]);
+    snap.set(CLUSTER_TYPE, cds);
+    snap.set(ENDPOINT_TYPE, eds);
     snap.ingress_memo = Some(std::sync::Arc::new(memo));
     snap
 }
@@ -415,7 +450,8 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
 /// distinct tag combination (`svc{mesh=m,k=v,...}`) with `metadata_match` on the tags that
 /// split the endpoints, and the cluster's subset selectors for them. Resources whose plan is
 /// the same as `before`'s are reused.
-fn ingress_service(mesh: &str, svc: &str, offer: &ServiceOffer, before: Option<&IngressService>) -> IngressService {
+fn ingress_service(key: &(String, String), offer: &ServiceOffer, before: Option<&IngressService>) -> IngressService {
+    let (mesh, svc) = (key.0.as_str(), key.1.as_str());
     let cluster_name = format!("{mesh}:{svc}");
     let stat = format!("{mesh}_{svc}");
     let eps = offer.endpoints();
@@ -464,7 +500,7 @@ fn ingress_service(mesh: &str, svc: &str, offer: &ServiceOffer, before: Option<&
             pack_any(cla_proto(&cluster_name, &eps)),
         ),
     };
-    IngressService { stamp: offer.stamp, chains, cluster: (plan, cluster), load: (eps, load) }
+    IngressService { key: key.clone(), stamp: offer.stamp, chains, cluster: (plan, cluster), load: (eps, load) }
 }
 
 /// The ingress listener: one chain per plan, or a `direct_response` saying who answers.
@@ -499,7 +535,7 @@ fn ingress_listener(
 pub fn empty() -> ProxySnapshot {
     let mut snap = ProxySnapshot::default();
     for t in [LISTENER_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE] {
-        snap.by_type.insert(t.into(), Vec::new());
+        snap.set(t, Vec::new());
     }
     snap
 }
