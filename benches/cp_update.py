@@ -11,7 +11,7 @@ cp's resident memory per Dataplane ((VmRSS with them - VmRSS before) / N, read w
 
     python3 benches/cp_update.py --cp target/release/cp --dp target/release/dp
 """
-import argparse, os, sys, tempfile, time, types
+import argparse, os, subprocess, sys, tempfile, time, types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xds_apply as X  # noqa: E402
@@ -23,6 +23,8 @@ def main():
     ap.add_argument("--dp", required=True)
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--updates", type=int, default=5)
+    ap.add_argument("--perf", metavar="FILE", help="record cp with `perf record --call-graph dwarf` during the "
+                    "updates only, into FILE (the CPU figures then include perf's overhead)")
     args = ap.parse_args()
     a = types.SimpleNamespace(dp=args.dp, cp=args.cp, envoy="", services=args.services)
     d = tempfile.mkdtemp(prefix="cp-update-")
@@ -42,8 +44,16 @@ def main():
         proc, admin, listen, t0 = X.start_proxy("dp", a, cp, None, d, 0)
         if not X.wait_ready(admin, listen, t0 + 300):
             raise SystemExit("the dp zone ingress did not become ready")
-        X.wait_idle([proc.pid, cp.proc.pid], quiet=0.3, limit=30)
+        # Past the reconcilers' least interval (1 s): the ingress's join rewrites its
+        # availableServices in a pass that may be held back that long, and it belongs here,
+        # not to the first change.
+        X.wait_idle([proc.pid, cp.proc.pid], quiet=1.2, limit=30)
         per = []
+        perf = None
+        if args.perf:
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", "299", "--call-graph", "dwarf,32768", "-o", args.perf,
+                                     "-p", str(cp.proc.pid)], stdout=subprocess.DEVNULL)
+            time.sleep(1)  # perf attaches before the first change
         for i in range(args.updates):
             c0 = X.cpu_ticks_s(cp.proc.pid)
             cp.put(f"/meshes/default/dataplanes/extra-{i}", X.dataplane(i * 97 % a.services, 60000 + i, name=f"extra-{i}"))
@@ -51,14 +61,18 @@ def main():
             # is counted with the change that caused it.
             X.wait_idle([proc.pid, cp.proc.pid], quiet=1.2, limit=15)
             per.append((X.cpu_ticks_s(cp.proc.pid) - c0) * 1e3)
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
         proc.stop()
     finally:
         cp.stop()
+    in_order = ", ".join(f"{x:.0f}" for x in per)
     per.sort()
     print(f"{a.services} Dataplanes registered in {reg:.2f} s (REST), cp idle {settled:.2f} s after the first PUT, "
           f"cp CPU for them {reg_cpu:.2f} s (the Python client's: {client_cpu:.2f} s); "
           f"cp RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB, {(rss1 - rss0) / a.services:.1f} KiB per Dataplane; "
-          f"cp CPU per one-Dataplane change, ms: median {per[len(per) // 2]:.0f} (each: {', '.join(f'{x:.0f}' for x in per)})")
+          f"cp CPU per one-Dataplane change, ms: median {per[len(per) // 2]:.0f}, mean {sum(per) / len(per):.1f} (in order: {in_order})")
 
 
 def rss_kib(pid):
