@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--updates", type=int, default=5)
     ap.add_argument("--perf", metavar="FILE", help="record cp with `perf record --call-graph dwarf` during the "
                     "updates only, into FILE (the CPU figures then include perf's overhead)")
+    ap.add_argument("--perf-of", choices=("cp", "dp"), default="cp", help="the process --perf records")
     args = ap.parse_args()
     a = types.SimpleNamespace(dp=args.dp, cp=args.cp, envoy="", services=args.services)
     d = tempfile.mkdtemp(prefix="cp-update-")
@@ -52,7 +53,7 @@ def main():
         perf = None
         if args.perf:
             perf = subprocess.Popen(["perf", "record", "-q", "-F", "299", "--call-graph", "dwarf,32768", "-o", args.perf,
-                                     "-p", str(cp.proc.pid)], stdout=subprocess.DEVNULL)
+                                     "-p", str(cp.proc.pid if args.perf_of == "cp" else proc.pid)], stdout=subprocess.DEVNULL)
             time.sleep(1)  # perf attaches before the first change
         for i in range(args.updates):
             c0 = X.cpu_ticks_s(cp.proc.pid)

@@ -159,7 +159,7 @@ impl Applier {
         // Build every new host set before publishing any: a refusal changes nothing.
         let mut fresh = vec![];
         for (name, _, cla) in &updates {
-            for c in current.clusters.values().filter(|c| c.eds.as_ref().is_some_and(|e| &e.service == name)) {
+            for c in current.eds_clusters.get(name).into_iter().flatten() {
                 fresh.push((c.clone(), Arc::new(snapshot::eds_hosts(c, cla, &self.ctx.stats)?)));
             }
         }
@@ -176,6 +176,7 @@ impl Applier {
             dns: current.dns.clone(),
             embedded_dns: current.embedded_dns.clone(),
             clusters: current.clusters.clone(),
+            eds_clusters: current.eds_clusters.clone(),
             unbound: current.unbound.clone(),
         };
         let snap = Arc::new(snap);

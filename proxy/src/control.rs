@@ -70,7 +70,7 @@ pub async fn start(
     };
     let (tx, rx) = tokio::sync::watch::channel(xds_client::Status::default());
     crate::app::spawn_config_thread("dp-xds", async move {
-        let Err(e) = xds_client::run(config, AdsHandler { applier, built: None }, tx).await;
+        let Err(e) = xds_client::run(config, AdsHandler::new(applier), tx).await;
         tracing::error!("the xDS client stopped: {e}");
     })?;
     Ok(rx)
@@ -78,20 +78,39 @@ pub async fn start(
 
 struct AdsHandler {
     applier: Applier,
-    /// (name, version) of every resource, by type, of the last state built; `None`
+    /// name -> version of every resource, by type, of the last state built; `None`
     /// before the first build.
-    built: Option<BTreeMap<String, Vec<(String, String)>>>,
+    built: Option<Fingerprint>,
+    /// Each type's highest resource version in force (what [`version_of`] reports), kept
+    /// up to date by in-place updates without a walk over every resource.
+    highest: BTreeMap<String, String>,
 }
 
-/// (name, version) of each resource of every type in `state`.
-fn fingerprint(state: &xds_client::State) -> BTreeMap<String, Vec<(String, String)>> {
-    let mut out: BTreeMap<String, Vec<(String, String)>> = state
+type Fingerprint = BTreeMap<String, BTreeMap<String, String>>;
+
+impl AdsHandler {
+    fn new(applier: Applier) -> Self {
+        AdsHandler { applier, built: None, highest: BTreeMap::new() }
+    }
+}
+
+/// name -> version of each resource of every type in `state`.
+fn fingerprint(state: &xds_client::State) -> Fingerprint {
+    let mut out: Fingerprint = state
         .resources
         .iter()
         .map(|(t, items)| (t.clone(), items.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect()))
         .collect();
     out.retain(|_, v| !v.is_empty());
     out
+}
+
+/// Each type's highest resource version in `state`.
+fn highest_versions(state: &xds_client::State) -> BTreeMap<String, String> {
+    let highest = |items: &BTreeMap<String, xds_client::Resource>| {
+        items.values().map(|x| x.version.as_str()).max().unwrap_or("").to_string()
+    };
+    state.resources.iter().map(|(t, items)| (t.clone(), highest(items))).collect()
 }
 
 impl xds_client::Handler for AdsHandler {
@@ -126,12 +145,14 @@ impl xds_client::Handler for AdsHandler {
                 r.raw.push(res.any.clone());
             }
         }
-        r.version = version_of(state);
+        let highest = highest_versions(state);
+        r.version = version_of(&highest);
         let names = snapshot::dns_names(&r);
         // Blocking is fine here: this runs on the xDS thread, not on the data path.
         let dns = if names.is_empty() { DnsAnswers::new() } else { resolve_blocking(&names) };
         self.applier.apply(r, &dns)?;
         self.built = Some(print);
+        self.highest = highest;
         Ok(())
     }
 }
@@ -139,54 +160,94 @@ impl xds_client::Handler for AdsHandler {
 impl AdsHandler {
     /// An update that changed only the versions of assignments already held (the usual
     /// endpoint churn) is applied in place: only those are decoded, and only their
-    /// clusters' hosts change. `Ok(false)`: not such an update, build it whole.
+    /// clusters' hosts change. A Delta response names what it changed, so nothing else is
+    /// looked at. `Ok(false)`: not such an update, build it whole.
     fn endpoints_in_place(&mut self, state: &xds_client::State) -> Result<bool, String> {
         let cla = ClusterLoadAssignment::type_url();
         let Some(built) = self.built.as_mut() else { return Ok(false) };
-        let empty = BTreeMap::new();
+        let (empty, empty_held) = (BTreeMap::new(), BTreeMap::new());
         let now = state.resources.get(&cla).unwrap_or(&empty);
-        let was = built.get(&cla).map(Vec::as_slice).unwrap_or(&[]);
-        if was.len() != now.len() {
-            return Ok(false);
-        }
-        let mut changed = vec![];
-        for (i, ((old_name, old_version), (name, res))) in was.iter().zip(now).enumerate() {
-            if old_name != name {
-                return Ok(false);
-            }
-            if *old_version != res.version {
-                changed.push((i, name, res));
-            }
-        }
+        let held = built.get(&cla).unwrap_or(&empty_held);
+        let Some(changed) = changed_assignments(state.delta.as_ref(), now, held) else { return Ok(false) };
         if changed.is_empty() {
             tracing::debug!("same assignments as in force: accepted without building");
             return Ok(true);
         }
         let mut updates = Vec::with_capacity(changed.len());
-        for (_, name, res) in &changed {
+        for (name, res) in &changed {
             let a = ClusterLoadAssignment::decode(res.any.value.as_slice()).map_err(|e| format!("{name}: {e}"))?;
             updates.push(((*name).clone(), res.any.clone(), a));
         }
-        if !self.applier.apply_endpoints(updates, version_of(state))? {
+        // The highest version after the update: a walk over every assignment only when the
+        // highest one was replaced by a lower one.
+        let mut highest = self.highest.get(&cla).cloned().unwrap_or_default();
+        let mut lowered = false;
+        for (name, res) in &changed {
+            if res.version > highest {
+                highest = res.version.clone();
+            } else if held.get(*name).is_some_and(|old| *old == highest) {
+                lowered = true;
+            }
+        }
+        if lowered {
+            highest = now.values().map(|x| x.version.as_str()).max().unwrap_or("").to_string();
+        }
+        let mut versions = self.highest.clone();
+        versions.insert(cla.clone(), highest);
+        if !self.applier.apply_endpoints(updates, version_of(&versions))? {
             return Ok(false);
         }
-        let entries = built.get_mut(&cla).expect("the assignments were compared above");
-        for (i, _, res) in changed {
-            entries[i].1 = res.version.clone();
+        let entries = built.entry(cla).or_default();
+        for (name, res) in changed {
+            entries.insert(name.clone(), res.version.clone());
         }
+        self.highest = versions;
         Ok(true)
     }
 }
 
-/// The version a state is reported as: each type's highest resource version.
-fn version_of(state: &xds_client::State) -> String {
-    let mut versions = vec![];
-    for (type_url, items) in &state.resources {
-        let short = type_url.rsplit('.').next().unwrap_or(type_url);
-        let v = items.values().map(|x| x.version.as_str()).max().unwrap_or("");
-        versions.push(format!("{short}:{v}"));
+/// The assignments whose version changed, when the update changed nothing but versions of
+/// assignments `held` has; `None` otherwise. `delta`: the names a Delta response changed
+/// (only those are looked at); `None` (State of the World): every one is compared.
+fn changed_assignments<'a>(
+    delta: Option<&'a xds_client::DeltaChange>,
+    now: &'a BTreeMap<String, xds_client::Resource>,
+    held: &BTreeMap<String, String>,
+) -> Option<Vec<(&'a String, &'a xds_client::Resource)>> {
+    let mut changed = vec![];
+    match delta {
+        Some(d) => {
+            if !d.removed.is_empty() {
+                return None;
+            }
+            for name in &d.upserted {
+                let (name, res) = now.get_key_value(name)?;
+                if *held.get(name)? != res.version {
+                    changed.push((name, res));
+                }
+            }
+        }
+        None => {
+            if held.len() != now.len() {
+                return None;
+            }
+            for ((old_name, old_version), (name, res)) in held.iter().zip(now) {
+                if old_name != name {
+                    return None;
+                }
+                if *old_version != res.version {
+                    changed.push((name, res));
+                }
+            }
+        }
     }
-    versions.join(",")
+    Some(changed)
+}
+
+/// The version a state is reported as: each type's highest resource version.
+fn version_of(highest: &BTreeMap<String, String>) -> String {
+    let short = |t: &str| t.rsplit('.').next().unwrap_or(t).to_string();
+    highest.iter().map(|(t, v)| format!("{}:{v}", short(t))).collect::<Vec<_>>().join(",")
 }
 
 fn resolve_blocking(names: &[(String, u16)]) -> DnsAnswers {
@@ -229,7 +290,7 @@ mod tests {
         fn any(v: serde_json::Value) -> Any {
             let doc = json!({"resources": [v]});
             let r = Resources::from_file_bytes(&serde_json::to_vec(&doc).unwrap(), "1").unwrap();
-            r.encode().items[0].as_ref().clone()
+            r.encode().items.get(0).unwrap().as_ref().clone()
         }
 
         fn eds_cluster(name: &str) -> Any {
@@ -280,7 +341,7 @@ mod tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
         async fn an_endpoint_update_swaps_one_clusters_hosts_and_keeps_every_other_object() {
             let ctx = Ctx::new(Default::default(), crate::drain::Drain::new());
-            let mut h = AdsHandler { applier: crate::app::Applier::for_test(ctx.clone()), built: None };
+            let mut h = AdsHandler::new(crate::app::Applier::for_test(ctx.clone()));
             let mut s = xds_client::State::default();
             for c in ["a", "b"] {
                 put(&mut s, Cluster::type_url(), c, "1", eds_cluster(c));
@@ -293,9 +354,11 @@ mod tests {
             let (a_host, b_hosts) = (before.clusters["a"].hosts().hosts[0].clone(), before.clusters["b"].hosts());
             a_host.active.store(7, std::sync::atomic::Ordering::Relaxed);
 
-            // One endpoint more for `a`.
+            // One endpoint more for `a`, in a Delta response that names it.
             put(&mut s, ClusterLoadAssignment::type_url(), "a", "2", assignment("a", &[1001, 1002, 1003]));
+            s.delta = Some(xds_client::DeltaChange { upserted: vec!["a".into()], removed: vec![] });
             xds_client::Handler::apply(&mut h, &s, &ClusterLoadAssignment::type_url()).unwrap();
+            s.delta = None;
             let after = ctx.routes.load_full();
             assert!(!Arc::ptr_eq(&before, &after), "a new snapshot is published (its version changed)");
             assert!(after.version.contains("ClusterLoadAssignment:2"), "{}", after.version);
@@ -342,7 +405,7 @@ mod tests {
             put(&mut s, Listener::type_url(), "l", "1", listener());
             let applier = std::thread::spawn(move || {
                 let xds = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                let mut h = AdsHandler { applier, built: None };
+                let mut h = AdsHandler::new(applier);
                 xds.block_on(async { xds_client::Handler::apply(&mut h, &s, &Listener::type_url()) }).unwrap();
                 drop(xds);
                 h.applier
@@ -372,7 +435,7 @@ mod tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
         async fn a_refused_endpoint_update_changes_nothing() {
             let ctx = Ctx::new(Default::default(), crate::drain::Drain::new());
-            let mut h = AdsHandler { applier: crate::app::Applier::for_test(ctx.clone()), built: None };
+            let mut h = AdsHandler::new(crate::app::Applier::for_test(ctx.clone()));
             let mut s = xds_client::State::default();
             put(&mut s, Cluster::type_url(), "a", "1", eds_cluster("a"));
             put(&mut s, ClusterLoadAssignment::type_url(), "a", "1", assignment("a", &[1001]));
@@ -388,6 +451,30 @@ mod tests {
             assert!(Arc::ptr_eq(&before, &ctx.routes.load_full()));
             assert_eq!(ports(&before.clusters["a"].hosts()), [1001]);
         }
+    }
+
+    #[test]
+    fn changed_assignments_are_the_named_ones_whose_version_moved() {
+        let now = state(&[("eds", &[("a", "2"), ("b", "1"), ("c", "1")])]).resources.remove("eds").unwrap();
+        let held: BTreeMap<String, String> =
+            [("a", "1"), ("b", "1"), ("c", "1")].iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        let names = |c: Option<Vec<(&String, &xds_client::Resource)>>| {
+            c.map(|v| v.iter().map(|(n, r)| format!("{n}:{}", r.version)).collect::<Vec<_>>())
+        };
+        let delta = |up: &[&str], rm: &[&str]| xds_client::DeltaChange {
+            upserted: up.iter().map(|s| s.to_string()).collect(),
+            removed: rm.iter().map(|s| s.to_string()).collect(),
+        };
+        // Delta: only the names it upserted are looked at (c's stored version is not).
+        assert_eq!(names(changed_assignments(Some(&delta(&["a", "b"], &[])), &now, &held)), Some(vec!["a:2".into()]));
+        // A removal, or an assignment not held before: built whole.
+        assert_eq!(names(changed_assignments(Some(&delta(&["a"], &["d"])), &now, &held)), None);
+        let mut fewer = held.clone();
+        fewer.remove("b");
+        assert_eq!(names(changed_assignments(Some(&delta(&["b"], &[])), &now, &fewer)), None);
+        // State of the World: every one compared, by position.
+        assert_eq!(names(changed_assignments(None, &now, &held)), Some(vec!["a:2".into()]));
+        assert_eq!(names(changed_assignments(None, &now, &fewer)), None);
     }
 
     #[test]

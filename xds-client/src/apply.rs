@@ -11,7 +11,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use tracing::{info, warn};
 
-use crate::{Handler, Resource, State};
+use crate::{DeltaChange, Handler, Resource, State};
 
 /// gRPC `INVALID_ARGUMENT`: the code Envoy puts in `error_detail` of a NACK.
 const INVALID_ARGUMENT: i32 = 3;
@@ -193,18 +193,24 @@ impl Cache {
         // Apply with an undo log (name, previous value), offer, and undo in reverse if refused.
         let map = self.state.resources.entry(type_url.to_string()).or_default();
         let mut undo: Vec<(String, Option<Resource>)> = Vec::with_capacity(upserts.len() + removed.len());
+        let mut change = DeltaChange::default();
         for (name, resource) in upserts {
             let previous = map.insert(name.clone(), resource);
+            change.upserted.push(name.clone());
             undo.push((name, previous));
         }
         for name in removed {
             // Removing a name we do not hold is allowed by the protocol and changes nothing.
             if let Some(previous) = map.remove(&name) {
+                change.removed.push(name.clone());
                 undo.push((name, Some(previous)));
             }
         }
         let total = map.len();
-        match handler.apply(&self.state, type_url) {
+        self.state.delta = Some(change);
+        let outcome = handler.apply(&self.state, type_url);
+        self.state.delta = None; // only for the handler, while it looks at this response
+        match outcome {
             Ok(()) => Ok(total),
             Err(reason) => {
                 let map = self.state.resources.get_mut(type_url).expect("inserted above");
@@ -273,10 +279,13 @@ mod tests {
     #[derive(Default)]
     struct Picky {
         calls: usize,
+        /// What each call was told the response changed.
+        deltas: Vec<Option<DeltaChange>>,
     }
     impl Handler for Picky {
         fn apply(&mut self, state: &State, _changed: &str) -> Result<(), String> {
             self.calls += 1;
+            self.deltas.push(state.delta.clone());
             for (name, _) in state.resources.values().flatten() {
                 if name.starts_with("bad") {
                     return Err(format!("{name} is bad"));
@@ -316,6 +325,7 @@ mod tests {
         let mut h = Picky::default();
         let (req, v) = cache.on_sotw(sotw("1", "n1", vec![cluster("a"), cluster("b")]), &mut h);
         assert_eq!(v, Verdict::Ack);
+        assert_eq!(h.deltas, [None], "a SotW response replaces its type whole");
         assert_eq!((req.version_info.as_str(), req.response_nonce.as_str()), ("1", "n1"));
         assert!(req.error_detail.is_none());
         assert_eq!(names(&cache, CLUSTER), ["a", "b"]);
@@ -412,6 +422,10 @@ mod tests {
         );
         assert_eq!(v, Verdict::Ack);
         assert_eq!(names(&cache, CLUSTER), ["a", "c"]);
+        // The handler was told what changed: the unknown name removed is not among it.
+        let told = DeltaChange { upserted: vec!["a".into(), "c".into()], removed: vec!["b".into()] };
+        assert_eq!(h.deltas.last(), Some(&Some(told)));
+        assert_eq!(cache.state.delta, None, "only while the handler looks");
         let held = cache.held_versions(CLUSTER);
         assert_eq!((held["a"].as_str(), held["c"].as_str(), held.len()), ("2", "1", 2));
 

@@ -172,6 +172,17 @@ pub struct State {
     /// type URL -> name -> resource. A type is present once a response of it was accepted
     /// (possibly with no resources).
     pub resources: BTreeMap<String, BTreeMap<String, Resource>>,
+    /// What the response being offered changed in its type, when it is a Delta response
+    /// (`None` for State of the World, which replaces the type whole): a handler can then
+    /// look at those resources only.
+    pub delta: Option<DeltaChange>,
+}
+
+/// The names a Delta response upserted and the names it removed (of those held).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeltaChange {
+    pub upserted: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 /// One resource as received.

@@ -152,6 +152,12 @@ pub fn build_with(
         c.publish(c.hosts());
     }
     let unbound = listeners.values().filter(|l| !l.bind).map(|l| (l.address, l.name.clone())).collect();
+    let mut eds_clusters: HashMap<String, Vec<Arc<ClusterCfg>>> = HashMap::new();
+    for c in clusters.values() {
+        if let Some(e) = &c.eds {
+            eds_clusters.entry(e.service.clone()).or_default().push(c.clone());
+        }
+    }
     Ok(Snapshot {
         version: resources.version.clone(),
         resources: encoded,
@@ -159,6 +165,7 @@ pub fn build_with(
         dns,
         embedded_dns,
         clusters: Arc::new(clusters),
+        eds_clusters: Arc::new(eds_clusters),
         unbound,
     })
 }

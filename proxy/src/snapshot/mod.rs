@@ -38,6 +38,9 @@ pub struct Snapshot {
     pub embedded_dns: Option<Arc<::dns::Table>>,
     /// Shared between snapshots that differ only in endpoints.
     pub clusters: Arc<HashMap<String, Arc<ClusterCfg>>>,
+    /// The EDS clusters by the assignment they take (usually one each), so that an
+    /// endpoint update finds its clusters without a walk over all of them.
+    pub eds_clusters: Arc<HashMap<String, Vec<Arc<ClusterCfg>>>>,
     /// Unbound listeners (`bind_to_port: false`) by address: where connections captured
     /// by transparent proxying go, by their original destination.
     pub unbound: HashMap<SocketAddr, String>,
