@@ -59,6 +59,7 @@ Usage:
 import argparse, base64, concurrent.futures, http.client, json, os, shutil, signal, socket, ssl, statistics, subprocess
 import struct, sys, tempfile, threading, time, urllib.request
 from procfs import free_port, mem, schedstat_ns
+import rest_load
 
 PROXY_CPU = "0"
 HELPER_CPU = "1"
@@ -558,17 +559,13 @@ def dataplane(i, port, name=None):
 
 
 def register(cp, n, workers=8):
-    """PUTs n Dataplanes with `workers` keep-alive connections; returns seconds taken."""
-    local = threading.local()
-
-    def put(i):
-        if not hasattr(local, "c"):
-            local.c = http.client.HTTPConnection(*cp.api.rsplit(":", 1), timeout=30)
-        cp.put(f"/meshes/default/dataplanes/dp-{i}", dataplane(i, 20000 + i % 40000), conn=local.c)
-
+    """PUTs n Dataplanes with `workers` keep-alive connections (threads; requests encoded
+    before the clock starts, see rest_load.py); returns seconds taken."""
+    requests = [(f"dp-{i}", rest_load.put_request(cp.api, f"/meshes/default/dataplanes/dp-{i}",
+                                                  dataplane(i, 20000 + i % 40000))) for i in range(n)]
     start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        for f in [ex.submit(put, i) for i in range(n)]:
+        for f in [ex.submit(rest_load.send, cp.api, requests[w::workers]) for w in range(workers)]:
             f.result()
     return time.monotonic() - start
 

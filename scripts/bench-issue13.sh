@@ -16,7 +16,23 @@ if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
 fi
 bin="$CARGO_TARGET_DIR/release"
 envoy="$(scripts/bench-envoy-path.sh)"
-step() { printf '\n## %s (%s)\n\n' "$1" "$(date -u +%H:%M:%SZ)"; }
+# Each bench starts on an idle machine: what the previous one leaves behind (a proxy or cp
+# still exiting, PostgreSQL's checkpoint) disturbed the storm that follows the xDS bench.
+wait_idle() {
+  python3 - <<'PY'
+import time
+def busy():
+    a = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    time.sleep(1)
+    b = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    d = [y - x for x, y in zip(a, b)]
+    return 1 - (d[3] + d[4]) / max(1, sum(d))
+deadline = time.monotonic() + 60
+while busy() > 0.05 and time.monotonic() < deadline:
+    pass
+PY
+}
+step() { wait_idle; printf '\n## %s (%s)\n\n' "$1" "$(date -u +%H:%M:%SZ)"; }
 
 step "dp one-endpoint Delta update vs Envoy"
 python3 benches/xds_apply.py --dp "$bin/dp" --cp "$bin/cp" --envoy "$envoy" --parts delta | grep -v '^    '
