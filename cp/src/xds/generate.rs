@@ -96,11 +96,6 @@ impl ProxySnapshot {
     pub fn set(&mut self, type_url: impl Into<String>, resources: Vec<Named>) {
         self.by_type.insert(type_url.into(), std::sync::Arc::new(resources));
     }
-
-    /// The types it has resources (or an empty list) for.
-    pub fn types(&self) -> impl Iterator<Item = &str> {
-        self.by_type.keys().map(String::as_str)
-    }
 }
 
 /// The plans behind a zone ingress's resources, with what they generated: a service whose
