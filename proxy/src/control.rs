@@ -105,11 +105,13 @@ fn fingerprint(state: &xds_client::State) -> Fingerprint {
     out
 }
 
+/// The highest version of some resources ("" for none).
+fn highest(items: &BTreeMap<String, xds_client::Resource>) -> String {
+    items.values().map(|x| x.version.as_str()).max().unwrap_or("").to_string()
+}
+
 /// Each type's highest resource version in `state`.
 fn highest_versions(state: &xds_client::State) -> BTreeMap<String, String> {
-    let highest = |items: &BTreeMap<String, xds_client::Resource>| {
-        items.values().map(|x| x.version.as_str()).max().unwrap_or("").to_string()
-    };
     state.resources.iter().map(|(t, items)| (t.clone(), highest(items))).collect()
 }
 
@@ -180,20 +182,20 @@ impl AdsHandler {
         }
         // The highest version after the update: a walk over every assignment only when the
         // highest one was replaced by a lower one.
-        let mut highest = self.highest.get(&cla).cloned().unwrap_or_default();
+        let mut top = self.highest.get(&cla).cloned().unwrap_or_default();
         let mut lowered = false;
         for (name, res) in &changed {
-            if res.version > highest {
-                highest = res.version.clone();
-            } else if held.get(*name).is_some_and(|old| *old == highest) {
+            if res.version > top {
+                top = res.version.clone();
+            } else if held.get(*name).is_some_and(|old| *old == top) {
                 lowered = true;
             }
         }
         if lowered {
-            highest = now.values().map(|x| x.version.as_str()).max().unwrap_or("").to_string();
+            top = highest(now);
         }
         let mut versions = self.highest.clone();
-        versions.insert(cla.clone(), highest);
+        versions.insert(cla.clone(), top);
         if !self.applier.apply_endpoints(updates, version_of(&versions))? {
             return Ok(false);
         }
@@ -456,8 +458,9 @@ mod tests {
     #[test]
     fn changed_assignments_are_the_named_ones_whose_version_moved() {
         let now = state(&[("eds", &[("a", "2"), ("b", "1"), ("c", "1")])]).resources.remove("eds").unwrap();
+        // c differs too, but a Delta response that does not name it did not change it.
         let held: BTreeMap<String, String> =
-            [("a", "1"), ("b", "1"), ("c", "1")].iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+            [("a", "1"), ("b", "1"), ("c", "0")].iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
         let names = |c: Option<Vec<(&String, &xds_client::Resource)>>| {
             c.map(|v| v.iter().map(|(n, r)| format!("{n}:{}", r.version)).collect::<Vec<_>>())
         };
@@ -473,7 +476,7 @@ mod tests {
         fewer.remove("b");
         assert_eq!(names(changed_assignments(Some(&delta(&["b"], &[])), &now, &fewer)), None);
         // State of the World: every one compared, by position.
-        assert_eq!(names(changed_assignments(None, &now, &held)), Some(vec!["a:2".into()]));
+        assert_eq!(names(changed_assignments(None, &now, &held)), Some(vec!["a:2".into(), "c:1".into()]));
         assert_eq!(names(changed_assignments(None, &now, &fewer)), None);
     }
 
