@@ -456,7 +456,7 @@ impl FileSource {
             _ => PathBuf::from("."),
         };
         // Changes are seen as they happen; the poll is only a safety net then.
-        let events = crate::file_watch::DirEvents::new(&dir);
+        let events = self.path.file_name().and_then(|name| crate::file_watch::DirEvents::new(&dir, name));
         let mut file_tick = tokio::time::interval(if events.is_some() { FILE_SAFETY_POLL } else { FILE_POLL });
         loop {
             tokio::select! {
