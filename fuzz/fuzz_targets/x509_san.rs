@@ -1,12 +1,13 @@
 //! SAN extraction from arbitrary "certificate" bytes: never a panic, every SAN returned
 //! lies inside the input, and BoringSSL is the oracle: where it decodes the SAN extension
 //! we find the same e-mail, DNS, URI and IP names in the same order, and where it cannot,
-//! we find none (Envoy reads names through BoringSSL).
+//! we find none (Envoy reads names through BoringSSL). `sans_of`, which the handshake uses
+//! on the certificate BoringSSL parsed, answers as `sans` does.
 #![no_main]
 
 use boring::x509::X509;
 use libfuzzer_sys::fuzz_target;
-use proxy::tls::san::{San, sans, spiffe_id, trust_domain};
+use proxy::tls::san::{San, sans, sans_of, spiffe_id, trust_domain};
 
 fn ours(list: &[San<'_>]) -> Vec<String> {
     list.iter()
@@ -55,6 +56,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = trust_domain(id);
     }
     let Ok(cert) = X509::from_der(data) else { return };
+    // The handshake's path (the peer certificate already parsed) answers as the DER path.
+    assert_eq!(sans_of(&cert, data), found);
     if cert.subject_alt_names().is_some() {
         assert_eq!(ours(&found.expect("BoringSSL decoded SANs our walker called malformed")), boringssl(&cert));
     } else {

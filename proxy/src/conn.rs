@@ -253,7 +253,7 @@ pub async fn serve(
                     Err(_) => return log.finish(Flag::DownstreamTls, Transferred::default()),
                 };
                 let peer_cert = crate::tls::peer_certificate(tls.ssl());
-                let sans = peer_cert.as_deref().and_then(san::sans).unwrap_or_default();
+                let sans = peer_cert.as_ref().and_then(|(c, der)| san::sans_of(c, der)).unwrap_or_default();
                 log.peer_identity = sans.iter().find_map(|n| match n {
                     san::San::Uri(u) => Some(u.to_string()),
                     _ => None,

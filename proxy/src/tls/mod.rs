@@ -201,9 +201,11 @@ fn handshake_error<S>(e: &tokio_boring::HandshakeError<S>) -> String {
     }
 }
 
-/// The DER of the peer's leaf certificate, once the handshake is done.
-pub fn peer_certificate(ssl: &SslRef) -> Option<Vec<u8>> {
-    ssl.peer_certificate().and_then(|c| c.to_der().ok())
+/// The peer's leaf certificate and its DER, once the handshake is done.
+pub fn peer_certificate(ssl: &SslRef) -> Option<(X509, Vec<u8>)> {
+    let cert = ssl.peer_certificate()?;
+    let der = cert.to_der().ok()?;
+    Some((cert, der))
 }
 
 fn data(d: Option<&DataSource>, what: &str) -> Result<Vec<u8>, String> {
@@ -365,9 +367,15 @@ fn verify_peer(preverified: bool, ctx: &mut X509StoreContextRef, trust: &Trust, 
     if ctx.error_depth() != 0 {
         return true;
     }
-    let Some(leaf) = ctx.current_cert().and_then(|c| c.to_der().ok()) else { return false };
+    if sans.is_empty() && matches!(trust, Trust::Cas) {
+        return true;
+    }
+    let Some(cert) = ctx.current_cert() else { return false };
+    let Ok(leaf) = cert.to_der() else { return false };
+    // The leaf's names, read once for the trust domain and the matchers.
+    let names = san::sans_of(cert, &leaf);
     if let Trust::Spiffe(bundles) = trust {
-        let Some(td) = san::spiffe_id(&leaf).and_then(san::trust_domain) else {
+        let Some(td) = names.as_deref().and_then(san::spiffe_id_in).and_then(san::trust_domain) else {
             tracing::debug!("peer certificate refused: no SPIFFE ID");
             return false;
         };
@@ -378,7 +386,7 @@ fn verify_peer(preverified: bool, ctx: &mut X509StoreContextRef, trust: &Trust, 
             return false;
         }
     }
-    match san::accepted(sans, &leaf) {
+    match san::matched(sans, names.as_deref()) {
         Ok(()) => true,
         Err(reason) => {
             tracing::debug!(%reason, "peer certificate refused");
