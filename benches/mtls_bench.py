@@ -39,7 +39,11 @@ Per run, for each target in turn (the order rotates from run to run):
    one byte to the app and back through the sidecar, close. Proxy CPU = utime+stime of the
    inbound process over the test (/proc/<pid>/stat); *handshakes per core-second* =
    handshakes completed / proxy CPU seconds, which is what one core can do when the client,
-   not the proxy, is the limit (the proxy's busy share is reported beside it);
+   not the proxy, is the limit (the proxy's busy share is reported beside it). With
+   --hs-slices N (default 6) this step is done for all targets together before step 1 of
+   any: every target's inbound is up, and the test alternates between them in N rounds of
+   hs_seconds / N each (CPU from /proc/<pid>/task/*/schedstat), so that the machine's drift
+   in speed over seconds falls on all of them alike;
 3. the outbound sidecar starts (its idle RSS too), then request latency through
    client -> outbound -> (mTLS) -> inbound -> echo app: (a) --conns long-lived connections
    at --rate requests/s in all, 64-byte echo; (b) one request per new connection at
@@ -205,6 +209,19 @@ def cpu_s(pid):
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
+def cpu_exact_s(pid):
+    """On-CPU time of pid's threads (/proc/<pid>/task/*/schedstat, nanoseconds): finer than
+    /proc/<pid>/stat's 10 ms ticks, for the short slices of the interleaved handshake test."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
+
+
 def status_mib(pid):
     out = {}
     with open(f"/proc/{pid}/status") as f:
@@ -367,6 +384,46 @@ def handshakes(args, pki, proxy, sni, seconds, helpers, what="handshakes"):
     return measured(args, f"{proxy.kind} {what}", [proxy], helpers, once)
 
 
+
+def interleaved_handshakes(args, pki, inbounds, helpers, order):
+    """The handshake test of every target, interleaved: --hs-slices rounds, each giving every
+    target in turn hs_seconds / slices of load. This machine's speed drifts by ±20 % over
+    seconds (other tenants of the host); targets measured one after another for 3 s each
+    carry that drift into their ratio, while slices that alternate share it."""
+    slice_s = args.hs_seconds / args.hs_slices
+    acc = {k: dict(ok=0, errors=0, first_error=None, elapsed_s=0.0, client_cpu_s=0.0, proxy_cpu_s=0.0)
+           for k in order}
+    o = Others([p.pid for p in inbounds.values()], helpers)
+    for _ in range(args.hs_slices):
+        for k in order:
+            proxy = inbounds[k]
+            cert, key = pki["web"]
+            cmd = ["mtls-handshakes", "--addr", f"127.0.0.1:{proxy.port}", "--sni", sni_of(k), "--cert", cert,
+                   "--key", key, "--alpn", "kuma", "--workers", str(args.workers), "--secs", str(slice_s)]
+            if args.client_curves:
+                cmd += ["--curves", args.client_curves]
+            c0 = cpu_exact_s(proxy.pid)
+            r = loadgen(args, *cmd, seconds=slice_s)
+            a = acc[k]
+            a["proxy_cpu_s"] += cpu_exact_s(proxy.pid) - c0
+            for f in ("ok", "errors", "elapsed_s", "client_cpu_s"):
+                a[f] += r[f]
+            a["first_error"] = a["first_error"] or r.get("first_error")
+            a.update({f: r[f] for f in ("version", "cipher", "group", "alpn")})
+    wall, o0, o1 = o.used()
+    for a in acc.values():
+        cpu, ok = a["proxy_cpu_s"], a["ok"]
+        a.update(per_s=ok / max(1e-9, a["elapsed_s"]), proxy_busy=cpu / max(1e-9, a["elapsed_s"]),
+                 cpu_us_per_hs=cpu * 1e6 / max(1, ok), hs_per_core_s=ok / cpu if cpu > 0 else 0.0,
+                 slices=args.hs_slices, others_cpu_s=[round(o0, 3), round(o1, 3)],
+                 disturbed=o0 > max(0.05, 0.05 * wall) or o1 > max(0.05, 0.05 * wall))
+    return acc
+
+
+def sni_of(kind):
+    return DNS_SNI if kind == "rustls" else TAG_SNI
+
+
 def latency(args, port, proxies, mode, seconds, helpers, what):
     cmd = ["mtls-latency", "--addr", f"127.0.0.1:{port}", "--secs", str(seconds)]
     cmd += ["--rate", str(args.new_rate), "--new-conn"] if mode == "new" else \
@@ -385,7 +442,35 @@ def latency(args, port, proxies, mode, seconds, helpers, what):
 
 # ---------------------------------------------------------------- one run
 
-def run_target(args, kind, binary, pki, d, app_port, helpers):
+def handshake_phase(args, kinds, binary, pki, d, app_port, helpers):
+    """Every target's inbound sidecar at once, idle RSS, warm-up, then the interleaved test."""
+    inbounds = {}
+    try:
+        for k in kinds:
+            port = free_port()
+            inbounds[k] = Proxy(k, "inbound", binary[k], d, *inbound(pki, port, app_port, k != "envoy"), port)
+        time.sleep(1.0)
+        rows = {k: {} for k in kinds}
+        for k, inb in inbounds.items():
+            if k == "rustls":
+                # Kuma's tag SNI against the rustls inbound: recorded, expected to be refused.
+                r = handshakes(args, pki, inb, TAG_SNI, 0.3, helpers, "tag SNI warm-up")
+                rows[k]["tag_sni"] = {f: r[f] for f in ("ok", "errors", "first_error")}
+            handshakes(args, pki, inb, sni_of(k), args.warmup, helpers, "warm-up")
+        if not quiet(args.quiet_wait):
+            log("handshakes: other processes are using the CPUs; measuring anyway")
+        for k, r in interleaved_handshakes(args, pki, inbounds, helpers, kinds).items():
+            rows[k]["hs"] = r
+        time.sleep(0.5)
+        for k, inb in inbounds.items():
+            rows[k]["rss_inbound_after_hs"] = status_mib(inb.pid)
+        return rows
+    finally:
+        for inb in inbounds.values():
+            inb.stop()
+
+
+def run_target(args, kind, binary, pki, d, app_port, helpers, hs_done=False):
     row = {}
     if kind == "direct":
         row["kept"] = latency(args, app_port, [], "kept", args.lat_seconds, helpers, "direct kept")
@@ -399,14 +484,15 @@ def run_target(args, kind, binary, pki, d, app_port, helpers):
     try:
         time.sleep(1.0)
         row["rss_inbound_idle"] = status_mib(inb.pid)
-        if kind == "rustls":
-            # Kuma's tag SNI against the rustls inbound: recorded, expected to be refused.
-            r = handshakes(args, pki, inb, TAG_SNI, 0.3, helpers, "tag SNI warm-up")
-            row["tag_sni"] = {k: r[k] for k in ("ok", "errors", "first_error")}
-        handshakes(args, pki, inb, sni, args.warmup, helpers, "warm-up")
-        row["hs"] = handshakes(args, pki, inb, sni, args.hs_seconds, helpers)
-        time.sleep(0.5)
-        row["rss_inbound_after_hs"] = status_mib(inb.pid)
+        if not hs_done:
+            if kind == "rustls":
+                # Kuma's tag SNI against the rustls inbound: recorded, expected to be refused.
+                r = handshakes(args, pki, inb, TAG_SNI, 0.3, helpers, "tag SNI warm-up")
+                row["tag_sni"] = {k: r[k] for k in ("ok", "errors", "first_error")}
+            handshakes(args, pki, inb, sni, args.warmup, helpers, "warm-up")
+            row["hs"] = handshakes(args, pki, inb, sni, args.hs_seconds, helpers)
+            time.sleep(0.5)
+            row["rss_inbound_after_hs"] = status_mib(inb.pid)
         outb = Proxy(kind, "outbound", binary, d, *outbound(pki, out_port, in_port, sni, ads), out_port)
         time.sleep(1.0)
         row["rss_outbound_idle"] = status_mib(outb.pid)
@@ -511,7 +597,10 @@ def markdown(args, runs, kinds, bins, ver, cmdline, elapsed):
            "Figures are medians over runs; in parentheses the median over runs of the ratio to Envoy (E) and to "
            "the rustls-era dp (R) in the same run. See the script's header for what each figure is.", "",
            "### Mesh mTLS handshakes at the inbound sidecar", "",
-           f"{args.workers} concurrent clients for {args.hs_seconds:g} s: connect, full handshake (no resumption) "
+           f"{args.workers} concurrent clients for {args.hs_seconds:g} s per target"
+           + (f", given in {args.hs_slices} slices that alternate between the targets (all inbounds up at once; "
+              "the machine's speed drifts, and alternating slices share the drift)" if args.hs_slices else "")
+           + ": connect, full handshake (no resumption) "
            "with a mesh client certificate and ALPN `kuma`, one byte to the app and back, close. "
            "*Handshakes per core-second* = handshakes / the sidecar's CPU seconds.", "",
            "| target | SNI sent | negotiated | handshakes/s | sidecar CPU busy | CPU µs per handshake | "
@@ -643,6 +732,8 @@ def main():
     ap.add_argument("--workers", type=int, default=16, help="concurrent handshake clients")
     ap.add_argument("--client-curves", help="groups the handshake client offers (default: BoringSSL's)")
     ap.add_argument("--hs-seconds", type=float, default=3.0)
+    ap.add_argument("--hs-slices", type=int, default=6,
+                    help="the handshake tests of all targets interleaved in this many rounds (0: one after another)")
     ap.add_argument("--lat-seconds", type=float, default=4.0)
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--rate", type=int, default=2000, help="kept connections: requests/s in all")
@@ -686,8 +777,12 @@ def main():
         for i in range(args.runs):
             order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
             run = {}
+            sidecars = [k for k in order if k != "direct"]
+            hs_rows = handshake_phase(args, sidecars, binary, pki, d, app_port, helpers) \
+                if args.hs_slices > 0 else {}
             for k in order:
-                run[k] = run_target(args, k, binary.get(k), pki, d, app_port, helpers)
+                run[k] = run_target(args, k, binary.get(k), pki, d, app_port, helpers, hs_done=k in hs_rows)
+                run[k].update(hs_rows.get(k, {}))
                 hs = run[k].get("hs")
                 log(f"run {i + 1}/{args.runs} {k}: "
                     + (f"{hs['per_s']:.0f} hs/s, {hs['cpu_us_per_hs']:.0f} µs/hs ({hs['group']}), " if hs else "")
