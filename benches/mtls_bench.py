@@ -61,7 +61,7 @@ scripts/bench-mtls.sh runs it with the paths filled in.
 """
 import argparse, json, os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
 import urllib.request
-from procfs import free_port
+from procfs import free_port, schedstat_ns
 
 PROXY_CPU, LOAD_CPU = "0", "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -209,19 +209,6 @@ def cpu_s(pid):
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-def cpu_exact_s(pid):
-    """On-CPU time of pid's threads (/proc/<pid>/task/*/schedstat, nanoseconds): finer than
-    /proc/<pid>/stat's 10 ms ticks, for the short slices of the interleaved handshake test."""
-    total = 0
-    for t in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total / 1e9
-
-
 def status_mib(pid):
     out = {}
     with open(f"/proc/{pid}/status") as f:
@@ -367,12 +354,18 @@ def measured(args, what, proxies, helpers, fn):
     return row
 
 
-def handshakes(args, pki, proxy, sni, seconds, helpers, what="handshakes"):
+def handshake_cmd(args, pki, proxy, sni, seconds):
+    """The loadgen command of the handshake test against `proxy`."""
     cert, key = pki["web"]
     cmd = ["mtls-handshakes", "--addr", f"127.0.0.1:{proxy.port}", "--sni", sni, "--cert", cert, "--key", key,
            "--alpn", "kuma", "--workers", str(args.workers), "--secs", str(seconds)]
     if args.client_curves:
         cmd += ["--curves", args.client_curves]
+    return cmd
+
+
+def handshakes(args, pki, proxy, sni, seconds, helpers, what="handshakes"):
+    cmd = handshake_cmd(args, pki, proxy, sni, seconds)
 
     def once():
         c0 = cpu_s(proxy.pid)
@@ -397,15 +390,11 @@ def interleaved_handshakes(args, pki, inbounds, helpers, order):
     for _ in range(args.hs_slices):
         for k in order:
             proxy = inbounds[k]
-            cert, key = pki["web"]
-            cmd = ["mtls-handshakes", "--addr", f"127.0.0.1:{proxy.port}", "--sni", sni_of(k), "--cert", cert,
-                   "--key", key, "--alpn", "kuma", "--workers", str(args.workers), "--secs", str(slice_s)]
-            if args.client_curves:
-                cmd += ["--curves", args.client_curves]
-            c0 = cpu_exact_s(proxy.pid)
+            cmd = handshake_cmd(args, pki, proxy, sni_of(k), slice_s)
+            c0 = schedstat_ns(proxy.pid, 0) / 1e9
             r = loadgen(args, *cmd, seconds=slice_s)
             a = acc[k]
-            a["proxy_cpu_s"] += cpu_exact_s(proxy.pid) - c0
+            a["proxy_cpu_s"] += schedstat_ns(proxy.pid, 0) / 1e9 - c0
             for f in ("ok", "errors", "elapsed_s", "client_cpu_s"):
                 a[f] += r[f]
             a["first_error"] = a["first_error"] or r.get("first_error")
