@@ -11,8 +11,10 @@
 //! Certificates come inline or from SDS `Secret`s by name; the peer chain is verified
 //! against the validation context's CA (or, with Envoy's SPIFFE validator, the bundle of
 //! the peer's trust domain), then its SANs against `match_typed_subject_alt_names`, inside
-//! the handshake: a refused peer gets a TLS alert. Contexts are built with the snapshot,
-//! so a rotated secret gives new connections a new context while live ones keep theirs.
+//! the handshake: a refused peer gets a TLS alert. A chain a context accepted is accepted
+//! again, byte for byte and while every certificate in it is valid, without checking its
+//! signatures a second time ([`verified`]). Contexts are built with the snapshot, so a
+//! rotated secret gives new connections a new context while live ones keep theirs.
 //!
 //! Two things Envoy does around BoringSSL that a bare `tokio-boring` stream does not, both
 //! measured in `benches/mtls_bench.py`: reads go through a small read-ahead buffer
@@ -21,6 +23,7 @@
 
 pub mod prefixed;
 pub mod san;
+pub mod verified;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 
 use crate::matcher::StringMatch;
 use san::{SanMatcher, SanType};
+use verified::VerifiedChains;
 
 pub type Secrets<'a> = HashMap<&'a str, &'a Secret>;
 /// A TLS stream over `S` (either side).
@@ -96,6 +100,8 @@ fn ssl_err(what: &str) -> impl Fn(boring::error::ErrorStack) -> TlsError + '_ {
 /// A terminating TLS context.
 pub struct ServerTls {
     context: SslContext,
+    /// Client chains this context accepted (none without a validation context).
+    pub verified: Option<Arc<VerifiedChains>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -146,6 +152,8 @@ pub struct ClientTls {
     sessions: Option<Arc<Sessions>>,
     /// The context sets `alpn_protocols`: they are offered, and no fallback.
     alpn_configured: bool,
+    /// Server chains this context accepted.
+    pub verified: Arc<VerifiedChains>,
 }
 
 /// ALPN an HTTP connection pool offers, in wire form, when the cluster's
@@ -292,9 +300,9 @@ fn validation(common: &CommonTlsContext, secrets: &Secrets<'_>) -> Result<Option
         }
         Some(_) => return Err("validation_context_certificate_provider is not supported".into()),
     };
-    if !rules.verify_certificate_spki.is_empty() || !rules.verify_certificate_hash.is_empty() {
-        return Err("verify_certificate_spki / verify_certificate_hash are not supported".into());
-    }
+    unhonoured(&ca)
+        .and_then(|()| unhonoured(&rules))
+        .map_err(|field| format!("validation context: {field} is not supported"))?;
     let mut store = X509StoreBuilder::new().map_err(ssl_err("CA store"))?;
     let trust = match ca.custom_validator_config.as_ref().or(rules.custom_validator_config.as_ref()) {
         Some(custom) => {
@@ -320,7 +328,40 @@ fn validation(common: &CommonTlsContext, secrets: &Secrets<'_>) -> Result<Option
         let matcher = StringMatch::from_proto(sm).map_err(|e| format!("match_typed_subject_alt_names: {e}"))?;
         sans.push(SanMatcher { san_type, matcher });
     }
+    // The deprecated untyped matchers, as Envoy reads them: ignored beside typed ones, and
+    // otherwise each matches DNS, URI, email and IP SANs.
+    #[allow(deprecated)]
+    if sans.is_empty() {
+        for sm in &rules.match_subject_alt_names {
+            let matcher = StringMatch::from_proto(sm).map_err(|e| format!("match_subject_alt_names: {e}"))?;
+            for san_type in [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip] {
+                sans.push(SanMatcher { san_type, matcher: matcher.clone() });
+            }
+        }
+    }
     Ok(Some(Validation { store: store.build(), trust, sans: Arc::new(sans) }))
+}
+
+/// The first field of a validation context that would change which peers are accepted and
+/// that dp does not implement: refused by name rather than ignored, since ignoring it would
+/// accept a revoked certificate or a longer chain than allowed, or refuse peers Envoy lets in.
+fn unhonoured(v: &CertificateValidationContext) -> Result<(), &'static str> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::certificate_validation_context::TrustChainVerification;
+    let checks = [
+        (!v.verify_certificate_spki.is_empty(), "verify_certificate_spki"),
+        (!v.verify_certificate_hash.is_empty(), "verify_certificate_hash"),
+        (v.crl.is_some(), "crl"),
+        (v.allow_expired_certificate, "allow_expired_certificate"),
+        (v.trust_chain_verification != TrustChainVerification::VerifyTrustChain as i32, "trust_chain_verification"),
+        (
+            v.require_signed_certificate_timestamp.as_ref().is_some_and(|b| b.value),
+            "require_signed_certificate_timestamp",
+        ),
+        (v.max_verify_depth.is_some(), "max_verify_depth"),
+        (v.system_root_certs.is_some(), "system_root_certs"),
+        (v.ca_certificate_provider_instance.is_some(), "ca_certificate_provider_instance"),
+    ];
+    checks.iter().find(|(set, _)| *set).map_or(Ok(()), |(_, field)| Err(*field))
 }
 
 /// `envoy.tls.cert_validator.spiffe`: trust domain -> its CA certificates (DER).
@@ -395,11 +436,20 @@ fn verify_peer(preverified: bool, ctx: &mut X509StoreContextRef, trust: &Trust, 
     }
 }
 
-fn apply_validation(b: &mut SslContextBuilder, v: Validation, mode: SslVerifyMode) -> Result<(), TlsError> {
+/// The CA store and the verify callback; chains accepted once are accepted again without
+/// a second verification while they are valid ([`verified`]).
+fn apply_validation(
+    b: &mut SslContextBuilder,
+    v: Validation,
+    mode: SslVerifyMode,
+) -> Result<Arc<VerifiedChains>, TlsError> {
     b.set_verify_cert_store(v.store).map_err(ssl_err("CA store"))?;
     let (trust, sans) = (v.trust, v.sans);
     b.set_verify_callback(mode, move |ok, ctx| verify_peer(ok, ctx, &trust, &sans));
-    Ok(())
+    let verified = Arc::new(VerifiedChains::new(verified::CAPACITY));
+    let chains = verified.clone();
+    b.set_cert_verify_callback(move |ctx| chains.verify(ctx));
+    Ok(verified)
 }
 
 fn apply_identity(b: &mut SslContextBuilder, chain: &[X509], key: &PKey<Private>) -> Result<(), TlsError> {
@@ -484,20 +534,20 @@ pub fn server(ctx: &DownstreamTlsContext, secrets: &Secrets<'_>) -> Result<Serve
     let require = ctx.require_client_certificate.is_some_and(|b| b.value);
     let mut b = builder(common.tls_params.as_ref(), Side::Server)?;
     apply_identity(&mut b, &chain, &key)?;
-    match validation(&common, secrets)? {
+    let verified = match validation(&common, secrets)? {
         Some(v) => {
             let mode =
                 if require { SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT } else { SslVerifyMode::PEER };
-            apply_validation(&mut b, v, mode)?;
+            Some(apply_validation(&mut b, v, mode)?)
         }
         None if require => return Err("require_client_certificate needs a validation context".into()),
-        None => {}
-    }
+        None => None,
+    };
     if !common.alpn_protocols.is_empty() {
         let ours = common.alpn_protocols.clone();
         b.set_alpn_select_callback(move |_, client| select_alpn(&ours, client).ok_or(AlpnError::NOACK));
     }
-    Ok(ServerTls { context: b.build() })
+    Ok(ServerTls { context: b.build(), verified })
 }
 
 /// Envoy's rule for an SNI it sends: 1 to 255 bytes, no NUL.
@@ -517,7 +567,7 @@ pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientT
     let v = validation(&common, secrets)?
         .ok_or("a validation context is required: dp does not originate TLS without verifying the server")?;
     let mut b = builder(common.tls_params.as_ref(), Side::Client)?;
-    apply_validation(&mut b, v, SslVerifyMode::PEER)?;
+    let verified = apply_validation(&mut b, v, SslVerifyMode::PEER)?;
     if let Some((chain, key)) = identity(&common, secrets)? {
         apply_identity(&mut b, &chain, &key)?;
     }
@@ -534,13 +584,13 @@ pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientT
         b.set_new_session_callback(move |_, session| store.push(session));
     }
     let sni = (!ctx.sni.is_empty()).then(|| ctx.sni.clone());
-    Ok(ClientTls { context: b.build(), sni, sessions, alpn_configured: !common.alpn_protocols.is_empty() })
+    Ok(ClientTls { context: b.build(), sni, sessions, alpn_configured: !common.alpn_protocols.is_empty(), verified })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{SdsSecretConfig, SubjectAltNameMatcher};
 
     fn upstream(sni: &str) -> UpstreamTlsContext {
         UpstreamTlsContext {
@@ -572,6 +622,65 @@ mod tests {
         assert_eq!(alpn_wire(&["kuma".into(), "h2".into()]).unwrap(), b"\x04kuma\x02h2");
         assert_eq!(select_alpn(&["kuma".into()], b"\x02h2\x04kuma"), Some(&b"kuma"[..]));
         assert_eq!(select_alpn(&["kuma".into()], b"\x02h2\x09"), None);
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn validation_fields_dp_does_not_implement_are_refused_by_name_and_untyped_san_matchers_work() {
+        use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let base = CertificateValidationContext { trusted_ca: inline(ca.pem()), ..Default::default() };
+        let with = |v: CertificateValidationContext| {
+            let common = CommonTlsContext {
+                validation_context_type: Some(ValidationContextType::ValidationContext(v)),
+                ..Default::default()
+            };
+            validation(&common, &Secrets::new()).map(|v| v.map(|v| v.sans))
+        };
+        let refused = |v: CertificateValidationContext| match with(v) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted"),
+        };
+        let bytes = inline("x".into());
+        assert_eq!(
+            refused(CertificateValidationContext { crl: bytes.clone(), ..base.clone() }),
+            "validation context: crl is not supported"
+        );
+        for (v, field) in [
+            (
+                CertificateValidationContext { allow_expired_certificate: true, ..base.clone() },
+                "allow_expired_certificate",
+            ),
+            (CertificateValidationContext { trust_chain_verification: 1, ..base.clone() }, "trust_chain_verification"),
+            (
+                CertificateValidationContext {
+                    max_verify_depth: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 2 }),
+                    ..base.clone()
+                },
+                "max_verify_depth",
+            ),
+            (
+                CertificateValidationContext { verify_certificate_hash: vec!["ab".into()], ..base.clone() },
+                "verify_certificate_hash",
+            ),
+        ] {
+            assert!(refused(v).contains(field), "{field}");
+        }
+        let exact =
+            |s: &str| StringMatcher { match_pattern: Some(MatchPattern::Exact(s.into())), ..Default::default() };
+        let untyped = CertificateValidationContext { match_subject_alt_names: vec![exact("web")], ..base.clone() };
+        let sans = with(untyped.clone()).unwrap().unwrap();
+        let types: Vec<_> = sans.iter().map(|m| m.san_type.clone()).collect();
+        assert_eq!(types, [SanType::Dns, SanType::Uri, SanType::Email, SanType::Ip]);
+        // Beside typed matchers, the untyped ones are ignored (Envoy's rule).
+        let typed =
+            SubjectAltNameMatcher { san_type: 3, matcher: Some(exact("spiffe://default/web")), ..Default::default() };
+        let both = CertificateValidationContext { match_typed_subject_alt_names: vec![typed], ..untyped };
+        let sans = with(both).unwrap().unwrap();
+        assert_eq!(sans.iter().map(|m| m.san_type.clone()).collect::<Vec<_>>(), [SanType::Uri]);
     }
 
     fn inline(pem: String) -> Option<DataSource> {
