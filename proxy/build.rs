@@ -59,24 +59,31 @@ fn main() {
     let bytes = std::fs::read(&path).expect("read envoy-types descriptor");
     let set = FileDescriptorSet::decode(bytes.as_slice()).expect("decode envoy-types descriptor");
     let index_of: HashMap<&str, usize> = set.file.iter().enumerate().map(|(i, f)| (f.name(), i)).collect();
+    // The index holds no pointers (offsets into one string and one array instead of `&str`
+    // and `&[u16]`): a table of pointers in a position-independent executable is written by
+    // the loader at start, and so is private memory of every dp process; this stays in the
+    // file's read-only pages, shared, and read only when a config needs a type.
     let mut blob = Vec::new();
     let mut files = String::from("pub static FILES: &[FileEntry] = &[\n");
+    let mut deps_all: Vec<String> = vec![];
     let mut by_message = Vec::new();
     for (i, f) in set.file.iter().enumerate() {
         let start = blob.len();
         f.encode(&mut blob).expect("encode file descriptor");
-        let deps: Vec<String> = f
-            .dependency
-            .iter()
-            .map(|d| {
-                // The set is in dependency order: a file's dependencies come before it.
-                let j = *index_of.get(d.as_str()).unwrap_or_else(|| panic!("{d} is not in {}", path.display()));
-                assert!(j < i, "{} depends on the later {d}", f.name());
-                j.to_string()
-            })
-            .collect();
-        writeln!(files, "    FileEntry {{ start: {start}, end: {}, deps: &[{}] }},", blob.len(), deps.join(", "))
-            .unwrap();
+        let deps_start = deps_all.len();
+        for d in &f.dependency {
+            // The set is in dependency order: a file's dependencies come before it.
+            let j = *index_of.get(d.as_str()).unwrap_or_else(|| panic!("{d} is not in {}", path.display()));
+            assert!(j < i, "{} depends on the later {d}", f.name());
+            deps_all.push(j.to_string());
+        }
+        writeln!(
+            files,
+            "    FileEntry {{ start: {start}, end: {}, deps: {deps_start}..{} }},",
+            blob.len(),
+            deps_all.len()
+        )
+        .unwrap();
         let mut names = vec![];
         messages(f.package(), &f.message_type, &mut names);
         by_message.extend(names.into_iter().map(|n| (n, i)));
@@ -84,12 +91,17 @@ fn main() {
     files.push_str("];\n");
     by_message.sort();
     let mut index = files;
-    index.push_str(
-        "/// (full message name, index in FILES), sorted by name.\npub static MESSAGES: &[(&str, u16)] = &[\n",
-    );
+    writeln!(index, "/// FILES[i].deps index this.\npub static DEPS: &[u16] = &[{}];", deps_all.join(", ")).unwrap();
+    let mut names = String::new();
+    let mut entries = String::new();
     for (name, i) in &by_message {
-        writeln!(index, "    ({name:?}, {i}),").unwrap();
+        writeln!(entries, "    MessageEntry {{ name: {}..{}, file: {i} }},", names.len(), names.len() + name.len())
+            .unwrap();
+        names.push_str(name);
     }
+    writeln!(index, "/// The full message names, one after another.\npub static NAMES: &str = {names:?};").unwrap();
+    index.push_str("/// (a full message name in NAMES, index in FILES), sorted by name.\npub static MESSAGES: &[MessageEntry] = &[\n");
+    index.push_str(&entries);
     index.push_str("];\n");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     std::fs::write(out.join("envoy_descriptors.bin"), blob).expect("write descriptor blob");

@@ -9,15 +9,28 @@
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, SerializeOptions};
 use serde_json::Value;
 
-/// One file of the blob: its encoded `FileDescriptorProto` and its dependencies.
+/// One file of the blob: its encoded `FileDescriptorProto` (`BLOB[start..end]`) and its
+/// dependencies (`index::DEPS[deps]`). The index holds offsets, not pointers (`build.rs`).
 pub struct FileEntry {
-    start: usize,
-    end: usize,
-    deps: &'static [u16],
+    start: u32,
+    end: u32,
+    deps: std::ops::Range<u16>,
+}
+
+/// A message's full name (`index::NAMES[name]`) and the file that defines it.
+pub struct MessageEntry {
+    name: std::ops::Range<u32>,
+    file: u16,
+}
+
+impl MessageEntry {
+    fn name(&self) -> &'static str {
+        &index::NAMES[self.name.start as usize..self.name.end as usize]
+    }
 }
 
 mod index {
-    use super::FileEntry;
+    use super::{FileEntry, MessageEntry};
     include!(concat!(env!("OUT_DIR"), "/envoy_descriptor_index.rs"));
 }
 
@@ -52,10 +65,10 @@ impl Descriptors {
 
     /// Loads the file that defines `full_name`; false when there is none or it is loaded.
     fn load(&mut self, full_name: &str) -> bool {
-        let Ok(i) = index::MESSAGES.binary_search_by(|(n, _)| (*n).cmp(full_name)) else {
+        let Ok(i) = index::MESSAGES.binary_search_by(|m| m.name().cmp(full_name)) else {
             return false;
         };
-        self.load_file(index::MESSAGES[i].1 as usize)
+        self.load_file(usize::from(index::MESSAGES[i].file))
     }
 
     fn load_file(&mut self, i: usize) -> bool {
@@ -64,10 +77,11 @@ impl Descriptors {
         }
         self.loaded[i] = true;
         let f = &index::FILES[i];
-        for &d in f.deps {
-            self.load_file(d as usize);
+        for &d in &index::DEPS[usize::from(f.deps.start)..usize::from(f.deps.end)] {
+            self.load_file(usize::from(d));
         }
-        self.pool.decode_file_descriptor_proto(&BLOB[f.start..f.end]).expect("embedded descriptors are consistent");
+        let bytes = &BLOB[f.start as usize..f.end as usize];
+        self.pool.decode_file_descriptor_proto(bytes).expect("embedded descriptors are consistent");
         true
     }
 

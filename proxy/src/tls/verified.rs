@@ -7,22 +7,27 @@
 //! depends only on its bytes, on the context's CA store and rules (SAN matchers, SPIFFE
 //! trust domains), which a context never changes, and on the time, which is kept as the
 //! window in which every certificate of the verified chain is valid. So a context keeps
-//! the chains it accepted, byte for byte, with that window; a chain that differs in any
-//! byte is verified in full. The peer still proves it holds the key in every handshake
+//! the SHA-256 digest of each chain it accepted (its DER as the peer sent it) with that
+//! window; a chain that differs in any byte has another digest and is verified in full
+//! (passing as an accepted chain would take a SHA-256 second preimage). The peer still proves it holds the key in every handshake
 //! (its CertificateVerify signature is not cached), and a rotated secret builds a new
 //! context, with an empty cache. Refused chains are never kept.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use boring::asn1::{Asn1Time, Asn1TimeRef};
+use boring::sha::Sha256;
 use boring::stack::StackRef;
 use boring::x509::{X509, X509StoreContextRef};
 
 /// Chains kept per context: a sidecar's inbound sees one per client workload instance.
-/// At about 1 KiB a chain the cache stays under 300 KiB when full.
-pub const CAPACITY: usize = 256;
+/// At 64 bytes a chain (digest and window) a full cache takes about 100 KiB.
+pub const CAPACITY: usize = 1024;
+
+/// SHA-256 of a chain's DER.
+pub type Digest = [u8; 32];
 
 /// When a verified chain may be accepted again: every certificate in it is valid then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,13 +44,13 @@ impl Window {
 
 #[derive(Default)]
 struct Chains {
-    windows: HashMap<Arc<[u8]>, Window>,
+    windows: HashMap<Digest, Window>,
     /// Insertion order, oldest first: the oldest chain leaves when the cache is full.
-    order: VecDeque<Arc<[u8]>>,
+    order: VecDeque<Digest>,
     hits: u64,
 }
 
-/// The accepted chains of one context, keyed by the DER of the chain as the peer sent it.
+/// The accepted chains of one context, keyed by the digest of the chain as the peer sent it.
 pub struct VerifiedChains {
     capacity: usize,
     chains: Mutex<Chains>,
@@ -57,19 +62,19 @@ impl VerifiedChains {
     }
 
     /// Whether `chain` was accepted before and `now` is inside its window.
-    pub fn accepts(&self, chain: &[u8], now: SystemTime) -> bool {
+    pub fn accepts(&self, chain: &Digest, now: SystemTime) -> bool {
         let mut c = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
         let hit = c.windows.get(chain).is_some_and(|w| w.holds(now));
         c.hits += u64::from(hit);
         hit
     }
 
-    pub fn insert(&self, chain: &[u8], window: Window) {
+    pub fn insert(&self, chain: Digest, window: Window) {
         if self.capacity == 0 {
             return;
         }
         let mut c = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(w) = c.windows.get_mut(chain) {
+        if let Some(w) = c.windows.get_mut(&chain) {
             *w = window;
             return;
         }
@@ -77,9 +82,8 @@ impl VerifiedChains {
             let Some(oldest) = c.order.pop_front() else { break };
             c.windows.remove(&oldest);
         }
-        let key: Arc<[u8]> = chain.into();
-        c.order.push_back(key.clone());
-        c.windows.insert(key, window);
+        c.order.push_back(chain);
+        c.windows.insert(chain, window);
     }
 
     pub fn chains(&self) -> usize {
@@ -105,25 +109,25 @@ impl VerifiedChains {
         }
         let accepted = ctx.verify_cert().unwrap_or(false) && ctx.verify_result().is_ok();
         if accepted && let Some(window) = ctx.chain().and_then(window_of) {
-            self.insert(&key, window);
+            self.insert(key, window);
         }
         accepted
     }
 }
 
-/// The DER of the chain as the peer sent it (leaf first), concatenated: DER is
-/// self-delimiting, so two different chains never give the same bytes.
-fn presented(ctx: &X509StoreContextRef) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(2048);
+/// The digest of the chain as the peer sent it (leaf first): of its certificates' DER,
+/// concatenated. DER is self-delimiting, so two different chains never give the same bytes.
+fn presented(ctx: &X509StoreContextRef) -> Option<Digest> {
+    let mut h = Sha256::new();
     match ctx.untrusted().filter(|s| !s.is_empty()) {
         Some(chain) => {
             for c in chain {
-                out.extend_from_slice(&c.to_der().ok()?);
+                h.update(&c.to_der().ok()?);
             }
         }
-        None => out.extend_from_slice(&ctx.cert()?.to_der().ok()?),
+        None => h.update(&ctx.cert()?.to_der().ok()?),
     }
-    Some(out)
+    Some(h.finish())
 }
 
 /// The time in which every certificate of a verified chain (trust anchor included) is valid.
@@ -154,6 +158,10 @@ fn window_of(chain: &StackRef<X509>) -> Option<Window> {
 mod tests {
     use super::*;
 
+    fn d(chain: &[u8]) -> Digest {
+        boring::sha::sha256(chain)
+    }
+
     fn window(from: u64, to: u64) -> Window {
         let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         Window { not_before: t(from), not_after: t(to) }
@@ -163,15 +171,15 @@ mod tests {
     fn a_chain_passes_again_only_byte_for_byte_and_inside_its_window() {
         let v = VerifiedChains::new(4);
         let at = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
-        assert!(!v.accepts(b"chain-a", at(150)), "nothing is accepted before it was verified");
-        v.insert(b"chain-a", window(100, 200));
-        assert!(v.accepts(b"chain-a", at(100)));
-        assert!(v.accepts(b"chain-a", at(200)));
-        assert!(!v.accepts(b"chain-a", at(99)), "not yet valid");
-        assert!(!v.accepts(b"chain-a", at(201)), "expired");
-        assert!(!v.accepts(b"chain-b", at(150)), "another chain");
-        assert!(!v.accepts(b"chain-a-longer", at(150)), "a chain with more bytes");
-        assert!(!v.accepts(b"chain-", at(150)), "a prefix");
+        assert!(!v.accepts(&d(b"chain-a"), at(150)), "nothing is accepted before it was verified");
+        v.insert(d(b"chain-a"), window(100, 200));
+        assert!(v.accepts(&d(b"chain-a"), at(100)));
+        assert!(v.accepts(&d(b"chain-a"), at(200)));
+        assert!(!v.accepts(&d(b"chain-a"), at(99)), "not yet valid");
+        assert!(!v.accepts(&d(b"chain-a"), at(201)), "expired");
+        assert!(!v.accepts(&d(b"chain-b"), at(150)), "another chain");
+        assert!(!v.accepts(&d(b"chain-a-longer"), at(150)), "a chain with more bytes");
+        assert!(!v.accepts(&d(b"chain-"), at(150)), "a prefix");
         assert_eq!(v.hits(), 2);
     }
 
@@ -180,14 +188,14 @@ mod tests {
         let v = VerifiedChains::new(2);
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(150);
         for c in [&b"a"[..], b"b", b"a", b"c"] {
-            v.insert(c, window(100, 200));
+            v.insert(d(c), window(100, 200));
         }
         assert_eq!(v.chains(), 2);
-        assert!(!v.accepts(b"a", now), "the oldest went when c came");
-        assert!(v.accepts(b"b", now) && v.accepts(b"c", now));
+        assert!(!v.accepts(&d(b"a"), now), "the oldest went when c came");
+        assert!(v.accepts(&d(b"b"), now) && v.accepts(&d(b"c"), now));
         let none = VerifiedChains::new(0);
-        none.insert(b"a", window(100, 200));
-        assert!(!none.accepts(b"a", now));
+        none.insert(d(b"a"), window(100, 200));
+        assert!(!none.accepts(&d(b"a"), now));
     }
 
     /// Real contexts: a sidecar inbound requiring mesh client certificates with a SPIFFE
