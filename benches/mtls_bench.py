@@ -49,7 +49,10 @@ Per run, for each target in turn (the order rotates from run to run):
    at --rate requests/s in all, 64-byte echo; (b) one request per new connection at
    --new-rate connections/s (open loop), which includes the sidecar-to-sidecar handshake
    (or resumption, where the outbound resumes sessions). `direct` is the client talking
-   to the echo app itself. Sidecar CPU per request = both sidecars' CPU / requests;
+   to the echo app itself. Sidecar CPU per request = both sidecars' CPU / requests.
+   With --lat-slices N (default 4) every target's pair is up at once and each test is
+   given in N slices alternating between the targets, as the handshakes are; percentiles
+   are taken over all the samples of a target's slices (p99 is the most drift-prone figure);
 4. RSS of both sidecars after the load.
 Each measurement is repeated (up to --attempts) when other processes used more than 5 % of
 CPU 0 or CPU 1 during it (this machine is shared); the count is reported.
@@ -59,7 +62,7 @@ Usage: benches/mtls_bench.py --dp DP --envoy ENVOY --loadgen LOADGEN [--dp-rustl
        [--targets dp,envoy,rustls,direct] [--out-md FILE] [--json FILE]
 scripts/bench-mtls.sh runs it with the paths filled in.
 """
-import argparse, json, os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
+import argparse, array, json, os, re, resource, shutil, signal, statistics, subprocess, sys, tempfile, time
 import urllib.request
 from procfs import free_port, schedstat_ns
 
@@ -302,6 +305,13 @@ class Proxy:
             # dp's default log level (info): one access-log line per connection, as a user gets it.
             cmd = [binary, "run", "--proxy-type=dataplane", "--xds-file", cfg, "--admin-address",
                    f"127.0.0.1:{admin}", "--readiness-port", "0", "--concurrency", "1"]
+        # The binary's pages are put in the page cache first, as on a node where it has just run:
+        # the kernel maps code around a fault only from pages already cached, and this machine
+        # reclaims cold page cache on its own (kdamond), so without this the idle RSS of the same
+        # binary varies by ±0.4 MiB from run to run.
+        with open(binary, "rb") as f:
+            while f.read(1 << 20):
+                pass
         self.log = base + ".log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(["taskset", "-c", PROXY_CPU] + cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -413,10 +423,15 @@ def sni_of(kind):
     return DNS_SNI if kind == "rustls" else TAG_SNI
 
 
-def latency(args, port, proxies, mode, seconds, helpers, what):
+def latency_cmd(args, port, mode, seconds):
+    """The loadgen command of a latency test (`kept` or `new`) through `port`."""
     cmd = ["mtls-latency", "--addr", f"127.0.0.1:{port}", "--secs", str(seconds)]
-    cmd += ["--rate", str(args.new_rate), "--new-conn"] if mode == "new" else \
-        ["--rate", str(args.rate), "--conns", str(args.conns)]
+    return cmd + (["--rate", str(args.new_rate), "--new-conn"] if mode == "new" else
+                  ["--rate", str(args.rate), "--conns", str(args.conns)])
+
+
+def latency(args, port, proxies, mode, seconds, helpers, what):
+    cmd = latency_cmd(args, port, mode, seconds)
 
     def once():
         c0 = sum(cpu_s(p.pid) for p in proxies)
@@ -427,6 +442,41 @@ def latency(args, port, proxies, mode, seconds, helpers, what):
             log(f"{what}: {r['errors']} failed requests (first: {r['first_error']})")
         return r
     return measured(args, what, proxies, helpers, once)
+
+
+def interleaved_latency(args, pairs, mode, helpers, order, d):
+    """The `mode` latency test of every target, interleaved as the handshakes are: --lat-slices
+    rounds of lat_seconds / slices each. A latency percentile is taken over all the samples
+    of a target's slices (loadgen --samples), not averaged over slices."""
+    slice_s = args.lat_seconds / args.lat_slices
+    acc = {k: dict(samples=array.array("I"), errors=0, first_error=None, cpu_s=0.0) for k in order}
+    o = Others([p.pid for _, procs in pairs.values() for p in procs], helpers)
+    path = os.path.join(d, "samples.bin")
+    for _ in range(args.lat_slices):
+        for k in order:
+            port, procs = pairs[k]
+            c0 = sum(schedstat_ns(p.pid, 0) for p in procs)
+            r = loadgen(args, *latency_cmd(args, port, mode, slice_s), "--samples", path, seconds=slice_s)
+            a = acc[k]
+            a["cpu_s"] += (sum(schedstat_ns(p.pid, 0) for p in procs) - c0) / 1e9
+            with open(path, "rb") as f:
+                a["samples"].frombytes(f.read())
+            a["errors"] += r["errors"]
+            a["first_error"] = a["first_error"] or r.get("first_error")
+    wall, o0, o1 = o.used()
+    out = {}
+    for k, a in acc.items():
+        s, n = sorted(a["samples"]), len(a["samples"])
+        # loadgen's own quantile: the sample at round((n - 1) * q).
+        q = (lambda p: float(s[round((n - 1) * p)])) if n else (lambda p: float("nan"))
+        out[k] = dict(requests=n, errors=a["errors"], first_error=a["first_error"], p50_us=q(0.5), p90_us=q(0.9),
+                      p99_us=q(0.99), p999_us=q(0.999), max_us=s[-1] if n else 0, sidecars_cpu_s=a["cpu_s"],
+                      cpu_us_per_req=a["cpu_s"] * 1e6 / max(1, n) if pairs[k][1] else None,
+                      slices=args.lat_slices, others_cpu_s=[round(o0, 3), round(o1, 3)],
+                      disturbed=o0 > max(0.05, 0.05 * wall) or o1 > max(0.05, 0.05 * wall))
+        if a["errors"]:
+            log(f"{k} {mode}: {a['errors']} failed requests (first: {a['first_error']})")
+    return out
 
 
 # ---------------------------------------------------------------- one run
@@ -457,6 +507,46 @@ def handshake_phase(args, kinds, binary, pki, d, app_port, helpers):
     finally:
         for inb in inbounds.values():
             inb.stop()
+
+
+def latency_phase(args, kinds, binary, pki, d, app_port, helpers):
+    """Every target's sidecar pair up at once (idle RSS of each sidecar 1 s after it is ready),
+    warm-up, then the kept and the new-connection tests, each interleaved between targets."""
+    pairs = {}
+    rows = {k: {} for k in kinds}
+    try:
+        for k in kinds:
+            if k == "direct":
+                pairs[k] = (app_port, [])
+                continue
+            ads = k != "envoy"
+            in_port, out_port = free_port(), free_port()
+            inb = Proxy(k, "inbound", binary[k], d, *inbound(pki, in_port, app_port, ads), in_port)
+            pairs[k] = (out_port, [inb])
+            time.sleep(1.0)
+            rows[k]["rss_inbound_idle"] = status_mib(inb.pid)
+            outb = Proxy(k, "outbound", binary[k], d, *outbound(pki, out_port, in_port, sni_of(k), ads), out_port)
+            pairs[k][1].append(outb)
+            time.sleep(1.0)
+            rows[k]["rss_outbound_idle"] = status_mib(outb.pid)
+        for mode in ("kept", "new"):
+            for k, (port, procs) in pairs.items():
+                latency(args, port, procs, mode, args.warmup, helpers, f"{k} {mode} warm-up")
+            if not quiet(args.quiet_wait):
+                log(f"{mode} latency: other processes are using the CPUs; measuring anyway")
+            for k, r in interleaved_latency(args, pairs, mode, helpers, kinds, d).items():
+                rows[k][mode] = r
+        time.sleep(0.5)
+        for k, (_, procs) in pairs.items():
+            if procs:
+                rows[k]["rss_inbound_end"], rows[k]["rss_outbound_end"] = (status_mib(p.pid) for p in procs)
+            if k == "envoy":
+                rows[k]["envoy_stats"] = envoy_ssl_stats(*procs)
+        return rows
+    finally:
+        for _, procs in pairs.values():
+            for p in procs:
+                p.stop()
 
 
 def run_target(args, kind, binary, pki, d, app_port, helpers, hs_done=False):
@@ -623,7 +713,10 @@ def markdown(args, runs, kinds, bins, ver, cmdline, elapsed):
             f"connections, {args.rate} requests/s in all, 64-byte echo, {args.lat_seconds:g} s. *New connection*: "
             f"{args.new_rate} connections/s (open loop), one 64-byte request each, the latency from the "
             "client starting the connect to the echo (not from the scheduled instant: tokio's timer fires up to 1 ms "
-            "late). *Sidecar CPU* = both sidecars' CPU per request.", "",
+            "late). *Sidecar CPU* = both sidecars' CPU per request."
+            + (f" All pairs are up at once and each test is given in {args.lat_slices} slices that alternate "
+               "between the targets; a target's percentiles are over the samples of all its slices."
+               if args.lat_slices > 0 and args.hs_slices > 0 else ""), "",
             "| path | kept p50 µs | kept p99 µs | kept p99.9 µs | kept sidecar CPU µs/req | new-conn p50 µs | "
             "new-conn p99 µs | new-conn p99.9 µs | new-conn sidecar CPU µs/req | failed |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -724,6 +817,9 @@ def main():
     ap.add_argument("--hs-slices", type=int, default=6,
                     help="the handshake tests of all targets interleaved in this many rounds (0: one after another)")
     ap.add_argument("--lat-seconds", type=float, default=4.0)
+    ap.add_argument("--lat-slices", type=int, default=4,
+                    help="the latency tests of all targets interleaved in this many rounds (0: one target after "
+                         "another; needs --hs-slices > 0)")
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--rate", type=int, default=2000, help="kept connections: requests/s in all")
     ap.add_argument("--conns", type=int, default=10)
@@ -769,8 +865,11 @@ def main():
             sidecars = [k for k in order if k != "direct"]
             hs_rows = handshake_phase(args, sidecars, binary, pki, d, app_port, helpers) \
                 if args.hs_slices > 0 else {}
+            lat_rows = latency_phase(args, order, binary, pki, d, app_port, helpers) \
+                if args.lat_slices > 0 and args.hs_slices > 0 else {}
             for k in order:
-                run[k] = run_target(args, k, binary.get(k), pki, d, app_port, helpers, hs_done=k in hs_rows)
+                run[k] = lat_rows[k] if lat_rows else \
+                    run_target(args, k, binary.get(k), pki, d, app_port, helpers, hs_done=k in hs_rows)
                 run[k].update(hs_rows.get(k, {}))
                 hs = run[k].get("hs")
                 log(f"run {i + 1}/{args.runs} {k}: "

@@ -14,7 +14,7 @@
 //! loadgen mtls-echo [--secs S]          # plain echo app; prints its address, serves for S s
 //! loadgen mtls-handshakes --addr A --sni S --cert PEM --key PEM [--ca PEM] [--alpn kuma]
 //!                         [--curves LIST] [--tls13] [--workers N] [--secs S]
-//! loadgen mtls-latency --addr A [--conns N] [--rate R] [--secs S] [--new-conn]
+//! loadgen mtls-latency --addr A [--conns N] [--rate R] [--secs S] [--new-conn] [--samples FILE]
 //! ```
 
 use anyhow::{Context, bail};
@@ -214,6 +214,12 @@ fn mtls(a: &Args) -> anyhow::Result<()> {
                 let conns: usize = a.opts.get("conns").map_or(Ok(10), |s| s.parse()).context("--conns")?;
                 rt.block_on(mtls::latency_kept(addr()?, conns.max(1), rate, dur))
             };
+            if let Some(path) = a.opts.get("samples") {
+                // Every latency, µs as u32 little-endian: mtls_bench.py pools the samples of
+                // interleaved slices before it takes percentiles.
+                let bytes: Vec<u8> = r.samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+                std::fs::write(path, bytes).with_context(|| format!("--samples {path}"))?;
+            }
             println!("{}", r.json());
         }
         other => bail!("unknown command `{other}`"),
