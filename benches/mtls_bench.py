@@ -509,6 +509,26 @@ def handshake_phase(args, kinds, binary, pki, d, app_port, helpers):
             inb.stop()
 
 
+def start_sidecar(role, kind, binary, pki, d, upstream_port, row):
+    """backend's inbound (mTLS in, the app on `upstream_port` behind it) or web's outbound
+    (plain in, mTLS to the inbound on `upstream_port`) of `kind`; its RSS 1 s after it is
+    ready goes into row["rss_<role>_idle"]."""
+    ads, port = kind != "envoy", free_port()
+    res = inbound(pki, port, upstream_port, ads) if role == "inbound" else \
+        outbound(pki, port, upstream_port, sni_of(kind), ads)
+    p = Proxy(kind, role, binary, d, *res, port)
+    time.sleep(1.0)
+    row[f"rss_{role}_idle"] = status_mib(p.pid)
+    return p
+
+
+def after_load(kind, inb, outb, row):
+    """Both sidecars' RSS after the tests, and Envoy's TLS counters."""
+    row["rss_inbound_end"], row["rss_outbound_end"] = status_mib(inb.pid), status_mib(outb.pid)
+    if kind == "envoy":
+        row["envoy_stats"] = envoy_ssl_stats(inb, outb)
+
+
 def latency_phase(args, kinds, binary, pki, d, app_port, helpers):
     """Every target's sidecar pair up at once (idle RSS of each sidecar 1 s after it is ready),
     warm-up, then the kept and the new-connection tests, each interleaved between targets."""
@@ -519,16 +539,10 @@ def latency_phase(args, kinds, binary, pki, d, app_port, helpers):
             if k == "direct":
                 pairs[k] = (app_port, [])
                 continue
-            ads = k != "envoy"
-            in_port, out_port = free_port(), free_port()
-            inb = Proxy(k, "inbound", binary[k], d, *inbound(pki, in_port, app_port, ads), in_port)
-            pairs[k] = (out_port, [inb])
-            time.sleep(1.0)
-            rows[k]["rss_inbound_idle"] = status_mib(inb.pid)
-            outb = Proxy(k, "outbound", binary[k], d, *outbound(pki, out_port, in_port, sni_of(k), ads), out_port)
-            pairs[k][1].append(outb)
-            time.sleep(1.0)
-            rows[k]["rss_outbound_idle"] = status_mib(outb.pid)
+            inb = start_sidecar("inbound", k, binary[k], pki, d, app_port, rows[k])
+            pairs[k] = (None, [inb])  # so that `finally` stops it if the outbound cannot start
+            outb = start_sidecar("outbound", k, binary[k], pki, d, inb.port, rows[k])
+            pairs[k] = (outb.port, [inb, outb])
         for mode in ("kept", "new"):
             for k, (port, procs) in pairs.items():
                 latency(args, port, procs, mode, args.warmup, helpers, f"{k} {mode} warm-up")
@@ -539,9 +553,7 @@ def latency_phase(args, kinds, binary, pki, d, app_port, helpers):
         time.sleep(0.5)
         for k, (_, procs) in pairs.items():
             if procs:
-                rows[k]["rss_inbound_end"], rows[k]["rss_outbound_end"] = (status_mib(p.pid) for p in procs)
-            if k == "envoy":
-                rows[k]["envoy_stats"] = envoy_ssl_stats(*procs)
+                after_load(k, *procs, rows[k])
         return rows
     finally:
         for _, procs in pairs.values():
@@ -555,14 +567,10 @@ def run_target(args, kind, binary, pki, d, app_port, helpers, hs_done=False):
         row["kept"] = latency(args, app_port, [], "kept", args.lat_seconds, helpers, "direct kept")
         row["new"] = latency(args, app_port, [], "new", args.lat_seconds, helpers, "direct new")
         return row
-    ads = kind != "envoy"
-    sni = DNS_SNI if kind == "rustls" else TAG_SNI
-    in_port, out_port = free_port(), free_port()
-    inb = Proxy(kind, "inbound", binary, d, *inbound(pki, in_port, app_port, ads), in_port)
+    sni = sni_of(kind)
+    inb = start_sidecar("inbound", kind, binary, pki, d, app_port, row)
     outb = None
     try:
-        time.sleep(1.0)
-        row["rss_inbound_idle"] = status_mib(inb.pid)
         if not hs_done:
             if kind == "rustls":
                 # Kuma's tag SNI against the rustls inbound: recorded, expected to be refused.
@@ -572,16 +580,12 @@ def run_target(args, kind, binary, pki, d, app_port, helpers, hs_done=False):
             row["hs"] = handshakes(args, pki, inb, sni, args.hs_seconds, helpers)
             time.sleep(0.5)
             row["rss_inbound_after_hs"] = status_mib(inb.pid)
-        outb = Proxy(kind, "outbound", binary, d, *outbound(pki, out_port, in_port, sni, ads), out_port)
-        time.sleep(1.0)
-        row["rss_outbound_idle"] = status_mib(outb.pid)
+        outb = start_sidecar("outbound", kind, binary, pki, d, inb.port, row)
         for mode in ("kept", "new"):
-            latency(args, out_port, [inb, outb], mode, args.warmup, helpers, f"{kind} {mode} warm-up")
-            row[mode] = latency(args, out_port, [inb, outb], mode, args.lat_seconds, helpers, f"{kind} {mode}")
+            latency(args, outb.port, [inb, outb], mode, args.warmup, helpers, f"{kind} {mode} warm-up")
+            row[mode] = latency(args, outb.port, [inb, outb], mode, args.lat_seconds, helpers, f"{kind} {mode}")
         time.sleep(0.5)
-        row["rss_inbound_end"], row["rss_outbound_end"] = status_mib(inb.pid), status_mib(outb.pid)
-        if kind == "envoy":
-            row["envoy_stats"] = envoy_ssl_stats(inb, outb)
+        after_load(kind, inb, outb, row)
     finally:
         inb.stop()
         if outb:

@@ -9,9 +9,10 @@
 //! window in which every certificate of the verified chain is valid. So a context keeps
 //! the SHA-256 digest of each chain it accepted (its DER as the peer sent it) with that
 //! window; a chain that differs in any byte has another digest and is verified in full
-//! (passing as an accepted chain would take a SHA-256 second preimage). The peer still proves it holds the key in every handshake
-//! (its CertificateVerify signature is not cached), and a rotated secret builds a new
-//! context, with an empty cache. Refused chains are never kept.
+//! (passing as an accepted chain would take a SHA-256 second preimage). The peer still
+//! proves it holds the key in every handshake (its CertificateVerify signature is not
+//! cached), and a rotated secret builds a new context, with an empty cache. Refused chains
+//! are never kept.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -132,11 +133,12 @@ fn presented(ctx: &X509StoreContextRef) -> Option<Digest> {
 
 /// The time in which every certificate of a verified chain (trust anchor included) is valid.
 fn window_of(chain: &StackRef<X509>) -> Option<Window> {
-    let now = Asn1Time::days_from_now(0).ok()?;
+    // Certificate times are ASN.1 times: each is placed relative to one "now", read once in
+    // both clocks.
+    let (now, base) = (Asn1Time::days_from_now(0).ok()?, SystemTime::now());
     let at = |t: &Asn1TimeRef| -> Option<SystemTime> {
         let d = now.diff(t).ok()?;
         let secs = i64::from(d.days) * 86_400 + i64::from(d.secs);
-        let base = SystemTime::now();
         if secs >= 0 {
             base.checked_add(Duration::from_secs(secs.unsigned_abs()))
         } else {
