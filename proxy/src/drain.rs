@@ -1,8 +1,10 @@
 //! Readiness state and graceful drain: SIGTERM flips readiness to TERMINATING, stops
 //! the listeners, and waits for live connections up to the drain time.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
@@ -20,7 +22,9 @@ pub struct Drain {
     idle: Notify,
     stop_tx: watch::Sender<bool>,
     /// Set when the drain time ran out: live connections are cut.
-    cut_tx: watch::Sender<bool>,
+    cut: AtomicBool,
+    /// Wakes the connections [`Drain::unless_cut`] runs when `cut` is set.
+    cut_notify: Notify,
 }
 
 /// Held by each live connection; dropping it lets the drain finish sooner.
@@ -42,7 +46,8 @@ impl Drain {
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             stop_tx: watch::channel(false).0,
-            cut_tx: watch::channel(false).0,
+            cut: AtomicBool::new(false),
+            cut_notify: Notify::new(),
         })
     }
 
@@ -96,18 +101,42 @@ impl Drain {
 
     /// Cuts every live connection (the drain time ran out); each logs why as it goes.
     pub fn cut(&self) {
-        self.cut_tx.send_replace(true);
+        self.cut.store(true, Ordering::Release);
+        self.cut_notify.notify_waiters();
     }
 
     /// Whether [`Drain::cut`] was called.
     pub fn cut_off(&self) -> bool {
-        *self.cut_tx.borrow()
+        self.cut.load(Ordering::Acquire)
     }
 
-    /// Resolves when connections are cut.
-    pub async fn until_cut(&self) {
-        let mut rx = self.cut_tx.subscribe();
-        let _ = rx.wait_for(|cut| *cut).await;
+    /// Runs `conn` to its end, or until connections are cut (`None`; dropping `conn`
+    /// writes its record). A connection's task is woken by every read and write, so each
+    /// poll only loads the cut flag: the `Notify` that wakes the task on a cut is polled
+    /// once (and again only if the task's waker changes), where a channel in a `select!`
+    /// would be polled, and its lock taken, on every wake.
+    pub async fn unless_cut<F: Future>(&self, conn: F) -> Option<F::Output> {
+        let notified = self.cut_notify.notified();
+        tokio::pin!(notified, conn);
+        // In the waiter list before the flag is first read: a later cut wakes this task.
+        notified.as_mut().enable();
+        let mut registered: Option<Waker> = None;
+        std::future::poll_fn(|cx| {
+            if self.cut_off() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                if notified.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                registered = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Waits until no connection is left or `deadline` passes; returns how many are left.
@@ -150,5 +179,35 @@ mod tests {
         let d = Drain::new();
         let _g = d.track();
         assert_eq!(d.drain(Duration::from_secs(1)).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cut_ends_a_parked_connection_and_a_finished_one_keeps_its_output() {
+        let d = Drain::new();
+        assert_eq!(d.unless_cut(async { 7 }).await, Some(7));
+        // Parked on a read that never comes: only the cut can wake it. On this
+        // single-threaded runtime the spawned task's first poll has ended once `polled`
+        // resolves.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (polled_tx, polled) = tokio::sync::oneshot::channel();
+        let conn = tokio::spawn({
+            let d = d.clone();
+            async move {
+                d.unless_cut(async move {
+                    let _ = polled_tx.send(());
+                    rx.await
+                })
+                .await
+            }
+        });
+        polled.await.unwrap();
+        assert!(!conn.is_finished());
+        d.cut();
+        // Without the wake the task would never run again: bounded, so that fails, not hangs.
+        let out = tokio::time::timeout(Duration::from_secs(30), conn).await.expect("the cut woke the connection");
+        assert_eq!(out.unwrap(), None);
+        drop(tx);
+        // After the cut, a connection is not started at all.
+        assert_eq!(d.unless_cut(async { 7 }).await, None);
     }
 }

@@ -246,10 +246,7 @@ async fn accept_loop(ctx: Arc<Ctx>, name: Arc<str>, listener: TcpListener, mut s
                         let original = capture(&ctx, &mut name, &stream);
                         // Cut at drain timeout: dropping the connection's future writes
                         // its record.
-                        tokio::select! {
-                            _ = conn::serve(ctx, name, stream, peer, original, guard) => {}
-                            _ = drain.until_cut() => {}
-                        }
+                        drain.unless_cut(conn::serve(ctx, name, stream, peer, original, guard)).await;
                     }.instrument(span));
                 }
                 Err(e) => {
