@@ -23,7 +23,7 @@ envoy="$(scripts/bench-envoy-path.sh)"
 nginx="$(command -v nginx || echo /usr/sbin/nginx)"
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   echo "bench-http: building dp and httpbench (release)"
-  cargo build --release -q -p proxy --bin dp -p benches --bin httpbench
+  scripts/build-dp.sh -p benches --bin httpbench
 fi
 bin="$CARGO_TARGET_DIR/release"
 if [ "$(nproc)" -lt 2 ]; then

@@ -32,7 +32,7 @@ envoy="$(scripts/bench-envoy-path.sh)"
 haproxy="$(command -v haproxy || echo /usr/sbin/haproxy)"
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   echo "bench-idle: building dp and idlebench (release)"
-  cargo build --release -q -p proxy --bin dp -p benches --bin idlebench
+  scripts/build-dp.sh -p benches --bin idlebench
 fi
 bin="$CARGO_TARGET_DIR/release"
 

@@ -12,7 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
-  cargo build --release -q -p cp --bin cp -p proxy --bin dp
+  scripts/build-dp.sh -p cp --bin cp
 fi
 bin="$CARGO_TARGET_DIR/release"
 envoy="$(scripts/bench-envoy-path.sh)"

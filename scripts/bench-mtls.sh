@@ -31,7 +31,7 @@ scripts/bench-setup.sh
 envoy="$(scripts/bench-envoy-path.sh)"
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   echo "bench-mtls: building dp and loadgen (release)"
-  cargo build --release -q -p proxy --bin dp -p benches --bin loadgen
+  scripts/build-dp.sh -p benches --bin loadgen
 fi
 bin="$CARGO_TARGET_DIR/release"
 [ "$(nproc)" -ge 2 ] || { echo "bench-mtls: needs at least 2 CPUs" >&2; exit 1; }
@@ -68,7 +68,10 @@ sched=()
 if [ "${BENCH_SCHED:-fifo}" = fifo ] && chrt -f 1 true 2>/dev/null; then
   sched=(chrt -f 1)
 fi
-desc="$(git rev-parse --short HEAD)$(git diff --quiet -- proxy Cargo.lock Cargo.toml 2>/dev/null || echo ' (+ uncommitted changes)') (BoringSSL, release)"
+# How much of the link order (proxy/symbol-order.txt) this build matched: a stale file
+# shows here as a low share, and as a larger idle RSS.
+order="$(python3 benches/symbol_order.py --check --dp "$bin/dp" --brief)"
+desc="$(git rev-parse --short HEAD)$(git diff --quiet -- proxy Cargo.lock Cargo.toml 2>/dev/null || echo ' (+ uncommitted changes)') (BoringSSL, release; $order)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "${sched[@]}" taskset -c 1 python3 benches/mtls_bench.py --dp "$bin/dp" --dp-desc "$desc" "${baseline[@]}" \

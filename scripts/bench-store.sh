@@ -14,7 +14,7 @@ cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   echo "bench-store: building cp and dp (release)"
-  cargo build --release -q -p cp --bin cp -p proxy --bin dp
+  scripts/build-dp.sh -p cp --bin cp
 fi
 bin="$CARGO_TARGET_DIR/release"
 work="$(mktemp -d)"

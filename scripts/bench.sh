@@ -44,7 +44,7 @@ fi
 
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   echo "bench: building dp and loadgen (release)"
-  cargo build --release -q -p proxy --bin dp -p cp --bin cp -p benches --bin loadgen
+  scripts/build-dp.sh -p cp --bin cp -p benches --bin loadgen
 fi
 bin="$CARGO_TARGET_DIR/release"
 
