@@ -55,13 +55,54 @@ pub fn next_id() -> u32 {
     N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A fresh directory for one test's files (configs, certificates, logs). All of them are
+/// removed when the test process exits, unless a test in it failed (panicked): then they
+/// stay, to be looked at.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("e2e-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
+    temp_dirs::remove_at_exit(dir.clone());
     dir
+}
+
+mod temp_dirs {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+
+    pub fn remove_at_exit(dir: PathBuf) {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                PANICKED.store(true, Ordering::SeqCst);
+                report(info)
+            }));
+            // Rust has no safe exit hook, and a test process has no owner to drop at its end.
+            // SAFETY: registers a plain function without arguments, called by exit(3) once the
+            // tests have run; it only reads statics and removes directories.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::atexit(remove_all)
+            };
+        });
+        DIRS.lock().unwrap_or_else(|e| e.into_inner()).push(dir);
+    }
+
+    extern "C" fn remove_all() {
+        if PANICKED.load(Ordering::SeqCst) {
+            return;
+        }
+        for dir in DIRS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// Log lines of a child process, collected by a thread, with waiting on a pattern.
