@@ -15,7 +15,10 @@ workloads (each the way a user runs dp):
     kept-connection and new-connection traffic through both (benches' loadgen), the
     admin's /ready, /stats and /config_dump, and SIGTERM;
   * the zone ingress on examples/ingress.yaml (the README's command), with the same admin
-    requests.
+    requests;
+  * a web -> backend sidecar pair on ADS from a zone `cp` (the Mesh with builtin mTLS,
+    Dataplane tokens from `ctl`), as users run dp: bootstrap, xDS over gRPC, certificates
+    from cp, then the same traffic and admin requests.
 The file lists mangled names without what changes from build to build: the hash of a
 legacy name (`17h<16 hex digits>E`), a v0 name's crate disambiguators (`Cs<base62>_`) and
 ThinLTO's `.llvm.<n>` suffix, which moves whenever its module changes. --resolve maps the
@@ -24,12 +27,12 @@ writes the file lld takes; scripts/build-dp.sh does that between a build and a r
 --check reports how much of the list a binary has; scripts/dp-symbol-order.sh regenerates
 the list when it has fallen behind the code.
 
-Usage: benches/symbol_order.py --dp DP --loadgen LOADGEN [--list proxy/symbol-order.txt]
+Usage: benches/symbol_order.py --dp DP --loadgen LOADGEN --cp CP --ctl CTL [--list ...]
        benches/symbol_order.py --resolve FILE --dp DP [--list ...]
        benches/symbol_order.py --check [--brief] --dp DP [--list ...]
 """
 
-import argparse, os, re, shutil, signal, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, re, shutil, signal, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mtls_bench as mb  # noqa: E402
@@ -129,11 +132,7 @@ def sidecar_pair(args, d, binary):
         procs.append(inb)
         outb = mb.start_sidecar("outbound", "dp", outs.wrapper, pki, d, inb.port, row)
         procs.append(outb)
-        lg = [args.loadgen, "mtls-latency", "--addr", f"127.0.0.1:{outb.port}", "--secs", "3"]
-        for extra in (["--rate", "200", "--conns", "4"], ["--rate", "20", "--new-conn"]):
-            r = subprocess.run(lg + extra, capture_output=True, text=True, timeout=120)
-            if r.returncode != 0:
-                raise SystemExit(f"symbol_order: loadgen failed: {r.stderr[-2000:]}")
+        traffic(args, outb.port)
         for p in procs:
             admin_requests(p.admin)
     finally:
@@ -142,6 +141,107 @@ def sidecar_pair(args, d, binary):
         echo.kill()
         echo.wait()
     return [ins.out, outs.out]
+
+
+def control_plane(args, d, binary):
+    """A zone cp, the default Mesh with builtin mTLS, and backend and web sidecars on ADS."""
+    work, addr_file = os.path.join(d, "cp"), os.path.join(d, "cp-addresses.json")
+    os.makedirs(work)
+    cp_log = open(os.path.join(d, "cp.log"), "w")
+    cp = subprocess.Popen([args.cp, "run", "--bind-address", "127.0.0.1", "--dp-server-port", "0", "--kds-port", "0",
+                           "--api-port", "0", "--address-file", addr_file], stdout=cp_log, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, KUMA_GENERAL_WORK_DIR=work, KUMA_MULTIZONE_ZONE_NAME="zone-1"))
+    echo, dps = None, []
+    try:
+        addrs = wait_for(lambda: json_file(addr_file), cp, f"cp did not start; log {cp_log.name}")
+
+        def ctl(*a):
+            return subprocess.run([args.ctl, "--api-address", f"http://{addrs['api']}", *a], capture_output=True,
+                                  text=True)
+        mesh = write(d, "mesh.yaml", "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n"
+                     "  - name: ca-1\n    type: builtin\n")
+        out = ctl("apply", "-f", mesh)
+        if out.returncode != 0:
+            raise SystemExit(f"symbol_order: ctl apply: {out.stderr}")
+        echo = subprocess.Popen([args.loadgen, "mtls-echo", "--secs", "3600"], stdout=subprocess.PIPE, text=True)
+        app_port = int(echo.stdout.readline().strip().rsplit(":", 1)[1])
+        outbound = free_port()
+        resources = {
+            "backend": f"  inbound:\n  - port: {free_port()}\n    servicePort: {app_port}\n"
+                       "    tags:\n      kuma.io/service: backend\n",
+            "web": f"  inbound:\n  - port: {free_port()}\n    servicePort: {free_port()}\n"
+                   f"    tags:\n      kuma.io/service: web\n  outbound:\n  - port: {outbound}\n"
+                   "    tags:\n      kuma.io/service: backend\n",
+        }
+        for name, networking in resources.items():
+            token = wait_for(lambda: (lambda r: r.stdout.strip() if r.returncode == 0 else None)(
+                ctl("generate", "dataplane-token", "--name", name, "-m", "default")), cp, "no dataplane token")
+            g = Grind(d, binary, f"ads-{name}")
+            admin = free_port()
+            log = open(os.path.join(d, f"ads-{name}.log"), "w")
+            proc = subprocess.Popen(
+                [g.wrapper, "run", "--proxy-type=dataplane", f"--cp-address=https://127.0.0.1:{addrs['dp_server'].rsplit(':', 1)[1]}",
+                 "--dataplane-token-file", write(d, f"{name}.token", token), "--ca-cert-file", addrs["ca_cert_file"],
+                 "--dataplane-file", write(d, f"{name}.yaml", f"type: Dataplane\nmesh: default\nname: {name}\n"
+                                           f"networking:\n  address: 127.0.0.1\n{networking}"),
+                 "--admin-address", f"127.0.0.1:{admin}", "--readiness-port", "0"],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, KUMA_DNS_ENABLED="false"))
+            dps.append((proc, admin, g.out))
+            wait_for(lambda: mb.http_ok(admin, "/ready") or None, proc, f"{name} did not get ready; log {log.name}")
+        lg = [args.loadgen, "mtls-latency", "--addr", f"127.0.0.1:{outbound}", "--secs", "1", "--rate", "20",
+              "--conns", "1"]
+        # Until web's outbound routes to backend (cp sends it once both are registered).
+        wait_for(lambda: (lambda r: r if r.get("requests") and not r.get("errors") else None)(
+            json.loads(subprocess.run(lg, capture_output=True, text=True).stdout.strip().splitlines()[-1])),
+            cp, "no traffic through the ADS sidecars")
+        traffic(args, outbound)
+        for _, admin, _ in dps:
+            admin_requests(admin)
+    finally:
+        for proc, _, _ in dps:
+            stop(proc)
+        if echo:
+            echo.kill()
+            echo.wait()
+        cp.kill()
+        cp.wait()
+    return [out for _, _, out in dps]
+
+
+def wait_for(probe, proc, what, seconds=300):
+    """probe()'s first truthy value, within `seconds`; fails as `what` if `proc` exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        v = probe()
+        if v:
+            return v
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"symbol_order: {what}")
+        time.sleep(0.2)
+
+
+def json_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write(d, name, text):
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def traffic(args, port):
+    """Kept-connection and new-connection requests through the sidecar listening on `port`."""
+    lg = [args.loadgen, "mtls-latency", "--addr", f"127.0.0.1:{port}", "--secs", "3"]
+    for extra in (["--rate", "200", "--conns", "4"], ["--rate", "20", "--new-conn"]):
+        r = subprocess.run(lg + extra, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise SystemExit(f"symbol_order: loadgen failed: {r.stderr[-2000:]}")
 
 
 def ingress(args, d, binary):
@@ -167,6 +267,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dp", required=True)
     ap.add_argument("--loadgen")
+    ap.add_argument("--cp", help="cp and ctl, for the ADS workload")
+    ap.add_argument("--ctl")
     ap.add_argument("--list", default=os.path.join(ROOT, "proxy/symbol-order.txt"))
     ap.add_argument("--resolve", metavar="FILE", help="write --list as --dp's symbols to FILE (for lld)")
     ap.add_argument("--check", action="store_true", help="how much of --list the binary --dp has")
@@ -191,25 +293,28 @@ def main():
             print(f"symbol order: {len(found)} of the {len(listed)} functions {os.path.relpath(args.list, ROOT)} "
                   f"lists are in {args.dp} ({100 * len(found) / max(1, len(listed)):.0f} %)")
         return
-    if not args.loadgen:
-        ap.error("--loadgen is needed to generate the order")
+    if not (args.loadgen and args.cp and args.ctl):
+        ap.error("--loadgen, --cp and --ctl are needed to generate the order")
     if not shutil.which("valgrind"):
         raise SystemExit("symbol_order: valgrind is not installed (scripts/dp-symbol-order.sh installs it)")
     d = tempfile.mkdtemp(prefix="symbol-order-")
     try:
-        files = sidecar_pair(args, d, args.dp) + ingress(args, d, args.dp)
-        names = set()
-        for f in files:
-            if not os.path.exists(f):
-                raise SystemExit(f"symbol_order: callgrind wrote no {f}")
-            names |= executed(f, args.dp)
+        runs = {"ads": control_plane(args, d, args.dp), "sidecar": sidecar_pair(args, d, args.dp),
+                 "ingress": ingress(args, d, args.dp)}
+        ran_in = {}
+        for workload, files in runs.items():
+            for f in files:
+                if not os.path.exists(f):
+                    raise SystemExit(f"symbol_order: callgrind wrote no {f}")
+                for n in executed(f, args.dp):
+                    if n in sizes:
+                        ran_in.setdefault(normalise(n), set()).add(workload)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    # Only names the linker can place: functions this binary defines. Sorted by name, so
-    # that a crate's functions (and a module's) stay together and the file diffs well.
-    ran = [n for n in names if n in sizes]
-    listed = sorted({normalise(n) for n in ran})
-    kb = sum(sizes[n] for n in ran) // 1024
+    # What every workload runs first, then what fewer do, those of dp on ADS (as users run
+    # it) before the others; by name within each, so that a module's functions stay together.
+    listed = sorted(ran_in, key=lambda n: (-len(ran_in[n]), "ads" not in ran_in[n], n))
+    kb = sum(sizes[r] for r in sizes if normalise(r) in ran_in) // 1024
     rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
     with open(args.list, "w") as f:
         f.write(HEADER.format(n=len(listed), kb=kb, rustc=rustc))
