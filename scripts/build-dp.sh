@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the release dp as we ship it: with the functions it runs at start and on its data
 # path linked first and together (proxy/symbol-order.txt; benches/symbol_order.py says why:
-# about 7 MiB less resident memory per dp). A plain `cargo build --release` gives the same
+# about 6 MiB less resident memory per idle dp). A plain `cargo build --release` gives the same
 # code in the linker's default order.
 #
 # Usage: scripts/build-dp.sh [more cargo build arguments, e.g. -p benches --bin loadgen]
