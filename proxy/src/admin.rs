@@ -4,6 +4,7 @@
 use crate::conn::Ctx;
 use crate::drain::Readiness;
 use crate::listeners::Listeners;
+use crate::stats::text::{Format, Query};
 use crate::telemetry::LogLevel;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -87,6 +88,7 @@ impl Admin {
                 Readiness::Terminating => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n"),
             },
             (&Method::GET, "/stats/prometheus") => text(StatusCode::OK, self.ctx.stats.prometheus()),
+            (&Method::GET, "/stats") => self.stats(query),
             (&Method::GET, "/config_dump") => json(&self.ctx.routes.load().resources.to_json()),
             (&Method::GET, "/clusters") => text(StatusCode::OK, self.clusters()),
             (&Method::GET, "/listeners") => self.listeners(query),
@@ -104,10 +106,25 @@ impl Admin {
             }
             (&Method::GET, "/") => text(
                 StatusCode::OK,
-                "GET /ready\nGET /stats/prometheus\nGET /config_dump\nGET /clusters\nGET /listeners[?format=json]\n\
+                "GET /ready\nGET /stats[?filter=REGEX&usedonly&type=T&format=json|prometheus]\nGET /stats/prometheus\nGET /config_dump\nGET /clusters\nGET /listeners[?format=json]\n\
                  POST /logging?level=L\nPOST /quitquitquit\n",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin paths\n"),
+        }
+    }
+
+    /// Envoy's `/stats`, text or JSON (or Prometheus, as `/stats/prometheus`).
+    fn stats(&self, query: &str) -> Resp {
+        match Query::parse(query) {
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            Ok(q) if q.format == Format::Prometheus => text(StatusCode::OK, self.ctx.stats.prometheus()),
+            Ok(q) => {
+                let mut r = text(StatusCode::OK, q.render(&self.ctx.stats.envoy_stats()));
+                if q.format == Format::Json {
+                    r.headers_mut().insert(CONTENT_TYPE, "application/json".parse().expect("valid header"));
+                }
+                r
+            }
         }
     }
 

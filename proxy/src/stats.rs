@@ -4,6 +4,8 @@
 //! prefix, so they survive configuration reloads; the snapshot holds `Arc`s to them and
 //! the hot path only does relaxed atomic adds.
 
+pub mod text;
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -212,6 +214,8 @@ pub struct Registry {
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     tcp: Mutex<BTreeMap<String, Arc<TcpStats>>>,
     rbac: Mutex<BTreeMap<String, Arc<RbacStats>>>,
+    /// HTTP RBAC filters, by (HCM `stat_prefix`, `rules_stat_prefix`).
+    http_rbac: Mutex<BTreeMap<(String, String), Arc<RbacStats>>>,
     connection_limit: Mutex<BTreeMap<String, Arc<ConnectionLimitStats>>>,
     http: Mutex<BTreeMap<String, Arc<HttpStats>>>,
 }
@@ -238,6 +242,11 @@ impl Registry {
     pub fn rbac(&self, prefix: &str) -> Arc<RbacStats> {
         get(&self.rbac, prefix)
     }
+    /// HTTP RBAC filters (Envoy: `http.<hcm prefix>.rbac.<rules_stat_prefix>allowed`).
+    pub fn http_rbac(&self, hcm_prefix: &str, rules_prefix: &str) -> Arc<RbacStats> {
+        let mut m = self.http_rbac.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((hcm_prefix.to_string(), rules_prefix.to_string())).or_default().clone()
+    }
     /// `connection_limit` filters, by `stat_prefix` (Envoy: `connection_limit.<prefix>.*`).
     pub fn connection_limit(&self, prefix: &str) -> Arc<ConnectionLimitStats> {
         get(&self.connection_limit, prefix)
@@ -261,6 +270,7 @@ impl Registry {
         family(&mut out, "envoy_tcp_", TcpStats::FIELDS, "envoy_tcp_prefix", &tcp);
         let rbac = rows(&self.rbac, RbacStats::values);
         family(&mut out, "envoy_rbac_", RbacStats::FIELDS, "envoy_rbac_prefix", &rbac);
+        self.http_rbac_prometheus(&mut out);
         let limits = rows(&self.connection_limit, ConnectionLimitStats::values);
         let prefix = "envoy_connection_limit_prefix";
         family(&mut out, "envoy_connection_limit_", ConnectionLimitStats::FIELDS, prefix, &limits);
@@ -282,6 +292,23 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// HTTP RBAC as Envoy exports `http.<hcm prefix>.rbac.<rules prefix>allowed`: the HCM
+    /// prefix as a label, the rules prefix (Kuma sets none) in the name.
+    fn http_rbac_prometheus(&self, out: &mut String) {
+        let m = self.http_rbac.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, (field, kind)) in RbacStats::FIELDS.iter().enumerate() {
+            let mut typed = std::collections::BTreeSet::new();
+            for ((hcm, rules), s) in m.iter() {
+                let name = format!("envoy_http_rbac_{}{field}", rules.replace(['.', '-'], "_"));
+                if typed.insert(name.clone()) {
+                    let _ = writeln!(out, "# TYPE {name} {kind}");
+                }
+                let hcm = hcm.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{envoy_http_conn_manager_prefix=\"{hcm}\"}} {}", s.values()[i]);
+            }
+        }
     }
 
     /// Clusters' HTTP stats: totals, `_xx` by code class, by code, and the request time

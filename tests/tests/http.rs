@@ -152,6 +152,24 @@ async fn routes_by_host_path_header_and_regex_and_rewrites() {
     assert!(s.dp.stat("envoy_cluster_upstream_rq{envoy_response_code=\"200\",envoy_cluster_name=\"a\"}") >= 3);
     let (_, prom) = s.dp.get("/stats/prometheus");
     assert!(prom.contains("envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=\"a\",le=\"+Inf\"}"), "{prom}");
+    // Envoy's `/stats`, as Kuma's GUI and `kumactl inspect dataplane --type=stats` read it.
+    let (status, text) = s.dp.get("/stats?filter=%5Ecluster%5C.a%5C.upstream_rq_(200%7C2xx%7Ctime)%24");
+    assert_eq!(status, 200, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for (line, name) in lines.iter().zip(["cluster.a.upstream_rq_200", "cluster.a.upstream_rq_2xx"]) {
+        let n: u64 = line.strip_prefix(&format!("{name}: ")).and_then(|v| v.parse().ok()).expect(&text);
+        assert!(n >= 3, "{text}");
+    }
+    assert!(lines[2].starts_with("cluster.a.upstream_rq_time: P0(nan,") && lines[2].contains(" P99(nan,"), "{text}");
+    let (status, used) = s.dp.get("/stats?usedonly&type=Counters&format=json");
+    let used: serde_json::Value = serde_json::from_str(&used).expect(&used);
+    assert_eq!(status, 200);
+    let names: Vec<&str> = used["stats"].as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(names.contains(&"http.web.downstream_rq_total") && names.contains(&"http.web.downstream_rq_2xx"), "{used}");
+    assert!(used["stats"].as_array().unwrap().iter().all(|s| s["value"].as_u64() > Some(0)), "{used}");
+    let (status, bad) = s.dp.get("/stats?filter=(");
+    assert_eq!((status, bad.lines().count()), (400, 1), "{bad}");
     s.dp.logs.wait_for(&["method=GET", "authority=api.example", "path=/direct", "status=201"]);
 }
 

@@ -17,7 +17,7 @@ use e2e::pair::Pair;
 use e2e::temp_dir;
 use e2e::tls::{Identity, MeshCa, client_with_identity};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -369,6 +369,22 @@ async fn http_rbac_admits_and_refuses_exactly_as_envoy() {
     // The matrix exercises every kind of answer.
     for o in [ok(), forbidden(), Outcome::Refused] {
         assert!(rows.contains(&o), "no request got {o:?}");
+    }
+    // `/stats`: every stat the traffic moved in dp has the name Envoy gives it, but for
+    // dp's own (config updates, dropped log lines, parked HTTP/1 connections).
+    let names = |admin: SocketAddr, query: &str| -> BTreeSet<String> {
+        let (status, body) = e2e::http_get(admin, &format!("/stats{query}")).expect("GET /stats");
+        assert_eq!(status, 200, "{body}");
+        body.lines().filter_map(|l| l.split_once(": ")).map(|(name, _)| name.to_string()).collect()
+    };
+    let dp_own = ["config_update_", "log_lines_dropped", "downstream_cx_http1_parked"];
+    let ours: Vec<String> =
+        names(pair.dp.admin, "?usedonly").into_iter().filter(|n| !dp_own.iter().any(|own| n.contains(own))).collect();
+    let envoys = names(pair.envoy.admin, "");
+    let missing: Vec<&String> = ours.iter().filter(|n| !envoys.contains(*n)).collect();
+    assert!(missing.is_empty(), "dp stats Envoy does not name so: {missing:?}\nEnvoy's: {envoys:?}");
+    for namespace in ["cluster.app.", "http.", "listener.", "netrbac.rbac.", "tls_inspector."] {
+        assert!(ours.iter().any(|n| n.starts_with(namespace)), "no {namespace} stat moved: {ours:?}");
     }
 }
 

@@ -102,7 +102,7 @@ fn decode<M: Message + Default>(any: &Any) -> Result<M, String> {
 
 /// Reads an HCM's `http_filters`; the last must be the router. `None` for a filter that
 /// only observes.
-pub fn build(name: &str, any: &Any, stats: &Registry) -> Result<Option<Configured>, String> {
+pub fn build(name: &str, any: &Any, hcm_prefix: &str, stats: &Registry) -> Result<Option<Configured>, String> {
     let (filter, skip) = if any.type_url == ExtensionWithMatcher::type_url() {
         let ewm: ExtensionWithMatcher = decode(any)?;
         #[allow(deprecated)]
@@ -122,7 +122,9 @@ pub fn build(name: &str, any: &Any, stats: &Registry) -> Result<Option<Configure
         (any.clone(), None)
     };
     let f = match any_name(&filter) {
-        n if n == RbacFilter::full_name() => Filter::Rbac(Arc::new(Rbac::build_http(&decode(&filter)?, stats)?)),
+        n if n == RbacFilter::full_name() => {
+            Filter::Rbac(Arc::new(Rbac::build_http(&decode(&filter)?, hcm_prefix, stats)?))
+        }
         n if n == HttpFault::full_name() => Filter::Fault(Arc::new(fault(&decode(&filter)?)?)),
         n if n == LocalRateLimit::full_name() => Filter::RateLimit(Arc::new(rate_limit(&decode(&filter)?)?)),
         n if OBSERVERS.contains(&n) => return Ok(None),

@@ -143,8 +143,8 @@ impl HttpCfg {
             if f.disabled {
                 continue;
             }
-            if let Some(c) =
-                filters::build(&f.name, &typed(f)?, ctx.stats).map_err(|e| format!("http filter {}: {e}", f.name))?
+            if let Some(c) = filters::build(&f.name, &typed(f)?, &h.stat_prefix, ctx.stats)
+                .map_err(|e| format!("http filter {}: {e}", f.name))?
             {
                 built.push(c);
             }

@@ -94,23 +94,24 @@ pub struct Subject<'a> {
 
 impl Rbac {
     pub fn build(f: &RbacFilter, stats: &Registry) -> Result<Rbac, String> {
-        Rbac::from_parts(f.rules.as_ref(), f.matcher.as_ref(), &f.stat_prefix, false, stats)
+        Rbac::from_parts(f.rules.as_ref(), f.matcher.as_ref(), false, stats.rbac(&f.stat_prefix))
     }
 
-    pub fn build_http(f: &HttpRbacFilter, stats: &Registry) -> Result<Rbac, String> {
+    /// An HTTP RBAC filter of the connection manager whose `stat_prefix` is `hcm_prefix`.
+    pub fn build_http(f: &HttpRbacFilter, hcm_prefix: &str, stats: &Registry) -> Result<Rbac, String> {
         if f.shadow_rules.is_some() || f.shadow_matcher.is_some() {
             // Shadow rules only count; they never decide.
             return Err("shadow_rules and shadow_matcher are not supported".into());
         }
-        Rbac::from_parts(f.rules.as_ref(), f.matcher.as_ref(), &f.rules_stat_prefix, true, stats)
+        let stats = stats.http_rbac(hcm_prefix, &f.rules_stat_prefix);
+        Rbac::from_parts(f.rules.as_ref(), f.matcher.as_ref(), true, stats)
     }
 
     fn from_parts(
         rules: Option<&RbacRules>,
         matcher: Option<&XdsMatcher>,
-        stat_prefix: &str,
         http: bool,
-        stats: &Registry,
+        stats: Arc<RbacStats>,
     ) -> Result<Rbac, String> {
         if rules.is_some() && matcher.is_some() {
             return Err("rules and matcher are both set".into());
@@ -141,7 +142,7 @@ impl Rbac {
                 Some(Rules { deny, policies })
             }
         };
-        Ok(Rbac { rules, matcher, stats: stats.rbac(stat_prefix) })
+        Ok(Rbac { rules, matcher, stats })
     }
 
     /// Whether the connection may go on; counts the decision.
