@@ -10,7 +10,7 @@
 #
 # Usage: scripts/bench-mtls.sh [--quick] [extra benches/mtls_bench.py options, e.g. --runs 3,
 #          --key rsa2048, --dp PATH --dp-desc TEXT to measure a dp built elsewhere]
-#   full: about 10 minutes of measuring; --quick: about 1 minute.
+#   full: about 20 minutes of measuring; --quick: about 1 minute.
 #   BENCH_SKIP_BUILD=1 uses the dp and loadgen already in $CARGO_TARGET_DIR/release.
 #   The baseline is built once (release, in a temporary git worktree, into
 #   $BENCH_BASELINE_TARGET, default /tmp/dp-rustls-target; both are removed afterwards, unless
