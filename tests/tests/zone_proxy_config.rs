@@ -96,6 +96,8 @@ struct Setup {
     backend: Backend,
     checked: Backend,
     dead: SocketAddr,
+    /// The dead port, bound and not listening, until a test revives it.
+    dead_socket: Option<tokio::net::TcpSocket>,
     _dir: PathBuf,
 }
 
@@ -109,8 +111,12 @@ async fn setup() -> Setup {
     let web = Backend::start("web").await;
     let checked = Backend::start("checked").await;
     let matched = Backend::start("matched").await;
-    // A port nothing listens on: the health check must keep traffic away from it.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // A port nothing listens on: the health check must keep traffic away from it. It stays
+    // bound: a port only reserved and let go is back in the ephemeral range, and the kernel
+    // once gave it to another socket before the test could revive it.
+    let dead_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    dead_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = dead_socket.local_addr().unwrap();
     let pipe = dir.join("kuma-pipe.sock");
     unix_backend(&pipe, "pipe");
     // kuma-dp's metrics hijacker and the readiness reporter, as HTTP servers.
@@ -243,7 +249,7 @@ async fn setup() -> Setup {
         .unwrap();
     let dp = Dp::start(&file, &["--proxy-type", "ingress"]);
     let ingress = dp.listener("self_zoneingress_dp_zone-ingress");
-    Setup { dp, ingress, hijacker, readiness, backend, checked, dead, _dir: dir }
+    Setup { dp, ingress, hijacker, readiness, backend, checked, dead, dead_socket: Some(dead_socket), _dir: dir }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,13 +299,13 @@ async fn a_whole_kuma_zone_ingress_config_loads_and_every_server_name_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_failing_its_checks_loses_traffic_and_wins_it_back() {
-    let s = setup().await;
+    let mut s = setup().await;
     wait_until("the live endpoint passes its check", || {
         let (_, clusters) = s.dp.get("/clusters");
         clusters.contains(&format!("checked::{}::health_flags::healthy", s.checked.addr)).then_some(())
     });
     // The dead port comes alive: one passing check (healthy_threshold 1) brings it in.
-    let revived = tokio::net::TcpListener::bind(s.dead).await.expect("the dead port is still free");
+    let revived = s.dead_socket.take().unwrap().listen(1024).expect("the dead port listens");
     wait_until("the revived endpoint passes its check", || {
         let (_, clusters) = s.dp.get("/clusters");
         clusters.contains(&format!("checked::{}::health_flags::healthy", s.dead)).then_some(())
