@@ -295,18 +295,23 @@ impl Registry {
     }
 
     /// HTTP RBAC as Envoy exports `http.<hcm prefix>.rbac.<rules prefix>allowed`: the HCM
-    /// prefix as a label, the rules prefix (Kuma sets none) in the name.
+    /// prefix as a label, the rules prefix (Kuma sets none) in the name. A family's samples
+    /// are written together, as the exposition format requires.
     fn http_rbac_prometheus(&self, out: &mut String) {
         let m = self.http_rbac.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, (field, kind)) in RbacStats::FIELDS.iter().enumerate() {
-            let mut typed = std::collections::BTreeSet::new();
-            for ((hcm, rules), s) in m.iter() {
+        let mut families: BTreeMap<String, (&str, Vec<String>)> = BTreeMap::new();
+        for ((hcm, rules), s) in m.iter() {
+            let hcm = hcm.replace('\\', "\\\\").replace('"', "\\\"");
+            for ((field, kind), value) in RbacStats::FIELDS.iter().zip(s.values()) {
                 let name = format!("envoy_http_rbac_{}{field}", rules.replace(['.', '-'], "_"));
-                if typed.insert(name.clone()) {
-                    let _ = writeln!(out, "# TYPE {name} {kind}");
-                }
-                let hcm = hcm.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(out, "{name}{{envoy_http_conn_manager_prefix=\"{hcm}\"}} {}", s.values()[i]);
+                let sample = format!("{{envoy_http_conn_manager_prefix=\"{hcm}\"}} {value}");
+                families.entry(name).or_insert((kind, vec![])).1.push(sample);
+            }
+        }
+        for (name, (kind, samples)) in families {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for sample in samples {
+                let _ = writeln!(out, "{name}{sample}");
             }
         }
     }

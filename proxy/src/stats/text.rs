@@ -90,6 +90,8 @@ impl Query {
         Ok(q)
     }
 
+    /// `usedonly` keeps what is not zero: dp does not track whether a stat was ever
+    /// written, which is Envoy's test (a gauge back at 0 is "used" there).
     fn wants(&self, s: &Stat) -> bool {
         self.kinds.is_none_or(|k| k == s.kind)
             && (!self.used_only || s.value > 0)
@@ -282,9 +284,15 @@ mod tests {
         r.listener("127.0.0.1_10001").downstream_cx_active.set(2);
         r.rbac("inbound_10001.").denied.inc();
         r.http_rbac("web", "").allowed.add(2);
+        r.http_rbac("x-api", "x.").denied.inc();
+        r.http_rbac("zz", "").allowed.inc();
         r.global.server_live.set(1);
         let prom = r.prometheus();
-        assert!(prom.contains("envoy_http_rbac_allowed{envoy_http_conn_manager_prefix=\"web\"} 2\n"), "{prom}");
+        let family = "# TYPE envoy_http_rbac_allowed counter\n\
+            envoy_http_rbac_allowed{envoy_http_conn_manager_prefix=\"web\"} 2\n\
+            envoy_http_rbac_allowed{envoy_http_conn_manager_prefix=\"zz\"} 1\n";
+        assert!(prom.contains(family), "one family, its samples together:\n{prom}");
+        assert!(prom.contains("envoy_http_rbac_x_denied{envoy_http_conn_manager_prefix=\"x-api\"} 1\n"), "{prom}");
         let stats = r.envoy_stats();
         let text = Query::parse("").unwrap().render(&stats);
         for line in [
