@@ -56,7 +56,8 @@ Per run, for each target in turn (the order rotates from run to run):
    The p99 targets are judged on the samples of all runs pooled: a run's p99 of the new-
    connection test is its 20th-worst connection, and its ratio to the baseline's swings
    with the machine's noise from run to run (the median of the per-run ratios is reported
-   beside it);
+   beside it, and the median ratio of each slice's p99 to the other target's slice of the
+   same round; measure a copy of dp as an --extra to see the bench's own noise);
 4. RSS of both sidecars after the load.
 Each measurement is repeated (up to --attempts) when other processes used more than 5 % of
 CPU 0 or CPU 1 during it (this machine is shared); the count is reported.
@@ -467,6 +468,10 @@ def interleaved_latency(args, pairs, mode, helpers, order, d):
                 got = f.read()
             a["samples"].frombytes(got)
             args.pooled.setdefault((k, mode), array.array("I")).frombytes(got)
+            # Each round gives every target one slice, in turn: slice i of two targets lie
+            # seconds apart, and pair up for paired_slices().
+            one = sorted(array.array("I", got))
+            args.slice_p99.setdefault((k, mode), []).append(float(one[round((len(one) - 1) * 0.99)]) if one else None)
             a["errors"] += r["errors"]
             a["first_error"] = a["first_error"] or r.get("first_error")
     wall, o0, o1 = o.used()
@@ -649,6 +654,18 @@ def pooled_q(args, target, mode, q):
     return float(s[round((len(s) - 1) * q)]) if s else None
 
 
+def paired_slices(args, a, b, mode):
+    """The median and quartiles, over all slices of all runs, of the ratio of `a`'s slice p99
+    to `b`'s slice of the same round: a figure that a burst of noise lasting a second or two
+    moves by one pair of many, where it can decide a pooled p99. None without pairs."""
+    xs, ys = args.slice_p99.get((a, mode), []), args.slice_p99.get((b, mode), [])
+    rs = sorted(x / y for x, y in zip(xs, ys) if x and y)
+    if not rs:
+        return None
+    q = lambda p: rs[round((len(rs) - 1) * p)]
+    return q(0.5), q(0.25), q(0.75), len(rs)
+
+
 def fmt(v, f="{:.0f}"):
     return "–" if v is None else f.format(v)
 
@@ -785,6 +802,14 @@ def markdown(args, runs, kinds, bins, ver, cmdline, elapsed):
                 out.append(f"| request p99 ({what}), dp→dp ÷ rustls dp→rustls dp, all runs pooled | ≤ 1.00 | "
                            f"{verdict(dp_q <= r_q)} ({dp_q / r_q:.2f}: {dp_q:.0f} against {r_q:.0f} µs; median of "
                            f"the per-run ratios {p[0]:.2f}, runs {p[1]:.2f}–{p[2]:.2f}) |")
+                # Reported beside the verdict: the slice-paired ratio, and the same for every
+                # other dp build (with a copy of dp as an --extra, the bench's own noise).
+                for t in [k for k in kinds if k == "dp" or k.startswith("dp:")]:
+                    ps = paired_slices(args, t, "rustls", mode)
+                    if ps:
+                        out.append(f"| request p99 ({what}), {label(t)} ÷ rustls dp, slice by slice (reported) | – | "
+                                   f"median {ps[0]:.2f} (quartiles {ps[1]:.2f}–{ps[2]:.2f}) over {ps[3]} pairs of "
+                                   f"slices |")
             elif p[0] is not None:
                 out.append(f"| request p99 ({what}), dp→dp ÷ rustls dp→rustls dp | ≤ 1.00 | {verdict(p[0] <= 1.0)} "
                            f"({p[0]:.2f}; runs {p[1]:.2f}–{p[2]:.2f}) |")
@@ -869,6 +894,8 @@ def main():
     args.extra_paths = {f"dp:{k}": v for k, v in extras.items()}
     # (target, mode) -> the latency samples of every run (interleaved mode only).
     args.pooled = {}
+    # (target, mode) -> the p99 of each latency slice, in the order they ran.
+    args.slice_p99 = {}
     kinds[1:1] = [f"dp:{name}" for name in extras]
     started = time.monotonic()
     d = tempfile.mkdtemp(prefix="mtls-bench-")
