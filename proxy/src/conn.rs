@@ -243,7 +243,7 @@ pub async fn serve(
                 // The ClientHello was read for routing: replay it into the handshake.
                 let hello = Bytes::copy_from_slice(&buf[..pending]);
                 // The client's chain and SANs are checked inside the handshake.
-                let accept = st.accept(Prefixed::new(hello, down));
+                let accept = st.accept(Prefixed::new(hello, down), lst.stats.ssl());
                 let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(accept)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -262,6 +262,7 @@ pub async fn serve(
                 let presented = peer_cert.as_ref().map(|_| sans.as_slice());
                 if !rbac_allows(chain, peer, local, sni, presented) {
                     debug!(id, peer_identity = ?log.peer_identity, "refused by the chain's RBAC filter");
+                    close_notify(&mut tls).await;
                     return log.finish(Flag::RbacDenied, Transferred::default());
                 }
                 match &chain.action {
@@ -289,12 +290,29 @@ pub async fn serve(
                         Box::pin(crate::hcm::server::serve(cfg.clone(), tls, Arc::new(info))).await;
                         log.finish(Flag::Done, Transferred::default());
                     }
-                    Action::TcpProxy(tp) => Box::pin(proxy(tp, id, &mut tls, buf, 0, original, &mut log)).await,
+                    Action::TcpProxy(tp) => {
+                        Box::pin(proxy(tp, id, &mut tls, buf, 0, original, &mut log)).await;
+                        // Refused or cut before the relay closed it (no upstream, idle timeout).
+                        if !matches!(log.ended, Some((Flag::Done, _))) {
+                            close_notify(&mut tls).await;
+                        }
+                    }
                     Action::DirectResponse(_) => unreachable!("matched above"),
                 }
             }
         },
     }
+}
+
+/// Closes a terminated TLS connection as Envoy does: a close_notify alert, if the socket
+/// takes it now (never waiting on the peer). It also carries what BoringSSL still holds
+/// for the client, such as TLS 1.3 session tickets, which it sends only with the server's
+/// first write: a client refused before any answer could otherwise not resume its session
+/// on its next connection.
+async fn close_notify<S: tokio::io::AsyncWrite + Unpin>(tls: &mut S) {
+    use tokio::io::AsyncWriteExt;
+    // A zero timeout polls the shutdown once.
+    let _ = tokio::time::timeout(Duration::ZERO, tls.shutdown()).await;
 }
 
 /// The chain's RBAC decision (true without a filter). `sans`: the names of the verified
@@ -535,7 +553,7 @@ async fn connect(
                     host.record(Outcome::Connected);
                     return Ok((Upstream::Plain(s), host));
                 };
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect(s)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect(s, cs.ssl())).await {
                     Ok(Ok(tls)) => {
                         host.record(Outcome::Connected);
                         return Ok((Upstream::Tls(Box::new(tls)), host));

@@ -59,7 +59,24 @@ stat_struct!(ListenerStats {
     no_filter_chain_match: "counter",
     downstream_listener_filter_error: "counter",
     downstream_pre_cx_timeout: "counter",
+} ssl: std::sync::OnceLock<Box<SslStats>>);
+
+stat_struct!(SslStats {
+    connection_error: "counter",
+    handshake: "counter",
+    session_reused: "counter",
+    no_certificate: "counter",
+    fail_verify_no_cert: "counter",
+    fail_verify_error: "counter",
+    fail_verify_san: "counter",
 });
+
+impl ListenerStats {
+    /// Envoy's `listener.<address>.ssl.*`, made on the listener's first TLS handshake.
+    pub fn ssl(&self) -> &SslStats {
+        self.ssl.get_or_init(Box::default)
+    }
+}
 
 stat_struct!(ClusterStats {
     upstream_cx_total: "counter",
@@ -82,7 +99,7 @@ stat_struct!(ClusterStats {
     outlier_detection_ejections_detected_consecutive_5xx: "counter",
     outlier_detection_ejections_enforced_consecutive_gateway_failure: "counter",
     outlier_detection_ejections_detected_consecutive_gateway_failure: "counter",
-} http: std::sync::OnceLock<Box<UpstreamHttpStats>>);
+} http: std::sync::OnceLock<Box<UpstreamHttpStats>>, ssl: std::sync::OnceLock<Box<SslStats>>);
 
 stat_struct!(TcpStats {
     downstream_cx_total: "counter",
@@ -182,6 +199,10 @@ impl UpstreamHttpStats {
 }
 
 impl ClusterStats {
+    /// Envoy's `cluster.<name>.ssl.*`, made on the cluster's first TLS handshake.
+    pub fn ssl(&self) -> &SslStats {
+        self.ssl.get_or_init(Box::default)
+    }
     /// The cluster's HTTP stats, made on first use.
     pub fn http(&self) -> &UpstreamHttpStats {
         self.http.get_or_init(Default::default)
@@ -264,8 +285,12 @@ impl Registry {
         family(&mut out, "envoy_", GlobalStats::FIELDS, "", &global);
         let listeners = rows(&self.listeners, ListenerStats::values);
         family(&mut out, "envoy_listener_", ListenerStats::FIELDS, "envoy_listener_address", &listeners);
+        let ssl = ssl_rows(&self.listeners, |l| l.ssl.get());
+        family(&mut out, "envoy_listener_ssl_", SslStats::FIELDS, "envoy_listener_address", &ssl);
         let clusters = rows(&self.clusters, ClusterStats::values);
         family(&mut out, "envoy_cluster_", ClusterStats::FIELDS, "envoy_cluster_name", &clusters);
+        let ssl = ssl_rows(&self.clusters, |c| c.ssl.get());
+        family(&mut out, "envoy_cluster_ssl_", SslStats::FIELDS, "envoy_cluster_name", &ssl);
         let tcp = rows(&self.tcp, TcpStats::values);
         family(&mut out, "envoy_tcp_", TcpStats::FIELDS, "envoy_tcp_prefix", &tcp);
         let rbac = rows(&self.rbac, RbacStats::values);
@@ -399,6 +424,15 @@ impl Registry {
 fn rows<T>(map: &Mutex<BTreeMap<String, Arc<T>>>, values: fn(&T) -> Vec<u64>) -> Vec<(String, Vec<u64>)> {
     let m = map.lock().unwrap_or_else(|e| e.into_inner());
     m.iter().map(|(k, v)| (k.clone(), values(v))).collect()
+}
+
+/// The `ssl.*` values of the listeners or clusters that have made TLS handshakes.
+fn ssl_rows<T>(
+    map: &Mutex<BTreeMap<String, Arc<T>>>,
+    ssl: fn(&T) -> Option<&Box<SslStats>>,
+) -> Vec<(String, Vec<u64>)> {
+    let m = map.lock().unwrap_or_else(|e| e.into_inner());
+    m.iter().filter_map(|(k, v)| ssl(v).map(|s| (k.clone(), s.values()))).collect()
 }
 
 /// Writes one `# TYPE` line per metric, then its sample for every label value.

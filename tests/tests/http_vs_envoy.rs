@@ -386,6 +386,40 @@ async fn http_rbac_admits_and_refuses_exactly_as_envoy() {
     for namespace in ["cluster.app.", "http.", "listener.", "netrbac.rbac.", "tls_inspector."] {
         assert!(ours.iter().any(|n| n.starts_with(namespace)), "no {namespace} stat moved: {ours:?}");
     }
+    // The listener's `ssl.*` counters: dp counts the same handshakes, refusals by cause
+    // (another CA's certificate, none at all), as Envoy does.
+    let ssl = |admin: SocketAddr| -> BTreeMap<String, u64> {
+        let (_, body) = e2e::http_get(admin, "/stats?filter=%5Elistener%5C..*%5C.ssl%5C.").expect("GET /stats");
+        let mut by_stat = BTreeMap::new();
+        for (name, value) in body.lines().filter_map(|l| l.split_once(": ")) {
+            let stat = name.rsplit_once(".ssl.").map_or(name, |(_, s)| s).to_string();
+            *by_stat.entry(stat).or_default() += value.parse::<u64>().unwrap_or(0);
+        }
+        by_stat
+    };
+    let compare = || {
+        let (ours, envoys) = (ssl(pair.dp.admin), ssl(pair.envoy.admin));
+        let differ: Vec<String> = ours
+            .iter()
+            .filter(|(stat, n)| envoys.get(*stat) != Some(*n))
+            .map(|(stat, n)| format!("ssl.{stat}: dp {n}, Envoy {:?}", envoys.get(stat)))
+            .collect();
+        (ours, envoys, differ)
+    };
+    // A refused client may see the alert a moment before a proxy counts the refusal:
+    // the counts are polled until they agree, for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (ours, envoys, differ) = loop {
+        let now = compare();
+        if now.2.is_empty() || std::time::Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(differ.is_empty(), "{differ:?}\nEnvoy's: {envoys:?}");
+    for stat in ["handshake", "session_reused", "fail_verify_error", "fail_verify_no_cert"] {
+        assert!(ours.get(stat).is_some_and(|n| *n > 0), "dp's listener counted no ssl.{stat}: {ours:?}");
+    }
 }
 
 /// What Envoy answers, from its documented semantics (the test checks Envoy against it too).

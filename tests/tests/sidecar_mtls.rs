@@ -139,6 +139,15 @@ async fn sidecars_speak_mtls_and_check_identities() {
     assert_eq!(direct(inbound, client_with_identity(Some(&intruder))).await, None, "foreign CA");
     assert_eq!(direct(inbound, client_with_identity(None)).await, None, "no client certificate");
     assert!(app.connections() == 1, "refused clients never reach the app");
+    // Envoy's `ssl.*` stats: the outbound's cluster and the inbound's listener count the
+    // handshake, and the inbound tells its refusals apart (polled: a refused client can
+    // see the alert a moment before the server counts it).
+    assert_eq!(client.stat("envoy_cluster_ssl_handshake{envoy_cluster_name=\"backend\"}"), 1);
+    e2e::wait_until("the inbound's ssl stats", || {
+        let got = ["handshake", "fail_verify_error", "fail_verify_no_cert", "fail_verify_san"]
+            .map(|s| server.stat(&format!("envoy_listener_ssl_{s}{{")));
+        (got == [1, 1, 1, 0]).then_some(())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

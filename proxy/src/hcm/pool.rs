@@ -174,7 +174,9 @@ async fn open(cluster: &ClusterCfg, host: &Host, alpn_fallback: &[u8]) -> Result
         Tls::Off => Box::new(plain),
         Tls::Pending(secret) => return Err(SendError::TlsPending(secret.clone())),
         Tls::Ready(ct) => {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect_with_alpn_fallback(plain, alpn_fallback)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, ct.connect_with_alpn_fallback(plain, alpn_fallback, cs.ssl()))
+                .await
+            {
                 Ok(Ok(tls)) => Box::new(tls),
                 Ok(Err(e)) => {
                     cs.upstream_cx_connect_fail.inc();

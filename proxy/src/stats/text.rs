@@ -5,7 +5,7 @@
 
 use super::{
     BUCKETS_MS, ClusterStats, ConnectionLimitStats, GlobalStats, Histogram, HttpStats, ListenerStats, RbacStats,
-    Registry, TcpStats,
+    Registry, SslStats, TcpStats,
 };
 use std::fmt::Write;
 
@@ -215,10 +215,16 @@ impl Registry {
         push_fields(&mut out, "", GlobalStats::FIELDS, self.global.values());
         for (address, s) in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             push_fields(&mut out, &format!("listener.{address}."), ListenerStats::FIELDS, s.values());
+            if let Some(ssl) = s.ssl.get() {
+                push_fields(&mut out, &format!("listener.{address}.ssl."), SslStats::FIELDS, ssl.values());
+            }
         }
         for (name, c) in self.clusters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let prefix = format!("cluster.{name}.");
             push_fields(&mut out, &prefix, ClusterStats::FIELDS, c.values());
+            if let Some(ssl) = c.ssl.get() {
+                push_fields(&mut out, &format!("{prefix}ssl."), SslStats::FIELDS, ssl.values());
+            }
             let Some(h) = c.http.get() else { continue };
             let fields = [
                 ("upstream_rq_total", &h.upstream_rq_total, Kind::Counter),
@@ -282,6 +288,9 @@ mod tests {
         r.cluster("backend").health_check_attempt.inc();
         r.cluster("backend").http().record(200, std::time::Duration::from_millis(3));
         r.listener("127.0.0.1_10001").downstream_cx_active.set(2);
+        r.listener("127.0.0.1_10001").ssl().fail_verify_san.inc();
+        r.cluster("backend").ssl().session_reused.add(4);
+        r.listener("0.0.0.0_80").downstream_cx_total.inc();
         r.rbac("inbound_10001.").denied.inc();
         r.http_rbac("web", "").allowed.add(2);
         r.http_rbac("x-api", "x.").denied.inc();
@@ -293,6 +302,11 @@ mod tests {
             envoy_http_rbac_allowed{envoy_http_conn_manager_prefix=\"zz\"} 1\n";
         assert!(prom.contains(family), "one family, its samples together:\n{prom}");
         assert!(prom.contains("envoy_http_rbac_x_denied{envoy_http_conn_manager_prefix=\"x-api\"} 1\n"), "{prom}");
+        // Only listeners and clusters that made TLS handshakes have `ssl.*` stats.
+        let ssl = "# TYPE envoy_listener_ssl_fail_verify_san counter\n\
+            envoy_listener_ssl_fail_verify_san{envoy_listener_address=\"127.0.0.1_10001\"} 1\n#";
+        assert!(prom.contains(ssl), "{prom}");
+        assert!(prom.contains("envoy_cluster_ssl_session_reused{envoy_cluster_name=\"backend\"} 4\n"), "{prom}");
         let stats = r.envoy_stats();
         let text = Query::parse("").unwrap().render(&stats);
         for line in [
@@ -301,6 +315,9 @@ mod tests {
             "cluster.backend.upstream_rq_200: 1\n",
             "cluster.backend.upstream_rq_2xx: 1\n",
             "listener.127.0.0.1_10001.downstream_cx_active: 2\n",
+            "listener.127.0.0.1_10001.ssl.fail_verify_san: 1\n",
+            "listener.127.0.0.1_10001.ssl.handshake: 0\n",
+            "cluster.backend.ssl.session_reused: 4\n",
             "inbound_10001.rbac.denied: 1\n",
             "http.web.rbac.allowed: 2\n",
             "server.live: 1\n",
@@ -309,6 +326,7 @@ mod tests {
         }
         let names: Vec<&str> = text.lines().map(|l| l.split(':').next().unwrap()).collect();
         assert!(names.is_sorted(), "{names:?}");
+        assert!(!text.contains("listener.0.0.0.0_80.ssl."), "{text}");
         let hist = text.lines().find(|l| l.starts_with("cluster.backend.upstream_rq_time:")).unwrap();
         assert!(hist.contains(" P50(nan,") && !hist.contains("No recorded"), "{hist}");
         // One sample of 3 ms lies in the (1, 5] bucket: every quantile is within it.

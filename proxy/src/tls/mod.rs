@@ -26,15 +26,17 @@ pub mod san;
 pub mod verified;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
+use boring::ex_data::Index;
 use boring::pkey::{PKey, Private};
 use boring::ssl::{
     AlpnError, Ssl, SslContext, SslContextBuilder, SslMethod, SslRef, SslSession, SslSessionCacheMode, SslVerifyMode,
     SslVersion,
 };
 use boring::x509::store::{X509Store, X509StoreBuilder};
-use boring::x509::{X509, X509StoreContextRef};
+use boring::x509::{X509, X509StoreContext, X509StoreContextRef};
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, Secret, SpiffeCertValidatorConfig,
@@ -45,6 +47,7 @@ use prost::{Message, Name};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 
 use crate::matcher::StringMatch;
+use crate::stats::SslStats;
 use san::{SanMatcher, SanType};
 use verified::VerifiedChains;
 
@@ -112,10 +115,69 @@ impl std::fmt::Debug for ServerTls {
 
 impl ServerTls {
     /// The server side of a handshake on `stream` (whose first bytes may be a replay of
-    /// the ClientHello already read for routing).
-    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) -> Result<TlsStream<S>, String> {
-        let ssl = Ssl::new(&self.context).map_err(|e| e.to_string())?;
-        tokio_boring::SslStreamBuilder::new(ssl, read_ahead(stream)).accept().await.map_err(|e| handshake_error(&e))
+    /// the ClientHello already read for routing), counted in the listener's `stats`.
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        stats: &SslStats,
+    ) -> Result<TlsStream<S>, String> {
+        let ssl = new_ssl(&self.context)?;
+        let done = tokio_boring::SslStreamBuilder::new(ssl, read_ahead(stream)).accept().await;
+        count(stats, &done, Side::Server);
+        done.map_err(|e| handshake_error(&e))
+    }
+}
+
+/// Why the verify callback refused a peer: kept on the connection's `Ssl` (ex_data) for
+/// its `ssl.fail_verify_*` stat. The refusal itself is unchanged: the peer gets the alert
+/// BoringSSL picks for the chain's error (`certificate_unknown` for a SAN), as from Envoy.
+mod refusal {
+    pub const CA: u8 = 1;
+    pub const SAN: u8 = 2;
+}
+
+static REFUSAL: LazyLock<Option<Index<Ssl, AtomicU8>>> = LazyLock::new(|| Ssl::new_ex_index().ok());
+
+fn new_ssl(context: &SslContext) -> Result<Ssl, String> {
+    let mut ssl = Ssl::new(context).map_err(|e| e.to_string())?;
+    if let Some(index) = *REFUSAL {
+        ssl.set_ex_data(index, AtomicU8::new(0));
+    }
+    Ok(ssl)
+}
+
+/// Notes on the connection being verified why its peer was refused.
+fn refuse(ctx: &X509StoreContextRef, why: u8) -> bool {
+    let ssl = X509StoreContext::ssl_idx().ok().and_then(|i| ctx.ex_data(i));
+    if let Some(r) = ssl.zip(*REFUSAL).and_then(|(ssl, i)| ssl.ex_data(i)) {
+        r.store(why, Ordering::Relaxed);
+    }
+    false
+}
+
+/// A finished handshake in Envoy's `ssl.*` stats (of the listener on the server side, of
+/// the cluster on the client side).
+fn count<S>(stats: &SslStats, done: &Result<tokio_boring::SslStream<S>, tokio_boring::HandshakeError<S>>, side: Side) {
+    match done {
+        Ok(tls) => {
+            stats.handshake.inc();
+            if tls.ssl().session_reused() {
+                stats.session_reused.inc();
+            }
+            if side == Side::Server && tls.ssl().peer_certificate().is_none() {
+                stats.no_certificate.inc();
+            }
+        }
+        Err(e) => {
+            let why = e.ssl().zip(*REFUSAL).and_then(|(ssl, i)| ssl.ex_data(i)).map(|r| r.load(Ordering::Relaxed));
+            match why {
+                Some(refusal::SAN) => stats.fail_verify_san.inc(),
+                Some(refusal::CA) => stats.fail_verify_error.inc(),
+                // A server requiring a certificate got none (BoringSSL's reason name).
+                _ if e.to_string().contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") => stats.fail_verify_no_cert.inc(),
+                _ => stats.connection_error.inc(),
+            }
+        }
     }
 }
 
@@ -172,9 +234,14 @@ impl std::fmt::Debug for ClientTls {
 
 impl ClientTls {
     /// The client side of a handshake on `stream`, offering the configured
-    /// `alpn_protocols` if any (what `tcp_proxy` does: Envoy adds no fallback there).
-    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) -> Result<TlsStream<S>, String> {
-        self.connect_with_alpn_fallback(stream, &[]).await
+    /// `alpn_protocols` if any (what `tcp_proxy` does: Envoy adds no fallback there),
+    /// counted in the cluster's `stats`.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        stats: &SslStats,
+    ) -> Result<TlsStream<S>, String> {
+        self.connect_with_alpn_fallback(stream, &[], stats).await
     }
 
     /// [`connect`](Self::connect) for a connection pool of a known protocol: when the
@@ -184,8 +251,9 @@ impl ClientTls {
         &self,
         stream: S,
         fallback: &[u8],
+        stats: &SslStats,
     ) -> Result<TlsStream<S>, String> {
-        let mut ssl = Ssl::new(&self.context).map_err(|e| e.to_string())?;
+        let mut ssl = new_ssl(&self.context)?;
         if let Some(sni) = &self.sni {
             ssl.set_hostname(sni).map_err(|e| e.to_string())?;
         }
@@ -198,7 +266,9 @@ impl ClientTls {
             // it belongs to `self.context`, the context `ssl` was made from.
             unsafe { ssl.set_session(&session) }.map_err(|e| e.to_string())?;
         }
-        tokio_boring::SslStreamBuilder::new(ssl, read_ahead(stream)).connect().await.map_err(|e| handshake_error(&e))
+        let done = tokio_boring::SslStreamBuilder::new(ssl, read_ahead(stream)).connect().await;
+        count(stats, &done, Side::Client);
+        done.map_err(|e| handshake_error(&e))
     }
 }
 
@@ -403,7 +473,7 @@ fn spiffe_bundles(
 /// (with that validator) and the SAN matchers decide.
 fn verify_peer(preverified: bool, ctx: &mut X509StoreContextRef, trust: &Trust, sans: &[SanMatcher]) -> bool {
     if !preverified {
-        return false;
+        return refuse(ctx, refusal::CA);
     }
     if ctx.error_depth() != 0 {
         return true;
@@ -411,27 +481,27 @@ fn verify_peer(preverified: bool, ctx: &mut X509StoreContextRef, trust: &Trust, 
     if sans.is_empty() && matches!(trust, Trust::Cas) {
         return true;
     }
-    let Some(cert) = ctx.current_cert() else { return false };
-    let Ok(leaf) = cert.to_der() else { return false };
+    let Some(cert) = ctx.current_cert() else { return refuse(ctx, refusal::CA) };
+    let Ok(leaf) = cert.to_der() else { return refuse(ctx, refusal::CA) };
     // The leaf's names, read once for the trust domain and the matchers.
     let names = san::sans_of(cert, &leaf);
     if let Trust::Spiffe(bundles) = trust {
         let Some(td) = names.as_deref().and_then(san::spiffe_id_in).and_then(san::trust_domain) else {
             tracing::debug!("peer certificate refused: no SPIFFE ID");
-            return false;
+            return refuse(ctx, refusal::CA);
         };
         let root = ctx.chain().and_then(|c| c.iter().next_back()).and_then(|r| r.to_der().ok());
         let in_bundle = bundles.get(td).is_some_and(|b| root.as_ref().is_some_and(|r| b.contains(r)));
         if !in_bundle {
             tracing::debug!(trust_domain = td, "peer certificate refused: not issued by its trust domain's bundle");
-            return false;
+            return refuse(ctx, refusal::CA);
         }
     }
     match san::matched(sans, names.as_deref()) {
         Ok(()) => true,
         Err(reason) => {
             tracing::debug!(%reason, "peer certificate refused");
-            false
+            refuse(ctx, refusal::SAN)
         }
     }
 }
@@ -734,7 +804,9 @@ mod tests {
         };
         let negotiated = async |c: &ClientTls, fallback: &[u8]| -> Option<String> {
             let (a, b) = tokio::io::duplex(64 * 1024);
-            let (accepted, connected) = tokio::join!(srv.accept(a), c.connect_with_alpn_fallback(b, fallback));
+            let stats = SslStats::default();
+            let (accepted, connected) =
+                tokio::join!(srv.accept(a, &stats), c.connect_with_alpn_fallback(b, fallback, &stats));
             accepted.unwrap();
             connected.unwrap().ssl().selected_alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned())
         };

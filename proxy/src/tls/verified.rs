@@ -204,11 +204,12 @@ mod tests {
     /// prefix, and an outbound checking the server's exact SPIFFE ID.
     mod handshakes {
         use super::super::super::{ClientTls, Secrets, ServerTls, client, server};
+        use crate::stats::SslStats;
         use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
         use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
             CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SubjectAltNameMatcher,
-            TlsCertificate, UpstreamTlsContext, common_tls_context::ValidationContextType,
-            subject_alt_name_matcher::SanType,
+            TlsCertificate, TlsParameters, UpstreamTlsContext, common_tls_context::ValidationContextType,
+            subject_alt_name_matcher::SanType, tls_parameters::TlsProtocol,
         };
         use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 
@@ -270,10 +271,17 @@ mod tests {
             client(&ctx, &Secrets::new()).unwrap()
         }
 
-        async fn handshake(srv: &ServerTls, c: &ClientTls) -> Result<(), String> {
+        /// A handshake counted in `inbound` (the server's listener stats) and a throwaway
+        /// client side.
+        async fn counted(srv: &ServerTls, c: &ClientTls, inbound: &SslStats) -> Result<(), String> {
             let (a, b) = tokio::io::duplex(64 * 1024);
-            let (accepted, connected) = tokio::join!(srv.accept(a), c.connect(b));
+            let client_side = SslStats::default();
+            let (accepted, connected) = tokio::join!(srv.accept(a, inbound), c.connect(b, &client_side));
             accepted.and(connected).map(drop)
+        }
+
+        async fn handshake(srv: &ServerTls, c: &ClientTls) -> Result<(), String> {
+            counted(srv, c, &SslStats::default()).await
         }
 
         #[tokio::test]
@@ -311,6 +319,87 @@ mod tests {
             // The accepted chain still passes.
             handshake(&srv, &web).await.unwrap();
             assert_eq!(inbound.hits(), 3);
+
+            // Envoy's `ssl.*` stats tell the refusals apart: the CA's, the SAN rule's, and a
+            // client without a certificate.
+            let stats = SslStats::default();
+            let anonymous = client(
+                &UpstreamTlsContext {
+                    common_tls_context: Some(CommonTlsContext {
+                        validation_context_type: common(
+                            &mesh,
+                            leaf(&mesh, "spiffe://default/x"),
+                            MatchPattern::Prefix(String::new()),
+                        )
+                        .validation_context_type,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                &Secrets::new(),
+            )
+            .unwrap();
+            for c in [&web, &forged, &other_mesh, &other_mesh, &anonymous, &web] {
+                let _ = counted(&srv, c, &stats).await;
+            }
+            let got = |c: &crate::stats::Counter| c.get();
+            assert_eq!(
+                [&stats.handshake, &stats.fail_verify_error, &stats.fail_verify_san, &stats.fail_verify_no_cert]
+                    .map(got),
+                [2, 1, 2, 1]
+            );
+            assert_eq!([&stats.connection_error, &stats.no_certificate, &stats.session_reused].map(got), [0, 0, 0]);
+        }
+
+        #[tokio::test]
+        async fn resumed_sessions_are_counted_on_both_sides() {
+            let mesh = ca("mesh CA");
+            let srv = server(
+                &DownstreamTlsContext {
+                    common_tls_context: Some(common(
+                        &mesh,
+                        leaf(&mesh, "spiffe://default/backend"),
+                        MatchPattern::Prefix("spiffe://default/".into()),
+                    )),
+                    require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+                    ..Default::default()
+                },
+                &Secrets::new(),
+            )
+            .unwrap();
+            // Kuma's outbound: `max_session_keys` unset, Envoy's default of one session;
+            // TLS 1.2 at most (Envoy's client default), or 1.3 when `tls_params` say so.
+            for max in [TlsProtocol::TlSv12, TlsProtocol::TlSv13] {
+                let mut common_ctx = common(
+                    &mesh,
+                    leaf(&mesh, "spiffe://default/web"),
+                    MatchPattern::Exact("spiffe://default/backend".into()),
+                );
+                common_ctx.tls_params =
+                    Some(TlsParameters { tls_maximum_protocol_version: max as i32, ..Default::default() });
+                let ctx = UpstreamTlsContext {
+                    sni: "backend{mesh=default}".into(),
+                    common_tls_context: Some(common_ctx),
+                    ..Default::default()
+                };
+                let web = client(&ctx, &Secrets::new()).unwrap();
+                let (inbound, outbound) = (SslStats::default(), SslStats::default());
+                for _ in 0..3 {
+                    let (a, b) = tokio::io::duplex(64 * 1024);
+                    let (accepted, connected) = tokio::join!(srv.accept(a, &inbound), web.connect(b, &outbound));
+                    let (mut s, mut c) = (accepted.unwrap(), connected.unwrap());
+                    // A TLS 1.3 ticket arrives after the handshake: one byte each way reads it.
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut one = [0u8; 1];
+                    c.write_all(b"x").await.unwrap();
+                    s.read_exact(&mut one).await.unwrap();
+                    s.write_all(b"y").await.unwrap();
+                    c.read_exact(&mut one).await.unwrap();
+                }
+                for side in [&inbound, &outbound] {
+                    assert_eq!((side.handshake.get(), side.session_reused.get()), (3, 2), "{max:?}");
+                }
+            }
         }
     }
 }
