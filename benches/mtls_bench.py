@@ -46,7 +46,9 @@ Per run, for each target in turn (the order rotates from run to run):
    in speed over seconds falls on all of them alike;
 3. the outbound sidecar starts (its idle RSS too), then request latency through
    client -> outbound -> (mTLS) -> inbound -> echo app: (a) --conns long-lived connections
-   at --rate requests/s in all, 64-byte echo; (b) one request per new connection at
+   at --rate requests/s in all, 64-byte echo, measured once every connection has made a
+   warm-up exchange (so the sidecars' upstream handshakes are not under the first measured
+   requests of a slice); (b) one request per new connection at
    --new-rate connections/s (open loop), which includes the sidecar-to-sidecar handshake
    (or resumption, where the outbound resumes sessions). `direct` is the client talking
    to the echo app itself. Sidecar CPU per request = both sidecars' CPU / requests.
@@ -534,10 +536,10 @@ def start_sidecar(role, kind, binary, pki, d, upstream_port, row):
 
 
 def after_load(kind, inb, outb, row):
-    """Both sidecars' RSS after the tests, and Envoy's TLS counters."""
+    """Both sidecars' RSS after the tests, and their TLS counters (Envoy's, and dp's since it
+    has Envoy's `ssl.*` stats; the rustls-era dp has none)."""
     row["rss_inbound_end"], row["rss_outbound_end"] = status_mib(inb.pid), status_mib(outb.pid)
-    if kind == "envoy":
-        row["envoy_stats"] = envoy_ssl_stats(inb, outb)
+    row["ssl_stats"] = ssl_stats(inb, outb)
 
 
 def latency_phase(args, kinds, binary, pki, d, app_port, helpers):
@@ -604,8 +606,8 @@ def run_target(args, kind, binary, pki, d, app_port, helpers, hs_done=False):
     return row
 
 
-def envoy_ssl_stats(inb, outb):
-    """Envoy's own counts of what its TLS sockets negotiated and resumed (admin /stats)."""
+def ssl_stats(inb, outb):
+    """A sidecar's own counts of what its TLS sockets negotiated and resumed (admin /stats)."""
     out = {}
     for p in (inb, outb):
         try:
@@ -728,23 +730,32 @@ def markdown(args, runs, kinds, bins, ver, cmdline, elapsed):
                    f"{fmt(med(rows, 'cpu_us_per_hs'))}{ratio(t, 'hs', 'cpu_us_per_hs')} | "
                    f"{fmt(med(rows, 'hs_per_core_s'))}{ratio(t, 'hs', 'hs_per_core_s')} | {fmt(100 * busy)} % | "
                    f"{sum(r['errors'] for r in rows)} |")
-    stats = [r["envoy"].get("envoy_stats", {}) for r in runs if "envoy" in r]
-    if stats:
+    counted = []
+    for t in kinds:
+        stats = [r[t].get("ssl_stats") or r[t].get("envoy_stats") for r in runs if t in r]
+        stats = [s for s in stats if s]
+        if not stats:
+            continue
+
         def st(pattern):
             return statistics.median(sum(v for k, v in s.items() if re.search(pattern, k)) for s in stats)
         hs_out, v12, reused_out = st(r"^outbound:.*ssl\.handshake$"), st(r"^outbound:.*ssl\.versions\.TLSv1\.2$"), \
             st(r"^outbound:.*ssl\.session_reused$")
         hs_in, reused_in = st(r"^inbound:.*ssl\.handshake$"), st(r"^inbound:.*ssl\.session_reused$")
-        out += ["", f"Envoy's own counters (median per run, from its admin `/stats`): its outbound sidecar "
-                f"(UpstreamTlsContext defaults) made {hs_out:.0f} handshakes in the latency tests, {v12:.0f} of them "
-                f"TLS 1.2, and resumed {reused_out:.0f}; its inbound resumed {reused_in:.0f} of {hs_in:.0f}."]
+        versions = f", {v12:.0f} of them TLS 1.2" if v12 else ""
+        counted.append(f"{label(t)}'s outbound made {hs_out:.0f} handshakes in the latency tests{versions}, and "
+                       f"resumed {reused_out:.0f}; its inbound resumed {reused_in:.0f} of {hs_in:.0f}")
+    if counted:
+        out += ["", "The sidecars' own `ssl.*` counters (median per run, from their admin `/stats`; the outbounds "
+                "have UpstreamTlsContext defaults): " + "; ".join(counted) + "."]
     if "rustls" in kinds:
         tag = [r["rustls"]["tag_sni"] for r in runs if "rustls" in r]
         out += ["", f"The rustls-era inbound with Kuma's tag SNI `{TAG_SNI}`: {sum(x['ok'] for x in tag)} handshakes "
                 f"completed, {sum(x['errors'] for x in tag)} refused (first error: `{tag[0]['first_error']}`)."]
     out += ["", "### Request latency through a sidecar pair", "",
             f"client -> outbound sidecar (plain) -> mTLS -> inbound sidecar -> echo app. *Kept*: {args.conns} "
-            f"connections, {args.rate} requests/s in all, 64-byte echo, {args.lat_seconds:g} s. *New connection*: "
+            f"connections, {args.rate} requests/s in all, 64-byte echo, {args.lat_seconds:g} s, measured once all "
+            "connections are open and have echoed once (their sidecar handshakes done). *New connection*: "
             f"{args.new_rate} connections/s (open loop), one 64-byte request each, the latency from the "
             "client starting the connect to the echo (not from the scheduled instant: tokio's timer fires up to 1 ms "
             "late). *Sidecar CPU* = both sidecars' CPU per request."
@@ -952,8 +963,11 @@ def main():
             f.write(md)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("out_md", "json", "pooled")},
-                       "versions": ver, "binaries": bins, "runs": runs}, f, indent=1)
+            settings = {k: v for k, v in vars(args).items() if k not in ("out_md", "json", "pooled", "slice_p99")}
+            # Each latency slice's p99 in µs, in the order the slices ran ("<target> <mode>").
+            slices = {f"{k} {mode}": v for (k, mode), v in args.slice_p99.items()}
+            json.dump({"settings": settings, "versions": ver, "binaries": bins, "runs": runs, "slice_p99_us": slices},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

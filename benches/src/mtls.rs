@@ -225,12 +225,17 @@ fn micros(d: Duration) -> u32 {
 
 /// Requests over `conns` long-lived plain connections to `addr` at `rate` requests per
 /// second in all: each connection sends [`REQUEST`] bytes every `conns / rate` seconds and
-/// waits for the echo. After one warm-up exchange per connection.
+/// waits for the echo. Measuring starts once every connection has made one warm-up
+/// exchange: the sidecars' upstream handshakes (one per connection) then lie before the
+/// first measured request, not under the early connections' first requests, which in a
+/// one-second slice would be most of its p99.
 pub async fn latency_kept(addr: SocketAddr, conns: usize, rate: u32, dur: Duration) -> Latencies {
     let interval = Duration::from_secs_f64(conns as f64 / f64::from(rate.max(1)));
     let per_conn = (dur.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
+    let warm = Arc::new(tokio::sync::Barrier::new(conns));
     let mut tasks = vec![];
     for i in 0..conns {
+        let warm = warm.clone();
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::with_capacity(per_conn);
             let req = [0x61u8; REQUEST];
@@ -242,11 +247,17 @@ pub async fn latency_kept(addr: SocketAddr, conns: usize, rate: u32, dur: Durati
                 s.read_exact(&mut resp).await?;
                 std::io::Result::Ok(s)
             };
-            let mut s = match tokio::time::timeout(IO_TIMEOUT, open).await {
+            let opened = tokio::time::timeout(IO_TIMEOUT, open).await;
+            // Every task reaches the barrier, a failed one too, so none waits forever.
+            let released = tokio::time::timeout(IO_TIMEOUT, warm.wait()).await.is_ok();
+            let mut s = match opened {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return (samples, 1u64, Some(format!("open: {e}"))),
                 Err(_) => return (samples, 1, Some("open: timed out".to_string())),
             };
+            if !released {
+                return (samples, 1, Some("open: the other connections' warm-up timed out".to_string()));
+            }
             // Spread the connections' phases over the interval.
             let start = tokio::time::Instant::now() + interval.mul_f64(i as f64 / conns as f64);
             for k in 0..per_conn {
