@@ -418,7 +418,7 @@ impl Downstream for TcpStream {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Downstream for crate::tls::TlsStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + crate::tls::ReadReady> Downstream for crate::tls::TlsStream<S> {
     fn as_tcp(&self) -> Option<&TcpStream> {
         None
     }

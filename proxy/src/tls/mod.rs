@@ -23,6 +23,7 @@
 
 pub mod prefixed;
 pub mod san;
+pub mod stream;
 pub mod verified;
 
 use std::collections::{HashMap, VecDeque};
@@ -52,8 +53,7 @@ use san::{SanMatcher, SanType};
 use verified::VerifiedChains;
 
 pub type Secrets<'a> = HashMap<&'a str, &'a Secret>;
-/// A TLS stream over `S` (either side).
-pub type TlsStream<S> = tokio_boring::SslStream<BufReader<S>>;
+pub use stream::{ReadReady, TlsStream};
 
 /// Bytes read ahead from the transport. BoringSSL asks its BIO for exactly what it needs
 /// next (a record's 5-byte header, then its body), and `tokio-boring` turns each ask into
@@ -124,7 +124,7 @@ impl ServerTls {
         let ssl = new_ssl(&self.context)?;
         let done = tokio_boring::SslStreamBuilder::new(ssl, read_ahead(stream)).accept().await;
         count(stats, &done, Side::Server);
-        done.map_err(|e| handshake_error(&e))
+        done.map(TlsStream::new).map_err(|e| handshake_error(&e))
     }
 }
 
@@ -268,7 +268,7 @@ impl ClientTls {
         }
         let done = tokio_boring::SslStreamBuilder::new(ssl, read_ahead(stream)).connect().await;
         count(stats, &done, Side::Client);
-        done.map_err(|e| handshake_error(&e))
+        done.map(TlsStream::new).map_err(|e| handshake_error(&e))
     }
 }
 

@@ -22,6 +22,15 @@ impl<S> Prefixed<S> {
     pub fn into_inner(self) -> (Bytes, S) {
         (self.prefix, self.inner)
     }
+
+    /// Whether bytes of the prefix are still to be read.
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

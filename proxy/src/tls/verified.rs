@@ -351,6 +351,66 @@ mod tests {
             assert_eq!([&stats.connection_error, &stats.no_certificate, &stats.session_reused].map(got), [0, 0, 0]);
         }
 
+        /// TLS over real sockets, where a read that would block waits for the socket
+        /// without calling into BoringSSL (tls::stream): records small and large, in both
+        /// directions at once, arrive whole and in order, then the end of stream.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn relays_small_and_large_records_over_sockets_to_the_end() {
+            use crate::tls::prefixed::Prefixed;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mesh = ca("mesh CA");
+            let srv = server(
+                &DownstreamTlsContext {
+                    common_tls_context: Some(common(
+                        &mesh,
+                        leaf(&mesh, "spiffe://default/backend"),
+                        MatchPattern::Prefix("spiffe://default/".into()),
+                    )),
+                    ..Default::default()
+                },
+                &Secrets::new(),
+            )
+            .unwrap();
+            let web = outbound(&mesh, leaf(&mesh, "spiffe://default/web"));
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (accepted, connected) = tokio::join!(l.accept(), tokio::net::TcpStream::connect(addr));
+            let stats = SslStats::default();
+            let (s, c) = tokio::join!(
+                srv.accept(Prefixed::new(bytes::Bytes::new(), accepted.unwrap().0), &stats),
+                web.connect(crate::upstream::Stream::Tcp(connected.unwrap()), &stats)
+            );
+            let (s, c) = (s.unwrap(), c.unwrap());
+            // Sizes from one byte to several records, written as one piece each.
+            let sizes: Vec<usize> = (0..40).map(|i| [1, 64, 4095, 4096, 16 * 1024 + 7, 70_000][i % 6]).collect();
+            let total: usize = sizes.iter().sum();
+            fn pattern(i: usize) -> u8 {
+                (i % 251) as u8
+            }
+            async fn send<W: tokio::io::AsyncWrite + Unpin>(mut w: W, sizes: Vec<usize>) {
+                let mut at = 0;
+                for n in sizes {
+                    let chunk: Vec<u8> = (at..at + n).map(pattern).collect();
+                    w.write_all(&chunk).await.unwrap();
+                    at += n;
+                }
+                w.shutdown().await.unwrap();
+            }
+            async fn receive<R: tokio::io::AsyncRead + Unpin>(mut r: R) -> Vec<u8> {
+                let mut got = vec![];
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            }
+            let (sr, sw) = tokio::io::split(s);
+            let (cr, cw) = tokio::io::split(c);
+            let (_, _, at_server, at_client) =
+                tokio::join!(send(cw, sizes.clone()), send(sw, sizes), receive(sr), receive(cr));
+            for got in [at_server, at_client] {
+                assert_eq!(got.len(), total);
+                assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+            }
+        }
+
         #[tokio::test]
         async fn resumed_sessions_are_counted_on_both_sides() {
             let mesh = ca("mesh CA");
