@@ -27,13 +27,23 @@ pub fn free_port() -> u16 {
     // cp's PostgreSQL connections; the listener NACKed "Address already in use"). Ports
     // below the range are taken only by explicit binds.
     static NEXT: AtomicU32 = AtomicU32::new(0);
+    // One seed per process: the walk below hands out distinct ports only if every call
+    // takes the same walk. It was drawn per call (the clock's nanoseconds), and two calls
+    // in a row could land on one port, both checks passing because nothing was bound to it
+    // yet: a test got the same port for dp's DNS proxy and for the port that must stay
+    // silent, and its `dig` there was answered.
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let (low, high) = (10_000u32, ephemeral_start().max(10_001));
-    let seed = std::process::id().wrapping_mul(2_654_435_761)
-        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let seed = *SEED.get_or_init(|| {
+        std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+    });
     for _ in 0..10_000 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        // A stride coprime with any span below 32,768 visits every port before repeating.
-        let port = (low + seed.wrapping_add(n.wrapping_mul(7_919)) % (high - low)) as u16;
+        // A stride coprime with the span (7,919 is prime) visits every port before repeating;
+        // in u64, so that no wrap-around breaks the walk.
+        let step = (u64::from(seed) + u64::from(n) * 7_919) % u64::from(high - low);
+        let port = (u64::from(low) + step) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
         {
