@@ -260,6 +260,21 @@ mod tests {
             }
         }
 
+        /// The `backend` inbound: mesh client certificates with a SPIFFE prefix, required
+        /// or not.
+        fn inbound(mesh: &Ca, require: bool) -> ServerTls {
+            let ctx = DownstreamTlsContext {
+                common_tls_context: Some(common(
+                    mesh,
+                    leaf(mesh, "spiffe://default/backend"),
+                    MatchPattern::Prefix("spiffe://default/".into()),
+                )),
+                require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: require }),
+                ..Default::default()
+            };
+            server(&ctx, &Secrets::new()).unwrap()
+        }
+
         /// An outbound that never resumes, so that every handshake verifies the server.
         fn outbound(mesh: &Ca, me: TlsCertificate) -> ClientTls {
             let ctx = UpstreamTlsContext {
@@ -287,19 +302,7 @@ mod tests {
         #[tokio::test]
         async fn a_peer_chain_is_verified_once_and_a_refused_one_every_time() {
             let (mesh, other) = (ca("mesh CA"), ca("another CA"));
-            let srv = server(
-                &DownstreamTlsContext {
-                    common_tls_context: Some(common(
-                        &mesh,
-                        leaf(&mesh, "spiffe://default/backend"),
-                        MatchPattern::Prefix("spiffe://default/".into()),
-                    )),
-                    require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
-                    ..Default::default()
-                },
-                &Secrets::new(),
-            )
-            .unwrap();
+            let srv = inbound(&mesh, true);
             let inbound = srv.verified.clone().unwrap();
             let web = outbound(&mesh, leaf(&mesh, "spiffe://default/web"));
             for _ in 0..3 {
@@ -359,18 +362,7 @@ mod tests {
             use crate::tls::prefixed::Prefixed;
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mesh = ca("mesh CA");
-            let srv = server(
-                &DownstreamTlsContext {
-                    common_tls_context: Some(common(
-                        &mesh,
-                        leaf(&mesh, "spiffe://default/backend"),
-                        MatchPattern::Prefix("spiffe://default/".into()),
-                    )),
-                    ..Default::default()
-                },
-                &Secrets::new(),
-            )
-            .unwrap();
+            let srv = inbound(&mesh, false);
             let web = outbound(&mesh, leaf(&mesh, "spiffe://default/web"));
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap();
@@ -414,19 +406,7 @@ mod tests {
         #[tokio::test]
         async fn resumed_sessions_are_counted_on_both_sides() {
             let mesh = ca("mesh CA");
-            let srv = server(
-                &DownstreamTlsContext {
-                    common_tls_context: Some(common(
-                        &mesh,
-                        leaf(&mesh, "spiffe://default/backend"),
-                        MatchPattern::Prefix("spiffe://default/".into()),
-                    )),
-                    require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
-                    ..Default::default()
-                },
-                &Secrets::new(),
-            )
-            .unwrap();
+            let srv = inbound(&mesh, true);
             // Kuma's outbound: `max_session_keys` unset, Envoy's default of one session;
             // TLS 1.2 at most (Envoy's client default), or 1.3 when `tls_params` say so.
             for max in [TlsProtocol::TlSv12, TlsProtocol::TlSv13] {
