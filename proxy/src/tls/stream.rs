@@ -3,12 +3,12 @@
 //! A relay reads until a read would block, so after each record it asks once more, and
 //! then there is nothing: the socket said so (tokio marks it drained after a short read).
 //! Through `tokio-boring` that ask is still an `SSL_read`, which resets BoringSSL's error
-//! queue, finds no record, builds an error and unwinds through the BIO: about a tenth of a
-//! sidecar's user-space instructions per request (callgrind, in benches/mtls_bench.py's
-//! kept-connection load). So a read first looks at what could feed BoringSSL: with no
-//! plaintext BoringSSL holds, no bytes read ahead and a socket that is not readable, it
-//! waits for the socket instead. Any byte or end of stream on the socket makes it readable
-//! again; a partial record BoringSSL holds needs the socket's next bytes anyway.
+//! queue, finds no record, builds an error and unwinds through the BIO: 7 % of a sidecar's
+//! user-space instructions per request on kept connections (benches/relay_instructions.py).
+//! So a read first looks at what could feed BoringSSL: with no plaintext BoringSSL holds,
+//! no bytes read ahead and a socket that is not readable, it waits for the socket instead.
+//! Any byte or end of stream on the socket makes it readable again; a partial record
+//! BoringSSL holds needs the socket's next bytes anyway.
 
 use std::io;
 use std::pin::Pin;
