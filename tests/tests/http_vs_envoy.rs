@@ -397,26 +397,20 @@ async fn http_rbac_admits_and_refuses_exactly_as_envoy() {
         }
         by_stat
     };
-    let compare = || {
+    // A refused client may see the alert a moment before a proxy counts the refusal: the
+    // counts are read until they agree (each disagreement is printed, for a failure).
+    let ours = e2e::wait_until("dp's ssl.* counts to equal Envoy's", || {
         let (ours, envoys) = (ssl(pair.dp.admin), ssl(pair.envoy.admin));
         let differ: Vec<String> = ours
             .iter()
             .filter(|(stat, n)| envoys.get(*stat) != Some(*n))
             .map(|(stat, n)| format!("ssl.{stat}: dp {n}, Envoy {:?}", envoys.get(stat)))
             .collect();
-        (ours, envoys, differ)
-    };
-    // A refused client may see the alert a moment before a proxy counts the refusal:
-    // the counts are polled until they agree, for a while.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let (ours, envoys, differ) = loop {
-        let now = compare();
-        if now.2.is_empty() || std::time::Instant::now() > deadline {
-            break now;
+        if !differ.is_empty() {
+            eprintln!("{differ:?}; Envoy's: {envoys:?}");
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    assert!(differ.is_empty(), "{differ:?}\nEnvoy's: {envoys:?}");
+        differ.is_empty().then_some(ours)
+    });
     for stat in ["handshake", "session_reused", "fail_verify_error", "fail_verify_no_cert"] {
         assert!(ours.get(stat).is_some_and(|n| *n > 0), "dp's listener counted no ssl.{stat}: {ours:?}");
     }
