@@ -188,10 +188,18 @@ def inbound(pki, port, app_port, ads):
     return [listener], [static_cluster(local, app_port, "10s")], secrets(pki, "backend")
 
 
+# --outbound-tls-max: the outbounds' `tls_maximum_protocol_version` (Kuma sets none, and
+# Envoy's client default is TLS 1.2; the rustls-era dp, which took no tls_params, always
+# offered 1.3).
+OUTBOUND_TLS_MAX = None
+
+
 def outbound(pki, port, inbound_port, sni, ads):
     """(listeners, clusters, secrets) of web's sidecar: plain in, mTLS to backend's inbound."""
-    tls = {"@type": UPSTREAM, "sni": sni,
-           "commonTlsContext": common_tls({"exact": "spiffe://default/backend"}, ["kuma"], ads)}
+    common = common_tls({"exact": "spiffe://default/backend"}, ["kuma"], ads)
+    if OUTBOUND_TLS_MAX and sni != DNS_SNI:
+        common["tlsParams"] = {"tlsMaximumProtocolVersion": OUTBOUND_TLS_MAX}
+    tls = {"@type": UPSTREAM, "sni": sni, "commonTlsContext": common}
     listener = {"name": f"outbound:127.0.0.1:{port}", "trafficDirection": "OUTBOUND",
                 "address": {"socketAddress": {"address": "127.0.0.1", "portValue": port}},
                 "filterChains": [{"filters": [tcp_proxy("backend", "backend", "3600s")]}]}
@@ -875,6 +883,8 @@ def main():
     ap.add_argument("--key", choices=("p256", "rsa2048"), default="p256")
     ap.add_argument("--workers", type=int, default=16, help="concurrent handshake clients")
     ap.add_argument("--client-curves", help="groups the handshake client offers (default: BoringSSL's)")
+    ap.add_argument("--outbound-tls-max", choices=["TLSv1_2", "TLSv1_3"],
+                    help="tls_maximum_protocol_version of the dp and Envoy outbounds (default: none, as Kuma)")
     ap.add_argument("--hs-seconds", type=float, default=3.0)
     ap.add_argument("--hs-slices", type=int, default=6,
                     help="the handshake tests of all targets interleaved in this many rounds (0: one after another)")
@@ -897,6 +907,8 @@ def main():
     ap.add_argument("--out-md")
     ap.add_argument("--json")
     args = ap.parse_args()
+    global OUTBOUND_TLS_MAX
+    OUTBOUND_TLS_MAX = args.outbound_tls_max
     if args.quick:
         args.runs, args.hs_seconds, args.lat_seconds, args.warmup = 1, 1.0, 1.0, 0.3
         args.lat_slices = min(args.lat_slices, 4)
