@@ -29,9 +29,9 @@ pub struct Admin {
     pub quit: Arc<Notify>,
 }
 
-type Resp = Response<Full<Bytes>>;
+pub type Resp = Response<Full<Bytes>>;
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, "text/plain; charset=UTF-8")
@@ -46,16 +46,45 @@ fn json(body: &serde_json::Value) -> Resp {
     r
 }
 
+/// A listener an admin-style server accepts on: TCP (admin, readiness) or a Unix socket
+/// (kuma-dp's metrics socket).
+pub trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+    /// What it listens on, for the log.
+    fn describe(&self) -> String;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+    fn describe(&self) -> String {
+        format!("admin-style listener {:?}", self.local_addr().ok())
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+    fn describe(&self) -> String {
+        format!("admin-style socket {:?}", self.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.to_owned())))
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` until the process exits.
-pub async fn serve<F>(listener: TcpListener, handler: F)
+pub async fn serve<L: Accept, F>(listener: L, handler: F)
 where
     F: Fn(Request<Incoming>) -> Resp + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
-    let mut errors = crate::accept::AcceptErrors::new(format!("admin-style listener {:?}", listener.local_addr().ok()));
+    let mut errors = crate::accept::AcceptErrors::new(listener.describe());
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+        let stream = match listener.accept_one().await {
+            Ok(stream) => {
                 errors.accepted();
                 stream
             }

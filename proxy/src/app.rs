@@ -346,6 +346,8 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         dns_proxy,
         data: tokio::runtime::Handle::current(),
     };
+    // Removed (when dp made it) once dp is done.
+    let mut work_dir = None;
     match source {
         Source::File(source, resources, dns) => {
             let names = snapshot::dns_names(&resources);
@@ -354,7 +356,18 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
             spawn_config_thread("dp-config-file", async move { source.watch(applier, names, dns).await })?;
         }
         Source::Cp(inputs) => {
-            let mut status = crate::control::start(&args, inputs, applier).await?;
+            let dir = crate::work_dir::WorkDir::resolve(args.work_dir.as_deref())?;
+            info!(path = %dir.path().display(), "work directory");
+            let socket = crate::metrics_socket::socket_path(dir.path(), &inputs.name, &inputs.mesh);
+            match crate::metrics_socket::bind(&socket) {
+                Ok(l) => {
+                    info!(path = %socket.display(), "metrics socket listening");
+                    tokio::spawn(crate::metrics_socket::serve(l, ctx.stats.clone()));
+                }
+                Err(e) => warn!("{e}; the control plane's Prometheus listener will not reach dp's stats"),
+            }
+            let mut status = crate::control::start(&args, dir.path(), inputs, applier).await?;
+            work_dir = Some(dir);
             // Ready once every subscribed type (secrets included, so TLS routes are not
             // still waiting) has been accepted at least once.
             let applied = async move {
@@ -392,6 +405,7 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         _ = term.recv() => warn!("second signal: exiting without waiting for connections"),
         _ = int.recv() => warn!("second signal: exiting without waiting for connections"),
     }
+    drop(work_dir);
     Ok(())
 }
 

@@ -26,6 +26,7 @@ pub fn type_urls() -> Vec<String> {
 /// client runs; readiness is set by the caller when the first state is applied.
 pub async fn start(
     args: &RunArgs,
+    work_dir: &std::path::Path,
     inputs: CpInputs,
     applier: Applier,
 ) -> anyhow::Result<tokio::sync::watch::Receiver<xds_client::Status>> {
@@ -42,7 +43,7 @@ pub async fn start(
         resource: inputs.resource.as_ref().map(|r| r.json.clone()).unwrap_or_default(),
         ca_pem,
         readiness_port: args.readiness_port,
-        workdir: args.work_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        workdir: work_dir.display().to_string(),
         delta: inputs.delta,
         dns_port: args.dns_enabled.then_some(args.dns_envoy_port),
         embedded_dns: args.embedded_dns(),

@@ -207,6 +207,14 @@ impl Dp {
             "0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Its work directory (kuma-dp's sockets) inside the test's own, which is removed
+        // with it: dp's default, a temporary directory it removes on exit, would be left
+        // behind by the kill that ends most tests.
+        if !extra.iter().any(|a| a.starts_with("--work-dir"))
+            && !env.iter().any(|(k, _)| *k == "KUMA_DATAPLANE_RUNTIME_WORK_DIR")
+        {
+            args.extend(["--work-dir".to_string(), dir.display().to_string()]);
+        }
         let (child, logs) = match wrapper.split_first() {
             None => spawn(&bin("dp"), &args, env),
             Some((program, rest)) => {

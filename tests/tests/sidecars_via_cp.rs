@@ -90,11 +90,31 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
     ingress.logs.wait_for(&["access", &format!("upstream=127.0.0.1:{inbound}")]);
     assert_eq!(app.connections(), 6);
 
+    // kuma-dp's metrics socket, where a kuma-cp's Prometheus listener sends `/metrics`:
+    // the server sidecar's own stats, its inbound's six connections among them.
+    let metrics = scrape(&server.dir.join("kuma-mh-backend-1-default.sock")).await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{metrics}");
+    let inbound_cx = format!("envoy_listener_downstream_cx_total{{envoy_listener_address=\"127.0.0.1_{inbound}\"}} 6");
+    assert!(metrics.lines().any(|l| l == inbound_cx), "no `{inbound_cx}` in:\n{metrics}");
+
     // The client sidecar answers `.mesh` names (both forms) with the service's VIP.
     let vip = dig(dns_port, "backend.mesh");
     assert!(vip.starts_with("240."), "backend.mesh -> {vip:?}");
     assert_eq!(dig(dns_port, "BACKEND.mesh"), vip);
     drop(client);
+}
+
+/// `GET /metrics` on a Unix socket, as the Prometheus listener's cluster sends it: the
+/// whole response.
+async fn scrape(socket: &std::path::Path) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), s.read_to_string(&mut out)).await;
+    read.unwrap_or_else(|_| panic!("{}: no answer within 30 s", socket.display())).unwrap();
+    out
 }
 
 /// `dig @127.0.0.1 -p <port> +short <name> A`.
