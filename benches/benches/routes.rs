@@ -16,7 +16,13 @@ fn matcher(n: usize, wildcard: bool) -> ChainMatcher {
 }
 
 fn offer(sni: &str) -> Offer<'_> {
-    Offer { port: 10001, server_name: Some(sni), transport_protocol: "tls", alpn: &[] }
+    Offer {
+        port: 10001,
+        server_name: Some(sni),
+        transport_protocol: "tls",
+        alpn: &[],
+        source: ([10, 0, 0, 1], 40000).into(),
+    }
 }
 
 fn lookup(c: &mut Criterion) {

@@ -191,6 +191,7 @@ pub async fn serve(
         server_name: sni,
         transport_protocol: if hello.is_some() { "tls" } else { "raw_buffer" },
         alpn: &alpn[..n_alpn],
+        source: peer,
     };
     let Some(chain) = lst.select(&offer) else {
         lst.stats.no_filter_chain_match.inc();

@@ -284,8 +284,25 @@ fn criteria(fc: &FilterChain) -> Result<Criteria, String> {
     unsupported(!m.prefix_ranges.is_empty(), "prefix_ranges")?;
     unsupported(!m.direct_source_prefix_ranges.is_empty(), "direct_source_prefix_ranges")?;
     unsupported(m.source_type != 0, "source_type")?;
-    unsupported(!m.source_prefix_ranges.is_empty(), "source_prefix_ranges")?;
-    unsupported(!m.source_ports.is_empty(), "source_ports")?;
+    let mut ranges = vec![];
+    for (i, r) in m.source_prefix_ranges.iter().enumerate() {
+        let bad = || {
+            format!(
+                "source_prefix_ranges[{i}]: `{}/{:?}` is not a CIDR range",
+                r.address_prefix,
+                r.prefix_len.as_ref().map(|l| l.value)
+            )
+        };
+        let ip: std::net::IpAddr = r.address_prefix.parse().map_err(|_| bad())?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len = r.prefix_len.as_ref().map_or(0, |l| l.value); // Envoy: unset is 0
+        let len = u8::try_from(len).ok().filter(|l| u32::from(*l) <= max).ok_or_else(bad)?;
+        ranges.push((super::chains::masked(ip, len).ok_or_else(bad)?, len));
+    }
+    if let Some(p) = m.source_ports.iter().find(|p| **p > 65535) {
+        return Err(format!("source_ports: {p} is not a port"));
+    }
+    let sources = super::chains::Sources { ranges, ports: m.source_ports.clone() };
     for n in &m.server_names {
         if n.is_empty() || (n.contains('*') && !(n.starts_with("*.") && n[1..].find('*').is_none())) {
             return Err(format!("server_names: `{n}` is neither a name nor a `*.suffix` wildcard"));
@@ -296,6 +313,7 @@ fn criteria(fc: &FilterChain) -> Result<Criteria, String> {
         server_names: m.server_names.iter().map(|s| s.to_ascii_lowercase()).collect(),
         transport_protocol: Some(m.transport_protocol.clone()).filter(|t| !t.is_empty()),
         application_protocols: m.application_protocols.clone(),
+        sources,
     })
 }
 

@@ -1,13 +1,18 @@
 //! Filter chain selection with Envoy's precedence: destination port, then server name
 //! (exact, then the longest `*.suffix` wildcard, then catch-all), then transport
-//! protocol, then application protocol. Like Envoy, a more specific level that matches
-//! is never abandoned for a less specific one when a later level fails.
+//! protocol, then application protocol, then the client's address (the longest
+//! `source_prefix_ranges` entry that holds it, then catch-all) and port. Like Envoy, a
+//! more specific level that matches is never abandoned for a less specific one when a
+//! later level fails.
 //!
-//! Every level is a hash lookup, so selection costs O(labels in the SNI) whatever the
-//! number of chains.
+//! Every level but the last is a hash lookup, so selection costs O(labels in the SNI)
+//! whatever the number of chains. Chains told apart only by the client (Kuma's metrics
+//! listener: plain text for the proxy's own address, mTLS for everyone else) share one
+//! slot, which holds a small group scanned in order.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 
 /// The match criteria of one chain, normalised (names lower-cased).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -17,6 +22,42 @@ pub struct Criteria {
     pub server_names: Vec<String>,
     pub transport_protocol: Option<String>,
     pub application_protocols: Vec<String>,
+    pub sources: Sources,
+}
+
+/// `source_prefix_ranges` and `source_ports` of a chain; empty: any client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Sources {
+    /// (network address, prefix length), the address already masked.
+    pub ranges: Vec<(IpAddr, u8)>,
+    pub ports: Vec<u32>,
+}
+
+impl Sources {
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty() && self.ports.is_empty()
+    }
+
+    /// The length of the longest range that holds `ip`; `None` when none does.
+    fn longest(&self, ip: IpAddr) -> Option<u8> {
+        self.ranges.iter().filter(|(net, len)| masked(ip, *len) == Some(*net)).map(|(_, len)| *len).max()
+    }
+}
+
+/// `ip` with all but its first `len` bits cleared; `None` when the families differ from
+/// the range's (the caller compares) or `len` is too long.
+pub fn masked(ip: IpAddr, len: u8) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(a) if len <= 32 => {
+            let bits = u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            Some(IpAddr::V4(bits.into()))
+        }
+        IpAddr::V6(a) if len <= 128 => {
+            let bits = u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            Some(IpAddr::V6(bits.into()))
+        }
+        _ => None,
+    }
 }
 
 /// What a connection offers to be matched against.
@@ -26,12 +67,74 @@ pub struct Offer<'a> {
     pub server_name: Option<&'a str>,
     pub transport_protocol: &'a str,
     pub alpn: &'a [&'a [u8]],
+    /// The client's address.
+    pub source: SocketAddr,
 }
 
 #[derive(Debug, Default)]
 pub struct ChainMatcher {
     by_port: HashMap<u32, NameLevel>,
     any_port: Option<NameLevel>,
+    groups: Groups,
+}
+
+/// A slot's value is a chain's index, or, with this bit set, the index of a group of
+/// chains that differ only in their sources.
+const GROUP: usize = 1 << (usize::BITS - 1);
+
+#[derive(Debug, Default)]
+struct Groups {
+    groups: Vec<Vec<(Sources, usize)>>,
+    /// The sources of the chains that have some.
+    sources: HashMap<usize, Sources>,
+}
+
+impl Groups {
+    /// Chain `index` (with `new`) arrives at a slot that holds `*slot`: they are grouped
+    /// when their sources differ, and refused as duplicates when not.
+    fn merge(&mut self, slot: &mut usize, index: usize, new: &Sources) -> Result<(), String> {
+        let dup = |other: usize| Err(format!("filter chains #{other} and #{index} have the same match criteria"));
+        if *slot & GROUP != 0 {
+            let group = &mut self.groups[*slot & !GROUP];
+            if let Some((_, other)) = group.iter().find(|(s, _)| s == new) {
+                return dup(*other);
+            }
+            group.push((new.clone(), index));
+            return Ok(());
+        }
+        let other = *slot;
+        let theirs = self.sources.get(&other).cloned().unwrap_or_default();
+        if theirs == *new {
+            return dup(other);
+        }
+        self.groups.push(vec![(theirs, other), (new.clone(), index)]);
+        *slot = GROUP | (self.groups.len() - 1);
+        Ok(())
+    }
+
+    /// Envoy's last two levels: the most specific range holding the client's address
+    /// (or the chains with none), then its port (or the chains with none).
+    fn pick(&self, slot: usize, source: SocketAddr) -> Option<usize> {
+        if slot & GROUP == 0 {
+            // A chain alone in its slot still holds to its own sources.
+            let Some(s) = self.sources.get(&slot) else { return Some(slot) };
+            let ip_ok = s.ranges.is_empty() || s.longest(source.ip()).is_some();
+            let port_ok = s.ports.is_empty() || s.ports.contains(&u32::from(source.port()));
+            return (ip_ok && port_ok).then_some(slot);
+        }
+        let group = &self.groups[slot & !GROUP];
+        let best = group.iter().filter_map(|(s, _)| s.longest(source.ip())).max();
+        let at_best = |s: &Sources| match best {
+            Some(len) => s.longest(source.ip()) == Some(len),
+            None => s.ranges.is_empty(),
+        };
+        let port = u32::from(source.port());
+        let candidates = || group.iter().filter(|(s, _)| at_best(s));
+        candidates()
+            .find(|(s, _)| s.ports.contains(&port))
+            .or_else(|| candidates().find(|(s, _)| s.ports.is_empty()))
+            .map(|(_, i)| *i)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -73,19 +176,23 @@ impl ChainMatcher {
     /// Adds chain `index`. Fails when another chain has exactly the same criteria
     /// (Envoy refuses such listeners too).
     pub fn insert(&mut self, c: &Criteria, index: usize) -> Result<(), String> {
+        let ChainMatcher { by_port, any_port, groups } = self;
+        if !c.sources.is_empty() {
+            groups.sources.insert(index, c.sources.clone());
+        }
         let names = match c.port {
-            Some(p) => self.by_port.entry(p).or_default(),
-            None => self.any_port.get_or_insert_with(Default::default),
+            Some(p) => by_port.entry(p).or_default(),
+            None => any_port.get_or_insert_with(Default::default),
         };
         if c.server_names.is_empty() {
-            return ProtoLevel::insert(&mut names.any, c, index);
+            return ProtoLevel::insert(&mut names.any, c, index, groups);
         }
         for name in &c.server_names {
             let level = match name.strip_prefix('*') {
                 Some(suffix) if suffix.starts_with('.') => names.wildcard.entry(suffix.into()).or_insert(None),
                 _ => names.exact.entry(name.as_str().into()).or_insert(None),
             };
-            ProtoLevel::insert(level, c, index)?;
+            ProtoLevel::insert(level, c, index, groups)?;
         }
         Ok(())
     }
@@ -96,6 +203,10 @@ impl ChainMatcher {
     }
 
     pub fn find(&self, offer: &Offer<'_>) -> Option<usize> {
+        self.find_slot(offer).and_then(|slot| self.groups.pick(slot, offer.source))
+    }
+
+    fn find_slot(&self, offer: &Offer<'_>) -> Option<usize> {
         let names = self.by_port.get(&u32::from(offer.port)).or(self.any_port.as_ref())?;
         let proto = match offer.server_name {
             Some(sni) => names.lookup(sni),
@@ -160,7 +271,7 @@ fn transport(t: &str) -> Transport {
 
 impl ProtoLevel {
     /// Adds chain `index` with `c`'s transport protocol and ALPN to the level in `slot`.
-    fn insert(slot: &mut Option<ProtoLevel>, c: &Criteria, index: usize) -> Result<(), String> {
+    fn insert(slot: &mut Option<ProtoLevel>, c: &Criteria, index: usize, groups: &mut Groups) -> Result<(), String> {
         let t = c.transport_protocol.as_deref();
         if slot.is_none() && c.application_protocols.is_empty() {
             *slot = Some(ProtoLevel::One { transport: t.map(transport), index });
@@ -170,19 +281,19 @@ impl ProtoLevel {
             None => Box::default(),
             Some(ProtoLevel::One { transport, index: first }) => {
                 let mut table = Box::<ProtoTable>::default();
-                table.insert(transport.as_deref(), &[], first).expect("an empty table has no duplicates");
+                table.insert(transport.as_deref(), &[], first, groups).expect("an empty table has no duplicates");
                 table
             }
             Some(ProtoLevel::Many(table)) => table,
         };
-        let inserted = table.insert(t, &c.application_protocols, index);
+        let inserted = table.insert(t, &c.application_protocols, index, groups);
         *slot = Some(ProtoLevel::Many(table));
         inserted
     }
 }
 
 impl ProtoTable {
-    fn insert(&mut self, t: Option<&str>, alpns: &[String], index: usize) -> Result<(), String> {
+    fn insert(&mut self, t: Option<&str>, alpns: &[String], index: usize, groups: &mut Groups) -> Result<(), String> {
         let alpn = match t {
             Some(t) => match self.by_transport.iter().position(|(x, _)| x == t) {
                 Some(i) => &mut self.by_transport[i].1,
@@ -193,18 +304,18 @@ impl ProtoTable {
             },
             None => self.any.get_or_insert_with(Default::default),
         };
-        let dup = |other: usize| Err(format!("filter chains #{other} and #{index} have the same match criteria"));
+        let sources = groups.sources.get(&index).cloned().unwrap_or_default();
         if alpns.is_empty() {
-            if let Some(other) = alpn.any {
-                return dup(other);
+            match &mut alpn.any {
+                Some(slot) => groups.merge(slot, index, &sources)?,
+                None => alpn.any = Some(index),
             }
-            alpn.any = Some(index);
         } else {
             for p in alpns {
-                if let Some((_, other)) = alpn.by_alpn.iter().find(|(a, _)| **a == *p.as_bytes()) {
-                    return dup(*other);
+                match alpn.by_alpn.iter_mut().find(|(a, _)| **a == *p.as_bytes()) {
+                    Some((_, slot)) => groups.merge(slot, index, &sources)?,
+                    None => alpn.by_alpn.push((p.as_bytes().into(), index)),
                 }
-                alpn.by_alpn.push((p.as_bytes().into(), index));
             }
         }
         Ok(())
@@ -221,11 +332,47 @@ mod tests {
             server_names: names.iter().map(|s| s.to_string()).collect(),
             transport_protocol: tp.map(str::to_string),
             application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+            sources: Sources::default(),
         }
     }
 
     fn offer<'a>(port: u16, sni: Option<&'a str>, tp: &'a str, alpn: &'a [&'a [u8]]) -> Offer<'a> {
-        Offer { port, server_name: sni, transport_protocol: tp, alpn }
+        Offer { port, server_name: sni, transport_protocol: tp, alpn, source: "192.0.2.1:40000".parse().unwrap() }
+    }
+
+    fn from(ranges: &[(&str, u8)], ports: &[u32]) -> Sources {
+        let ranges = ranges.iter().map(|(a, l)| (masked(a.parse().unwrap(), *l).unwrap(), *l)).collect();
+        Sources { ranges, ports: ports.to_vec() }
+    }
+
+    #[test]
+    fn chains_that_differ_only_by_the_client_are_told_apart_by_its_address_then_port() {
+        let mut m = ChainMatcher::default();
+        let plain = |sources| Criteria { sources, ..crit(None, &[], None, &[]) };
+        // Kuma's metrics listener: its own address in plain text, everyone else over mTLS.
+        m.insert(&plain(from(&[("127.0.0.1", 32)], &[])), 0).unwrap();
+        m.insert(&plain(Sources::default()), 1).unwrap();
+        m.insert(&plain(from(&[("10.0.0.0", 8)], &[])), 2).unwrap();
+        m.insert(&plain(from(&[("10.1.0.0", 16)], &[9999])), 3).unwrap();
+        m.insert(&Criteria { sources: from(&[("127.0.0.1", 32)], &[]), ..crit(None, &["n"], Some("tls"), &[]) }, 4)
+            .unwrap();
+        let at = |source: &str, sni: Option<&'static str>| {
+            let tp = if sni.is_some() { "tls" } else { "raw_buffer" };
+            m.find(&Offer { source: source.parse().unwrap(), ..offer(1, sni, tp, &[]) })
+        };
+        assert_eq!(at("127.0.0.1:5000", None), Some(0));
+        assert_eq!(at("127.0.0.2:5000", None), Some(1));
+        assert_eq!(at("10.2.0.1:5000", None), Some(2));
+        // 10.1/16 is more specific than 10/8 and is not abandoned when its port differs.
+        assert_eq!(at("10.1.0.1:9999", None), Some(3));
+        assert_eq!(at("10.1.0.1:5000", None), None);
+        assert_eq!(at("[::1]:5000", None), Some(1));
+        // A name with only a sourced chain matches no one else.
+        assert_eq!(at("127.0.0.1:5000", Some("n")), Some(4));
+        assert_eq!(at("127.0.0.2:5000", Some("n")), None);
+        // The same sources twice is still a duplicate.
+        let e = m.insert(&plain(from(&[("10.0.0.0", 8)], &[])), 5).unwrap_err();
+        assert!(e.contains("#2 and #5"), "{e}");
     }
 
     #[test]
