@@ -105,6 +105,48 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
     drop(client);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_prometheus_backend_exposes_each_sidecars_stats_on_its_metrics_port() {
+    let cp = Cp::start("zone-1");
+    let metrics_port = free_port();
+    cp.apply(&format!(
+        "{MESH}metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n    conf:\n      \
+         port: {metrics_port}\n      path: /metrics\n"
+    ));
+    let app = Backend::start("app").await;
+    let inbound = free_port();
+    let backend_dp = format!(
+        "type: Dataplane\nmesh: default\nname: backend-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+         - port: {inbound}\n    servicePort: {}\n    tags:\n      kuma.io/service: backend\n",
+        app.addr.port()
+    );
+    let token = cp.ctl(&["generate", "dataplane-token", "--name", "backend-1", "-m", "default"]);
+    let _server = dp(&cp, "dataplane", &token, &backend_dp, free_port());
+
+    // Prometheus beside the proxy (from its own address) scrapes in plain text: the route
+    // leads through the metrics socket to the proxy's stats, this very connection counted.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let got = e2e::http::get(addr, "127.0.0.1", "/metrics", &[]).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let own = format!("envoy_listener_downstream_cx_total{{envoy_listener_address=\"127.0.0.1_{metrics_port}\"}} ");
+    let counted = got.body.lines().find_map(|l| l.strip_prefix(own.as_str())).map(|v| v.parse::<u64>().unwrap());
+    assert!(counted.is_some_and(|n| n >= 1), "no `{own}<n>` with n >= 1 in:\n{}", got.body);
+
+    // Anyone else must bring a mesh certificate (the backend does not skip mTLS): plain text
+    // from another address gets no metrics.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut c = sock.connect(addr).await.unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read_to_end(&mut c, &mut answer),
+    );
+    let _ = read.await.expect("the TLS chain should close a plain-text client");
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+}
+
 /// `GET /metrics` on a Unix socket, as the Prometheus listener's cluster sends it: the
 /// whole response.
 async fn scrape(socket: &std::path::Path) -> String {

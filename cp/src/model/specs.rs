@@ -13,6 +13,9 @@ use super::{Resource, parse_duration};
 pub struct DataplaneSpec {
     #[serde(default)]
     pub networking: Option<DataplaneNetworking>,
+    /// The proxy's own metrics backend, over the mesh's.
+    #[serde(default)]
+    pub metrics: Option<MetricsBackend>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -162,6 +165,8 @@ pub struct MeshSpec {
     #[serde(default)]
     pub mtls: Option<MeshMtls>,
     #[serde(default)]
+    pub metrics: Option<MeshMetrics>,
+    #[serde(default)]
     pub routing: Option<MeshRouting>,
 }
 
@@ -261,6 +266,40 @@ impl Selector {
     pub fn selects(&self, tags: &BTreeMap<String, String>) -> bool {
         self.matches.iter().all(|(k, v)| v == "*" || tags.get(k) == Some(v))
     }
+}
+
+/// `metrics` of a Mesh: Kuma's Prometheus backends (a proxy exposes its stats on
+/// `conf.port` `conf.path`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshMetrics {
+    #[serde(default)]
+    pub enabled_backend: String,
+    #[serde(default)]
+    pub backends: Vec<MetricsBackend>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsBackend {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub backend_type: String,
+    #[serde(default)]
+    pub conf: Option<PrometheusConf>,
+}
+
+/// A Prometheus backend's `conf` (its `tags` and `aggregate` are not interpreted).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusConf {
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default, rename = "skipMTLS")]
+    pub skip_mtls: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -44,6 +44,18 @@ pub fn dns_body(records: &BTreeMap<String, Vec<String>>) -> Vec<u8> {
     serde_json::to_vec(&DnsProxyConfig { records, ttl: 30 }).expect("DNS records serialize")
 }
 
+/// Envoy's router, the last (here the only) HTTP filter of a connection manager.
+pub(crate) fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router".into(),
+            value: vec![],
+        })),
+        ..Default::default()
+    }
+}
+
 /// The listener answering `GET <path>` with each body (`name` is the config's name).
 pub fn listener(workdir: &str, configs: &[(&str, &str, Vec<u8>)]) -> Listener {
     let mut routes = vec![];
@@ -93,14 +105,7 @@ pub fn listener(workdir: &str, configs: &[(&str, &str, Vec<u8>)]) -> Listener {
     let hcm = HttpConnectionManager {
         stat_prefix: LISTENER.replace(':', "_"),
         codec_type: http_connection_manager::CodecType::Auto as i32,
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(Any {
-                type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router".into(),
-                value: vec![],
-            })),
-            ..Default::default()
-        }],
+        http_filters: vec![router_filter()],
         route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
             virtual_hosts: vec![VirtualHost {
                 name: LISTENER.into(),

@@ -5,6 +5,7 @@ pub mod delta;
 pub mod dynconf;
 pub mod egress;
 pub mod generate;
+pub mod prometheus;
 pub mod resilience;
 pub mod sidecar;
 pub mod sni;
@@ -369,6 +370,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         tracing::warn!(mesh = %id.mesh, backend = %b.name, kind = %b.backend_type, "only builtin mTLS backends are supported; serving the proxy without mTLS");
     }
     let spec: DataplaneSpec = dp.typed().unwrap_or_default();
+    let metrics = prometheus::endpoint(&mesh_spec, &spec);
     let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for inb in spec.networking.map(|n| n.inbound).unwrap_or_default() {
         for (k, v) in inb.tags {
@@ -409,6 +411,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         circuit_breakers: &circuit_breakers,
         retries: &retries,
         health_checks: &health_checks,
+        metrics,
     });
     snap.refresh_at = refresh_at;
     Ok(snap)

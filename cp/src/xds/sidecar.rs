@@ -99,6 +99,8 @@ pub struct SidecarInputs<'a> {
     pub retries: &'a [Resource],
     /// MeshHealthChecks of the proxy's mesh.
     pub health_checks: &'a [Resource],
+    /// The mesh's (or the Dataplane's) Prometheus metrics backend.
+    pub metrics: Option<super::prometheus::MetricsEndpoint>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -306,6 +308,18 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         };
         let tags = inb.tags.clone();
         push(&mut listeners, &name, l, &format!("{tags:?}"), |l| l.metadata = tags_metadata(&tags));
+    }
+    // Kuma leaves the endpoint out rather than shadow an inbound on the same address.
+    if let Some(ep) = &inputs.metrics
+        && !net.inbound.iter().any(|i| {
+            i.port == i64::from(ep.port)
+                && i.address.as_deref().filter(|a| !a.is_empty()).is_none_or(|a| a == net.address)
+        })
+    {
+        use super::prometheus;
+        let l = prometheus::listener(&net.address, ep, mtls.then_some(mesh));
+        push(&mut listeners, prometheus::LISTENER, l, "", |_| {});
+        push(&mut clusters, prometheus::CLUSTER, prometheus::cluster(inputs.workdir, &dp.name, mesh), "", |_| {});
     }
     for (name, (ip, port)) in &local_clusters {
         let c = Cluster {

@@ -1,0 +1,207 @@
+//! Kuma's Prometheus endpoint of a sidecar (`PrometheusEndpointGenerator`): when the mesh
+//! (or the Dataplane itself) enables a Prometheus metrics backend, the proxy gets the
+//! listener `kuma:metrics:prometheus` on `<address>:<conf.port>` (5670 by default), whose
+//! route `<conf.path>` (`/metrics`) goes to the cluster `kuma:metrics:hijacker`: the Unix
+//! socket where kuma-dp (and dp) answer with the proxy's stats. In an mTLS mesh, unless
+//! the backend says `skipMTLS`, only the proxy's own address may scrape in plain text;
+//! anyone else must present a mesh certificate.
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+use envoy_types::pb::envoy::config::core::v3::{Address, CidrRange, Pipe, TrafficDirection, address};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager,
+};
+use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::util::pack_any;
+
+use super::generate::socket_address;
+use super::sidecar::{downstream_tls, tls_socket};
+use crate::model::{DataplaneSpec, MeshSpec};
+
+pub const LISTENER: &str = "kuma:metrics:prometheus";
+pub const CLUSTER: &str = "kuma:metrics:hijacker";
+
+/// Where and how a proxy exposes its metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsEndpoint {
+    pub port: u32,
+    pub path: String,
+    pub skip_mtls: bool,
+}
+
+/// Kuma's `GetPrometheusConfig`: the mesh's enabled backend, when it is a Prometheus one,
+/// with what the Dataplane's own `metrics` sets on top; Kuma's defaults (port 5670, path
+/// `/metrics`) for what neither sets.
+pub fn endpoint(mesh: &MeshSpec, dp: &DataplaneSpec) -> Option<MetricsEndpoint> {
+    let m = mesh.metrics.as_ref()?;
+    let backend = m.backends.iter().find(|b| !m.enabled_backend.is_empty() && b.name == m.enabled_backend)?;
+    if backend.backend_type != "prometheus" {
+        return None;
+    }
+    let own = dp.metrics.as_ref().filter(|b| b.backend_type.is_empty() || b.backend_type == "prometheus");
+    let (mesh_conf, own_conf) =
+        (backend.conf.clone().unwrap_or_default(), own.and_then(|b| b.conf.clone()).unwrap_or_default());
+    Some(MetricsEndpoint {
+        port: own_conf.port.or(mesh_conf.port).filter(|p| *p > 0).unwrap_or(5670),
+        path: own_conf.path.or(mesh_conf.path).filter(|p| !p.is_empty()).unwrap_or_else(|| "/metrics".into()),
+        skip_mtls: own_conf.skip_mtls.or(mesh_conf.skip_mtls).unwrap_or(false),
+    })
+}
+
+/// Kuma's `MetricsHijackerSocketName`: `<workdir>/kuma-mh-<name>-<mesh>`, cut to 98 bytes,
+/// then `.sock` (the proxy computes the same path).
+pub fn socket_path(workdir: &str, name: &str, mesh: &str) -> String {
+    let file = format!("kuma-mh-{name}-{mesh}");
+    let mut joined = if workdir.is_empty() { file } else { format!("{}/{file}", workdir.trim_end_matches('/')) };
+    let mut cut = joined.len().min(98);
+    while !joined.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    joined.truncate(cut);
+    joined + ".sock"
+}
+
+/// The cluster on the metrics socket.
+pub fn cluster(workdir: &str, name: &str, mesh: &str) -> Cluster {
+    let pipe =
+        Address { address: Some(address::Address::Pipe(Pipe { path: socket_path(workdir, name, mesh), mode: 0 })) };
+    Cluster {
+        name: CLUSTER.into(),
+        alt_stat_name: CLUSTER.replace(':', "_"),
+        connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: CLUSTER.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(pipe),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The HTTP chain: `<path>` (prefix, rewritten to `/`) to the metrics socket.
+fn chain(ep: &MetricsEndpoint) -> FilterChain {
+    let route = Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix(ep.path.clone())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(CLUSTER.into())),
+            prefix_rewrite: "/".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: LISTENER.replace(':', "_"),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        http_filters: vec![super::dynconf::router_filter()],
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
+            virtual_hosts: vec![VirtualHost {
+                name: LISTENER.into(),
+                domains: vec!["*".into()],
+                routes: vec![route],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    FilterChain {
+        filters: vec![Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+        }],
+        ..Default::default()
+    }
+}
+
+/// The listener on `address:<port>`. With `mtls_mesh` (and no `skipMTLS`): a plain-text
+/// chain for the proxy's own address (Prometheus beside it), then the mesh's mTLS.
+pub fn listener(address: &str, ep: &MetricsEndpoint, mtls_mesh: Option<&str>) -> Listener {
+    let filter_chains = match mtls_mesh.filter(|_| !ep.skip_mtls) {
+        None => vec![chain(ep)],
+        Some(mesh) => {
+            let own = address.parse::<std::net::IpAddr>().ok().map(|ip| CidrRange {
+                address_prefix: ip.to_string(),
+                prefix_len: Some(UInt32Value { value: if ip.is_ipv4() { 32 } else { 128 } }),
+            });
+            let mut plain = chain(ep);
+            plain.filter_chain_match =
+                Some(FilterChainMatch { source_prefix_ranges: own.into_iter().collect(), ..Default::default() });
+            let mut secure = chain(ep);
+            secure.transport_socket = Some(tls_socket(downstream_tls(mesh)));
+            vec![plain, secure]
+        }
+    };
+    Listener {
+        name: LISTENER.into(),
+        address: Some(socket_address(address, ep.port)),
+        filter_chains,
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(metrics: serde_json::Value) -> MeshSpec {
+        serde_json::from_value(serde_json::json!({ "metrics": metrics })).unwrap()
+    }
+
+    #[test]
+    fn the_enabled_prometheus_backend_with_the_dataplanes_overrides_and_kumas_defaults() {
+        let m = mesh(
+            serde_json::json!({"enabledBackend": "prom", "backends": [{"name": "prom", "type": "prometheus", "conf": {"skipMTLS": true}}]}),
+        );
+        let ep = endpoint(&m, &DataplaneSpec::default()).unwrap();
+        assert_eq!(ep, MetricsEndpoint { port: 5670, path: "/metrics".into(), skip_mtls: true });
+        let own: DataplaneSpec = serde_json::from_value(
+            serde_json::json!({"metrics": {"type": "prometheus", "conf": {"port": 1234, "skipMTLS": false}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            endpoint(&m, &own).unwrap(),
+            MetricsEndpoint { port: 1234, path: "/metrics".into(), skip_mtls: false }
+        );
+        // No enabled backend, or not a Prometheus one: nothing.
+        assert_eq!(
+            endpoint(&mesh(serde_json::json!({"backends": [{"name": "prom", "type": "prometheus"}]})), &own),
+            None
+        );
+        assert_eq!(
+            endpoint(
+                &mesh(serde_json::json!({"enabledBackend": "x", "backends": [{"name": "x", "type": "other"}]})),
+                &own
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_socket_path_is_kumas() {
+        assert_eq!(socket_path("/w/", "backend-1", "default"), "/w/kuma-mh-backend-1-default.sock");
+        assert_eq!(socket_path("", "a", "m"), "kuma-mh-a-m.sock");
+        assert_eq!(socket_path("/w", &"n".repeat(200), "m").len(), 98 + 5);
+    }
+}
