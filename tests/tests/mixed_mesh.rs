@@ -14,8 +14,10 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-const MESH: &str =
-    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
+/// mTLS, and Kuma's Prometheus metrics backend: every sidecar gets the metrics listener
+/// (each on the port its Dataplane sets), which Envoy must accept as well.
+const MESH: &str = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n\
+                    metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n";
 const SYNC: Duration = Duration::from_secs(30);
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -30,7 +32,7 @@ fn dataplane(name: &str, service: &str, app: &Backend, outbounds: &[(u16, &str)]
         outbounds.iter().map(|(p, s)| json!({"port": p, "tags": {"kuma.io/service": s}})).collect();
     json!({"type": "Dataplane", "mesh": "default", "name": name, "networking": {"address": "127.0.0.1",
         "inbound": [{"port": free_port(), "servicePort": app.addr.port(), "tags": {"kuma.io/service": service}}],
-        "outbound": outbound}})
+        "outbound": outbound}, "metrics": {"type": "prometheus", "conf": {"port": free_port()}}})
 }
 
 fn token(zone: &Cp, name: &str) -> String {
@@ -110,9 +112,10 @@ async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingres
         let outs: Vec<(u16, String)> = servers.iter().map(|(svc, _, _)| (free_port(), svc.clone())).collect();
         let refs: Vec<(u16, &str)> = outs.iter().map(|(p, s)| (*p, s.as_str())).collect();
         let web = Backend::start("web").await;
-        let side =
-            sidecar(&zone1, envoy, dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &refs)).await;
-        clients.push((kind, outs, side, web));
+        let res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &refs);
+        let metrics_port = res["metrics"]["conf"]["port"].as_u64().unwrap() as u16;
+        let side = sidecar(&zone1, envoy, res).await;
+        clients.push((kind, outs, side, (web, metrics_port)));
     }
 
     // Every client/server pair answers every request.
@@ -153,11 +156,24 @@ async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingres
             assert!(!dump.contains(".sni\""), "an alias SNI is still generated");
         }
     }
-    // Envoy took every configuration our cp sent.
-    for (_, _, side, _) in &clients {
+    // Envoy took every configuration our cp sent, the metrics listener among it.
+    for side in clients.iter().map(|c| &c.2).chain(servers.iter().map(|s| &s.2)) {
         if let Sidecar::Envoy(e) = side {
             assert_eq!(e.stat("listener_manager.lds.update_rejected"), 0, "{}", e.logs.lines().join("\n"));
             assert_eq!(e.stat("cluster_manager.cds.update_rejected"), 0);
+        }
+    }
+    // The dp client's metrics port, scraped from its own address, answers with its stats
+    // (through kuma-dp's metrics socket, which dp serves itself); Envoy's is bound.
+    for (kind, _, side, (_, metrics_port)) in &clients {
+        let addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+        if let Sidecar::Envoy(_) = side {
+            TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("Envoy's metrics listener {addr}: {e}"));
+        }
+        if let Sidecar::Dp(_) = side {
+            let got = e2e::http::get(addr, "127.0.0.1", "/metrics", &[]).await;
+            assert_eq!(got.status, 200, "client-{kind}: {}", got.body);
+            assert!(got.body.contains("envoy_cluster_upstream_cx_total{"), "client-{kind}: {}", got.body);
         }
     }
 }
