@@ -22,6 +22,7 @@ fn offer(sni: &str) -> Offer<'_> {
         transport_protocol: "tls",
         alpn: &[],
         source: ([10, 0, 0, 1], 40000).into(),
+        destination: [10, 0, 0, 2].into(),
     }
 }
 

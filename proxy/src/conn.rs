@@ -144,12 +144,13 @@ pub async fn serve(
     lst.stats.downstream_cx_total.inc();
     let _active = Active::new(&lst.stats.downstream_cx_active);
     let _ = down.set_nodelay(true);
-    // getsockname(2) only when some chain matches on the destination port.
-    let port = match original {
-        Some(o) => o.port(),
-        None if lst.matcher.uses_ports() => down.local_addr().map_or(0, |a| a.port()),
-        None => 0,
+    // getsockname(2) only when some chain matches on the destination port or address.
+    let destination = match original {
+        Some(o) => Some(o),
+        None if lst.matcher.uses_ports() || lst.matcher.uses_destinations() => down.local_addr().ok(),
+        None => None,
     };
+    let port = destination.map_or(0, |a| a.port());
 
     // Room for a typical ClientHello (a post-quantum key share makes it ~1.8 KiB); it
     // grows up to the listener's bound only for a larger one, so a connection that waits
@@ -192,6 +193,7 @@ pub async fn serve(
         transport_protocol: if hello.is_some() { "tls" } else { "raw_buffer" },
         alpn: &alpn[..n_alpn],
         source: peer,
+        destination: destination.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip()),
     };
     let Some(chain) = lst.select(&offer) else {
         lst.stats.no_filter_chain_match.inc();

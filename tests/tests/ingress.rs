@@ -440,3 +440,37 @@ async fn connections_during_large_updates_see_one_whole_version() {
     assert!(answers.contains_key("v1") && answers.contains_key("v2"), "connections spanned the swaps: {answers:?}");
     assert_eq!(who(addr, Some(NAME)).await.as_deref(), Some("v1"), "version 6 is A");
 }
+
+/// `prefix_ranges` (the destination address) picks the chain, the longest range first, as
+/// MeshPassthrough's listener uses it; the other chain takes every other address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_address_picks_the_filter_chain() {
+    let (one, two, other) = (Backend::start("one").await, Backend::start("two").await, Backend::start("other").await);
+    let tcp = |cluster: &str| {
+        json!([{"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "cluster": cluster, "statPrefix": cluster}}])
+    };
+    let file = e2e::xds::write_file(vec![
+        static_cluster("one", &[one.addr]),
+        static_cluster("two", &[two.addr]),
+        static_cluster("other", &[other.addr]),
+        json!({
+            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "name": "passthrough",
+            "address": {"socketAddress": {"address": "0.0.0.0", "portValue": 0}},
+            "filterChains": [
+                {"filterChainMatch": {"prefixRanges": [{"addressPrefix": "127.0.0.0", "prefixLen": 30}]}, "filters": tcp("one")},
+                {"filterChainMatch": {"prefixRanges": [{"addressPrefix": "127.0.0.2", "prefixLen": 32}]}, "filters": tcp("two")},
+                {"filters": tcp("other")}
+            ]
+        }),
+    ]);
+    let dp = Dp::start(&file, &[]);
+    let port = dp.only_listener().port();
+    for (dest, want) in [("127.0.0.2", "two"), ("127.0.0.1", "one"), ("127.0.0.5", "other")] {
+        let mut c = TcpStream::connect((dest, port)).await.unwrap();
+        c.write_all(b"hi\n").await.unwrap();
+        assert_eq!(read_line(&mut c).await.as_deref(), Some(want), "to {dest}");
+    }
+}

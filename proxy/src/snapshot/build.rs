@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, Metadata, SocketAddress, address, data_source, socket_address,
 };
-use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+use envoy_types::pb::envoy::config::core::v3::{CidrRange, TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, filter, listener_filter};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
@@ -281,24 +281,10 @@ fn criteria(fc: &FilterChain) -> Result<Criteria, String> {
     let Some(m) = &fc.filter_chain_match else {
         return Ok(Criteria::default());
     };
-    unsupported(!m.prefix_ranges.is_empty(), "prefix_ranges")?;
     unsupported(!m.direct_source_prefix_ranges.is_empty(), "direct_source_prefix_ranges")?;
     unsupported(m.source_type != 0, "source_type")?;
-    let mut ranges = vec![];
-    for (i, r) in m.source_prefix_ranges.iter().enumerate() {
-        let bad = || {
-            format!(
-                "source_prefix_ranges[{i}]: `{}/{:?}` is not a CIDR range",
-                r.address_prefix,
-                r.prefix_len.as_ref().map(|l| l.value)
-            )
-        };
-        let ip: std::net::IpAddr = r.address_prefix.parse().map_err(|_| bad())?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let len = r.prefix_len.as_ref().map_or(0, |l| l.value); // Envoy: unset is 0
-        let len = u8::try_from(len).ok().filter(|l| u32::from(*l) <= max).ok_or_else(bad)?;
-        ranges.push((super::chains::masked(ip, len).ok_or_else(bad)?, len));
-    }
+    let ranges = cidr_ranges(&m.source_prefix_ranges, "source_prefix_ranges")?;
+    let destinations = cidr_ranges(&m.prefix_ranges, "prefix_ranges")?;
     if let Some(p) = m.source_ports.iter().find(|p| **p > 65535) {
         return Err(format!("source_ports: {p} is not a port"));
     }
@@ -313,8 +299,23 @@ fn criteria(fc: &FilterChain) -> Result<Criteria, String> {
         server_names: m.server_names.iter().map(|s| s.to_ascii_lowercase()).collect(),
         transport_protocol: Some(m.transport_protocol.clone()).filter(|t| !t.is_empty()),
         application_protocols: m.application_protocols.clone(),
+        destinations,
         sources,
     })
+}
+
+/// Envoy's `CidrRange`s as (network, prefix length); an unset length is 0, as in Envoy.
+fn cidr_ranges(ranges: &[CidrRange], field: &str) -> Result<Vec<(std::net::IpAddr, u8)>, String> {
+    let mut out = vec![];
+    for (i, r) in ranges.iter().enumerate() {
+        let len = r.prefix_len.as_ref().map_or(0, |l| l.value);
+        let bad = || format!("{field}[{i}]: `{}/{len}` is not a CIDR range", r.address_prefix);
+        let ip: std::net::IpAddr = r.address_prefix.parse().map_err(|_| bad())?;
+        let len = u8::try_from(len).ok().filter(|l| u32::from(*l) <= if ip.is_ipv4() { 32 } else { 128 });
+        let len = len.ok_or_else(bad)?;
+        out.push((super::chains::masked(ip, len).ok_or_else(bad)?, len));
+    }
+    Ok(out)
 }
 
 fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String> {

@@ -1,5 +1,6 @@
-//! Filter chain selection with Envoy's precedence: destination port, then server name
-//! (exact, then the longest `*.suffix` wildcard, then catch-all), then transport
+//! Filter chain selection with Envoy's precedence: destination port, then destination
+//! address (the longest `prefix_ranges` entry that holds it, then catch-all), then server
+//! name (exact, then the longest `*.suffix` wildcard, then catch-all), then transport
 //! protocol, then application protocol, then the client's address (the longest
 //! `source_prefix_ranges` entry that holds it, then catch-all) and port. Like Envoy, a
 //! more specific level that matches is never abandoned for a less specific one when a
@@ -22,6 +23,8 @@ pub struct Criteria {
     pub server_names: Vec<String>,
     pub transport_protocol: Option<String>,
     pub application_protocols: Vec<String>,
+    /// `prefix_ranges` (the destination address): (network, prefix length); empty: any.
+    pub destinations: Vec<(IpAddr, u8)>,
     pub sources: Sources,
 }
 
@@ -69,13 +72,45 @@ pub struct Offer<'a> {
     pub alpn: &'a [&'a [u8]],
     /// The client's address.
     pub source: SocketAddr,
+    /// The address the connection was made to (its original destination when it was
+    /// redirected); looked at only when [`ChainMatcher::uses_destinations`].
+    pub destination: IpAddr,
 }
 
 #[derive(Debug, Default)]
 pub struct ChainMatcher {
-    by_port: HashMap<u32, NameLevel>,
-    any_port: Option<NameLevel>,
+    by_port: HashMap<u32, AddressLevel>,
+    any_port: Option<AddressLevel>,
     groups: Groups,
+    destinations: bool,
+}
+
+/// The chains of one destination port, by destination range (Kuma sets none but on
+/// MeshPassthrough's listener; a short list).
+#[derive(Debug, Default)]
+struct AddressLevel {
+    ranges: Vec<(IpAddr, u8, NameLevel)>,
+    any: Option<NameLevel>,
+}
+
+impl AddressLevel {
+    fn names(&mut self, range: Option<(IpAddr, u8)>) -> &mut NameLevel {
+        let Some((net, len)) = range else { return self.any.get_or_insert_with(Default::default) };
+        match self.ranges.iter().position(|(n, l, _)| *n == net && *l == len) {
+            Some(i) => &mut self.ranges[i].2,
+            None => {
+                self.ranges.push((net, len, NameLevel::default()));
+                &mut self.ranges.last_mut().expect("just pushed").2
+            }
+        }
+    }
+
+    /// The longest range holding `ip`, else the chains for any address.
+    fn lookup(&self, ip: IpAddr) -> Option<&NameLevel> {
+        let best =
+            self.ranges.iter().filter(|(net, len, _)| masked(ip, *len) == Some(*net)).max_by_key(|(_, len, _)| *len);
+        best.map(|(_, _, names)| names).or(self.any.as_ref())
+    }
 }
 
 /// A slot's value is a chain's index, or, with this bit set, the index of a group of
@@ -176,25 +211,37 @@ impl ChainMatcher {
     /// Adds chain `index`. Fails when another chain has exactly the same criteria
     /// (Envoy refuses such listeners too).
     pub fn insert(&mut self, c: &Criteria, index: usize) -> Result<(), String> {
-        let ChainMatcher { by_port, any_port, groups } = self;
+        let ChainMatcher { by_port, any_port, groups, destinations } = self;
         if !c.sources.is_empty() {
             groups.sources.insert(index, c.sources.clone());
         }
-        let names = match c.port {
+        *destinations |= !c.destinations.is_empty();
+        let addresses = match c.port {
             Some(p) => by_port.entry(p).or_default(),
             None => any_port.get_or_insert_with(Default::default),
         };
-        if c.server_names.is_empty() {
-            return ProtoLevel::insert(&mut names.any, c, index, groups);
-        }
-        for name in &c.server_names {
-            let level = match name.strip_prefix('*') {
-                Some(suffix) if suffix.starts_with('.') => names.wildcard.entry(suffix.into()).or_insert(None),
-                _ => names.exact.entry(name.as_str().into()).or_insert(None),
-            };
-            ProtoLevel::insert(level, c, index, groups)?;
+        let ranges: Vec<Option<(IpAddr, u8)>> =
+            if c.destinations.is_empty() { vec![None] } else { c.destinations.iter().copied().map(Some).collect() };
+        for range in ranges {
+            let names = addresses.names(range);
+            if c.server_names.is_empty() {
+                ProtoLevel::insert(&mut names.any, c, index, groups)?;
+                continue;
+            }
+            for name in &c.server_names {
+                let level = match name.strip_prefix('*') {
+                    Some(suffix) if suffix.starts_with('.') => names.wildcard.entry(suffix.into()).or_insert(None),
+                    _ => names.exact.entry(name.as_str().into()).or_insert(None),
+                };
+                ProtoLevel::insert(level, c, index, groups)?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether any chain matches on the destination address.
+    pub fn uses_destinations(&self) -> bool {
+        self.destinations
     }
 
     /// Whether any chain matches on the destination port.
@@ -207,7 +254,8 @@ impl ChainMatcher {
     }
 
     fn find_slot(&self, offer: &Offer<'_>) -> Option<usize> {
-        let names = self.by_port.get(&u32::from(offer.port)).or(self.any_port.as_ref())?;
+        let addresses = self.by_port.get(&u32::from(offer.port)).or(self.any_port.as_ref())?;
+        let names = addresses.lookup(offer.destination)?;
         let proto = match offer.server_name {
             Some(sni) => names.lookup(sni),
             None => names.any.as_ref(),
@@ -332,12 +380,14 @@ mod tests {
             server_names: names.iter().map(|s| s.to_string()).collect(),
             transport_protocol: tp.map(str::to_string),
             application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+            destinations: vec![],
             sources: Sources::default(),
         }
     }
 
     fn offer<'a>(port: u16, sni: Option<&'a str>, tp: &'a str, alpn: &'a [&'a [u8]]) -> Offer<'a> {
-        Offer { port, server_name: sni, transport_protocol: tp, alpn, source: "192.0.2.1:40000".parse().unwrap() }
+        let (source, destination) = ("192.0.2.1:40000".parse().unwrap(), [192, 0, 2, 9].into());
+        Offer { port, server_name: sni, transport_protocol: tp, alpn, source, destination }
     }
 
     fn from(ranges: &[(&str, u8)], ports: &[u32]) -> Sources {
@@ -407,6 +457,34 @@ mod tests {
         for (o, want) in cases {
             assert_eq!(m.find(o), *want, "{o:?}");
         }
+    }
+
+    #[test]
+    fn the_destination_address_comes_after_the_port_and_before_the_name() {
+        let mut m = ChainMatcher::default();
+        let to = |ranges: &[(&str, u8)], names: &[&str]| Criteria {
+            destinations: ranges.iter().map(|(a, l)| (masked(a.parse().unwrap(), *l).unwrap(), *l)).collect(),
+            ..crit(None, names, None, &[])
+        };
+        // MeshPassthrough's shape: a CIDR, a host in it, a name, and the rest.
+        m.insert(&to(&[("10.0.0.0", 8)], &[]), 0).unwrap();
+        m.insert(&to(&[("10.1.2.3", 32)], &[]), 1).unwrap();
+        m.insert(&to(&[], &["api.example.com"]), 2).unwrap();
+        m.insert(&to(&[], &[]), 3).unwrap();
+        m.insert(&to(&[("10.9.0.0", 16), ("fd00::", 8)], &["only.test"]), 4).unwrap();
+        assert!(m.uses_destinations());
+        let at = |dest: &str, sni: Option<&'static str>| {
+            let tp = if sni.is_some() { "tls" } else { "raw_buffer" };
+            m.find(&Offer { destination: dest.parse().unwrap(), ..offer(1, sni, tp, &[]) })
+        };
+        assert_eq!(at("10.200.0.1", None), Some(0));
+        assert_eq!(at("10.1.2.3", None), Some(1));
+        assert_eq!(at("192.0.2.1", Some("api.example.com")), Some(2));
+        assert_eq!(at("192.0.2.1", None), Some(3));
+        assert_eq!(at("fd00::1", Some("only.test")), Some(4));
+        // A matching range is not abandoned when its names do not match.
+        assert_eq!(at("10.9.1.1", Some("api.example.com")), None);
+        assert_eq!(at("10.9.1.1", Some("only.test")), Some(4));
     }
 
     #[test]
