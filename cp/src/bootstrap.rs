@@ -71,10 +71,16 @@ pub async fn handle(cp: &Arc<ZoneCp>, req: BootstrapRequest, host: &str) -> Resu
             .map_err(|c| err(422, format!("dataplaneResource: {}", crate::model::format_causes(&c))))?;
         r
     };
-    if rtype == ResourceType::Dataplane
-        && cp.store.get(ResourceType::Mesh, "", &resource.mesh).await.map_err(|e| err(500, e.to_string()))?.is_none()
-    {
-        return Err(err(422, format!("mesh {:?} does not exist", resource.mesh)));
+    // A sidecar's mesh must exist; its Prometheus backend says which applications' metrics
+    // the proxy serves beside its own.
+    let mut aggregate = vec![];
+    if rtype == ResourceType::Dataplane {
+        let mesh = cp.store.get(ResourceType::Mesh, "", &resource.mesh).await.map_err(|e| err(500, e.to_string()))?;
+        let Some(mesh) = mesh else {
+            return Err(err(422, format!("mesh {:?} does not exist", resource.mesh)));
+        };
+        let (mesh, dp) = (mesh.typed().unwrap_or_default(), resource.typed().unwrap_or_default());
+        aggregate = crate::xds::prometheus::aggregate(&mesh, &dp);
     }
 
     // ADS endpoint the proxy must use, and its TLS validation.
@@ -235,7 +241,7 @@ pub async fn handle(cp: &Arc<ZoneCp>, req: BootstrapRequest, host: &str) -> Resu
         serde_saphyr::to_string(&bootstrap).map_err(|e| err(500, format!("cannot render the bootstrap: {e}")))?;
     let sidecar = json!({
         "networking": {"address": address, "corefileTemplate": null},
-        "metrics": {"aggregate": []}
+        "metrics": {"aggregate": aggregate}
     });
     Ok((yaml, sidecar))
 }

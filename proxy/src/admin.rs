@@ -80,6 +80,15 @@ pub async fn serve<L: Accept, F>(listener: L, handler: F)
 where
     F: Fn(Request<Incoming>) -> Resp + Send + Sync + 'static,
 {
+    serve_with(listener, move |req| std::future::ready(handler(req))).await
+}
+
+/// [`serve`] with a handler that answers asynchronously (one that asks others first).
+pub async fn serve_with<L: Accept, F, Fut>(listener: L, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Resp> + Send + 'static,
+{
     let handler = Arc::new(handler);
     let mut errors = crate::accept::AcceptErrors::new(listener.describe());
     loop {
@@ -97,7 +106,7 @@ where
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let r = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(r) }
+                async move { Ok::<_, std::convert::Infallible>(r.await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
             {

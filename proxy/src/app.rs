@@ -358,15 +358,17 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
         Source::Cp(inputs) => {
             let dir = crate::work_dir::WorkDir::resolve(args.work_dir.as_deref())?;
             info!(path = %dir.path().display(), "work directory");
+            // Bound now, served once the bootstrap has said which applications to add.
             let socket = crate::metrics_socket::socket_path(dir.path(), &inputs.name, &inputs.mesh);
-            match crate::metrics_socket::bind(&socket) {
-                Ok(l) => {
-                    info!(path = %socket.display(), "metrics socket listening");
-                    tokio::spawn(crate::metrics_socket::serve(l, ctx.stats.clone()));
-                }
-                Err(e) => warn!("{e}; the control plane's Prometheus listener will not reach dp's stats"),
+            let metrics = crate::metrics_socket::bind(&socket)
+                .inspect_err(|e| warn!("{e}; the control plane's Prometheus listener will not reach dp's stats"))
+                .ok();
+            let (mut status, apps) = crate::control::start(&args, dir.path(), inputs, applier).await?;
+            if let Some(l) = metrics {
+                info!(path = %socket.display(), applications = apps.len(), "metrics socket listening");
+                let scraper = crate::metrics_socket::Scraper::new(apps, args.transparent_proxy);
+                tokio::spawn(crate::metrics_socket::serve(l, ctx.stats.clone(), scraper));
             }
-            let mut status = crate::control::start(&args, dir.path(), inputs, applier).await?;
             work_dir = Some(dir);
             // Ready once every subscribed type (secrets included, so TLS routes are not
             // still waiting) has been accepted at least once.

@@ -173,6 +173,9 @@ pub struct Bootstrap {
     pub node: Node,
     /// The control plane asked for Delta xDS (`ads_config.api_type: DELTA_GRPC`).
     pub delta: bool,
+    /// `kumaSidecarConfiguration.metrics.aggregate`: the applications whose metrics the
+    /// metrics socket serves beside the proxy's.
+    pub apps: Vec<crate::metrics_socket::App>,
 }
 
 #[derive(Debug)]
@@ -301,6 +304,7 @@ pub fn parse_response(text: &str) -> Result<Bootstrap, String> {
             ..Default::default()
         },
         delta: api_type == "DELTA_GRPC",
+        apps: crate::metrics_socket::apps(&v["kumaSidecarConfiguration"]["metrics"]["aggregate"]),
     })
 }
 

@@ -29,7 +29,7 @@ pub async fn start(
     work_dir: &std::path::Path,
     inputs: CpInputs,
     applier: Applier,
-) -> anyhow::Result<tokio::sync::watch::Receiver<xds_client::Status>> {
+) -> anyhow::Result<(tokio::sync::watch::Receiver<xds_client::Status>, Vec<crate::metrics_socket::App>)> {
     let ca_pem = match &inputs.trust {
         bootstrap::Trust::Ca(pem) => String::from_utf8_lossy(pem).into_owned(),
         _ => String::new(),
@@ -55,6 +55,7 @@ pub async fn start(
         .await
         .map_err(anyhow::Error::msg)?;
     info!(node = %boot.node.id, delta = boot.delta, "bootstrap received; connecting ADS");
+    let apps = boot.apps;
     let config = xds_client::Config {
         endpoint: inputs.cp.url(),
         ca_pem: match &inputs.trust {
@@ -74,7 +75,7 @@ pub async fn start(
         let Err(e) = xds_client::run(config, AdsHandler::new(applier), tx).await;
         tracing::error!("the xDS client stopped: {e}");
     })?;
-    Ok(rx)
+    Ok((rx, apps))
 }
 
 struct AdsHandler {

@@ -8,13 +8,20 @@
 
 use crate::admin::{Resp, text};
 use crate::stats::Registry;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
 use hyper::StatusCode;
 use hyper::header::CONTENT_TYPE;
+use hyper_util::rt::TokioIo;
 use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpSocket;
 use tokio::net::UnixListener;
+use tracing::warn;
 
 /// Kuma's `MetricsHijackerSocketName`: the joined path cut to 98 bytes (so that it fits a
 /// socket address on every platform), then `.sock`. The control plane computes the same
@@ -40,17 +47,140 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     UnixListener::bind(path).map_err(|e| format!("cannot bind the metrics socket {p}: {e}"))
 }
 
-/// The answer to any request: every stat, in Prometheus' text format (what kuma-dp relays
-/// from Envoy's `/stats?format=prometheus`).
-pub fn respond(stats: &Registry) -> Resp {
-    let mut r = text(StatusCode::OK, stats.prometheus());
+/// An application whose Prometheus endpoint is served beside the proxy's stats (Kuma's
+/// `aggregate` entries of a Prometheus metrics backend).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub path: String,
+}
+
+/// The `kumaSidecarConfiguration.metrics.aggregate` list of a bootstrap response; entries
+/// without a usable port are skipped.
+pub fn apps(v: &serde_json::Value) -> Vec<App> {
+    let Some(list) = v.as_array() else { return vec![] };
+    list.iter()
+        .filter_map(|a| {
+            let port = u16::try_from(a["port"].as_u64()?).ok().filter(|p| *p > 0)?;
+            let path = a["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/metrics");
+            Some(App {
+                name: a["name"].as_str().unwrap_or_default().to_string(),
+                address: a["address"].as_str().filter(|a| !a.is_empty()).unwrap_or("127.0.0.1").to_string(),
+                port,
+                path: if path.starts_with('/') { path.to_string() } else { format!("/{path}") },
+            })
+        })
+        .collect()
+}
+
+/// How long an application may take to answer when the scrape does not say
+/// (`X-Prometheus-Scrape-Timeout-Seconds`).
+const APP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of an application's answer that is kept.
+const APP_MAX_BYTES: usize = 16 << 20;
+
+/// Scrapes the applications, as kuma-dp does: from 127.0.0.6 (or ::6) with transparent
+/// proxying, so that the redirect rules let the request through to the application.
+pub struct Scraper {
+    apps: Vec<App>,
+    transparent: bool,
+}
+
+impl Scraper {
+    pub fn new(apps: Vec<App>, transparent: bool) -> Self {
+        Scraper { apps, transparent }
+    }
+
+    /// Every application's answer, in order; one that fails is logged and left out (the
+    /// proxy's own stats are still served).
+    async fn scrape(&self, headers: &hyper::HeaderMap) -> Vec<u8> {
+        let timeout = headers
+            .get("x-prometheus-scrape-timeout-seconds")
+            .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(APP_TIMEOUT, Duration::from_secs_f64);
+        let mut out = Vec::new();
+        let fetches = self.apps.iter().map(|app| async move {
+            match tokio::time::timeout(timeout, self.fetch(app, headers)).await {
+                Ok(Ok(body)) => Some(body),
+                Ok(Err(e)) => {
+                    warn!(application = %app.name, address = %app.address, port = app.port, path = %app.path, "cannot scrape: {e}");
+                    None
+                }
+                Err(_) => {
+                    warn!(application = %app.name, port = app.port, "cannot scrape: no answer within {timeout:?}");
+                    None
+                }
+            }
+        });
+        for body in futures_util::future::join_all(fetches).await.into_iter().flatten() {
+            out.extend_from_slice(&body);
+            if !body.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+
+    async fn fetch(&self, app: &App, headers: &hyper::HeaderMap) -> Result<Bytes, String> {
+        let ip: IpAddr = match app.address.parse() {
+            Ok(ip) => ip,
+            Err(_) => tokio::net::lookup_host((app.address.as_str(), app.port))
+                .await
+                .map_err(|e| format!("resolve: {e}"))?
+                .next()
+                .ok_or("resolve: no address")?
+                .ip(),
+        };
+        let target = SocketAddr::new(ip, app.port);
+        let socket = if ip.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
+        if self.transparent {
+            let from: IpAddr =
+                if ip.is_ipv4() { [127, 0, 0, 6].into() } else { "::6".parse().expect("an IPv6 address") };
+            socket.bind(SocketAddr::new(from, 0)).map_err(|e| format!("bind {from}: {e}"))?;
+        }
+        let stream = socket.connect(target).await.map_err(|e| format!("connect {target}: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let mut req = hyper::Request::get(app.path.as_str()).header("host", format!("{}:{}", app.address, app.port));
+        // Prometheus' own headers, as kuma-dp passes them (not accept-encoding: the answers
+        // are concatenated as they come).
+        for h in ["accept", "user-agent", "x-prometheus-scrape-timeout-seconds"] {
+            if let Some(v) = headers.get(h) {
+                req = req.header(h, v);
+            }
+        }
+        let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), APP_MAX_BYTES);
+        Ok(body.collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes())
+    }
+}
+
+/// The answer to any request: every stat of the proxy in Prometheus' text format (what
+/// kuma-dp relays from Envoy's `/stats?format=prometheus`), then each application's.
+async fn respond(stats: &Registry, scraper: &Scraper, headers: &hyper::HeaderMap) -> Resp {
+    let mut body = stats.prometheus().into_bytes();
+    body.extend_from_slice(&scraper.scrape(headers).await);
+    let mut r = text(StatusCode::OK, body);
     r.headers_mut().insert(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("valid header"));
     r
 }
 
 /// Serves the socket until the process exits.
-pub async fn serve(listener: UnixListener, stats: Arc<Registry>) {
-    crate::admin::serve(listener, move |_req| respond(&stats)).await
+pub async fn serve(listener: UnixListener, stats: Arc<Registry>, scraper: Scraper) {
+    let scraper = Arc::new(scraper);
+    crate::admin::serve_with(listener, move |req| {
+        let (stats, scraper) = (stats.clone(), scraper.clone());
+        async move { respond(&stats, &scraper, req.headers()).await }
+    })
+    .await
 }
 
 #[cfg(test)]

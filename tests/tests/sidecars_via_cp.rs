@@ -109,9 +109,13 @@ async fn a_request_goes_sidecar_to_sidecar_and_through_the_ingress_over_mtls() {
 async fn a_mesh_prometheus_backend_exposes_each_sidecars_stats_on_its_metrics_port() {
     let cp = Cp::start("zone-1");
     let metrics_port = free_port();
+    // The application's own metrics, which the proxy serves after its stats.
+    let app_metrics = e2e::http::HttpBackend::start("app_requests_total 7").await;
     cp.apply(&format!(
         "{MESH}metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n    conf:\n      \
-         port: {metrics_port}\n      path: /metrics\n"
+         port: {metrics_port}\n      path: /metrics\n      aggregate:\n      - name: app\n        address: 127.0.0.1\n        \
+         port: {}\n        path: /app/metrics\n",
+        app_metrics.addr.port()
     ));
     let app = Backend::start("app").await;
     let inbound = free_port();
@@ -126,8 +130,12 @@ async fn a_mesh_prometheus_backend_exposes_each_sidecars_stats_on_its_metrics_po
     // Prometheus beside the proxy (from its own address) scrapes in plain text: the route
     // leads through the metrics socket to the proxy's stats, this very connection counted.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
-    let got = e2e::http::get(addr, "127.0.0.1", "/metrics", &[]).await;
+    let got = e2e::http::get(addr, "127.0.0.1", "/metrics", &[("x-prometheus-scrape-timeout-seconds", "5")]).await;
     assert_eq!(got.status, 200, "{}", got.body);
+    assert!(got.body.lines().any(|l| l == "app_requests_total 7"), "no application metrics in:\n{}", got.body);
+    let seen = app_metrics.last();
+    assert_eq!(seen.path, "/app/metrics");
+    assert_eq!(seen.headers.get("x-prometheus-scrape-timeout-seconds").map(String::as_str), Some("5"));
     let own = format!("envoy_listener_downstream_cx_total{{envoy_listener_address=\"127.0.0.1_{metrics_port}\"}} ");
     let counted = got.body.lines().find_map(|l| l.strip_prefix(own.as_str())).map(|v| v.parse::<u64>().unwrap());
     assert!(counted.is_some_and(|n| n >= 1), "no `{own}<n>` with n >= 1 in:\n{}", got.body);

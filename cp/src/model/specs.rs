@@ -290,7 +290,7 @@ pub struct MetricsBackend {
     pub conf: Option<PrometheusConf>,
 }
 
-/// A Prometheus backend's `conf` (its `tags` and `aggregate` are not interpreted).
+/// A Prometheus backend's `conf` (its `tags` are not interpreted).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PrometheusConf {
@@ -300,6 +300,25 @@ pub struct PrometheusConf {
     pub path: Option<String>,
     #[serde(default, rename = "skipMTLS")]
     pub skip_mtls: Option<bool>,
+    /// Applications whose metrics the proxy serves beside its own.
+    #[serde(default)]
+    pub aggregate: Vec<AggregateConf>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AggregateConf {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub port: u32,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Unset: enabled.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -41,11 +41,7 @@ pub struct MetricsEndpoint {
 /// with what the Dataplane's own `metrics` sets on top; Kuma's defaults (port 5670, path
 /// `/metrics`) for what neither sets.
 pub fn endpoint(mesh: &MeshSpec, dp: &DataplaneSpec) -> Option<MetricsEndpoint> {
-    let m = mesh.metrics.as_ref()?;
-    let backend = m.backends.iter().find(|b| !m.enabled_backend.is_empty() && b.name == m.enabled_backend)?;
-    if backend.backend_type != "prometheus" {
-        return None;
-    }
+    let backend = enabled_backend(mesh)?;
     let own = dp.metrics.as_ref().filter(|b| b.backend_type.is_empty() || b.backend_type == "prometheus");
     let (mesh_conf, own_conf) =
         (backend.conf.clone().unwrap_or_default(), own.and_then(|b| b.conf.clone()).unwrap_or_default());
@@ -54,6 +50,38 @@ pub fn endpoint(mesh: &MeshSpec, dp: &DataplaneSpec) -> Option<MetricsEndpoint> 
         path: own_conf.path.or(mesh_conf.path).filter(|p| !p.is_empty()).unwrap_or_else(|| "/metrics".into()),
         skip_mtls: own_conf.skip_mtls.or(mesh_conf.skip_mtls).unwrap_or(false),
     })
+}
+
+/// The `kumaSidecarConfiguration.metrics.aggregate` list of the bootstrap (Kuma's
+/// `getAggregateMetricsConfig`): the mesh backend's entries, a Dataplane's own replacing
+/// those of the same name; disabled ones left out; the address defaults to the
+/// Dataplane's.
+pub fn aggregate(mesh: &MeshSpec, dp: &DataplaneSpec) -> Vec<serde_json::Value> {
+    let Some(backend) = enabled_backend(mesh) else { return vec![] };
+    let mut by_name: std::collections::BTreeMap<String, crate::model::AggregateConf> = Default::default();
+    let own = dp.metrics.as_ref().and_then(|m| m.conf.as_ref());
+    for a in backend.conf.iter().chain(own).flat_map(|c| c.aggregate.iter()) {
+        by_name.insert(a.name.clone(), a.clone());
+    }
+    let address = dp.networking.as_ref().map(|n| n.address.clone()).unwrap_or_default();
+    by_name
+        .into_values()
+        .filter(|a| a.enabled != Some(false) && a.port > 0)
+        .map(|a| {
+            serde_json::json!({
+                "name": a.name,
+                "address": a.address.filter(|x| !x.is_empty()).unwrap_or_else(|| address.clone()),
+                "port": a.port,
+                "path": a.path.filter(|p| !p.is_empty()).unwrap_or_else(|| "/metrics".into()),
+            })
+        })
+        .collect()
+}
+
+fn enabled_backend(mesh: &MeshSpec) -> Option<&crate::model::MetricsBackend> {
+    let m = mesh.metrics.as_ref()?;
+    let b = m.backends.iter().find(|b| !m.enabled_backend.is_empty() && b.name == m.enabled_backend)?;
+    (b.backend_type == "prometheus").then_some(b)
 }
 
 /// Kuma's `MetricsHijackerSocketName`: `<workdir>/kuma-mh-<name>-<mesh>`, cut to 98 bytes,
@@ -196,6 +224,25 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn aggregated_applications_the_dataplanes_entries_win_and_disabled_ones_go() {
+        let m = mesh(serde_json::json!({"enabledBackend": "prom", "backends": [{"name": "prom", "type": "prometheus",
+            "conf": {"aggregate": [{"name": "app", "port": 8888}, {"name": "old", "port": 7777, "path": "/m"}]}}]}));
+        let dp: DataplaneSpec = serde_json::from_value(serde_json::json!({
+            "networking": {"address": "10.0.0.5"},
+            "metrics": {"type": "prometheus", "conf": {"aggregate": [{"name": "old", "port": 7777, "enabled": false},
+                {"name": "side", "port": 9999, "address": "127.0.0.1", "path": "/stats"}]}}}))
+        .unwrap();
+        assert_eq!(
+            aggregate(&m, &dp),
+            vec![
+                serde_json::json!({"name": "app", "address": "10.0.0.5", "port": 8888, "path": "/metrics"}),
+                serde_json::json!({"name": "side", "address": "127.0.0.1", "port": 9999, "path": "/stats"}),
+            ]
+        );
+        assert!(aggregate(&MeshSpec::default(), &dp).is_empty());
     }
 
     #[test]
