@@ -125,7 +125,9 @@ impl Admin {
                 Readiness::NotReady => text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n"),
                 Readiness::Terminating => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n"),
             },
-            (&Method::GET, "/stats/prometheus") => text(StatusCode::OK, self.ctx.stats.prometheus()),
+            (&Method::GET, "/stats/prometheus") => {
+                text(StatusCode::OK, prometheus(&self.ctx.stats, crate::stats::text::asks_used_only(query)))
+            }
             (&Method::GET, "/stats") => self.stats(query),
             (&Method::GET, "/config_dump") => json(&self.ctx.routes.load().resources.to_json()),
             (&Method::GET, "/clusters") => text(StatusCode::OK, self.clusters()),
@@ -144,7 +146,7 @@ impl Admin {
             }
             (&Method::GET, "/") => text(
                 StatusCode::OK,
-                "GET /ready\nGET /stats[?filter=REGEX&usedonly&type=T&format=json|prometheus]\nGET /stats/prometheus\nGET /config_dump\nGET /clusters\nGET /listeners[?format=json]\n\
+                "GET /ready\nGET /stats[?filter=REGEX&usedonly&type=T&format=json|prometheus]\nGET /stats/prometheus[?usedonly]\nGET /config_dump\nGET /clusters\nGET /listeners[?format=json]\n\
                  POST /logging?level=L\nPOST /quitquitquit\n",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found; GET / lists the admin paths\n"),
@@ -155,7 +157,7 @@ impl Admin {
     fn stats(&self, query: &str) -> Resp {
         match Query::parse(query) {
             Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-            Ok(q) if q.format == Format::Prometheus => text(StatusCode::OK, self.ctx.stats.prometheus()),
+            Ok(q) if q.format == Format::Prometheus => text(StatusCode::OK, prometheus(&self.ctx.stats, q.used_only())),
             Ok(q) => {
                 let mut r = text(StatusCode::OK, q.render(&self.ctx.stats.envoy_stats()));
                 if q.format == Format::Json {
@@ -212,6 +214,12 @@ impl Admin {
         }
         text(StatusCode::OK, out)
     }
+}
+
+/// Every stat in Prometheus' text format; with `usedonly`, only those in use.
+pub fn prometheus(stats: &crate::stats::Registry, used_only: bool) -> String {
+    let all = stats.prometheus();
+    if used_only { crate::stats::text::prometheus_used_only(&all) } else { all }
 }
 
 /// kuma-dp's readiness reporter: only `/ready`, `READY` / `NOT_READY` / `TERMINATING`.

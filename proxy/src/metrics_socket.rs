@@ -165,9 +165,11 @@ impl Scraper {
 
 /// The answer to any request: every stat of the proxy in Prometheus' text format (what
 /// kuma-dp relays from Envoy's `/stats?format=prometheus`), then each application's.
-async fn respond(stats: &Registry, scraper: &Scraper, headers: &hyper::HeaderMap) -> Resp {
-    let mut body = stats.prometheus().into_bytes();
-    body.extend_from_slice(&scraper.scrape(headers).await);
+/// A scrape's `usedonly` (as kuma-dp passes the query to Envoy) leaves out unused stats.
+async fn respond(stats: &Registry, scraper: &Scraper, req: &hyper::Request<hyper::body::Incoming>) -> Resp {
+    let used_only = req.uri().query().is_some_and(crate::stats::text::asks_used_only);
+    let mut body = crate::admin::prometheus(stats, used_only).into_bytes();
+    body.extend_from_slice(&scraper.scrape(req.headers()).await);
     let mut r = text(StatusCode::OK, body);
     r.headers_mut().insert(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("valid header"));
     r
@@ -178,7 +180,7 @@ pub async fn serve(listener: UnixListener, stats: Arc<Registry>, scraper: Scrape
     let scraper = Arc::new(scraper);
     crate::admin::serve_with(listener, move |req| {
         let (stats, scraper) = (stats.clone(), scraper.clone());
-        async move { respond(&stats, &scraper, req.headers()).await }
+        async move { respond(&stats, &scraper, &req).await }
     })
     .await
 }

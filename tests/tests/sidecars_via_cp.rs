@@ -139,6 +139,13 @@ async fn a_mesh_prometheus_backend_exposes_each_sidecars_stats_on_its_metrics_po
     let own = format!("envoy_listener_downstream_cx_total{{envoy_listener_address=\"127.0.0.1_{metrics_port}\"}} ");
     let counted = got.body.lines().find_map(|l| l.strip_prefix(own.as_str())).map(|v| v.parse::<u64>().unwrap());
     assert!(counted.is_some_and(|n| n >= 1), "no `{own}<n>` with n >= 1 in:\n{}", got.body);
+    // `usedonly` (kuma-dp passes a scrape's query on) leaves out the stats at zero.
+    // (A stat that stays at zero: no connection to the app fails here.)
+    let zero = got.body.lines().find(|l| l.starts_with("envoy_cluster_upstream_cx_connect_fail{") && l.ends_with(" 0"));
+    let zero = zero.unwrap_or_else(|| panic!("no cluster's connect_fail at 0 in:\n{}", got.body));
+    let used = e2e::http::get(addr, "127.0.0.1", "/metrics?usedonly", &[]).await;
+    assert_eq!(used.status, 200, "{}", used.body);
+    assert!(used.body.contains(&own) && !used.body.lines().any(|l| l == zero), "`{zero}` kept:\n{}", used.body);
 
     // Anyone else must bring a mesh certificate (the backend does not skip mTLS): plain text
     // from another address gets no metrics.

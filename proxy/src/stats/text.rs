@@ -90,6 +90,10 @@ impl Query {
         Ok(q)
     }
 
+    pub fn used_only(&self) -> bool {
+        self.used_only
+    }
+
     /// `usedonly` keeps what is not zero: dp does not track whether a stat was ever
     /// written, which is Envoy's test (a gauge back at 0 is "used" there).
     fn wants(&self, s: &Stat) -> bool {
@@ -277,6 +281,79 @@ impl Registry {
     }
 }
 
+/// Whether a query string asks for `usedonly` (with or without a value, as Envoy takes it).
+pub fn asks_used_only(query: &str) -> bool {
+    query.split('&').any(|kv| kv == "usedonly" || kv.starts_with("usedonly="))
+}
+
+/// `usedonly` on the Prometheus text (`/stats/prometheus?usedonly`, and what kuma-dp asks
+/// for a MeshMetric that leaves out unused stats): samples at zero go, a histogram's
+/// series go when its count is zero, and a family left with no sample loses its `# TYPE`.
+pub fn prometheus_used_only(text: &str) -> String {
+    // The family each line belongs to comes from the `# TYPE` line before it.
+    let typed = |line: &str| -> Option<(String, bool)> {
+        let mut parts = line.strip_prefix("# TYPE ")?.split(' ');
+        Some((parts.next()?.to_string(), parts.next() == Some("histogram")))
+    };
+    let labels_without_le = |labels: &str| -> String {
+        let Some(at) = labels.find("le=\"") else { return labels.to_string() };
+        let end = labels[at + 4..].find('"').map_or(labels.len(), |e| at + 4 + e + 1);
+        let (head, tail) = (&labels[..at], &labels[end..]);
+        // One comma stays between the labels around `le`, none next to a brace.
+        let joined = match (head.strip_suffix(','), tail.strip_prefix(',')) {
+            (Some(h), _) => format!("{h}{tail}"),
+            (None, Some(t)) => format!("{head}{t}"),
+            (None, None) => format!("{head}{tail}"),
+        };
+        // A histogram without other labels: its `_count` line has no braces.
+        if joined == "{}" { String::new() } else { joined }
+    };
+    let split = |line: &str| -> Option<(String, String, String)> {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (name, labels) = match series.find('{') {
+            Some(b) => (&series[..b], &series[b..]),
+            None => (series, ""),
+        };
+        Some((name.to_string(), labels.to_string(), value.to_string()))
+    };
+    let mut used_series = std::collections::HashSet::new();
+    let mut family: Option<(String, bool)> = None;
+    for line in text.lines() {
+        if let Some(f) = typed(line) {
+            family = Some(f);
+        } else if let (Some((f, true)), Some((name, labels, value))) = (&family, split(line))
+            && name == format!("{f}_count")
+            && value != "0"
+        {
+            used_series.insert((f.clone(), labels));
+        }
+    }
+    let mut out = String::with_capacity(text.len() / 2);
+    let mut pending: Option<&str> = None;
+    let mut family: Option<(String, bool)> = None;
+    for line in text.lines() {
+        if let Some(f) = typed(line) {
+            pending = Some(line);
+            family = Some(f);
+            continue;
+        }
+        let keep = match (&family, split(line)) {
+            (Some((f, true)), Some((_, labels, _))) => used_series.contains(&(f.clone(), labels_without_le(&labels))),
+            (_, Some((_, _, value))) => value != "0",
+            (_, None) => true,
+        };
+        if keep {
+            if let Some(t) = pending.take() {
+                out.push_str(t);
+                out.push('\n');
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,5 +423,25 @@ mod tests {
 
         assert_eq!(Query::parse("filter=(").unwrap_err(), "invalid regex in filter=(: unclosed group");
         assert!(Query::parse("type=Bogus").unwrap_err().contains("invalid type=Bogus"));
+    }
+
+    #[test]
+    fn prometheus_used_only_drops_zeros_unused_histograms_and_empty_families() {
+        let text = "# TYPE envoy_a counter\nenvoy_a{x=\"1\"} 0\nenvoy_a{x=\"2\"} 3\n\
+                    # TYPE envoy_b gauge\nenvoy_b 0\n\
+                    # TYPE envoy_h histogram\n\
+                    envoy_h_bucket{c=\"used\",le=\"1\"} 0\nenvoy_h_bucket{c=\"used\",le=\"+Inf\"} 2\n\
+                    envoy_h_sum{c=\"used\"} 0.5\nenvoy_h_count{c=\"used\"} 2\n\
+                    envoy_h_bucket{c=\"idle\",le=\"1\"} 0\nenvoy_h_bucket{c=\"idle\",le=\"+Inf\"} 0\n\
+                    envoy_h_sum{c=\"idle\"} 0\nenvoy_h_count{c=\"idle\"} 0\n\
+                    # TYPE envoy_u histogram\nenvoy_u_bucket{le=\"+Inf\"} 1\nenvoy_u_sum 2\nenvoy_u_count 1\n";
+        assert_eq!(
+            prometheus_used_only(text),
+            "# TYPE envoy_a counter\nenvoy_a{x=\"2\"} 3\n\
+             # TYPE envoy_h histogram\n\
+             envoy_h_bucket{c=\"used\",le=\"1\"} 0\nenvoy_h_bucket{c=\"used\",le=\"+Inf\"} 2\n\
+             envoy_h_sum{c=\"used\"} 0.5\nenvoy_h_count{c=\"used\"} 2\n\
+             # TYPE envoy_u histogram\nenvoy_u_bucket{le=\"+Inf\"} 1\nenvoy_u_sum 2\nenvoy_u_count 1\n"
+        );
     }
 }
