@@ -151,7 +151,11 @@ impl Groups {
     /// (or the chains with none), then its port (or the chains with none).
     fn pick(&self, slot: usize, source: SocketAddr) -> Option<usize> {
         if slot & GROUP == 0 {
-            // A chain alone in its slot still holds to its own sources.
+            // A chain alone in its slot still holds to its own sources (most listeners
+            // have none: no lookup then).
+            if self.sources.is_empty() {
+                return Some(slot);
+            }
             let Some(s) = self.sources.get(&slot) else { return Some(slot) };
             let ip_ok = s.ranges.is_empty() || s.longest(source.ip()).is_some();
             let port_ok = s.ports.is_empty() || s.ports.contains(&u32::from(source.port()));
