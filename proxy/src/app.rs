@@ -175,6 +175,7 @@ impl Applier {
             listeners: current.listeners.clone(),
             dns: current.dns.clone(),
             embedded_dns: current.embedded_dns.clone(),
+            mesh_metric: current.mesh_metric.clone(),
             clusters: current.clusters.clone(),
             eds_clusters: current.eds_clusters.clone(),
             unbound: current.unbound.clone(),
@@ -367,7 +368,7 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
             if let Some(l) = metrics {
                 info!(path = %socket.display(), applications = apps.len(), "metrics socket listening");
                 let scraper = crate::metrics_socket::Scraper::new(apps, args.transparent_proxy);
-                tokio::spawn(crate::metrics_socket::serve(l, ctx.stats.clone(), scraper));
+                tokio::spawn(crate::metrics_socket::serve(l, ctx.clone(), scraper));
             }
             work_dir = Some(dir);
             // Ready once every subscribed type (secrets included, so TLS routes are not

@@ -7,7 +7,7 @@
 //! that listener fails (there is nothing to connect to).
 
 use crate::admin::{Resp, text};
-use crate::stats::Registry;
+use crate::conn::Ctx;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::StatusCode;
@@ -93,16 +93,16 @@ impl Scraper {
         Scraper { apps, transparent }
     }
 
-    /// Every application's answer, in order; one that fails is logged and left out (the
+    /// Every application's answer (the bootstrap's, then `more`), in order; one that fails is logged and left out (the
     /// proxy's own stats are still served).
-    async fn scrape(&self, headers: &hyper::HeaderMap) -> Vec<u8> {
+    async fn scrape(&self, more: &[App], headers: &hyper::HeaderMap) -> Vec<u8> {
         let timeout = headers
             .get("x-prometheus-scrape-timeout-seconds")
             .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s > 0.0)
             .map_or(APP_TIMEOUT, Duration::from_secs_f64);
         let mut out = Vec::new();
-        let fetches = self.apps.iter().map(|app| async move {
+        let fetches = self.apps.iter().chain(more).map(|app| async move {
             match tokio::time::timeout(timeout, self.fetch(app, headers)).await {
                 Ok(Ok(body)) => Some(body),
                 Ok(Err(e)) => {
@@ -165,22 +165,67 @@ impl Scraper {
 
 /// The answer to any request: every stat of the proxy in Prometheus' text format (what
 /// kuma-dp relays from Envoy's `/stats?format=prometheus`), then each application's.
-/// A scrape's `usedonly` (as kuma-dp passes the query to Envoy) leaves out unused stats.
-async fn respond(stats: &Registry, scraper: &Scraper, req: &hyper::Request<hyper::body::Incoming>) -> Resp {
-    let used_only = req.uri().query().is_some_and(crate::stats::text::asks_used_only);
-    let mut body = crate::admin::prometheus(stats, used_only).into_bytes();
-    body.extend_from_slice(&scraper.scrape(req.headers()).await);
+/// The answer to any request: every stat of the proxy in Prometheus' text format (what
+/// kuma-dp relays from Envoy's `/stats?format=prometheus`), then each application's.
+/// A scrape's `usedonly` (kuma-dp passes the query on to Envoy) leaves out the unused
+/// stats, and so does a MeshMetric policy unless it includes them; its extra labels go on
+/// every sample.
+async fn respond(ctx: &Ctx, scraper: &Scraper, req: &hyper::Request<hyper::body::Incoming>) -> Resp {
+    let policy = ctx.routes.load().mesh_metric.clone();
+    let asked = req.uri().query().is_some_and(crate::stats::text::asks_used_only);
+    let used_only = asked || policy.as_ref().is_some_and(|m| !m.include_unused);
+    let mut body = crate::admin::prometheus(&ctx.stats, used_only).into_bytes();
+    let policy_apps = policy.as_ref().map_or(&[][..], |m| &m.apps[..]);
+    body.extend_from_slice(&scraper.scrape(policy_apps, req.headers()).await);
+    if let Some(m) = policy.as_ref().filter(|m| !m.extra_labels.is_empty()) {
+        body = with_labels(&String::from_utf8_lossy(&body), &m.extra_labels).into_bytes();
+    }
     let mut r = text(StatusCode::OK, body);
     r.headers_mut().insert(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("valid header"));
     r
 }
 
+/// Every sample of a Prometheus text with `labels` added (after its own, which win: a
+/// label the sample has already is not added twice).
+pub fn with_labels(text: &str, labels: &[(String, String)]) -> String {
+    let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut out = String::with_capacity(text.len() + text.len() / 4);
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let (name, rest) = line.split_at(name_end);
+        let (own, after) = match rest.strip_prefix('{') {
+            Some(r) => match r.find('}') {
+                Some(close) => (&r[..close], &r[close + 1..]),
+                None => ("", rest),
+            },
+            None => ("", rest),
+        };
+        let has = |k: &str| own.split(',').any(|kv| kv.trim().split('=').next() == Some(k));
+        let added: Vec<String> =
+            labels.iter().filter(|(k, _)| !has(k)).map(|(k, v)| format!("{k}=\"{}\"", esc(v))).collect();
+        let all: Vec<&str> =
+            std::iter::once(own).filter(|o| !o.is_empty()).chain(added.iter().map(String::as_str)).collect();
+        if all.is_empty() {
+            out.push_str(line);
+        } else {
+            out.push_str(&format!("{name}{{{}}}{after}", all.join(",")));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Serves the socket until the process exits.
-pub async fn serve(listener: UnixListener, stats: Arc<Registry>, scraper: Scraper) {
+pub async fn serve(listener: UnixListener, ctx: Arc<Ctx>, scraper: Scraper) {
     let scraper = Arc::new(scraper);
     crate::admin::serve_with(listener, move |req| {
-        let (stats, scraper) = (stats.clone(), scraper.clone());
-        async move { respond(&stats, &scraper, &req).await }
+        let (ctx, scraper) = (ctx.clone(), scraper.clone());
+        async move { respond(&ctx, &scraper, &req).await }
     })
     .await
 }
@@ -213,5 +258,16 @@ mod tests {
         // The file is still there; nothing answers on it.
         assert!(path.exists());
         let _again = bind(&path).unwrap();
+    }
+
+    #[test]
+    fn extra_labels_go_on_every_sample_after_its_own() {
+        let labels = vec![("team".to_string(), "a\"b".to_string()), ("x".to_string(), "1".to_string())];
+        let text = "# TYPE m counter\nm 3\nm{x=\"own\",y=\"2\"} 4 1700000000\n\nn{} 1\n";
+        assert_eq!(
+            with_labels(text, &labels),
+            "# TYPE m counter\nm{team=\"a\\\"b\",x=\"1\"} 3\nm{x=\"own\",y=\"2\",team=\"a\\\"b\"} 4 1700000000\n\n\
+             n{team=\"a\\\"b\",x=\"1\"} 1\n"
+        );
     }
 }

@@ -162,6 +162,39 @@ async fn a_mesh_prometheus_backend_exposes_each_sidecars_stats_on_its_metrics_po
     assert!(!answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshmetric_policy_exposes_the_sidecars_used_stats_and_its_applications_metrics() {
+    let cp = Cp::start("zone-1");
+    cp.apply(MESH);
+    let (metrics_port, app) = (free_port(), Backend::start("app").await);
+    let app_metrics = e2e::http::HttpBackend::start("app_orders_total 12").await;
+    cp.apply(&format!(
+        "type: MeshMetric\nname: metrics\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  default:\n    \
+         applications:\n    - port: {}\n      path: /app/metrics\n    backends:\n    - type: Prometheus\n      \
+         prometheus:\n        port: {metrics_port}\n        path: /metrics\n        clientId: main\n",
+        app_metrics.addr.port()
+    ));
+    let inbound = free_port();
+    let backend_dp = format!(
+        "type: Dataplane\nmesh: default\nname: backend-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+         - port: {inbound}\n    servicePort: {}\n    tags:\n      kuma.io/service: backend\n",
+        app.addr.port()
+    );
+    let token = cp.ctl(&["generate", "dataplane-token", "--name", "backend-1", "-m", "default"]);
+    let _server = dp(&cp, "dataplane", &token, &backend_dp, free_port());
+
+    // The policy's Prometheus listener leads to the metrics socket: the proxy's stats in
+    // use only (the policy does not include unused ones), then the application's.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let got = e2e::http::get(addr, "127.0.0.1", "/metrics", &[]).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert!(got.body.lines().any(|l| l == "app_orders_total 12"), "no application metrics in:\n{}", got.body);
+    assert_eq!(app_metrics.last().path, "/app/metrics");
+    assert!(got.body.contains("envoy_listener_downstream_cx_total{"), "no proxy stats in:\n{}", got.body);
+    let zero = got.body.lines().find(|l| l.starts_with("envoy_") && l.ends_with(" 0"));
+    assert_eq!(zero, None, "an unused stat is served");
+}
+
 /// `GET /metrics` on a Unix socket, as the Prometheus listener's cluster sends it: the
 /// whole response.
 async fn scrape(socket: &std::path::Path) -> String {

@@ -5,6 +5,7 @@ pub mod delta;
 pub mod dynconf;
 pub mod egress;
 pub mod generate;
+pub mod meshmetric;
 pub mod prometheus;
 pub mod resilience;
 pub mod sidecar;
@@ -392,6 +393,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let circuit_breakers = cp.store.list(ResourceType::MeshCircuitBreaker, Some(&id.mesh)).await.map_err(internal)?;
     let retries = cp.store.list(ResourceType::MeshRetry, Some(&id.mesh)).await.map_err(internal)?;
     let health_checks = cp.store.list(ResourceType::MeshHealthCheck, Some(&id.mesh)).await.map_err(internal)?;
+    let mesh_metrics = cp.store.list(ResourceType::MeshMetric, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -412,6 +414,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         retries: &retries,
         health_checks: &health_checks,
         metrics,
+        mesh_metric: meshmetric::merged(&mesh_metrics),
     });
     snap.refresh_at = refresh_at;
     Ok(snap)

@@ -164,7 +164,7 @@ fn chain(ep: &MetricsEndpoint) -> FilterChain {
 
 /// The listener on `address:<port>`. With `mtls_mesh` (and no `skipMTLS`): a plain-text
 /// chain for the proxy's own address (Prometheus beside it), then the mesh's mTLS.
-pub fn listener(address: &str, ep: &MetricsEndpoint, mtls_mesh: Option<&str>) -> Listener {
+pub fn listener(name: &str, address: &str, ep: &MetricsEndpoint, mtls_mesh: Option<&str>) -> Listener {
     let filter_chains = match mtls_mesh.filter(|_| !ep.skip_mtls) {
         None => vec![chain(ep)],
         Some(mesh) => {
@@ -181,7 +181,7 @@ pub fn listener(address: &str, ep: &MetricsEndpoint, mtls_mesh: Option<&str>) ->
         }
     };
     Listener {
-        name: LISTENER.into(),
+        name: name.into(),
         address: Some(socket_address(address, ep.port)),
         filter_chains,
         traffic_direction: TrafficDirection::Inbound as i32,

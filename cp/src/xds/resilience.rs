@@ -56,7 +56,7 @@ pub fn merged_conf(policies: &[Resource], service: &str) -> Option<Map<String, V
 }
 
 /// Deep merge: objects field by field, anything else replaced.
-fn merge(into: &mut Map<String, Value>, from: &Map<String, Value>) {
+pub(crate) fn merge(into: &mut Map<String, Value>, from: &Map<String, Value>) {
     for (k, v) in from {
         match (into.get_mut(k), v) {
             (Some(Value::Object(a)), Value::Object(b)) => merge(a, b),

@@ -101,6 +101,8 @@ pub struct SidecarInputs<'a> {
     pub health_checks: &'a [Resource],
     /// The mesh's (or the Dataplane's) Prometheus metrics backend.
     pub metrics: Option<super::prometheus::MetricsEndpoint>,
+    /// The merged MeshMetric policies of the mesh.
+    pub mesh_metric: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -309,17 +311,32 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         let tags = inb.tags.clone();
         push(&mut listeners, &name, l, &format!("{tags:?}"), |l| l.metadata = tags_metadata(&tags));
     }
-    // Kuma leaves the endpoint out rather than shadow an inbound on the same address.
-    if let Some(ep) = &inputs.metrics
-        && !net.inbound.iter().any(|i| {
+    // Metrics endpoints: the mesh's Prometheus backend, and MeshMetric's. Kuma leaves an
+    // endpoint out rather than shadow an inbound on the same address.
+    let shadows = |ep: &super::prometheus::MetricsEndpoint| {
+        net.inbound.iter().any(|i| {
             i.port == i64::from(ep.port)
                 && i.address.as_deref().filter(|a| !a.is_empty()).is_none_or(|a| a == net.address)
         })
-    {
-        use super::prometheus;
-        let l = prometheus::listener(&net.address, ep, mtls.then_some(mesh));
-        push(&mut listeners, prometheus::LISTENER, l, "", |_| {});
-        push(&mut clusters, prometheus::CLUSTER, prometheus::cluster(inputs.workdir, &dp.name, mesh), "", |_| {});
+    };
+    let mut endpoints = vec![];
+    if let Some(ep) = inputs.metrics.as_ref().filter(|ep| !shadows(ep)) {
+        endpoints.push((super::prometheus::LISTENER.to_string(), ep.clone(), mtls.then_some(mesh)));
+    }
+    let mut dynconf_routes: Vec<(&str, &str, Vec<u8>)> = vec![];
+    if let Some(conf) = &inputs.mesh_metric {
+        dynconf_routes.push(("meshmetric", "/meshmetric", super::meshmetric::body(conf)));
+        for (name, ep) in super::meshmetric::prometheus_backends(conf).into_iter().filter(|(_, ep)| !shadows(ep)) {
+            endpoints.push((name, ep, None));
+        }
+    }
+    for (name, ep, mtls_mesh) in &endpoints {
+        let l = super::prometheus::listener(name, &net.address, ep, *mtls_mesh);
+        push(&mut listeners, name, l, "", |_| {});
+    }
+    if !endpoints.is_empty() {
+        use super::prometheus::{CLUSTER, cluster};
+        push(&mut clusters, CLUSTER, cluster(inputs.workdir, &dp.name, mesh), "", |_| {});
     }
     for (name, (ip, port)) in &local_clusters {
         let c = Cluster {
@@ -496,12 +513,16 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
         if inputs.features.contains(dynconf::FEATURE_EMBEDDED_DNS) {
             // The proxy runs its own DNS server and reads the records from here.
-            let l = dynconf::listener(inputs.workdir, &[("dns", "/dns", dynconf::dns_body(&records))]);
-            push(&mut listeners, dynconf::LISTENER, l, "", |_| {});
+            dynconf_routes.push(("dns", "/dns", dynconf::dns_body(&records)));
         } else {
             let l = dns_listener(inputs.dns_port, reuse_port, &records);
             push(&mut listeners, DNS_LISTENER, l, "", |_| {});
         }
+    }
+
+    if !dynconf_routes.is_empty() {
+        let l = dynconf::listener(inputs.workdir, &dynconf_routes);
+        push(&mut listeners, dynconf::LISTENER, l, "", |_| {});
     }
 
     let mut snap = ProxySnapshot::default();

@@ -129,11 +129,14 @@ pub fn build_with(
             return Err(format!("listener `{}` is defined twice", l.name));
         }
     }
-    let mut embedded_dns = None;
+    let (mut embedded_dns, mut mesh_metric) = (None, None);
     for l in resources.listeners.iter().filter(|l| super::dynconf::is_dynconf(l)) {
         let l = l.to_listener().map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if let Some(t) = super::dynconf::dns_table(&l).map_err(|e| format!("listener `{}`: {e}", l.name))? {
             embedded_dns = Some(Arc::new(t));
+        }
+        if let Some(m) = super::dynconf::mesh_metric(&l).map_err(|e| format!("listener `{}`: {e}", l.name))? {
+            mesh_metric = Some(Arc::new(m));
         }
     }
     for l in resources.listeners.iter().filter(|l| !super::dns::is_udp(l) && !super::dynconf::is_dynconf(l)) {
@@ -164,6 +167,7 @@ pub fn build_with(
         listeners: Arc::new(listeners),
         dns,
         embedded_dns,
+        mesh_metric,
         clusters: Arc::new(clusters),
         eds_clusters: Arc::new(eds_clusters),
         unbound,

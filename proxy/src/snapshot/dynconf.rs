@@ -3,8 +3,8 @@
 //! kuma-dp polls it for the embedded DNS proxy's records (`GET /dns`); `dp` is the proxy
 //! itself, so it reads the bodies straight from the resource instead of serving the pipe.
 //!
-//! Only the `/dns` body is used today; `/meshmetric` and `/otel` are accepted and kept in
-//! the config dump.
+//! `/dns` feeds the embedded DNS proxy and `/meshmetric` (a MeshMetric policy) the metrics
+//! socket; `/otel` is accepted and kept in the config dump.
 
 use envoy_types::pb::envoy::config::core::v3::data_source;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
@@ -61,6 +61,39 @@ pub fn dns_table(l: &Listener) -> Result<Option<dns::Table>, String> {
     }
     let ttl = Duration::from_secs(u64::from(cfg.ttl));
     Ok(Some(dns::Table::new(&[MESH_DOMAIN.to_string()], records, ttl)))
+}
+
+/// The path of a MeshMetric policy's config (`meshmetric/dpapi.PATH`).
+const MESH_METRIC_PATH: &str = "/meshmetric";
+
+/// What kuma-dp takes from a MeshMetric policy for its metrics socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshMetric {
+    /// Applications whose metrics follow the proxy's.
+    pub apps: Vec<crate::metrics_socket::App>,
+    /// `sidecar.includeUnused` (default false: only the stats in use, as `usedonly`).
+    pub include_unused: bool,
+    /// Labels added to every sample.
+    pub extra_labels: Vec<(String, String)>,
+}
+
+/// The MeshMetric config of a dynamic-config listener; `None` when it has no
+/// `/meshmetric` route. Its `backends` and `sidecar.profiles` are not interpreted: the
+/// Prometheus backends are the listeners the control plane generates, and every stat
+/// passes the profiles.
+pub fn mesh_metric(l: &Listener) -> Result<Option<MeshMetric>, String> {
+    let Some(body) = body(l, MESH_METRIC_PATH)? else { return Ok(None) };
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("{MESH_METRIC_PATH} body: {e}"))?;
+    let m = &v["observability"]["metrics"];
+    let extra_labels = m["extraLabels"]
+        .as_object()
+        .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Ok(Some(MeshMetric {
+        apps: crate::metrics_socket::apps(&m["applications"]),
+        include_unused: m["sidecar"]["includeUnused"].as_bool().unwrap_or(false),
+        extra_labels,
+    }))
 }
 
 /// The inline body the listener answers `GET <path>` with (status 200, no header match).

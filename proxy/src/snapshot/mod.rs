@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub dns: HashMap<String, Arc<dns::DnsListenerCfg>>,
     /// Records for the embedded DNS proxy, from the dynamic-config listener's `/dns`.
     pub embedded_dns: Option<Arc<::dns::Table>>,
+    /// A MeshMetric policy's config, from the dynamic-config listener's `/meshmetric`.
+    pub mesh_metric: Option<Arc<dynconf::MeshMetric>>,
     /// Shared between snapshots that differ only in endpoints.
     pub clusters: Arc<HashMap<String, Arc<ClusterCfg>>>,
     /// The EDS clusters by the assignment they take (usually one each), so that an
