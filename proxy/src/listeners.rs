@@ -62,7 +62,8 @@ impl Listeners {
             // A listener that moves releases its old address only after commit, so a
             // move onto an address another listener releases in the same version
             // fails; Envoy has the same restriction.
-            let std = bind(cfg.address).map_err(|e| format!("listener `{name}`: cannot bind {}: {e}", cfg.address))?;
+            let std = bind(cfg.address, cfg.ipv4_compat)
+                .map_err(|e| format!("listener `{name}`: cannot bind {}: {e}", cfg.address))?;
             new.push((name.clone(), cfg.address, std));
         }
         let removed = self
@@ -198,7 +199,7 @@ pub fn bind_dns(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, TcpLi
     for _ in 0..8 {
         let udp = std::net::UdpSocket::bind(addr)?;
         udp.set_nonblocking(true)?;
-        match bind(udp.local_addr()?) {
+        match bind(udp.local_addr()?, false) {
             Ok(tcp) => return Ok((udp, tcp)),
             // Port 0: the TCP side of the port UDP got may be taken; try another.
             Err(e) if addr.port() == 0 => last = Some(e),
@@ -208,8 +209,14 @@ pub fn bind_dns(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, TcpLi
     Err(last.unwrap_or_else(|| std::io::Error::other("no free port")))
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds `addr`. An IPv6 socket takes IPv6 only, as Envoy's does unless the address says
+/// `ipv4_compat` (`dual_stack`): Kuma binds `0.0.0.0:15001` and `[::]:15001` side by side
+/// for transparent proxying, and a dual-stack `[::]` would take the IPv4 port too.
+fn bind(addr: SocketAddr, dual_stack: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    if addr.is_ipv6() {
+        socket2::SockRef::from(&socket).set_only_v6(!dual_stack)?;
+    }
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)

@@ -474,3 +474,34 @@ async fn the_destination_address_picks_the_filter_chain() {
         assert_eq!(read_line(&mut c).await.as_deref(), Some(want), "to {dest}");
     }
 }
+
+/// Kuma's transparent proxying binds `0.0.0.0:15001` and `[::]:15001` side by side: the
+/// IPv6 listener takes IPv6 only (as Envoy's, unless `ipv4_compat`), so both bind and
+/// each family reaches its own chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_and_ipv6_listeners_share_a_port() {
+    let (four, six) = (Backend::start("four").await, Backend::start("six").await);
+    let port = e2e::mesh::free_port();
+    let on = |name: &str, ip: &str, cluster: &str| {
+        json!({
+            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "name": name,
+            "address": {"socketAddress": {"address": ip, "portValue": port}},
+            "filterChains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "cluster": cluster, "statPrefix": cluster}}]}]
+        })
+    };
+    let file = e2e::xds::write_file(vec![
+        static_cluster("four", &[four.addr]),
+        static_cluster("six", &[six.addr]),
+        on("passthrough_ipv4", "0.0.0.0", "four"),
+        on("passthrough_ipv6", "::", "six"),
+    ]);
+    let _dp = Dp::start(&file, &[]);
+    for (dest, want) in [("127.0.0.1", "four"), ("::1", "six")] {
+        let mut c = TcpStream::connect((dest, port)).await.unwrap();
+        c.write_all(b"hi\n").await.unwrap();
+        assert_eq!(read_line(&mut c).await.as_deref(), Some(want), "to {dest}");
+    }
+}

@@ -218,6 +218,8 @@ fn build_listener(l: &ListenerResource, cx: &mut ChainCtx<'_>) -> Result<Listene
     }
     let ip: IpAddr = host.parse().map_err(|_| format!("address: `{host}` is not an IP address"))?;
     let address = SocketAddr::new(ip, port);
+    let ipv4_compat =
+        matches!(&l.address, Some(Address { address: Some(address::Address::SocketAddress(sa)) }) if sa.ipv4_compat);
     unsupported(l.filter_chain_matcher.is_some(), "filter_chain_matcher")?;
     unsupported(l.fcds_config.is_some(), "fcds_config")?;
     unsupported(l.api_listener.is_some(), "api_listener")?;
@@ -268,6 +270,7 @@ fn build_listener(l: &ListenerResource, cx: &mut ChainCtx<'_>) -> Result<Listene
     Ok(ListenerCfg {
         name: l.name.clone(),
         address,
+        ipv4_compat,
         inspect_tls,
         filters_timeout,
         continue_on_timeout: l.continue_on_listener_filters_timeout,

@@ -61,6 +61,8 @@ impl Snapshot {
 pub struct ListenerCfg {
     pub name: String,
     pub address: SocketAddr,
+    /// `socket_address.ipv4_compat`: an IPv6 address that takes IPv4 too.
+    pub ipv4_compat: bool,
     /// `tls_inspector` is configured: read the ClientHello before choosing a chain.
     pub inspect_tls: bool,
     /// How long listener filters may wait for the ClientHello; `None` = forever.
