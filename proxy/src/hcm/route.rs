@@ -157,6 +157,7 @@ impl RetryPolicy {
             base_interval: Duration::from_millis(25),
             max_interval: Duration::from_millis(250),
         };
+        let mut unknown = vec![];
         for cond in p.retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
             match cond {
                 "5xx" => r.on_5xx = true,
@@ -176,8 +177,13 @@ impl RetryPolicy {
                 | "retriable-headers"
                 | "envoy-ratelimited"
                 | "http3-post-connect-failure" => {}
-                other => return Err(format!("retry_policy.retry_on: `{other}` is unknown")),
+                // Envoy ignores what it does not know, with a warning; Kuma's MeshRetry
+                // writes `canceled` for gRPC's `cancelled`.
+                other => unknown.push(other),
             }
+        }
+        if !unknown.is_empty() {
+            tracing::warn!(retry_on = %p.retry_on, unknown = ?unknown, "unknown retry_on conditions are ignored, as Envoy ignores them");
         }
         if let Some(b) = &p.retry_back_off {
             if let Some(base) = &b.base_interval {
@@ -861,9 +867,9 @@ mod tests {
         .unwrap();
         assert!(p.retries_status(503) && p.retries_status(409) && !p.retries_status(500));
         assert_eq!(p.num_retries, 1);
-        assert!(
-            RetryPolicy::from_proto(&rpb::RetryPolicy { retry_on: "sometimes".into(), ..Default::default() }).is_err()
-        );
+        // Unknown conditions are ignored (Envoy 1.40 warns and loads the route).
+        let p = RetryPolicy::from_proto(&rpb::RetryPolicy { retry_on: "canceled,5xx".into(), ..Default::default() });
+        assert!(p.unwrap().retries_status(500));
         assert_eq!(envoy_substitution("/\\2/\\1$"), "/${2}/${1}$$");
     }
 }
