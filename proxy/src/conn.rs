@@ -348,6 +348,7 @@ fn rbac_allows(
         authenticated: sans.is_some(),
         uri_sans: &uri_sans,
         dns_sans: &dns_sans,
+        pseudo: Default::default(),
     })
 }
 

@@ -93,6 +93,8 @@ async fn setup() -> Setup {
         route(json!({"prefix": "/noretry"}), json!({"route": {"cluster": "flaky-or-good"}})),
         route(json!({"prefix": "/slow"}), json!({"route": {"cluster": "slow", "timeout": "0.5s"}})),
         route(json!({"prefix": "/h2"}), json!({"route": {"cluster": "h2"}})),
+        // MeshHTTPRoute's method match: a `:method` header matcher.
+        route(json!({"prefix": "/m", "headers": [{"name": ":method", "stringMatch": {"exact": "POST"}}]}), json!({"route": {"cluster": "b"}})),
         route(json!({"prefix": "/"}), json!({"route": {"cluster": "a"},
             "responseHeadersToAdd": [{"header": {"key": "x-route", "value": "api-default"}}]})),
     ]});
@@ -168,6 +170,19 @@ async fn routes_by_host_path_header_and_regex_and_rewrites() {
     let names: Vec<&str> = used["stats"].as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
     assert!(names.contains(&"http.web.downstream_rq_total") && names.contains(&"http.web.downstream_rq_2xx"), "{used}");
     assert!(used["stats"].as_array().unwrap().iter().all(|s| s["value"].as_u64() > Some(0)), "{used}");
+    // `:method` is matched like a header: POST goes to b, GET falls through to a.
+    let (posted, _) = curl(&[
+        "-s",
+        "-X",
+        "POST",
+        "-H",
+        "host: api.example",
+        &format!("http://{}/m", s.web),
+        "-w",
+        "\n@@%{http_code}",
+    ]);
+    assert_eq!(posted, "b");
+    assert_eq!(get(s.web, "api.example", "/m", &[]).await.body, "a");
     let (status, bad) = s.dp.get("/stats?filter=(");
     assert_eq!((status, bad.lines().count()), (400, 1), "{bad}");
     s.dp.logs.wait_for(&["method=GET", "authority=api.example", "path=/direct", "status=201"]);

@@ -266,7 +266,7 @@ impl Configured {
                 }
             }
             Filter::Fault(f) => {
-                if !f.headers.iter().all(|h| r.subject.headers.is_some_and(|m| h.matches(m))) {
+                if !f.headers.iter().all(|h| r.subject.headers.is_some_and(|m| h.matches(m, &r.subject.pseudo))) {
                     return Verdict::Continue;
                 }
                 // Independent draws for delay and abort, as Envoy makes them.

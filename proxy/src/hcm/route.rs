@@ -76,10 +76,35 @@ enum PathMatch {
 /// Envoy's `HeaderMatcher` (routes and HTTP RBAC use it).
 #[derive(Debug)]
 pub struct HeaderMatch {
-    name: http::HeaderName,
+    name: HeaderKey,
     kind: ValueMatch,
     invert: bool,
     missing_as_empty: bool,
+}
+
+/// A header, or one of HTTP/2's pseudo-headers, which Envoy matches like headers
+/// (MeshHTTPRoute's `method` match is a `:method` header matcher).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pseudo {
+    Method,
+    Path,
+    Authority,
+    Scheme,
+}
+
+#[derive(Debug)]
+enum HeaderKey {
+    Header(http::HeaderName),
+    Pseudo(Pseudo),
+}
+
+/// A request's pseudo-header values, for header matchers that name them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PseudoHeaders<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub scheme: &'a str,
 }
 
 #[derive(Debug)]
@@ -221,6 +246,8 @@ pub struct RequestView<'a> {
     pub host: &'a str,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    pub method: &'a str,
+    pub scheme: &'a str,
 }
 
 impl RouteTable {
@@ -285,7 +312,10 @@ impl RouteMatch {
             }
             PathMatch::Regex(re) => re.is_match(path),
         };
-        path_ok && self.headers.iter().all(|h| h.matches(req.headers)) && self.query.iter().all(|q| q.matches(query))
+        let pseudo = PseudoHeaders { method: req.method, path: req.path, authority: req.host, scheme: req.scheme };
+        path_ok
+            && self.headers.iter().all(|h| h.matches(req.headers, &pseudo))
+            && self.query.iter().all(|q| q.matches(query))
     }
 }
 
@@ -316,17 +346,37 @@ fn whole_match(re: &Regex, v: &str) -> bool {
 
 impl HeaderMatch {
     pub fn from_proto(h: &rpb::HeaderMatcher) -> Result<HeaderMatch, String> {
+        let name = match h.name.as_str() {
+            ":method" => HeaderKey::Pseudo(Pseudo::Method),
+            ":path" => HeaderKey::Pseudo(Pseudo::Path),
+            ":authority" | "host" => HeaderKey::Pseudo(Pseudo::Authority),
+            ":scheme" => HeaderKey::Pseudo(Pseudo::Scheme),
+            n => HeaderKey::Header(
+                http::HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("headers: `{n}` is not a header name"))?,
+            ),
+        };
         Ok(HeaderMatch {
-            name: http::HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| format!("headers: `{}` is not a header name", h.name))?,
+            name,
             kind: value_match_of_header(h)?,
             invert: h.invert_match,
             missing_as_empty: h.treat_missing_header_as_empty,
         })
     }
 
-    pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let values: Vec<&str> = headers.get_all(&self.name).iter().filter_map(|v| v.to_str().ok()).collect();
+    pub fn matches(&self, headers: &HeaderMap, pseudo: &PseudoHeaders<'_>) -> bool {
+        let values: Vec<&str> = match &self.name {
+            HeaderKey::Header(name) => headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect(),
+            HeaderKey::Pseudo(p) => {
+                let v = match p {
+                    Pseudo::Method => pseudo.method,
+                    Pseudo::Path => pseudo.path,
+                    Pseudo::Authority => pseudo.authority,
+                    Pseudo::Scheme => pseudo.scheme,
+                };
+                if v.is_empty() { vec![] } else { vec![v] }
+            }
+        };
         // Several values are matched joined with commas, as Envoy does.
         let joined;
         let value = match values.as_slice() {
@@ -770,11 +820,33 @@ mod tests {
         for (k, v) in headers {
             h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        let (_, r) = t.route(&RequestView { host, path, headers: &h })?;
+        let (_, r) = t.route(&RequestView { host, path, headers: &h, method: "GET", scheme: "http" })?;
         match &r.action {
             RouteAction::Forward(f) => Some(f.targets[0].cluster_name.clone()),
             _ => Some("-".into()),
         }
+    }
+
+    #[test]
+    fn pseudo_headers_match_like_headers() {
+        // MeshHTTPRoute's `method: POST` match, and the authority and scheme.
+        let t = table(json!([{"name": "v", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/", "headers": [{"name": ":method", "stringMatch": {"exact": "POST"}}]}, "route": {"cluster": "post"}},
+            {"match": {"prefix": "/", "headers": [{"name": ":authority", "stringMatch": {"prefix": "api."}},
+                {"name": ":scheme", "stringMatch": {"exact": "https"}}]}, "route": {"cluster": "api-tls"}},
+            {"match": {"prefix": "/", "headers": [{"name": ":path", "stringMatch": {"suffix": "?debug=1"}}]}, "route": {"cluster": "debug"}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "rest"}}]}]));
+        let h = HeaderMap::new();
+        let route = |method, host, scheme, path| {
+            let (_, r) = t.route(&RequestView { host, path, headers: &h, method, scheme }).unwrap();
+            let RouteAction::Forward(f) = &r.action else { panic!("not forwarded") };
+            f.targets[0].cluster_name.clone()
+        };
+        assert_eq!(route("POST", "web", "http", "/"), "post");
+        assert_eq!(route("GET", "api.example", "https", "/"), "api-tls");
+        assert_eq!(route("GET", "api.example", "http", "/"), "rest");
+        assert_eq!(route("GET", "web", "http", "/x?debug=1"), "debug");
+        assert_eq!(route("GET", "web", "http", "/x"), "rest");
     }
 
     #[test]
@@ -842,14 +914,15 @@ mod tests {
         ]}]));
         let h = HeaderMap::new();
         let rewrite = |path: &str| {
-            let (_, r) = t.route(&RequestView { host: "h", path, headers: &h }).unwrap();
+            let (_, r) = t.route(&RequestView { host: "h", path, headers: &h, method: "GET", scheme: "http" }).unwrap();
             let RouteAction::Forward(f) = &r.action else { panic!() };
             f.rewrite_path(r, path).unwrap()
         };
         assert_eq!(rewrite("/old/a/b?q=1"), "/new/a/b?q=1");
         assert_eq!(rewrite("/re/one/two"), "/two/one");
         let redirect = |path: &str| {
-            let (_, r) = t.route(&RequestView { host: "web:8080", path, headers: &h }).unwrap();
+            let (_, r) =
+                t.route(&RequestView { host: "web:8080", path, headers: &h, method: "GET", scheme: "http" }).unwrap();
             let RouteAction::Redirect(rd) = &r.action else { panic!() };
             (rd.status.as_u16(), rd.location(r, "http", "web:8080", path))
         };

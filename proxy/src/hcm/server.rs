@@ -23,7 +23,7 @@ use super::filters::{Request as FilterRequest, Verdict};
 use super::headers::{strip_envoy_headers, strip_hop_by_hop};
 use super::park::{self, Activity, InFlight, Tracked};
 use super::pool::{Body, BoxError, Proto, SendError};
-use super::route::{Forward, RequestView, Route, RouteAction, VirtualHost};
+use super::route::{Forward, PseudoHeaders, RequestView, Route, RouteAction, VirtualHost};
 use super::{Codec, HttpCfg};
 use crate::outlier::Outcome;
 use crate::snapshot::Target;
@@ -329,7 +329,10 @@ async fn respond(
     path: &str,
     log: &mut Log<'_>,
 ) -> Response<RespBody> {
-    let routed = cfg.routes.route(&RequestView { host: authority, path, headers: req.headers() });
+    let scheme =
+        req.uri().scheme_str().unwrap_or(if info.sni.is_some() || info.authenticated { "https" } else { "http" });
+    let method = req.method().as_str();
+    let routed = cfg.routes.route(&RequestView { host: authority, path, headers: req.headers(), method, scheme });
     let random = random();
     let uri_sans: Vec<&str> = info.uri_sans.iter().map(String::as_str).collect();
     let dns_sans: Vec<&str> = info.dns_sans.iter().map(String::as_str).collect();
@@ -343,6 +346,7 @@ async fn respond(
         dns_sans: &dns_sans,
         headers: Some(req.headers()),
         path: Some(path),
+        pseudo: PseudoHeaders { method, path, authority, scheme },
     };
     let per_route =
         routed.map(|(vh, r)| if r.per_filter.rate_limit.is_some() { &r.per_filter } else { &vh.per_filter });

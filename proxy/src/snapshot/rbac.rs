@@ -90,6 +90,8 @@ pub struct Subject<'a> {
     /// The request, for the HTTP filter.
     pub headers: Option<&'a HeaderMap>,
     pub path: Option<&'a str>,
+    /// The request's `:method`, `:path`, `:authority` and `:scheme`.
+    pub pseudo: crate::hcm::route::PseudoHeaders<'a>,
 }
 
 impl Rbac {
@@ -298,7 +300,7 @@ impl Perm {
                 Some(n) if n.bytes().any(|b| b.is_ascii_uppercase()) => m.matches(&n.to_ascii_lowercase()),
                 n => m.matches(n.unwrap_or("")),
             },
-            Perm::Header(h) => s.headers.is_some_and(|m| h.matches(m)),
+            Perm::Header(h) => s.headers.is_some_and(|m| h.matches(m, &s.pseudo)),
             Perm::UrlPath(m) => s.path.is_some_and(|p| m.matches(p.split('?').next().unwrap_or(p))),
         }
     }
