@@ -47,6 +47,10 @@ pub struct HttpCheck {
     /// `[start, end)` ranges of statuses that pass.
     pub expected: Vec<(u16, u16)>,
     pub http2: bool,
+    /// `request_headers_to_add` (Kuma's MeshHealthCheck adds `x-kuma-tags`), in order.
+    pub add_headers: Vec<(String, String)>,
+    /// `request_headers_to_remove`, lower-cased.
+    pub remove_headers: Vec<String>,
 }
 
 impl CheckCfg {
@@ -114,9 +118,19 @@ fn http_check(
             "health_checks[0].http_health_check: send, receive and service_name_matcher are not supported".into()
         );
     }
-    if !h.request_headers_to_add.is_empty() || !h.request_headers_to_remove.is_empty() {
-        return Err("health_checks[0].http_health_check: request header changes are not supported".into());
+    let mut add_headers = vec![];
+    for (i, o) in h.request_headers_to_add.iter().enumerate() {
+        let Some(hv) = &o.header else { continue };
+        let bad = |what: &str| format!("health_checks[0].http_health_check.request_headers_to_add[{i}]: {what}");
+        http::HeaderName::from_bytes(hv.key.as_bytes())
+            .map_err(|_| bad(&format!("`{}` is not a header name", hv.key)))?;
+        let value =
+            if hv.raw_value.is_empty() { hv.value.clone() } else { String::from_utf8_lossy(&hv.raw_value).into() };
+        http::HeaderValue::from_str(&value)
+            .map_err(|_| bad(&format!("the value of `{}` is not a header value", hv.key)))?;
+        add_headers.push((hv.key.to_ascii_lowercase(), value));
     }
+    let remove_headers = h.request_headers_to_remove.iter().map(|n| n.to_ascii_lowercase()).collect();
     let http2 = match h.codec_client_type {
         0 => false,
         1 => true,
@@ -132,6 +146,8 @@ fn http_check(
         path: if h.path.is_empty() { "/".to_string() } else { h.path.clone() },
         expected,
         http2,
+        add_headers,
+        remove_headers,
     })
 }
 
@@ -309,9 +325,15 @@ async fn http(addr: &HostAddr, h: &HttpCheck) -> Result<(), String> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
     let uri = if h.http2 { format!("http://{}{}", h.host, h.path) } else { h.path.clone() };
-    let mut req = hyper::Request::get(uri).header("user-agent", "Envoy/HC");
+    let mut req = hyper::Request::get(uri);
+    if !h.remove_headers.iter().any(|n| n == "user-agent") {
+        req = req.header("user-agent", "Envoy/HC");
+    }
     if !h.http2 {
         req = req.header("host", &h.host).header("connection", "close");
+    }
+    for (k, v) in &h.add_headers {
+        req = req.header(k.as_str(), v.as_str());
     }
     let req = req.body(Empty::<bytes::Bytes>::new()).map_err(|e| format!("request: {e}"))?;
     let status = if h.http2 {
@@ -425,7 +447,11 @@ mod tests {
                     let mut b = vec![0u8; 1024];
                     let n = s.read(&mut b).await.unwrap_or(0);
                     let req = String::from_utf8_lossy(&b[..n]).to_string();
-                    let status = if req.starts_with("GET /health ") && req.to_lowercase().contains("host: web") {
+                    let lower = req.to_lowercase();
+                    let tagged = lower.contains("x-kuma-tags: &kuma.io/service=web&") && !lower.contains("user-agent");
+                    let status = if (req.starts_with("GET /health ") && lower.contains("host: web"))
+                        || (req.starts_with("GET /tagged ") && tagged)
+                    {
                         200
                     } else {
                         503
@@ -434,15 +460,29 @@ mod tests {
                 });
             }
         });
+        let hc = |path: &str, expected: (u16, u16)| HttpCheck {
+            host: "web".into(),
+            path: path.into(),
+            expected: vec![expected],
+            http2: false,
+            add_headers: vec![],
+            remove_headers: vec![],
+        };
         let mut c = cfg(1, 1);
-        c.http =
-            Some(HttpCheck { host: "web".into(), path: "/health".into(), expected: vec![(200, 201)], http2: false });
+        c.http = Some(hc("/health", (200, 201)));
         check(&addr, &c).await.unwrap();
-        c.http =
-            Some(HttpCheck { host: "web".into(), path: "/other".into(), expected: vec![(200, 201)], http2: false });
+        c.http = Some(hc("/other", (200, 201)));
         assert_eq!(check(&addr, &c).await.unwrap_err(), "status 503 is not expected");
-        c.http =
-            Some(HttpCheck { host: "web".into(), path: "/other".into(), expected: vec![(500, 504)], http2: false });
+        c.http = Some(hc("/other", (500, 504)));
+        check(&addr, &c).await.unwrap();
+        // Kuma's MeshHealthCheck adds `x-kuma-tags`; a removed header is not sent.
+        c.http = Some(hc("/tagged", (200, 201)));
+        assert_eq!(check(&addr, &c).await.unwrap_err(), "status 503 is not expected");
+        c.http = Some(HttpCheck {
+            add_headers: vec![("x-kuma-tags".into(), "&kuma.io/service=web&".into())],
+            remove_headers: vec!["user-agent".into()],
+            ..hc("/tagged", (200, 201))
+        });
         check(&addr, &c).await.unwrap();
         assert!(decode_hex("5").is_err() && decode_hex("zz").is_err());
     }
