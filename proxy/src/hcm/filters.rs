@@ -230,7 +230,7 @@ pub fn per_route(cfg: &HashMap<String, Any>) -> Result<PerRoute, String> {
 }
 
 /// Whether an event with this probability happens, given a uniform random number.
-fn hit(p: &FractionalPercent, random: u64) -> bool {
+pub(crate) fn hit(p: &FractionalPercent, random: u64) -> bool {
     let denominator: u64 = match p.denominator {
         1 => 10_000,
         2 => 1_000_000,

@@ -62,6 +62,9 @@ struct RouteMatch {
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
     query: Vec<QueryMatch>,
+    /// `runtime_fraction`: the share of requests the route takes (its default value; dp
+    /// has no runtime to override it).
+    fraction: Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
 }
 
 #[derive(Debug)]
@@ -248,6 +251,8 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
     pub method: &'a str,
     pub scheme: &'a str,
+    /// The request's random number (`runtime_fraction` matches draw from it).
+    pub random: u64,
 }
 
 impl RouteTable {
@@ -316,6 +321,7 @@ impl RouteMatch {
         path_ok
             && self.headers.iter().all(|h| h.matches(req.headers, &pseudo))
             && self.query.iter().all(|q| q.matches(query))
+            && self.fraction.as_ref().is_none_or(|f| super::filters::hit(f, req.random))
     }
 }
 
@@ -534,9 +540,11 @@ fn build_vhost(vh: &rpb::VirtualHost, resolve: &Resolve<'_>) -> Result<VirtualHo
 
 fn build_route(r: &rpb::Route, vh_retry: Option<&Arc<RetryPolicy>>, resolve: &Resolve<'_>) -> Result<Route, String> {
     let m = r.r#match.as_ref().ok_or("match is missing")?;
-    if m.runtime_fraction.is_some() {
-        return Err("match.runtime_fraction is not supported".into());
-    }
+    // Envoy takes the runtime key's value when the runtime has one; dp has no runtime.
+    let fraction = m.runtime_fraction.as_ref().map(|f| {
+        f.default_value
+            .unwrap_or(envoy_types::pb::envoy::r#type::v3::FractionalPercent { numerator: 0, denominator: 0 })
+    });
     if m.grpc.is_some() || m.tls_context.is_some() || !m.dynamic_metadata.is_empty() || !m.cookies.is_empty() {
         return Err("match: only path, headers and query_parameters are supported".into());
     }
@@ -582,7 +590,13 @@ fn build_route(r: &rpb::Route, vh_retry: Option<&Arc<RetryPolicy>>, resolve: &Re
     };
     Ok(Route {
         name: r.name.clone(),
-        matcher: RouteMatch { path, case_sensitive: m.case_sensitive.is_none_or(|b| b.value), headers, query },
+        matcher: RouteMatch {
+            path,
+            case_sensitive: m.case_sensitive.is_none_or(|b| b.value),
+            headers,
+            query,
+            fraction,
+        },
         action,
         headers: Mutations::build(
             &r.request_headers_to_add,
@@ -820,11 +834,37 @@ mod tests {
         for (k, v) in headers {
             h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        let (_, r) = t.route(&RequestView { host, path, headers: &h, method: "GET", scheme: "http" })?;
+        let (_, r) = t.route(&RequestView { host, path, headers: &h, method: "GET", scheme: "http", random: 0 })?;
         match &r.action {
             RouteAction::Forward(f) => Some(f.targets[0].cluster_name.clone()),
             _ => Some("-".into()),
         }
+    }
+
+    #[test]
+    fn a_runtime_fraction_takes_its_share_of_requests() {
+        // MeshHTTPRoute's share of traffic to a backend it cannot resolve: a 500 for 30 %.
+        let t = table(json!([{"name": "v", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/", "runtimeFraction": {"defaultValue": {"numerator": 30}, "runtimeKey": "k"}},
+             "directResponse": {"status": 500}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "rest"}}]}]));
+        let h = HeaderMap::new();
+        let taken = (0..1000u64)
+            .filter(|random| {
+                let (_, r) = t
+                    .route(&RequestView {
+                        host: "w",
+                        path: "/",
+                        headers: &h,
+                        method: "GET",
+                        scheme: "http",
+                        random: *random,
+                    })
+                    .unwrap();
+                matches!(r.action, RouteAction::Direct { .. })
+            })
+            .count();
+        assert_eq!(taken, 300);
     }
 
     #[test]
@@ -838,7 +878,7 @@ mod tests {
             {"match": {"prefix": "/"}, "route": {"cluster": "rest"}}]}]));
         let h = HeaderMap::new();
         let route = |method, host, scheme, path| {
-            let (_, r) = t.route(&RequestView { host, path, headers: &h, method, scheme }).unwrap();
+            let (_, r) = t.route(&RequestView { host, path, headers: &h, method, scheme, random: 0 }).unwrap();
             let RouteAction::Forward(f) = &r.action else { panic!("not forwarded") };
             f.targets[0].cluster_name.clone()
         };
@@ -914,15 +954,18 @@ mod tests {
         ]}]));
         let h = HeaderMap::new();
         let rewrite = |path: &str| {
-            let (_, r) = t.route(&RequestView { host: "h", path, headers: &h, method: "GET", scheme: "http" }).unwrap();
+            let (_, r) = t
+                .route(&RequestView { host: "h", path, headers: &h, method: "GET", scheme: "http", random: 0 })
+                .unwrap();
             let RouteAction::Forward(f) = &r.action else { panic!() };
             f.rewrite_path(r, path).unwrap()
         };
         assert_eq!(rewrite("/old/a/b?q=1"), "/new/a/b?q=1");
         assert_eq!(rewrite("/re/one/two"), "/two/one");
         let redirect = |path: &str| {
-            let (_, r) =
-                t.route(&RequestView { host: "web:8080", path, headers: &h, method: "GET", scheme: "http" }).unwrap();
+            let (_, r) = t
+                .route(&RequestView { host: "web:8080", path, headers: &h, method: "GET", scheme: "http", random: 0 })
+                .unwrap();
             let RouteAction::Redirect(rd) = &r.action else { panic!() };
             (rd.status.as_u16(), rd.location(r, "http", "web:8080", path))
         };

@@ -332,8 +332,9 @@ async fn respond(
     let scheme =
         req.uri().scheme_str().unwrap_or(if info.sni.is_some() || info.authenticated { "https" } else { "http" });
     let method = req.method().as_str();
-    let routed = cfg.routes.route(&RequestView { host: authority, path, headers: req.headers(), method, scheme });
     let random = random();
+    let view = RequestView { host: authority, path, headers: req.headers(), method, scheme, random };
+    let routed = cfg.routes.route(&view);
     let uri_sans: Vec<&str> = info.uri_sans.iter().map(String::as_str).collect();
     let dns_sans: Vec<&str> = info.dns_sans.iter().map(String::as_str).collect();
     let subject = Subject {
