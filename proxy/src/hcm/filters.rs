@@ -102,7 +102,13 @@ fn decode<M: Message + Default>(any: &Any) -> Result<M, String> {
 
 /// Reads an HCM's `http_filters`; the last must be the router. `None` for a filter that
 /// only observes.
-pub fn build(name: &str, any: &Any, hcm_prefix: &str, stats: &Registry) -> Result<Option<Configured>, String> {
+pub fn build(
+    name: &str,
+    any: &Any,
+    hcm_prefix: &str,
+    stats: &Registry,
+    notes: &mut Vec<String>,
+) -> Result<Option<Configured>, String> {
     let (filter, skip) = if any.type_url == ExtensionWithMatcher::type_url() {
         let ewm: ExtensionWithMatcher = decode(any)?;
         #[allow(deprecated)]
@@ -123,7 +129,14 @@ pub fn build(name: &str, any: &Any, hcm_prefix: &str, stats: &Registry) -> Resul
     };
     let f = match any_name(&filter) {
         n if n == RbacFilter::full_name() => {
-            Filter::Rbac(Arc::new(Rbac::build_http(&decode(&filter)?, hcm_prefix, stats)?))
+            let f: RbacFilter = decode(&filter)?;
+            if f.shadow_rules.is_some() || f.shadow_matcher.is_some() {
+                // Kuma's `kuma.io/effect: shadow` permissions: Envoy only counts them.
+                notes.push(format!(
+                    "http filter {name}: shadow_rules are not evaluated (they never decide; their stats are not kept)"
+                ));
+            }
+            Filter::Rbac(Arc::new(Rbac::build_http(&f, hcm_prefix, stats)?))
         }
         n if n == HttpFault::full_name() => Filter::Fault(Arc::new(fault(&decode(&filter)?)?)),
         n if n == LocalRateLimit::full_name() => Filter::RateLimit(Arc::new(rate_limit(&decode(&filter)?)?)),

@@ -143,7 +143,7 @@ impl HttpCfg {
             if f.disabled {
                 continue;
             }
-            if let Some(c) = filters::build(&f.name, &typed(f)?, &h.stat_prefix, ctx.stats)
+            if let Some(c) = filters::build(&f.name, &typed(f)?, &h.stat_prefix, ctx.stats, ctx.notes)
                 .map_err(|e| format!("http filter {}: {e}", f.name))?
             {
                 built.push(c);

@@ -101,10 +101,7 @@ impl Rbac {
 
     /// An HTTP RBAC filter of the connection manager whose `stat_prefix` is `hcm_prefix`.
     pub fn build_http(f: &HttpRbacFilter, hcm_prefix: &str, stats: &Registry) -> Result<Rbac, String> {
-        if f.shadow_rules.is_some() || f.shadow_matcher.is_some() {
-            // Shadow rules only count; they never decide.
-            return Err("shadow_rules and shadow_matcher are not supported".into());
-        }
+        // Shadow rules only count, they never decide: not evaluated (the caller notes it).
         let stats = stats.http_rbac(hcm_prefix, &f.rules_stat_prefix);
         Rbac::from_parts(f.rules.as_ref(), f.matcher.as_ref(), true, stats)
     }
@@ -351,6 +348,31 @@ mod tests {
             ..Default::default()
         };
         Rbac::build(&f, &Registry::default()).unwrap()
+    }
+
+    #[test]
+    fn http_shadow_rules_never_decide() {
+        // Kuma's `kuma.io/effect: shadow`: the rules allow web, the shadow rules deny all.
+        let rules = |action: rbac::Action, who: Vec<Principal>| Rules {
+            action: action as i32,
+            policies: [(
+                "p".to_string(),
+                Policy { permissions: vec![any_perm()], principals: who, ..Default::default() },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let f = HttpRbacFilter {
+            rules: Some(rules(rbac::Action::Allow, vec![spiffe("spiffe://m/web")])),
+            shadow_rules: Some(rules(
+                rbac::Action::Deny,
+                vec![Principal { identifier: Some(principal::Identifier::Any(true)) }],
+            )),
+            ..Default::default()
+        };
+        let r = Rbac::build_http(&f, "inbound", &Registry::default()).unwrap();
+        assert!(r.allows(&Subject { authenticated: true, uri_sans: &["spiffe://m/web"], ..Default::default() }));
+        assert!(!r.allows(&Subject { authenticated: true, uri_sans: &["spiffe://m/api"], ..Default::default() }));
     }
 
     fn any_perm() -> Permission {
