@@ -118,14 +118,7 @@ async fn a_mesh_prometheus_backend_exposes_each_sidecars_stats_on_its_metrics_po
         app_metrics.addr.port()
     ));
     let app = Backend::start("app").await;
-    let inbound = free_port();
-    let backend_dp = format!(
-        "type: Dataplane\nmesh: default\nname: backend-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
-         - port: {inbound}\n    servicePort: {}\n    tags:\n      kuma.io/service: backend\n",
-        app.addr.port()
-    );
-    let token = cp.ctl(&["generate", "dataplane-token", "--name", "backend-1", "-m", "default"]);
-    let _server = dp(&cp, "dataplane", &token, &backend_dp, free_port());
+    let _server = backend_sidecar(&cp, &app);
 
     // Prometheus beside the proxy (from its own address) scrapes in plain text: the route
     // leads through the metrics socket to the proxy's stats, this very connection counted.
@@ -174,14 +167,7 @@ async fn a_meshmetric_policy_exposes_the_sidecars_used_stats_and_its_application
          prometheus:\n        port: {metrics_port}\n        path: /metrics\n        clientId: main\n",
         app_metrics.addr.port()
     ));
-    let inbound = free_port();
-    let backend_dp = format!(
-        "type: Dataplane\nmesh: default\nname: backend-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
-         - port: {inbound}\n    servicePort: {}\n    tags:\n      kuma.io/service: backend\n",
-        app.addr.port()
-    );
-    let token = cp.ctl(&["generate", "dataplane-token", "--name", "backend-1", "-m", "default"]);
-    let _server = dp(&cp, "dataplane", &token, &backend_dp, free_port());
+    let _server = backend_sidecar(&cp, &app);
 
     // The policy's Prometheus listener leads to the metrics socket: the proxy's stats in
     // use only (the policy does not include unused ones), then the application's.
@@ -193,6 +179,18 @@ async fn a_meshmetric_policy_exposes_the_sidecars_used_stats_and_its_application
     assert!(got.body.contains("envoy_listener_downstream_cx_total{"), "no proxy stats in:\n{}", got.body);
     let zero = got.body.lines().find(|l| l.starts_with("envoy_") && l.ends_with(" 0"));
     assert_eq!(zero, None, "an unused stat is served");
+}
+
+/// The sidecar `backend-1` of service `backend` in front of `app`, ready.
+fn backend_sidecar(cp: &Cp, app: &Backend) -> Dp {
+    let backend_dp = format!(
+        "type: Dataplane\nmesh: default\nname: backend-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+         - port: {}\n    servicePort: {}\n    tags:\n      kuma.io/service: backend\n",
+        free_port(),
+        app.addr.port()
+    );
+    let token = cp.ctl(&["generate", "dataplane-token", "--name", "backend-1", "-m", "default"]);
+    dp(cp, "dataplane", &token, &backend_dp, free_port())
 }
 
 /// `GET /metrics` on a Unix socket, as the Prometheus listener's cluster sends it: the
