@@ -4,7 +4,9 @@
 //! default, from the Mesh's metrics backend or a MeshMetric) routes to a cluster on this
 //! socket, and kuma-dp answers there with Envoy's stats in Prometheus' text format. dp is
 //! both processes, so it answers with its own stats: without this socket, a scrape through
-//! that listener fails (there is nothing to connect to).
+//! that listener fails (there is nothing to connect to). The applications the bootstrap's
+//! `aggregate` list or a MeshMetric policy names are scraped on each request and their
+//! answers follow the proxy's.
 
 use crate::admin::{Resp, text};
 use crate::conn::Ctx;
@@ -93,8 +95,8 @@ impl Scraper {
         Scraper { apps, transparent }
     }
 
-    /// Every application's answer (the bootstrap's, then `more`), in order; one that fails is logged and left out (the
-    /// proxy's own stats are still served).
+    /// Every application's answer (the bootstrap's, then `more`), in order; one that fails
+    /// is logged and left out (the proxy's own stats are still served).
     async fn scrape(&self, more: &[App], headers: &hyper::HeaderMap) -> Vec<u8> {
         let timeout = headers
             .get("x-prometheus-scrape-timeout-seconds")
