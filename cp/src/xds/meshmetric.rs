@@ -12,18 +12,8 @@ use crate::model::Resource;
 
 /// The merged `default` of the policies that select the whole mesh.
 pub fn merged(policies: &[Resource]) -> Option<Map<String, Value>> {
-    let mut sorted: Vec<(&Resource, Value)> =
-        policies.iter().filter_map(|r| Some((r, r.typed::<Value>().ok()?))).collect();
-    sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut out: Option<Map<String, Value>> = None;
-    for (r, spec) in &sorted {
-        match spec["targetRef"]["kind"].as_str() {
-            None | Some("Mesh") => {}
-            Some(other) => {
-                tracing::debug!(policy = %r.name, kind = other, "MeshMetric: only targetRef.kind Mesh is matched");
-                continue;
-            }
-        }
+    for spec in super::resilience::mesh_wide(policies) {
         if let Value::Object(d) = &spec["default"] {
             super::resilience::merge(out.get_or_insert_with(Map::new), d);
         }

@@ -24,19 +24,10 @@ use crate::model::Resource;
 /// The merged `default` of every `to` entry of these policies (one kind) that selects
 /// `service`.
 pub fn merged_conf(policies: &[Resource], service: &str) -> Option<Map<String, Value>> {
-    let mut sorted: Vec<(&Resource, Value)> =
-        policies.iter().filter_map(|r| Some((r, r.typed::<Value>().ok()?))).collect();
-    sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut mesh_level = vec![];
     let mut service_level = vec![];
-    for (r, spec) in &sorted {
-        match spec["targetRef"]["kind"].as_str() {
-            None | Some("Mesh") => {}
-            Some(other) => {
-                tracing::debug!(policy = %r.name, kind = other, "MeshCircuitBreaker: only targetRef.kind Mesh is matched");
-                continue;
-            }
-        }
+    let specs = mesh_wide(policies);
+    for spec in &specs {
         for to in spec["to"].as_array().into_iter().flatten() {
             let t = &to["targetRef"];
             match t["kind"].as_str() {
@@ -53,6 +44,25 @@ pub fn merged_conf(policies: &[Resource], service: &str) -> Option<Map<String, V
         }
     }
     out
+}
+
+/// The specs of the policies (one kind) that target the whole mesh, by name, as Kuma
+/// orders policies of equal specificity; the others are said in the debug log.
+pub(crate) fn mesh_wide(policies: &[Resource]) -> Vec<Value> {
+    let mut sorted: Vec<(&Resource, Value)> =
+        policies.iter().filter_map(|r| Some((r, r.typed::<Value>().ok()?))).collect();
+    sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    sorted
+        .into_iter()
+        .filter(|(r, spec)| match spec["targetRef"]["kind"].as_str() {
+            None | Some("Mesh") => true,
+            Some(other) => {
+                tracing::debug!(policy = %r.name, kind = %r.rtype.name(), target = other, "only targetRef.kind Mesh is matched");
+                false
+            }
+        })
+        .map(|(_, spec)| spec)
+        .collect()
 }
 
 /// Deep merge: objects field by field, anything else replaced.

@@ -329,8 +329,7 @@ async fn respond(
     path: &str,
     log: &mut Log<'_>,
 ) -> Response<RespBody> {
-    let scheme =
-        req.uri().scheme_str().unwrap_or(if info.sni.is_some() || info.authenticated { "https" } else { "http" });
+    let scheme = req.uri().scheme_str().unwrap_or(if info.tls { "https" } else { "http" });
     let method = req.method().as_str();
     let random = random();
     let view = RequestView { host: authority, path, headers: req.headers(), method, scheme, random };
