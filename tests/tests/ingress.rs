@@ -492,16 +492,22 @@ async fn ipv4_and_ipv6_listeners_share_a_port() {
                 "cluster": cluster, "statPrefix": cluster}}]}]
         })
     };
+    // With `ipv4_compat`, an IPv6 listener takes IPv4 as well.
+    let dual_port = e2e::mesh::free_port();
+    let mut dual = on("dual", "::", "six");
+    dual["address"]["socketAddress"]["portValue"] = json!(dual_port);
+    dual["address"]["socketAddress"]["ipv4Compat"] = json!(true);
     let file = e2e::xds::write_file(vec![
         static_cluster("four", &[four.addr]),
         static_cluster("six", &[six.addr]),
         on("passthrough_ipv4", "0.0.0.0", "four"),
         on("passthrough_ipv6", "::", "six"),
+        dual,
     ]);
     let _dp = Dp::start(&file, &[]);
-    for (dest, want) in [("127.0.0.1", "four"), ("::1", "six")] {
+    for (dest, port, want) in [("127.0.0.1", port, "four"), ("::1", port, "six"), ("127.0.0.1", dual_port, "six")] {
         let mut c = TcpStream::connect((dest, port)).await.unwrap();
         c.write_all(b"hi\n").await.unwrap();
-        assert_eq!(read_line(&mut c).await.as_deref(), Some(want), "to {dest}");
+        assert_eq!(read_line(&mut c).await.as_deref(), Some(want), "to {dest}:{port}");
     }
 }

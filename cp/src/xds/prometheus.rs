@@ -7,11 +7,7 @@
 //! anyone else must present a mesh certificate.
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
 use envoy_types::pb::envoy::config::core::v3::{Address, CidrRange, Pipe, TrafficDirection, address};
-use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
-};
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
@@ -19,7 +15,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager,
 };
-use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::util::pack_any;
 
 use super::generate::socket_address;
@@ -101,27 +97,7 @@ pub fn socket_path(workdir: &str, name: &str, mesh: &str) -> String {
 pub fn cluster(workdir: &str, name: &str, mesh: &str) -> Cluster {
     let pipe =
         Address { address: Some(address::Address::Pipe(Pipe { path: socket_path(workdir, name, mesh), mode: 0 })) };
-    Cluster {
-        name: CLUSTER.into(),
-        alt_stat_name: CLUSTER.replace(':', "_"),
-        connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
-        load_assignment: Some(ClusterLoadAssignment {
-            cluster_name: CLUSTER.into(),
-            endpoints: vec![LocalityLbEndpoints {
-                lb_endpoints: vec![LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                        address: Some(pipe),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    super::sidecar::static_cluster(CLUSTER, pipe)
 }
 
 /// The HTTP chain: `<path>` (prefix, rewritten to `/`) to the metrics socket.

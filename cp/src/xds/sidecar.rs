@@ -258,6 +258,31 @@ pub(crate) fn push<T: prost::Message + prost::Name + std::fmt::Debug>(
     out.push(Named::new(name.to_string(), version, pack_any(proto)));
 }
 
+/// A STATIC cluster of one endpoint at `address` (an inbound's application, a pipe).
+pub(crate) fn static_cluster(name: &str, address: envoy_types::pb::envoy::config::core::v3::Address) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        alt_stat_name: name.replace(':', "_"),
+        connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(address),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub(crate) fn sorted(mut v: Vec<Named>) -> Vec<Named> {
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v.dedup_by(|a, b| a.name == b.name);
@@ -339,27 +364,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         push(&mut clusters, CLUSTER, cluster(inputs.workdir, &dp.name, mesh), "", |_| {});
     }
     for (name, (ip, port)) in &local_clusters {
-        let c = Cluster {
-            name: name.clone(),
-            alt_stat_name: name.replace(':', "_"),
-            connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
-            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
-            load_assignment: Some(ClusterLoadAssignment {
-                cluster_name: name.clone(),
-                endpoints: vec![LocalityLbEndpoints {
-                    lb_endpoints: vec![LbEndpoint {
-                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                            address: Some(socket_address(ip, *port)),
-                            ..Default::default()
-                        })),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let c = static_cluster(name, socket_address(ip, *port));
         push(&mut clusters, name, c, "", |_| {});
     }
 
