@@ -474,7 +474,8 @@ async fn proxy<'a, D: Downstream>(
         return log.finish(Flag::Overflow, Transferred::default());
     }
     let _cluster_active = Active::new(&cs.upstream_cx_active);
-    let (up, host) = match connect(cluster, hosts, tp.max_connect_attempts).await {
+    let hash = tp.hash_source_ip.then(|| crate::snapshot::hashing::xxh64(log.peer.ip().to_string().as_bytes(), 0));
+    let (up, host) = match connect(cluster, hosts, tp.max_connect_attempts, hash).await {
         Ok(c) => c,
         Err(flag) => return log.finish(flag, Transferred::default()),
     };
@@ -524,16 +525,18 @@ enum Upstream {
 }
 
 /// Connects (and handshakes, for TLS hosts) to a host of the set, moving on to another
-/// host after a failure, up to `attempts` tries.
+/// host after a failure, up to `attempts` tries. `hash`: the connection's, for a
+/// consistent-hashing cluster.
 async fn connect(
     cluster: &ClusterCfg,
     hosts: &crate::snapshot::cluster::HostSet,
     attempts: u32,
+    hash: Option<u64>,
 ) -> Result<(Upstream, Arc<Host>), Flag> {
     let cs = &cluster.stats;
     let mut flag = Flag::NoHealthy;
     for attempt in 0..attempts {
-        let Some(host) = hosts.pick(cluster.lb, attempt) else {
+        let Some(host) = hosts.pick(cluster.lb, attempt, hash) else {
             // Every host fails its health checks.
             if flag == Flag::NoHealthy {
                 cs.upstream_cx_none_healthy.inc();

@@ -765,3 +765,120 @@ async fn the_zone_proxy_admin_and_metrics_listeners_answer_as_through_envoy() {
         ]
     );
 }
+
+/// A STATIC cluster over `backends` (weights in order) with a consistent-hashing policy.
+fn hashing_cluster(name: &str, backends: &[HttpBackend], weights: &[u32], lb: &str, extra: Value) -> Value {
+    let endpoints: Vec<Value> = backends
+        .iter()
+        .zip(weights)
+        .map(|(b, w)| json!({"endpoint": {"address": socket(b.addr)}, "loadBalancingWeight": w}))
+        .collect();
+    let mut c = json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name, "type": "STATIC", "connectTimeout": "5s", "lbPolicy": lb,
+        "loadAssignment": {"clusterName": name, "endpoints": [{"lbEndpoints": endpoints}]}
+    });
+    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    c
+}
+
+fn hashed_route(prefix: &str, cluster: &str, policy: Value) -> Value {
+    json!({"match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "0s", "hashPolicy": policy}})
+}
+
+/// MeshLoadBalancingStrategy's shapes (RING_HASH with Kuma's ring sizes and MurmurHash2,
+/// MAGLEV, a header, a query parameter then the client's address, a cookie) give every
+/// request the host Envoy gives it: the same key goes to the same backend through dp and
+/// through Envoy, so sessions stay put while proxies move over one by one.
+#[tokio::test(flavor = "multi_thread")]
+async fn consistent_hashing_sends_every_key_where_envoy_does() {
+    let mut backends = vec![];
+    for i in 0..5 {
+        backends.push(HttpBackend::start(&format!("b{i}")).await);
+    }
+    let uniform = [1; 5];
+    let resources = vec![
+        hashing_cluster("ring", &backends, &uniform, "RING_HASH", json!({})),
+        hashing_cluster(
+            "ring-murmur",
+            &backends,
+            &[1, 2, 1, 3, 1],
+            "RING_HASH",
+            json!({"ringHashLbConfig": {"hashFunction": "MURMUR_HASH_2", "minimumRingSize": "100", "maximumRingSize": "1000"}}),
+        ),
+        hashing_cluster("maglev", &backends, &[1, 2, 1, 3, 1], "MAGLEV", json!({})),
+        hashing_cluster("maglev-small", &backends, &uniform, "MAGLEV", json!({"maglevLbConfig": {"tableSize": "251"}})),
+        listener(
+            "hashing",
+            vec![json!({"filters": [{"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+            "@type": HCM, "statPrefix": "hashing", "httpFilters": [router()],
+            "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "hashing", "routes": [
+                hashed_route("/ring", "ring", json!([{"header": {"headerName": "x-user"}}])),
+                hashed_route("/murmur", "ring-murmur", json!([
+                    {"queryParameter": {"name": "u"}, "terminal": true},
+                    {"connectionProperties": {"sourceIp": true}}])),
+                hashed_route("/maglev", "maglev", json!([{"header": {"headerName": "x-user"}}])),
+                hashed_route("/small", "maglev-small", json!([{"header": {"headerName": "x-user"}},
+                    {"queryParameter": {"name": "u"}}])),
+                hashed_route("/cookie", "ring", json!([{"cookie": {"name": "sid", "ttl": "60s", "path": "/"}}])),
+            ]}]}}}]})],
+            false,
+        ),
+    ];
+    let pair = Pair::start(resources);
+    let (dp, envoy) = pair.listener("hashing");
+
+    let mut mismatches = vec![];
+    let mut reached: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for key in 0..40 {
+        let user = format!("user-{key}");
+        let cookie = format!("a=1; sid=\"{user}\"");
+        // (what, path, request headers)
+        type Case<'a> = (&'static str, String, Vec<(&'static str, &'a str)>);
+        let cases: [Case<'_>; 5] = [
+            ("ring", "/ring".into(), vec![("x-user", &user)]),
+            ("murmur", format!("/murmur?u={user}"), vec![]),
+            ("maglev", "/maglev".into(), vec![("x-user", &user)]),
+            ("small", format!("/small?u={key}"), vec![("x-user", &user)]),
+            ("cookie", "/cookie".into(), vec![("cookie", &cookie)]),
+        ];
+        for (what, path, headers) in cases {
+            let (a, b) = (get(dp, "svc", &path, &headers).await, get(envoy, "svc", &path, &headers).await);
+            assert_eq!((a.status, b.status), (200, 200), "{what} {path}");
+            if a.body != b.body {
+                mismatches.push(format!("{what} {path} {headers:?}: dp {} Envoy {}", a.body, b.body));
+            }
+            reached.entry(what).or_default().insert(a.body);
+        }
+    }
+    assert!(mismatches.is_empty(), "dp and Envoy hashed requests to different hosts:\n{}", mismatches.join("\n"));
+    // Hashing spreads: each policy reached several backends.
+    for (what, hosts) in &reached {
+        assert!(hosts.len() >= 3, "{what} reached only {hosts:?}");
+    }
+    // One key always lands on one backend; without the query parameter the client's
+    // address is hashed, the same one for every request here.
+    for path in ["/murmur", "/ring"] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..6 {
+            seen.insert(get(dp, "svc", path, &[("x-user", "fixed")]).await.body);
+        }
+        assert_eq!(seen.len(), 1, "{path}: {seen:?}");
+        assert_eq!(get(envoy, "svc", path, &[("x-user", "fixed")]).await.body, *seen.first().unwrap(), "{path}");
+    }
+    // No cookie: the proxy makes one, sends it back, and hashes its value; the client
+    // that sends it again stays on that backend.
+    for addr in [dp, envoy] {
+        let first = get(addr, "svc", "/cookie", &[]).await;
+        let set = first.headers.get("set-cookie").unwrap_or_else(|| panic!("no set-cookie from {addr}"));
+        let value = set.strip_prefix("sid=\"").and_then(|s| s.split_once('"')).map(|(v, rest)| (v.to_string(), rest));
+        let Some((value, rest)) = value else { panic!("set-cookie {set}") };
+        assert_eq!(rest, "; Max-Age=60; Path=/; HttpOnly", "{set}");
+        assert!(value.len() == 16 && value.bytes().all(|c| c.is_ascii_hexdigit()), "{set}");
+        for _ in 0..3 {
+            let again = get(addr, "svc", "/cookie", &[("cookie", &format!("sid=\"{value}\""))]).await;
+            assert_eq!(again.body, first.body, "the cookie keeps the backend");
+            assert!(!again.headers.contains_key("set-cookie"));
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! [`server::serve`] runs one downstream connection.
 
 pub mod filters;
+pub mod hash_policy;
 pub mod headers;
 pub mod park;
 pub mod pool;

@@ -144,6 +144,8 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub retry: Option<Arc<RetryPolicy>>,
+    /// The request's hash for a consistent-hashing cluster.
+    pub hash_policy: Vec<super::hash_policy::HashPolicy>,
 }
 
 #[derive(Debug)]
@@ -688,11 +690,12 @@ fn finish(
         },
         idle_timeout: a.idle_timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
         retry,
+        hash_policy: super::hash_policy::HashPolicy::list(&a.hash_policy)?,
     })
 }
 
 /// RE2 writes capture groups `\1`; Rust's regex `${1}`.
-fn envoy_substitution(s: &str) -> String {
+pub(crate) fn envoy_substitution(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use super::filters::{Request as FilterRequest, Verdict};
+use super::hash_policy;
 use super::headers::{strip_envoy_headers, strip_hop_by_hop};
 use super::park::{self, Activity, InFlight, Tracked};
 use super::pool::{Body, BoxError, Proto, SendError};
@@ -495,10 +496,22 @@ async fn forward(
     if let Some(t) = expected {
         headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
     }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // The hash for a consistent-hashing cluster, from the request as the client sent it
+    // (Envoy picks the host before the route's header changes).
+    let hashed = hash_policy::hash(
+        &fwd.hash_policy,
+        &hash_policy::RequestParts {
+            headers: &headers,
+            path,
+            client: client.or(peer_ip),
+            peer: info.peer,
+            local: info.local,
+        },
+    );
     route.headers.apply_request(&mut headers);
     vh.headers.apply_request(&mut headers);
     cfg.routes.headers.apply_request(&mut headers);
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // A rewritten path (even to itself) keeps the client's in `x-envoy-original-path`, as
     // Envoy's router does.
     let new_path = match fwd.rewrite_path(route, path) {
@@ -549,7 +562,7 @@ async fn forward(
             }
             tokio::time::sleep(backoff).await;
         }
-        let Some(host) = hosts.pick(cluster.lb, attempt) else {
+        let Some(host) = hosts.pick(cluster.lb, attempt, hashed.hash) else {
             cluster.stats.upstream_cx_none_healthy.inc();
             last = Some((StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream".into()));
             break;
@@ -641,6 +654,9 @@ async fn forward(
                 }
                 let (mut rp, rb) = res.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
+                if let Some(c) = &hashed.set_cookie {
+                    rp.headers.append(header::SET_COOKIE, c.clone());
+                }
                 rp.version = downstream_version;
                 return Response::from_parts(rp, rb.map_err(|e| -> BoxError { Box::new(e) }).boxed());
             }

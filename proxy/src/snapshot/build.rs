@@ -9,9 +9,9 @@ use super::chains::{ChainMatcher, Criteria};
 use super::cluster::{
     ClusterCfg, ClusterSettings, EdsSource, Fallback, Host, HostSet, LbPolicy, SubsetCfg, UpstreamHttp,
 };
-use super::lb;
 use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
+use super::{hashing, lb};
 use crate::hcm::{BuildCtx as HttpBuildCtx, HttpCfg};
 use crate::health::{CheckCfg, Checks, HostHealth};
 use crate::outlier::OutlierCfg;
@@ -428,12 +428,24 @@ fn build_tcp_proxy(
         None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
         Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
     };
+    // One policy at most (Envoy's validation). dp keeps no hashable filter state, so a
+    // `filter_state` policy gives no hash, as in Envoy when the state is absent.
+    let mut hash_source_ip = false;
+    for p in &tp.hash_policy {
+        use envoy_types::pb::envoy::r#type::v3::hash_policy::PolicySpecifier;
+        match &p.policy_specifier {
+            Some(PolicySpecifier::SourceIp(_)) => hash_source_ip = true,
+            Some(PolicySpecifier::FilterState(_)) => {}
+            None => return Err("hash_policy: no policy is set".into()),
+        }
+    }
     Ok(TcpProxyCfg {
         targets,
         cumulative,
         idle_timeout,
         max_connect_attempts: tp.max_connect_attempts.map_or(1, |v| v.value.max(1)),
         stats: stats.tcp(&tp.stat_prefix),
+        hash_source_ip,
     })
 }
 
@@ -472,9 +484,12 @@ fn build_cluster(
         Ok(P::ClusterProvided) if kind == cluster::DiscoveryType::OriginalDst => LbPolicy::RoundRobin,
         Ok(P::LeastRequest) => LbPolicy::LeastRequest,
         Ok(P::Random) => LbPolicy::Random,
+        Ok(P::RingHash) => LbPolicy::RingHash,
+        Ok(P::Maglev) => LbPolicy::Maglev,
         Ok(p) => return Err(format!("lb_policy {} is not supported", p.as_str_name())),
         Err(_) => return Err(format!("lb_policy {} is unknown", c.lb_policy)),
     };
+    let hashing = hashing_of(c, lb)?;
     unsupported(c.load_balancing_policy.is_some(), "load_balancing_policy")?;
     let tls = transport(c.transport_socket.as_ref(), |ctx: UpstreamTlsContext| tls_cfg::client(&ctx, secrets))?;
     let mut tls_matches = vec![];
@@ -517,6 +532,7 @@ fn build_cluster(
         tls_criteria: criteria,
         outlier,
         panic_threshold,
+        hashing,
     };
     // Envoy's name for the cluster's stats: `alt_stat_name` when it has one.
     let cluster_stats = stats.cluster(if c.alt_stat_name.is_empty() { &c.name } else { &c.alt_stat_name });
@@ -634,7 +650,42 @@ fn host_set(
         .and_then(|a| a.policy.as_ref())
         .and_then(|p| p.overprovisioning_factor)
         .map_or(lb::DEFAULT_OVERPROVISIONING, |v| v.value);
-    Ok(HostSet::new(hosts, overprovisioning, source.panic_threshold))
+    Ok(HostSet::new(hosts, overprovisioning, source.panic_threshold, source.hashing))
+}
+
+/// RING_HASH's and MAGLEV's settings: `ring_hash_lb_config` / `maglev_lb_config` and
+/// `common_lb_config.consistent_hashing_lb_config`, with Envoy's defaults and checks.
+fn hashing_of(c: &Cluster, lb: LbPolicy) -> Result<Option<hashing::Hashing>, String> {
+    use cluster::LbConfig;
+    use cluster::ring_hash_lb_config::HashFunction;
+    use hashing::{DEFAULT_MAGLEV_TABLE, DEFAULT_MAX_RING, DEFAULT_MIN_RING, Hashing, Kind};
+    let kind = match (lb, &c.lb_config) {
+        (LbPolicy::RingHash, cfg) => {
+            let r = match cfg {
+                Some(LbConfig::RingHashLbConfig(r)) => Some(r),
+                _ => None,
+            };
+            Kind::Ring {
+                min: r.and_then(|r| r.minimum_ring_size).map_or(DEFAULT_MIN_RING, |v| v.value),
+                max: r.and_then(|r| r.maximum_ring_size).map_or(DEFAULT_MAX_RING, |v| v.value),
+                murmur: r.is_some_and(|r| r.hash_function == HashFunction::MurmurHash2 as i32),
+            }
+        }
+        (LbPolicy::Maglev, Some(LbConfig::MaglevLbConfig(m))) => {
+            Kind::Maglev { table_size: m.table_size.map_or(DEFAULT_MAGLEV_TABLE, |v| v.value) }
+        }
+        (LbPolicy::Maglev, _) => Kind::Maglev { table_size: DEFAULT_MAGLEV_TABLE },
+        _ => return Ok(None),
+    };
+    let common = c.common_lb_config.as_ref().and_then(|l| l.consistent_hashing_lb_config.as_ref());
+    // Bounded loads move requests off their hashed host: it changes where traffic goes.
+    unsupported(
+        common.and_then(|h| h.hash_balance_factor).is_some_and(|f| f.value > 0),
+        "common_lb_config.consistent_hashing_lb_config.hash_balance_factor",
+    )?;
+    let h = Hashing { kind, use_hostname: common.is_some_and(|h| h.use_hostname_for_hashing) };
+    h.validate()?;
+    Ok(Some(h))
 }
 
 /// What a host gets from its cluster beyond its address.

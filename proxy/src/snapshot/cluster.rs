@@ -19,6 +19,9 @@ pub enum LbPolicy {
     RoundRobin,
     LeastRequest,
     Random,
+    /// Consistent hashing; the settings are the hosts' ([`EdsSource::hashing`]).
+    RingHash,
+    Maglev,
 }
 
 /// A cluster: its settings (reached through `Deref`) and its hosts, which an EDS update
@@ -60,6 +63,8 @@ pub struct EdsSource {
     pub tls_criteria: Vec<BTreeMap<String, String>>,
     pub outlier: Option<crate::outlier::OutlierCfg>,
     pub panic_threshold: u32,
+    /// RING_HASH and MAGLEV's settings.
+    pub hashing: Option<super::hashing::Hashing>,
 }
 
 /// The HTTP version of upstream requests (`HttpProtocolOptions`, or the older cluster
@@ -294,7 +299,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn host_set(hosts: Vec<Arc<Host>>) -> HostSet {
-        HostSet::new(hosts, 140, 50)
+        HostSet::new(hosts, 140, 50, None)
     }
 
     fn host(port: u16, weight: u32, md: &[(&str, &str)]) -> Arc<Host> {
@@ -308,7 +313,7 @@ mod tests {
     fn count(set: &HostSet, lb: LbPolicy, n: usize) -> BTreeMap<u16, usize> {
         let mut m = BTreeMap::new();
         for _ in 0..n {
-            *m.entry(set.pick(lb, 0).unwrap().addr.port()).or_default() += 1;
+            *m.entry(set.pick(lb, 0, None).unwrap().addr.port()).or_default() += 1;
         }
         m
     }
@@ -316,7 +321,7 @@ mod tests {
     #[test]
     fn round_robin_alternates_and_weights_hold() {
         let set = host_set(vec![host(1, 1, &[]), host(2, 1, &[])]);
-        let picks: Vec<u16> = (0..4).map(|_| set.pick(LbPolicy::RoundRobin, 0).unwrap().addr.port()).collect();
+        let picks: Vec<u16> = (0..4).map(|_| set.pick(LbPolicy::RoundRobin, 0, None).unwrap().addr.port()).collect();
         assert_eq!(picks, [1, 2, 1, 2]);
         let set = host_set(vec![host(1, 1, &[]), host(2, 3, &[])]);
         let c = count(&set, LbPolicy::RoundRobin, 4000);

@@ -3,12 +3,16 @@
 //! and weighted round robin by earliest deadline first (EDF), so that weights hold
 //! exactly over each cycle.
 //!
+//! Consistent hashing (RING_HASH, MAGLEV) picks within a level by a request's hash
+//! ([`super::hashing`]); the hash also picks the level, as Envoy's does.
+//!
 //! Which hosts may take traffic changes at run time (active health checks, outlier
 //! ejections); what the picking needs is worked out once per change into a [`Plan`],
 //! not on every pick: a global epoch counts availability changes, and a plan also
 //! expires when its first ejection ends.
 
 use super::cluster::{Host, LbPolicy};
+use super::hashing::{Hashing, Table};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -38,12 +42,14 @@ pub struct HostSet {
     pub hosts: Vec<Arc<Host>>,
     overprovisioning: u32,
     panic_threshold: u32,
+    /// RING_HASH or MAGLEV: each level's plan has its table.
+    hashing: Option<Hashing>,
     plan: RwLock<Arc<Plan>>,
 }
 
 impl Default for HostSet {
     fn default() -> Self {
-        HostSet::new(vec![], DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD)
+        HostSet::new(vec![], DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD, None)
     }
 }
 
@@ -68,15 +74,18 @@ struct Level {
     /// Cumulative weights, for random and least-request picks; empty when uniform.
     cumulative: Vec<u64>,
     next: AtomicUsize,
+    /// The consistent-hashing table over `hosts`, when the cluster hashes.
+    table: Option<Table>,
 }
 
 impl HostSet {
-    pub fn new(hosts: Vec<Arc<Host>>, overprovisioning: u32, panic_threshold: u32) -> Self {
+    pub fn new(hosts: Vec<Arc<Host>>, overprovisioning: u32, panic_threshold: u32, hashing: Option<Hashing>) -> Self {
         let hosts: Vec<Arc<Host>> = hosts.into_iter().filter(|h| h.weight > 0).collect();
         let set = HostSet {
             hosts,
             overprovisioning: overprovisioning.max(1),
             panic_threshold: panic_threshold.min(100),
+            hashing,
             plan: RwLock::new(Arc::new(Plan { epoch: u64::MAX, ..Plan::default() })),
         };
         set.current();
@@ -85,7 +94,7 @@ impl HostSet {
 
     /// The same levels' settings over other hosts (a subset).
     pub fn with_hosts(&self, hosts: Vec<Arc<Host>>) -> Self {
-        HostSet::new(hosts, self.overprovisioning, self.panic_threshold)
+        HostSet::new(hosts, self.overprovisioning, self.panic_threshold, self.hashing)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,18 +102,24 @@ impl HostSet {
     }
 
     /// Picks a host. `attempt` > 0 on retries; round robin moves on by itself, random
-    /// and least-request draw again.
-    pub fn pick(&self, lb: LbPolicy, attempt: u32) -> Option<Arc<Host>> {
+    /// and least-request draw again, hashing moves along its table. `hash`: the
+    /// request's, for a hashing cluster (without one, a random number stands in, as in
+    /// Envoy).
+    pub fn pick(&self, lb: LbPolicy, attempt: u32, hash: Option<u64>) -> Option<Arc<Host>> {
         let plan = self.current();
+        let hash = self.hashing.map(|_| hash.unwrap_or_else(random));
         let level = match plan.loads.len() {
             0 => return None,
             1 => &plan.levels[0],
             _ => {
-                let point = (random() % 100) as u32;
+                let point = (hash.unwrap_or_else(random) % 100) as u32;
                 &plan.levels[plan.loads.partition_point(|&l| l <= point).min(plan.levels.len() - 1)]
             }
         };
-        level.pick(lb, attempt).cloned()
+        match (&level.table, hash) {
+            (Some(table), Some(h)) => table.pick(h, attempt).and_then(|i| level.hosts.get(i)).cloned(),
+            _ => level.pick(lb, attempt).cloned(),
+        }
     }
 
     /// The plan for the hosts' availability now, worked out again if it changed.
@@ -143,7 +158,7 @@ impl HostSet {
         let levels = by_priority
             .into_values()
             .zip(&shares.panic)
-            .map(|((all, up), &panic)| Level::new(if panic { all } else { up }))
+            .map(|((all, up), &panic)| Level::new(if panic { all } else { up }, self.hashing.as_ref()))
             .collect();
         let loads = shares
             .loads
@@ -218,9 +233,10 @@ fn shares(counts: &[(usize, usize)], overprovisioning: u32, panic_threshold: u32
 }
 
 impl Level {
-    fn new(hosts: Vec<Arc<Host>>) -> Self {
+    fn new(hosts: Vec<Arc<Host>>, hashing: Option<&Hashing>) -> Self {
+        let table = hashing.map(|h| Table::build(h, &hosts));
         let uniform = hosts.windows(2).all(|w| w[0].weight == w[1].weight);
-        let (cycle, cumulative) = if uniform {
+        let (cycle, cumulative) = if uniform || table.is_some() {
             (vec![], vec![])
         } else {
             let weights: Vec<u64> = hosts.iter().map(|h| u64::from(h.weight)).collect();
@@ -233,7 +249,7 @@ impl Level {
                 .collect();
             (edf_cycle(&weights), cumulative)
         };
-        Level { hosts, cycle, cumulative, next: AtomicUsize::new(0) }
+        Level { hosts, cycle, cumulative, next: AtomicUsize::new(0), table }
     }
 
     fn pick(&self, lb: LbPolicy, attempt: u32) -> Option<&Arc<Host>> {
@@ -249,7 +265,10 @@ impl Level {
                     len => self.cycle[tick % len] as usize,
                 }
             }
-            LbPolicy::Random => self.weighted(random().wrapping_add(u64::from(attempt))),
+            // Hashing clusters pick by their table; this is for a level without one.
+            LbPolicy::Random | LbPolicy::RingHash | LbPolicy::Maglev => {
+                self.weighted(random().wrapping_add(u64::from(attempt)))
+            }
             LbPolicy::LeastRequest => {
                 // Power of two choices, weighted by the hosts' weights.
                 let r = random();

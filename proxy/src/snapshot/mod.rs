@@ -9,6 +9,7 @@ pub mod chains;
 pub mod cluster;
 pub mod dns;
 pub mod dynconf;
+pub mod hashing;
 pub mod lb;
 pub mod rbac;
 
@@ -122,6 +123,8 @@ pub struct TcpProxyCfg {
     pub idle_timeout: Option<Duration>,
     pub max_connect_attempts: u32,
     pub stats: Arc<TcpStats>,
+    /// `hash_policy` `source_ip`: a consistent-hashing cluster hashes the client's address.
+    pub hash_source_ip: bool,
 }
 
 #[derive(Debug)]
