@@ -824,9 +824,18 @@ async fn consistent_hashing_sends_every_key_where_envoy_does() {
             ]}]}}}]})],
             false,
         ),
+        // A TCP proxy hashing the client's address.
+        listener(
+            "hashing-tcp",
+            vec![json!({"filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "cluster": "maglev", "statPrefix": "hashing_tcp", "hashPolicy": [{"sourceIp": {}}]}}]})],
+            false,
+        ),
     ];
     let pair = Pair::start(resources);
     let (dp, envoy) = pair.listener("hashing");
+    let (dp_tcp, envoy_tcp) = pair.listener("hashing-tcp");
 
     let mut mismatches = vec![];
     let mut reached: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
@@ -865,6 +874,11 @@ async fn consistent_hashing_sends_every_key_where_envoy_does() {
         }
         assert_eq!(seen.len(), 1, "{path}: {seen:?}");
         assert_eq!(get(envoy, "svc", path, &[("x-user", "fixed")]).await.body, *seen.first().unwrap(), "{path}");
+    }
+    // Every connection from 127.0.0.1 lands on the host Envoy's hash of it gives.
+    let envoy_host = get(envoy_tcp, "svc", "/", &[]).await.body;
+    for _ in 0..6 {
+        assert_eq!(get(dp_tcp, "svc", "/", &[]).await.body, envoy_host, "tcp_proxy source_ip hashing");
     }
     // No cookie: the proxy makes one, sends it back, and hashes its value; the client
     // that sends it again stays on that backend.
