@@ -4,24 +4,25 @@
 use crate::copy::{self, End, Transferred};
 use crate::drain::{ConnGuard, Drain};
 use crate::hcm::server::ConnInfo;
+use crate::inspect::{self, Found};
 use crate::outlier::Outcome;
 use crate::snapshot::chains::Offer;
 use crate::snapshot::cluster::{ClusterCfg, Host};
 use crate::snapshot::rbac::Subject;
-use crate::snapshot::{Action, Chain, ListenerCfg, Snapshot, TcpProxyCfg, Tls};
+use crate::snapshot::{Action, Chain, Snapshot, TcpProxyCfg, Tls};
 use crate::stats::{Counter, Registry};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::san;
 use crate::upstream::{HostAddr, Stream};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use clienthello::{ClientHello, MAX_ALPN, Parsed};
+use clienthello::{ClientHello, MAX_ALPN};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -56,7 +57,8 @@ enum Flag {
     Done,
     /// No filter chain matched (Envoy: NR).
     NoRoute,
-    /// The ClientHello did not come in time or was too large.
+    /// The listener filters' bytes (a ClientHello, a request line) did not come in time,
+    /// or the ClientHello was too large.
     Detect,
     /// The cluster is unknown (Envoy: NC).
     NoCluster,
@@ -80,9 +82,6 @@ enum Flag {
     /// Ended by a bug (a panic in its task).
     Internal,
 }
-
-/// The first read of a ClientHello (it grows up to the listener's bound when needed).
-const FIRST_READ: usize = 2048;
 
 /// Longest a TLS handshake may take, either side.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,10 +143,13 @@ pub async fn serve(
     lst.stats.downstream_cx_total.inc();
     let _active = Active::new(&lst.stats.downstream_cx_active);
     let _ = down.set_nodelay(true);
-    // getsockname(2) only when some chain matches on the destination port or address.
+    // getsockname(2) only when some chain (or a listener filter's `filter_disabled`)
+    // matches on the destination port or address.
     let destination = match original {
         Some(o) => Some(o),
-        None if lst.matcher.uses_ports() || lst.matcher.uses_destinations() => down.local_addr().ok(),
+        None if lst.matcher.uses_ports() || lst.matcher.uses_destinations() || lst.inspectors_use_port() => {
+            down.local_addr().ok()
+        }
         None => None,
     };
     let port = destination.map_or(0, |a| a.port());
@@ -155,9 +157,17 @@ pub async fn serve(
     // Room for a typical ClientHello (a post-quantum key share makes it ~1.8 KiB); it
     // grows up to the listener's bound only for a larger one, so a connection that waits
     // for its hello (a slow or hostile client) costs little memory.
-    let mut buf = vec![0u8; if lst.inspect_tls { FIRST_READ.min(lst.max_client_hello) } else { 0 }];
-    let (hello, pending, flag) =
-        if lst.inspect_tls { detect(&ctx, &lst, &mut down, &mut buf).await } else { (None, 0, Flag::Done) };
+    let inspects = lst.tls_inspector.is_some() || lst.http_inspector.is_some();
+    let mut buf = vec![0u8; if inspects { inspect::FIRST_READ.min(lst.max_client_hello) } else { 0 }];
+    let (found, flag) = if inspects {
+        match inspect::inspect(&ctx.stats.global, &lst, port, &mut down, &mut buf).await {
+            Ok(f) => (f, Flag::Done),
+            Err(inspect::Stop::Detect) => (Found::default(), Flag::Detect),
+        }
+    } else {
+        (Found::default(), Flag::Done)
+    };
+    let (hello, pending) = (found.hello, found.read);
     let sni = hello.as_ref().and_then(ClientHello::server_name);
     if let Some(sni) = sni {
         tracing::Span::current().record("sni", sni);
@@ -183,7 +193,8 @@ pub async fn serve(
     }
     let mut alpn: [&[u8]; MAX_ALPN] = [&[]; MAX_ALPN];
     let mut n_alpn = 0;
-    for (slot, p) in alpn.iter_mut().zip(hello.iter().flat_map(ClientHello::alpn)) {
+    // The ClientHello's ALPN, or the protocol http_inspector found.
+    for (slot, p) in alpn.iter_mut().zip(hello.iter().flat_map(ClientHello::alpn).chain(found.http)) {
         *slot = p;
         n_alpn += 1;
     }
@@ -350,65 +361,6 @@ fn rbac_allows(
         dns_sans: &dns_sans,
         pseudo: Default::default(),
     })
-}
-
-/// Reads until the ClientHello is complete (or it is clearly not TLS), within the
-/// listener filter timeout and the size bound. Returns the hello, the bytes read
-/// (they are replayed upstream), and `Flag::Done` when the connection may proceed.
-async fn detect(
-    ctx: &Ctx,
-    lst: &ListenerCfg,
-    down: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> (Option<ClientHello>, usize, Flag) {
-    let g = &ctx.stats.global;
-    let limit = lst.max_client_hello;
-    let deadline = lst.filters_timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut filled = 0;
-    loop {
-        match clienthello::parse(&buf[..filled]) {
-            Parsed::Hello(h) => {
-                g.tls_inspector_tls_found.inc();
-                if h.server_name().is_some() {
-                    g.tls_inspector_sni_found.inc();
-                } else {
-                    g.tls_inspector_sni_not_found.inc();
-                }
-                if h.alpn().next().is_some() {
-                    g.tls_inspector_alpn_found.inc();
-                }
-                return (Some(h), filled, Flag::Done);
-            }
-            Parsed::NotTls | Parsed::Malformed => {
-                g.tls_inspector_tls_not_found.inc();
-                return (None, filled, Flag::Done);
-            }
-            Parsed::NeedMore if filled >= limit => {
-                g.tls_inspector_client_hello_too_large.inc();
-                return (None, filled, Flag::Detect);
-            }
-            Parsed::NeedMore => {}
-        }
-        if filled == buf.len() {
-            buf.resize((buf.len() * 2).max(FIRST_READ).min(limit), 0);
-        }
-        let read = down.read(&mut buf[filled..]);
-        let n = match deadline {
-            None => read.await,
-            Some(d) => match tokio::time::timeout_at(d, read).await {
-                Ok(r) => r,
-                Err(_) => {
-                    lst.stats.downstream_pre_cx_timeout.inc();
-                    let flag = if lst.continue_on_timeout { Flag::Done } else { Flag::Detect };
-                    return (None, filled, flag);
-                }
-            },
-        };
-        match n {
-            Ok(0) | Err(_) => return (None, filled, Flag::Detect),
-            Ok(n) => filled += n,
-        }
-    }
 }
 
 /// A downstream stream: plain TCP can be spliced, TLS-terminated streams are copied.

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod file_watch;
 pub mod hcm;
 pub mod health;
+pub mod inspect;
 pub mod json_wire;
 pub mod listeners;
 pub mod match_api;

@@ -191,6 +191,17 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &st
 }
 
 /// A kept-alive HTTP/1.1 connection for many requests.
+/// Sends one HTTP/2 request in clear text with prior knowledge (h2c) on a new connection.
+pub async fn h2c_get(addr: SocketAddr, authority: &str, path: &str) -> Got {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder().uri(format!("http://{authority}{path}")).body(Full::new(Bytes::new())).unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    got(res).await.expect("a whole response")
+}
+
 pub struct Client {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
 }

@@ -896,3 +896,123 @@ async fn consistent_hashing_sends_every_key_where_envoy_does() {
         }
     }
 }
+
+/// MeshPassthrough's listener shapes: `tls_inspector` and `http_inspector`, a chain for
+/// HTTP (`application_protocols` `http/1.1` and `h2c` over `raw_buffer`) and one for
+/// other plain TCP; on a second listener both inspectors are `filter_disabled` on the
+/// destination port (a server-first protocol such as MySQL: the client waits for the
+/// server's greeting); on a third the predicate does not match, so the inspectors wait
+/// for the client and the listener filter timeout closes the connection. dp and Envoy
+/// must agree on each.
+#[tokio::test(flavor = "multi_thread")]
+async fn http_inspector_and_filter_disabled_pick_chains_as_envoy_does() {
+    use e2e::http::h2c_get;
+    use e2e::{Backend, closed_without_data, read_line};
+
+    let http_app = HttpBackend::start("http-app").await;
+    let tcp_app = Backend::start("tcp-app").await;
+    // A server that speaks first.
+    let greeter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let greeter_addr = greeter.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = greeter.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"GREETING\n").await;
+                let mut b = [0u8; 64];
+                let _ = s.read(&mut b).await;
+            });
+        }
+    });
+    let inspectors = |disabled: Option<Value>| {
+        let mut filters = vec![
+            json!({"name": "envoy.filters.listener.tls_inspector", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}),
+            json!({"name": "envoy.filters.listener.http_inspector", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}),
+        ];
+        if let Some(d) = disabled {
+            for f in &mut filters {
+                f["filterDisabled"] = d.clone();
+            }
+        }
+        json!(filters)
+    };
+    let tcp_chain = |cluster: &str| {
+        json!({"filterChainMatch": {"transportProtocol": "raw_buffer"},
+            "filters": [{"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "cluster": cluster, "statPrefix": cluster}}]})
+    };
+    let http_chain = json!({
+        "filterChainMatch": {"transportProtocol": "raw_buffer", "applicationProtocols": ["http/1.1", "h2c"]},
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+            "@type": HCM, "statPrefix": "passthrough_http", "httpFilters": [router()],
+            "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "any", "routes": [
+                {"match": {"prefix": "/"}, "route": {"cluster": "http-app", "timeout": "0s"},
+                 "responseHeadersToAdd": [{"header": {"key": "x-chain", "value": "http"}}]}]}]}}}]
+    });
+    let all_ports = json!({"destinationPortRange": {"start": 1, "end": 65536}});
+    let passthrough = |name: &str, chains: Vec<Value>, disabled: Option<Value>| {
+        json!({
+            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "name": name, "address": socket("127.0.0.1:0".parse().unwrap()),
+            "listenerFilters": inspectors(disabled), "listenerFiltersTimeout": "0.3s",
+            "filterChains": chains
+        })
+    };
+    let resources = vec![
+        cluster("http-app", socket(http_app.addr)),
+        cluster("tcp-app", socket(tcp_app.addr)),
+        cluster("greeter", socket(greeter_addr)),
+        passthrough("passthrough", vec![http_chain.clone(), tcp_chain("tcp-app")], None),
+        passthrough(
+            "server-first",
+            vec![http_chain.clone(), tcp_chain("greeter")],
+            Some(json!({"orMatch": {"rules": [{"destinationPortRange": {"start": 1, "end": 2}}, all_ports.clone()]}})),
+        ),
+        passthrough(
+            "server-first-inspected",
+            vec![http_chain, tcp_chain("greeter")],
+            Some(json!({"notMatch": all_ports})),
+        ),
+    ];
+    let pair = Pair::start(resources);
+    let (dp_pass, envoy_pass) = pair.listener("passthrough");
+    let (dp_first, envoy_first) = pair.listener("server-first");
+    let (dp_inspected, envoy_inspected) = pair.listener("server-first-inspected");
+
+    let mut outcomes = vec![];
+    for (pass, first, inspected) in [(dp_pass, dp_first, dp_inspected), (envoy_pass, envoy_first, envoy_inspected)] {
+        let mut o = vec![];
+        // HTTP/1.1 and h2c take the HTTP chain (the route's response header says so).
+        let h1 = get(pass, "svc", "/h1", &[]).await;
+        o.push(format!("h1 {} {} {:?}", h1.status, h1.body, h1.headers.get("x-chain")));
+        let h2 = h2c_get(pass, "svc", "/h2").await;
+        o.push(format!("h2c {} {} {:?}", h2.status, h2.body, h2.headers.get("x-chain")));
+        // Anything else takes the TCP chain, its bytes intact.
+        let mut s = tokio::net::TcpStream::connect(pass).await.unwrap();
+        s.write_all(b"\x00\x01binary hello\n").await.unwrap();
+        o.push(format!("tcp {:?}", read_line(&mut s).await));
+        // Inspectors disabled on the port: the server's greeting comes unasked.
+        let mut s = tokio::net::TcpStream::connect(first).await.unwrap();
+        o.push(format!("server-first {:?}", read_line(&mut s).await));
+        // Inspectors on: they wait for the client until the timeout, then close.
+        let mut s = tokio::net::TcpStream::connect(inspected).await.unwrap();
+        o.push(format!("inspected closed-without-data {}", closed_without_data(&mut s).await));
+        outcomes.push(o);
+    }
+    assert_eq!(outcomes[0], outcomes[1], "dp (left) and Envoy (right) differ");
+    assert_eq!(
+        outcomes[0],
+        [
+            "h1 200 http-app Some(\"http\")",
+            "h2c 200 http-app Some(\"http\")",
+            "tcp Some(\"tcp-app\")",
+            "server-first Some(\"GREETING\")",
+            "inspected closed-without-data true",
+        ]
+    );
+    assert_eq!(tcp_app.received.lock().unwrap()[0], b"\x00\x01binary hello\n");
+    let seen: Vec<String> = http_app.seen.lock().unwrap().iter().map(|s| s.version.clone()).collect();
+    assert_eq!(seen, ["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1"], "requests went through the HCM");
+}

@@ -14,6 +14,7 @@ use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, list
 use super::{hashing, lb};
 use crate::hcm::{BuildCtx as HttpBuildCtx, HttpCfg};
 use crate::health::{CheckCfg, Checks, HostHealth};
+use crate::inspect::{Inspector, Predicate};
 use crate::outlier::OutlierCfg;
 use crate::resources::{Encoded, ListenerResource, Resources};
 use crate::stats::Registry;
@@ -45,6 +46,7 @@ use std::time::Duration;
 pub type DnsAnswers = HashMap<(String, u16), Vec<SocketAddr>>;
 
 const TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+const HTTP_INSPECTOR: &str = "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
 const DEFAULT_MAX_CLIENT_HELLO: usize = 16 * 1024;
 const DEFAULT_LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -231,19 +233,24 @@ fn build_listener(l: &ListenerResource, cx: &mut ChainCtx<'_>) -> Result<Listene
         cx.notes.push(format!("listener `{}`: access_log is ignored (dp writes its own access log)", l.name));
     }
 
-    let mut inspect_tls = false;
+    let (mut tls_inspector, mut http_inspector) = (None, None);
     for (i, f) in l.listener_filters.iter().enumerate() {
         let type_url = match &f.config_type {
             Some(listener_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
             _ => "",
         };
-        unsupported(f.filter_disabled.is_some(), &format!("listener_filters[{i}].filter_disabled"))?;
-        if type_url.ends_with(TLS_INSPECTOR)
-            || (type_url.is_empty() && f.name == "envoy.filters.listener.tls_inspector")
-        {
-            inspect_tls = true;
-        } else if type_url.ends_with(ORIGINAL_DST) || (type_url.is_empty() && f.name == ORIGINAL_DST_NAME) {
+        let is = |type_name: &str, name: &str| type_url.ends_with(type_name) || (type_url.is_empty() && f.name == name);
+        let inspector = || -> Result<Inspector, String> {
+            let disabled = f.filter_disabled.as_ref().map(Predicate::from_proto).transpose();
+            Ok(Inspector { disabled: disabled.map_err(|e| format!("listener_filters[{i}].filter_disabled: {e}"))? })
+        };
+        if is(TLS_INSPECTOR, "envoy.filters.listener.tls_inspector") {
+            tls_inspector = Some(inspector()?);
+        } else if is(HTTP_INSPECTOR, "envoy.filters.listener.http_inspector") {
+            http_inspector = Some(inspector()?);
+        } else if is(ORIGINAL_DST, ORIGINAL_DST_NAME) {
             // Every captured connection's original destination is read anyway.
+            unsupported(f.filter_disabled.is_some(), &format!("listener_filters[{i}].filter_disabled"))?;
         } else {
             return Err(format!("listener_filters[{i}]: {} ({type_url}) is not supported", f.name));
         }
@@ -271,7 +278,8 @@ fn build_listener(l: &ListenerResource, cx: &mut ChainCtx<'_>) -> Result<Listene
         name: l.name.clone(),
         address,
         ipv4_compat,
-        inspect_tls,
+        tls_inspector,
+        http_inspector,
         filters_timeout,
         continue_on_timeout: l.continue_on_listener_filters_timeout,
         max_client_hello: DEFAULT_MAX_CLIENT_HELLO,

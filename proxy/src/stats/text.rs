@@ -165,8 +165,8 @@ fn round(v: f64) -> f64 {
 /// Envoy's dotted name of a field: the namespaces Envoy nests (`health_check.attempt`,
 /// `outlier_detection.ejections_active`, `server.live`, ...) get their dot back.
 fn dotted(field: &str) -> String {
-    const NAMESPACES: [&str; 5] =
-        ["tls_inspector_", "listener_manager_", "server_", "outlier_detection_", "health_check_"];
+    const NAMESPACES: [&str; 6] =
+        ["tls_inspector_", "http_inspector_", "listener_manager_", "server_", "outlier_detection_", "health_check_"];
     match NAMESPACES.iter().find(|ns| field.starts_with(*ns)) {
         Some(ns) => format!("{}.{}", &ns[..ns.len() - 1], &field[ns.len()..]),
         None => field.to_string(),
