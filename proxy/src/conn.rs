@@ -3,6 +3,7 @@
 
 use crate::copy::{self, End, Transferred};
 use crate::drain::{ConnGuard, Drain};
+use crate::filter_state::{Facts, FilterState};
 use crate::hcm::server::ConnInfo;
 use crate::inspect::{self, Found};
 use crate::outlier::Outcome;
@@ -230,11 +231,13 @@ pub async fn serve(
             }
             Tls::Off => match &chain.action {
                 Action::Http(cfg) => {
+                    let facts = Facts { peer: Some(peer), local, sni, ..Default::default() };
                     let info = ConnInfo {
                         listener: listener.clone(),
                         peer: Some(peer),
                         local,
                         sni: sni.map(str::to_owned),
+                        filter_state: filter_state(chain, &facts, false),
                         ..Default::default()
                     };
                     // The bytes read while looking for a ClientHello are the request's.
@@ -289,6 +292,9 @@ pub async fn serve(
                                 })
                                 .collect()
                         };
+                        let (uri_sans, dns_sans) = (pick(true), pick(false));
+                        let facts = Facts { peer: Some(peer), local, sni, uri_sans: &uri_sans, dns_sans: &dns_sans };
+                        let filter_state = filter_state(chain, &facts, true);
                         let info = ConnInfo {
                             listener: listener.clone(),
                             peer: Some(peer),
@@ -296,9 +302,10 @@ pub async fn serve(
                             sni: sni.map(str::to_owned),
                             tls: true,
                             authenticated: peer_cert.is_some(),
-                            uri_sans: pick(true),
-                            dns_sans: pick(false),
+                            uri_sans,
+                            dns_sans,
                             alpn_h2: tls.ssl().selected_alpn_protocol() == Some(b"h2"),
+                            filter_state,
                         };
                         drop(sans);
                         Box::pin(crate::hcm::server::serve(cfg.clone(), tls, Arc::new(info))).await;
@@ -316,6 +323,19 @@ pub async fn serve(
             }
         },
     }
+}
+
+/// The values the chain's `set_filter_state` filter sets (only HTTP routes read them):
+/// when the connection opens, then after the TLS handshake when it terminated TLS.
+fn filter_state(chain: &Chain, facts: &Facts<'_>, handshaken: bool) -> FilterState {
+    let mut state = FilterState::new();
+    if let Some(set) = &chain.set_state {
+        set.on_new_connection(facts, &mut state);
+        if handshaken {
+            set.on_tls_handshake(facts, &mut state);
+        }
+    }
+    state
 }
 
 /// Closes a terminated TLS connection as Envoy does: a close_notify alert, if the socket

@@ -14,6 +14,7 @@ pub mod descriptors;
 pub mod dns_proxy;
 pub mod drain;
 pub mod file_watch;
+pub mod filter_state;
 pub mod hcm;
 pub mod health;
 pub mod inspect;

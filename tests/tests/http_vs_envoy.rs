@@ -1016,3 +1016,68 @@ async fn http_inspector_and_filter_disabled_pick_chains_as_envoy_does() {
     let seen: Vec<String> = http_app.seen.lock().unwrap().iter().map(|s| s.version.clone()).collect();
     assert_eq!(seen, ["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1"], "requests went through the HCM");
 }
+
+/// MeshTimeout's and MeshRateLimit's rules by client identity (Kuma 2.14's
+/// `matched_spiffe_precedence` golden): `set_filter_state` writes the client's SPIFFE ID
+/// after the TLS handshake, and routes match it exactly, by prefix, or not at all. A
+/// plain-text chain has no handshake, so no value: only its catch-all route answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_the_clients_spiffe_id_from_set_filter_state_as_envoy_does() {
+    let ca = MeshCa::new("mesh-a");
+    let server = ca.identity(&format!("spiffe://{TD_A}/zone-egress"));
+    let key = "kuma.mesh_timeout.match.spiffe_id";
+    let set_state = json!({"name": "envoy.filters.network.set_filter_state", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config",
+        "onDownstreamTlsHandshake": [{"factoryKey": "envoy.string", "objectKey": key, "readOnly": true, "skipIfEmpty": true,
+            "formatString": {"textFormatSource": {"inlineString": "%DOWNSTREAM_PEER_URI_SAN%"}}}]}});
+    let answer = |body: &str| json!({"status": 200, "body": {"inlineString": body}});
+    let routes = json!([
+        {"match": {"prefix": "/", "filterState": [{"key": key, "stringMatch": {"exact": format!("spiffe://{TD_A}/client")}}]},
+         "directResponse": answer("exact")},
+        {"match": {"prefix": "/", "filterState": [{"key": key, "stringMatch": {"prefix": format!("spiffe://{TD_A}/")}}]},
+         "directResponse": answer("mesh")},
+        {"match": {"prefix": "/"}, "directResponse": answer("any")},
+    ]);
+    let mut plain = json!({"filterChainMatch": {"transportProtocol": "raw_buffer"}, "filters": [set_state.clone(),
+        {"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+            "@type": HCM, "statPrefix": "plain", "httpFilters": [router()],
+            "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "plain", "routes": routes.clone()}]}}}]});
+    plain["name"] = json!("plain");
+    let chains = vec![egress_chain(&[sni("inbound")], vec![set_state], vec![], routes), plain];
+    let mut resources = vec![listener("inbound", chains, true)];
+    resources.extend(secrets(&ca, &server));
+    let pair = Pair::start(resources);
+    let (dp, envoy) = pair.listener("inbound");
+
+    let dir = temp_dir("filter-state-identities");
+    let id = |name: &str, uri: String| {
+        let i = ca.identity(&uri);
+        CurlIdentity::write(&dir, name, &i.cert_pem, &i.key_pem)
+    };
+    let clients = [
+        ("client@A", id("client-a", format!("spiffe://{TD_A}/client"))),
+        ("other@A", id("other-a", format!("spiffe://{TD_A}/other"))),
+        ("client@B", id("client-b", format!("spiffe://{TD_B}/client"))),
+    ];
+    let mut got = vec![];
+    for addr in [dp, envoy] {
+        let mut answers = vec![];
+        for (name, identity) in &clients {
+            let a = curl_tls(addr, &sni("inbound"), Some(identity), "svc", &["/"]).await;
+            answers.push(format!("{name}: {:?}", a[0].as_ref().map(|(status, body, _)| (*status, body.clone()))));
+        }
+        let g = get(addr, "svc", "/", &[]).await;
+        answers.push(format!("plain: {:?}", Some((g.status, g.body))));
+        got.push(answers);
+    }
+    assert_eq!(got[0], got[1], "dp (left) and Envoy (right) differ");
+    assert_eq!(
+        got[0],
+        [
+            "client@A: Some((200, \"exact\"))",
+            "other@A: Some((200, \"mesh\"))",
+            "client@B: Some((200, \"any\"))",
+            "plain: Some((200, \"any\"))",
+        ]
+    );
+}

@@ -65,6 +65,9 @@ struct RouteMatch {
     /// `runtime_fraction`: the share of requests the route takes (its default value; dp
     /// has no runtime to override it).
     fraction: Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
+    /// `filter_state` matchers: the connection's value under each key (from
+    /// `set_filter_state`); a missing value does not match.
+    filter_state: Vec<(String, ValueMatch)>,
 }
 
 #[derive(Debug)]
@@ -255,6 +258,8 @@ pub struct RequestView<'a> {
     pub scheme: &'a str,
     /// The request's random number (`runtime_fraction` matches draw from it).
     pub random: u64,
+    /// The connection's filter state (`set_filter_state`).
+    pub filter_state: &'a [(String, String)],
 }
 
 impl RouteTable {
@@ -324,6 +329,10 @@ impl RouteMatch {
             && self.headers.iter().all(|h| h.matches(req.headers, &pseudo))
             && self.query.iter().all(|q| q.matches(query))
             && self.fraction.as_ref().is_none_or(|f| super::filters::hit(f, req.random))
+            && self
+                .filter_state
+                .iter()
+                .all(|(key, m)| m.matches(req.filter_state.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())))
     }
 }
 
@@ -548,7 +557,16 @@ fn build_route(r: &rpb::Route, vh_retry: Option<&Arc<RetryPolicy>>, resolve: &Re
             .unwrap_or(envoy_types::pb::envoy::r#type::v3::FractionalPercent { numerator: 0, denominator: 0 })
     });
     if m.grpc.is_some() || m.tls_context.is_some() || !m.dynamic_metadata.is_empty() || !m.cookies.is_empty() {
-        return Err("match: only path, headers and query_parameters are supported".into());
+        return Err("match: only path, headers, query_parameters and filter_state are supported".into());
+    }
+    let mut filter_state = vec![];
+    for f in &m.filter_state {
+        use envoy_types::pb::envoy::r#type::matcher::v3::filter_state_matcher::Matcher;
+        match &f.matcher {
+            Some(Matcher::StringMatch(s)) => filter_state.push((f.key.clone(), string_or_regex(s)?)),
+            Some(_) => return Err(format!("match.filter_state `{}`: only string_match is supported", f.key)),
+            None => return Err(format!("match.filter_state `{}`: no matcher", f.key)),
+        }
     }
     let path = match &m.path_specifier {
         Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
@@ -598,6 +616,7 @@ fn build_route(r: &rpb::Route, vh_retry: Option<&Arc<RetryPolicy>>, resolve: &Re
             headers,
             query,
             fraction,
+            filter_state,
         },
         action,
         headers: Mutations::build(
@@ -837,7 +856,15 @@ mod tests {
         for (k, v) in headers {
             h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        let (_, r) = t.route(&RequestView { host, path, headers: &h, method: "GET", scheme: "http", random: 0 })?;
+        let (_, r) = t.route(&RequestView {
+            host,
+            path,
+            headers: &h,
+            method: "GET",
+            scheme: "http",
+            random: 0,
+            filter_state: &[],
+        })?;
         match &r.action {
             RouteAction::Forward(f) => Some(f.targets[0].cluster_name.clone()),
             _ => Some("-".into()),
@@ -862,6 +889,7 @@ mod tests {
                         method: "GET",
                         scheme: "http",
                         random: *random,
+                        filter_state: &[],
                     })
                     .unwrap();
                 matches!(r.action, RouteAction::Direct { .. })
@@ -881,7 +909,9 @@ mod tests {
             {"match": {"prefix": "/"}, "route": {"cluster": "rest"}}]}]));
         let h = HeaderMap::new();
         let route = |method, host, scheme, path| {
-            let (_, r) = t.route(&RequestView { host, path, headers: &h, method, scheme, random: 0 }).unwrap();
+            let (_, r) = t
+                .route(&RequestView { host, path, headers: &h, method, scheme, random: 0, filter_state: &[] })
+                .unwrap();
             let RouteAction::Forward(f) = &r.action else { panic!("not forwarded") };
             f.targets[0].cluster_name.clone()
         };
@@ -958,7 +988,15 @@ mod tests {
         let h = HeaderMap::new();
         let rewrite = |path: &str| {
             let (_, r) = t
-                .route(&RequestView { host: "h", path, headers: &h, method: "GET", scheme: "http", random: 0 })
+                .route(&RequestView {
+                    host: "h",
+                    path,
+                    headers: &h,
+                    method: "GET",
+                    scheme: "http",
+                    random: 0,
+                    filter_state: &[],
+                })
                 .unwrap();
             let RouteAction::Forward(f) = &r.action else { panic!() };
             f.rewrite_path(r, path).unwrap()
@@ -967,7 +1005,15 @@ mod tests {
         assert_eq!(rewrite("/re/one/two"), "/two/one");
         let redirect = |path: &str| {
             let (_, r) = t
-                .route(&RequestView { host: "web:8080", path, headers: &h, method: "GET", scheme: "http", random: 0 })
+                .route(&RequestView {
+                    host: "web:8080",
+                    path,
+                    headers: &h,
+                    method: "GET",
+                    scheme: "http",
+                    random: 0,
+                    filter_state: &[],
+                })
                 .unwrap();
             let RouteAction::Redirect(rd) = &r.action else { panic!() };
             (rd.status.as_u16(), rd.location(r, "http", "web:8080", path))

@@ -64,6 +64,8 @@ pub struct ConnInfo {
     pub dns_sans: Vec<String>,
     /// ALPN chose `h2`.
     pub alpn_h2: bool,
+    /// What the chain's `set_filter_state` filter set.
+    pub filter_state: crate::filter_state::FilterState,
 }
 
 /// The body of a response going downstream.
@@ -333,7 +335,15 @@ async fn respond(
     let scheme = req.uri().scheme_str().unwrap_or(if info.tls { "https" } else { "http" });
     let method = req.method().as_str();
     let random = random();
-    let view = RequestView { host: authority, path, headers: req.headers(), method, scheme, random };
+    let view = RequestView {
+        host: authority,
+        path,
+        headers: req.headers(),
+        method,
+        scheme,
+        random,
+        filter_state: &info.filter_state,
+    };
     let routed = cfg.routes.route(&view);
     let uri_sans: Vec<&str> = info.uri_sans.iter().map(String::as_str).collect();
     let dns_sans: Vec<&str> = info.dns_sans.iter().map(String::as_str).collect();

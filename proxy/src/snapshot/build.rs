@@ -12,6 +12,7 @@ use super::cluster::{
 use super::rbac::Rbac;
 use super::{Action, Chain, ListenerCfg, Snapshot, Target, TcpProxyCfg, Tls, listener_stat_name};
 use super::{hashing, lb};
+use crate::filter_state::SetFilterState;
 use crate::hcm::{BuildCtx as HttpBuildCtx, HttpCfg};
 use crate::health::{CheckCfg, Checks, HostHealth};
 use crate::inspect::{Inspector, Predicate};
@@ -32,6 +33,7 @@ use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::
 use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
+use envoy_types::pb::envoy::extensions::filters::network::set_filter_state::v3::Config as SetFilterStateConfig;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value};
@@ -341,6 +343,7 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
     };
     let mut rbac = None;
     let mut limit = None;
+    let mut set_state = None;
     for f in rest {
         match &f.config_type {
             Some(filter::ConfigType::TypedConfig(any)) if any.type_url == RbacFilter::type_url() && rbac.is_none() => {
@@ -356,6 +359,12 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
                         format!("filter {}: connection_limit.max_connections must be at least 1", f.name)
                     })?;
                 limit = Some(Arc::new(ChainLimit::new(max, stats.connection_limit(&cfg.stat_prefix))));
+            }
+            Some(filter::ConfigType::TypedConfig(any))
+                if any.type_url == SetFilterStateConfig::type_url() && set_state.is_none() =>
+            {
+                let cfg = SetFilterState::from_proto(&unpack(any)?).map_err(|e| format!("filter {}: {e}", f.name))?;
+                set_state = Some(Arc::new(cfg));
             }
             _ => return Err(format!("filter {} is not supported before the terminal filter", f.name)),
         }
@@ -392,7 +401,7 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
     } else {
         return Err(format!("filter {} ({}) is not supported", last.name, any.type_url));
     };
-    Ok(Chain { name: fc.name.clone(), rbac, limit, action, tls })
+    Ok(Chain { name: fc.name.clone(), rbac, limit, set_state, action, tls })
 }
 
 fn build_tcp_proxy(

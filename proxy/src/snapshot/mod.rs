@@ -102,6 +102,8 @@ pub struct Chain {
     pub rbac: Option<Arc<rbac::Rbac>>,
     /// `envoy.filters.network.connection_limit`.
     pub limit: Option<Arc<ChainLimit>>,
+    /// `envoy.filters.network.set_filter_state`.
+    pub set_state: Option<Arc<crate::filter_state::SetFilterState>>,
     pub action: Action,
     /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
     pub tls: Tls<crate::tls::ServerTls>,
