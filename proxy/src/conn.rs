@@ -183,6 +183,8 @@ pub async fn serve(
         cluster: "",
         upstream: None,
         peer_identity: None,
+        local: destination,
+        logs: None,
         started,
         ended: None,
         destroy: &lst.stats.downstream_cx_destroy,
@@ -415,6 +417,12 @@ async fn proxy<'a, D: Downstream>(
         return log.finish(Flag::NoCluster, Transferred::default());
     };
     log.cluster = &target.cluster_name;
+    if !tp.access_log.is_empty() {
+        log.logs = Some(&tp.access_log);
+        if log.local.is_none() {
+            log.local = original.or_else(|| down.as_tcp().and_then(|s| s.local_addr().ok()));
+        }
+    }
     tracing::Span::current().record("cluster", log.cluster);
     let Some(cluster) = &target.cluster else {
         tp.stats.downstream_cx_no_route.inc();
@@ -570,6 +578,10 @@ struct AccessLog<'a> {
     upstream: Option<HostAddr>,
     /// The client certificate's first URI SAN (its SPIFFE ID) when TLS was terminated.
     peer_identity: Option<String>,
+    /// Where the connection was headed, when known.
+    local: Option<SocketAddr>,
+    /// The tcp_proxy's configured access logs.
+    logs: Option<&'a crate::access_log::AccessLogs>,
     started: Instant,
     /// How the connection ended, once it has.
     ended: Option<(Flag, Transferred)>,
@@ -594,6 +606,25 @@ impl Drop for AccessLog<'_> {
             None if self.drain.cut_off() => (Flag::DrainTimeout, Transferred::default()),
             None => (Flag::Internal, Transferred::default()),
         };
+        if let Some(logs) = self.logs {
+            let duration = self.started.elapsed();
+            logs.log(&crate::access_log::Record {
+                start: std::time::SystemTime::now().checked_sub(duration),
+                duration,
+                bytes_received: t.sent,
+                bytes_sent: t.received,
+                flags: flag.as_str(),
+                cluster: Some(self.cluster),
+                upstream_host: self.upstream.as_ref().map(ToString::to_string),
+                remote: Some(self.peer),
+                direct_remote: Some(self.peer),
+                local: self.local,
+                peer_uri_san: self.peer_identity.as_deref(),
+                sni: self.sni,
+                connection_id: self.id,
+                ..Default::default()
+            });
+        }
         info!(
             target: "access",
             id = self.id,

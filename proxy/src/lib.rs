@@ -2,6 +2,7 @@
 //! TLS-passthrough routing by SNI, the admin API and drain. `main.rs` is a thin CLI.
 
 pub mod accept;
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod bootstrap;

@@ -1081,3 +1081,125 @@ async fn routes_match_the_clients_spiffe_id_from_set_filter_state_as_envoy_does(
         ]
     );
 }
+
+/// MeshAccessLog's file backend: the HCM's and the tcp_proxy's `access_log`, in text
+/// (Kuma's default line, with a field dp does not know) and JSON formats. dp and Envoy
+/// write into the same files; each line starts with the proxy's own listener port, and
+/// the lines must be equal but for the time and duration.
+#[tokio::test(flavor = "multi_thread")]
+async fn access_logs_write_the_lines_envoy_writes() {
+    use e2e::{Backend, read_line};
+    let app = HttpBackend::start("app").await;
+    let tcp_app = Backend::start("tcp-app").await;
+    let dir = temp_dir("access-logs");
+    let text_path = dir.join("http.log");
+    let json_path = dir.join("http.json");
+    let tcp_path = dir.join("tcp.log");
+    let file_log = |path: &Path, format: Value| {
+        json!({"name": "envoy.access_loggers.file", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path.to_str().unwrap(), "logFormat": format}})
+    };
+    let text = "%DOWNSTREAM_LOCAL_PORT% [%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" \
+        %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% \"%REQ(X-FORWARDED-FOR)%\" \
+        \"%REQ(USER-AGENT):5%\" \"%REQ(:AUTHORITY)%\" %UPSTREAM_CLUSTER% \"%UPSTREAM_HOST%\" %ROUTE_NAME% \
+        %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %RESP(X-BACKEND)% %RESP(:STATUS)% 100%%\n";
+    let json_format = json!({"port": "%DOWNSTREAM_LOCAL_PORT%", "code": "%RESPONSE_CODE%", "method": "%REQ(:METHOD)%",
+        "missing": "%REQ(X-NOPE)%", "line": "%REQ(:METHOD)% %REQ(:PATH)%", "nested": {"host": "%UPSTREAM_HOST%"}});
+    let hcm = json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+        "@type": HCM, "statPrefix": "logged", "httpFilters": [router()],
+        "accessLog": [
+            file_log(&text_path, json!({"textFormatSource": {"inlineString": text}})),
+            file_log(&json_path, json!({"jsonFormat": json_format})),
+        ],
+        "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "logged", "routes": [
+            {"name": "to-app", "match": {"prefix": "/app"}, "route": {"cluster": "app", "timeout": "0s"}}]}]}}});
+    let tcp = json!({"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "cluster": "tcp-app", "statPrefix": "logged_tcp",
+        "accessLog": [file_log(&tcp_path, json!({"textFormatSource": {"inlineString":
+            "%DOWNSTREAM_LOCAL_PORT% %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %PROTOCOL%\n"}}))]}});
+    let resources = vec![
+        cluster("app", socket(app.addr)),
+        cluster("tcp-app", socket(tcp_app.addr)),
+        listener("logged", vec![json!({"filters": [hcm]})], false),
+        listener("logged-tcp", vec![json!({"filters": [tcp]})], false),
+    ];
+    let pair = Pair::start(resources);
+    let (dp, envoy) = pair.listener("logged");
+    let (dp_tcp, envoy_tcp) = pair.listener("logged-tcp");
+    for addr in [dp, envoy] {
+        assert_eq!(
+            get(addr, "svc", "/app/x?y=1", &[("user-agent", "curl/8.0"), ("x-forwarded-for", "10.1.2.3")]).await.status,
+            200
+        );
+        assert_eq!(get(addr, "svc", "/nowhere", &[]).await.status, 404);
+    }
+    for addr in [dp_tcp, envoy_tcp] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"hello\n").await.unwrap();
+        assert_eq!(read_line(&mut s).await.as_deref(), Some("tcp-app"));
+    }
+    // Envoy flushes its logs every second: read until both proxies' lines are there.
+    let lines_of = |path: &Path, port: u16, want: usize| -> Option<Vec<String>> {
+        let all = std::fs::read_to_string(path).ok()?;
+        let mine: Vec<String> = all
+            .lines()
+            .filter(|l| {
+                l.starts_with(&port.to_string())
+                    || l.contains(&format!("\"port\":{port}"))
+                    || l.contains(&format!("\"port\":\"{port}\""))
+            })
+            .map(str::to_owned)
+            .collect();
+        (mine.len() >= want).then_some(mine)
+    };
+    let both = |path: &Path, (a, b): (SocketAddr, SocketAddr), want: usize| {
+        let d = e2e::wait_until(&format!("dp's lines in {}", path.display()), || lines_of(path, a.port(), want));
+        let e = e2e::wait_until(&format!("Envoy's lines in {}", path.display()), || lines_of(path, b.port(), want));
+        (d, e)
+    };
+    // Time and duration vary; the ports are each proxy's own. The fields have no spaces
+    // up to the duration (the tenth).
+    let normal = |l: &str, port: u16| {
+        let mut f: Vec<String> = l.replacen(&port.to_string(), "PORT", 1).split(' ').map(str::to_owned).collect();
+        let t = f[1].trim_start_matches('[').trim_end_matches(']');
+        let shape = t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T' && t.as_bytes()[19] == b'.';
+        assert!(shape, "START_TIME `{t}` in {l}");
+        assert!(f[9].bytes().all(|c| c.is_ascii_digit()), "DURATION `{}` in {l}", f[9]);
+        f[1] = "[T]".into();
+        f[9] = "D".into();
+        f.join(" ")
+    };
+    let (d, e) = both(&text_path, (dp, envoy), 2);
+    let dn: Vec<String> = d.iter().map(|l| normal(l, dp.port())).collect();
+    let en: Vec<String> = e.iter().map(|l| normal(l, envoy.port())).collect();
+    assert_eq!(dn, en, "text lines: dp (left), Envoy (right)");
+    assert!(dn[0].contains(&format!("\"GET /app/x?y=1 HTTP/1.1\" 200 - 0 3 D \"10.1.2.3\" \"curl/\" \"svc\" app \"{}\" to-app 10.1.2.3 app 200 100%", app.addr)), "{}", dn[0]);
+    assert!(
+        dn[1].contains("\"GET /nowhere HTTP/1.1\" 404 NR 0 0 D \"-\" \"-\" \"svc\" - \"-\" - 127.0.0.1 - 404 100%"),
+        "{}",
+        dn[1]
+    );
+
+    let (d, e) = both(&json_path, (dp, envoy), 2);
+    let strip = |l: &str| {
+        let mut v: Value = serde_json::from_str(l).unwrap();
+        let port = v.as_object_mut().unwrap().remove("port");
+        assert!(port.as_ref().is_some_and(Value::is_u64), "a lone numeric operator is a number: {l}");
+        v
+    };
+    let dj: Vec<Value> = d.iter().map(|l| strip(l)).collect();
+    let ej: Vec<Value> = e.iter().map(|l| strip(l)).collect();
+    assert_eq!(dj, ej, "JSON lines: dp (left), Envoy (right)");
+
+    let (d, e) = both(&tcp_path, (dp_tcp, envoy_tcp), 1);
+    assert_eq!(
+        d[0].replacen(&dp_tcp.port().to_string(), "PORT", 1),
+        e[0].replacen(&envoy_tcp.port().to_string(), "PORT", 1)
+    );
+    assert_eq!(
+        d[0].replacen(&dp_tcp.port().to_string(), "PORT", 1),
+        format!("PORT 0 - 6 8 tcp-app {} -", tcp_app.addr)
+    );
+}

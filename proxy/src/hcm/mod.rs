@@ -61,6 +61,8 @@ pub struct HttpCfg {
     internal: Vec<(IpAddr, u8)>,
     /// The `server` header of responses dp makes itself.
     pub server_name: String,
+    /// The HCM's `access_log`: one entry per request.
+    pub access_log: crate::access_log::AccessLogs,
 }
 
 /// What building an HCM needs from the snapshot being built.
@@ -98,12 +100,11 @@ impl HttpCfg {
         if h.http_protocol_options.as_ref().is_some_and(|o| o.accept_http_10) {
             return Err("http_protocol_options.accept_http_10 is not supported".into());
         }
-        if !h.access_log.is_empty() {
-            ctx.notes.push(format!(
-                "http_connection_manager `{}`: access_log is ignored (dp writes its own access log)",
-                h.stat_prefix
-            ));
-        }
+        let access_log = crate::access_log::AccessLogs::build(
+            &h.access_log,
+            &format!("http_connection_manager `{}`", h.stat_prefix),
+            ctx.notes,
+        )?;
         if h.tracing.is_some() {
             ctx.notes.push(format!(
                 "http_connection_manager `{}`: tracing is not implemented; no spans are sent",
@@ -181,6 +182,7 @@ impl HttpCfg {
             use_remote_address: h.use_remote_address.is_some_and(|b| b.value),
             internal,
             server_name: if h.server_name.is_empty() { "envoy".into() } else { h.server_name.clone() },
+            access_log,
         })
     }
 

@@ -240,6 +240,9 @@ struct Log<'a> {
     upstream: Option<String>,
     flag: &'static str,
     attempts: u32,
+    /// For the configured access logs: the request's headers and route.
+    request: Option<http::HeaderMap>,
+    route_name: String,
 }
 
 impl Log<'_> {
@@ -302,6 +305,8 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
         upstream: None,
         flag: "-",
         attempts: 0,
+        request: (!cfg.access_log.is_empty()).then(|| req.headers().clone()),
+        route_name: String::new(),
     };
     let mut resp = if matches!(req.version(), http::Version::HTTP_10 | http::Version::HTTP_09) {
         // Envoy refuses HTTP/1.0 and 0.9 unless `accept_http_10` (which dp refuses), with
@@ -321,6 +326,38 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
     stats.classes.record(status);
     stats.downstream_rq_active.dec();
     log.finish(status);
+    if let Some(request) = &log.request {
+        let duration = log.started.elapsed();
+        let scheme = if info.tls { "https" } else { "http" };
+        cfg.access_log.log(&crate::access_log::Record {
+            start: std::time::SystemTime::now().checked_sub(duration),
+            duration,
+            response_code: Some(status),
+            // The bodies' sizes as their headers give them (the entry is written when the
+            // response starts, before a streamed body is counted).
+            bytes_received: content_length(request).unwrap_or(0),
+            bytes_sent: content_length(resp.headers()).unwrap_or(0),
+            flags: log.flag,
+            cluster: Some(&log.cluster),
+            upstream_host: log.upstream.clone(),
+            remote: downstream_remote(cfg, info, request),
+            direct_remote: info.peer,
+            local: info.local,
+            peer_uri_san: info.uri_sans.first().map(String::as_str),
+            sni: info.sni.as_deref(),
+            http: Some(crate::access_log::HttpRecord {
+                method: &log.method,
+                path: &log.path,
+                authority: &log.authority,
+                scheme,
+                protocol: log.protocol,
+                route_name: &log.route_name,
+                request,
+                response: Some(resp.headers()),
+            }),
+            ..Default::default()
+        });
+    }
     resp
 }
 
@@ -377,6 +414,9 @@ async fn respond(
         log.flag = "NR";
         return local_reply(cfg, StatusCode::NOT_FOUND, "");
     };
+    if log.request.is_some() {
+        log.route_name = route.name.clone();
+    }
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
             cfg.stats.rq_direct_response.inc();
@@ -701,6 +741,17 @@ async fn forward(
         return local_reply(cfg, status, "");
     }
     local_reply(cfg, status, body)
+}
+
+/// The client's address as Envoy's HCM settles it: the peer with `use_remote_address`,
+/// else the last `x-forwarded-for` entry (port 0) when there is one.
+fn downstream_remote(cfg: &HttpCfg, info: &ConnInfo, headers: &http::HeaderMap) -> Option<std::net::SocketAddr> {
+    if cfg.use_remote_address {
+        return info.peer;
+    }
+    let last = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
+    let ip = last.and_then(|v| v.rsplit(',').next()).and_then(|e| e.trim().parse::<std::net::IpAddr>().ok());
+    ip.map(|ip| std::net::SocketAddr::new(ip, 0)).or(info.peer)
 }
 
 fn cluster_tls(c: &crate::snapshot::cluster::ClusterCfg) -> bool {

@@ -377,8 +377,9 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
         let cfg = match cx.proxies.get(&any.value) {
             Some(cfg) => cfg.clone(),
             None => {
-                let cfg =
-                    Arc::new(build_tcp_proxy(&unpack(any)?, clusters, stats).map_err(|e| format!("tcp_proxy: {e}"))?);
+                let cfg = Arc::new(
+                    build_tcp_proxy(&unpack(any)?, clusters, stats, cx.notes).map_err(|e| format!("tcp_proxy: {e}"))?,
+                );
                 cx.proxies.insert(any.value.clone(), cfg.clone());
                 cfg
             }
@@ -408,6 +409,7 @@ fn build_tcp_proxy(
     tp: &TcpProxy,
     clusters: &HashMap<String, Arc<ClusterCfg>>,
     stats: &Registry,
+    notes: &mut Vec<String>,
 ) -> Result<TcpProxyCfg, String> {
     unsupported(tp.on_demand.is_some(), "on_demand")?;
     unsupported(tp.tunneling_config.is_some(), "tunneling_config")?;
@@ -463,6 +465,11 @@ fn build_tcp_proxy(
         max_connect_attempts: tp.max_connect_attempts.map_or(1, |v| v.value.max(1)),
         stats: stats.tcp(&tp.stat_prefix),
         hash_source_ip,
+        access_log: crate::access_log::AccessLogs::build(
+            &tp.access_log,
+            &format!("tcp_proxy `{}`", tp.stat_prefix),
+            notes,
+        )?,
     })
 }
 

@@ -139,6 +139,8 @@ pub struct TcpProxyCfg {
     pub stats: Arc<TcpStats>,
     /// `hash_policy` `source_ip`: a consistent-hashing cluster hashes the client's address.
     pub hash_source_ip: bool,
+    /// One entry per connection.
+    pub access_log: crate::access_log::AccessLogs,
 }
 
 #[derive(Debug)]
