@@ -364,6 +364,14 @@ pub async fn run(args: RunArgs, log_level: LogLevel) -> anyhow::Result<()> {
             let metrics = crate::metrics_socket::bind(&socket)
                 .inspect_err(|e| warn!("{e}; the control plane's Prometheus listener will not reach dp's stats"))
                 .ok();
+            // MeshAccessLog's TCP backends log into this pipe; dp sends the lines on.
+            let al_path = crate::access_log::pipe::path(dir.path(), &inputs.name, &inputs.mesh);
+            match crate::access_log::pipe::open(&al_path) {
+                Ok(rx) => {
+                    tokio::spawn(crate::access_log::pipe::stream(rx, al_path));
+                }
+                Err(e) => warn!("{e}; MeshAccessLog TCP backends will not get dp's access logs"),
+            }
             let (mut status, apps) = crate::control::start(&args, dir.path(), inputs, applier).await?;
             if let Some(l) = metrics {
                 info!(path = %socket.display(), applications = apps.len(), "metrics socket listening");

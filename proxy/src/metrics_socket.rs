@@ -15,9 +15,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::StatusCode;
 use hyper::header::CONTENT_TYPE;
 use hyper_util::rt::TokioIo;
-use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,15 +23,9 @@ use tokio::net::TcpSocket;
 use tokio::net::UnixListener;
 use tracing::warn;
 
-/// Kuma's `MetricsHijackerSocketName`: the joined path cut to 98 bytes (so that it fits a
-/// socket address on every platform), then `.sock`. The control plane computes the same
-/// path from the node's `workdir`, name and mesh.
+/// Kuma's `MetricsHijackerSocketName` ([`crate::work_dir::socket_path`]).
 pub fn socket_path(workdir: &Path, name: &str, mesh: &str) -> PathBuf {
-    let joined = workdir.join(format!("kuma-mh-{name}-{mesh}"));
-    let mut bytes = joined.as_os_str().as_bytes().to_vec();
-    bytes.truncate(98);
-    bytes.extend_from_slice(b".sock");
-    PathBuf::from(OsString::from_vec(bytes))
+    crate::work_dir::socket_path(workdir, "kuma-mh", name, mesh)
 }
 
 /// Binds the socket. A file left there by a process that is gone is replaced; a socket

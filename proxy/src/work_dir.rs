@@ -39,6 +39,19 @@ impl WorkDir {
     }
 }
 
+/// Kuma's socket names in the work dir (`kuma-mh-…`, `kuma-al-…`): the joined path cut to
+/// 98 bytes (so that it fits a socket address on every platform), then `.sock`. The
+/// control plane computes the same path from the node's `workdir`, name and mesh.
+pub fn socket_path(workdir: &Path, kind: &str, name: &str, mesh: &str) -> PathBuf {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let joined = workdir.join(format!("{kind}-{name}-{mesh}"));
+    let mut bytes = joined.as_os_str().as_bytes().to_vec();
+    bytes.truncate(98);
+    bytes.extend_from_slice(b".sock");
+    PathBuf::from(OsString::from_vec(bytes))
+}
+
 impl Drop for WorkDir {
     fn drop(&mut self) {
         if self.owned {

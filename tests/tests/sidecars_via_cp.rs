@@ -261,3 +261,55 @@ async fn the_embedded_dns_proxy_answers_with_the_records_of_the_dynamic_config()
         e2e::wait_until("api.mesh in the DNS proxy", || Some(dig(proxy_port, "api.mesh")).filter(|v| !v.is_empty()));
     assert!(api_vip.starts_with("240.") && api_vip != vip, "api.mesh -> {api_vip:?}");
 }
+
+/// MeshAccessLog from the user's side: a mesh-wide policy with a `File` backend for the
+/// outbounds (Kuma's default TCP line) and a `Tcp` backend for the inbounds (a JSON
+/// format). The client sidecar writes the file; the server sidecar logs into its
+/// access-log pipe and sends each line on to the TCP collector, as kuma-dp does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshaccesslog_policy_writes_outbound_lines_to_a_file_and_sends_inbound_lines_to_a_tcp_collector() {
+    use tokio::io::AsyncBufReadExt;
+    let cp = Cp::start("zone-1");
+    cp.apply(MESH);
+    let dir = temp_dir("meshaccesslog");
+    let file = dir.join("outbound.log");
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    cp.apply(&format!(
+        "type: MeshAccessLog\nname: logs\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  \
+         - targetRef:\n      kind: Mesh\n    default:\n      backends:\n      - type: File\n        file:\n          \
+         path: {}\n  rules:\n  - default:\n      backends:\n      - type: Tcp\n        tcp:\n          address: {}\n          \
+         format:\n            type: Json\n            json:\n            - key: mesh\n              value: \"%KUMA_MESH%\"\n            \
+         - key: to\n              value: \"%KUMA_DESTINATION_SERVICE%\"\n            - key: sent\n              value: \"%BYTES_SENT%\"\n",
+        file.display(),
+        collector.local_addr().unwrap()
+    ));
+    let app = Backend::start("server-app").await;
+    let _server = backend_sidecar(&cp, &app);
+    let outbound = free_port();
+    let web_dp = format!(
+        "type: Dataplane\nmesh: default\nname: web-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+         - port: {}\n    servicePort: 1\n    tags:\n      kuma.io/service: web\n  outbound:\n  \
+         - port: {outbound}\n    tags:\n      kuma.io/service: backend\n",
+        free_port()
+    );
+    let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
+    let _client = dp(&cp, "dataplane", &token, &web_dp, free_port());
+
+    let mut c = TcpStream::connect(("127.0.0.1", outbound)).await.unwrap();
+    c.write_all(b"request\n").await.unwrap();
+    assert_eq!(read_line(&mut c).await.as_deref(), Some("server-app"));
+    drop(c);
+
+    // The server's inbound line reaches the collector: `server-app\n` is 11 bytes.
+    let (s, _) = tokio::time::timeout(e2e::WAIT, collector.accept()).await.expect("the proxy connects").unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(e2e::WAIT, tokio::io::BufReader::new(s).read_line(&mut line)).await.expect("a line").unwrap();
+    let got: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    assert_eq!(got, serde_json::json!({"mesh": "default", "to": "backend", "sent": 11}), "{line}");
+    // The client's outbound line, in Kuma's default format.
+    let written = e2e::wait_until("the outbound access-log line", || {
+        std::fs::read_to_string(&file).ok().filter(|s| s.ends_with('\n'))
+    });
+    assert!(written.starts_with('[') && written.contains(" - default 127.0.0.1(web)->127.0.0.1:"), "{written}");
+    assert!(written.contains("(backend) took ") && written.ends_with(" bytes, received: 8 bytes\n"), "{written}");
+}

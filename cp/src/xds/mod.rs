@@ -1,6 +1,7 @@
 //! ADS server (SotW and Delta) for zone proxies and data plane proxies: admit a proxy on
 //! its first request, build its snapshot from the store, and push what changed.
 
+pub mod access_log;
 pub mod delta;
 pub mod dynconf;
 pub mod egress;
@@ -394,6 +395,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let retries = cp.store.list(ResourceType::MeshRetry, Some(&id.mesh)).await.map_err(internal)?;
     let health_checks = cp.store.list(ResourceType::MeshHealthCheck, Some(&id.mesh)).await.map_err(internal)?;
     let mesh_metrics = cp.store.list(ResourceType::MeshMetric, Some(&id.mesh)).await.map_err(internal)?;
+    let access_logs = cp.store.list(ResourceType::MeshAccessLog, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -413,6 +415,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         circuit_breakers: &circuit_breakers,
         retries: &retries,
         health_checks: &health_checks,
+        access_logs: &access_logs,
         metrics,
         mesh_metric: meshmetric::merged(&mesh_metrics),
     });

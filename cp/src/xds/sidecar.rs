@@ -15,6 +15,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::access_log::KumaValues;
+use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -99,6 +101,8 @@ pub struct SidecarInputs<'a> {
     pub retries: &'a [Resource],
     /// MeshHealthChecks of the proxy's mesh.
     pub health_checks: &'a [Resource],
+    /// MeshAccessLog policies of the mesh.
+    pub access_logs: &'a [Resource],
     /// The mesh's (or the Dataplane's) Prometheus metrics backend.
     pub metrics: Option<super::prometheus::MetricsEndpoint>,
     /// The merged MeshMetric policies of the mesh.
@@ -209,13 +213,16 @@ pub(crate) fn tcp_proxy_chain(
     idle_secs: i64,
     tls: Option<TransportSocket>,
 ) -> FilterChain {
-    let tcp = TcpProxy {
+    tcp_chain(tcp_proxy(cluster, stat_prefix, idle_secs), tls)
+}
+
+fn tcp_proxy(cluster: &str, stat_prefix: &str, idle_secs: i64) -> TcpProxy {
+    TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
         idle_timeout: Some(Duration { seconds: idle_secs, nanos: 0 }),
         ..Default::default()
-    };
-    tcp_chain(tcp, tls)
+    }
 }
 
 /// A filter chain of one tcp_proxy.
@@ -230,17 +237,29 @@ fn tcp_chain(tcp: TcpProxy, tls: Option<TransportSocket>) -> FilterChain {
     }
 }
 
-/// An outbound's tcp_proxy, with MeshRetry's connect attempts when a policy sets them.
-fn outbound_chain(svc: &str, retries: &[Resource]) -> FilterChain {
+/// An outbound's tcp_proxy, with MeshRetry's connect attempts when a policy sets them,
+/// and MeshAccessLog's loggers.
+fn outbound_chain(svc: &str, retries: &[Resource], access_log: Vec<AccessLog>) -> FilterChain {
     let attempts = super::resilience::merged_conf(retries, svc).and_then(|c| super::resilience::connect_attempts(&c));
     let tcp = TcpProxy {
-        stat_prefix: svc.to_string(),
-        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(svc.to_string())),
-        idle_timeout: Some(Duration { seconds: 3600, nanos: 0 }),
         max_connect_attempts: attempts.map(|value| UInt32Value { value }),
-        ..Default::default()
+        access_log,
+        ..tcp_proxy(svc, svc, 3600)
     };
     tcp_chain(tcp, None)
+}
+
+/// Kuma's `AccessLogSocketName`: `<workdir>/kuma-al-<name>-<mesh>`, cut to 98 bytes, then
+/// `.sock` (the proxy serves it).
+fn access_log_pipe(workdir: &str, name: &str, mesh: &str) -> String {
+    let mut joined =
+        std::path::Path::new(workdir).join(format!("kuma-al-{name}-{mesh}")).to_string_lossy().into_owned();
+    let mut cut = joined.len().min(98);
+    while !joined.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    joined.truncate(cut);
+    joined + ".sock"
 }
 
 /// Push a resource whose version is computed from its map-free Debug form plus `extra`
@@ -304,6 +323,9 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
     let mut loads: Vec<Named> = Vec::new();
     let mut secrets: Vec<Named> = Vec::new();
 
+    // MeshAccessLog's TCP backends log into the proxy's pipe.
+    let al_pipe = access_log_pipe(inputs.workdir, &dp.name, mesh);
+
     // --- inbounds ---------------------------------------------------------------------
     let mut local_clusters: BTreeMap<String, (String, u32)> = BTreeMap::new();
     for inb in &net.inbound {
@@ -324,12 +346,25 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
 
         let name = format!("inbound:{dp_ip}:{port}");
         let tls = inputs.tls.as_ref().map(|_| tls_socket(downstream_tls(mesh)));
+        let values = KumaValues {
+            mesh,
+            source_ip: &net.address,
+            source_service: "unknown",
+            destination_service: inb.tags.get(SERVICE_TAG).map_or("", String::as_str),
+            zone: inputs.zone,
+        };
+        let backends = super::access_log::inbound_backends(inputs.access_logs);
+        let tcp = TcpProxy {
+            access_log: super::access_log::loggers(&backends, &values, &al_pipe),
+            ..tcp_proxy(&cluster, &format!("localhost_{workload_port}"), 7200)
+        };
+        let chain = tcp_chain(tcp, tls);
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(&dp_ip, port)),
             enable_reuse_port: Some(BoolValue { value: reuse_port }),
             bind_to_port: tproxy.as_ref().map(|_| BoolValue { value: false }),
-            filter_chains: vec![tcp_proxy_chain(&cluster, &format!("localhost_{workload_port}"), 7200, tls)],
+            filter_chains: vec![chain],
             traffic_direction: TrafficDirection::Inbound as i32,
             ..Default::default()
         };
@@ -393,13 +428,25 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
     }
     let services: BTreeSet<String> = outbounds.values().map(|(s, _)| s.clone()).collect();
+    // Kuma's source service: the first inbound's.
+    let own_service = net.inbound.iter().find_map(|i| i.tags.get(SERVICE_TAG)).map_or("unknown", String::as_str);
     for ((addr, port), (svc, tags)) in &outbounds {
         let name = format!("outbound:{addr}:{port}");
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(addr, *port)),
             bind_to_port: tproxy.as_ref().filter(|_| !bind_outbounds).map(|_| BoolValue { value: false }),
-            filter_chains: vec![outbound_chain(svc, inputs.retries)],
+            filter_chains: vec![outbound_chain(svc, inputs.retries, {
+                let values = KumaValues {
+                    mesh,
+                    source_ip: &net.address,
+                    source_service: own_service,
+                    destination_service: svc,
+                    zone: inputs.zone,
+                };
+                let backends = super::access_log::outbound_backends(inputs.access_logs, svc);
+                super::access_log::loggers(&backends, &values, &al_pipe)
+            })],
             traffic_direction: TrafficDirection::Outbound as i32,
             ..Default::default()
         };

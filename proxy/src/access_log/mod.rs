@@ -10,6 +10,7 @@
 //! is observability, not routing.
 
 pub mod format;
+pub mod pipe;
 mod time;
 
 use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
