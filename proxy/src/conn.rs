@@ -78,6 +78,8 @@ enum Flag {
     RbacDenied,
     /// The chain's `connection_limit` is reached.
     Limited,
+    /// The chain's network `local_ratelimit` had no token (Envoy: RL).
+    RateLimited,
     /// Cut when the drain time ran out.
     DrainTimeout,
     /// Ended by a bug (a panic in its task).
@@ -102,6 +104,7 @@ impl Flag {
             Flag::TlsPending => "TLS_PENDING",
             Flag::RbacDenied => "RBAC",
             Flag::Limited => "LIMIT",
+            Flag::RateLimited => "RL",
             Flag::DrainTimeout => "DRAIN",
             Flag::Internal => "INTERNAL",
         }
@@ -218,6 +221,9 @@ pub async fn serve(
         Some(Some(p)) => Some(p),
         None => None,
     };
+    if chain.rate_limit.as_ref().is_some_and(|r| !r.admit()) {
+        return log.finish(Flag::RateLimited, Transferred::default());
+    }
     let http = matches!(chain.action, Action::Http(_));
     // The local address only when an RBAC filter (or HTTP) may look at it.
     let local = if chain.rbac.is_some() || http { original.or_else(|| down.local_addr().ok()) } else { None };
@@ -534,7 +540,8 @@ async fn connect(
         flag = Flag::ConnectFail;
         cs.upstream_cx_total.inc();
         host.total.fetch_add(1, Ordering::Relaxed);
-        let outcome = match tokio::time::timeout(cluster.connect_timeout, host.addr.connect()).await {
+        let outcome = match tokio::time::timeout(cluster.connect_timeout, host.addr.connect_from(&cluster.source)).await
+        {
             Ok(Ok(s)) => {
                 let Some(ct) = tls else {
                     host.record(Outcome::Connected);

@@ -32,6 +32,7 @@ pub mod splice;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;
+pub mod token_bucket;
 pub mod tproxy;
 pub mod upstream;
 pub mod work_dir;

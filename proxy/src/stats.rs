@@ -114,6 +114,8 @@ stat_struct!(RbacStats { allowed: "counter", denied: "counter" });
 
 stat_struct!(ConnectionLimitStats { limited_connections: "counter", active_connections: "gauge" });
 
+stat_struct!(LocalRateLimitStats { rate_limited: "counter" });
+
 stat_struct!(HttpStats {
     downstream_rq_total: "counter",
     downstream_rq_active: "gauge",
@@ -242,6 +244,7 @@ pub struct Registry {
     /// HTTP RBAC filters, by (HCM `stat_prefix`, `rules_stat_prefix`).
     http_rbac: Mutex<BTreeMap<(String, String), Arc<RbacStats>>>,
     connection_limit: Mutex<BTreeMap<String, Arc<ConnectionLimitStats>>>,
+    local_ratelimit: Mutex<BTreeMap<String, Arc<LocalRateLimitStats>>>,
     http: Mutex<BTreeMap<String, Arc<HttpStats>>>,
 }
 
@@ -276,6 +279,10 @@ impl Registry {
     pub fn connection_limit(&self, prefix: &str) -> Arc<ConnectionLimitStats> {
         get(&self.connection_limit, prefix)
     }
+    /// Network `local_ratelimit` filters, by `stat_prefix` (Envoy: `local_rate_limit.<prefix>.*`).
+    pub fn local_ratelimit(&self, prefix: &str) -> Arc<LocalRateLimitStats> {
+        get(&self.local_ratelimit, prefix)
+    }
     /// HTTP connection managers, by `stat_prefix` (Envoy: `http.<prefix>.*`).
     pub fn http(&self, prefix: &str) -> Arc<HttpStats> {
         get(&self.http, prefix)
@@ -303,6 +310,14 @@ impl Registry {
         let limits = rows(&self.connection_limit, ConnectionLimitStats::values);
         let prefix = "envoy_connection_limit_prefix";
         family(&mut out, "envoy_connection_limit_", ConnectionLimitStats::FIELDS, prefix, &limits);
+        let rate = rows(&self.local_ratelimit, LocalRateLimitStats::values);
+        family(
+            &mut out,
+            "envoy_local_rate_limit_",
+            LocalRateLimitStats::FIELDS,
+            "envoy_local_rate_limit_prefix",
+            &rate,
+        );
         let http = rows(&self.http, HttpStats::values);
         family(&mut out, "envoy_http_", HttpStats::FIELDS, "envoy_http_conn_manager_prefix", &http);
         self.upstream_http(&mut out);

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
 /// Where a host listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,9 +31,23 @@ impl HostAddr {
 
     /// Opens a connection (no timeout: the caller bounds it).
     pub async fn connect(&self) -> io::Result<Stream> {
+        self.connect_from(&Source::default()).await
+    }
+
+    /// Opens a connection from the cluster's source address for the host's family, when
+    /// it has one (`upstream_bind_config`).
+    pub async fn connect_from(&self, source: &Source) -> io::Result<Stream> {
         match self {
             HostAddr::Ip(a) => {
-                let s = TcpStream::connect(a).await?;
+                let from = if a.is_ipv4() { source.v4 } else { source.v6 };
+                let s = match from {
+                    None => TcpStream::connect(a).await?,
+                    Some(from) => {
+                        let socket = if a.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                        socket.bind(from)?;
+                        socket.connect(*a).await?
+                    }
+                };
                 let _ = s.set_nodelay(true);
                 Ok(Stream::Tcp(s))
             }
@@ -47,6 +61,13 @@ impl HostAddr {
             }
         }
     }
+}
+
+/// A cluster's `upstream_bind_config`: the source address per family (port 0: any).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Source {
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
 }
 
 impl From<SocketAddr> for HostAddr {

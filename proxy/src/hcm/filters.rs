@@ -4,9 +4,10 @@
 //! any other filter is refused by name, since skipping it would change what the
 //! control plane asked for.
 
+use crate::token_bucket::Bucket;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::common::matching::v3::ExtensionWithMatcher;
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
@@ -63,14 +64,6 @@ pub struct RateLimit {
     enabled: FractionalPercent,
     enforced: FractionalPercent,
     status: StatusCode,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    max: u64,
-    per_fill: u64,
-    interval: Duration,
-    state: Mutex<(u64, Instant)>,
 }
 
 /// Per-route (and per-virtual-host) filter configuration: `typed_per_filter_config`.
@@ -203,19 +196,7 @@ pub fn rate_limit(l: &LocalRateLimit) -> Result<RateLimit, String> {
     }
     let bucket = match &l.token_bucket {
         None => None,
-        Some(b) => {
-            let interval =
-                b.fill_interval.as_ref().map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32));
-            let interval =
-                interval.filter(|d| !d.is_zero()).ok_or("local_ratelimit: token_bucket.fill_interval is required")?;
-            let max = u64::from(b.max_tokens);
-            Some(Bucket {
-                max,
-                per_fill: b.tokens_per_fill.map_or(1, |v| u64::from(v.value)),
-                interval,
-                state: Mutex::new((max, Instant::now())),
-            })
-        }
+        Some(b) => Some(Bucket::from_proto(b).map_err(|e| format!("local_ratelimit: {e}"))?),
     };
     let status = match l.status.as_ref().map(|s| s.code) {
         None | Some(0) => StatusCode::TOO_MANY_REQUESTS,
@@ -313,15 +294,7 @@ impl RateLimit {
         if !hit(&self.enabled, random) {
             return false;
         }
-        let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, last) = &mut *st;
-        let fills = (last.elapsed().as_nanos() / b.interval.as_nanos().max(1)) as u64;
-        if fills > 0 {
-            *tokens = (*tokens + fills.saturating_mul(b.per_fill)).min(b.max);
-            *last += b.interval * fills.min(u64::from(u32::MAX)) as u32;
-        }
-        if *tokens > 0 {
-            *tokens -= 1;
+        if b.take() {
             return false;
         }
         hit(&self.enforced, random.rotate_left(29))
@@ -363,7 +336,7 @@ mod tests {
         .unwrap();
         assert!(!l.limited(1) && !l.limited(2));
         assert!(l.limited(3), "the third request in the hour is refused");
-        l.bucket.as_ref().unwrap().state.lock().unwrap().1 -= Duration::from_secs(3600);
+        l.bucket.as_ref().unwrap().rewind(Duration::from_secs(3600));
         assert!(!l.limited(4), "a fill brings one token back");
         assert!(l.limited(5));
         assert_eq!(l.status, StatusCode::TOO_MANY_REQUESTS);

@@ -157,7 +157,7 @@ async fn open(cluster: &ClusterCfg, host: &Host, alpn_fallback: &[u8]) -> Result
     let cs = &cluster.stats;
     cs.upstream_cx_total.inc();
     host.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let plain = match tokio::time::timeout(cluster.connect_timeout, host.addr.connect()).await {
+    let plain = match tokio::time::timeout(cluster.connect_timeout, host.addr.connect_from(&cluster.source)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             cs.upstream_cx_connect_fail.inc();

@@ -32,6 +32,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit;
 use envoy_types::pb::envoy::extensions::filters::network::direct_response::v3::Config as DirectResponse;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::local_ratelimit::v3::LocalRateLimit as NetLocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as RbacFilter;
 use envoy_types::pb::envoy::extensions::filters::network::set_filter_state::v3::Config as SetFilterStateConfig;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
@@ -344,6 +345,7 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
     let mut rbac = None;
     let mut limit = None;
     let mut set_state = None;
+    let mut rate_limit = None;
     for f in rest {
         match &f.config_type {
             Some(filter::ConfigType::TypedConfig(any)) if any.type_url == RbacFilter::type_url() && rbac.is_none() => {
@@ -359,6 +361,21 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
                         format!("filter {}: connection_limit.max_connections must be at least 1", f.name)
                     })?;
                 limit = Some(Arc::new(ChainLimit::new(max, stats.connection_limit(&cfg.stat_prefix))));
+            }
+            Some(filter::ConfigType::TypedConfig(any))
+                if any.type_url == NetLocalRateLimit::type_url() && rate_limit.is_none() =>
+            {
+                let cfg: NetLocalRateLimit = unpack(any)?;
+                let bucket =
+                    cfg.token_bucket.as_ref().ok_or_else(|| format!("filter {}: token_bucket is required", f.name))?;
+                let bucket =
+                    crate::token_bucket::Bucket::from_proto(bucket).map_err(|e| format!("filter {}: {e}", f.name))?;
+                // `runtime_enabled`: dp has no runtime, so its default decides.
+                let on = cfg.runtime_enabled.as_ref().is_none_or(|r| r.default_value.is_some_and(|v| v.value));
+                if on {
+                    let stats = stats.local_ratelimit(&cfg.stat_prefix);
+                    rate_limit = Some(Arc::new(super::ChainRateLimit { bucket, stats }));
+                }
             }
             Some(filter::ConfigType::TypedConfig(any))
                 if any.type_url == SetFilterStateConfig::type_url() && set_state.is_none() =>
@@ -402,7 +419,7 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
     } else {
         return Err(format!("filter {} ({}) is not supported", last.name, any.type_url));
     };
-    Ok(Chain { name: fc.name.clone(), rbac, limit, set_state, action, tls })
+    Ok(Chain { name: fc.name.clone(), rbac, limit, rate_limit, set_state, action, tls })
 }
 
 fn build_tcp_proxy(
@@ -582,12 +599,10 @@ fn build_cluster(
         .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
         .and_then(|t| t.max_connections)
         .map_or(DEFAULT_MAX_CONNECTIONS, |v| u64::from(v.value));
-    if c.upstream_bind_config.is_some() {
-        notes.push(format!(
-            "cluster `{}`: upstream_bind_config is ignored (connections use the default source)",
-            c.name
-        ));
-    }
+    let bind = match &c.upstream_bind_config {
+        Some(b) => bind_config(b, &c.name, notes)?,
+        None => Default::default(),
+    };
     let settings = ClusterSettings {
         original_dst: kind == DiscoveryType::OriginalDst,
         name: c.name.clone(),
@@ -607,6 +622,7 @@ fn build_cluster(
             .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
             .and_then(|t| t.max_requests)
             .map_or(DEFAULT_MAX_REQUESTS, |v| u64::from(v.value)),
+        source: bind,
     };
     Ok(ClusterCfg::new(settings, hosts))
 }
@@ -675,6 +691,37 @@ fn host_set(
         .and_then(|p| p.overprovisioning_factor)
         .map_or(lb::DEFAULT_OVERPROVISIONING, |v| v.value);
     Ok(HostSet::new(hosts, overprovisioning, source.panic_threshold, source.hashing))
+}
+
+/// `upstream_bind_config`: the source address and the extra ones, one per family (Envoy
+/// picks the one of the host's family).
+fn bind_config(
+    b: &envoy_types::pb::envoy::config::core::v3::BindConfig,
+    cluster: &str,
+    notes: &mut Vec<String>,
+) -> Result<crate::upstream::Source, String> {
+    let mut source = crate::upstream::Source::default();
+    #[allow(deprecated)]
+    let extra =
+        b.extra_source_addresses.iter().filter_map(|e| e.address.as_ref()).chain(&b.additional_source_addresses);
+    for sa in b.source_address.iter().chain(extra) {
+        let ip: std::net::IpAddr =
+            sa.address.parse().map_err(|_| format!("upstream_bind_config: `{}` is not an IP address", sa.address))?;
+        let port = match &sa.port_specifier {
+            Some(socket_address::PortSpecifier::PortValue(p)) => u16::try_from(*p).unwrap_or(0),
+            _ => 0,
+        };
+        let slot = if ip.is_ipv4() { &mut source.v4 } else { &mut source.v6 };
+        if slot.is_some() {
+            return Err("upstream_bind_config: two source addresses of one family".into());
+        }
+        *slot = Some(std::net::SocketAddr::new(ip, port));
+    }
+    if b.freebind.is_some_and(|f| f.value) || !b.socket_options.is_empty() {
+        notes.push(format!("cluster `{cluster}`: upstream_bind_config's freebind and socket_options are not applied"));
+    }
+    unsupported(b.local_address_selector.is_some(), "upstream_bind_config.local_address_selector")?;
+    Ok(source)
 }
 
 /// RING_HASH's and MAGLEV's settings: `ring_hash_lb_config` / `maglev_lb_config` and

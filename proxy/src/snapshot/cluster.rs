@@ -197,6 +197,8 @@ pub struct ClusterSettings {
     pub http_protocol: UpstreamHttp,
     /// Circuit breaker: most requests in flight at once (HTTP).
     pub max_requests: u64,
+    /// `upstream_bind_config`: where connections come from.
+    pub source: crate::upstream::Source,
 }
 
 impl ClusterCfg {
@@ -372,6 +374,7 @@ mod tests {
                     health_check: None,
                     http_protocol: UpstreamHttp::Http1,
                     max_requests: 1024,
+                    source: Default::default(),
                 },
                 all.clone(),
             )

@@ -102,6 +102,8 @@ pub struct Chain {
     pub rbac: Option<Arc<rbac::Rbac>>,
     /// `envoy.filters.network.connection_limit`.
     pub limit: Option<Arc<ChainLimit>>,
+    /// `envoy.filters.network.local_ratelimit`.
+    pub rate_limit: Option<Arc<ChainRateLimit>>,
     /// `envoy.filters.network.set_filter_state`.
     pub set_state: Option<Arc<crate::filter_state::SetFilterState>>,
     pub action: Action,
@@ -187,6 +189,24 @@ impl TcpProxyCfg {
 /// Envoy's stat name for a listener address: `127.0.0.1_10001`.
 pub fn listener_stat_name(addr: &SocketAddr) -> String {
     format!("{}_{}", addr.ip(), addr.port())
+}
+
+/// A chain's network `local_ratelimit` filter: each new connection takes a token of the
+/// bucket; without one it is closed and counted (`local_rate_limit.<prefix>.rate_limited`).
+#[derive(Debug)]
+pub struct ChainRateLimit {
+    pub bucket: crate::token_bucket::Bucket,
+    pub stats: Arc<crate::stats::LocalRateLimitStats>,
+}
+
+impl ChainRateLimit {
+    pub fn admit(&self) -> bool {
+        let ok = self.bucket.take();
+        if !ok {
+            self.stats.rate_limited.inc();
+        }
+        ok
+    }
 }
 
 /// A chain's `connection_limit` filter: at most `max` connections at once; the others are

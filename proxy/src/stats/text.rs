@@ -4,8 +4,8 @@
 //! `kumactl inspect dataplane --type=stats` show this page of a proxy.
 
 use super::{
-    BUCKETS_MS, ClusterStats, ConnectionLimitStats, GlobalStats, Histogram, HttpStats, ListenerStats, RbacStats,
-    Registry, SslStats, TcpStats,
+    BUCKETS_MS, ClusterStats, ConnectionLimitStats, GlobalStats, Histogram, HttpStats, ListenerStats,
+    LocalRateLimitStats, RbacStats, Registry, SslStats, TcpStats,
 };
 use std::fmt::Write;
 
@@ -270,6 +270,9 @@ impl Registry {
         }
         for (p, s) in self.connection_limit.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             push_fields(&mut out, &format!("connection_limit.{p}."), ConnectionLimitStats::FIELDS, s.values());
+        }
+        for (p, s) in self.local_ratelimit.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            push_fields(&mut out, &format!("local_rate_limit.{p}."), LocalRateLimitStats::FIELDS, s.values());
         }
         for (p, s) in self.http.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let prefix = format!("http.{p}.");

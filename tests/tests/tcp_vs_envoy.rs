@@ -1,0 +1,107 @@
+//! dp's TCP path against real Envoy 1.40 on the same static configuration (e2e::pair):
+//! the cluster settings and network filters Kuma's policies write for TCP services.
+
+use e2e::pair::Pair;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn socket(addr: SocketAddr) -> Value {
+    json!({"socketAddress": {"address": addr.ip().to_string(), "portValue": addr.port()}})
+}
+
+fn static_cluster(name: &str, addr: SocketAddr, extra: Value) -> Value {
+    let mut c = json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name, "type": "STATIC", "connectTimeout": "5s",
+        "loadAssignment": {"clusterName": name, "endpoints": [{"lbEndpoints": [{"endpoint": {"address": socket(addr)}}]}]}
+    });
+    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    c
+}
+
+fn listener(name: &str, filters: Vec<Value>) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": name, "address": {"socketAddress": {"address": "127.0.0.1", "portValue": 0}},
+        "filterChains": [{"filters": filters}]
+    })
+}
+
+fn tcp_proxy(cluster: &str) -> Value {
+    json!({"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "cluster": cluster, "statPrefix": cluster}})
+}
+
+/// A server that writes the client's address and closes.
+async fn who_am_i() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = l.accept().await {
+            let _ = s.write_all(format!("{}\n", peer.ip()).as_bytes()).await;
+        }
+    });
+    addr
+}
+
+async fn answer(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(e2e::WAIT, s.read_to_string(&mut out)).await.expect("an answer").unwrap();
+    out
+}
+
+/// Kuma's inbound clusters under transparent proxying come from 127.0.0.6
+/// (`upstream_bind_config`), which its iptables rules let through; the application sees
+/// that address.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_come_from_the_clusters_bind_address_as_envoys_do() {
+    let server = who_am_i().await;
+    let bind = json!({"upstreamBindConfig": {"sourceAddress": {"address": "127.0.0.6", "portValue": 0}}});
+    let pair = Pair::start(vec![
+        static_cluster("bound", server, bind),
+        static_cluster("plain", server, json!({})),
+        listener("bound", vec![tcp_proxy("bound")]),
+        listener("plain", vec![tcp_proxy("plain")]),
+    ]);
+    let (dp_bound, envoy_bound) = pair.listener("bound");
+    let (dp_plain, envoy_plain) = pair.listener("plain");
+    assert_eq!(answer(envoy_bound).await, "127.0.0.6\n");
+    assert_eq!(answer(dp_bound).await, "127.0.0.6\n");
+    assert_eq!(answer(envoy_plain).await, "127.0.0.1\n");
+    assert_eq!(answer(dp_plain).await, "127.0.0.1\n");
+}
+
+/// MeshRateLimit for a TCP service: a network `local_ratelimit` in front of the
+/// tcp_proxy. Each connection takes a token; without one it is closed unanswered and
+/// counted, under the stat name Envoy gives it.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_token_bucket_are_closed_as_envoy_closes_them() {
+    let server = who_am_i().await;
+    let rate_limit = json!({"name": "envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+        "statPrefix": "tcp_rate_limit",
+        "tokenBucket": {"maxTokens": 2, "tokensPerFill": 2, "fillInterval": "3600s"}}});
+    let pair = Pair::start(vec![
+        static_cluster("app", server, json!({})),
+        listener("limited", vec![rate_limit, tcp_proxy("app")]),
+    ]);
+    let (dp, envoy) = pair.listener("limited");
+    for addr in [dp, envoy] {
+        let answers = [answer(addr).await, answer(addr).await, answer(addr).await];
+        assert_eq!(answers, ["127.0.0.1\n", "127.0.0.1\n", ""], "{addr}");
+    }
+    let stat = |admin: SocketAddr| {
+        let (_, body) = e2e::http_get(admin, "/stats?filter=rate_limit").expect("GET /stats");
+        body
+    };
+    assert!(
+        stat(pair.envoy.admin).contains("local_rate_limit.tcp_rate_limit.rate_limited: 1"),
+        "{}",
+        stat(pair.envoy.admin)
+    );
+    assert!(stat(pair.dp.admin).contains("local_rate_limit.tcp_rate_limit.rate_limited: 1"), "{}", stat(pair.dp.admin));
+}
