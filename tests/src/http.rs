@@ -191,6 +191,20 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &st
 }
 
 /// A kept-alive HTTP/1.1 connection for many requests.
+/// Sends one HTTP/1.1 POST with `body` on a new connection.
+pub async fn post(addr: SocketAddr, host: &str, path: &str, body: &[u8]) -> Got {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap();
+    got(sender.send_request(req).await.unwrap()).await.expect("a whole response")
+}
+
 /// Sends one HTTP/2 request in clear text with prior knowledge (h2c) on a new connection.
 pub async fn h2c_get(addr: SocketAddr, authority: &str, path: &str) -> Got {
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -1203,3 +1203,53 @@ async fn access_logs_write_the_lines_envoy_writes() {
         format!("PORT 0 - 6 8 tcp-app {} -", tcp_app.addr)
     );
 }
+
+/// MeshHTTPRoute's RequestMirror filter: every request also goes to the mirror cluster,
+/// body included, as `<host>-shadow`; its answer is dropped. A mirror at 0 % sends
+/// nothing. dp's mirror sees what Envoy's sees.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_are_mirrored_as_envoy_mirrors_them() {
+    let app = HttpBackend::start("app").await;
+    let shadow = HttpBackend::start("shadow").await;
+    let never = HttpBackend::start("never").await;
+    let hcm = json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+        "@type": HCM, "statPrefix": "mirrored", "httpFilters": [router()],
+        "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "mirrored", "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "0s", "requestMirrorPolicies": [
+                {"cluster": "shadow"},
+                {"cluster": "never", "runtimeFraction": {"defaultValue": {"numerator": 0}}}]}}]}]}}});
+    let pair = Pair::start(vec![
+        cluster("app", socket(app.addr)),
+        cluster("shadow", socket(shadow.addr)),
+        cluster("never", socket(never.addr)),
+        listener("mirrored", vec![json!({"filters": [hcm]})], false),
+    ]);
+    let (dp, envoy) = pair.listener("mirrored");
+    let mut seen = vec![];
+    for addr in [dp, envoy] {
+        let before = shadow.requests();
+        let got = e2e::http::post(addr, "svc:8080", "/orders?id=7", b"{\"qty\": 2}").await;
+        assert_eq!((got.status, got.body.as_str()), (200, "app"), "{addr}");
+        let copy = e2e::wait_until("the mirrored request", || {
+            let s = shadow.seen.lock().unwrap();
+            (s.len() > before).then(|| s[before].clone())
+        });
+        seen.push((
+            copy.method,
+            copy.path,
+            copy.headers.get("host").cloned(),
+            String::from_utf8_lossy(&copy.body).into_owned(),
+        ));
+    }
+    assert_eq!(seen[0], seen[1], "dp's mirror (left) and Envoy's (right)");
+    assert_eq!(
+        seen[0],
+        (
+            "POST".to_string(),
+            "/orders?id=7".to_string(),
+            Some("svc-shadow:8080".to_string()),
+            "{\"qty\": 2}".to_string()
+        )
+    );
+    assert_eq!(never.requests(), 0, "a 0 % mirror sends nothing");
+}

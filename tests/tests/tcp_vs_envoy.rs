@@ -105,3 +105,40 @@ async fn connections_past_the_token_bucket_are_closed_as_envoy_closes_them() {
     );
     assert!(stat(pair.dp.admin).contains("local_rate_limit.tcp_rate_limit.rate_limited: 1"), "{}", stat(pair.dp.admin));
 }
+
+/// MeshExternalService with `tls.verification.mode: SkipAll`: an UpstreamTlsContext
+/// without a validation context. Envoy originates TLS and does not check the server's
+/// certificate; so does dp (and says so once when the config loads).
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_without_a_validation_context_reaches_a_self_signed_server_as_envoy_does() {
+    use tokio::io::AsyncBufReadExt;
+    let (cfg, _) = e2e::tls::self_signed("external.example");
+    let server = e2e::tls::serve(cfg, "external").await;
+    let tls = json!({"transportSocket": {"name": "envoy.transport_sockets.tls", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": "external.example"}}});
+    let pair = Pair::start(vec![static_cluster("external", server, tls), listener("out", vec![tcp_proxy("external")])]);
+    let (dp, envoy) = pair.listener("out");
+    for addr in [dp, envoy] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"hello\n").await.unwrap();
+        let mut line = String::new();
+        let mut r = tokio::io::BufReader::new(s);
+        tokio::time::timeout(e2e::WAIT, r.read_line(&mut line)).await.expect("an answer").unwrap();
+        assert_eq!(line, "external: hello\n", "{addr}");
+    }
+    pair.dp.logs.wait_for(&["the server's certificate is not verified"]);
+}
+
+/// A filter chain without filters (MeshProxyPatch can leave one): Envoy takes the config
+/// and closes every connection the chain gets; so does dp.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_without_filters_closes_its_connections_as_envoys_does() {
+    let pair = Pair::start(vec![listener("empty", vec![])]);
+    let (dp, envoy) = pair.listener("empty");
+    for addr in [dp, envoy] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(b"hello\n").await;
+        assert!(e2e::closed_without_data(&mut s).await, "{addr}");
+    }
+}

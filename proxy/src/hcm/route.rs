@@ -149,6 +149,51 @@ pub struct Forward {
     pub retry: Option<Arc<RetryPolicy>>,
     /// The request's hash for a consistent-hashing cluster.
     pub hash_policy: Vec<super::hash_policy::HashPolicy>,
+    /// `request_mirror_policies`: copies of the request, answers dropped.
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A `RequestMirrorPolicy`: a share of the requests also goes to `target`, with the
+/// authority suffixed `-shadow` (unless `disable_shadow_host_suffix_append`) or rewritten.
+#[derive(Debug)]
+pub struct Mirror {
+    pub target: Target,
+    pub fraction: Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
+    pub shadow_suffix: bool,
+    pub host_rewrite: Option<String>,
+}
+
+impl Mirror {
+    fn from_proto(m: &rpb::route_action::RequestMirrorPolicy, resolve: &Resolve<'_>) -> Result<Mirror, String> {
+        if m.cluster.is_empty() {
+            return Err("request_mirror_policies: only `cluster` is supported (not cluster_header)".into());
+        }
+        if !m.request_headers_mutations.is_empty() {
+            return Err("request_mirror_policies: request_headers_mutations is not supported".into());
+        }
+        Ok(Mirror {
+            target: (resolve.target)(&m.cluster, BTreeMap::new()),
+            fraction: m.runtime_fraction.as_ref().and_then(|f| f.default_value),
+            shadow_suffix: !m.disable_shadow_host_suffix_append,
+            host_rewrite: Some(m.host_rewrite_literal.clone()).filter(|h| !h.is_empty()),
+        })
+    }
+
+    /// The authority the copy carries: `host-shadow[:port]`, or the rewrite.
+    pub fn authority(&self, authority: &str) -> String {
+        if let Some(h) = &self.host_rewrite {
+            return h.clone();
+        }
+        if !self.shadow_suffix {
+            return authority.to_string();
+        }
+        // Before the port; an IPv6 literal's colons are inside its brackets.
+        let port_at = match authority.rfind(':') {
+            Some(i) if !authority[i..].contains(']') => i,
+            _ => authority.len(),
+        };
+        format!("{}-shadow{}", &authority[..port_at], &authority[port_at..])
+    }
 }
 
 #[derive(Debug)]
@@ -634,9 +679,6 @@ fn build_forward(
     vh_retry: Option<&Arc<RetryPolicy>>,
     resolve: &Resolve<'_>,
 ) -> Result<Forward, String> {
-    if !a.request_mirror_policies.is_empty() {
-        return Err("request_mirror_policies is not supported".into());
-    }
     if a.hedge_policy.is_some() {
         return Err("hedge_policy is not supported".into());
     }
@@ -666,15 +708,16 @@ fn build_forward(
         Some(_) => return Err("this cluster specifier is not supported".into()),
         None => return Err("a cluster or weighted_clusters is required".into()),
     };
-    let host_rewrite = match &a.host_rewrite_specifier {
-        None => None,
-        Some(HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
-        Some(HostRewriteSpecifier::AutoHostRewrite(b)) => {
-            return finish(a, targets, cumulative, None, b.value, vh_retry);
-        }
+    let mirrors = a.request_mirror_policies.iter().map(|m| Mirror::from_proto(m, resolve)).collect::<Result<_, _>>()?;
+    let (host_rewrite, auto) = match &a.host_rewrite_specifier {
+        None => (None, false),
+        Some(HostRewriteSpecifier::HostRewriteLiteral(h)) => (Some(h.clone()), false),
+        Some(HostRewriteSpecifier::AutoHostRewrite(b)) => (None, b.value),
         Some(_) => return Err("only host_rewrite_literal and auto_host_rewrite are supported".into()),
     };
-    finish(a, targets, cumulative, host_rewrite, false, vh_retry)
+    let mut fwd = finish(a, targets, cumulative, host_rewrite, auto, vh_retry)?;
+    fwd.mirrors = mirrors;
+    Ok(fwd)
 }
 
 fn finish(
@@ -710,6 +753,7 @@ fn finish(
         idle_timeout: a.idle_timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
         retry,
         hash_policy: super::hash_policy::HashPolicy::list(&a.hash_policy)?,
+        mirrors: vec![],
     })
 }
 
@@ -849,6 +893,22 @@ mod tests {
         };
         let per_filter = |_: &HashMap<String, envoy_types::pb::google::protobuf::Any>| Ok(PerRoute::default());
         RouteTable::build(&rc, &Resolve { target: &target, per_filter: &per_filter }).unwrap()
+    }
+
+    #[test]
+    fn mirrors_carry_the_shadow_authority() {
+        let m = |suffix: bool, rewrite: Option<&str>| Mirror {
+            target: Target { cluster_name: "m".into(), cluster: None, slot: None },
+            fraction: None,
+            shadow_suffix: suffix,
+            host_rewrite: rewrite.map(str::to_owned),
+        };
+        assert_eq!(m(true, None).authority("svc"), "svc-shadow");
+        assert_eq!(m(true, None).authority("svc:8080"), "svc-shadow:8080");
+        assert_eq!(m(true, None).authority("[::1]:80"), "[::1]-shadow:80");
+        assert_eq!(m(true, None).authority("[::1]"), "[::1]-shadow");
+        assert_eq!(m(false, None).authority("svc:8080"), "svc:8080");
+        assert_eq!(m(true, Some("other")).authority("svc"), "other");
     }
 
     fn cluster_of(t: &RouteTable, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {

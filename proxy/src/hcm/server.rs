@@ -583,10 +583,10 @@ async fn forward(
         authority = h.clone();
     }
 
-    // The body: buffered when a retry may need it again.
+    // The body: buffered when a retry or a mirror may need it again.
     let retry = fwd.retry.as_deref();
     let (buffered, mut streaming): (Option<Bytes>, Option<Incoming>) =
-        if retry.is_some_and(|r| r.num_retries > 0) && small {
+        if (retry.is_some_and(|r| r.num_retries > 0) || !fwd.mirrors.is_empty()) && small {
             match Limited::new(body, RETRY_BUFFER).collect().await {
                 Ok(c) => (Some(c.to_bytes()), None),
                 Err(_) => {
@@ -597,6 +597,15 @@ async fn forward(
         } else {
             (None, Some(body))
         };
+    for m in &fwd.mirrors {
+        match &buffered {
+            Some(body) if m.fraction.as_ref().is_none_or(|f| super::filters::hit(f, random.rotate_left(17))) => {
+                mirror(m, &parts.method, &new_path, &headers, &authority, body.clone(), random);
+            }
+            Some(_) => {}
+            None => debug!(cluster = %m.target.cluster_name, "request body too large to mirror; not mirrored"),
+        }
+    }
     let attempts = 1 + retry.map_or(0, |r| r.num_retries);
     let started = Instant::now();
     let deadline = timeout.map(|t| started + t);
@@ -753,6 +762,72 @@ fn downstream_remote(cfg: &HttpCfg, info: &ConnInfo, headers: &http::HeaderMap) 
     let ip = last.and_then(|v| v.rsplit(',').next()).and_then(|e| e.trim().parse::<std::net::IpAddr>().ok());
     ip.map(|ip| std::net::SocketAddr::new(ip, 0)).or(info.peer)
 }
+
+/// Sends a copy of the request to the mirror's cluster and forgets it (Envoy's shadow):
+/// its answer and its failure reach no one, its stats are the mirror cluster's.
+fn mirror(
+    m: &super::route::Mirror,
+    method: &http::Method,
+    path: &str,
+    headers: &http::HeaderMap,
+    authority: &str,
+    body: Bytes,
+    random: u64,
+) {
+    let Some(cluster) = m.target.cluster.clone() else {
+        debug!(cluster = %m.target.cluster_name, "mirror cluster unknown; not mirrored");
+        return;
+    };
+    let hosts = m.target.hosts();
+    let Some(host) = hosts.pick(cluster.lb, 0, Some(random)) else {
+        cluster.stats.upstream_cx_none_healthy.inc();
+        return;
+    };
+    let authority = m.authority(authority);
+    let proto = match cluster.http_protocol {
+        UpstreamHttp::Http2 => Proto::Http2,
+        _ => Proto::Http1,
+    };
+    let uri = match proto {
+        Proto::Http1 => path.parse::<Uri>(),
+        Proto::Http2 => format!("{}://{authority}{path}", if cluster_tls(&cluster) { "https" } else { "http" }).parse(),
+    };
+    let Ok(uri) = uri else { return };
+    let mut req = Request::builder().method(method.clone()).uri(uri);
+    let h = req.headers_mut().expect("fresh builder");
+    *h = headers.clone();
+    match proto {
+        Proto::Http1 => {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                h.insert(header::HOST, v);
+            }
+        }
+        Proto::Http2 => {
+            h.remove(header::HOST);
+        }
+    }
+    let body: Body = Full::new(body).map_err(|e: Infallible| -> BoxError { match e {} }).boxed();
+    let Ok(req) = req.body(body) else { return };
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        let hs = cluster.stats.http();
+        hs.upstream_rq_active.inc();
+        let sent = tokio::time::timeout(MIRROR_TIMEOUT, host.pool.send(&cluster, &host, proto, req)).await;
+        hs.upstream_rq_active.dec();
+        match sent {
+            Ok(Ok(res)) => {
+                hs.record(res.status().as_u16(), t0.elapsed());
+                // Read and drop the answer so the connection can serve again.
+                let _ = res.into_body().collect().await;
+            }
+            Ok(Err(e)) => debug!(upstream = %host.addr, error = %e, "mirrored request failed"),
+            Err(_) => debug!(upstream = %host.addr, "mirrored request timed out"),
+        }
+    });
+}
+
+/// How long a mirrored request may take (its client is gone; nothing waits for it).
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn cluster_tls(c: &crate::snapshot::cluster::ClusterCfg) -> bool {
     !matches!(c.tls, crate::snapshot::Tls::Off)

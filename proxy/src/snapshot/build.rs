@@ -340,7 +340,17 @@ fn build_chain(fc: &FilterChain, cx: &mut ChainCtx<'_>) -> Result<Chain, String>
     let (clusters, secrets, stats) = (cx.clusters, cx.secrets, cx.stats);
     let tls = transport(fc.transport_socket.as_ref(), |ctx: DownstreamTlsContext| tls_cfg::server(&ctx, secrets))?;
     let Some((last, rest)) = fc.filters.split_last() else {
-        return Err("no filters".into());
+        // Envoy closes every connection of a chain without filters (MeshProxyPatch can
+        // leave one); so does dp: nothing to write, then the close.
+        return Ok(Chain {
+            name: fc.name.clone(),
+            rbac: None,
+            limit: None,
+            rate_limit: None,
+            set_state: None,
+            action: Action::DirectResponse(Default::default()),
+            tls,
+        });
     };
     let mut rbac = None;
     let mut limit = None;
@@ -541,6 +551,13 @@ fn build_cluster(
             .map_err(|e| format!("transport_socket_matches[{i}] ({}): {e}", m.name))?;
         tls_matches.push(t);
         criteria.push(struct_strings(m.r#match.as_ref()));
+    }
+    let unverified = std::iter::once(&tls).chain(&tls_matches).any(|t| matches!(t, Tls::Ready(ct) if !ct.verifies));
+    if unverified {
+        notes.push(format!(
+            "cluster `{}`: an UpstreamTlsContext has no validation context; the server's certificate is not verified",
+            c.name
+        ));
     }
     let health_check = CheckCfg::from_cluster(&c.health_checks, &c.name)?.map(Arc::new);
     unsupported(!c.filters.is_empty(), "filters")?;

@@ -216,6 +216,9 @@ pub struct ClientTls {
     alpn_configured: bool,
     /// Server chains this context accepted.
     pub verified: Arc<VerifiedChains>,
+    /// False when the context has no validation context: as in Envoy, the server's
+    /// certificate is then not checked at all (Kuma's `verification: SkipAll`).
+    pub verifies: bool,
 }
 
 /// ALPN an HTTP connection pool offers, in wire form, when the cluster's
@@ -634,10 +637,14 @@ pub fn check_sni(sni: &str) -> Result<(), String> {
 pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientTls, TlsError> {
     let common = ctx.common_tls_context.clone().unwrap_or_default();
     check_sni(&ctx.sni)?;
-    let v = validation(&common, secrets)?
-        .ok_or("a validation context is required: dp does not originate TLS without verifying the server")?;
     let mut b = builder(common.tls_params.as_ref(), Side::Client)?;
-    let verified = apply_validation(&mut b, v, SslVerifyMode::PEER)?;
+    let (verified, verifies) = match validation(&common, secrets)? {
+        Some(v) => (apply_validation(&mut b, v, SslVerifyMode::PEER)?, true),
+        None => {
+            b.set_verify(SslVerifyMode::NONE);
+            (Arc::new(VerifiedChains::new(0)), false)
+        }
+    };
     if let Some((chain, key)) = identity(&common, secrets)? {
         apply_identity(&mut b, &chain, &key)?;
     }
@@ -654,7 +661,14 @@ pub fn client(ctx: &UpstreamTlsContext, secrets: &Secrets<'_>) -> Result<ClientT
         b.set_new_session_callback(move |_, session| store.push(session));
     }
     let sni = (!ctx.sni.is_empty()).then(|| ctx.sni.clone());
-    Ok(ClientTls { context: b.build(), sni, sessions, alpn_configured: !common.alpn_protocols.is_empty(), verified })
+    Ok(ClientTls {
+        context: b.build(),
+        sni,
+        sessions,
+        alpn_configured: !common.alpn_protocols.is_empty(),
+        verified,
+        verifies,
+    })
 }
 
 #[cfg(test)]
