@@ -1253,3 +1253,30 @@ async fn requests_are_mirrored_as_envoy_mirrors_them() {
     );
     assert_eq!(never.requests(), 0, "a 0 % mirror sends nothing");
 }
+
+/// MeshFaultInjection's `responseBandwidth`: the fault filter's `response_rate_limit`
+/// lets the answer through at 1 KiB/s, so 512 bytes cannot arrive in much under half a
+/// second through either proxy; the body is whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_response_rate_limit_slows_the_body_as_envoys_does() {
+    let body = "b".repeat(512);
+    let app = HttpBackend::start(&body).await;
+    let fault = json!({"name": "envoy.filters.http.fault", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "responseRateLimit": {"fixedLimit": {"limitKbps": "1"}, "percentage": {"numerator": 100}}}});
+    let hcm = json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+        "@type": HCM, "statPrefix": "slow", "httpFilters": [fault, router()],
+        "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "slow", "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "0s"}}]}]}}});
+    let pair =
+        Pair::start(vec![cluster("app", socket(app.addr)), listener("slow", vec![json!({"filters": [hcm]})], false)]);
+    let (dp, envoy) = pair.listener("slow");
+    for addr in [dp, envoy] {
+        let started = std::time::Instant::now();
+        let got = get(addr, "svc", "/", &[]).await;
+        let took = started.elapsed();
+        assert_eq!((got.status, got.body.len()), (200, 512), "{addr}");
+        // Seven sixteenths of a second at least between the first 64 bytes and the last.
+        assert!(took >= std::time::Duration::from_millis(400), "{addr}: the body came in {took:?}");
+    }
+}

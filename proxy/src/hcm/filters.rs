@@ -55,6 +55,8 @@ pub struct Fault {
     headers: Vec<HeaderMatch>,
     delay: Option<(Duration, FractionalPercent)>,
     abort: Option<(StatusCode, FractionalPercent, String)>,
+    /// `response_rate_limit`: KiB per second.
+    response_kbps: Option<(u64, FractionalPercent)>,
 }
 
 /// A token bucket (`local_ratelimit`), shared by every connection of the listener.
@@ -81,8 +83,17 @@ pub struct Request<'a> {
 /// What a filter decided.
 pub enum Verdict {
     Continue,
-    Respond { status: StatusCode, body: String, flag: &'static str },
+    Respond {
+        status: StatusCode,
+        body: String,
+        flag: &'static str,
+    },
     Delay(Duration),
+    /// The fault filter's response rate limit (after its delay, when it has one).
+    Throttle {
+        delay: Option<Duration>,
+        kbps: u64,
+    },
 }
 
 fn any_name(any: &Any) -> &str {
@@ -152,9 +163,24 @@ fn skip_action(c: &TypedExtensionConfig) -> Result<(), String> {
 }
 
 fn fault(f: &HttpFault) -> Result<Fault, String> {
-    if f.response_rate_limit.is_some() || f.max_active_faults.is_some() || !f.downstream_nodes.is_empty() {
-        return Err("fault: only delay, abort and headers are supported".into());
+    if f.max_active_faults.is_some() || !f.downstream_nodes.is_empty() {
+        return Err("fault: max_active_faults and downstream_nodes are not supported".into());
     }
+    let response_kbps = match &f.response_rate_limit {
+        None => None,
+        Some(r) => {
+            use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_rate_limit::LimitType;
+            match &r.limit_type {
+                Some(LimitType::FixedLimit(l)) if l.limit_kbps > 0 => {
+                    Some((l.limit_kbps, r.percentage.unwrap_or_default()))
+                }
+                Some(LimitType::FixedLimit(_)) => {
+                    return Err("fault.response_rate_limit: limit_kbps must be at least 1".into());
+                }
+                _ => return Err("fault.response_rate_limit: only fixed_limit is supported".into()),
+            }
+        }
+    };
     if !f.upstream_cluster.is_empty() {
         return Err("fault: upstream_cluster is not supported".into());
     }
@@ -180,7 +206,7 @@ fn fault(f: &HttpFault) -> Result<Fault, String> {
         },
     };
     let headers = f.headers.iter().map(HeaderMatch::from_proto).collect::<Result<_, _>>()?;
-    Ok(Fault { headers, delay, abort })
+    Ok(Fault { headers, delay, abort, response_kbps })
 }
 
 fn percent(p: &Option<envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent>) -> FractionalPercent {
@@ -270,9 +296,16 @@ impl Configured {
                     let body = if body.is_empty() { "fault filter abort".to_string() } else { body.clone() };
                     return Verdict::Respond { status: *status, body, flag: "FI" };
                 }
-                match &f.delay {
-                    Some((d, p)) if hit(p, r.random.rotate_left(17)) => Verdict::Delay(*d),
-                    _ => Verdict::Continue,
+                let delay = match &f.delay {
+                    Some((d, p)) if hit(p, r.random.rotate_left(17)) => Some(*d),
+                    _ => None,
+                };
+                match (&f.response_kbps, delay) {
+                    (Some((kbps, p)), delay) if hit(p, r.random.rotate_left(41)) => {
+                        Verdict::Throttle { delay, kbps: *kbps }
+                    }
+                    (_, Some(d)) => Verdict::Delay(d),
+                    (_, None) => Verdict::Continue,
                 }
             }
             Filter::RateLimit(own) => {

@@ -12,6 +12,7 @@ pub mod park;
 pub mod pool;
 pub mod route;
 pub mod server;
+pub mod throttle;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

@@ -399,10 +399,17 @@ async fn respond(
     let per_route =
         routed.map(|(vh, r)| if r.per_filter.rate_limit.is_some() { &r.per_filter } else { &vh.per_filter });
     let freq = FilterRequest { subject, random };
+    let mut throttle = None;
     for f in &cfg.filters {
         match f.decide(&freq, per_route) {
             Verdict::Continue => {}
             Verdict::Delay(d) => tokio::time::sleep(d).await,
+            Verdict::Throttle { delay, kbps } => {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                throttle = Some(kbps);
+            }
             Verdict::Respond { status, body, flag } => {
                 log.flag = flag;
                 return local_reply(cfg, status, body);
@@ -438,7 +445,10 @@ async fn respond(
     route.headers.apply_response(h);
     vh.headers.apply_response(h);
     cfg.routes.headers.apply_response(h);
-    resp
+    match throttle {
+        Some(kbps) => resp.map(|b| super::throttle::Throttled::new(b, kbps).boxed()),
+        None => resp,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
