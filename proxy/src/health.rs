@@ -36,6 +36,19 @@ pub struct CheckCfg {
     pub receive: Vec<Vec<u8>>,
     /// An HTTP check instead of a TCP one.
     pub http: Option<HttpCheck>,
+    /// A gRPC check (`grpc.health.v1.Health/Check`) instead of a TCP one.
+    pub grpc: Option<GrpcCheck>,
+}
+
+/// Envoy's `GrpcHealthCheck`: the standard gRPC health service over HTTP/2 (clear text,
+/// as dp's HTTP checks), passing only on `SERVING`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GrpcCheck {
+    pub service: String,
+    /// `:authority` (Envoy: the cluster's name when empty).
+    pub authority: String,
+    /// `initial_metadata`, in order.
+    pub metadata: Vec<(String, String)>,
 }
 
 /// Envoy's `HttpHealthCheck`, as far as dp runs it.
@@ -61,11 +74,13 @@ impl CheckCfg {
             return Err("health_checks: only one check per cluster is supported".into());
         }
         let default_tcp = Default::default();
-        let (tcp, http) = match &hc.health_checker {
-            Some(HealthChecker::TcpHealthCheck(t)) => (t, None),
-            Some(HealthChecker::HttpHealthCheck(h)) => (&default_tcp, Some(http_check(h, cluster)?)),
-            Some(HealthChecker::GrpcHealthCheck(_)) => {
-                return Err("health_checks[0]: grpc_health_check is not supported".into());
+        let (tcp, http, grpc) = match &hc.health_checker {
+            Some(HealthChecker::TcpHealthCheck(t)) => (t, None, None),
+            Some(HealthChecker::HttpHealthCheck(h)) => (&default_tcp, Some(http_check(h, cluster)?), None),
+            Some(HealthChecker::GrpcHealthCheck(g)) => {
+                let metadata = headers_to_add(&g.initial_metadata, "grpc_health_check.initial_metadata")?;
+                let authority = if g.authority.is_empty() { cluster.to_string() } else { g.authority.clone() };
+                (&default_tcp, None, Some(GrpcCheck { service: g.service_name.clone(), authority, metadata }))
             }
             Some(HealthChecker::CustomHealthCheck(c)) => {
                 return Err(format!("health_checks[0]: custom_health_check {} is not supported", c.name));
@@ -99,6 +114,7 @@ impl CheckCfg {
             send: tcp.send.as_ref().map(payload).transpose()?.unwrap_or_default(),
             receive: tcp.receive.iter().map(payload).collect::<Result<_, _>>()?,
             http,
+            grpc,
         }))
     }
 
@@ -107,6 +123,26 @@ impl CheckCfg {
         self.hash(&mut h);
         h.finish()
     }
+}
+
+/// Headers a check adds, lower-cased, checked as header names and values.
+fn headers_to_add(
+    list: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption],
+    field: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let mut out = vec![];
+    for (i, o) in list.iter().enumerate() {
+        let Some(hv) = &o.header else { continue };
+        let bad = |what: &str| format!("health_checks[0].{field}[{i}]: {what}");
+        http::HeaderName::from_bytes(hv.key.as_bytes())
+            .map_err(|_| bad(&format!("`{}` is not a header name", hv.key)))?;
+        let value =
+            if hv.raw_value.is_empty() { hv.value.clone() } else { String::from_utf8_lossy(&hv.raw_value).into() };
+        http::HeaderValue::from_str(&value)
+            .map_err(|_| bad(&format!("the value of `{}` is not a header value", hv.key)))?;
+        out.push((hv.key.to_ascii_lowercase(), value));
+    }
+    Ok(out)
 }
 
 fn http_check(
@@ -118,18 +154,7 @@ fn http_check(
             "health_checks[0].http_health_check: send, receive and service_name_matcher are not supported".into()
         );
     }
-    let mut add_headers = vec![];
-    for (i, o) in h.request_headers_to_add.iter().enumerate() {
-        let Some(hv) = &o.header else { continue };
-        let bad = |what: &str| format!("health_checks[0].http_health_check.request_headers_to_add[{i}]: {what}");
-        http::HeaderName::from_bytes(hv.key.as_bytes())
-            .map_err(|_| bad(&format!("`{}` is not a header name", hv.key)))?;
-        let value =
-            if hv.raw_value.is_empty() { hv.value.clone() } else { String::from_utf8_lossy(&hv.raw_value).into() };
-        http::HeaderValue::from_str(&value)
-            .map_err(|_| bad(&format!("the value of `{}` is not a header value", hv.key)))?;
-        add_headers.push((hv.key.to_ascii_lowercase(), value));
-    }
+    let add_headers = headers_to_add(&h.request_headers_to_add, "http_health_check.request_headers_to_add")?;
     let remove_headers = h.request_headers_to_remove.iter().map(|n| n.to_ascii_lowercase()).collect();
     let http2 = match h.codec_client_type {
         0 => false,
@@ -282,6 +307,11 @@ async fn check(addr: &HostAddr, cfg: &CheckCfg) -> Result<(), String> {
             .await
             .map_err(|_| format!("no answer within {:?}", cfg.timeout))?;
     }
+    if let Some(g) = &cfg.grpc {
+        return tokio::time::timeout(cfg.timeout, grpc(addr, g))
+            .await
+            .map_err(|_| format!("no answer within {:?}", cfg.timeout))?;
+    }
     let attempt = async {
         let mut s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
         if !cfg.send.is_empty() {
@@ -356,6 +386,107 @@ async fn http(addr: &HostAddr, h: &HttpCheck) -> Result<(), String> {
     }
 }
 
+/// One gRPC check: `grpc.health.v1.Health/Check` for the service; the answer must be
+/// `SERVING` with `grpc-status` 0.
+async fn grpc(addr: &HostAddr, g: &GrpcCheck) -> Result<(), String> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::post(format!("http://{}/grpc.health.v1.Health/Check", g.authority))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "Envoy/HC");
+    for (k, v) in &g.metadata {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req =
+        req.body(Full::new(bytes::Bytes::from(grpc_frame(&health_request(&g.service))))).map_err(|e| e.to_string())?;
+    let res = send.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    if res.status() != http::StatusCode::OK {
+        return Err(format!("status {}", res.status().as_u16()));
+    }
+    // A trailers-only answer carries grpc-status in the headers.
+    let mut grpc_status = res.headers().get("grpc-status").cloned();
+    let collected = res.into_body().collect().await.map_err(|e| format!("response: {e}"))?;
+    if let Some(t) = collected.trailers() {
+        grpc_status = t.get("grpc-status").cloned().or(grpc_status);
+    }
+    if grpc_status.as_ref().map(|v| v.as_bytes()) != Some(b"0") {
+        return Err(format!("grpc-status {grpc_status:?}"));
+    }
+    match serving_status(&collected.to_bytes()) {
+        Some(1) => Ok(()),
+        other => Err(format!("health status {other:?}, not SERVING")),
+    }
+}
+
+/// `HealthCheckRequest { service = 1 }`.
+fn health_request(service: &str) -> Vec<u8> {
+    let mut m = vec![];
+    if !service.is_empty() {
+        m.push(0x0a);
+        let mut n = service.len();
+        while n >= 0x80 {
+            m.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        m.push(n as u8);
+        m.extend_from_slice(service.as_bytes());
+    }
+    m
+}
+
+/// A gRPC message frame: not compressed, big-endian length, the message.
+fn grpc_frame(msg: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8];
+    f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    f.extend_from_slice(msg);
+    f
+}
+
+/// `HealthCheckResponse.status` (field 1, varint) of the first frame of `body`; 0
+/// (UNKNOWN) when the field is absent.
+fn serving_status(body: &[u8]) -> Option<u64> {
+    let (&flag, rest) = body.split_first()?;
+    if flag != 0 || rest.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes(rest[..4].try_into().ok()?) as usize;
+    let mut msg = rest.get(4..4 + len)?;
+    let varint = |b: &mut &[u8]| -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, tail) = b.split_first()?;
+            *b = tail;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    };
+    let mut status = 0;
+    while !msg.is_empty() {
+        let key = varint(&mut msg)?;
+        match (key >> 3, key & 7) {
+            (1, 0) => status = varint(&mut msg)?,
+            (_, 0) => {
+                varint(&mut msg)?;
+            }
+            (_, 2) => {
+                let n = varint(&mut msg)? as usize;
+                msg = msg.get(n..)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,7 +501,59 @@ mod tests {
             send: vec![],
             receive: vec![],
             http: None,
+            grpc: None,
         }
+    }
+
+    /// A gRPC health server on HTTP/2 answering `status` to every check, with the
+    /// service it was asked about recorded.
+    async fn grpc_server(status: u8) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use http_body_util::{BodyExt, Full};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let asked = Arc::new(std::sync::Mutex::new(vec![]));
+        let seen = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let seen = seen.clone();
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        // The request frame: 5 bytes of header, then field 1.
+                        let service =
+                            body.get(7..).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                        seen.lock().unwrap().push(format!("{path} {service}"));
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let answer = Full::new(bytes::Bytes::from(grpc_frame(&[0x08, status])))
+                            .with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(trailers)) });
+                        let mut res = hyper::Response::new(answer);
+                        res.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+                );
+            }
+        });
+        (addr, asked)
+    }
+
+    #[tokio::test]
+    async fn grpc_checks_pass_on_serving_only() {
+        let check = GrpcCheck { service: "orders".into(), authority: "backend".into(), metadata: vec![] };
+        let (serving, asked) = grpc_server(1).await;
+        assert_eq!(grpc(&HostAddr::Ip(serving), &check).await, Ok(()));
+        assert_eq!(asked.lock().unwrap().as_slice(), ["/grpc.health.v1.Health/Check orders"]);
+        let (not_serving, _) = grpc_server(2).await;
+        let e = grpc(&HostAddr::Ip(not_serving), &check).await.unwrap_err();
+        assert!(e.contains("Some(2), not SERVING"), "{e}");
+        assert_eq!(serving_status(&grpc_frame(&[])), Some(0), "no field: UNKNOWN");
+        assert_eq!(health_request("a"), [0x0a, 1, b'a']);
     }
 
     #[test]

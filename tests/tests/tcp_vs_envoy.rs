@@ -142,3 +142,66 @@ async fn a_chain_without_filters_closes_its_connections_as_envoys_does() {
         assert!(e2e::closed_without_data(&mut s).await, "{addr}");
     }
 }
+
+/// A gRPC health server on HTTP/2 (h2c) answering every check with `status`
+/// (1 SERVING, 2 NOT_SERVING), as a gRPC application's health service does.
+async fn grpc_health_server(status: u8) -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                // One frame: uncompressed, 2 bytes, HealthCheckResponse { status }.
+                let frame = bytes::Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]);
+                let body =
+                    Full::new(frame).with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(trailers)) });
+                let mut res = hyper::Response::new(body);
+                res.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/grpc"));
+                Ok::<_, std::convert::Infallible>(res)
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// MeshHealthCheck's gRPC check: the host whose health service answers NOT_SERVING is
+/// failed, the SERVING one healthy, in dp's `/clusters` as in Envoy's.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_checks_fail_the_host_that_is_not_serving_as_envoys_do() {
+    let (serving, not_serving) = (grpc_health_server(1).await, grpc_health_server(2).await);
+    let endpoints: Vec<Value> =
+        [serving, not_serving].iter().map(|a| json!({"endpoint": {"address": socket(*a)}})).collect();
+    let cluster = json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": "grpc-app", "type": "STATIC", "connectTimeout": "5s",
+        "typedExtensionProtocolOptions": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicitHttpConfig": {"http2ProtocolOptions": {}}}},
+        "healthChecks": [{"timeout": "2s", "interval": "1s", "unhealthyThreshold": 1, "healthyThreshold": 1,
+            "grpcHealthCheck": {"serviceName": "orders"}}],
+        "loadAssignment": {"clusterName": "grpc-app", "endpoints": [{"lbEndpoints": endpoints}]}
+    });
+    let pair = Pair::start(vec![cluster, listener("front", vec![tcp_proxy("grpc-app")])]);
+    let flags = |admin: SocketAddr| {
+        let (_, body) = e2e::http_get(admin, "/clusters").expect("GET /clusters");
+        let of = |a: SocketAddr| {
+            body.lines().find_map(|l| l.strip_prefix(&format!("grpc-app::{a}::health_flags::")).map(str::to_owned))
+        };
+        (of(serving), of(not_serving))
+    };
+    for (who, admin) in [("Envoy", pair.envoy.admin), ("dp", pair.dp.admin)] {
+        let got = e2e::wait_until(&format!("{who}'s checks to settle"), || {
+            let f = flags(admin);
+            (f.1.as_deref() == Some("/failed_active_hc") && f.0.as_deref() == Some("healthy")).then_some(f)
+        });
+        assert_eq!(got, (Some("healthy".into()), Some("/failed_active_hc".into())), "{who}");
+    }
+}
