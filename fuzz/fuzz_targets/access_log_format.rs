@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
             route_name: value,
             request: &request,
             response: Some(&request),
+            route_kri: None,
         }),
         ..Default::default()
     };

@@ -1280,3 +1280,63 @@ async fn the_response_rate_limit_slows_the_body_as_envoys_does() {
         assert!(took >= std::time::Duration::from_millis(400), "{addr}: the body came in {took:?}");
     }
 }
+
+/// Route-targeted MeshAccessLog (Kuma 2.14's `basic_outbound_meshhttproute` golden):
+/// Kuma's Lua filter copies a route's `route_kri` metadata into the dynamic metadata, and
+/// each logger's `metadata_filter` takes the requests of its route (or of no route). dp
+/// recognises that one script; each file gets the lines Envoy writes into it.
+#[tokio::test(flavor = "multi_thread")]
+async fn route_targeted_access_logs_go_where_envoys_go() {
+    let app = HttpBackend::start("app").await;
+    let dir = temp_dir("route-access-logs");
+    let (other, route2) = (dir.join("other.log"), dir.join("route-2.log"));
+    let lua = "function envoy_on_request(handle)\n  local meta = handle:metadata():get(\"route_kri\")\n  \
+               if meta ~= nil then\n    handle:streamInfo():dynamicMetadata():set(\"kuma.routes\", \"route_kri\", meta)\n  end\nend\n";
+    let logger = |path: &Path, value: Value, if_not_found: bool| {
+        json!({"name": "envoy.access_loggers.file",
+            "filter": {"metadataFilter": {"matchIfKeyNotFound": if_not_found, "matcher": {
+                "filter": "kuma.routes", "path": [{"key": "route_kri"}], "value": value}}},
+            "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path.to_str().unwrap(),
+                "logFormat": {"textFormatSource": {"inlineString": "%DOWNSTREAM_LOCAL_PORT% %REQ(:PATH)%\n"}}}})
+    };
+    let hcm = json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+        "@type": HCM, "statPrefix": "routes",
+        "httpFilters": [{"name": "envoy.filters.http.lua", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "defaultSourceCode": {"inlineString": lua}}}, router()],
+        "accessLog": [
+            logger(&other, json!({"nullMatch": {}}), true),
+            logger(&route2, json!({"stringMatch": {"exact": "kri_mhttpr_default___route-2_"}}), false),
+        ],
+        "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "routes", "routes": [
+            {"match": {"prefix": "/route-2"}, "name": "kri_mhttpr_default___route-2_",
+             "metadata": {"filterMetadata": {"envoy.filters.http.lua": {"route_kri": "kri_mhttpr_default___route-2_"}}},
+             "route": {"cluster": "app", "timeout": "0s"}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "0s"}}]}]}}});
+    let pair =
+        Pair::start(vec![cluster("app", socket(app.addr)), listener("routes", vec![json!({"filters": [hcm]})], false)]);
+    let (dp, envoy) = pair.listener("routes");
+    for addr in [dp, envoy] {
+        for path in ["/route-2/a", "/other", "/route-2/b"] {
+            assert_eq!(get(addr, "svc", path, &[]).await.status, 200);
+        }
+    }
+    let lines = |path: &Path, port: u16, want: usize| {
+        e2e::wait_until(&format!("{want} lines for port {port} in {}", path.display()), || {
+            let all = std::fs::read_to_string(path).ok()?;
+            let mine: Vec<String> =
+                all.lines().filter_map(|l| l.strip_prefix(&format!("{port} ")).map(str::to_owned)).collect();
+            (mine.len() >= want).then_some(mine)
+        })
+    };
+    for (file, want) in [(&other, vec!["/other"]), (&route2, vec!["/route-2/a", "/route-2/b"])] {
+        assert_eq!(lines(file, envoy.port(), want.len()), want, "Envoy, {}", file.display());
+        assert_eq!(lines(file, dp.port(), want.len()), want, "dp, {}", file.display());
+    }
+    // Nothing more came into either file from dp (the lines are written in order).
+    let count = |path: &Path, port: u16| {
+        std::fs::read_to_string(path).unwrap().lines().filter(|l| l.starts_with(&format!("{port} "))).count()
+    };
+    assert_eq!((count(&other, dp.port()), count(&route2, dp.port())), (1, 2));
+}

@@ -369,6 +369,7 @@ mod tests {
                 route_name: "",
                 request: &req,
                 response: None,
+                route_kri: None,
             }),
             ..Default::default()
         };

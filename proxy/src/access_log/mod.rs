@@ -64,6 +64,9 @@ pub struct HttpRecord<'a> {
     pub route_name: &'a str,
     pub request: &'a http::HeaderMap,
     pub response: Option<&'a http::HeaderMap>,
+    /// Dynamic metadata `kuma.routes` / `route_kri`: what Kuma's Lua filter copies from
+    /// the route (route-targeted MeshAccessLog filters its loggers by it).
+    pub route_kri: Option<&'a str>,
 }
 
 /// The access logs of one filter (none: empty).
@@ -74,6 +77,68 @@ pub struct AccessLogs(Vec<Logger>);
 struct Logger {
     sink: Sink,
     format: LogFormat,
+    /// An access-log `metadata_filter` on a dynamic metadata value dp keeps.
+    filter: Option<MetaFilter>,
+}
+
+/// Envoy's `MetadataFilter`, on the one dynamic metadata value dp keeps
+/// (`kuma.routes` / `route_kri`).
+#[derive(Debug)]
+struct MetaFilter {
+    namespace: String,
+    key: String,
+    value: ValueMatch,
+    invert: bool,
+    /// The result when the value is not there (Envoy's default: true).
+    if_not_found: bool,
+}
+
+#[derive(Debug)]
+enum ValueMatch {
+    Null,
+    Present(bool),
+    String(crate::matcher::StringMatch),
+}
+
+impl MetaFilter {
+    fn from_proto(f: &envoy_types::pb::envoy::config::accesslog::v3::AccessLogFilter) -> Result<MetaFilter, String> {
+        use envoy_types::pb::envoy::config::accesslog::v3::access_log_filter::FilterSpecifier;
+        use envoy_types::pb::envoy::r#type::matcher::v3::metadata_matcher::path_segment::Segment;
+        use envoy_types::pb::envoy::r#type::matcher::v3::value_matcher::MatchPattern;
+        let Some(FilterSpecifier::MetadataFilter(m)) = &f.filter_specifier else {
+            return Err("only metadata_filter is applied".into());
+        };
+        let matcher = m.matcher.as_ref().ok_or("metadata_filter has no matcher")?;
+        let [seg] = matcher.path.as_slice() else { return Err("metadata_filter: one path segment only".into()) };
+        let Some(Segment::Key(key)) = &seg.segment else { return Err("metadata_filter: no key".into()) };
+        let value = match matcher.value.as_ref().and_then(|v| v.match_pattern.as_ref()) {
+            Some(MatchPattern::NullMatch(_)) => ValueMatch::Null,
+            Some(MatchPattern::PresentMatch(b)) => ValueMatch::Present(*b),
+            Some(MatchPattern::StringMatch(s)) => ValueMatch::String(crate::matcher::StringMatch::from_proto(s)?),
+            _ => return Err("metadata_filter: only null, present and string matches are applied".into()),
+        };
+        Ok(MetaFilter {
+            namespace: matcher.filter.clone(),
+            key: key.clone(),
+            value,
+            invert: matcher.invert,
+            if_not_found: m.match_if_key_not_found.is_none_or(|b| b.value),
+        })
+    }
+
+    fn admits(&self, r: &Record<'_>) -> bool {
+        let found = match (self.namespace.as_str(), self.key.as_str()) {
+            ("kuma.routes", "route_kri") => r.http.as_ref().and_then(|h| h.route_kri),
+            _ => None,
+        };
+        let Some(v) = found else { return self.if_not_found };
+        let hit = match &self.value {
+            ValueMatch::Null => false,
+            ValueMatch::Present(p) => *p,
+            ValueMatch::String(m) => m.matches(v),
+        };
+        hit != self.invert
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -92,12 +157,14 @@ impl AccessLogs {
                 notes.push(format!("{owner}: access_log[{i}] ({}) has no typed_config; left out", a.name));
                 continue;
             };
-            if a.filter.is_some() {
-                notes.push(format!(
-                    "{owner}: access_log[{i}] ({}): its filter is not applied (every entry is logged)",
-                    a.name
-                ));
-            }
+            let filter = match a.filter.as_ref().map(MetaFilter::from_proto) {
+                None => None,
+                Some(Ok(f)) => Some(f),
+                Some(Err(e)) => {
+                    notes.push(format!("{owner}: access_log[{i}] ({}): {e}; every entry is logged", a.name));
+                    None
+                }
+            };
             let mut unknown = vec![];
             let (sink, format) = if any.type_url == FileAccessLog::type_url() {
                 let f: FileAccessLog = prost::Message::decode(&any.value[..]).map_err(|e| e.to_string())?;
@@ -146,7 +213,7 @@ impl AccessLogs {
                     unknown.iter().map(|u| format!("%{u}%")).collect::<Vec<_>>().join(", ")
                 ));
             }
-            loggers.push(Logger { sink, format });
+            loggers.push(Logger { sink, format, filter });
         }
         Ok(AccessLogs(loggers))
     }
@@ -158,6 +225,9 @@ impl AccessLogs {
     /// Formats the entry for every logger and queues the lines.
     pub fn log(&self, r: &Record<'_>) {
         for l in &self.0 {
+            if l.filter.as_ref().is_some_and(|f| !f.admits(r)) {
+                continue;
+            }
             let line = l.format.line(r);
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue().try_send((l.sink.clone(), line))
             {

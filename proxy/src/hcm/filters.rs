@@ -40,6 +40,29 @@ pub enum Filter {
     Rbac(Arc<Rbac>),
     Fault(Arc<Fault>),
     RateLimit(Arc<RateLimit>),
+    /// Kuma's Lua script for route-targeted MeshAccessLog, recognised by its text: it
+    /// copies the route's `route_kri` metadata into the dynamic metadata `kuma.routes`,
+    /// which the access loggers filter on. Nothing else in Lua is run.
+    RouteKri,
+}
+
+/// The one Lua script dp knows, as Kuma 2.14 writes it (compared without whitespace).
+const KUMA_ROUTE_KRI_LUA: &str = r#"function envoy_on_request(handle)
+  local meta = handle:metadata():get("route_kri")
+  if meta ~= nil then
+    handle:streamInfo():dynamicMetadata():set("kuma.routes", "route_kri", meta)
+  end
+end"#;
+
+fn is_kuma_route_kri(lua: &envoy_types::pb::envoy::extensions::filters::http::lua::v3::Lua) -> bool {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    #[allow(deprecated)]
+    let code = match lua.default_source_code.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineString(s)) => s.as_str(),
+        _ => lua.inline_code.as_str(),
+    };
+    lua.source_codes.is_empty() && words(code) == words(KUMA_ROUTE_KRI_LUA)
 }
 
 /// A filter, and when it is wrapped in a matcher, when to skip it.
@@ -144,6 +167,12 @@ pub fn build(
         }
         n if n == HttpFault::full_name() => Filter::Fault(Arc::new(fault(&decode(&filter)?)?)),
         n if n == LocalRateLimit::full_name() => Filter::RateLimit(Arc::new(rate_limit(&decode(&filter)?)?)),
+        n if n == envoy_types::pb::envoy::extensions::filters::http::lua::v3::Lua::full_name() => {
+            if !is_kuma_route_kri(&decode(&filter)?) {
+                return Err(format!("HTTP filter {name}: Lua is not supported (only Kuma's route_kri script is)"));
+            }
+            Filter::RouteKri
+        }
         n if OBSERVERS.contains(&n) => return Ok(None),
         n => return Err(format!("HTTP filter {name} ({n}) is not supported")),
     };
@@ -278,6 +307,7 @@ impl Configured {
             }
         }
         match &self.filter {
+            Filter::RouteKri => Verdict::Continue,
             Filter::Rbac(rbac) => {
                 if rbac.allows(&r.subject) {
                     Verdict::Continue

@@ -64,6 +64,8 @@ pub struct HttpCfg {
     pub server_name: String,
     /// The HCM's `access_log`: one entry per request.
     pub access_log: crate::access_log::AccessLogs,
+    /// Kuma's Lua filter is there: the route's `route_kri` becomes dynamic metadata.
+    pub route_kri: bool,
 }
 
 /// What building an HCM needs from the snapshot being built.
@@ -174,6 +176,7 @@ impl HttpCfg {
             stat_prefix: h.stat_prefix.clone(),
             stats: ctx.stats.http(&h.stat_prefix),
             routes: Arc::new(table),
+            route_kri: built.iter().any(|c| matches!(c.filter, filters::Filter::RouteKri)),
             filters: built,
             codec,
             request_headers_timeout: timeout(h.request_headers_timeout.as_ref(), None),

@@ -50,6 +50,8 @@ pub struct VirtualHost {
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
+    /// `metadata.filter_metadata["envoy.filters.http.lua"].route_kri` (Kuma's).
+    pub route_kri: Option<String>,
     matcher: RouteMatch,
     pub action: RouteAction,
     pub headers: Mutations,
@@ -653,8 +655,18 @@ fn build_route(r: &rpb::Route, vh_retry: Option<&Arc<RetryPolicy>>, resolve: &Re
         Some(_) => return Err("this route action is not supported".into()),
         None => return Err("the route has no action".into()),
     };
+    let route_kri = r
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("envoy.filters.http.lua"))
+        .and_then(|s| s.fields.get("route_kri"))
+        .and_then(|v| match &v.kind {
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        });
     Ok(Route {
         name: r.name.clone(),
+        route_kri,
         matcher: RouteMatch {
             path,
             case_sensitive: m.case_sensitive.is_none_or(|b| b.value),

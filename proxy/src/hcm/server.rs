@@ -243,6 +243,7 @@ struct Log<'a> {
     /// For the configured access logs: the request's headers and route.
     request: Option<http::HeaderMap>,
     route_name: String,
+    route_kri: Option<String>,
 }
 
 impl Log<'_> {
@@ -307,6 +308,7 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
         attempts: 0,
         request: (!cfg.access_log.is_empty()).then(|| req.headers().clone()),
         route_name: String::new(),
+        route_kri: None,
     };
     let mut resp = if matches!(req.version(), http::Version::HTTP_10 | http::Version::HTTP_09) {
         // Envoy refuses HTTP/1.0 and 0.9 unless `accept_http_10` (which dp refuses), with
@@ -354,6 +356,7 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
                 route_name: &log.route_name,
                 request,
                 response: Some(resp.headers()),
+                route_kri: log.route_kri.as_deref(),
             }),
             ..Default::default()
         });
@@ -423,6 +426,9 @@ async fn respond(
     };
     if log.request.is_some() {
         log.route_name = route.name.clone();
+        if cfg.route_kri {
+            log.route_kri = route.route_kri.clone();
+        }
     }
     let mut resp = match &route.action {
         RouteAction::Direct { status, body } => {
