@@ -6,7 +6,10 @@
 //! `max_ejection_percent` of the cluster's hosts are out at once, but always at least one
 //! may be. As in Envoy without `split_external_local_origin_errors`, a failed connection
 //! counts as a 503 and a connect timeout as a 504, so TCP clusters eject on connect
-//! failures through the `consecutive_5xx` threshold.
+//! failures through the `consecutive_5xx` threshold. With the split (MeshCircuitBreaker's
+//! `splitExternalAndLocalErrors`), connect failures and timeouts count only towards
+//! `consecutive_local_origin_failure`, a connection made resets that count, and the 5xx
+//! counts see only the upstream's answers.
 //!
 //! Detectors and monitors live in the stats registry, keyed by cluster name and host
 //! address, so an ejection survives a configuration update that keeps the host.
@@ -54,6 +57,10 @@ pub struct OutlierCfg {
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
     pub max_ejection_percent: u32,
+    /// `split_external_local_origin_errors`.
+    pub split: bool,
+    pub consecutive_local_origin_failure: u32,
+    pub enforcing_consecutive_local_origin_failure: u32,
 }
 
 impl OutlierCfg {
@@ -64,12 +71,6 @@ impl OutlierCfg {
         let d = |v: &Option<envoy_types::pb::google::protobuf::Duration>, dflt: Duration| {
             v.as_ref().map_or(dflt, |d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
         };
-        if o.split_external_local_origin_errors {
-            notes.push(format!(
-                "cluster `{cluster}`: outlier_detection.split_external_local_origin_errors is not implemented; \
-                 connect failures count as 503s"
-            ));
-        }
         if o.enforcing_success_rate.as_ref().is_some_and(|v| v.value > 0) && o.success_rate_request_volume.is_some()
             || o.enforcing_failure_percentage.as_ref().is_some_and(|v| v.value > 0)
         {
@@ -86,6 +87,12 @@ impl OutlierCfg {
             base_ejection_time: d(&o.base_ejection_time, Duration::from_secs(30)),
             max_ejection_time: d(&o.max_ejection_time, Duration::from_secs(300)),
             max_ejection_percent: u(o.max_ejection_percent.map(|v| v.value), 10).min(100),
+            split: o.split_external_local_origin_errors,
+            consecutive_local_origin_failure: u(o.consecutive_local_origin_failure.map(|v| v.value), 5),
+            enforcing_consecutive_local_origin_failure: u(
+                o.enforcing_consecutive_local_origin_failure.map(|v| v.value),
+                100,
+            ),
         };
         if cfg.interval.is_zero() || cfg.base_ejection_time.is_zero() {
             return Err(format!("cluster `{cluster}`: outlier_detection interval and base_ejection_time must be > 0"));
@@ -99,18 +106,60 @@ impl OutlierCfg {
 enum Kind {
     Consecutive5xx,
     ConsecutiveGatewayFailure,
+    ConsecutiveLocalOriginFailure,
 }
 
 #[derive(Debug, Default)]
 struct HostState {
     consecutive_5xx: u32,
     consecutive_gateway: u32,
+    /// Connect failures and timeouts in a row (with the split).
+    consecutive_local: u32,
     /// When the current ejection started.
     ejected_at: Option<Instant>,
     /// How many ejection times the current (or next) ejection lasts.
     backoff: u32,
     /// When the host was last let back in.
     returned_at: Option<Instant>,
+}
+
+impl HostState {
+    /// Counts an outcome; the detector that fires (a streak reaching its threshold, as
+    /// Envoy fires exactly then) with its enforcement percentage.
+    fn count(&mut self, cfg: &OutlierCfg, outcome: Outcome) -> Option<(Kind, u32)> {
+        match outcome {
+            Outcome::Connected if cfg.split => {
+                self.consecutive_local = 0;
+                None
+            }
+            Outcome::ConnectFailed | Outcome::ConnectTimeout if cfg.split => {
+                self.consecutive_local += 1;
+                (self.consecutive_local == cfg.consecutive_local_origin_failure)
+                    .then_some((Kind::ConsecutiveLocalOriginFailure, cfg.enforcing_consecutive_local_origin_failure))
+            }
+            _ => {
+                let code = outcome.code();
+                if code < 500 {
+                    self.consecutive_5xx = 0;
+                    self.consecutive_gateway = 0;
+                    return None;
+                }
+                self.consecutive_5xx += 1;
+                if matches!(code, 502..=504) {
+                    self.consecutive_gateway += 1;
+                } else {
+                    self.consecutive_gateway = 0;
+                }
+                if self.consecutive_5xx == cfg.consecutive_5xx {
+                    Some((Kind::Consecutive5xx, cfg.enforcing_consecutive_5xx))
+                } else if self.consecutive_gateway == cfg.consecutive_gateway_failure {
+                    Some((Kind::ConsecutiveGatewayFailure, cfg.enforcing_consecutive_gateway_failure))
+                } else {
+                    None
+                }
+            }
+        }
+    }
 }
 
 /// One host's outlier state.
@@ -170,35 +219,16 @@ impl Detector {
     pub fn record(&self, monitor: &Monitor, host: &HostAddr, outcome: Outcome) {
         let cfg = self.cfg();
         let now = Instant::now();
-        let code = outcome.code();
-        let tripped = {
-            let mut s = monitor.state.lock().unwrap_or_else(|e| e.into_inner());
-            if code < 500 {
-                s.consecutive_5xx = 0;
-                s.consecutive_gateway = 0;
-                return;
-            }
-            s.consecutive_5xx += 1;
-            if matches!(code, 502..=504) {
-                s.consecutive_gateway += 1;
-            } else {
-                s.consecutive_gateway = 0;
-            }
-            // Envoy fires when a counter reaches its threshold exactly.
-            if s.consecutive_5xx == cfg.consecutive_5xx {
-                Some((Kind::Consecutive5xx, cfg.enforcing_consecutive_5xx))
-            } else if s.consecutive_gateway == cfg.consecutive_gateway_failure {
-                Some((Kind::ConsecutiveGatewayFailure, cfg.enforcing_consecutive_gateway_failure))
-            } else {
-                None
-            }
-        };
+        let tripped = monitor.state.lock().unwrap_or_else(|e| e.into_inner()).count(&cfg, outcome);
         let Some((kind, enforcing)) = tripped else { return };
         let st = &self.stats;
         match kind {
             Kind::Consecutive5xx => st.outlier_detection_ejections_detected_consecutive_5xx.inc(),
             Kind::ConsecutiveGatewayFailure => {
                 st.outlier_detection_ejections_detected_consecutive_gateway_failure.inc()
+            }
+            Kind::ConsecutiveLocalOriginFailure => {
+                st.outlier_detection_ejections_detected_consecutive_local_origin_failure.inc()
             }
         }
         if monitor.ejected_until(&cfg, now).is_some() || !enforced(enforcing) {
@@ -223,6 +253,7 @@ impl Detector {
             s.returned_at = Some(now + ejection_time(&cfg, s.backoff));
             s.consecutive_5xx = 0;
             s.consecutive_gateway = 0;
+            s.consecutive_local = 0;
         }
         st.outlier_detection_ejections_enforced_total.inc();
         st.outlier_detection_ejections_total.inc();
@@ -231,12 +262,19 @@ impl Detector {
             Kind::ConsecutiveGatewayFailure => {
                 st.outlier_detection_ejections_enforced_consecutive_gateway_failure.inc()
             }
+            Kind::ConsecutiveLocalOriginFailure => {
+                st.outlier_detection_ejections_enforced_consecutive_local_origin_failure.inc()
+            }
         }
         st.outlier_detection_ejections_active.set(active + 1);
         tracing::warn!(
             cluster = %self.cluster,
             host = %host,
-            reason = match kind { Kind::Consecutive5xx => "consecutive_5xx", Kind::ConsecutiveGatewayFailure => "consecutive_gateway_failure" },
+            reason = match kind {
+                Kind::Consecutive5xx => "consecutive_5xx",
+                Kind::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
+                Kind::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
+            },
             for_ms = ejection_time(&cfg, monitor.state.lock().unwrap_or_else(|e| e.into_inner()).backoff).as_millis() as u64,
             "outlier detection: host ejected"
         );
@@ -302,7 +340,27 @@ mod tests {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: pct,
+            split: false,
+            consecutive_local_origin_failure: 5,
+            enforcing_consecutive_local_origin_failure: 100,
         }
+    }
+
+    #[test]
+    fn with_the_split_connect_failures_count_apart_from_the_upstreams_answers() {
+        let c = OutlierCfg { split: true, consecutive_local_origin_failure: 2, ..cfg(2, 100) };
+        let d = Detectors::default().cluster("c", &c, &Default::default());
+        let m = d.update(c.clone(), &[addr(1)]);
+        // A 503 and a connect failure: neither streak reaches 2.
+        d.record(&m[0], &addr(1), Outcome::Status(503));
+        d.record(&m[0], &addr(1), Outcome::ConnectFailed);
+        d.record(&m[0], &addr(1), Outcome::Connected);
+        d.record(&m[0], &addr(1), Outcome::ConnectTimeout);
+        assert!(m[0].ejected_until(&c, Instant::now()).is_none(), "a connection made resets the local streak");
+        d.record(&m[0], &addr(1), Outcome::ConnectFailed);
+        assert!(m[0].ejected_until(&c, Instant::now()).is_some(), "two local-origin failures in a row");
+        assert_eq!(d.stats.outlier_detection_ejections_enforced_consecutive_local_origin_failure.get(), 1);
+        assert_eq!(d.stats.outlier_detection_ejections_detected_consecutive_5xx.get(), 0);
     }
 
     fn addr(port: u16) -> HostAddr {

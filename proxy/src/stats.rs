@@ -99,6 +99,8 @@ stat_struct!(ClusterStats {
     outlier_detection_ejections_detected_consecutive_5xx: "counter",
     outlier_detection_ejections_enforced_consecutive_gateway_failure: "counter",
     outlier_detection_ejections_detected_consecutive_gateway_failure: "counter",
+    outlier_detection_ejections_enforced_consecutive_local_origin_failure: "counter",
+    outlier_detection_ejections_detected_consecutive_local_origin_failure: "counter",
 } http: std::sync::OnceLock<Box<UpstreamHttpStats>>, ssl: std::sync::OnceLock<Box<SslStats>>);
 
 stat_struct!(TcpStats {

@@ -205,3 +205,43 @@ async fn grpc_health_checks_fail_the_host_that_is_not_serving_as_envoys_do() {
         assert_eq!(got, (Some("healthy".into()), Some("/failed_active_hc".into())), "{who}");
     }
 }
+
+/// MeshCircuitBreaker's `splitExternalAndLocalErrors`: with the split, failed connects
+/// count towards `consecutive_local_origin_failure` (here 2, while `consecutive_5xx` is
+/// 100): after two refused connections the dead host is ejected, in dp's `/clusters` as
+/// in Envoy's, and every later connection reaches the live one.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_origin_failures_eject_a_host_when_split_as_envoys_do() {
+    let live = who_am_i().await;
+    // A port nothing listens on: connections are refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let endpoints: Vec<Value> = [dead, live].iter().map(|a| json!({"endpoint": {"address": socket(*a)}})).collect();
+    let cluster = json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": "split", "type": "STATIC", "connectTimeout": "1s",
+        "outlierDetection": {"splitExternalLocalOriginErrors": true, "consecutiveLocalOriginFailure": 2,
+            "consecutive5xx": 100, "baseEjectionTime": "300s", "maxEjectionPercent": 50, "interval": "1s"},
+        "loadAssignment": {"clusterName": "split", "endpoints": [{"lbEndpoints": endpoints}]}
+    });
+    let proxy = json!({"name": "envoy.filters.network.tcp_proxy", "typedConfig": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "cluster": "split", "statPrefix": "split", "maxConnectAttempts": 3}});
+    let pair = Pair::start(vec![cluster, listener("front", vec![proxy])]);
+    let (dp_front, envoy_front) = pair.listener("front");
+    for (who, front, admin) in [("Envoy", envoy_front, pair.envoy.admin), ("dp", dp_front, pair.dp.admin)] {
+        // Round robin over both hosts, retrying a refused connect on the other: every
+        // connection is answered, and the dead host collects its failures.
+        for _ in 0..6 {
+            assert_eq!(answer(front).await, "127.0.0.1\n", "{who}");
+        }
+        // The ejection is recorded off the connection's path: read until it shows.
+        e2e::wait_until(&format!("{who} to eject {dead}"), || {
+            let (_, body) = e2e::http_get(admin, "/clusters").ok()?;
+            let ejected = body.contains(&format!("split::{dead}::health_flags::/failed_outlier_check"));
+            (ejected && body.contains(&format!("split::{live}::health_flags::healthy"))).then_some(())
+        });
+    }
+}
