@@ -7,6 +7,8 @@
 //! Keys Envoy itself reads (`envoy.*`, such as `envoy.tcp_proxy.cluster`) change where
 //! traffic goes; dp refuses them by name rather than set a value nothing reads.
 
+use crate::access_log::Record;
+use crate::access_log::format::Text;
 use envoy_types::pb::envoy::config::core::v3::{SubstitutionFormatString, data_source, substitution_format_string};
 use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3::{FilterStateValue, filter_state_value};
 use envoy_types::pb::envoy::extensions::filters::network::set_filter_state::v3::Config;
@@ -24,23 +26,11 @@ pub struct SetFilterState {
 #[derive(Debug)]
 struct Entry {
     key: String,
-    format: Vec<Part>,
+    /// The access log's format strings ([`crate::access_log::format`]); an operator dp
+    /// cannot evaluate is refused here, since routes match on the value.
+    format: Text,
     omit_empty: bool,
     skip_if_empty: bool,
-}
-
-/// A piece of a format string: text, or a command operator dp evaluates.
-#[derive(Debug, PartialEq)]
-enum Part {
-    Text(String),
-    PeerUriSan,
-    PeerDnsSan,
-    RemoteAddress,
-    RemoteAddressWithoutPort,
-    LocalAddress,
-    LocalAddressWithoutPort,
-    LocalPort,
-    RequestedServerName,
 }
 
 /// What the operators read from a connection.
@@ -119,29 +109,18 @@ impl Entry {
     }
 
     fn format(&self, f: &Facts<'_>) -> String {
+        let (uri, dns) = (f.uri_sans.join(","), f.dns_sans.join(","));
+        let r = Record {
+            remote: f.peer,
+            direct_remote: f.peer,
+            local: f.local,
+            sni: f.sni,
+            peer_uri_san: Some(uri.as_str()).filter(|s| !s.is_empty()),
+            peer_dns_san: Some(dns.as_str()).filter(|s| !s.is_empty()),
+            ..Default::default()
+        };
         let mut out = String::new();
-        for p in &self.format {
-            let value = match p {
-                Part::Text(t) => {
-                    out.push_str(t);
-                    continue;
-                }
-                Part::PeerUriSan => (!f.uri_sans.is_empty()).then(|| f.uri_sans.join(",")),
-                Part::PeerDnsSan => (!f.dns_sans.is_empty()).then(|| f.dns_sans.join(",")),
-                Part::RemoteAddress => f.peer.map(|a| a.to_string()),
-                Part::RemoteAddressWithoutPort => f.peer.map(|a| a.ip().to_string()),
-                Part::LocalAddress => f.local.map(|a| a.to_string()),
-                Part::LocalAddressWithoutPort => f.local.map(|a| a.ip().to_string()),
-                Part::LocalPort => f.local.map(|a| a.port().to_string()),
-                Part::RequestedServerName => f.sni.filter(|s| !s.is_empty()).map(str::to_owned),
-            };
-            // Envoy's text formatter writes `-` for a value it does not have.
-            match value {
-                Some(v) => out.push_str(&v),
-                None if self.omit_empty => {}
-                None => out.push('-'),
-            }
-        }
+        self.format.format(&r, self.omit_empty, &mut out);
         out
     }
 }
@@ -163,43 +142,14 @@ fn text_of(f: &SubstitutionFormatString) -> Result<String, String> {
     }
 }
 
-/// Splits a format string into text and the command operators dp knows; any other
-/// operator is refused by name.
-fn parse(s: &str) -> Result<Vec<Part>, String> {
-    let mut parts = vec![];
-    let mut text = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('%') {
-        text.push_str(&rest[..i]);
-        rest = &rest[i + 1..];
-        if let Some(r) = rest.strip_prefix('%') {
-            text.push('%');
-            rest = r;
-            continue;
-        }
-        let end = rest.find('%').ok_or_else(|| format!("format_string `{s}`: an operator is not closed"))?;
-        let op = match &rest[..end] {
-            "DOWNSTREAM_PEER_URI_SAN" => Part::PeerUriSan,
-            "DOWNSTREAM_PEER_DNS_SAN" => Part::PeerDnsSan,
-            "DOWNSTREAM_REMOTE_ADDRESS" => Part::RemoteAddress,
-            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Part::RemoteAddressWithoutPort,
-            "DOWNSTREAM_LOCAL_ADDRESS" => Part::LocalAddress,
-            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Part::LocalAddressWithoutPort,
-            "DOWNSTREAM_LOCAL_PORT" => Part::LocalPort,
-            "REQUESTED_SERVER_NAME" => Part::RequestedServerName,
-            other => return Err(format!("format_string: %{other}% is not supported")),
-        };
-        if !text.is_empty() {
-            parts.push(Part::Text(std::mem::take(&mut text)));
-        }
-        parts.push(op);
-        rest = &rest[end + 1..];
+/// Parses a format string; operators dp does not evaluate are refused by name.
+fn parse(s: &str) -> Result<Text, String> {
+    let mut unknown = vec![];
+    let t = Text::parse(s, &mut unknown)?;
+    match unknown.first() {
+        Some(op) => Err(format!("format_string: %{op}% is not supported")),
+        None => Ok(t),
     }
-    text.push_str(rest);
-    if !text.is_empty() {
-        parts.push(Part::Text(text));
-    }
-    Ok(parts)
 }
 
 #[cfg(test)]
@@ -227,7 +177,7 @@ mod tests {
             "id=10.0.0.2 100% on 80"
         );
         assert_eq!(f("%DOWNSTREAM_PEER_DNS_SAN%|%REQUESTED_SERVER_NAME%"), "-|backend");
-        assert!(parse("%START_TIME%").unwrap_err().contains("%START_TIME% is not supported"));
+        assert!(parse("%UPSTREAM_TRANSPORT_FAILURE_REASON%").unwrap_err().contains("is not supported"));
         assert!(parse("%DOWNSTREAM_PEER_URI_SAN").is_err());
     }
 

@@ -47,7 +47,10 @@ pub struct Record<'a> {
     /// The connection's peer.
     pub direct_remote: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
+    /// The client certificate's URI SANs, joined by `,` (Envoy's `%DOWNSTREAM_PEER_URI_SAN%`).
     pub peer_uri_san: Option<&'a str>,
+    /// Its DNS SANs, likewise.
+    pub peer_dns_san: Option<&'a str>,
     pub sni: Option<&'a str>,
     pub connection_id: u64,
     pub http: Option<HttpRecord<'a>>,

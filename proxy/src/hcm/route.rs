@@ -907,6 +907,11 @@ mod tests {
         RouteTable::build(&rc, &Resolve { target: &target, per_filter: &per_filter }).unwrap()
     }
 
+    /// A GET request for `host` and `path` (no filter state, random 0).
+    fn get<'a>(host: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestView<'a> {
+        RequestView { host, path, headers, method: "GET", scheme: "http", random: 0, filter_state: &[] }
+    }
+
     #[test]
     fn mirrors_carry_the_shadow_authority() {
         let m = |suffix: bool, rewrite: Option<&str>| Mirror {
@@ -928,15 +933,7 @@ mod tests {
         for (k, v) in headers {
             h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        let (_, r) = t.route(&RequestView {
-            host,
-            path,
-            headers: &h,
-            method: "GET",
-            scheme: "http",
-            random: 0,
-            filter_state: &[],
-        })?;
+        let (_, r) = t.route(&get(host, path, &h))?;
         match &r.action {
             RouteAction::Forward(f) => Some(f.targets[0].cluster_name.clone()),
             _ => Some("-".into()),
@@ -953,17 +950,7 @@ mod tests {
         let h = HeaderMap::new();
         let taken = (0..1000u64)
             .filter(|random| {
-                let (_, r) = t
-                    .route(&RequestView {
-                        host: "w",
-                        path: "/",
-                        headers: &h,
-                        method: "GET",
-                        scheme: "http",
-                        random: *random,
-                        filter_state: &[],
-                    })
-                    .unwrap();
+                let (_, r) = t.route(&RequestView { random: *random, ..get("w", "/", &h) }).unwrap();
                 matches!(r.action, RouteAction::Direct { .. })
             })
             .count();
@@ -1059,34 +1046,14 @@ mod tests {
         ]}]));
         let h = HeaderMap::new();
         let rewrite = |path: &str| {
-            let (_, r) = t
-                .route(&RequestView {
-                    host: "h",
-                    path,
-                    headers: &h,
-                    method: "GET",
-                    scheme: "http",
-                    random: 0,
-                    filter_state: &[],
-                })
-                .unwrap();
+            let (_, r) = t.route(&get("h", path, &h)).unwrap();
             let RouteAction::Forward(f) = &r.action else { panic!() };
             f.rewrite_path(r, path).unwrap()
         };
         assert_eq!(rewrite("/old/a/b?q=1"), "/new/a/b?q=1");
         assert_eq!(rewrite("/re/one/two"), "/two/one");
         let redirect = |path: &str| {
-            let (_, r) = t
-                .route(&RequestView {
-                    host: "web:8080",
-                    path,
-                    headers: &h,
-                    method: "GET",
-                    scheme: "http",
-                    random: 0,
-                    filter_state: &[],
-                })
-                .unwrap();
+            let (_, r) = t.route(&get("web:8080", path, &h)).unwrap();
             let RouteAction::Redirect(rd) = &r.action else { panic!() };
             (rd.status.as_u16(), rd.location(r, "http", "web:8080", path))
         };

@@ -330,6 +330,7 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
     log.finish(status);
     if let Some(request) = &log.request {
         let duration = log.started.elapsed();
+        let (uri_sans, dns_sans) = (info.uri_sans.join(","), info.dns_sans.join(","));
         let scheme = if info.tls { "https" } else { "http" };
         cfg.access_log.log(&crate::access_log::Record {
             start: std::time::SystemTime::now().checked_sub(duration),
@@ -345,7 +346,8 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
             remote: downstream_remote(cfg, info, request),
             direct_remote: info.peer,
             local: info.local,
-            peer_uri_san: info.uri_sans.first().map(String::as_str),
+            peer_uri_san: Some(uri_sans.as_str()).filter(|s| !s.is_empty()),
+            peer_dns_san: Some(dns_sans.as_str()).filter(|s| !s.is_empty()),
             sni: info.sni.as_deref(),
             http: Some(crate::access_log::HttpRecord {
                 method: &log.method,
