@@ -198,11 +198,39 @@ pub struct HostHealth {
     /// Consecutive results against the current state.
     streak: AtomicU32,
     started: AtomicBool,
+    /// How checks reach the host: the cluster's transport socket for it, as Envoy's
+    /// checks use (mesh mTLS to a sidecar's inbound); replaced when the cluster changes.
+    transport: arc_swap::ArcSwap<Transport>,
+}
+
+/// A check's connection: plain, or TLS with the cluster's context for the host.
+#[derive(Default)]
+pub enum Transport {
+    #[default]
+    Plain,
+    Tls(Arc<crate::tls::ClientTls>),
+    /// The context waits for an SDS secret: checks fail until it comes.
+    Pending(String),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Plain => "Plain",
+            Transport::Tls(_) => "Tls",
+            Transport::Pending(_) => "Pending",
+        })
+    }
 }
 
 impl HostHealth {
     fn new() -> Self {
-        HostHealth { state: AtomicU8::new(PENDING), streak: AtomicU32::new(0), started: AtomicBool::new(false) }
+        HostHealth {
+            state: AtomicU8::new(PENDING),
+            streak: AtomicU32::new(0),
+            started: AtomicBool::new(false),
+            transport: Default::default(),
+        }
     }
 
     /// Whether the host may take traffic: not before its first check passes (a new host
@@ -270,6 +298,11 @@ pub fn start(snapshot: &Snapshot) {
 pub fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
     for host in &c.hosts().hosts {
         let Some(health) = &host.health else { continue };
+        health.transport.store(Arc::new(match c.tls_for(host) {
+            crate::snapshot::Tls::Off => Transport::Plain,
+            crate::snapshot::Tls::Ready(ct) => Transport::Tls(ct.clone()),
+            crate::snapshot::Tls::Pending(secret) => Transport::Pending(secret.clone()),
+        }));
         if health.started.swap(true, Ordering::Relaxed) {
             continue;
         }
@@ -280,7 +313,8 @@ pub fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
             loop {
                 let Some(h) = health.upgrade() else { return };
                 stats.health_check_attempt.inc();
-                let result = check(&addr, &cfg).await;
+                let transport = h.transport.load_full();
+                let result = check(&addr, &transport, stats.ssl(), &cfg).await;
                 match &result {
                     Ok(()) => stats.health_check_success.inc(),
                     Err(_) => stats.health_check_failure.inc(),
@@ -300,20 +334,49 @@ pub fn start_cluster(c: &ClusterCfg, cfg: &Arc<CheckCfg>) {
     }
 }
 
+/// A check's connection.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Connects to the host as the cluster's traffic does: with its TLS (offering `alpn` when
+/// the context configures none, as Envoy's checkers do for their codec).
+async fn open(
+    addr: &HostAddr,
+    t: &Transport,
+    ssl: &crate::stats::SslStats,
+    alpn: &[u8],
+) -> Result<Box<dyn Io>, String> {
+    if let Transport::Pending(secret) = t {
+        return Err(format!("TLS waits for secret `{secret}`"));
+    }
+    let s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
+    match t {
+        Transport::Tls(ct) => {
+            Ok(Box::new(ct.connect_with_alpn_fallback(s, alpn, ssl).await.map_err(|e| format!("TLS: {e}"))?))
+        }
+        _ => Ok(Box::new(s)),
+    }
+}
+
 /// One check.
-async fn check(addr: &HostAddr, cfg: &CheckCfg) -> Result<(), String> {
+async fn check(addr: &HostAddr, t: &Transport, ssl: &crate::stats::SslStats, cfg: &CheckCfg) -> Result<(), String> {
+    let within = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| {
+        r.map_err(|_| format!("no answer within {:?}", cfg.timeout))?
+    };
     if let Some(h) = &cfg.http {
-        return tokio::time::timeout(cfg.timeout, http(addr, h))
-            .await
-            .map_err(|_| format!("no answer within {:?}", cfg.timeout))?;
+        let alpn = if h.http2 { crate::tls::ALPN_H2 } else { crate::tls::ALPN_HTTP11 };
+        return within(
+            tokio::time::timeout(cfg.timeout, async { http(open(addr, t, ssl, alpn).await?, h).await }).await,
+        );
     }
     if let Some(g) = &cfg.grpc {
-        return tokio::time::timeout(cfg.timeout, grpc(addr, g))
-            .await
-            .map_err(|_| format!("no answer within {:?}", cfg.timeout))?;
+        return within(
+            tokio::time::timeout(cfg.timeout, async { grpc(open(addr, t, ssl, crate::tls::ALPN_H2).await?, g).await })
+                .await,
+        );
     }
     let attempt = async {
-        let mut s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
+        let mut s = open(addr, t, ssl, &[]).await?;
         if !cfg.send.is_empty() {
             s.write_all(&cfg.send).await.map_err(|e| format!("send: {e}"))?;
         }
@@ -350,10 +413,9 @@ async fn check(addr: &HostAddr, cfg: &CheckCfg) -> Result<(), String> {
 }
 
 /// One HTTP check: GET `path` on a new connection; the status must be expected.
-async fn http(addr: &HostAddr, h: &HttpCheck) -> Result<(), String> {
+async fn http(s: Box<dyn Io>, h: &HttpCheck) -> Result<(), String> {
     use http_body_util::Empty;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
     let uri = if h.http2 { format!("http://{}{}", h.host, h.path) } else { h.path.clone() };
     let mut req = hyper::Request::get(uri);
     if !h.remove_headers.iter().any(|n| n == "user-agent") {
@@ -388,10 +450,9 @@ async fn http(addr: &HostAddr, h: &HttpCheck) -> Result<(), String> {
 
 /// One gRPC check: `grpc.health.v1.Health/Check` for the service; the answer must be
 /// `SERVING` with `grpc-status` 0.
-async fn grpc(addr: &HostAddr, g: &GrpcCheck) -> Result<(), String> {
+async fn grpc(s: Box<dyn Io>, g: &GrpcCheck) -> Result<(), String> {
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let s = addr.connect().await.map_err(|e| format!("connect: {e}"))?;
     let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
@@ -543,14 +604,19 @@ mod tests {
         (addr, asked)
     }
 
+    async fn grpc_to(addr: std::net::SocketAddr, check: &GrpcCheck) -> Result<(), String> {
+        let s = open(&HostAddr::Ip(addr), &Transport::Plain, &Default::default(), &[]).await?;
+        grpc(s, check).await
+    }
+
     #[tokio::test]
     async fn grpc_checks_pass_on_serving_only() {
         let check = GrpcCheck { service: "orders".into(), authority: "backend".into(), metadata: vec![] };
         let (serving, asked) = grpc_server(1).await;
-        assert_eq!(grpc(&HostAddr::Ip(serving), &check).await, Ok(()));
+        assert_eq!(grpc_to(serving, &check).await, Ok(()));
         assert_eq!(asked.lock().unwrap().as_slice(), ["/grpc.health.v1.Health/Check orders"]);
         let (not_serving, _) = grpc_server(2).await;
-        let e = grpc(&HostAddr::Ip(not_serving), &check).await.unwrap_err();
+        let e = grpc_to(not_serving, &check).await.unwrap_err();
         assert!(e.contains("Some(2), not SERVING"), "{e}");
         assert_eq!(serving_status(&grpc_frame(&[])), Some(0), "no field: UNKNOWN");
         assert_eq!(health_request("a"), [0x0a, 1, b'a']);
@@ -606,15 +672,15 @@ mod tests {
         let mut c = cfg(1, 1);
         c.send = b"ping".to_vec();
         c.receive = vec![b"PONG".to_vec(), b"OK".to_vec()];
-        check(&addr, &c).await.unwrap();
+        check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap();
         c.receive = vec![b"OK".to_vec(), b"PONG".to_vec()];
-        let e = check(&addr, &c).await.unwrap_err();
+        let e = check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap_err();
         assert!(e.contains("closed"), "{e}");
         c.send = vec![];
         c.receive = vec![];
-        check(&addr, &c).await.unwrap();
+        check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap();
         let closed = HostAddr::Ip(std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
-        assert!(check(&closed, &c).await.unwrap_err().starts_with("connect"));
+        assert!(check(&closed, &Transport::Plain, &Default::default(), &c).await.unwrap_err().starts_with("connect"));
         assert_eq!(decode_hex("50494e47").unwrap(), b"PING");
     }
 
@@ -653,20 +719,26 @@ mod tests {
         };
         let mut c = cfg(1, 1);
         c.http = Some(hc("/health", (200, 201)));
-        check(&addr, &c).await.unwrap();
+        check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap();
         c.http = Some(hc("/other", (200, 201)));
-        assert_eq!(check(&addr, &c).await.unwrap_err(), "status 503 is not expected");
+        assert_eq!(
+            check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap_err(),
+            "status 503 is not expected"
+        );
         c.http = Some(hc("/other", (500, 504)));
-        check(&addr, &c).await.unwrap();
+        check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap();
         // Kuma's MeshHealthCheck adds `x-kuma-tags`; a removed header is not sent.
         c.http = Some(hc("/tagged", (200, 201)));
-        assert_eq!(check(&addr, &c).await.unwrap_err(), "status 503 is not expected");
+        assert_eq!(
+            check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap_err(),
+            "status 503 is not expected"
+        );
         c.http = Some(HttpCheck {
             add_headers: vec![("x-kuma-tags".into(), "&kuma.io/service=web&".into())],
             remove_headers: vec!["user-agent".into()],
             ..hc("/tagged", (200, 201))
         });
-        check(&addr, &c).await.unwrap();
+        check(&addr, &Transport::Plain, &Default::default(), &c).await.unwrap();
         assert!(decode_hex("5").is_err() && decode_hex("zz").is_err());
     }
 }

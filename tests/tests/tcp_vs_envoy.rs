@@ -245,3 +245,36 @@ async fn local_origin_failures_eject_a_host_when_split_as_envoys_do() {
         });
     }
 }
+
+/// Health checks reach a host as its traffic does, through the cluster's transport
+/// socket: a TCP check's payload goes over TLS to a server that only speaks TLS (as a
+/// mesh sidecar's inbound does), and the host is healthy, in dp's `/clusters` as in
+/// Envoy's.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_checks_go_through_the_clusters_tls_as_envoys_do() {
+    let (cfg, pem) = e2e::tls::self_signed("app.example");
+    let server = e2e::tls::serve(cfg, "app").await;
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let cluster = json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": "tls-app", "type": "STATIC", "connectTimeout": "5s",
+        "transportSocket": {"name": "envoy.transport_sockets.tls", "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "app.example",
+            "commonTlsContext": {"validationContext": {"trustedCa": {"inlineString": pem},
+                "matchTypedSubjectAltNames": [{"sanType": "DNS", "matcher": {"exact": "app.example"}}]}}}},
+        "healthChecks": [{"timeout": "2s", "interval": "1s", "unhealthyThreshold": 1, "healthyThreshold": 1,
+            "tcpHealthCheck": {"send": {"text": hex("ping\n")}, "receive": [{"text": hex("app: ping")}]}}],
+        "loadAssignment": {"clusterName": "tls-app", "endpoints": [{"lbEndpoints": [{"endpoint": {"address": socket(server)}}]}]}
+    });
+    let pair = Pair::start(vec![cluster, listener("front", vec![tcp_proxy("tls-app")])]);
+    for (who, admin) in [("Envoy", pair.envoy.admin), ("dp", pair.dp.admin)] {
+        e2e::wait_until(&format!("{who}'s check over TLS to pass"), || {
+            let (_, body) = e2e::http_get(admin, "/clusters").ok()?;
+            body.contains(&format!("tls-app::{server}::health_flags::healthy")).then_some(())
+        });
+    }
+    let (_, stats) = e2e::http_get(pair.dp.admin, "/stats?filter=tls-app.health_check").unwrap();
+    assert!(stats.contains("cluster.tls-app.health_check.success: "), "{stats}");
+    assert!(!stats.contains("cluster.tls-app.health_check.success: 0"), "{stats}");
+}
