@@ -313,3 +313,36 @@ async fn a_meshaccesslog_policy_writes_outbound_lines_to_a_file_and_sends_inboun
     assert!(written.starts_with('[') && written.contains(" - default 127.0.0.1(web)->127.0.0.1:"), "{written}");
     assert!(written.contains("(backend) took ") && written.ends_with(" bytes, received: 8 bytes\n"), "{written}");
 }
+
+/// MeshLoadBalancingStrategy from the user's side: Maglev for `backend`. The client
+/// sidecar's cluster takes it (as its `/config_dump` shows) and requests still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshloadbalancingstrategy_policy_sets_the_outbound_clusters_balancer() {
+    let cp = Cp::start("zone-1");
+    cp.apply(MESH);
+    cp.apply(
+        "type: MeshLoadBalancingStrategy\nname: lb\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  \
+         - targetRef:\n      kind: MeshService\n      name: backend\n    default:\n      loadBalancer:\n        \
+         type: Maglev\n        maglev:\n          tableSize: 251\n",
+    );
+    let app = Backend::start("server-app").await;
+    let _server = backend_sidecar(&cp, &app);
+    let outbound = free_port();
+    let web_dp = format!(
+        "type: Dataplane\nmesh: default\nname: web-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+         - port: {}\n    servicePort: 1\n    tags:\n      kuma.io/service: web\n  outbound:\n  \
+         - port: {outbound}\n    tags:\n      kuma.io/service: backend\n",
+        free_port()
+    );
+    let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
+    let client = dp(&cp, "dataplane", &token, &web_dp, free_port());
+    let (_, dump) = e2e::http_get(client.admin, "/config_dump").expect("GET /config_dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let text = dump.to_string();
+    assert!(text.contains("\"lbPolicy\":\"MAGLEV\"") || text.contains("\"lb_policy\":\"MAGLEV\""), "{text}");
+    for i in 0..3 {
+        let mut c = TcpStream::connect(("127.0.0.1", outbound)).await.unwrap();
+        c.write_all(format!("request {i}\n").as_bytes()).await.unwrap();
+        assert_eq!(read_line(&mut c).await.as_deref(), Some("server-app"), "request {i}");
+    }
+}

@@ -396,6 +396,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let health_checks = cp.store.list(ResourceType::MeshHealthCheck, Some(&id.mesh)).await.map_err(internal)?;
     let mesh_metrics = cp.store.list(ResourceType::MeshMetric, Some(&id.mesh)).await.map_err(internal)?;
     let access_logs = cp.store.list(ResourceType::MeshAccessLog, Some(&id.mesh)).await.map_err(internal)?;
+    let load_balancing =
+        cp.store.list(ResourceType::MeshLoadBalancingStrategy, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -416,6 +418,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         retries: &retries,
         health_checks: &health_checks,
         access_logs: &access_logs,
+        load_balancing: &load_balancing,
         metrics,
         mesh_metric: meshmetric::merged(&mesh_metrics),
     });

@@ -139,6 +139,50 @@ pub fn connect_attempts(conf: &Map<String, Value>) -> Option<u32> {
     conf.get("tcp")?.get("maxConnectAttempt")?.as_u64().and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0)
 }
 
+/// MeshLoadBalancingStrategy's `loadBalancer` as the cluster's policy, as Kuma's plugin
+/// writes it: RoundRobin, LeastRequest (`choiceCount`), Random, RingHash (`hashFunction`,
+/// `minRingSize`, `maxRingSize`) and Maglev (`tableSize`). Hash policies go on HTTP
+/// routes, which these TCP outbounds do not have: a hashing cluster picks at random here.
+pub fn apply_load_balancer(cluster: &mut Cluster, conf: &Map<String, Value>) {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        LbConfig, LbPolicy, LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig, ring_hash_lb_config::HashFunction,
+    };
+    use envoy_types::pb::google::protobuf::UInt64Value;
+    let lb = conf.get("loadBalancer").cloned().unwrap_or(Value::Null);
+    let u64_of = |v: &Value| v.as_u64().map(|value| UInt64Value { value });
+    let (policy, config) = match lb["type"].as_str() {
+        Some("RoundRobin") => (LbPolicy::RoundRobin, None),
+        Some("LeastRequest") => {
+            let choice = lb["leastRequest"]["choiceCount"].as_u64().and_then(|n| u32::try_from(n).ok());
+            let cfg = choice.map(|value| {
+                LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+                    choice_count: Some(UInt32Value { value }),
+                    ..Default::default()
+                })
+            });
+            (LbPolicy::LeastRequest, cfg)
+        }
+        Some("Random") => (LbPolicy::Random, None),
+        Some("RingHash") => {
+            let r = &lb["ringHash"];
+            let murmur = r["hashFunction"].as_str() == Some("MurmurHash2");
+            let cfg = RingHashLbConfig {
+                minimum_ring_size: u64_of(&r["minRingSize"]),
+                maximum_ring_size: u64_of(&r["maxRingSize"]),
+                hash_function: if murmur { HashFunction::MurmurHash2 } else { HashFunction::XxHash } as i32,
+            };
+            (LbPolicy::RingHash, Some(LbConfig::RingHashLbConfig(cfg)))
+        }
+        Some("Maglev") => {
+            let cfg = MaglevLbConfig { table_size: u64_of(&lb["maglev"]["tableSize"]) };
+            (LbPolicy::Maglev, Some(LbConfig::MaglevLbConfig(cfg)))
+        }
+        _ => return,
+    };
+    cluster.lb_policy = policy as i32;
+    cluster.lb_config = config;
+}
+
 /// MeshHealthCheck as the cluster's active health check (TCP).
 pub fn apply_health_check(cluster: &mut Cluster, conf: &Map<String, Value>) {
     use envoy_types::pb::envoy::config::core::v3::{HealthCheck, health_check};
@@ -221,6 +265,30 @@ mod tests {
         let other = merged_conf(&p, "web").unwrap();
         assert_eq!(other["outlierDetection"]["detectors"]["totalFailures"]["consecutive"], 10);
         assert!(merged_conf(&[], "echo").is_none());
+    }
+
+    #[test]
+    fn load_balancers_map_to_envoy() {
+        use envoy_types::pb::envoy::config::cluster::v3::cluster::{LbConfig, LbPolicy};
+        let conf = |lb: Value| json!({"loadBalancer": lb}).as_object().unwrap().clone();
+        let mut c = Cluster::default();
+        apply_load_balancer(
+            &mut c,
+            &conf(
+                json!({"type": "RingHash", "ringHash": {"hashFunction": "MurmurHash2", "minRingSize": 100, "maxRingSize": 1000}}),
+            ),
+        );
+        assert_eq!(c.lb_policy, LbPolicy::RingHash as i32);
+        let Some(LbConfig::RingHashLbConfig(r)) = &c.lb_config else { panic!("{c:?}") };
+        assert_eq!(
+            (r.minimum_ring_size.unwrap().value, r.maximum_ring_size.unwrap().value, r.hash_function),
+            (100, 1000, 1)
+        );
+        apply_load_balancer(&mut c, &conf(json!({"type": "Maglev", "maglev": {"tableSize": 251}})));
+        assert_eq!(c.lb_policy, LbPolicy::Maglev as i32);
+        assert!(matches!(&c.lb_config, Some(LbConfig::MaglevLbConfig(m)) if m.table_size.unwrap().value == 251));
+        apply_load_balancer(&mut c, &conf(json!({"type": "Random"})));
+        assert_eq!((c.lb_policy, c.lb_config.is_none()), (LbPolicy::Random as i32, true));
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct SidecarInputs<'a> {
     pub health_checks: &'a [Resource],
     /// MeshAccessLog policies of the mesh.
     pub access_logs: &'a [Resource],
+    /// MeshLoadBalancingStrategy policies of the mesh.
+    pub load_balancing: &'a [Resource],
     /// The mesh's (or the Dataplane's) Prometheus metrics backend.
     pub metrics: Option<super::prometheus::MetricsEndpoint>,
     /// The merged MeshMetric policies of the mesh.
@@ -505,6 +507,9 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
         if let Some(conf) = super::resilience::merged_conf(inputs.health_checks, svc) {
             super::resilience::apply_health_check(&mut c, &conf);
+        }
+        if let Some(conf) = super::resilience::merged_conf(inputs.load_balancing, svc) {
+            super::resilience::apply_load_balancer(&mut c, &conf);
         }
         let cluster_version = version_of(&format!("{c:?}"));
         push(&mut clusters, svc, c, "", |_| {});
