@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::unix::pipe;
 use tracing::{info, warn};
@@ -68,6 +68,39 @@ fn parse(line: &[u8]) -> Option<Entry> {
     Some(Entry { address: String::from_utf8_lossy(&line[..i]).into_owned(), message: line[i + 1..].to_vec() })
 }
 
+/// The longest line taken from the pipe; a longer one is dropped (anyone on the host may
+/// write into the pipe, as into kuma-dp's).
+const MAX_LINE: usize = 1 << 20;
+
+/// Reads one line (with its newline) into `line`, at most [`MAX_LINE`] bytes of it:
+/// `Ok(false)` at the end of the pipe, `Ok(true)` with `line` empty for a line too long.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, line: &mut Vec<u8>) -> std::io::Result<bool> {
+    use tokio::io::AsyncBufReadExt;
+    line.clear();
+    let mut too_long = false;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(!line.is_empty() || too_long);
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if !too_long {
+            line.extend_from_slice(&buf[..take]);
+            if line.len() > MAX_LINE {
+                too_long = true;
+                line.clear();
+            }
+        }
+        r.consume(take);
+        if done {
+            return Ok(true);
+        }
+    }
+}
+
 /// Reads the pipe for as long as dp runs.
 pub async fn stream(rx: pipe::Receiver, path: PathBuf) {
     info!(path = %path.display(), "access-log pipe open");
@@ -75,10 +108,13 @@ pub async fn stream(rx: pipe::Receiver, path: PathBuf) {
     let mut senders: HashMap<String, TcpStream> = HashMap::new();
     let mut line = Vec::new();
     loop {
-        line.clear();
-        match lines.read_until(b'\n', &mut line).await {
-            Ok(0) => return,
-            Ok(_) => {}
+        match read_line(&mut lines, &mut line).await {
+            Ok(false) => return,
+            Ok(true) if line.is_empty() => {
+                warn!(max = MAX_LINE, "access-log line too long; dropped");
+                continue;
+            }
+            Ok(true) => {}
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "the access-log pipe failed; TCP access logs stop");
                 return;
@@ -131,6 +167,20 @@ mod tests {
             Some(Entry { address: "logs:5000".into(), message: b"plain line\n".to_vec() })
         );
         assert_eq!(parse(b"no separator\n"), None);
+    }
+
+    #[tokio::test]
+    async fn lines_longer_than_the_bound_are_dropped_whole() {
+        let mut input = vec![b'x'; MAX_LINE + 10];
+        input.extend_from_slice(b"\nnext\nlast");
+        let mut r = tokio::io::BufReader::with_capacity(4096, &input[..]);
+        let mut line = vec![];
+        assert!(read_line(&mut r, &mut line).await.unwrap() && line.is_empty(), "the long line, dropped");
+        assert!(read_line(&mut r, &mut line).await.unwrap());
+        assert_eq!(line, b"next\n");
+        assert!(read_line(&mut r, &mut line).await.unwrap());
+        assert_eq!(line, b"last", "the last line without its newline");
+        assert!(!read_line(&mut r, &mut line).await.unwrap(), "then the end");
     }
 
     #[tokio::test]
