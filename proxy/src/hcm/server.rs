@@ -796,6 +796,11 @@ fn mirror(
         debug!(cluster = %m.target.cluster_name, "mirror cluster unknown; not mirrored");
         return;
     };
+    // The mirror cluster's circuit breaker bounds the copies in flight, as in Envoy.
+    if cluster.stats.http().upstream_rq_active.get() >= cluster.max_requests {
+        cluster.stats.http().upstream_rq_pending_overflow.inc();
+        return;
+    }
     let hosts = m.target.hosts();
     let Some(host) = hosts.pick(cluster.lb, 0, Some(random)) else {
         cluster.stats.upstream_cx_none_healthy.inc();
