@@ -278,3 +278,24 @@ async fn health_checks_go_through_the_clusters_tls_as_envoys_do() {
     assert!(stats.contains("cluster.tls-app.health_check.success: "), "{stats}");
     assert!(!stats.contains("cluster.tls-app.health_check.success: 0"), "{stats}");
 }
+
+/// MeshMetric's OpenTelemetry backend gives a listener on a Unix socket (where kuma-dp's
+/// exporter would send metrics). dp has no exporter: it takes the update, says the
+/// listener is not served, and every other listener of the update serves, as in Envoy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listener_on_a_unix_socket_does_not_hold_back_the_update() {
+    let server = who_am_i().await;
+    let dir = e2e::temp_dir("otel-pipe");
+    let otel = json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": "_kuma:metrics:opentelemetry:collector",
+        "address": {"pipe": {"path": dir.join("kuma-otel-collector.sock").to_str().unwrap()}},
+        "filterChains": [{"filters": [tcp_proxy("app")]}]
+    });
+    let pair =
+        Pair::start(vec![static_cluster("app", server, json!({})), otel, listener("front", vec![tcp_proxy("app")])]);
+    let (dp, envoy) = pair.listener("front");
+    assert_eq!(answer(envoy).await, "127.0.0.1\n");
+    assert_eq!(answer(dp).await, "127.0.0.1\n");
+    pair.dp.logs.wait_for(&["_kuma:metrics:opentelemetry:collector", "is not served"]);
+}

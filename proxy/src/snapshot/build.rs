@@ -145,6 +145,17 @@ pub fn build_with(
         }
     }
     for l in resources.listeners.iter().filter(|l| !super::dns::is_udp(l) && !super::dynconf::is_dynconf(l)) {
+        // A listener on a Unix socket: Kuma's MeshMetric OpenTelemetry backends, where
+        // kuma-dp's exporter sends metrics. dp has no such exporter, so nothing would use
+        // the listener; it is accepted, said, and not served, rather than refused (a
+        // refusal would hold back every other listener of the update).
+        if let Some(Address { address: Some(address::Address::Pipe(p)) }) = &l.address {
+            cx.notes.push(format!(
+                "listener `{}` on the Unix socket {} is not served (MeshMetric OpenTelemetry export is not implemented)",
+                l.name, p.path
+            ));
+            continue;
+        }
         let cfg = build_listener(l, &mut cx).map_err(|e| format!("listener `{}`: {e}", l.name))?;
         if cfg.address.port() != 0
             && let Some(other) = bound.insert(cfg.address, &l.name)
