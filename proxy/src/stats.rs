@@ -101,6 +101,10 @@ stat_struct!(ClusterStats {
     outlier_detection_ejections_detected_consecutive_gateway_failure: "counter",
     outlier_detection_ejections_enforced_consecutive_local_origin_failure: "counter",
     outlier_detection_ejections_detected_consecutive_local_origin_failure: "counter",
+    outlier_detection_ejections_enforced_success_rate: "counter",
+    outlier_detection_ejections_detected_success_rate: "counter",
+    outlier_detection_ejections_enforced_failure_percentage: "counter",
+    outlier_detection_ejections_detected_failure_percentage: "counter",
 } http: std::sync::OnceLock<Box<UpstreamHttpStats>>, ssl: std::sync::OnceLock<Box<SslStats>>);
 
 stat_struct!(TcpStats {

@@ -1340,3 +1340,54 @@ async fn route_targeted_access_logs_go_where_envoys_go() {
     };
     assert_eq!((count(&other, dp.port()), count(&route2, dp.port())), (1, 2));
 }
+
+/// Outlier detection's success-rate detector (on by default in Envoy): among five hosts
+/// answering enough requests in an interval, the one whose connections are reset (a
+/// success rate far below the others') is ejected, in dp's `/clusters` as in Envoy's.
+/// The consecutive-5xx detector is kept out of the way (a threshold of 10,000).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_success_rate_detector_ejects_the_failing_host_as_envoys_does() {
+    let mut backends = vec![];
+    for i in 0..5 {
+        backends.push(HttpBackend::start(&format!("b{i}")).await);
+    }
+    backends[4].set_mode(e2e::http::Mode::Reset);
+    let endpoints: Vec<Value> = backends.iter().map(|b| json!({"endpoint": {"address": socket(b.addr)}})).collect();
+    let mut app = cluster("app", socket(backends[0].addr));
+    app["loadAssignment"]["endpoints"] = json!([{"lbEndpoints": endpoints}]);
+    app["outlierDetection"] = json!({"interval": "1s", "baseEjectionTime": "300s", "maxEjectionPercent": 50,
+        "consecutive5xx": 10000, "consecutiveGatewayFailure": 10000,
+        "successRateRequestVolume": 20, "successRateMinimumHosts": 5});
+    let hcm = json!({"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
+        "@type": HCM, "statPrefix": "sr", "httpFilters": [router()],
+        "routeConfig": {"virtualHosts": [{"domains": ["*"], "name": "sr", "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "0s"}}]}]}}});
+    let pair = Pair::start(vec![app, listener("sr", vec![json!({"filters": [hcm]})], false)]);
+    let (dp, envoy) = pair.listener("sr");
+    let bad = backends[4].addr;
+    for (who, addr, admin) in [("Envoy", envoy, pair.envoy.admin), ("dp", dp, pair.dp.admin)] {
+        let flags = |what: &str| {
+            let (_, body) = e2e::http_get(admin, "/clusters").ok()?;
+            body.lines().find_map(|l| l.strip_prefix(&format!("app::{what}::health_flags::")).map(str::to_owned))
+        };
+        // Requests until an interval has seen every host answer 20 or more, and the
+        // detector has looked.
+        let mut ejected = false;
+        for _ in 0..200 {
+            for _ in 0..50 {
+                let _ = get(addr, "svc", "/", &[]).await;
+            }
+            if flags(&bad.to_string()).as_deref() == Some("/failed_outlier_check") {
+                ejected = true;
+                break;
+            }
+        }
+        assert!(ejected, "{who} did not eject {bad}");
+        for b in &backends[..4] {
+            assert_eq!(flags(&b.addr.to_string()).as_deref(), Some("healthy"), "{who}: {}", b.addr);
+        }
+    }
+    let (_, stats) =
+        e2e::http_get(pair.dp.admin, "/stats?filter=outlier_detection.ejections_enforced_success_rate").unwrap();
+    assert!(stats.contains("cluster.app.outlier_detection.ejections_enforced_success_rate: 1"), "{stats}");
+}

@@ -11,8 +11,13 @@
 //! `consecutive_local_origin_failure`, a connection made resets that count, and the 5xx
 //! counts see only the upstream's answers.
 //!
+//! Every `interval`, the success-rate and failure-percentage detectors look at each host's
+//! answers since the last look ([`rates`]), as Envoy's do (success rate is on by default).
+//!
 //! Detectors and monitors live in the stats registry, keyed by cluster name and host
 //! address, so an ejection survives a configuration update that keeps the host.
+
+mod rates;
 
 use crate::stats::ClusterStats;
 use crate::upstream::HostAddr;
@@ -61,6 +66,7 @@ pub struct OutlierCfg {
     pub split: bool,
     pub consecutive_local_origin_failure: u32,
     pub enforcing_consecutive_local_origin_failure: u32,
+    pub rates: rates::RatesCfg,
 }
 
 impl OutlierCfg {
@@ -71,11 +77,12 @@ impl OutlierCfg {
         let d = |v: &Option<envoy_types::pb::google::protobuf::Duration>, dflt: Duration| {
             v.as_ref().map_or(dflt, |d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
         };
-        if o.enforcing_success_rate.as_ref().is_some_and(|v| v.value > 0) && o.success_rate_request_volume.is_some()
-            || o.enforcing_failure_percentage.as_ref().is_some_and(|v| v.value > 0)
+        if o.enforcing_local_origin_success_rate.as_ref().is_some_and(|v| v.value > 0)
+            || o.enforcing_failure_percentage_local_origin.as_ref().is_some_and(|v| v.value > 0)
         {
             notes.push(format!(
-                "cluster `{cluster}`: outlier_detection success-rate and failure-percentage ejection are not implemented"
+                "cluster `{cluster}`: outlier_detection's local-origin success-rate and failure-percentage detectors \
+                 are not implemented"
             ));
         }
         let cfg = OutlierCfg {
@@ -93,6 +100,7 @@ impl OutlierCfg {
                 o.enforcing_consecutive_local_origin_failure.map(|v| v.value),
                 100,
             ),
+            rates: rates::RatesCfg::from_proto(o),
         };
         if cfg.interval.is_zero() || cfg.base_ejection_time.is_zero() {
             return Err(format!("cluster `{cluster}`: outlier_detection interval and base_ejection_time must be > 0"));
@@ -107,6 +115,20 @@ enum Kind {
     Consecutive5xx,
     ConsecutiveGatewayFailure,
     ConsecutiveLocalOriginFailure,
+    SuccessRate,
+    FailurePercentage,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Consecutive5xx => "consecutive_5xx",
+            Kind::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
+            Kind::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
+            Kind::SuccessRate => "success_rate",
+            Kind::FailurePercentage => "failure_percentage",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -166,6 +188,8 @@ impl HostState {
 #[derive(Debug, Default)]
 pub struct Monitor {
     state: Mutex<HostState>,
+    /// The upstream's answers since the rate detectors last looked: (successes, failures).
+    answers: Mutex<(u64, u64)>,
 }
 
 impl Monitor {
@@ -220,7 +244,24 @@ impl Detector {
         let cfg = self.cfg();
         let now = Instant::now();
         let tripped = monitor.state.lock().unwrap_or_else(|e| e.into_inner()).count(&cfg, outcome);
+        // What the rate detectors count: the upstream's answers (and, unsplit, the
+        // connections, as Envoy maps them to 200, 503 and 504).
+        if !cfg.split || matches!(outcome, Outcome::Status(_)) {
+            let mut a = monitor.answers.lock().unwrap_or_else(|e| e.into_inner());
+            if outcome.code() < 500 {
+                a.0 += 1;
+            } else {
+                a.1 += 1;
+            }
+        }
         let Some((kind, enforcing)) = tripped else { return };
+        self.eject(monitor, host, kind, enforcing, now);
+    }
+
+    /// A detector found `host` an outlier: counted, and ejected when enforced and the
+    /// cluster may lose one more host.
+    fn eject(&self, monitor: &Monitor, host: &HostAddr, kind: Kind, enforcing: u32, now: Instant) {
+        let cfg = self.cfg();
         let st = &self.stats;
         match kind {
             Kind::Consecutive5xx => st.outlier_detection_ejections_detected_consecutive_5xx.inc(),
@@ -230,6 +271,8 @@ impl Detector {
             Kind::ConsecutiveLocalOriginFailure => {
                 st.outlier_detection_ejections_detected_consecutive_local_origin_failure.inc()
             }
+            Kind::SuccessRate => st.outlier_detection_ejections_detected_success_rate.inc(),
+            Kind::FailurePercentage => st.outlier_detection_ejections_detected_failure_percentage.inc(),
         }
         if monitor.ejected_until(&cfg, now).is_some() || !enforced(enforcing) {
             return;
@@ -265,16 +308,14 @@ impl Detector {
             Kind::ConsecutiveLocalOriginFailure => {
                 st.outlier_detection_ejections_enforced_consecutive_local_origin_failure.inc()
             }
+            Kind::SuccessRate => st.outlier_detection_ejections_enforced_success_rate.inc(),
+            Kind::FailurePercentage => st.outlier_detection_ejections_enforced_failure_percentage.inc(),
         }
         st.outlier_detection_ejections_active.set(active + 1);
         tracing::warn!(
             cluster = %self.cluster,
             host = %host,
-            reason = match kind {
-                Kind::Consecutive5xx => "consecutive_5xx",
-                Kind::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
-                Kind::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
-            },
+            reason = kind.name(),
             for_ms = ejection_time(&cfg, monitor.state.lock().unwrap_or_else(|e| e.into_inner()).backoff).as_millis() as u64,
             "outlier detection: host ejected"
         );
@@ -322,6 +363,10 @@ impl Detectors {
             stats: stats.clone(),
         });
         m.insert(cluster.to_string(), Arc::downgrade(&d));
+        // The rate detectors look every `interval`, while the detector is in use.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(rates::every_interval(Arc::downgrade(&d)));
+        }
         d
     }
 }
@@ -343,6 +388,7 @@ mod tests {
             split: false,
             consecutive_local_origin_failure: 5,
             enforcing_consecutive_local_origin_failure: 100,
+            rates: Default::default(),
         }
     }
 
