@@ -280,7 +280,7 @@ fn local_reply(cfg: &HttpCfg, status: StatusCode, body: impl Into<Bytes>) -> Res
     r
 }
 
-async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+async fn handle(cfg: &Arc<HttpCfg>, info: &Arc<ConnInfo>, req: Request<Incoming>) -> Response<RespBody> {
     let stats = &cfg.stats;
     stats.downstream_rq_total.inc();
     stats.downstream_rq_active.inc();
@@ -328,42 +328,138 @@ async fn handle(cfg: &HttpCfg, info: &ConnInfo, req: Request<Incoming>) -> Respo
     stats.classes.record(status);
     stats.downstream_rq_active.dec();
     log.finish(status);
-    if let Some(request) = &log.request {
-        let duration = log.started.elapsed();
+    match log.request.take() {
+        // The entry is written when the response body ends (or the client goes), with
+        // its duration and the bytes sent, as Envoy writes it.
+        Some(request) => {
+            let entry = Entry {
+                cfg: cfg.clone(),
+                info: info.clone(),
+                started: log.started,
+                status,
+                flag: log.flag,
+                cluster: std::mem::take(&mut log.cluster),
+                upstream: log.upstream.take(),
+                method: std::mem::take(&mut log.method),
+                path: std::mem::take(&mut log.path),
+                authority: std::mem::take(&mut log.authority),
+                protocol: log.protocol,
+                route_name: std::mem::take(&mut log.route_name),
+                route_kri: log.route_kri.take(),
+                response: resp.headers().clone(),
+                request,
+            };
+            resp.map(|b| Logged { inner: b, sent: 0, entry: Some(entry) }.boxed())
+        }
+        None => resp,
+    }
+}
+
+/// What an HTTP access-log entry needs once the response is over.
+struct Entry {
+    cfg: Arc<HttpCfg>,
+    info: Arc<ConnInfo>,
+    started: Instant,
+    status: u16,
+    flag: &'static str,
+    cluster: String,
+    upstream: Option<String>,
+    method: String,
+    path: String,
+    authority: String,
+    protocol: &'static str,
+    route_name: String,
+    route_kri: Option<String>,
+    request: http::HeaderMap,
+    response: http::HeaderMap,
+}
+
+impl Entry {
+    fn write(&self, sent: u64) {
+        let (cfg, info) = (&self.cfg, &self.info);
+        let duration = self.started.elapsed();
         let (uri_sans, dns_sans) = (info.uri_sans.join(","), info.dns_sans.join(","));
-        let scheme = if info.tls { "https" } else { "http" };
         cfg.access_log.log(&crate::access_log::Record {
             start: std::time::SystemTime::now().checked_sub(duration),
             duration,
-            response_code: Some(status),
-            // The bodies' sizes as their headers give them (the entry is written when the
-            // response starts, before a streamed body is counted).
-            bytes_received: content_length(request).unwrap_or(0),
-            bytes_sent: content_length(resp.headers()).unwrap_or(0),
-            flags: log.flag,
-            cluster: Some(&log.cluster),
-            upstream_host: log.upstream.clone(),
-            remote: downstream_remote(cfg, info, request),
+            response_code: Some(self.status),
+            // The request body as its header gives it (dp streams it upstream uncounted).
+            bytes_received: content_length(&self.request).unwrap_or(0),
+            bytes_sent: sent,
+            flags: self.flag,
+            cluster: Some(&self.cluster),
+            upstream_host: self.upstream.clone(),
+            remote: downstream_remote(cfg, info, &self.request),
             direct_remote: info.peer,
             local: info.local,
             peer_uri_san: Some(uri_sans.as_str()).filter(|s| !s.is_empty()),
             peer_dns_san: Some(dns_sans.as_str()).filter(|s| !s.is_empty()),
             sni: info.sni.as_deref(),
             http: Some(crate::access_log::HttpRecord {
-                method: &log.method,
-                path: &log.path,
-                authority: &log.authority,
-                scheme,
-                protocol: log.protocol,
-                route_name: &log.route_name,
-                request,
-                response: Some(resp.headers()),
-                route_kri: log.route_kri.as_deref(),
+                method: &self.method,
+                path: &self.path,
+                authority: &self.authority,
+                scheme: if info.tls { "https" } else { "http" },
+                protocol: self.protocol,
+                route_name: &self.route_name,
+                request: &self.request,
+                response: Some(&self.response),
+                route_kri: self.route_kri.as_deref(),
             }),
             ..Default::default()
         });
     }
-    resp
+}
+
+/// A response body that writes its access-log entry when it ends, or when it is dropped
+/// before (the client went away).
+struct Logged {
+    inner: RespBody,
+    sent: u64,
+    entry: Option<Entry>,
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => {
+                if let Some(e) = this.entry.take() {
+                    e.write(this.sent);
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(e) = self.entry.take() {
+            e.write(self.sent);
+        }
+    }
 }
 
 async fn respond(
