@@ -186,6 +186,7 @@ pub async fn serve(
         cluster: "",
         upstream: None,
         peer_identity: None,
+        peer_uri_sans: None,
         local: destination,
         logs: None,
         started,
@@ -283,6 +284,17 @@ pub async fn serve(
                     san::San::Uri(u) => Some(u.to_string()),
                     _ => None,
                 });
+                // Every URI SAN, for a configured access log's %DOWNSTREAM_PEER_URI_SAN%.
+                if matches!(&chain.action, Action::TcpProxy(tp) if !tp.access_log.is_empty()) {
+                    let uris: Vec<&str> = sans
+                        .iter()
+                        .filter_map(|n| match n {
+                            san::San::Uri(u) => Some(*u),
+                            _ => None,
+                        })
+                        .collect();
+                    log.peer_uri_sans = Some(uris.join(",")).filter(|s| !s.is_empty());
+                }
                 // The certificate's names are read once, here, for RBAC, HTTP and the log.
                 let presented = peer_cert.as_ref().map(|_| sans.as_slice());
                 if !rbac_allows(chain, peer, local, sni, presented) {
@@ -585,6 +597,8 @@ struct AccessLog<'a> {
     upstream: Option<HostAddr>,
     /// The client certificate's first URI SAN (its SPIFFE ID) when TLS was terminated.
     peer_identity: Option<String>,
+    /// Every URI SAN of the client certificate, joined (only for configured access logs).
+    peer_uri_sans: Option<String>,
     /// Where the connection was headed, when known.
     local: Option<SocketAddr>,
     /// The tcp_proxy's configured access logs.
@@ -626,7 +640,7 @@ impl Drop for AccessLog<'_> {
                 remote: Some(self.peer),
                 direct_remote: Some(self.peer),
                 local: self.local,
-                peer_uri_san: self.peer_identity.as_deref(),
+                peer_uri_san: self.peer_uri_sans.as_deref(),
                 sni: self.sni,
                 connection_id: self.id,
                 ..Default::default()
