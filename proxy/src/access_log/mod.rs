@@ -283,11 +283,6 @@ fn struct_json(s: &Struct) -> serde_json::Map<String, serde_json::Value> {
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// Lines dropped so far (queue full, or a pipe without a reader).
-pub fn dropped_lines() -> u64 {
-    DROPPED.load(Ordering::Relaxed)
-}
-
 fn dropped() {
     let n = DROPPED.fetch_add(1, Ordering::Relaxed);
     if n.is_power_of_two() || n == 0 {
