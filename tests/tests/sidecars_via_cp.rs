@@ -193,6 +193,20 @@ fn backend_sidecar(cp: &Cp, app: &Backend) -> Dp {
     dp(cp, "dataplane", &token, &backend_dp, free_port())
 }
 
+/// The sidecar `web-1` of service `web`, with an outbound to `backend` on the returned
+/// port, ready.
+fn web_sidecar(cp: &Cp) -> (Dp, u16) {
+    let outbound = free_port();
+    let web_dp = format!(
+        "type: Dataplane\nmesh: default\nname: web-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
+         - port: {}\n    servicePort: 1\n    tags:\n      kuma.io/service: web\n  outbound:\n  \
+         - port: {outbound}\n    tags:\n      kuma.io/service: backend\n",
+        free_port()
+    );
+    let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
+    (dp(cp, "dataplane", &token, &web_dp, free_port()), outbound)
+}
+
 /// `GET /metrics` on a Unix socket, as the Prometheus listener's cluster sends it: the
 /// whole response.
 async fn scrape(socket: &std::path::Path) -> String {
@@ -285,15 +299,7 @@ async fn a_meshaccesslog_policy_writes_outbound_lines_to_a_file_and_sends_inboun
     ));
     let app = Backend::start("server-app").await;
     let _server = backend_sidecar(&cp, &app);
-    let outbound = free_port();
-    let web_dp = format!(
-        "type: Dataplane\nmesh: default\nname: web-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
-         - port: {}\n    servicePort: 1\n    tags:\n      kuma.io/service: web\n  outbound:\n  \
-         - port: {outbound}\n    tags:\n      kuma.io/service: backend\n",
-        free_port()
-    );
-    let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
-    let _client = dp(&cp, "dataplane", &token, &web_dp, free_port());
+    let (_client, outbound) = web_sidecar(&cp);
 
     let mut c = TcpStream::connect(("127.0.0.1", outbound)).await.unwrap();
     c.write_all(b"request\n").await.unwrap();
@@ -327,15 +333,7 @@ async fn a_meshloadbalancingstrategy_policy_sets_the_outbound_clusters_balancer(
     );
     let app = Backend::start("server-app").await;
     let _server = backend_sidecar(&cp, &app);
-    let outbound = free_port();
-    let web_dp = format!(
-        "type: Dataplane\nmesh: default\nname: web-1\nnetworking:\n  address: 127.0.0.1\n  inbound:\n  \
-         - port: {}\n    servicePort: 1\n    tags:\n      kuma.io/service: web\n  outbound:\n  \
-         - port: {outbound}\n    tags:\n      kuma.io/service: backend\n",
-        free_port()
-    );
-    let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
-    let client = dp(&cp, "dataplane", &token, &web_dp, free_port());
+    let (client, outbound) = web_sidecar(&cp);
     let (_, dump) = e2e::http_get(client.admin, "/config_dump").expect("GET /config_dump");
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let text = dump.to_string();
