@@ -151,9 +151,7 @@ pub async fn serve(
     // matches on the destination port or address.
     let destination = match original {
         Some(o) => Some(o),
-        None if lst.matcher.uses_ports() || lst.matcher.uses_destinations() || lst.inspectors_use_port() => {
-            down.local_addr().ok()
-        }
+        None if lst.needs_destination => down.local_addr().ok(),
         None => None,
     };
     let port = destination.map_or(0, |a| a.port());

@@ -288,8 +288,14 @@ fn build_listener(l: &ListenerResource, cx: &mut ChainCtx<'_>) -> Result<Listene
         Some(fc) => Some(Arc::new(build_chain(fc, cx).map_err(|e| format!("default_filter_chain: {e}"))?)),
         None => None,
     };
+    let inspectors_use_port = [&tls_inspector, &http_inspector]
+        .into_iter()
+        .flatten()
+        .any(|i| i.disabled.as_ref().is_some_and(|p| p.uses_port()));
+    let needs_destination = matcher.uses_ports() || matcher.uses_destinations() || inspectors_use_port;
     Ok(ListenerCfg {
         name: l.name.clone(),
+        needs_destination,
         address,
         ipv4_compat,
         tls_inspector,

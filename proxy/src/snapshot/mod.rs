@@ -49,16 +49,6 @@ pub struct Snapshot {
     pub unbound: HashMap<SocketAddr, String>,
 }
 
-impl ListenerCfg {
-    /// Whether a listener filter's `filter_disabled` looks at the destination port.
-    pub fn inspectors_use_port(&self) -> bool {
-        [&self.tls_inspector, &self.http_inspector]
-            .into_iter()
-            .flatten()
-            .any(|i| i.disabled.as_ref().is_some_and(|p| p.uses_port()))
-    }
-}
-
 impl Snapshot {
     /// The unbound listener for a captured connection's original destination: the one
     /// on exactly that address, else one on the wildcard address of that port.
@@ -78,6 +68,9 @@ pub struct ListenerCfg {
     pub tls_inspector: Option<crate::inspect::Inspector>,
     /// `http_inspector`: read an HTTP request line or preface before choosing a chain.
     pub http_inspector: Option<crate::inspect::Inspector>,
+    /// A chain, or a listener filter's `filter_disabled`, looks at the destination (so a
+    /// connection's local address is read).
+    pub needs_destination: bool,
     /// How long listener filters may wait for the ClientHello; `None` = forever.
     pub filters_timeout: Option<Duration>,
     pub continue_on_timeout: bool,
