@@ -137,6 +137,8 @@ struct HostState {
     consecutive_gateway: u32,
     /// Connect failures and timeouts in a row (with the split).
     consecutive_local: u32,
+    /// The upstream's answers since the rate detectors last looked: (successes, failures).
+    answers: (u64, u64),
     /// When the current ejection started.
     ejected_at: Option<Instant>,
     /// How many ejection times the current (or next) ejection lasts.
@@ -188,8 +190,6 @@ impl HostState {
 #[derive(Debug, Default)]
 pub struct Monitor {
     state: Mutex<HostState>,
-    /// The upstream's answers since the rate detectors last looked: (successes, failures).
-    answers: Mutex<(u64, u64)>,
 }
 
 impl Monitor {
@@ -243,17 +243,19 @@ impl Detector {
     pub fn record(&self, monitor: &Monitor, host: &HostAddr, outcome: Outcome) {
         let cfg = self.cfg();
         let now = Instant::now();
-        let tripped = monitor.state.lock().unwrap_or_else(|e| e.into_inner()).count(&cfg, outcome);
-        // What the rate detectors count: the upstream's answers (and, unsplit, the
-        // connections, as Envoy maps them to 200, 503 and 504).
-        if !cfg.split || matches!(outcome, Outcome::Status(_)) {
-            let mut a = monitor.answers.lock().unwrap_or_else(|e| e.into_inner());
-            if outcome.code() < 500 {
-                a.0 += 1;
-            } else {
-                a.1 += 1;
+        let tripped = {
+            let mut s = monitor.state.lock().unwrap_or_else(|e| e.into_inner());
+            // What the rate detectors count: the upstream's answers (and, unsplit, the
+            // connections, as Envoy maps them to 200, 503 and 504).
+            if !cfg.split || matches!(outcome, Outcome::Status(_)) {
+                if outcome.code() < 500 {
+                    s.answers.0 += 1;
+                } else {
+                    s.answers.1 += 1;
+                }
             }
-        }
+            s.count(&cfg, outcome)
+        };
         let Some((kind, enforcing)) = tripped else { return };
         self.eject(monitor, host, kind, enforcing, now);
     }

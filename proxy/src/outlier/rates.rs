@@ -129,7 +129,7 @@ impl Detector {
             self.hosts.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(a, m)| (a.clone(), m.clone())).collect();
         let answers: Vec<(u64, u64)> = hosts
             .iter()
-            .map(|(_, m)| std::mem::take(&mut *m.answers.lock().unwrap_or_else(|e| e.into_inner())))
+            .map(|(_, m)| std::mem::take(&mut m.state.lock().unwrap_or_else(|e| e.into_inner()).answers))
             .collect();
         for (i, kind) in outliers(&cfg.rates, &answers) {
             let enforcing = match kind {
