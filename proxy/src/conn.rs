@@ -470,7 +470,8 @@ async fn proxy<'a, D: Downstream>(
         return log.finish(Flag::Overflow, Transferred::default());
     }
     let _cluster_active = Active::new(&cs.upstream_cx_active);
-    let hash = tp.hash_source_ip.then(|| crate::snapshot::hashing::xxh64(log.peer.ip().to_string().as_bytes(), 0));
+    let hash = (tp.hash_source_ip && cluster.hashes())
+        .then(|| crate::snapshot::hashing::xxh64(log.peer.ip().to_string().as_bytes(), 0));
     let (up, host) = match connect(cluster, hosts, tp.max_connect_attempts, hash).await {
         Ok(c) => c,
         Err(flag) => return log.finish(flag, Transferred::default()),

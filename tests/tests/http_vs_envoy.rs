@@ -808,6 +808,7 @@ async fn consistent_hashing_sends_every_key_where_envoy_does() {
         ),
         hashing_cluster("maglev", &backends, &[1, 2, 1, 3, 1], "MAGLEV", json!({})),
         hashing_cluster("maglev-small", &backends, &uniform, "MAGLEV", json!({"maglevLbConfig": {"tableSize": "251"}})),
+        hashing_cluster("round-robin", &backends, &uniform, "ROUND_ROBIN", json!({})),
         listener(
             "hashing",
             vec![json!({"filters": [{"name": "envoy.filters.network.http_connection_manager", "typedConfig": {
@@ -821,6 +822,7 @@ async fn consistent_hashing_sends_every_key_where_envoy_does() {
                 hashed_route("/small", "maglev-small", json!([{"header": {"headerName": "x-user"}},
                     {"queryParameter": {"name": "u"}}])),
                 hashed_route("/cookie", "ring", json!([{"cookie": {"name": "sid", "ttl": "60s", "path": "/"}}])),
+                hashed_route("/rr", "round-robin", json!([{"cookie": {"name": "sid", "ttl": "60s", "path": "/"}}])),
             ]}]}}}]})],
             false,
         ),
@@ -879,6 +881,12 @@ async fn consistent_hashing_sends_every_key_where_envoy_does() {
     let envoy_host = get(envoy_tcp, "svc", "/", &[]).await.body;
     for _ in 0..6 {
         assert_eq!(get(dp_tcp, "svc", "/", &[]).await.body, envoy_host, "tcp_proxy source_ip hashing");
+    }
+    // A cluster that does not hash never asks for the hash: no cookie is made.
+    for addr in [dp, envoy] {
+        let got = get(addr, "svc", "/rr", &[]).await;
+        assert_eq!(got.status, 200);
+        assert!(!got.headers.contains_key("set-cookie"), "{addr}: {:?}", got.headers);
     }
     // No cookie: the proxy makes one, sends it back, and hashes its value; the client
     // that sends it again stays on that backend.

@@ -661,18 +661,23 @@ async fn forward(
         headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    // The hash for a consistent-hashing cluster, from the request as the client sent it
-    // (Envoy picks the host before the route's header changes).
-    let hashed = hash_policy::hash(
-        &fwd.hash_policy,
-        &hash_policy::RequestParts {
-            headers: &headers,
-            path,
-            client: client.or(peer_ip),
-            peer: info.peer,
-            local: info.local,
-        },
-    );
+    // The hash, only for a consistent-hashing cluster (as Envoy's hashing balancers ask
+    // for it; so a cookie policy makes no cookie for another cluster), from the request as
+    // the client sent it (Envoy picks the host before the route's header changes).
+    let hashed = if cluster.hashes() {
+        hash_policy::hash(
+            &fwd.hash_policy,
+            &hash_policy::RequestParts {
+                headers: &headers,
+                path,
+                client: client.or(peer_ip),
+                peer: info.peer,
+                local: info.local,
+            },
+        )
+    } else {
+        Default::default()
+    };
     route.headers.apply_request(&mut headers);
     vh.headers.apply_request(&mut headers);
     cfg.routes.headers.apply_request(&mut headers);

@@ -210,6 +210,12 @@ impl ClusterCfg {
         }
     }
 
+    /// Whether the cluster balances by a hash (RING_HASH, MAGLEV): only then is a
+    /// request's or a connection's hash worked out.
+    pub fn hashes(&self) -> bool {
+        matches!(self.lb, LbPolicy::RingHash | LbPolicy::Maglev)
+    }
+
     /// The TLS a connection to `host` originates.
     pub fn tls_for(&self, host: &Host) -> &super::Tls<ClientTls> {
         host.tls_match.and_then(|i| self.tls_matches.get(i)).unwrap_or(&self.tls)
