@@ -9,6 +9,7 @@ pub mod mesh;
 pub mod netns;
 pub mod pair;
 pub mod postgres;
+pub mod sidecars;
 pub mod tls;
 pub mod xds;
 

@@ -5,70 +5,15 @@
 
 use e2e::mesh::free_port;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use e2e::envoy::{Envoy, bootstrap};
-use e2e::{Backend, Cp, Dp, read_line, temp_dir, wait_within};
-use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use e2e::sidecars::{Sidecar, dataplane, request, start, until_answer, write};
+use e2e::{Backend, Cp, Dp, temp_dir};
 use tokio::net::TcpStream;
 
 /// mTLS, and Kuma's Prometheus metrics backend: every sidecar gets the metrics listener
 /// (each on the port its Dataplane sets), which Envoy must accept as well.
 const MESH: &str = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n\
                     metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n";
-const SYNC: Duration = Duration::from_secs(30);
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-/// The Dataplane of a sidecar for `app` (service `service`) with outbounds (port, service).
-fn dataplane(name: &str, service: &str, app: &Backend, outbounds: &[(u16, &str)]) -> Value {
-    let outbound: Vec<Value> =
-        outbounds.iter().map(|(p, s)| json!({"port": p, "tags": {"kuma.io/service": s}})).collect();
-    json!({"type": "Dataplane", "mesh": "default", "name": name, "networking": {"address": "127.0.0.1",
-        "inbound": [{"port": free_port(), "servicePort": app.addr.port(), "tags": {"kuma.io/service": service}}],
-        "outbound": outbound}, "metrics": {"type": "prometheus", "conf": {"port": free_port()}}})
-}
-
-fn token(zone: &Cp, name: &str) -> String {
-    wait_within(SYNC, "a dataplane token", || {
-        let (ok, out) = zone.ctl_status(&["generate", "dataplane-token", "--name", name, "-m", "default"]);
-        ok.success().then(|| out.trim().to_string())
-    })
-}
-
-/// A sidecar: `dp` or Envoy.
-enum Sidecar {
-    Dp(Dp),
-    Envoy(Envoy),
-}
-
-async fn sidecar(zone: &Cp, envoy: bool, resource: Value) -> Sidecar {
-    let name = resource["name"].as_str().unwrap().to_string();
-    let tok = token(zone, &name);
-    if envoy {
-        return Sidecar::Envoy(Envoy::start(bootstrap(zone, "dataplane", &tok, &resource).await));
-    }
-    let dir = temp_dir("mixed-dp");
-    let (t, r) = (write(&dir, "token", &tok), write(&dir, "dp.json", &resource.to_string()));
-    let dp = Dp::against(zone, "dataplane", &t, &r, &[("KUMA_DNS_ENABLED", "false")]);
-    dp.wait_ready();
-    Sidecar::Dp(dp)
-}
-
-async fn request(addr: SocketAddr) -> Result<String, String> {
-    let attempt = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        s.write_all(b"hello\n").await.map_err(|e| format!("write: {e}"))?;
-        read_line(&mut s).await.ok_or_else(|| "closed without an answer".to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(10), attempt).await.unwrap_or_else(|_| Err("no answer within 10s".into()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingress() {
@@ -102,7 +47,7 @@ async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingres
         for (kind, envoy) in [("dp", false), ("envoy", true)] {
             let svc = format!("srv-{kind}-{zname}");
             let app = Backend::start(&svc).await;
-            let side = sidecar(zone, envoy, dataplane(&svc, &svc, &app, &[])).await;
+            let side = start(zone, envoy, dataplane(&svc, &svc, &app, &[])).await;
             servers.push((svc, app, side));
         }
     }
@@ -114,7 +59,7 @@ async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingres
         let web = Backend::start("web").await;
         let res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &refs);
         let metrics_port = res["metrics"]["conf"]["port"].as_u64().unwrap() as u16;
-        let side = sidecar(&zone1, envoy, res).await;
+        let side = start(&zone1, envoy, res).await;
         clients.push((kind, outs, side, (web, metrics_port)));
     }
 
@@ -122,15 +67,7 @@ async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingres
     for (kind, outs, _, _) in &clients {
         for (port, svc) in outs {
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            let deadline = tokio::time::Instant::now() + SYNC;
-            loop {
-                let got = request(addr).await;
-                if got.as_deref() == Ok(svc.as_str()) {
-                    break;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "client-{kind} -> {svc}: {got:?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            until_answer(addr, Ok(svc), &format!("client-{kind} -> {svc}")).await;
             for i in 0..5 {
                 assert_eq!(request(addr).await.as_deref(), Ok(svc.as_str()), "client-{kind} -> {svc}, request {i}");
             }

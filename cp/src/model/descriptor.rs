@@ -130,6 +130,7 @@ resource_types!(
     MeshTrace,
     MeshMetric,
     MeshProxyPatch,
+    MeshTLS,
 );
 
 const fn flat(rtype: ResourceType, name: &'static str, plural: &'static str, scope: Scope) -> Descriptor {
@@ -267,6 +268,7 @@ static DESCRIPTORS: &[Descriptor] = &[
     mesh_policy(T::MeshTrace, "MeshTrace", "meshtraces"),
     mesh_policy(T::MeshMetric, "MeshMetric", "meshmetrics"),
     mesh_policy(T::MeshProxyPatch, "MeshProxyPatch", "meshproxypatches"),
+    mesh_policy(T::MeshTLS, "MeshTLS", "meshtlses"),
 ];
 
 impl ResourceType {

@@ -73,6 +73,11 @@ pub fn validate(r: &Resource) -> Result<(), Vec<Cause>> {
         ResourceType::Config if !matches!(r.spec.get("config"), Some(Value::String(_))) => {
             causes.push(Cause::new("config", "must be a string"));
         }
+        ResourceType::MeshTLS => {
+            for (field, message) in crate::xds::meshtls::problems(&r.spec) {
+                causes.push(Cause::new(field, message));
+            }
+        }
         ResourceType::Secret | ResourceType::GlobalSecret if !matches!(r.spec.get("data"), Some(Value::String(_))) => {
             causes.push(Cause::new("data", "must be a base64 string"));
         }

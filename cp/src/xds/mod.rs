@@ -7,6 +7,7 @@ pub mod dynconf;
 pub mod egress;
 pub mod generate;
 pub mod meshmetric;
+pub mod meshtls;
 pub mod prometheus;
 pub mod resilience;
 pub mod sidecar;
@@ -374,9 +375,9 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let spec: DataplaneSpec = dp.typed().unwrap_or_default();
     let metrics = prometheus::endpoint(&mesh_spec, &spec);
     let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for inb in spec.networking.map(|n| n.inbound).unwrap_or_default() {
-        for (k, v) in inb.tags {
-            tags.entry(k).or_default().insert(v);
+    for inb in spec.networking.iter().flat_map(|n| &n.inbound) {
+        for (k, v) in &inb.tags {
+            tags.entry(k.clone()).or_default().insert(v.clone());
         }
     }
     let (tls, refresh_at) = match mesh_identity(cp, &mesh, &id.name, &tags).await? {
@@ -398,6 +399,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let access_logs = cp.store.list(ResourceType::MeshAccessLog, Some(&id.mesh)).await.map_err(internal)?;
     let load_balancing =
         cp.store.list(ResourceType::MeshLoadBalancingStrategy, Some(&id.mesh)).await.map_err(internal)?;
+    let mesh_tls_policies = cp.store.list(ResourceType::MeshTLS, Some(&id.mesh)).await.map_err(internal)?;
+    let backend_mode = mesh_spec.enabled_backend().and_then(|b| b.mode.as_deref());
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -409,6 +412,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         dns_port: id.dns_port,
         features: &id.features,
         workdir: &id.workdir,
+        mesh_tls: meshtls::resolve(backend_mode, &mesh_tls_policies, &dp, &spec),
         tls,
         zone_egress: mesh_spec.zone_egress(),
         locality_aware: mesh_spec.locality_aware(),

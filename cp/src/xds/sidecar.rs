@@ -27,7 +27,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, Listener, ListenerFilter, filter, listener_filter,
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
 use envoy_types::pb::envoy::data::dns::v3::{DnsTable, dns_table};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
@@ -87,6 +87,8 @@ pub struct SidecarInputs<'a> {
     pub workdir: &'a str,
     /// Set when the mesh has mTLS enabled.
     pub tls: Option<SidecarTls>,
+    /// How the proxy speaks that mTLS (MeshTLS and the backend's mode).
+    pub mesh_tls: super::meshtls::MeshTls,
     /// The mesh's `routing.zoneEgress`.
     pub zone_egress: bool,
     /// The mesh's `routing.localityAwareLoadBalancing`.
@@ -218,6 +220,42 @@ pub(crate) fn tcp_proxy_chain(
     tcp_chain(tcp_proxy(cluster, stat_prefix, idle_secs), tls)
 }
 
+/// An inbound's filter chains and listener filters. Without mTLS, one plaintext chain. With
+/// it, strict: one chain terminating mesh mTLS; permissive (Kuma's order): plaintext, then
+/// the application's own TLS passed through as it is, then mesh mTLS, which the TLS
+/// inspector tells from the application's TLS by ALPN `kuma`.
+fn inbound_chains(inputs: &SidecarInputs<'_>, tcp: TcpProxy) -> (Vec<FilterChain>, Vec<ListenerFilter>) {
+    use super::meshtls::Mode;
+    let Some(_) = &inputs.tls else { return (vec![tcp_chain(tcp, None)], vec![]) };
+    let mut ctx = downstream_tls(&inputs.dataplane.mesh);
+    with_params(&mut ctx.common_tls_context, &inputs.mesh_tls);
+    let mesh_tls = tcp_chain(tcp.clone(), Some(tls_socket(ctx)));
+    if inputs.mesh_tls.mode == Mode::Strict {
+        return (vec![mesh_tls], vec![]);
+    }
+    let matching = |mut chain: FilterChain, transport: &str, alpn: &[&str]| {
+        chain.filter_chain_match = Some(FilterChainMatch {
+            transport_protocol: transport.to_string(),
+            application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+        chain
+    };
+    let chains = vec![
+        matching(tcp_chain(tcp.clone(), None), "raw_buffer", &[]),
+        matching(tcp_chain(tcp, None), "tls", &[]),
+        matching(mesh_tls, "tls", &[KUMA_ALPN]),
+    ];
+    (chains, vec![super::generate::tls_inspector()])
+}
+
+/// MeshTLS's versions and ciphers on a mesh mTLS context, server or client side.
+fn with_params(ctx: &mut Option<CommonTlsContext>, tls: &super::meshtls::MeshTls) {
+    if let (Some(ctx), Some(p)) = (ctx.as_mut(), &tls.params) {
+        ctx.tls_params = Some(p.clone());
+    }
+}
+
 fn tcp_proxy(cluster: &str, stat_prefix: &str, idle_secs: i64) -> TcpProxy {
     TcpProxy {
         stat_prefix: stat_prefix.to_string(),
@@ -347,7 +385,6 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         local_clusters.insert(cluster.clone(), (workload_ip, workload_port));
 
         let name = format!("inbound:{dp_ip}:{port}");
-        let tls = inputs.tls.as_ref().map(|_| tls_socket(downstream_tls(mesh)));
         let values = KumaValues {
             mesh,
             source_ip: &net.address,
@@ -360,13 +397,14 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             access_log: super::access_log::loggers(&backends, &values, &al_pipe),
             ..tcp_proxy(&cluster, &format!("localhost_{workload_port}"), 7200)
         };
-        let chain = tcp_chain(tcp, tls);
+        let (filter_chains, listener_filters) = inbound_chains(inputs, tcp);
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(&dp_ip, port)),
             enable_reuse_port: Some(BoolValue { value: reuse_port }),
             bind_to_port: tproxy.as_ref().map(|_| BoolValue { value: false }),
-            filter_chains: vec![chain],
+            filter_chains,
+            listener_filters,
             traffic_direction: TrafficDirection::Inbound as i32,
             ..Default::default()
         };
@@ -499,7 +537,11 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 eds_config: Some(ads_config_source()),
                 service_name: String::new(),
             }),
-            transport_socket: inputs.tls.as_ref().map(|_| tls_socket(upstream_tls(mesh, svc))),
+            transport_socket: inputs.tls.as_ref().map(|_| {
+                let mut ctx = upstream_tls(mesh, svc);
+                with_params(&mut ctx.common_tls_context, &inputs.mesh_tls);
+                tls_socket(ctx)
+            }),
             ..Default::default()
         };
         if let Some(conf) = super::resilience::merged_conf(inputs.circuit_breakers, svc) {

@@ -1,0 +1,290 @@
+//! How a sidecar speaks mesh mTLS: Kuma 2.14's MeshTLS policy over the Mesh backend's
+//! `mode` (`kumahq/kuma:pkg/plugins/policies/meshtls/plugin/v1alpha1/plugin.go`).
+//! * `mode`: `Strict`, the inbound takes mesh mTLS only; or `Permissive`, the inbound also
+//!   takes plaintext and the application's own TLS, which the TLS inspector tells apart
+//!   from mesh mTLS by its ALPN (a mesh client offers `kuma`). A MeshTLS `mode` wins over
+//!   the backend's; a mesh without either is strict.
+//! * `tlsVersion` and `tlsCiphers`: `tls_params` of the inbound's server context and of
+//!   the mesh outbounds' client contexts (not of ExternalServices), both sides as Kuma
+//!   writes them, so a restriction holds whichever proxy, dp or Envoy, is on either end.
+//!
+//! A policy applies to the proxy when its top-level targetRef is the mesh (or absent), a
+//! MeshSubset whose tags one of the proxy's inbounds carries, or the Dataplane by name or
+//! labels. Policies merge from the least specific to the most, by name within one kind;
+//! inside a policy its `from` entries (all `targetRef.kind: Mesh`) and then its `rules`.
+
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{TlsParameters, tls_parameters::TlsProtocol};
+use serde_json::{Map, Value};
+
+use crate::model::Resource;
+use crate::model::specs::DataplaneSpec;
+
+/// What the inbound listener accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+/// The proxy's mesh mTLS settings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshTls {
+    pub mode: Mode,
+    /// `None` when the policies restrict neither versions nor ciphers (Envoy's defaults).
+    pub params: Option<TlsParameters>,
+}
+
+/// MeshTLS's version names, in order, with Envoy's values (`common_tls.ToTlsVersion`).
+pub const VERSIONS: &[(&str, TlsProtocol)] = &[
+    ("TLSAuto", TlsProtocol::TlsAuto),
+    ("TLS10", TlsProtocol::TlSv10),
+    ("TLS11", TlsProtocol::TlSv11),
+    ("TLS12", TlsProtocol::TlSv12),
+    ("TLS13", TlsProtocol::TlSv13),
+];
+
+/// The ciphers MeshTLS allows (`common_tls.AllCiphers`): BoringSSL's names, as Envoy takes them.
+pub const CIPHERS: &[&str] = &[
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+];
+
+pub const MODES: &[&str] = &["Strict", "Permissive"];
+
+/// The settings of the Dataplane `dp` (spec `spec`) in a mesh whose enabled backend has
+/// `backend_mode` (`STRICT`/`PERMISSIVE`), under these MeshTLS policies.
+pub fn resolve(backend_mode: Option<&str>, policies: &[Resource], dp: &Resource, spec: &DataplaneSpec) -> MeshTls {
+    let conf = merged(policies, dp, spec);
+    let mode = match conf.get("mode").and_then(Value::as_str) {
+        Some("Permissive") => Mode::Permissive,
+        Some(_) => Mode::Strict,
+        None if backend_mode == Some("PERMISSIVE") => Mode::Permissive,
+        None => Mode::Strict,
+    };
+    MeshTls { mode, params: params(&conf) }
+}
+
+fn version(v: &Value) -> Option<TlsProtocol> {
+    VERSIONS.iter().find(|(name, _)| Some(*name) == v.as_str()).map(|(_, p)| *p)
+}
+
+fn params(conf: &Map<String, Value>) -> Option<TlsParameters> {
+    let ciphers: Vec<String> = conf
+        .get("tlsCiphers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some(c.as_str()?.to_string()))
+        .collect();
+    let min = conf.get("tlsVersion").and_then(|v| v.get("min")).and_then(version);
+    let max = conf.get("tlsVersion").and_then(|v| v.get("max")).and_then(version);
+    if ciphers.is_empty() && min.is_none() && max.is_none() {
+        return None;
+    }
+    Some(TlsParameters {
+        tls_minimum_protocol_version: min.unwrap_or(TlsProtocol::TlsAuto) as i32,
+        tls_maximum_protocol_version: max.unwrap_or(TlsProtocol::TlsAuto) as i32,
+        cipher_suites: ciphers,
+        ..Default::default()
+    })
+}
+
+/// How specific a top-level targetRef is for this proxy; `None` when it does not select it.
+fn specificity(target: &Value, dp: &Resource, spec: &DataplaneSpec) -> Option<u8> {
+    let tags_match = |want: &Map<String, Value>| {
+        spec.networking
+            .iter()
+            .flat_map(|n| &n.inbound)
+            .any(|inb| want.iter().all(|(k, v)| inb.tags.get(k).map(String::as_str) == v.as_str()))
+    };
+    let labels_match =
+        |want: &Map<String, Value>| want.iter().all(|(k, v)| dp.labels.get(k).map(String::as_str) == v.as_str());
+    let empty = Map::new();
+    match target["kind"].as_str() {
+        None | Some("Mesh") => Some(0),
+        Some("MeshSubset") => tags_match(target["tags"].as_object().unwrap_or(&empty)).then_some(1),
+        Some("Dataplane") if target.get("sectionName").is_some() => None,
+        Some("Dataplane") => match target["name"].as_str() {
+            Some(name) => (name == dp.name).then_some(3),
+            None => labels_match(target["labels"].as_object().unwrap_or(&empty)).then_some(2),
+        },
+        Some(_) => None,
+    }
+}
+
+/// The merged `default` of the policies that select this proxy.
+fn merged(policies: &[Resource], dp: &Resource, spec: &DataplaneSpec) -> Map<String, Value> {
+    let mut selected: Vec<(u8, &str, Value)> = policies
+        .iter()
+        .filter_map(|r| {
+            let spec_json = r.typed::<Value>().ok()?;
+            let s = specificity(&spec_json["targetRef"], dp, spec)?;
+            Some((s, r.name.as_str(), spec_json))
+        })
+        .collect();
+    selected.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut out = Map::new();
+    for (_, _, p) in &selected {
+        let from = p["from"].as_array().into_iter().flatten().filter(|f| f["targetRef"]["kind"] == "Mesh");
+        for entry in from.chain(p["rules"].as_array().into_iter().flatten()) {
+            if let Value::Object(d) = &entry["default"] {
+                super::resilience::merge(&mut out, d);
+            }
+        }
+    }
+    out
+}
+
+/// What is wrong with a MeshTLS spec, as (field path, message), Kuma's validator's checks.
+pub fn problems(spec: &Map<String, Value>) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let top = spec.get("targetRef").and_then(|t| t["kind"].as_str()).unwrap_or("Mesh");
+    if !["Mesh", "MeshSubset", "Dataplane"].contains(&top) {
+        out.push(("spec.targetRef.kind".into(), "must be one of: Mesh, MeshSubset, Dataplane".into()));
+    }
+    if spec.contains_key("from") && spec.contains_key("rules") {
+        out.push(("spec".into(), "must not define both from and rules".into()));
+    }
+    let entries = ["from", "rules"].into_iter().flat_map(|key| {
+        spec.get(key).and_then(Value::as_array).into_iter().flatten().enumerate().map(move |(i, e)| (key, i, e))
+    });
+    for (key, i, entry) in entries {
+        let at = format!("spec.{key}[{i}]");
+        if key == "from" && entry["targetRef"]["kind"] != "Mesh" {
+            out.push((format!("{at}.targetRef.kind"), "must be Mesh".into()));
+        }
+        let d = &entry["default"];
+        if let Some(m) = d.get("mode")
+            && !m.as_str().is_some_and(|m| MODES.contains(&m))
+        {
+            out.push((format!("{at}.default.mode"), format!("must be one of: {}", MODES.join(", "))));
+        }
+        if let Some(c) = d.get("tlsCiphers") {
+            if top != "Mesh" {
+                out.push((
+                    format!("{at}.default.tlsCiphers"),
+                    "can only be set with top-level targetRef kind Mesh".into(),
+                ));
+            } else if !c.as_array().is_some_and(|c| c.iter().all(|c| c.as_str().is_some_and(|c| CIPHERS.contains(&c))))
+            {
+                out.push((format!("{at}.default.tlsCiphers"), format!("must be a list of: {}", CIPHERS.join(", "))));
+            }
+        }
+        if let Some(v) = d.get("tlsVersion") {
+            if top != "Mesh" {
+                out.push((
+                    format!("{at}.default.tlsVersion"),
+                    "can only be set with top-level targetRef kind Mesh".into(),
+                ));
+                continue;
+            }
+            let names: Vec<&str> = VERSIONS.iter().map(|(n, _)| *n).collect();
+            let mut bounds = vec![];
+            for side in ["min", "max"] {
+                match v.get(side) {
+                    None => bounds.push(None),
+                    Some(x) => match version(x) {
+                        Some(p) => bounds.push(Some(p)),
+                        None => out.push((
+                            format!("{at}.default.tlsVersion.{side}"),
+                            format!("must be one of: {}", names.join(", ")),
+                        )),
+                    },
+                }
+            }
+            if let [Some(min), Some(max)] = bounds[..]
+                && min != TlsProtocol::TlsAuto
+                && max != TlsProtocol::TlsAuto
+                && min > max
+            {
+                out.push((format!("{at}.default.tlsVersion.min"), "must not be greater than max".into()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(name: &str, spec: Value) -> Resource {
+        Resource::from_json(&json!({"type": "MeshTLS", "mesh": "default", "name": name, "spec": spec})).unwrap()
+    }
+
+    fn dataplane(name: &str, labels: Value) -> (Resource, DataplaneSpec) {
+        let r = Resource::from_json(&json!({"type": "Dataplane", "mesh": "default", "name": name, "labels": labels,
+            "networking": {"address": "127.0.0.1", "inbound": [{"port": 1, "tags": {"kuma.io/service": "web", "team": "a"}}]}}))
+        .unwrap();
+        let spec = r.typed().unwrap();
+        (r, spec)
+    }
+
+    #[test]
+    fn the_backend_mode_holds_until_a_policy_sets_one() {
+        let (dp, spec) = dataplane("web-1", json!({}));
+        assert_eq!(resolve(None, &[], &dp, &spec), MeshTls::default());
+        assert_eq!(resolve(Some("PERMISSIVE"), &[], &dp, &spec).mode, Mode::Permissive);
+        let strict =
+            policy("strict", json!({"targetRef": {"kind": "Mesh"}, "rules": [{"default": {"mode": "Strict"}}]}));
+        assert_eq!(resolve(Some("PERMISSIVE"), &[strict], &dp, &spec).mode, Mode::Strict);
+    }
+
+    #[test]
+    fn the_most_specific_policy_wins_and_versions_map_to_envoy() {
+        let (dp, spec) = dataplane("web-1", json!({"env": "prod"}));
+        let mesh = policy(
+            "a-mesh",
+            json!({"targetRef": {"kind": "Mesh"}, "from": [{"targetRef": {"kind": "Mesh"}, "default": {
+                "mode": "Permissive", "tlsVersion": {"min": "TLS13"}, "tlsCiphers": ["ECDHE-RSA-AES128-GCM-SHA256"]}}]}),
+        );
+        let subset = policy(
+            "b-subset",
+            json!({"targetRef": {"kind": "MeshSubset", "tags": {"team": "a"}}, "rules": [{"default": {"mode": "Strict"}}]}),
+        );
+        let by_label = policy(
+            "c-labels",
+            json!({"targetRef": {"kind": "Dataplane", "labels": {"env": "prod"}}, "rules": [{"default": {"mode": "Permissive"}}]}),
+        );
+        let other = policy(
+            "d-other",
+            json!({"targetRef": {"kind": "Dataplane", "name": "web-2"}, "rules": [{"default": {"mode": "Strict"}}]}),
+        );
+        let got = resolve(None, &[other, by_label, subset, mesh], &dp, &spec);
+        assert_eq!(got.mode, Mode::Permissive, "the labels policy is the most specific that selects web-1");
+        let p = got.params.unwrap();
+        assert_eq!(p.tls_minimum_protocol_version, TlsProtocol::TlSv13 as i32);
+        assert_eq!(p.tls_maximum_protocol_version, TlsProtocol::TlsAuto as i32);
+        assert_eq!(p.cipher_suites, ["ECDHE-RSA-AES128-GCM-SHA256"]);
+    }
+
+    #[test]
+    fn problems_name_the_field() {
+        let bad = json!({"targetRef": {"kind": "Mesh"}, "from": [{"targetRef": {"kind": "MeshService"},
+            "default": {"mode": "Lenient", "tlsVersion": {"min": "TLS13", "max": "TLS12"}, "tlsCiphers": ["RC4"]}}]});
+        let got = problems(bad.as_object().unwrap());
+        let fields: Vec<&str> = got.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.from[0].targetRef.kind",
+                "spec.from[0].default.mode",
+                "spec.from[0].default.tlsCiphers",
+                "spec.from[0].default.tlsVersion.min"
+            ]
+        );
+        let top = json!({"targetRef": {"kind": "MeshService"}, "rules": []});
+        assert_eq!(problems(top.as_object().unwrap())[0].0, "spec.targetRef.kind");
+        let subset_version = json!({"targetRef": {"kind": "MeshSubset", "tags": {}}, "rules": [{"default": {"tlsVersion": {"min": "TLS12"}}}]});
+        assert_eq!(problems(subset_version.as_object().unwrap())[0].0, "spec.rules[0].default.tlsVersion");
+        let good = json!({"targetRef": {"kind": "Mesh"}, "rules": [{"default": {"mode": "Permissive",
+            "tlsVersion": {"min": "TLSAuto", "max": "TLS13"}, "tlsCiphers": ["ECDHE-ECDSA-AES128-GCM-SHA256"]}}]});
+        assert!(problems(good.as_object().unwrap()).is_empty());
+    }
+}
