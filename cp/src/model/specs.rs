@@ -73,6 +73,9 @@ impl TransparentProxying {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Inbound {
+    /// The inbound's name, which a policy's `sectionName` may give (or its port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default)]
     pub port: i64,
     #[serde(default)]

@@ -8,16 +8,18 @@
 //!   the mesh outbounds' client contexts (not of ExternalServices), both sides as Kuma
 //!   writes them, so a restriction holds whichever proxy, dp or Envoy, is on either end.
 //!
-//! A policy applies to the proxy when its top-level targetRef is the mesh (or absent), a
-//! MeshSubset whose tags one of the proxy's inbounds carries, or the Dataplane by name or
-//! labels. Policies merge from the least specific to the most, by name within one kind;
-//! inside a policy its `from` entries (all `targetRef.kind: Mesh`) and then its `rules`.
+//! Kuma works the settings out per inbound: a policy applies to an inbound when its
+//! top-level targetRef is the mesh (or absent), a MeshSubset whose tags the inbound
+//! carries, or the Dataplane by name or labels, and with a `sectionName`, the inbound of
+//! that name or port. Policies merge from the least specific to the most, by name within
+//! one kind; inside a policy its `from` entries (all `targetRef.kind: Mesh`) and then its
+//! `rules`. The outbounds take the versions and ciphers, which only mesh-wide policies set.
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{TlsParameters, tls_parameters::TlsProtocol};
 use serde_json::{Map, Value};
 
 use crate::model::Resource;
-use crate::model::specs::DataplaneSpec;
+use crate::model::specs::Inbound;
 
 /// What the inbound listener accepts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,10 +58,11 @@ pub const CIPHERS: &[&str] = &[
 
 pub const MODES: &[&str] = &["Strict", "Permissive"];
 
-/// The settings of the Dataplane `dp` (spec `spec`) in a mesh whose enabled backend has
-/// `backend_mode` (`STRICT`/`PERMISSIVE`), under these MeshTLS policies.
-pub fn resolve(backend_mode: Option<&str>, policies: &[Resource], dp: &Resource, spec: &DataplaneSpec) -> MeshTls {
-    let conf = merged(policies, dp, spec);
+/// The settings of an inbound (`Some`) of the Dataplane `dp`, or of its outbounds (`None`),
+/// in a mesh whose enabled backend has `backend_mode` (`STRICT`/`PERMISSIVE`), under these
+/// MeshTLS policies.
+pub fn resolve(backend_mode: Option<&str>, policies: &[Resource], dp: &Resource, inbound: Option<&Inbound>) -> MeshTls {
+    let conf = merged(policies, dp, inbound);
     let mode = match conf.get("mode").and_then(Value::as_str) {
         Some("Permissive") => Mode::Permissive,
         Some(_) => Mode::Strict,
@@ -94,36 +97,35 @@ fn params(conf: &Map<String, Value>) -> Option<TlsParameters> {
     })
 }
 
-/// How specific a top-level targetRef is for this proxy; `None` when it does not select it.
-fn specificity(target: &Value, dp: &Resource, spec: &DataplaneSpec) -> Option<u8> {
-    let tags_match = |want: &Map<String, Value>| {
-        spec.networking
-            .iter()
-            .flat_map(|n| &n.inbound)
-            .any(|inb| want.iter().all(|(k, v)| inb.tags.get(k).map(String::as_str) == v.as_str()))
+/// How specific a top-level targetRef is for this inbound (or the outbounds); `None` when
+/// it does not select them.
+fn specificity(target: &Value, dp: &Resource, inbound: Option<&Inbound>) -> Option<u8> {
+    let all = |want: Option<&Map<String, Value>>, have: &std::collections::BTreeMap<String, String>| {
+        want.into_iter().flatten().all(|(k, v)| have.get(k).map(String::as_str) == v.as_str())
     };
-    let labels_match =
-        |want: &Map<String, Value>| want.iter().all(|(k, v)| dp.labels.get(k).map(String::as_str) == v.as_str());
-    let empty = Map::new();
+    let section = |name: &str| inbound.is_some_and(|i| i.name.as_deref() == Some(name) || i.port.to_string() == name);
+    let dataplane = match target["name"].as_str() {
+        Some(name) => (name == dp.name).then_some(3),
+        None => all(target["labels"].as_object(), &dp.labels).then_some(2),
+    };
     match target["kind"].as_str() {
         None | Some("Mesh") => Some(0),
-        Some("MeshSubset") => tags_match(target["tags"].as_object().unwrap_or(&empty)).then_some(1),
-        Some("Dataplane") if target.get("sectionName").is_some() => None,
-        Some("Dataplane") => match target["name"].as_str() {
-            Some(name) => (name == dp.name).then_some(3),
-            None => labels_match(target["labels"].as_object().unwrap_or(&empty)).then_some(2),
+        Some("MeshSubset") => inbound.filter(|i| all(target["tags"].as_object(), &i.tags)).map(|_| 1),
+        Some("Dataplane") => match target["sectionName"].as_str() {
+            None => dataplane,
+            Some(s) => dataplane.filter(|_| section(s)).map(|_| 4),
         },
         Some(_) => None,
     }
 }
 
-/// The merged `default` of the policies that select this proxy.
-fn merged(policies: &[Resource], dp: &Resource, spec: &DataplaneSpec) -> Map<String, Value> {
+/// The merged `default` of the policies that select this inbound (or the outbounds).
+fn merged(policies: &[Resource], dp: &Resource, inbound: Option<&Inbound>) -> Map<String, Value> {
     let mut selected: Vec<(u8, &str, Value)> = policies
         .iter()
         .filter_map(|r| {
             let spec_json = r.typed::<Value>().ok()?;
-            let s = specificity(&spec_json["targetRef"], dp, spec)?;
+            let s = specificity(&spec_json["targetRef"], dp, inbound)?;
             Some((s, r.name.as_str(), spec_json))
         })
         .collect();
@@ -218,27 +220,30 @@ mod tests {
         Resource::from_json(&json!({"type": "MeshTLS", "mesh": "default", "name": name, "spec": spec})).unwrap()
     }
 
-    fn dataplane(name: &str, labels: Value) -> (Resource, DataplaneSpec) {
+    fn dataplane(name: &str, labels: Value) -> (Resource, Vec<Inbound>) {
         let r = Resource::from_json(&json!({"type": "Dataplane", "mesh": "default", "name": name, "labels": labels,
-            "networking": {"address": "127.0.0.1", "inbound": [{"port": 1, "tags": {"kuma.io/service": "web", "team": "a"}}]}}))
+            "networking": {"address": "127.0.0.1", "inbound": [
+                {"port": 1, "tags": {"kuma.io/service": "web", "team": "a"}},
+                {"port": 2, "name": "admin", "tags": {"kuma.io/service": "web-admin"}}]}}))
         .unwrap();
-        let spec = r.typed().unwrap();
-        (r, spec)
+        let spec: crate::model::specs::DataplaneSpec = r.typed().unwrap();
+        (r, spec.networking.unwrap().inbound)
     }
 
     #[test]
     fn the_backend_mode_holds_until_a_policy_sets_one() {
-        let (dp, spec) = dataplane("web-1", json!({}));
-        assert_eq!(resolve(None, &[], &dp, &spec), MeshTls::default());
-        assert_eq!(resolve(Some("PERMISSIVE"), &[], &dp, &spec).mode, Mode::Permissive);
+        let (dp, inbounds) = dataplane("web-1", json!({}));
+        let web = Some(&inbounds[0]);
+        assert_eq!(resolve(None, &[], &dp, web), MeshTls::default());
+        assert_eq!(resolve(Some("PERMISSIVE"), &[], &dp, web).mode, Mode::Permissive);
         let strict =
             policy("strict", json!({"targetRef": {"kind": "Mesh"}, "rules": [{"default": {"mode": "Strict"}}]}));
-        assert_eq!(resolve(Some("PERMISSIVE"), &[strict], &dp, &spec).mode, Mode::Strict);
+        assert_eq!(resolve(Some("PERMISSIVE"), &[strict], &dp, web).mode, Mode::Strict);
     }
 
     #[test]
     fn the_most_specific_policy_wins_and_versions_map_to_envoy() {
-        let (dp, spec) = dataplane("web-1", json!({"env": "prod"}));
+        let (dp, inbounds) = dataplane("web-1", json!({"env": "prod"}));
         let mesh = policy(
             "a-mesh",
             json!({"targetRef": {"kind": "Mesh"}, "from": [{"targetRef": {"kind": "Mesh"}, "default": {
@@ -256,9 +261,16 @@ mod tests {
             "d-other",
             json!({"targetRef": {"kind": "Dataplane", "name": "web-2"}, "rules": [{"default": {"mode": "Strict"}}]}),
         );
-        let got = resolve(None, &[other, by_label, subset, mesh], &dp, &spec);
-        assert_eq!(got.mode, Mode::Permissive, "the labels policy is the most specific that selects web-1");
-        let p = got.params.unwrap();
+        let section = policy(
+            "e-section",
+            json!({"targetRef": {"kind": "Dataplane", "name": "web-1", "sectionName": "admin"},
+                "rules": [{"default": {"mode": "Strict"}}]}),
+        );
+        let all = [section, other, by_label, subset, mesh];
+        let got = resolve(None, &all, &dp, Some(&inbounds[0]));
+        assert_eq!(got.mode, Mode::Permissive, "the labels policy is the most specific that selects web's inbound");
+        assert_eq!(resolve(None, &all, &dp, Some(&inbounds[1])).mode, Mode::Strict, "the admin inbound's section");
+        let p = resolve(None, &all, &dp, None).params.unwrap();
         assert_eq!(p.tls_minimum_protocol_version, TlsProtocol::TlSv13 as i32);
         assert_eq!(p.tls_maximum_protocol_version, TlsProtocol::TlsAuto as i32);
         assert_eq!(p.cipher_suites, ["ECDHE-RSA-AES128-GCM-SHA256"]);

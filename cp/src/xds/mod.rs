@@ -400,7 +400,6 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let load_balancing =
         cp.store.list(ResourceType::MeshLoadBalancingStrategy, Some(&id.mesh)).await.map_err(internal)?;
     let mesh_tls_policies = cp.store.list(ResourceType::MeshTLS, Some(&id.mesh)).await.map_err(internal)?;
-    let backend_mode = mesh_spec.enabled_backend().and_then(|b| b.mode.as_deref());
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -412,7 +411,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         dns_port: id.dns_port,
         features: &id.features,
         workdir: &id.workdir,
-        mesh_tls: meshtls::resolve(backend_mode, &mesh_tls_policies, &dp, &spec),
+        mtls_mode: mesh_spec.enabled_backend().and_then(|b| b.mode.as_deref()),
+        mesh_tls: &mesh_tls_policies,
         tls,
         zone_egress: mesh_spec.zone_egress(),
         locality_aware: mesh_spec.locality_aware(),

@@ -46,6 +46,7 @@ use super::generate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
     string_struct, version_of,
 };
+use super::meshtls::{MeshTls, Mode};
 use super::sni::sni_from_tags;
 use crate::ca::{identity_secret_name, mesh_ca_secret_name};
 use crate::dataplanes::DataplaneView;
@@ -87,8 +88,10 @@ pub struct SidecarInputs<'a> {
     pub workdir: &'a str,
     /// Set when the mesh has mTLS enabled.
     pub tls: Option<SidecarTls>,
-    /// How the proxy speaks that mTLS (MeshTLS and the backend's mode).
-    pub mesh_tls: super::meshtls::MeshTls,
+    /// The enabled mTLS backend's `mode` (`STRICT`/`PERMISSIVE`).
+    pub mtls_mode: Option<&'a str>,
+    /// MeshTLS policies of the mesh.
+    pub mesh_tls: &'a [Resource],
     /// The mesh's `routing.zoneEgress`.
     pub zone_egress: bool,
     /// The mesh's `routing.localityAwareLoadBalancing`.
@@ -224,13 +227,16 @@ pub(crate) fn tcp_proxy_chain(
 /// it, strict: one chain terminating mesh mTLS; permissive (Kuma's order): plaintext, then
 /// the application's own TLS passed through as it is, then mesh mTLS, which the TLS
 /// inspector tells from the application's TLS by ALPN `kuma`.
-fn inbound_chains(inputs: &SidecarInputs<'_>, tcp: TcpProxy) -> (Vec<FilterChain>, Vec<ListenerFilter>) {
-    use super::meshtls::Mode;
+fn inbound_chains(
+    inputs: &SidecarInputs<'_>,
+    settings: &MeshTls,
+    tcp: TcpProxy,
+) -> (Vec<FilterChain>, Vec<ListenerFilter>) {
     let Some(_) = &inputs.tls else { return (vec![tcp_chain(tcp, None)], vec![]) };
     let mut ctx = downstream_tls(&inputs.dataplane.mesh);
-    with_params(&mut ctx.common_tls_context, &inputs.mesh_tls);
+    with_params(&mut ctx.common_tls_context, settings);
     let mesh_tls = tcp_chain(tcp.clone(), Some(tls_socket(ctx)));
-    if inputs.mesh_tls.mode == Mode::Strict {
+    if settings.mode == Mode::Strict {
         return (vec![mesh_tls], vec![]);
     }
     let matching = |mut chain: FilterChain, transport: &str, alpn: &[&str]| {
@@ -250,7 +256,7 @@ fn inbound_chains(inputs: &SidecarInputs<'_>, tcp: TcpProxy) -> (Vec<FilterChain
 }
 
 /// MeshTLS's versions and ciphers on a mesh mTLS context, server or client side.
-fn with_params(ctx: &mut Option<CommonTlsContext>, tls: &super::meshtls::MeshTls) {
+fn with_params(ctx: &mut Option<CommonTlsContext>, tls: &MeshTls) {
     if let (Some(ctx), Some(p)) = (ctx.as_mut(), &tls.params) {
         ctx.tls_params = Some(p.clone());
     }
@@ -397,7 +403,8 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             access_log: super::access_log::loggers(&backends, &values, &al_pipe),
             ..tcp_proxy(&cluster, &format!("localhost_{workload_port}"), 7200)
         };
-        let (filter_chains, listener_filters) = inbound_chains(inputs, tcp);
+        let settings = super::meshtls::resolve(inputs.mtls_mode, inputs.mesh_tls, dp, Some(inb));
+        let (filter_chains, listener_filters) = inbound_chains(inputs, &settings, tcp);
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(&dp_ip, port)),
@@ -494,6 +501,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
     }
 
     let endpoints = outbound_endpoints(inputs, mtls);
+    let outbound_tls = super::meshtls::resolve(inputs.mtls_mode, inputs.mesh_tls, dp, None);
     let external: BTreeMap<String, ExternalServiceSpec> = inputs
         .external_services
         .iter()
@@ -539,7 +547,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             }),
             transport_socket: inputs.tls.as_ref().map(|_| {
                 let mut ctx = upstream_tls(mesh, svc);
-                with_params(&mut ctx.common_tls_context, &inputs.mesh_tls);
+                with_params(&mut ctx.common_tls_context, &outbound_tls);
                 tls_socket(ctx)
             }),
             ..Default::default()
