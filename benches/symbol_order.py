@@ -158,8 +158,11 @@ def control_plane(args, d, binary):
         def ctl(*a):
             return subprocess.run([args.ctl, "--api-address", f"http://{addrs['api']}", *a], capture_output=True,
                                   text=True)
+        # mTLS on: without a MeshTrafficPermission the inbounds let nobody in, as Kuma's.
         mesh = write(d, "mesh.yaml", "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n"
-                     "  - name: ca-1\n    type: builtin\n")
+                     "  - name: ca-1\n    type: builtin\n---\ntype: MeshTrafficPermission\nname: allow-all\n"
+                     "mesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  from:\n  - targetRef:\n      kind: Mesh\n"
+                     "    default:\n      action: Allow\n")
         out = ctl("apply", "-f", mesh)
         if out.returncode != 0:
             raise SystemExit(f"symbol_order: ctl apply: {out.stderr}")

@@ -192,8 +192,9 @@ fn common_parts(c: &CommonTlsContext) -> (Vec<String>, String, Vec<String>) {
     (ids, cv.validation_context_sds_secret_config.as_ref().unwrap().name.clone(), sans)
 }
 
+/// The cluster of the chain's tcp_proxy, its last filter (an mTLS inbound has RBAC first).
 fn tcp_cluster(l: &Listener) -> String {
-    let f = &l.filter_chains[0].filters[0];
+    let f = l.filter_chains[0].filters.last().unwrap();
     assert_eq!(f.name, "envoy.filters.network.tcp_proxy");
     let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { panic!() };
     let t: TcpProxy = unpack(any).unwrap();
@@ -322,6 +323,8 @@ async fn mtls_sidecar_gets_secrets_listeners_clusters_endpoints_and_dns() {
     );
     let inbound = &ls["inbound:127.0.0.1:28080"];
     assert_eq!(tcp_cluster(inbound), "localhost:28081");
+    // MeshTrafficPermission's RBAC comes first (the mesh has none: nobody gets in).
+    assert_eq!(inbound.filter_chains[0].filters[0].name, "envoy.filters.network.rbac");
     let down: DownstreamTlsContext = tls_of(&inbound.filter_chains[0].transport_socket).expect("downstream TLS");
     assert_eq!(down.require_client_certificate.map(|b| b.value), Some(true));
     assert_eq!(

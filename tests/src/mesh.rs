@@ -12,8 +12,21 @@ use crate::{Backend, Cp, Dp, read_line, temp_dir, wait_within};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-pub const MESH: &str =
-    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
+/// Kuma's allow-all MeshTrafficPermission for mesh `default`, a YAML document to append to
+/// the Mesh's: with mTLS on, an inbound that no permission selects lets nobody in.
+#[macro_export]
+macro_rules! allow_all {
+    () => {
+        "---\ntype: MeshTrafficPermission\nname: allow-all\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  \
+         from:\n  - targetRef:\n      kind: Mesh\n    default:\n      action: Allow\n"
+    };
+}
+
+/// Mesh `default` with builtin mTLS, and everyone allowed to talk to everyone.
+pub const MESH: &str = concat!(
+    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n",
+    allow_all!()
+);
 /// What the seed guide and Kuma promise for convergence across zones.
 pub const SYNC: Duration = Duration::from_secs(30);
 

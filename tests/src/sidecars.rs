@@ -2,25 +2,13 @@
 //! kuma-dp would start it), in front of line-answering [`Backend`] applications.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::envoy::{Envoy, bootstrap};
-use crate::mesh::free_port;
-use crate::{Backend, Cp, Dp, read_line, temp_dir, wait_within};
-
-/// How long a configuration change may take to reach the proxies.
-pub const SYNC: Duration = Duration::from_secs(30);
-
-pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
+use crate::mesh::{SYNC, dataplane_token, free_port, request, write};
+use crate::{Backend, Cp, Dp, temp_dir};
 
 /// The Dataplane of a sidecar for `app` (service `service`) with outbounds (port,
 /// service), and a Prometheus metrics port of its own.
@@ -38,13 +26,6 @@ pub fn inbound(resource: &Value) -> SocketAddr {
     format!("127.0.0.1:{port}").parse().unwrap()
 }
 
-pub fn token(zone: &Cp, name: &str) -> String {
-    wait_within(SYNC, "a dataplane token", || {
-        let (ok, out) = zone.ctl_status(&["generate", "dataplane-token", "--name", name, "-m", "default"]);
-        ok.success().then(|| out.trim().to_string())
-    })
-}
-
 /// A sidecar: `dp` or Envoy.
 pub enum Sidecar {
     Dp(Dp),
@@ -54,7 +35,7 @@ pub enum Sidecar {
 /// Starts a sidecar (Envoy when `envoy`) for the Dataplane `resource` against `zone`.
 pub async fn start(zone: &Cp, envoy: bool, resource: Value) -> Sidecar {
     let name = resource["name"].as_str().unwrap().to_string();
-    let tok = token(zone, &name);
+    let tok = dataplane_token(zone, &name);
     if envoy {
         return Sidecar::Envoy(Envoy::start(bootstrap(zone, "dataplane", &tok, &resource).await));
     }
@@ -63,16 +44,6 @@ pub async fn start(zone: &Cp, envoy: bool, resource: Value) -> Sidecar {
     let dp = Dp::against(zone, "dataplane", &t, &r, &[("KUMA_DNS_ENABLED", "false")]);
     dp.wait_ready();
     Sidecar::Dp(dp)
-}
-
-/// Sends a line to `addr` and returns the line the application answers with (its name).
-pub async fn request(addr: SocketAddr) -> Result<String, String> {
-    let attempt = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        s.write_all(b"hello\n").await.map_err(|e| format!("write: {e}"))?;
-        read_line(&mut s).await.ok_or_else(|| "closed without an answer".to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(10), attempt).await.unwrap_or_else(|_| Err("no answer within 10s".into()))
 }
 
 /// Polls `addr` until a request gives `want` (`Ok(name)` or any `Err`), within [`SYNC`].

@@ -13,7 +13,10 @@ use e2e::{Backend, Cp, Dp, wait_within};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const EGRESS_MESH: &str = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\nrouting:\n  zoneEgress: true\n";
+const EGRESS_MESH: &str = concat!(
+    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\nrouting:\n  zoneEgress: true\n",
+    e2e::allow_all!()
+);
 
 fn start_egress(global: &Cp, zone: &Cp, port: u16) -> Dp {
     let token = zone_token(global, "zone-1", &["egress"]);

@@ -9,9 +9,7 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_runs_our_control_planes_ingress_config() {
     let cp = Cp::start("zone-1");
-    cp.apply(
-        "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n",
-    );
+    cp.apply(e2e::mesh::MESH);
     let (b1, b2) = (Backend::start("b1").await, Backend::start("b2").await);
     for (name, b, v) in [("backend-1", &b1, "v1"), ("backend-2", &b2, "v2")] {
         cp.apply(&format!(

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use e2e::{Backend, Cp, Dp, temp_dir, wait_within};
 use serde_json::json;
 
-const MESH: &str =
-    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
+use e2e::mesh::MESH;
 /// What the seed guide and Kuma promise for convergence across zones.
 const SYNC: Duration = Duration::from_secs(30);
 const CHROMIUM: &str = "/usr/bin/chromium";

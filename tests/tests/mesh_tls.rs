@@ -6,11 +6,15 @@
 use std::net::SocketAddr;
 
 use e2e::mesh::free_port;
-use e2e::sidecars::{Sidecar, dataplane, inbound, request, start, until_answer};
+use e2e::mesh::request;
+use e2e::sidecars::{Sidecar, dataplane, inbound, start, until_answer};
 use e2e::{Backend, Cp, who};
 
-const PERMISSIVE_MESH: &str = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  \
-                               - name: ca-1\n    type: builtin\n    mode: PERMISSIVE\n";
+const PERMISSIVE_MESH: &str = concat!(
+    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n    \
+     mode: PERMISSIVE\n",
+    e2e::allow_all!()
+);
 const STRICT_TLS13: &str = "type: MeshTLS\nname: strict-tls13\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  \
                             rules:\n  - default:\n      mode: Strict\n      tlsVersion:\n        min: TLS13\n        max: TLS13\n";
 

@@ -6,14 +6,18 @@
 use e2e::mesh::free_port;
 use std::net::SocketAddr;
 
-use e2e::sidecars::{Sidecar, dataplane, request, start, until_answer, write};
+use e2e::mesh::{request, write};
+use e2e::sidecars::{Sidecar, dataplane, start, until_answer};
 use e2e::{Backend, Cp, Dp, temp_dir};
 use tokio::net::TcpStream;
 
 /// mTLS, and Kuma's Prometheus metrics backend: every sidecar gets the metrics listener
 /// (each on the port its Dataplane sets), which Envoy must accept as well.
-const MESH: &str = "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n\
-                    metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n";
+const MESH: &str = concat!(
+    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n\
+                    metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n",
+    e2e::allow_all!()
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_and_envoy_sidecars_reach_each_other_directly_and_through_a_dp_ingress() {

@@ -160,7 +160,11 @@ fn clusters(client: &Dp) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locality_aware_traffic_stays_local_fails_over_to_the_other_zone_and_comes_back() {
     let global = Cp::global();
-    global.apply(&format!("{MESH}routing:\n  localityAwareLoadBalancing: true\n"));
+    global.apply(MESH);
+    global.apply(
+        "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n\
+         routing:\n  localityAwareLoadBalancing: true\n",
+    );
     global.apply(BREAKER);
     let zone1 = Cp::federated(&global, "zone-1", &[]);
     let zone2 = Cp::federated(&global, "zone-2", &[]);

@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-const MESH: &str =
-    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
+use e2e::mesh::MESH;
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -111,8 +110,10 @@ async fn a_mesh_prometheus_backend_exposes_each_sidecars_stats_on_its_metrics_po
     let metrics_port = free_port();
     // The application's own metrics, which the proxy serves after its stats.
     let app_metrics = e2e::http::HttpBackend::start("app_requests_total 7").await;
+    cp.apply(MESH);
     cp.apply(&format!(
-        "{MESH}metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n    conf:\n      \
+        "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n\
+         metrics:\n  enabledBackend: prom\n  backends:\n  - name: prom\n    type: prometheus\n    conf:\n      \
          port: {metrics_port}\n      path: /metrics\n      aggregate:\n      - name: app\n        address: 127.0.0.1\n        \
          port: {}\n        path: /app/metrics\n",
         app_metrics.addr.port()

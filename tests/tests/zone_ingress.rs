@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-const MESH: &str =
-    "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
+use e2e::mesh::MESH;
 
 fn dataplane(name: &str, backend: &Backend, version: &str) -> String {
     format!(

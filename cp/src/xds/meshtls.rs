@@ -8,12 +8,10 @@
 //!   the mesh outbounds' client contexts (not of ExternalServices), both sides as Kuma
 //!   writes them, so a restriction holds whichever proxy, dp or Envoy, is on either end.
 //!
-//! Kuma works the settings out per inbound: a policy applies to an inbound when its
-//! top-level targetRef is the mesh (or absent), a MeshSubset whose tags the inbound
-//! carries, or the Dataplane by name or labels, and with a `sectionName`, the inbound of
-//! that name or port. Policies merge from the least specific to the most, by name within
-//! one kind; inside a policy its `from` entries (all `targetRef.kind: Mesh`) and then its
-//! `rules`. The outbounds take the versions and ciphers, which only mesh-wide policies set.
+//! Kuma works the settings out per inbound, policies selected and ordered as
+//! [`super::inbound_policy`] says, merged from the least specific to the most; inside a
+//! policy its `from` entries (all `targetRef.kind: Mesh`) and then its `rules`. The
+//! outbounds take the versions and ciphers, which only mesh-wide policies set.
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{TlsParameters, tls_parameters::TlsProtocol};
 use serde_json::{Map, Value};
@@ -97,41 +95,10 @@ fn params(conf: &Map<String, Value>) -> Option<TlsParameters> {
     })
 }
 
-/// How specific a top-level targetRef is for this inbound (or the outbounds); `None` when
-/// it does not select them.
-fn specificity(target: &Value, dp: &Resource, inbound: Option<&Inbound>) -> Option<u8> {
-    let all = |want: Option<&Map<String, Value>>, have: &std::collections::BTreeMap<String, String>| {
-        want.into_iter().flatten().all(|(k, v)| have.get(k).map(String::as_str) == v.as_str())
-    };
-    let section = |name: &str| inbound.is_some_and(|i| i.name.as_deref() == Some(name) || i.port.to_string() == name);
-    let dataplane = match target["name"].as_str() {
-        Some(name) => (name == dp.name).then_some(3),
-        None => all(target["labels"].as_object(), &dp.labels).then_some(2),
-    };
-    match target["kind"].as_str() {
-        None | Some("Mesh") => Some(0),
-        Some("MeshSubset") => inbound.filter(|i| all(target["tags"].as_object(), &i.tags)).map(|_| 1),
-        Some("Dataplane") => match target["sectionName"].as_str() {
-            None => dataplane,
-            Some(s) => dataplane.filter(|_| section(s)).map(|_| 4),
-        },
-        Some(_) => None,
-    }
-}
-
 /// The merged `default` of the policies that select this inbound (or the outbounds).
 fn merged(policies: &[Resource], dp: &Resource, inbound: Option<&Inbound>) -> Map<String, Value> {
-    let mut selected: Vec<(u8, &str, Value)> = policies
-        .iter()
-        .filter_map(|r| {
-            let spec_json = r.typed::<Value>().ok()?;
-            let s = specificity(&spec_json["targetRef"], dp, inbound)?;
-            Some((s, r.name.as_str(), spec_json))
-        })
-        .collect();
-    selected.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut out = Map::new();
-    for (_, _, p) in &selected {
+    for p in super::inbound_policy::selecting(policies, dp, inbound) {
         let from = p["from"].as_array().into_iter().flatten().filter(|f| f["targetRef"]["kind"] == "Mesh");
         for entry in from.chain(p["rules"].as_array().into_iter().flatten()) {
             if let Value::Object(d) = &entry["default"] {

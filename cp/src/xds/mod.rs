@@ -6,6 +6,7 @@ pub mod delta;
 pub mod dynconf;
 pub mod egress;
 pub mod generate;
+pub mod inbound_policy;
 pub mod meshmetric;
 pub mod meshtls;
 pub mod prometheus;
@@ -14,6 +15,7 @@ pub mod sidecar;
 pub mod sni;
 pub mod sotw;
 pub mod tproxy;
+pub mod traffic_permission;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -400,6 +402,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let load_balancing =
         cp.store.list(ResourceType::MeshLoadBalancingStrategy, Some(&id.mesh)).await.map_err(internal)?;
     let mesh_tls_policies = cp.store.list(ResourceType::MeshTLS, Some(&id.mesh)).await.map_err(internal)?;
+    let traffic_permissions =
+        cp.store.list(ResourceType::MeshTrafficPermission, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -413,6 +417,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         workdir: &id.workdir,
         mtls_mode: mesh_spec.enabled_backend().and_then(|b| b.mode.as_deref()),
         mesh_tls: &mesh_tls_policies,
+        traffic_permissions: &traffic_permissions,
         tls,
         zone_egress: mesh_spec.zone_egress(),
         locality_aware: mesh_spec.locality_aware(),

@@ -92,6 +92,8 @@ pub struct SidecarInputs<'a> {
     pub mtls_mode: Option<&'a str>,
     /// MeshTLS policies of the mesh.
     pub mesh_tls: &'a [Resource],
+    /// MeshTrafficPermission policies of the mesh.
+    pub traffic_permissions: &'a [Resource],
     /// The mesh's `routing.zoneEgress`.
     pub zone_egress: bool,
     /// The mesh's `routing.localityAwareLoadBalancing`.
@@ -224,18 +226,20 @@ pub(crate) fn tcp_proxy_chain(
 }
 
 /// An inbound's filter chains and listener filters. Without mTLS, one plaintext chain. With
-/// it, strict: one chain terminating mesh mTLS; permissive (Kuma's order): plaintext, then
-/// the application's own TLS passed through as it is, then mesh mTLS, which the TLS
-/// inspector tells from the application's TLS by ALPN `kuma`.
+/// it, strict: one chain terminating mesh mTLS, `rbac` first; permissive (Kuma's order):
+/// plaintext, then the application's own TLS passed through as it is, then mesh mTLS,
+/// which the TLS inspector tells from the application's TLS by ALPN `kuma`.
 fn inbound_chains(
     inputs: &SidecarInputs<'_>,
     settings: &MeshTls,
+    rbac: Filter,
     tcp: TcpProxy,
 ) -> (Vec<FilterChain>, Vec<ListenerFilter>) {
     let Some(_) = &inputs.tls else { return (vec![tcp_chain(tcp, None)], vec![]) };
     let mut ctx = downstream_tls(&inputs.dataplane.mesh);
     with_params(&mut ctx.common_tls_context, settings);
-    let mesh_tls = tcp_chain(tcp.clone(), Some(tls_socket(ctx)));
+    let mut mesh_tls = tcp_chain(tcp.clone(), Some(tls_socket(ctx)));
+    mesh_tls.filters.insert(0, rbac);
     if settings.mode == Mode::Strict {
         return (vec![mesh_tls], vec![]);
     }
@@ -404,7 +408,8 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             ..tcp_proxy(&cluster, &format!("localhost_{workload_port}"), 7200)
         };
         let settings = super::meshtls::resolve(inputs.mtls_mode, inputs.mesh_tls, dp, Some(inb));
-        let (filter_chains, listener_filters) = inbound_chains(inputs, &settings, tcp);
+        let rbac = super::traffic_permission::inbound_filter(inputs.traffic_permissions, mesh, dp, inb, &name);
+        let (filter_chains, listener_filters) = inbound_chains(inputs, &settings, rbac, tcp);
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(&dp_ip, port)),
