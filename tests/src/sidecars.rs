@@ -60,3 +60,48 @@ pub async fn until_answer(addr: SocketAddr, want: Result<&str, ()>, what: &str) 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A server sidecar in front of its application.
+pub struct Server {
+    pub service: String,
+    pub app: Backend,
+    /// The Dataplane's inbound address.
+    pub inbound: SocketAddr,
+    pub side: Sidecar,
+}
+
+/// A client sidecar with an outbound to every server: (its address, the server's service).
+pub struct Client {
+    pub name: String,
+    pub outbounds: Vec<(SocketAddr, String)>,
+    pub side: Sidecar,
+}
+
+/// Servers `srv-dp` and `srv-envoy`, then clients `client-dp` and `client-envoy` with an
+/// outbound to each server; `client_tags` (client, tag, value) adds tags to a client's inbound.
+pub async fn dp_and_envoy(zone: &Cp, client_tags: &[(&str, &str, &str)]) -> (Vec<Server>, Vec<Client>) {
+    let mut servers = vec![];
+    for (kind, envoy) in [("dp", false), ("envoy", true)] {
+        let service = format!("srv-{kind}");
+        let app = Backend::start(&service).await;
+        let res = dataplane(&service, &service, &app, &[]);
+        let inbound = inbound(&res);
+        servers.push(Server { service, app, inbound, side: start(zone, envoy, res).await });
+    }
+    let mut clients = vec![];
+    for (kind, envoy) in [("dp", false), ("envoy", true)] {
+        let name = format!("client-{kind}");
+        let outbounds: Vec<(SocketAddr, String)> = servers
+            .iter()
+            .map(|s| (format!("127.0.0.1:{}", free_port()).parse().unwrap(), s.service.clone()))
+            .collect();
+        let refs: Vec<(u16, &str)> = outbounds.iter().map(|(a, s)| (a.port(), s.as_str())).collect();
+        let web = Backend::start("web").await;
+        let mut res = dataplane(&name, &name, &web, &refs);
+        for (_, k, v) in client_tags.iter().filter(|(c, ..)| *c == name) {
+            res["networking"]["inbound"][0]["tags"][*k] = (*v).into();
+        }
+        clients.push(Client { name, outbounds, side: start(zone, envoy, res).await });
+    }
+    (servers, clients)
+}

@@ -5,10 +5,9 @@
 
 use std::net::SocketAddr;
 
-use e2e::mesh::free_port;
 use e2e::mesh::request;
-use e2e::sidecars::{Sidecar, dataplane, inbound, start, until_answer};
-use e2e::{Backend, Cp, who};
+use e2e::sidecars::{Server, Sidecar, dp_and_envoy, until_answer};
+use e2e::{Cp, who};
 
 const PERMISSIVE_MESH: &str = concat!(
     "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n    \
@@ -41,37 +40,19 @@ fn envoy_stat(side: &Sidecar, name: &str) -> u64 {
 async fn permissive_inbounds_take_plaintext_and_app_tls_until_meshtls_pins_strict_tls13() {
     let zone = Cp::start("zone-1");
     zone.apply(PERMISSIVE_MESH);
-    let mut servers = vec![];
-    for (kind, envoy) in [("dp", false), ("envoy", true)] {
-        let svc = format!("srv-{kind}");
-        let app = Backend::start(&svc).await;
-        let res = dataplane(&svc, &svc, &app, &[]);
-        let addr = inbound(&res);
-        servers.push((svc, app, addr, start(&zone, envoy, res).await));
-    }
-    let mut clients = vec![];
-    for (kind, envoy) in [("dp", false), ("envoy", true)] {
-        let outs: Vec<(SocketAddr, String)> = servers
-            .iter()
-            .map(|(svc, ..)| (format!("127.0.0.1:{}", free_port()).parse().unwrap(), svc.clone()))
-            .collect();
-        let refs: Vec<(u16, &str)> = outs.iter().map(|(a, s)| (a.port(), s.as_str())).collect();
-        let web = Backend::start("web").await;
-        let res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &refs);
-        clients.push((kind, outs, start(&zone, envoy, res).await));
-    }
+    let (servers, clients) = dp_and_envoy(&zone, &[]).await;
 
     // Permissive: mesh mTLS between every pair (TLS 1.2, the client default of both)...
-    for (kind, outs, _) in &clients {
-        for (addr, svc) in outs {
-            until_answer(*addr, Ok(svc), &format!("client-{kind} -> {svc}")).await;
+    for c in &clients {
+        for (addr, svc) in &c.outbounds {
+            until_answer(*addr, Ok(svc), &format!("{} -> {svc}", c.name)).await;
         }
     }
     // ...and plaintext and the application's own TLS (no ALPN `kuma`) reach the app as sent.
     let envoy_server = &servers[1];
-    let tls13 = format!("listener.{}_{}.ssl.versions.TLSv1.3", envoy_server.2.ip(), envoy_server.2.port());
-    assert_eq!(envoy_stat(&envoy_server.3, &tls13), 0, "no client offered TLS 1.3 yet");
-    for (svc, app, addr, _) in &servers {
+    let tls13 = format!("listener.{}_{}.ssl.versions.TLSv1.3", envoy_server.inbound.ip(), envoy_server.inbound.port());
+    assert_eq!(envoy_stat(&envoy_server.side, &tls13), 0, "no client offered TLS 1.3 yet");
+    for Server { service: svc, app, inbound: addr, .. } in &servers {
         assert_eq!(request(*addr).await.as_deref(), Ok(svc.as_str()), "plaintext to {svc}");
         assert_eq!(who(*addr, Some("app.example")).await.as_deref(), Some(svc.as_str()), "app TLS to {svc}");
         let hellos = app.received.lock().unwrap().iter().filter(|r| r.first() == Some(&0x16)).count();
@@ -80,26 +61,26 @@ async fn permissive_inbounds_take_plaintext_and_app_tls_until_meshtls_pins_stric
         assert!(!out.contains("protocol version"), "{svc} refused TLS 1.2 before any policy:\n{out}");
     }
 
-    let envoy_client = &clients[1].2;
+    let envoy_client = &clients[1].side;
     assert!(envoy_stat(envoy_client, "cluster.srv-dp.ssl.versions.TLSv1.2") >= 1, "Envoy -> dp on TLS 1.2 first");
 
     // MeshTLS: strict, TLS 1.3 only, on the servers' inbounds and the clients' outbounds.
     zone.apply(STRICT_TLS13);
-    for (svc, _, addr, _) in &servers {
+    for Server { service: svc, inbound: addr, .. } in &servers {
         until_answer(*addr, Err(()), &format!("plaintext to {svc} once strict")).await;
         let out = openssl_tls12(*addr, svc);
         assert!(out.contains("protocol version"), "{svc} took TLS 1.2 under min TLS13:\n{out}");
     }
     // Every pair gets through again, so every client offers TLS 1.3 now, dp as Envoy.
-    for (kind, outs, _) in &clients {
-        for (addr, svc) in outs {
-            until_answer(*addr, Ok(svc), &format!("client-{kind} -> {svc} on TLS 1.3")).await;
+    for c in &clients {
+        for (addr, svc) in &c.outbounds {
+            until_answer(*addr, Ok(svc), &format!("{} -> {svc} on TLS 1.3", c.name)).await;
             for i in 0..3 {
-                assert_eq!(request(*addr).await.as_deref(), Ok(svc.as_str()), "client-{kind} -> {svc}, request {i}");
+                assert_eq!(request(*addr).await.as_deref(), Ok(svc.as_str()), "{} -> {svc}, request {i}", c.name);
             }
         }
     }
-    assert!(envoy_stat(&envoy_server.3, &tls13) >= 6, "the Envoy server saw TLS 1.3 from both clients");
+    assert!(envoy_stat(&envoy_server.side, &tls13) >= 6, "the Envoy server saw TLS 1.3 from both clients");
     assert!(envoy_stat(envoy_client, "cluster.srv-dp.ssl.versions.TLSv1.3") >= 3, "Envoy -> dp on TLS 1.3");
 }
 

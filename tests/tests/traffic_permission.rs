@@ -5,9 +5,9 @@
 
 use std::net::SocketAddr;
 
-use e2e::mesh::{SYNC, free_port, request};
-use e2e::sidecars::{Sidecar, dataplane, inbound, start, until_answer};
-use e2e::{Backend, Cp};
+use e2e::Cp;
+use e2e::mesh::{SYNC, request};
+use e2e::sidecars::{Sidecar, dp_and_envoy, until_answer};
 
 const MESH: &str =
     "type: Mesh\nname: default\nmtls:\n  enabledBackend: ca-1\n  backends:\n  - name: ca-1\n    type: builtin\n";
@@ -44,69 +44,51 @@ async fn until_refused(addr: SocketAddr, server: &Sidecar, prefix: &str, what: &
 async fn permissions_decide_who_reaches_dp_and_envoy_servers() {
     let zone = Cp::start("zone-1");
     zone.apply(MESH);
-    // Servers, each with the stat prefix of its inbound's RBAC filter.
-    let mut servers = vec![];
-    for (kind, envoy) in [("dp", false), ("envoy", true)] {
-        let svc = format!("srv-{kind}");
-        let app = Backend::start(&svc).await;
-        let res = dataplane(&svc, &svc, &app, &[]);
-        let prefix = format!("inbound_127.0.0.1_{}.", inbound(&res).port());
-        servers.push((svc, prefix, start(&zone, envoy, res).await, app));
-    }
-    // Clients: client-dp's inbound carries `team: a`, so its certificate says kuma://team/a.
-    let mut clients = vec![];
-    for (kind, envoy) in [("dp", false), ("envoy", true)] {
-        let outs: Vec<(SocketAddr, String)> = servers
-            .iter()
-            .map(|(svc, ..)| (format!("127.0.0.1:{}", free_port()).parse().unwrap(), svc.clone()))
-            .collect();
-        let refs: Vec<(u16, &str)> = outs.iter().map(|(a, s)| (a.port(), s.as_str())).collect();
-        let web = Backend::start("web").await;
-        let mut res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &refs);
-        if kind == "dp" {
-            res["networking"]["inbound"][0]["tags"]["team"] = "a".into();
-        }
-        clients.push((kind, outs, start(&zone, envoy, res).await));
-    }
-    let pair =
-        |c: usize, s: usize| (clients[c].1[s].0, &servers[s], format!("client-{} -> {}", clients[c].0, servers[s].0));
+    // client-dp's inbound carries `team: a`, so its certificate says kuma://team/a.
+    let (servers, clients) = dp_and_envoy(&zone, &[("client-dp", "team", "a")]).await;
+    // Client `c` to server `s`: the outbound, the server, its RBAC stat prefix, and a name.
+    let pair = |c: usize, s: usize| {
+        let (client, server) = (&clients[c], &servers[s]);
+        let prefix = format!("inbound_127.0.0.1_{}.", server.inbound.port());
+        (client.outbounds[s].0, server, prefix, format!("{} -> {}", client.name, server.service))
+    };
 
     // No permission: nobody gets in.
     for c in 0..2 {
         for s in 0..2 {
-            let (addr, (_, prefix, server, _), what) = pair(c, s);
-            until_refused(addr, server, prefix, &what).await;
+            let (addr, server, prefix, what) = pair(c, s);
+            until_refused(addr, &server.side, &prefix, &what).await;
         }
     }
     // (Envoy's tcp_proxy dials the application before RBAC, which judges the first bytes,
     // closes the connection: nothing may get through.)
-    for (svc, _, _, app) in &servers {
-        let got = app.received.lock().unwrap().concat();
-        assert!(got.is_empty(), "a refused client's bytes reached {svc}: {got:?}");
+    for s in &servers {
+        let got = s.app.received.lock().unwrap().concat();
+        assert!(got.is_empty(), "a refused client's bytes reached {}: {got:?}", s.service);
     }
 
     // Allow all: every pair.
     zone.apply(e2e::allow_all!().trim_start_matches("---\n"));
     for c in 0..2 {
         for s in 0..2 {
-            let (addr, (svc, ..), what) = pair(c, s);
-            until_answer(addr, Ok(svc), &what).await;
+            let (addr, server, _, what) = pair(c, s);
+            until_answer(addr, Ok(&server.service), &what).await;
         }
     }
 
     // Team a denied: client-dp is out everywhere, client-envoy still in.
     zone.apply(DENY_TEAM_A);
     for s in 0..2 {
-        let (addr, (_, prefix, server, _), what) = pair(0, s);
-        until_refused(addr, server, prefix, &what).await;
-        let (addr, (svc, ..), what) = pair(1, s);
-        assert_eq!(request(addr).await.as_deref(), Ok(svc.as_str()), "{what}");
+        let (addr, server, prefix, what) = pair(0, s);
+        until_refused(addr, &server.side, &prefix, &what).await;
+        let (addr, server, _, what) = pair(1, s);
+        assert_eq!(request(addr).await.as_deref(), Ok(server.service.as_str()), "{what}");
     }
 
     // A MeshService source outranks the MeshSubset one: client-dp back in to srv-dp only.
     zone.apply(CLIENT_DP_TO_SRV_DP);
-    let (addr, (svc, ..), what) = pair(0, 0);
-    until_answer(addr, Ok(svc), &what).await;
-    let (addr, (_, prefix, server, _), what) = pair(0, 1);
-    until_refused(addr, server, prefix, &what).await;
+    let (addr, server, _, what) = pair(0, 0);
+    until_answer(addr, Ok(&server.service), &what).await;
+    let (addr, server, prefix, what) = pair(0, 1);
+    until_refused(addr, &server.side, &prefix, &what).await;
 }
