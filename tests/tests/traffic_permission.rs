@@ -1,7 +1,8 @@
 //! MeshTrafficPermission from our `cp`, enforced by dp and Envoy sidecars alike: with mTLS
 //! on and no permission an inbound lets nobody in (Kuma fails closed); an allow-all opens
 //! every pair; a MeshSubset Deny shuts out the clients whose certificate carries the tag
-//! (`kuma://team/a`); a MeshService Allow outranks it for one server.
+//! (`kuma://team/a`); a MeshService Allow outranks it for one server; a `rules` SPIFFE ID
+//! deny holds against all of them.
 
 use std::net::SocketAddr;
 
@@ -17,6 +18,10 @@ const DENY_TEAM_A: &str = "type: MeshTrafficPermission\nname: deny-team-a\nmesh:
 const CLIENT_DP_TO_SRV_DP: &str = "type: MeshTrafficPermission\nname: client-dp-to-srv-dp\nmesh: default\nspec:\n  \
                                    targetRef:\n    kind: MeshService\n    name: srv-dp\n  from:\n  - targetRef:\n      \
                                    kind: MeshService\n      name: client-dp\n    default:\n      action: Allow\n";
+
+const DENY_CLIENT_ENVOY: &str = "type: MeshTrafficPermission\nname: deny-client-envoy\nmesh: default\nspec:\n  \
+                                 targetRef:\n    kind: Mesh\n  rules:\n  - default:\n      deny:\n      - spiffeID:\n          \
+                                 type: Exact\n          value: spiffe://default/client-envoy\n";
 
 /// Connections the server's mesh-mTLS inbound refused by RBAC (stat prefix `prefix`).
 fn denied(server: &Sidecar, prefix: &str) -> u64 {
@@ -91,4 +96,24 @@ async fn permissions_decide_who_reaches_dp_and_envoy_servers() {
     until_answer(addr, Ok(&server.service), &what).await;
     let (addr, server, prefix, what) = pair(0, 1);
     until_refused(addr, &server.side, &prefix, &what).await;
+
+    // Kuma 2.12's `rules` form: a SPIFFE ID deny holds against every allow.
+    zone.apply(DENY_CLIENT_ENVOY);
+    for s in 0..2 {
+        let (addr, server, prefix, what) = pair(1, s);
+        until_refused(addr, &server.side, &prefix, &what).await;
+    }
+    let (addr, server, _, what) = pair(0, 0);
+    assert_eq!(request(addr).await.as_deref(), Ok(server.service.as_str()), "{what}");
+}
+
+#[test]
+fn a_permission_with_an_unknown_action_is_refused_naming_the_field() {
+    let zone = Cp::start("zone-1");
+    let file = zone.dir.join("bad-mtp.yaml");
+    std::fs::write(&file, DENY_TEAM_A.replace("action: Deny", "action: deny")).unwrap();
+    let (status, out) = zone.ctl_status(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(!status.success(), "a bad MeshTrafficPermission was stored: {out}");
+    assert!(out.contains("spec.from[0].default.action"), "{out}");
+    assert!(zone.names("/meshes/default/meshtrafficpermissions").is_empty());
 }

@@ -78,6 +78,11 @@ pub fn validate(r: &Resource) -> Result<(), Vec<Cause>> {
                 causes.push(Cause::new(field, message));
             }
         }
+        ResourceType::MeshTrafficPermission => {
+            for (field, message) in crate::xds::traffic_permission::problems(&r.spec) {
+                causes.push(Cause::new(field, message));
+            }
+        }
         ResourceType::Secret | ResourceType::GlobalSecret if !matches!(r.spec.get("data"), Some(Value::String(_))) => {
             causes.push(Cause::new("data", "must be a base64 string"));
         }

@@ -12,6 +12,10 @@
 //! which is how the RBAC principals are written. `AllowWithShadowDeny` lets in and puts
 //! the client in the shadow rules. With no entry at all the inbound lets nobody in: Kuma
 //! fails closed.
+//!
+//! Kuma 2.12's `rules` form lists SPIFFE ID matchers (`Exact`/`Prefix`) under `deny`,
+//! `allow` and `allowWithShadowDeny`: a client any deny matches is out, whatever else
+//! allows it; one an allow matches is in.
 
 use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
 use envoy_types::pb::envoy::config::rbac::v3::{self as rbac_pb, Permission, Policy, Principal, permission, principal};
@@ -35,13 +39,32 @@ fn source_rank(kind: Option<&str>) -> Option<u8> {
 }
 
 fn authenticated(name: String) -> Principal {
+    matching(string_matcher::MatchPattern::Exact(name))
+}
+
+fn matching(pattern: string_matcher::MatchPattern) -> Principal {
     Principal {
         identifier: Some(principal::Identifier::Authenticated(principal::Authenticated {
-            principal_name: Some(StringMatcher {
-                match_pattern: Some(string_matcher::MatchPattern::Exact(name)),
-                ignore_case: false,
-            }),
+            principal_name: Some(StringMatcher { match_pattern: Some(pattern), ignore_case: false }),
         })),
+    }
+}
+
+fn or(ids: Vec<Principal>) -> Principal {
+    Principal { identifier: Some(principal::Identifier::OrIds(principal::Set { ids })) }
+}
+
+fn not(p: Principal) -> Principal {
+    Principal { identifier: Some(principal::Identifier::NotId(Box::new(p))) }
+}
+
+/// A `rules` matcher (`spiffeID: {type: Exact|Prefix, value}`) as a principal.
+fn spiffe_matcher(m: &Value) -> Option<Principal> {
+    let value = m["spiffeID"]["value"].as_str()?.to_string();
+    match m["spiffeID"]["type"].as_str()? {
+        "Exact" => Some(matching(string_matcher::MatchPattern::Exact(value))),
+        "Prefix" => Some(matching(string_matcher::MatchPattern::Prefix(value))),
+        _ => None,
     }
 }
 
@@ -80,7 +103,14 @@ fn sources(mesh: &str, target: &Value) -> Principal {
 pub fn inbound_filter(policies: &[Resource], mesh: &str, dp: &Resource, inbound: &Inbound, listener: &str) -> Filter {
     // (source rank, policy order, clients, action), the policies least specific first.
     let mut entries: Vec<(u8, usize, Principal, String)> = vec![];
+    // The `rules` form's matchers, by list: deny, allow, allowWithShadowDeny.
+    let mut listed: [Vec<Principal>; 3] = Default::default();
     for (order, spec) in super::inbound_policy::selecting(policies, dp, Some(inbound)).iter().enumerate() {
+        for rule in spec["rules"].as_array().into_iter().flatten() {
+            for (list, key) in listed.iter_mut().zip(["deny", "allow", "allowWithShadowDeny"]) {
+                list.extend(rule["default"][key].as_array().into_iter().flatten().filter_map(spiffe_matcher));
+            }
+        }
         for from in spec["from"].as_array().into_iter().flatten() {
             let (Some(rank), Some(action)) =
                 (source_rank(from["targetRef"]["kind"].as_str()), from["default"]["action"].as_str())
@@ -94,22 +124,28 @@ pub fn inbound_filter(policies: &[Resource], mesh: &str, dp: &Resource, inbound:
     let mut allowed = vec![];
     let mut shadow_denied = vec![];
     for (i, (_, _, who, action)) in entries.iter().enumerate() {
-        if action == "Deny" {
+        if !matches!(action.as_str(), "Allow" | "AllowWithShadowDeny") {
             continue;
         }
         let outranking_denies: Vec<Principal> =
             entries[i + 1..].iter().filter(|e| e.3 == "Deny").map(|e| e.2.clone()).collect();
         let mut ids = vec![who.clone()];
         if !outranking_denies.is_empty() {
-            let denied =
-                Principal { identifier: Some(principal::Identifier::OrIds(principal::Set { ids: outranking_denies })) };
-            ids.push(Principal { identifier: Some(principal::Identifier::NotId(Box::new(denied))) });
+            ids.push(not(or(outranking_denies)));
         }
         let p = and(ids);
         if action == "AllowWithShadowDeny" {
             shadow_denied.push(p.clone());
         }
         allowed.push(p);
+    }
+    let [deny, allow, shadow] = listed;
+    shadow_denied.extend(shadow.iter().cloned());
+    allowed.extend(allow.into_iter().chain(shadow));
+    // A `rules` deny holds against every allow, of either form.
+    if !deny.is_empty() {
+        let denied = or(deny);
+        allowed = allowed.into_iter().map(|p| and(vec![p, not(denied.clone())])).collect();
     }
     let policy = |principals: Vec<Principal>| Policy {
         permissions: vec![Permission { rule: Some(permission::Rule::Any(true)) }],
@@ -135,6 +171,62 @@ pub fn inbound_filter(policies: &[Resource], mesh: &str, dp: &Resource, inbound:
         name: "envoy.filters.network.rbac".into(),
         config_type: Some(filter::ConfigType::TypedConfig(pack_any(config))),
     }
+}
+
+const ACTIONS: &[&str] = &["Allow", "Deny", "AllowWithShadowDeny"];
+
+/// Top-level targetRef kinds Kuma 2.14 takes (the route kinds select nothing here).
+const TOP_KINDS: &[&str] =
+    &["Mesh", "MeshSubset", "MeshService", "MeshServiceSubset", "Dataplane", "MeshGatewayRoute", "MeshHTTPRoute"];
+
+/// What is wrong with a MeshTrafficPermission spec, as (field path, message): Kuma's
+/// validator's checks and no more, since a zone NACKs over KDS what fails them.
+pub fn problems(spec: &serde_json::Map<String, Value>) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let top = spec.get("targetRef").and_then(|t| t["kind"].as_str()).unwrap_or("Mesh");
+    if !TOP_KINDS.contains(&top) {
+        out.push(("spec.targetRef.kind".into(), format!("must be one of: {}", TOP_KINDS.join(", "))));
+    }
+    let from = spec.get("from").and_then(Value::as_array);
+    let rules = spec.get("rules").and_then(Value::as_array);
+    match (from.is_some_and(|f| !f.is_empty()), rules.is_some_and(|r| !r.is_empty())) {
+        (false, false) => out.push(("spec.from".into(), "needs at least one item (or spec.rules)".into())),
+        (true, true) => out.push(("spec".into(), "must not define both from and rules".into())),
+        _ => {}
+    }
+    for (i, rule) in rules.into_iter().flatten().enumerate() {
+        for key in ["deny", "allow", "allowWithShadowDeny"] {
+            for (j, m) in rule["default"][key].as_array().into_iter().flatten().enumerate() {
+                if spiffe_matcher(m).is_none() {
+                    out.push((
+                        format!("spec.rules[{i}].default.{key}[{j}].spiffeID"),
+                        "must have a type (Exact or Prefix) and a value".into(),
+                    ));
+                }
+            }
+        }
+    }
+    for (i, entry) in from.into_iter().flatten().enumerate() {
+        let kind = entry["targetRef"]["kind"].as_str();
+        if source_rank(kind).is_none() {
+            out.push((
+                format!("spec.from[{i}].targetRef.kind"),
+                "must be one of: Mesh, MeshSubset, MeshService, MeshServiceSubset".into(),
+            ));
+        } else if matches!(kind, Some("MeshService" | "MeshServiceSubset"))
+            && entry["targetRef"]["name"].as_str().is_none()
+        {
+            out.push((format!("spec.from[{i}].targetRef.name"), "must be set".into()));
+        }
+        if entry.get("default").is_none() {
+            out.push((format!("spec.from[{i}].default"), "must be defined".into()));
+        } else if let Some(a) = entry["default"].get("action")
+            && !a.as_str().is_some_and(|a| ACTIONS.contains(&a))
+        {
+            out.push((format!("spec.from[{i}].default.action"), format!("must be one of: {}", ACTIONS.join(", "))));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -166,12 +258,11 @@ mod tests {
                     principal::Identifier::OrIds(s) => s.ids.iter().any(|i| eval(i, sans)),
                     principal::Identifier::NotId(i) => !eval(i, sans),
                     principal::Identifier::Authenticated(a) => {
-                        let Some(string_matcher::MatchPattern::Exact(e)) =
-                            a.principal_name.as_ref().unwrap().match_pattern.as_ref()
-                        else {
-                            panic!()
-                        };
-                        sans.contains(e)
+                        match a.principal_name.as_ref().unwrap().match_pattern.as_ref().unwrap() {
+                            string_matcher::MatchPattern::Exact(e) => sans.contains(e),
+                            string_matcher::MatchPattern::Prefix(p) => sans.iter().any(|s| s.starts_with(p)),
+                            other => panic!("{other:?}"),
+                        }
                     }
                     other => panic!("{other:?}"),
                 }
@@ -189,6 +280,38 @@ mod tests {
     }
 
     const CLIENTS: &[(&str, &str)] = &[("web", "kuma://team/a"), ("api", "kuma://team/a"), ("cron", "kuma://team/b")];
+
+    #[test]
+    fn problems_name_the_field() {
+        let bad = json!({"targetRef": {"kind": "Mesh"}, "from": [
+            {"targetRef": {"kind": "MeshGateway"}, "default": {"action": "Allow"}},
+            {"targetRef": {"kind": "MeshService"}, "default": {"action": "allow"}}]});
+        let fields: Vec<String> = problems(bad.as_object().unwrap()).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            ["spec.from[0].targetRef.kind", "spec.from[1].targetRef.name", "spec.from[1].default.action"]
+        );
+        assert_eq!(problems(json!({"targetRef": {"kind": "Mesh"}}).as_object().unwrap())[0].0, "spec.from");
+    }
+
+    #[test]
+    fn a_rules_deny_holds_against_every_allow() {
+        let allow_all = policy(
+            "allow-all",
+            json!({"targetRef": {"kind": "Mesh"},
+            "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}),
+        );
+        let rules = policy(
+            "rules",
+            json!({"targetRef": {"kind": "Mesh"}, "rules": [{"default": {
+            "deny": [{"spiffeID": {"type": "Exact", "value": "spiffe://m/api"}}],
+            "allow": [{"spiffeID": {"type": "Prefix", "value": "spiffe://m/"}}]}}]}),
+        );
+        assert_eq!(admitted(std::slice::from_ref(&rules), CLIENTS), ["web", "cron"]);
+        assert_eq!(admitted(&[allow_all, rules], CLIENTS), ["web", "cron"], "the from allow-all does not undo it");
+        let bad = json!({"rules": [{"default": {"allow": [{"spiffeID": {"type": "Regex", "value": "x"}}]}}]});
+        assert_eq!(problems(bad.as_object().unwrap())[0].0, "spec.rules[0].default.allow[0].spiffeID");
+    }
 
     #[test]
     fn no_permission_lets_nobody_in() {
