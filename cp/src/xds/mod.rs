@@ -14,6 +14,7 @@ pub mod resilience;
 pub mod sidecar;
 pub mod sni;
 pub mod sotw;
+pub mod timeout;
 pub mod tproxy;
 pub mod traffic_permission;
 
@@ -404,6 +405,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let mesh_tls_policies = cp.store.list(ResourceType::MeshTLS, Some(&id.mesh)).await.map_err(internal)?;
     let traffic_permissions =
         cp.store.list(ResourceType::MeshTrafficPermission, Some(&id.mesh)).await.map_err(internal)?;
+    let timeouts = cp.store.list(ResourceType::MeshTimeout, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -418,6 +420,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         mtls_mode: mesh_spec.enabled_backend().and_then(|b| b.mode.as_deref()),
         mesh_tls: &mesh_tls_policies,
         traffic_permissions: &traffic_permissions,
+        timeouts: &timeouts,
         tls,
         zone_egress: mesh_spec.zone_egress(),
         locality_aware: mesh_spec.locality_aware(),

@@ -94,6 +94,8 @@ pub struct SidecarInputs<'a> {
     pub mesh_tls: &'a [Resource],
     /// MeshTrafficPermission policies of the mesh.
     pub traffic_permissions: &'a [Resource],
+    /// MeshTimeout policies of the mesh.
+    pub timeouts: &'a [Resource],
     /// The mesh's `routing.zoneEgress`.
     pub zone_egress: bool,
     /// The mesh's `routing.localityAwareLoadBalancing`.
@@ -287,13 +289,16 @@ fn tcp_chain(tcp: TcpProxy, tls: Option<TransportSocket>) -> FilterChain {
     }
 }
 
-/// An outbound's tcp_proxy, with MeshRetry's connect attempts when a policy sets them,
-/// and MeshAccessLog's loggers.
-fn outbound_chain(svc: &str, retries: &[Resource], access_log: Vec<AccessLog>) -> FilterChain {
-    let attempts = super::resilience::merged_conf(retries, svc).and_then(|c| super::resilience::connect_attempts(&c));
+/// An outbound's tcp_proxy, with MeshRetry's connect attempts and MeshTimeout's idle
+/// timeout when policies set them, and MeshAccessLog's loggers.
+fn outbound_chain(svc: &str, inputs: &SidecarInputs<'_>, access_log: Vec<AccessLog>) -> FilterChain {
+    let attempts =
+        super::resilience::merged_conf(inputs.retries, svc).and_then(|c| super::resilience::connect_attempts(&c));
+    let idle = super::timeout::outbound(inputs.timeouts, svc).map_or(Duration { seconds: 3600, nanos: 0 }, |t| t.idle);
     let tcp = TcpProxy {
         max_connect_attempts: attempts.map(|value| UInt32Value { value }),
         access_log,
+        idle_timeout: Some(idle),
         ..tcp_proxy(svc, svc, 3600)
     };
     tcp_chain(tcp, None)
@@ -377,7 +382,8 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
     let al_pipe = access_log_pipe(inputs.workdir, &dp.name, mesh);
 
     // --- inbounds ---------------------------------------------------------------------
-    let mut local_clusters: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    // Application clusters: address, and MeshTimeout's connect timeout.
+    let mut local_clusters: BTreeMap<String, (String, u32, Option<Duration>)> = BTreeMap::new();
     for inb in &net.inbound {
         if inb.state.as_deref() == Some("Ignored") || inb.tags.get(SERVICE_TAG).is_none_or(|s| s.is_empty()) {
             continue;
@@ -391,8 +397,9 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         let workload_ip = inb.service_address.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| dp_ip.clone());
         let workload_port = inb.service_port.and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0).unwrap_or(port);
         let cluster = format!("localhost:{workload_port}");
+        let timeouts = super::timeout::inbound(inputs.timeouts, dp, inb);
         // Same name twice: the last inbound wins (as Kuma's resource set does).
-        local_clusters.insert(cluster.clone(), (workload_ip, workload_port));
+        local_clusters.insert(cluster.clone(), (workload_ip, workload_port, timeouts.as_ref().map(|t| t.connect)));
 
         let name = format!("inbound:{dp_ip}:{port}");
         let values = KumaValues {
@@ -403,10 +410,13 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             zone: inputs.zone,
         };
         let backends = super::access_log::inbound_backends(inputs.access_logs);
-        let tcp = TcpProxy {
+        let mut tcp = TcpProxy {
             access_log: super::access_log::loggers(&backends, &values, &al_pipe),
             ..tcp_proxy(&cluster, &format!("localhost_{workload_port}"), 7200)
         };
+        if let Some(t) = &timeouts {
+            tcp.idle_timeout = Some(t.idle);
+        }
         let settings = super::meshtls::resolve(inputs.mtls_mode, inputs.mesh_tls, dp, Some(inb));
         let rbac = super::traffic_permission::inbound_filter(inputs.traffic_permissions, mesh, dp, inb, &name);
         let (filter_chains, listener_filters) = inbound_chains(inputs, &settings, rbac, tcp);
@@ -450,8 +460,11 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         use super::prometheus::{CLUSTER, cluster};
         push(&mut clusters, CLUSTER, cluster(inputs.workdir, &dp.name, mesh), "", |_| {});
     }
-    for (name, (ip, port)) in &local_clusters {
-        let c = static_cluster(name, socket_address(ip, *port));
+    for (name, (ip, port, connect_timeout)) in &local_clusters {
+        let mut c = static_cluster(name, socket_address(ip, *port));
+        if let Some(t) = connect_timeout {
+            c.connect_timeout = Some(*t);
+        }
         push(&mut clusters, name, c, "", |_| {});
     }
 
@@ -488,7 +501,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             name: name.clone(),
             address: Some(socket_address(addr, *port)),
             bind_to_port: tproxy.as_ref().filter(|_| !bind_outbounds).map(|_| BoolValue { value: false }),
-            filter_chains: vec![outbound_chain(svc, inputs.retries, {
+            filter_chains: vec![outbound_chain(svc, inputs, {
                 let values = KumaValues {
                     mesh,
                     source_ip: &net.address,
@@ -542,9 +555,10 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             }
             continue;
         }
+        let connect = super::timeout::outbound(inputs.timeouts, svc).map(|t| t.connect);
         let mut c = Cluster {
             name: svc.clone(),
-            connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+            connect_timeout: Some(connect.unwrap_or(Duration { seconds: 5, nanos: 0 })),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
             eds_cluster_config: Some(EdsClusterConfig {
                 eds_config: Some(ads_config_source()),

@@ -1,0 +1,92 @@
+//! MeshTimeout's TCP timeouts on a sidecar, as Kuma 2.14's plugin writes them
+//! (`kumahq/kuma:pkg/plugins/policies/meshtimeout/plugin/xds/configurer.go`): once a policy
+//! reaches a listener, `idleTimeout` is its tcp_proxy's idle timeout (1h when unset) and
+//! `connectionTimeout` its cluster's connect timeout (5s when unset); `0s` turns a timeout off.
+//! * Outbounds: the `to` entries for the mesh, then for the outbound's MeshService.
+//! * Inbounds: the `from` entries (targetRef Mesh) and `rules` of the policies that select
+//!   the inbound ([`super::inbound_policy`]), on its listener and its application cluster.
+//!
+//! The sidecars' outbounds are TCP here, so the `http` timeouts have nothing to act on.
+
+use envoy_types::pb::google::protobuf::Duration;
+use kuma_model::duration::parse_duration;
+use serde_json::{Map, Value};
+
+use crate::model::Resource;
+use crate::model::specs::Inbound;
+
+/// A listener's idle timeout and its cluster's connect timeout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timeouts {
+    pub idle: Duration,
+    pub connect: Duration,
+}
+
+fn duration(conf: &Map<String, Value>, key: &str, default_secs: i64) -> Duration {
+    match conf.get(key).and_then(Value::as_str).and_then(|s| parse_duration(s).ok()) {
+        Some(d) => Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 },
+        None => Duration { seconds: default_secs, nanos: 0 },
+    }
+}
+
+fn timeouts(conf: &Map<String, Value>) -> Timeouts {
+    Timeouts { idle: duration(conf, "idleTimeout", 3600), connect: duration(conf, "connectionTimeout", 5) }
+}
+
+/// The timeouts of the outbound to `service`; `None` when no policy reaches it.
+pub fn outbound(policies: &[Resource], service: &str) -> Option<Timeouts> {
+    super::resilience::merged_conf(policies, service).map(|c| timeouts(&c))
+}
+
+/// The timeouts of an inbound of the Dataplane `dp`; `None` when no policy reaches it.
+pub fn inbound(policies: &[Resource], dp: &Resource, inbound: &Inbound) -> Option<Timeouts> {
+    let mut conf: Option<Map<String, Value>> = None;
+    for p in super::inbound_policy::selecting(policies, dp, Some(inbound)) {
+        let from = p["from"].as_array().into_iter().flatten().filter(|f| f["targetRef"]["kind"] == "Mesh");
+        for entry in from.chain(p["rules"].as_array().into_iter().flatten()) {
+            if let Value::Object(d) = &entry["default"] {
+                super::resilience::merge(conf.get_or_insert_with(Map::new), d);
+            }
+        }
+    }
+    conf.map(|c| timeouts(&c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(name: &str, spec: Value) -> Resource {
+        Resource::from_json(&json!({"type": "MeshTimeout", "mesh": "m", "name": name, "spec": spec})).unwrap()
+    }
+
+    fn secs(seconds: i64) -> Duration {
+        Duration { seconds, nanos: 0 }
+    }
+
+    #[test]
+    fn kumas_defaults_fill_what_a_policy_leaves_unset() {
+        let p = policy(
+            "t",
+            json!({"targetRef": {"kind": "Mesh"},
+            "to": [{"targetRef": {"kind": "Mesh"}, "default": {"idleTimeout": "20s"}},
+                   {"targetRef": {"kind": "MeshService", "name": "db"}, "default": {"connectionTimeout": "250ms", "idleTimeout": "0s"}}],
+            "from": [{"targetRef": {"kind": "Mesh"}, "default": {"connectionTimeout": "2s"}}]}),
+        );
+        let ps = [p];
+        assert_eq!(outbound(&ps, "web"), Some(Timeouts { idle: secs(20), connect: secs(5) }));
+        assert_eq!(
+            outbound(&ps, "db"),
+            Some(Timeouts { idle: secs(0), connect: Duration { seconds: 0, nanos: 250_000_000 } })
+        );
+        let dp = Resource::from_json(&json!({"type": "Dataplane", "mesh": "m", "name": "web-1",
+            "networking": {"address": "127.0.0.1", "inbound": [{"port": 1, "tags": {"kuma.io/service": "web"}}]}}))
+        .unwrap();
+        let spec: crate::model::specs::DataplaneSpec = dp.typed().unwrap();
+        let inb = &spec.networking.unwrap().inbound[0];
+        assert_eq!(inbound(&ps, &dp, inb), Some(Timeouts { idle: secs(3600), connect: secs(2) }));
+        assert_eq!(inbound(&[], &dp, inb), None);
+        assert_eq!(outbound(&[], "web"), None);
+    }
+}
