@@ -14,6 +14,7 @@ pub mod resilience;
 pub mod sidecar;
 pub mod sni;
 pub mod sotw;
+pub mod tcp_route;
 pub mod timeout;
 pub mod tproxy;
 pub mod traffic_permission;
@@ -406,6 +407,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let traffic_permissions =
         cp.store.list(ResourceType::MeshTrafficPermission, Some(&id.mesh)).await.map_err(internal)?;
     let timeouts = cp.store.list(ResourceType::MeshTimeout, Some(&id.mesh)).await.map_err(internal)?;
+    let tcp_routes = cp.store.list(ResourceType::MeshTCPRoute, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -421,6 +423,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         mesh_tls: &mesh_tls_policies,
         traffic_permissions: &traffic_permissions,
         timeouts: &timeouts,
+        tcp_routes: &tcp_routes,
         tls,
         zone_egress: mesh_spec.zone_egress(),
         locality_aware: mesh_spec.locality_aware(),

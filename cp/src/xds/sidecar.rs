@@ -96,6 +96,8 @@ pub struct SidecarInputs<'a> {
     pub traffic_permissions: &'a [Resource],
     /// MeshTimeout policies of the mesh.
     pub timeouts: &'a [Resource],
+    /// MeshTCPRoute policies of the mesh.
+    pub tcp_routes: &'a [Resource],
     /// The mesh's `routing.zoneEgress`.
     pub zone_egress: bool,
     /// The mesh's `routing.localityAwareLoadBalancing`.
@@ -191,7 +193,14 @@ pub fn upstream_tls(mesh: &str, service: &str) -> UpstreamTlsContext {
 /// names the service, the certificate must be `peer`'s (a ZoneEgress terminating the
 /// mTLS of an ExternalService presents `zone-egress`).
 pub fn upstream_tls_via(mesh: &str, service: &str, peer: &str) -> UpstreamTlsContext {
-    let tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.to_string())].into_iter().collect();
+    upstream_tls_subset(mesh, service, peer, &BTreeMap::new())
+}
+
+/// Client side to the endpoints of `service` that carry `subset`'s tags: Kuma's tag SNI
+/// names them (`backend{mesh=default,version=v2}`).
+fn upstream_tls_subset(mesh: &str, service: &str, peer: &str, subset: &BTreeMap<String, String>) -> UpstreamTlsContext {
+    let mut tags = subset.clone();
+    tags.insert("mesh".to_string(), mesh.to_string());
     let tag_sni = sni_from_tags(service, &tags);
     UpstreamTlsContext {
         common_tls_context: Some(common_tls(
@@ -295,12 +304,28 @@ fn outbound_chain(svc: &str, inputs: &SidecarInputs<'_>, access_log: Vec<AccessL
     let attempts =
         super::resilience::merged_conf(inputs.retries, svc).and_then(|c| super::resilience::connect_attempts(&c));
     let idle = super::timeout::outbound(inputs.timeouts, svc).map_or(Duration { seconds: 3600, nanos: 0 }, |t| t.idle);
-    let tcp = TcpProxy {
+    let mut tcp = TcpProxy {
         max_connect_attempts: attempts.map(|value| UInt32Value { value }),
         access_log,
         idle_timeout: Some(idle),
         ..tcp_proxy(svc, svc, 3600)
     };
+    match super::tcp_route::backends(inputs.tcp_routes, svc).as_deref() {
+        Some([one]) => tcp.cluster_specifier = Some(tcp_proxy::ClusterSpecifier::Cluster(one.cluster())),
+        Some(split) => {
+            let clusters = split
+                .iter()
+                .map(|b| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: b.cluster(),
+                    weight: b.weight,
+                    ..Default::default()
+                })
+                .collect();
+            tcp.cluster_specifier =
+                Some(tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster { clusters }));
+        }
+        None => {}
+    }
     tcp_chain(tcp, None)
 }
 
@@ -527,8 +552,22 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         .filter_map(|s| Some((s.tags.get(SERVICE_TAG).filter(|v| !v.is_empty())?.clone(), s)))
         .collect();
     let via_egress = inputs.zone_egress && mtls;
+    // The clusters the outbounds' connections go to: each service's own, or its route's
+    // backends (whole services, or subsets of one).
+    let mut targets: BTreeMap<String, super::tcp_route::Backend> = BTreeMap::new();
     for svc in &services {
+        let whole = || vec![super::tcp_route::Backend { service: svc.clone(), tags: BTreeMap::new(), weight: 1 }];
+        for b in super::tcp_route::backends(inputs.tcp_routes, svc).unwrap_or_else(whole) {
+            targets.insert(b.cluster(), b);
+        }
+    }
+    for (name, target) in &targets {
+        let (svc, subset) = (&target.service, &target.tags);
         if let Some(es) = external.get(svc) {
+            if !subset.is_empty() {
+                tracing::debug!(service = %svc, "a route's subset of an ExternalService is not served");
+                continue;
+            }
             if via_egress {
                 // To the zone's egresses, which terminate this mTLS as `zone-egress`.
                 let c = Cluster {
@@ -557,7 +596,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
         let connect = super::timeout::outbound(inputs.timeouts, svc).map(|t| t.connect);
         let mut c = Cluster {
-            name: svc.clone(),
+            name: name.clone(),
             connect_timeout: Some(connect.unwrap_or(Duration { seconds: 5, nanos: 0 })),
             cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
             eds_cluster_config: Some(EdsClusterConfig {
@@ -565,7 +604,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 service_name: String::new(),
             }),
             transport_socket: inputs.tls.as_ref().map(|_| {
-                let mut ctx = upstream_tls(mesh, svc);
+                let mut ctx = upstream_tls_subset(mesh, svc, svc, subset);
                 with_params(&mut ctx.common_tls_context, &outbound_tls);
                 tls_socket(ctx)
             }),
@@ -581,9 +620,15 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             super::resilience::apply_load_balancer(&mut c, &conf);
         }
         let cluster_version = version_of(&format!("{c:?}"));
-        push(&mut clusters, svc, c, "", |_| {});
-        let eps = endpoints.get(svc).cloned().unwrap_or_default();
-        let mut cla = cla_proto(svc, &eps);
+        push(&mut clusters, name, c, "", |_| {});
+        // A subset: this zone's endpoints that carry its tags (see tcp_route).
+        let in_subset = |e: &&OutEndpoint| {
+            subset.is_empty()
+                || (e.zone.as_deref().is_none_or(|z| z == inputs.zone)
+                    && subset.iter().all(|(k, v)| e.tags.get(k) == Some(v)))
+        };
+        let eps: Vec<OutEndpoint> = endpoints.get(svc).into_iter().flatten().filter(in_subset).cloned().collect();
+        let mut cla = cla_proto(name, &eps);
         if inputs.locality_aware {
             // Kuma's locality awareness: other zones' endpoints are the fallback level.
             for l in &mut cla.endpoints {
@@ -593,8 +638,8 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             }
         }
         // The version includes the cluster's: a changed cluster needs its endpoints again.
-        let v = version_of(&format!("{svc}|{eps:?}|{cluster_version}"));
-        loads.push(Named::new(svc.clone(), v, pack_any(cla)));
+        let v = version_of(&format!("{name}|{eps:?}|{cluster_version}"));
+        loads.push(Named::new(name.clone(), v, pack_any(cla)));
     }
 
     // --- secrets ----------------------------------------------------------------------
