@@ -57,3 +57,18 @@ pub fn selecting(policies: &[Resource], dp: &Resource, inbound: Option<&Inbound>
     selected.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     selected.into_iter().map(|(_, _, spec)| spec).collect()
 }
+
+/// The merged `default` of the `from` entries (targetRef Mesh) and `rules` of the policies
+/// that select this inbound, least specific first; `None` when no entry reaches it.
+pub fn merged(policies: &[Resource], dp: &Resource, inbound: Option<&Inbound>) -> Option<Map<String, Value>> {
+    let mut out: Option<Map<String, Value>> = None;
+    for p in selecting(policies, dp, inbound) {
+        let from = p["from"].as_array().into_iter().flatten().filter(|f| f["targetRef"]["kind"] == "Mesh");
+        for entry in from.chain(p["rules"].as_array().into_iter().flatten()) {
+            if let Value::Object(d) = &entry["default"] {
+                super::resilience::merge(out.get_or_insert_with(Map::new), d);
+            }
+        }
+    }
+    out
+}

@@ -60,7 +60,7 @@ pub const MODES: &[&str] = &["Strict", "Permissive"];
 /// in a mesh whose enabled backend has `backend_mode` (`STRICT`/`PERMISSIVE`), under these
 /// MeshTLS policies.
 pub fn resolve(backend_mode: Option<&str>, policies: &[Resource], dp: &Resource, inbound: Option<&Inbound>) -> MeshTls {
-    let conf = merged(policies, dp, inbound);
+    let conf = super::inbound_policy::merged(policies, dp, inbound).unwrap_or_default();
     let mode = match conf.get("mode").and_then(Value::as_str) {
         Some("Permissive") => Mode::Permissive,
         Some(_) => Mode::Strict,
@@ -93,20 +93,6 @@ fn params(conf: &Map<String, Value>) -> Option<TlsParameters> {
         cipher_suites: ciphers,
         ..Default::default()
     })
-}
-
-/// The merged `default` of the policies that select this inbound (or the outbounds).
-fn merged(policies: &[Resource], dp: &Resource, inbound: Option<&Inbound>) -> Map<String, Value> {
-    let mut out = Map::new();
-    for p in super::inbound_policy::selecting(policies, dp, inbound) {
-        let from = p["from"].as_array().into_iter().flatten().filter(|f| f["targetRef"]["kind"] == "Mesh");
-        for entry in from.chain(p["rules"].as_array().into_iter().flatten()) {
-            if let Value::Object(d) = &entry["default"] {
-                super::resilience::merge(&mut out, d);
-            }
-        }
-    }
-    out
 }
 
 /// What is wrong with a MeshTLS spec, as (field path, message), Kuma's validator's checks.

@@ -10,6 +10,7 @@ pub mod inbound_policy;
 pub mod meshmetric;
 pub mod meshtls;
 pub mod prometheus;
+pub mod rate_limit;
 pub mod resilience;
 pub mod sidecar;
 pub mod sni;
@@ -408,6 +409,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         cp.store.list(ResourceType::MeshTrafficPermission, Some(&id.mesh)).await.map_err(internal)?;
     let timeouts = cp.store.list(ResourceType::MeshTimeout, Some(&id.mesh)).await.map_err(internal)?;
     let tcp_routes = cp.store.list(ResourceType::MeshTCPRoute, Some(&id.mesh)).await.map_err(internal)?;
+    let rate_limits = cp.store.list(ResourceType::MeshRateLimit, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -424,6 +426,7 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         traffic_permissions: &traffic_permissions,
         timeouts: &timeouts,
         tcp_routes: &tcp_routes,
+        rate_limits: &rate_limits,
         tls,
         zone_egress: mesh_spec.zone_egress(),
         locality_aware: mesh_spec.locality_aware(),

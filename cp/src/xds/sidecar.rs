@@ -98,6 +98,8 @@ pub struct SidecarInputs<'a> {
     pub timeouts: &'a [Resource],
     /// MeshTCPRoute policies of the mesh.
     pub tcp_routes: &'a [Resource],
+    /// MeshRateLimit policies of the mesh.
+    pub rate_limits: &'a [Resource],
     /// The mesh's `routing.zoneEgress`.
     pub zone_egress: bool,
     /// The mesh's `routing.localityAwareLoadBalancing`.
@@ -444,7 +446,12 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
         let settings = super::meshtls::resolve(inputs.mtls_mode, inputs.mesh_tls, dp, Some(inb));
         let rbac = super::traffic_permission::inbound_filter(inputs.traffic_permissions, mesh, dp, inb, &name);
-        let (filter_chains, listener_filters) = inbound_chains(inputs, &settings, rbac, tcp);
+        let (mut filter_chains, listener_filters) = inbound_chains(inputs, &settings, rbac, tcp);
+        if let Some(limit) = super::rate_limit::inbound_filter(inputs.rate_limits, dp, inb) {
+            for chain in &mut filter_chains {
+                chain.filters.insert(0, limit.clone());
+            }
+        }
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(&dp_ip, port)),

@@ -40,16 +40,7 @@ pub fn outbound(policies: &[Resource], service: &str) -> Option<Timeouts> {
 
 /// The timeouts of an inbound of the Dataplane `dp`; `None` when no policy reaches it.
 pub fn inbound(policies: &[Resource], dp: &Resource, inbound: &Inbound) -> Option<Timeouts> {
-    let mut conf: Option<Map<String, Value>> = None;
-    for p in super::inbound_policy::selecting(policies, dp, Some(inbound)) {
-        let from = p["from"].as_array().into_iter().flatten().filter(|f| f["targetRef"]["kind"] == "Mesh");
-        for entry in from.chain(p["rules"].as_array().into_iter().flatten()) {
-            if let Value::Object(d) = &entry["default"] {
-                super::resilience::merge(conf.get_or_insert_with(Map::new), d);
-            }
-        }
-    }
-    conf.map(|c| timeouts(&c))
+    super::inbound_policy::merged(policies, dp, Some(inbound)).map(|c| timeouts(&c))
 }
 
 #[cfg(test)]

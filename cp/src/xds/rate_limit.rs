@@ -1,0 +1,71 @@
+//! MeshRateLimit's TCP limit on a sidecar's inbounds, as Kuma 2.14's plugin writes it
+//! (`kumahq/kuma:pkg/plugins/policies/meshratelimit/plugin/xds/configurer.go`): with
+//! `local.tcp.connectionRate {num, interval}` (and not `disabled`), a network
+//! `local_ratelimit` filter first on every filter chain of the inbound, stats under
+//! `tcp_rate_limit`, whose bucket holds `num` tokens refilled every `interval`. The
+//! policies are selected and merged as [`super::inbound_policy`] says. HTTP limits need
+//! HTTP inbounds, which the sidecars here do not have.
+
+use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
+use envoy_types::pb::envoy::extensions::filters::network::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::r#type::v3::TokenBucket;
+use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::util::pack_any;
+use kuma_model::duration::parse_duration;
+
+use crate::model::Resource;
+use crate::model::specs::Inbound;
+
+/// The connection-rate filter of an inbound of the Dataplane `dp`; `None` without a limit.
+pub fn inbound_filter(policies: &[Resource], dp: &Resource, inbound: &Inbound) -> Option<Filter> {
+    let conf = super::inbound_policy::merged(policies, dp, Some(inbound))?;
+    let tcp = &conf.get("local")?["tcp"];
+    if tcp["disabled"].as_bool() == Some(true) {
+        return None;
+    }
+    let rate = &tcp["connectionRate"];
+    let num = u32::try_from(rate["num"].as_u64()?).ok().filter(|n| *n > 0)?;
+    let interval = parse_duration(rate["interval"].as_str()?).ok().filter(|d| !d.is_zero())?;
+    let config = LocalRateLimit {
+        stat_prefix: "tcp_rate_limit".into(),
+        token_bucket: Some(TokenBucket {
+            max_tokens: num,
+            tokens_per_fill: Some(UInt32Value { value: num }),
+            fill_interval: Some(Duration { seconds: interval.as_secs() as i64, nanos: interval.subsec_nanos() as i32 }),
+        }),
+        ..Default::default()
+    };
+    Some(Filter {
+        name: "envoy.filters.network.local_ratelimit".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(config))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_connection_rate_becomes_a_token_bucket() {
+        let dp = Resource::from_json(&json!({"type": "Dataplane", "mesh": "m", "name": "web-1",
+            "networking": {"address": "127.0.0.1", "inbound": [{"port": 1, "tags": {"kuma.io/service": "web"}}]}}))
+        .unwrap();
+        let spec: crate::model::specs::DataplaneSpec = dp.typed().unwrap();
+        let inb = &spec.networking.unwrap().inbound[0];
+        let policy = |tcp: serde_json::Value| {
+            Resource::from_json(&json!({"type": "MeshRateLimit", "mesh": "m", "name": "rl", "spec": {
+                "targetRef": {"kind": "Mesh"}, "from": [{"targetRef": {"kind": "Mesh"}, "default": {"local": {"tcp": tcp}}}]}}))
+            .unwrap()
+        };
+        let f = inbound_filter(&[policy(json!({"connectionRate": {"num": 5, "interval": "10s"}}))], &dp, inb).unwrap();
+        let Some(filter::ConfigType::TypedConfig(any)) = f.config_type else { panic!() };
+        let rl: LocalRateLimit = prost::Message::decode(any.value.as_slice()).unwrap();
+        let bucket = rl.token_bucket.unwrap();
+        assert_eq!((bucket.max_tokens, bucket.tokens_per_fill.unwrap().value), (5, 5));
+        assert_eq!(bucket.fill_interval.unwrap().seconds, 10);
+        let off = json!({"disabled": true, "connectionRate": {"num": 5, "interval": "10s"}});
+        assert!(inbound_filter(&[policy(off)], &dp, inb).is_none());
+        assert!(inbound_filter(&[], &dp, inb).is_none());
+    }
+}

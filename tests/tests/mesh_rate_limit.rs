@@ -1,0 +1,63 @@
+//! MeshRateLimit's TCP connection rate from our `cp` on dp and Envoy servers alike: once
+//! the policy arrives, an inbound lets one connection in per interval and closes the rest.
+
+use std::net::SocketAddr;
+
+use e2e::Cp;
+use e2e::mesh::{MESH, SYNC, request};
+use e2e::sidecars::{Sidecar, dp_and_envoy, until_answer};
+
+const ONE_PER_HOUR: &str = "type: MeshRateLimit\nname: one-per-hour\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  \
+                            from:\n  - targetRef:\n      kind: Mesh\n    default:\n      local:\n        tcp:\n          \
+                            connectionRate:\n            num: 1\n            interval: 1h\n";
+
+/// Connections the server's inbound closed for the rate.
+fn rate_limited(server: &Sidecar) -> u64 {
+    match server {
+        Sidecar::Envoy(e) => e.stat("local_rate_limit.tcp_rate_limit.rate_limited"),
+        Sidecar::Dp(d) => {
+            d.stat("envoy_local_rate_limit_rate_limited{envoy_local_rate_limit_prefix=\"tcp_rate_limit\"}")
+        }
+    }
+}
+
+/// Polls until a request through `addr` fails because `server` limited it.
+async fn until_limited(addr: SocketAddr, server: &Sidecar, what: &str) {
+    let deadline = tokio::time::Instant::now() + SYNC;
+    loop {
+        let before = if has_limiter(server) { rate_limited(server) } else { 0 };
+        let got = request(addr).await;
+        if got.is_err() && has_limiter(server) && rate_limited(server) > before {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} was not rate limited: {got:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the server has the filter yet (dp lists the stat from then on).
+fn has_limiter(server: &Sidecar) -> bool {
+    match server {
+        Sidecar::Envoy(_) => true,
+        Sidecar::Dp(d) => d.get("/stats/prometheus").1.contains("envoy_local_rate_limit_prefix=\"tcp_rate_limit\""),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_rate_closes_the_connections_over_it() {
+    let zone = Cp::start("zone-1");
+    zone.apply(MESH);
+    let (servers, clients) = dp_and_envoy(&zone, &[]).await;
+    let client = &clients[0];
+    for (addr, svc) in &client.outbounds {
+        until_answer(*addr, Ok(svc), &format!("{} -> {svc}", client.name)).await;
+    }
+    zone.apply(ONE_PER_HOUR);
+    for (s, server) in servers.iter().enumerate() {
+        let addr = client.outbounds[s].0;
+        until_limited(addr, &server.side, &format!("-> {}", server.service)).await;
+        for i in 0..3 {
+            assert!(request(addr).await.is_err(), "-> {}: request {i} within the hour got through", server.service);
+        }
+    }
+}
