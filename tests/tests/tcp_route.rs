@@ -82,3 +82,42 @@ async fn routes_send_an_outbound_to_a_subset_then_split_it() {
     }
     drop(servers);
 }
+
+/// Across zones: `v1` here in zone-1, `v2` in zone-2 behind its `dp` ingress, which routes
+/// the route's subset SNI (`backend{mesh=default,version=v2}`) to the v2 endpoints only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_in_another_zone_is_reached_through_its_ingress() {
+    let global = Cp::global();
+    global.apply(MESH);
+    let zone1 = Cp::federated(&global, "zone-1", &[]);
+    let zone2 = Cp::federated(&global, "zone-2", &[]);
+    zone1.wait_federated();
+    zone2.wait_federated();
+    let ingress = e2e::mesh::start_ingress(&global, &zone2, "zone-2", free_port());
+    let mut servers = vec![];
+    // zone-2 also runs a v1, so only the subset's SNI keeps its connections off it; each
+    // instance has a tag of its own, so no instance's full tag set is the subset's.
+    for (zone, name, version) in [(&zone1, "v1", "v1"), (&zone2, "v2", "v2"), (&zone2, "v1-z2", "v1")] {
+        let app = Backend::start(name).await;
+        let mut res = dataplane(&format!("{name}-1"), "backend", &app, &[]);
+        res["networking"]["inbound"][0]["tags"]["version"] = version.into();
+        res["networking"]["inbound"][0]["tags"]["instance"] = name.into();
+        servers.push((start(zone, false, res).await, app));
+    }
+    let mut clients = vec![];
+    for (kind, envoy) in [("dp", false), ("envoy", true)] {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let web = Backend::start("web").await;
+        let res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &[(addr.port(), "backend")]);
+        clients.push((kind, addr, start(&zone1, envoy, res).await));
+    }
+    for (kind, addr, _) in &clients {
+        until_answer(*addr, Ok("v2"), &format!("client-{kind} -> backend in zone-2")).await;
+    }
+    global.apply(ONLY_V2);
+    for (kind, addr, _) in &clients {
+        until_all(*addr, 20, &format!("client-{kind} -> backend v2 across zones"), |a| a == "v2").await;
+        assert!(answers(*addr, 20).await.iter().all(|a| a == "v2"), "client-{kind}: not v2 after the route");
+    }
+    ingress.logs.wait_for(&["sni=\"backend{mesh=default,version=v2}\""]);
+}

@@ -117,6 +117,8 @@ struct IngressService {
     /// (mesh, service).
     key: (String, String),
     stamp: u64,
+    /// The routes' subsets of the service, each a chain too.
+    subsets: BTreeSet<BTreeMap<String, String>>,
     chains: Vec<ChainPlan>,
     cluster: (ClusterPlan, Named),
     /// The endpoints; the resource's version includes the cluster's.
@@ -156,6 +158,8 @@ pub struct IngressInputs<'a> {
     pub meshes: &'a [Resource],
     /// The zone's Dataplanes (of which generation reads what the serving ones offer).
     pub dataplanes: &'a Dataplanes,
+    /// The tag subsets MeshTCPRoutes send to, by (mesh, service).
+    pub route_subsets: &'a super::tcp_route::Subsets,
 }
 
 /// The endpoints one Dataplane gives its services: one per healthy inbound with a service.
@@ -359,7 +363,8 @@ fn direct_response_chain(body: &str) -> FilterChain {
 fn ingress_inputs(inputs: &IngressInputs<'_>) -> (u64, String) {
     let mtls: Vec<&str> = inputs.meshes.iter().filter(|m| mesh_mtls_enabled(m)).map(|m| m.name.as_str()).collect();
     let net = &inputs.ingress.networking;
-    let rest = format!("{}|{}|{}|{}|{mtls:?}", net.address, net.port, inputs.node_id, inputs.zone);
+    let rest =
+        format!("{}|{}|{}|{}|{mtls:?}|{:?}", net.address, net.port, inputs.node_id, inputs.zone, inputs.route_subsets);
     (inputs.dataplanes.generation(), rest)
 }
 
@@ -407,10 +412,12 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
                 _ => break None,
             }
         };
+        let no_subsets = BTreeSet::new();
+        let subsets = inputs.route_subsets.get(key).unwrap_or(&no_subsets);
         let service = match before {
-            Some(b) if b.stamp == offer.stamp => b.clone(),
+            Some(b) if b.stamp == offer.stamp && b.subsets == *subsets => b.clone(),
             _ => {
-                let s = std::sync::Arc::new(ingress_service(key, offer, before.map(|b| b.as_ref())));
+                let s = std::sync::Arc::new(ingress_service(key, offer, subsets, before.map(|b| b.as_ref())));
                 chains_changed |= before.is_none_or(|b| b.chains != s.chains);
                 s
             }
@@ -445,7 +452,12 @@ pub fn ingress(inputs: &IngressInputs<'_>, previous: Option<&ProxySnapshot>) -> 
 /// distinct tag combination (`svc{mesh=m,k=v,...}`) with `metadata_match` on the tags that
 /// split the endpoints, and the cluster's subset selectors for them. Resources whose plan is
 /// the same as `before`'s are reused.
-fn ingress_service(key: &(String, String), offer: &ServiceOffer, before: Option<&IngressService>) -> IngressService {
+fn ingress_service(
+    key: &(String, String),
+    offer: &ServiceOffer,
+    subsets: &BTreeSet<BTreeMap<String, String>>,
+    before: Option<&IngressService>,
+) -> IngressService {
     let (mesh, svc) = (key.0.as_str(), key.1.as_str());
     let cluster_name = format!("{mesh}:{svc}");
     let stat = format!("{mesh}_{svc}");
@@ -468,6 +480,22 @@ fn ingress_service(key: &(String, String), offer: &ServiceOffer, before: Option<
             selectors.insert(rel.keys().cloned().collect::<Vec<_>>());
         }
         chains.push(ChainPlan { sni, cluster: cluster_name.clone(), stat_prefix: stat.clone(), metadata_match: rel });
+    }
+    // The routes' subsets that some endpoint here carries: `svc{mesh=m,<subset>}`.
+    for subset in subsets {
+        let mut with_mesh = subset.clone();
+        with_mesh.insert("mesh".into(), mesh.to_string());
+        let sni = sni_from_tags(svc, &with_mesh);
+        if !eps.iter().any(|e| subset.iter().all(|(k, v)| e.tags.get(k) == Some(v))) || !sni_used.insert(sni.clone()) {
+            continue;
+        }
+        selectors.insert(subset.keys().cloned().collect::<Vec<_>>());
+        chains.push(ChainPlan {
+            sni,
+            cluster: cluster_name.clone(),
+            stat_prefix: stat.clone(),
+            metadata_match: subset.clone(),
+        });
     }
     chains.sort_by(|a, b| a.sni.cmp(&b.sni));
     let plain_tags: BTreeMap<String, String> = [("mesh".to_string(), mesh.to_string())].into_iter().collect();
@@ -495,7 +523,14 @@ fn ingress_service(key: &(String, String), offer: &ServiceOffer, before: Option<
             pack_any(cla_proto(&cluster_name, &eps)),
         ),
     };
-    IngressService { key: key.clone(), stamp: offer.stamp, chains, cluster: (plan, cluster), load: (eps, load) }
+    IngressService {
+        key: key.clone(),
+        stamp: offer.stamp,
+        subsets: subsets.clone(),
+        chains,
+        cluster: (plan, cluster),
+        load: (eps, load),
+    }
 }
 
 /// The ingress listener: one chain per plan, or a `direct_response` saying who answers.
@@ -581,6 +616,7 @@ mod tests {
                 ingress: &spec,
                 meshes: &[],
                 dataplanes: &Dataplanes::default(),
+                route_subsets: &Default::default(),
             },
             None,
         );
@@ -606,7 +642,14 @@ mod tests {
         let dps = Dataplanes::from_resources(dps);
         let spec = ingress_spec();
         let s = ingress(
-            &IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &dps },
+            &IngressInputs {
+                zone: "z",
+                node_id: ".ingress",
+                ingress: &spec,
+                meshes: &meshes,
+                dataplanes: &dps,
+                route_subsets: &Default::default(),
+            },
             None,
         );
         let l: Listener = unpack(&s.resources(LISTENER_TYPE)[0].any).unwrap();
@@ -632,7 +675,14 @@ mod tests {
         assert_eq!(s.resources(CLUSTER_TYPE).len(), 1);
         // Versions are stable across generations.
         let s2 = ingress(
-            &IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &dps },
+            &IngressInputs {
+                zone: "z",
+                node_id: ".ingress",
+                ingress: &spec,
+                meshes: &meshes,
+                dataplanes: &dps,
+                route_subsets: &Default::default(),
+            },
             Some(&s),
         );
         assert_eq!(s.resources(ENDPOINT_TYPE)[0].version, s2.resources(ENDPOINT_TYPE)[0].version);
@@ -647,8 +697,14 @@ mod tests {
         let spec = ingress_spec();
         let gen_ = |dps: &[Resource], previous: Option<&ProxySnapshot>| {
             let refs = Dataplanes::from_resources(dps.iter().cloned());
-            let inputs =
-                IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &refs };
+            let inputs = IngressInputs {
+                zone: "z",
+                node_id: ".ingress",
+                ingress: &spec,
+                meshes: &meshes,
+                dataplanes: &refs,
+                route_subsets: &Default::default(),
+            };
             ingress(&inputs, previous)
         };
         // Encoded bytes are not stable (protobuf Struct maps), decoded messages are.
@@ -689,8 +745,14 @@ mod tests {
         );
         // Nothing changed: the previous snapshot stands; a changed Dataplane set does not.
         let same = Dataplanes::from_resources(after.iter().cloned());
-        let inputs =
-            IngressInputs { zone: "z", node_id: ".ingress", ingress: &spec, meshes: &meshes, dataplanes: &same };
+        let inputs = IngressInputs {
+            zone: "z",
+            node_id: ".ingress",
+            ingress: &spec,
+            meshes: &meshes,
+            dataplanes: &same,
+            route_subsets: &Default::default(),
+        };
         assert!(ingress_unchanged(&inputs, Some(&ingress(&inputs, None))));
         assert!(!ingress_unchanged(&inputs, Some(&s0)), "s0 came from other Dataplanes");
         // And back: the first configuration again, from the second.

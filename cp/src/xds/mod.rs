@@ -266,12 +266,15 @@ pub async fn build_snapshot(
             };
             let meshes = cp.store.list(ResourceType::Mesh, None).await.map_err(internal)?;
             let dataplanes = cp.dataplanes.read(cp.store.as_ref()).await.map_err(internal)?;
+            let routes = cp.store.list(ResourceType::MeshTCPRoute, None).await.map_err(internal)?;
+            let route_subsets = tcp_route::subsets(&routes);
             let inputs = IngressInputs {
                 zone: &cp.cfg.zone_name,
                 node_id: &id.node_id,
                 ingress: &spec,
                 meshes: &meshes,
                 dataplanes: &dataplanes,
+                route_subsets: &route_subsets,
             };
             if generate::ingress_unchanged(&inputs, previous) {
                 return Ok(None);

@@ -628,12 +628,9 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
         let cluster_version = version_of(&format!("{c:?}"));
         push(&mut clusters, name, c, "", |_| {});
-        // A subset: this zone's endpoints that carry its tags (see tcp_route).
-        let in_subset = |e: &&OutEndpoint| {
-            subset.is_empty()
-                || (e.zone.as_deref().is_none_or(|z| z == inputs.zone)
-                    && subset.iter().all(|(k, v)| e.tags.get(k) == Some(v)))
-        };
+        // A subset: the endpoints that carry its tags, other zones' ingresses among them
+        // (they route the subset's SNI; see tcp_route).
+        let in_subset = |e: &&OutEndpoint| subset.iter().all(|(k, v)| e.tags.get(k) == Some(v));
         let eps: Vec<OutEndpoint> = endpoints.get(svc).into_iter().flatten().filter(in_subset).cloned().collect();
         let mut cla = cla_proto(name, &eps);
         if inputs.locality_aware {

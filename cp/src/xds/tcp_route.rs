@@ -5,8 +5,8 @@
 //! endpoints and Kuma's tag SNI (`backend{mesh=default,version=v2}`).
 //!
 //! Policies targeting the whole mesh are read, by name; the last `to` entry for a service
-//! wins, and its first rule's backends. A subset's endpoints are this zone's: our zone
-//! ingresses route the full tag sets of their services, not a route's subsets.
+//! wins, and its first rule's backends. Other zones' endpoints of a subset are their
+//! ingresses', which route every subset a route names ([`subsets`]), as Kuma's do.
 
 use std::collections::BTreeMap;
 
@@ -48,6 +48,25 @@ pub fn backends(policies: &[Resource], service: &str) -> Option<Vec<Backend>> {
             if !parsed.is_empty() {
                 out = Some(parsed);
             }
+        }
+    }
+    out
+}
+
+/// (mesh, service) to the tag subsets of it that routes name, without `mesh`.
+pub type Subsets = BTreeMap<(String, String), std::collections::BTreeSet<BTreeMap<String, String>>>;
+
+/// The subsets the routes (of any mesh) send to: a zone ingress routes each by its SNI.
+pub fn subsets(routes: &[Resource]) -> Subsets {
+    let mut out = Subsets::new();
+    for r in routes {
+        let Ok(spec) = r.typed::<Value>() else { continue };
+        let tos = spec["to"].as_array().into_iter().flatten();
+        let refs = tos
+            .flat_map(|to| to["rules"].as_array().into_iter().flatten())
+            .flat_map(|rule| rule["default"]["backendRefs"].as_array().into_iter().flatten());
+        for b in refs.filter_map(backend).filter(|b| !b.tags.is_empty()) {
+            out.entry((r.mesh.clone(), b.service)).or_default().insert(b.tags);
         }
     }
     out
