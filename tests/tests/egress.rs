@@ -1,7 +1,7 @@
 //! Zone egress end to end: global and two zones, each with a `dp` ingress, zone-1 with a
 //! `dp` egress (`dp run --proxy-type=egress`), the Mesh with `routing.zoneEgress`. Cross-zone
 //! traffic from zone-1 leaves through the egress, ExternalServices are reached through it
-//! by `<name>.mesh` under the mesh's TrafficPermissions, and traffic survives the egress
+//! by `<name>.mesh` under the mesh's MeshTrafficPermissions, and traffic survives the egress
 //! going away and coming back.
 
 use std::net::SocketAddr;
@@ -161,7 +161,7 @@ async fn cross_zone_traffic_leaves_through_the_egress_and_survives_it_going_away
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn external_services_through_the_egress_by_mesh_name_under_traffic_permissions() {
+async fn external_services_through_the_egress_by_mesh_name_under_mesh_traffic_permissions() {
     let w = world().await;
     let http = HttpBackend::start("ext-http").await;
     let (tls_cfg, tls_ca) = e2e::tls::self_signed("localhost");
@@ -202,11 +202,13 @@ async fn external_services_through_the_egress_by_mesh_name_under_traffic_permiss
         (got.as_deref() == Ok("ext-tls: hello")).then_some(())
     });
 
-    // A TrafficPermission that lets only `other` reach ext-http: web gets 403 from the
-    // egress for HTTP, and ext-tls (selected by no permission now) closes on it.
+    // A MeshTrafficPermission that lets only `other` reach ext-http (its Mesh Deny outranks
+    // the mesh-wide allow-all): web gets 403 from the egress for HTTP, while ext-tls, under
+    // the allow-all alone, still answers.
     w.global.apply(
-        "type: TrafficPermission\nmesh: default\nname: only-other\nsources:\n- match:\n    kuma.io/service: other\n\
-         destinations:\n- match:\n    kuma.io/service: ext-http\n",
+        "type: MeshTrafficPermission\nmesh: default\nname: only-other\nspec:\n  targetRef:\n    kind: MeshService\n    \
+         name: ext-http\n  from:\n  - targetRef:\n      kind: Mesh\n    default:\n      action: Deny\n  - targetRef:\n      \
+         kind: MeshService\n      name: other\n    default:\n      action: Allow\n",
     );
     wait_within(SYNC, "the egress to refuse web", || {
         let rt = tokio::runtime::Handle::current();
@@ -216,5 +218,5 @@ async fn external_services_through_the_egress_by_mesh_name_under_traffic_permiss
     let before = http.requests();
     assert_eq!(try_get(http_vip, "ext-http.mesh", "/z").await.map(|g| g.status), Ok(403));
     assert_eq!(http.requests(), before, "a refused request never reaches the external service");
-    assert_eq!(line_through(tls_vip).await, Err("closed without an answer".to_string()));
+    assert_eq!(line_through(tls_vip).await.as_deref(), Ok("ext-tls: hello"));
 }

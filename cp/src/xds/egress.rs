@@ -61,13 +61,15 @@ use crate::model::{
 pub const ZONE_EGRESS_SERVICE: &str = "zone-egress";
 const PROTOCOL_TAG: &str = "kuma.io/protocol";
 
-/// One mesh the egress serves: its mTLS material for the egress, its ExternalServices
-/// and TrafficPermissions.
+/// One mesh the egress serves: its mTLS material for the egress, its ExternalServices,
+/// TrafficPermissions and MeshTrafficPermissions.
 pub struct EgressMesh<'a> {
     pub name: &'a str,
     pub tls: SidecarTls,
     pub external_services: &'a [Resource],
     pub permissions: &'a [Resource],
+    /// A MeshTrafficPermission that selects an ExternalService takes over its rules.
+    pub mesh_permissions: &'a [Resource],
 }
 
 pub struct EgressInputs<'a> {
@@ -128,7 +130,9 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
             let cluster = format!("{}:{svc}", m.name);
             let protocol = spec.tags.get(PROTOCOL_TAG).map(String::as_str).unwrap_or("tcp");
             let http = matches!(protocol, "http" | "http2" | "grpc");
-            let rules = permissions(m, &spec.tags);
+            let (rules, shadow_rules) =
+                super::traffic_permission::external_service_rules(m.mesh_permissions, m.name, &svc)
+                    .unwrap_or_else(|| (permissions(m, &spec.tags), None));
             let tags: BTreeMap<String, String> = [("mesh".to_string(), m.name.to_string())].into_iter().collect();
             let mut filters = vec![];
             if !http {
@@ -136,6 +140,7 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
                     name: "envoy.filters.network.rbac".into(),
                     config_type: Some(filter::ConfigType::TypedConfig(pack_any(NetworkRbac {
                         rules: Some(rules.clone()),
+                        shadow_rules: shadow_rules.clone(),
                         stat_prefix: format!("{svc}."),
                         ..Default::default()
                     }))),
@@ -144,7 +149,12 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
             } else {
                 filters.push(Filter {
                     name: "envoy.filters.network.http_connection_manager".into(),
-                    config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm(&svc, &cluster, rules)))),
+                    config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm(
+                        &svc,
+                        &cluster,
+                        rules,
+                        shadow_rules,
+                    )))),
                 });
             }
             chains.push(FilterChain {
@@ -321,7 +331,7 @@ fn permissions(m: &EgressMesh<'_>, destination: &BTreeMap<String, String>) -> rb
 
 /// The HTTP side of an ExternalService chain: RBAC (403 for a refused identity), then
 /// every request to the service's cluster with the external host as authority.
-fn hcm(svc: &str, cluster: &str, rules: rbac_pb::Rbac) -> HttpConnectionManager {
+fn hcm(svc: &str, cluster: &str, rules: rbac_pb::Rbac, shadow_rules: Option<rbac_pb::Rbac>) -> HttpConnectionManager {
     let filter = |name: &str, any| HttpFilter {
         name: name.into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(any)),
@@ -330,7 +340,10 @@ fn hcm(svc: &str, cluster: &str, rules: rbac_pb::Rbac) -> HttpConnectionManager 
     HttpConnectionManager {
         stat_prefix: svc.to_string(),
         http_filters: vec![
-            filter("envoy.filters.http.rbac", pack_any(HttpRbac { rules: Some(rules), ..Default::default() })),
+            filter(
+                "envoy.filters.http.rbac",
+                pack_any(HttpRbac { rules: Some(rules), shadow_rules, ..Default::default() }),
+            ),
             filter("envoy.filters.http.router", pack_any(Router::default())),
         ],
         internal_address_config: Some(http_connection_manager::InternalAddressConfig {

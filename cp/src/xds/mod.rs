@@ -340,11 +340,12 @@ async fn egress_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Sta
         refresh_at = Some(refresh_at.map_or(refresh, |r| r.min(refresh)));
         let es = cp.store.list(ResourceType::ExternalService, Some(&mesh.name)).await.map_err(internal)?;
         let tps = cp.store.list(ResourceType::TrafficPermission, Some(&mesh.name)).await.map_err(internal)?;
-        per_mesh.push((mesh.name.clone(), tls, es, tps));
+        let mtps = cp.store.list(ResourceType::MeshTrafficPermission, Some(&mesh.name)).await.map_err(internal)?;
+        per_mesh.push((mesh.name.clone(), tls, es, tps, mtps));
     }
     let meshes = per_mesh
         .iter()
-        .map(|(name, tls, es, tps)| egress::EgressMesh {
+        .map(|(name, tls, es, tps, mtps)| egress::EgressMesh {
             name,
             tls: sidecar::SidecarTls {
                 ca_pem: tls.ca_pem.clone(),
@@ -353,6 +354,7 @@ async fn egress_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, Sta
             },
             external_services: es,
             permissions: tps,
+            mesh_permissions: mtps,
         })
         .collect();
     let mut snap =

@@ -1,7 +1,8 @@
 //! MeshTrafficPermission on a sidecar's inbounds, as Kuma 2.14 applies it in an mTLS mesh
 //! (`kumahq/kuma:pkg/plugins/policies/meshtrafficpermission`): an `envoy.filters.network.rbac`
 //! filter first on the mesh-mTLS filter chain (plaintext chains of a permissive inbound
-//! get none), stats under `<listener>.`.
+//! get none), stats under `<listener>.`; and on a zone egress's ExternalService chains
+//! that some policy selects, in place of TrafficPermission's rules.
 //!
 //! Each `from` entry names sources: the whole mesh, a MeshSubset (every tag: its
 //! `kuma.io/service` as the SPIFFE ID `spiffe://<mesh>/<service>`, any other as the
@@ -101,11 +102,55 @@ fn sources(mesh: &str, target: &Value) -> Principal {
 
 /// The network RBAC filter for an inbound (listener `listener`) of the Dataplane `dp`.
 pub fn inbound_filter(policies: &[Resource], mesh: &str, dp: &Resource, inbound: &Inbound, listener: &str) -> Filter {
-    // (source rank, policy order, clients, action), the policies least specific first.
+    let (rules, shadow_rules) = rbac_of(&super::inbound_policy::selecting(policies, dp, Some(inbound)), mesh);
+    let config = NetworkRbac {
+        stat_prefix: format!("{}.", listener.replace(':', "_")),
+        rules: Some(rules),
+        shadow_rules,
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(config))),
+    }
+}
+
+/// The RBAC rules (and shadow rules) for an ExternalService `service` a zone egress
+/// serves, when some policy selects it (top-level targetRef the mesh, or the MeshService
+/// of its name), as Kuma's egress applies them; `None` leaves it to TrafficPermission.
+pub fn external_service_rules(
+    policies: &[Resource],
+    mesh: &str,
+    service: &str,
+) -> Option<(rbac_pb::Rbac, Option<rbac_pb::Rbac>)> {
+    let mut selected: Vec<(u8, &str, Value)> = policies
+        .iter()
+        .filter_map(|r| {
+            let spec = r.typed::<Value>().ok()?;
+            let t = &spec["targetRef"];
+            let rank = match t["kind"].as_str() {
+                None | Some("Mesh") => 0,
+                Some("MeshService") if t["name"].as_str() == Some(service) => 2,
+                _ => return None,
+            };
+            Some((rank, r.name.as_str(), spec))
+        })
+        .collect();
+    if selected.is_empty() {
+        return None;
+    }
+    selected.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let specs: Vec<Value> = selected.into_iter().map(|(_, _, s)| s).collect();
+    Some(rbac_of(&specs, mesh))
+}
+
+/// The RBAC rules (and shadow rules) of these policies' specs, least specific first.
+fn rbac_of(specs: &[Value], mesh: &str) -> (rbac_pb::Rbac, Option<rbac_pb::Rbac>) {
+    // (source rank, policy order, clients, action).
     let mut entries: Vec<(u8, usize, Principal, String)> = vec![];
     // The `rules` form's matchers, by list: deny, allow, allowWithShadowDeny.
     let mut listed: [Vec<Principal>; 3] = Default::default();
-    for (order, spec) in super::inbound_policy::selecting(policies, dp, Some(inbound)).iter().enumerate() {
+    for (order, spec) in specs.iter().enumerate() {
         for rule in spec["rules"].as_array().into_iter().flatten() {
             for (list, key) in listed.iter_mut().zip(["deny", "allow", "allowWithShadowDeny"]) {
                 list.extend(rule["default"][key].as_array().into_iter().flatten().filter_map(spiffe_matcher));
@@ -161,16 +206,8 @@ pub fn inbound_filter(policies: &[Resource], mesh: &str, dp: &Resource, inbound:
         },
         ..Default::default()
     };
-    let config = NetworkRbac {
-        stat_prefix: format!("{}.", listener.replace(':', "_")),
-        rules: Some(rules(rbac_pb::rbac::Action::Allow, allowed)),
-        shadow_rules: (!shadow_denied.is_empty()).then(|| rules(rbac_pb::rbac::Action::Deny, shadow_denied)),
-        ..Default::default()
-    };
-    Filter {
-        name: "envoy.filters.network.rbac".into(),
-        config_type: Some(filter::ConfigType::TypedConfig(pack_any(config))),
-    }
+    let shadow_rules = (!shadow_denied.is_empty()).then(|| rules(rbac_pb::rbac::Action::Deny, shadow_denied));
+    (rules(rbac_pb::rbac::Action::Allow, allowed), shadow_rules)
 }
 
 const ACTIONS: &[&str] = &["Allow", "Deny", "AllowWithShadowDeny"];
