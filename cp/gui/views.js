@@ -8,6 +8,7 @@ import {
   dataplaneStatus,
   displayName,
   enc,
+  getJson,
   getOrNull,
   lastSubscription,
   listAll,
@@ -525,6 +526,49 @@ const meshes = {
   },
 };
 
+/** What a policy applies to: its top-level targetRef (legacy policies have selectors). */
+function targetOf(p) {
+  const t = p.spec?.targetRef;
+  if (!t) return p.spec ? h('code', {}, 'Mesh') : h('span', { class: 'none' }, 'selectors');
+  const what = t.name ?? (t.tags ? tags(t.tags) : t.labels ? tags(t.labels) : null);
+  return frag(h('code', {}, t.kind ?? 'Mesh'), what ? frag(' ', what) : null, t.sectionName ? ` (${t.sectionName})` : '');
+}
+
+const policies = {
+  title: () => 'Policies',
+  async load(_ctx, p, signal) {
+    const all = await meshNames(signal);
+    const kinds = (await getJson('/policies', signal)).policies ?? [];
+    const lists = await Promise.all(
+      kinds.map(async (k) => {
+        const path = p.mesh ? `/meshes/${enc(p.mesh)}/${k.path}` : `/${k.path}`;
+        return (await listAll(path, signal)).map((item) => ({ ...item, kind: k.name }));
+      }),
+    );
+    const list = lists.flat().sort((a, b) => a.kind.localeCompare(b.kind) || a.mesh.localeCompare(b.mesh) || byName(a, b));
+    return { meshes: all, list };
+  },
+  render(d, _ctx, p) {
+    return frag(
+      heading('Policies', p.mesh ? `In mesh ${p.mesh}.` : null),
+      meshFilter('policies', d.meshes, p.mesh),
+      table({
+        caption: 'Policies and what they apply to',
+        rowKey: (x) => `${x.mesh}/${x.kind}/${x.name}`,
+        empty: 'No policy yet.',
+        rows: d.list,
+        columns: [
+          { label: 'Name', cell: (x) => x.name },
+          { label: 'Type', cell: (x) => x.kind },
+          { label: 'Mesh', cell: (x) => x.mesh },
+          { label: 'Applies to', cell: targetOf },
+          { label: 'Created', cell: (x) => when(x.creationTime) },
+        ],
+      }),
+    );
+  },
+};
+
 const services = {
   title: () => 'Services',
   async load(_ctx, p, signal) {
@@ -650,6 +694,9 @@ export function route(path, query) {
       break;
     case 'dataplanes':
       if (parts.length === 1) return { view: dataplanes, params: { mesh }, nav: 'dataplanes' };
+      break;
+    case 'policies':
+      if (parts.length === 1) return { view: policies, params: { mesh }, nav: 'policies' };
       break;
     default:
   }

@@ -37,6 +37,7 @@ const PAGES = [
   { name: 'meshes', path: '/gui/meshes', title: 'Meshes' },
   { name: 'services', path: '/gui/services', title: 'Services' },
   { name: 'dataplanes', path: '/gui/dataplanes', title: 'Data planes' },
+  { name: 'policies', path: '/gui/policies', title: 'Policies' },
 ];
 
 function mustEnv(k) {
@@ -330,6 +331,15 @@ async function run(context) {
       await screenshot(page, `${size}-${p.name}.png`);
     }
   }
+
+  // The policies: the allow-all MeshTrafficPermission applied with the mesh.
+  await page.setViewportSize(LAPTOP);
+  await load(page, GLOBAL, '/gui/policies', 'Policies');
+  await waitText(
+    page.locator('tbody tr', { hasText: 'allow-all' }).locator('td[data-label="Type"]'),
+    /^MeshTrafficPermission$/,
+    'the allow-all MeshTrafficPermission on the policies page',
+  );
 
   // A zone CP's UI: it lists exactly one zone, itself, and says where the others are.
   const zonePage = await open(context, ZONE, LAPTOP);

@@ -125,6 +125,7 @@ pub fn router(cp: Arc<Cp>) -> Router {
     let mut r = Router::new()
         .route("/", get(index))
         .route("/config", get(config))
+        .route("/policies", get(policies))
         .route("/metrics", get(metrics))
         .route("/meshes/{mesh}/service-insights", get(overviews::service_insights))
         .route("/meshes/{mesh}/service-insights/{svc}", get(overviews::service_insight))
@@ -165,6 +166,24 @@ fn one_mesh_scoped(t: ResourceType) -> MethodRouter<Arc<Cp>> {
     get(move |s, Path((m, n)): Path<(String, String)>| resources::get_one(s, t, m, n))
         .put(move |s, p, Path((m, n)): Path<(String, String)>, r| resources::put(s, p, t, m, n, r))
         .delete(move |s, p, Path((m, n)): Path<(String, String)>| resources::delete(s, p, t, m, n))
+}
+
+/// Kuma's `GET /policies`: the policy types, with the REST path of each.
+async fn policies() -> Response {
+    let list: Vec<Value> = ResourceType::ALL
+        .iter()
+        .map(|t| t.descriptor())
+        .filter(|d| d.policy)
+        .map(|d| {
+            json!({
+                "name": d.name,
+                "path": d.plural,
+                "readOnly": d.read_only,
+                "isTargetRefBased": d.shape == crate::model::Shape::Nested,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "policies": list }))
 }
 
 async fn index(State(cp): State<Arc<Cp>>) -> Response {
