@@ -104,6 +104,17 @@ pub fn start_dp(zone: &Cp, proxy_type: &str, token: &str, resource: &str, env: &
     Dp::against(zone, proxy_type, &token_file, &resource_file, env)
 }
 
+/// A global CP with [`MESH`] and zones `zone-1` and `zone-2` federated to it.
+pub fn global_and_two_zones() -> (Cp, Cp, Cp) {
+    let global = Cp::global();
+    global.apply(MESH);
+    let zone1 = Cp::federated(&global, "zone-1", &[]);
+    let zone2 = Cp::federated(&global, "zone-2", &[]);
+    zone1.wait_federated();
+    zone2.wait_federated();
+    (global, zone1, zone2)
+}
+
 /// A zone ingress on 127.0.0.1:`port`, advertised there to the other zones.
 pub fn start_ingress(global: &Cp, zone: &Cp, zone_name: &str, port: u16) -> Dp {
     let token = zone_token(global, zone_name, &["ingress", "egress"]);

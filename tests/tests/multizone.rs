@@ -329,12 +329,7 @@ async fn a_restarted_global_gets_every_zones_proxies_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_tokens_minted_on_global_work_only_for_their_zone_and_scope() {
-    let global = Cp::global();
-    global.apply(MESH);
-    let zone1 = Cp::federated(&global, "zone-1", &[]);
-    let zone2 = Cp::federated(&global, "zone-2", &[]);
-    zone1.wait_federated();
-    zone2.wait_federated();
+    let (global, zone1, zone2) = e2e::mesh::global_and_two_zones();
     // zone-1's CP accepts global's token for its ingress (it verifies with the public key
     // global sent; it cannot mint zone tokens itself).
     let _ingress = start_ingress(&global, &zone1, "zone-1", free_port());

@@ -87,12 +87,7 @@ async fn routes_send_an_outbound_to_a_subset_then_split_it() {
 /// the route's subset SNI (`backend{mesh=default,version=v2}`) to the v2 endpoints only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subset_in_another_zone_is_reached_through_its_ingress() {
-    let global = Cp::global();
-    global.apply(MESH);
-    let zone1 = Cp::federated(&global, "zone-1", &[]);
-    let zone2 = Cp::federated(&global, "zone-2", &[]);
-    zone1.wait_federated();
-    zone2.wait_federated();
+    let (global, zone1, zone2) = e2e::mesh::global_and_two_zones();
     let ingress = e2e::mesh::start_ingress(&global, &zone2, "zone-2", free_port());
     let mut servers = vec![];
     // zone-2 also runs a v1, so only the subset's SNI keeps its connections off it; each

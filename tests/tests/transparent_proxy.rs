@@ -243,12 +243,7 @@ fn install(ns: &NetNs, extra: &[&str]) {
 async fn a_service_in_another_zone_is_called_by_name_through_the_capture_and_its_ingress() {
     let ns = NetNs::new();
     install(&ns, &[]);
-    let global = Cp::global();
-    global.apply(MESH);
-    let zone1 = Cp::federated(&global, "zone-1", &[]);
-    let zone2 = Cp::federated(&global, "zone-2", &[]);
-    zone1.wait_federated();
-    zone2.wait_federated();
+    let (global, zone1, zone2) = e2e::mesh::global_and_two_zones();
     // zone-2's ingress and echo on this host, on the address the namespace reaches.
     let port = free_port();
     let ingress = format!(

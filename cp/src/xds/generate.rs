@@ -641,17 +641,15 @@ mod tests {
         ];
         let dps = Dataplanes::from_resources(dps);
         let spec = ingress_spec();
-        let s = ingress(
-            &IngressInputs {
-                zone: "z",
-                node_id: ".ingress",
-                ingress: &spec,
-                meshes: &meshes,
-                dataplanes: &dps,
-                route_subsets: &Default::default(),
-            },
-            None,
-        );
+        let inputs = IngressInputs {
+            zone: "z",
+            node_id: ".ingress",
+            ingress: &spec,
+            meshes: &meshes,
+            dataplanes: &dps,
+            route_subsets: &Default::default(),
+        };
+        let s = ingress(&inputs, None);
         let l: Listener = unpack(&s.resources(LISTENER_TYPE)[0].any).unwrap();
         let snis: Vec<&str> =
             l.filter_chains.iter().map(|c| c.filter_chain_match.as_ref().unwrap().server_names[0].as_str()).collect();
@@ -674,17 +672,7 @@ mod tests {
         // The non-mTLS mesh is not exposed.
         assert_eq!(s.resources(CLUSTER_TYPE).len(), 1);
         // Versions are stable across generations.
-        let s2 = ingress(
-            &IngressInputs {
-                zone: "z",
-                node_id: ".ingress",
-                ingress: &spec,
-                meshes: &meshes,
-                dataplanes: &dps,
-                route_subsets: &Default::default(),
-            },
-            Some(&s),
-        );
+        let s2 = ingress(&inputs, Some(&s));
         assert_eq!(s.resources(ENDPOINT_TYPE)[0].version, s2.resources(ENDPOINT_TYPE)[0].version);
         assert_eq!(s.resources(LISTENER_TYPE)[0].version, s2.resources(LISTENER_TYPE)[0].version);
     }
