@@ -480,11 +480,23 @@ impl Cp {
 
     /// `ctl apply -f` of a YAML document.
     pub fn apply(&self, yaml: &str) {
+        let (status, out) = self.apply_status(yaml);
+        assert!(status.success(), "ctl apply failed: {out}");
+    }
+
+    /// `ctl apply -f` of a YAML document that must be refused: what `ctl` printed.
+    pub fn apply_refused(&self, yaml: &str) -> String {
+        let (status, out) = self.apply_status(yaml);
+        assert!(!status.success(), "ctl apply took it: {out}");
+        out
+    }
+
+    fn apply_status(&self, yaml: &str) -> (ExitStatus, String) {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let f = self.dir.join(format!("apply-{n}.yaml"));
         std::fs::write(&f, yaml).unwrap();
-        self.ctl(&["apply", "-f", f.to_str().unwrap()]);
+        self.ctl_status(&["apply", "-f", f.to_str().unwrap()])
     }
 
     pub fn kill(&mut self) {

@@ -61,3 +61,11 @@ async fn a_connection_rate_closes_the_connections_over_it() {
         }
     }
 }
+
+#[test]
+fn a_rate_without_a_valid_interval_is_refused_naming_the_field() {
+    let zone = Cp::start("zone-1");
+    let out = zone.apply_refused(&ONE_PER_HOUR.replace("interval: 1h", "interval: an hour"));
+    assert!(out.contains("spec.from[0].default.local.tcp.connectionRate.interval"), "{out}");
+    assert!(zone.names("/meshes/default/meshratelimits").is_empty());
+}

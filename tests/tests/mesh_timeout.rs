@@ -62,3 +62,11 @@ async fn idle_timeouts_close_idle_connections_on_both_sides() {
         assert!(idle_timeouts(&srv_envoy.side, &prefix) > before, "srv-envoy's inbound did not time out");
     }
 }
+
+#[test]
+fn a_timeout_that_is_no_duration_is_refused_naming_the_field() {
+    let zone = Cp::start("zone-1");
+    let out = zone.apply_refused(&TIMEOUTS.replacen("idleTimeout: 1s", "idleTimeout: 10", 1));
+    assert!(out.contains("spec.to[0].default.idleTimeout"), "{out}");
+    assert!(zone.names("/meshes/default/meshtimeouts").is_empty());
+}

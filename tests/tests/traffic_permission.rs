@@ -110,10 +110,7 @@ async fn permissions_decide_who_reaches_dp_and_envoy_servers() {
 #[test]
 fn a_permission_with_an_unknown_action_is_refused_naming_the_field() {
     let zone = Cp::start("zone-1");
-    let file = zone.dir.join("bad-mtp.yaml");
-    std::fs::write(&file, DENY_TEAM_A.replace("action: Deny", "action: deny")).unwrap();
-    let (status, out) = zone.ctl_status(&["apply", "-f", file.to_str().unwrap()]);
-    assert!(!status.success(), "a bad MeshTrafficPermission was stored: {out}");
+    let out = zone.apply_refused(&DENY_TEAM_A.replace("action: Deny", "action: deny"));
     assert!(out.contains("spec.from[0].default.action"), "{out}");
     assert!(zone.names("/meshes/default/meshtrafficpermissions").is_empty());
 }

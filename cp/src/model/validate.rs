@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::specs::{DataplaneSpec, ExternalServiceSpec, MeshSpec, ZoneEgressSpec, ZoneIngressSpec};
 use super::{Cause, Resource, ResourceType, SERVICE_TAG, parse_duration};
@@ -38,6 +38,9 @@ fn typed_or_cause<T: for<'de> Deserialize<'de>>(r: &Resource, causes: &mut Vec<C
         }
     }
 }
+
+/// The problems of a policy's spec, as (field path, message).
+type PolicyCheck = fn(&Map<String, Value>) -> Vec<(String, String)>;
 
 /// Validate name/mesh and the spec of a resource. Returns every problem found.
 pub fn validate(r: &Resource) -> Result<(), Vec<Cause>> {
@@ -73,21 +76,23 @@ pub fn validate(r: &Resource) -> Result<(), Vec<Cause>> {
         ResourceType::Config if !matches!(r.spec.get("config"), Some(Value::String(_))) => {
             causes.push(Cause::new("config", "must be a string"));
         }
-        ResourceType::MeshTLS => {
-            for (field, message) in crate::xds::meshtls::problems(&r.spec) {
-                causes.push(Cause::new(field, message));
-            }
-        }
-        ResourceType::MeshTrafficPermission => {
-            for (field, message) in crate::xds::traffic_permission::problems(&r.spec) {
-                causes.push(Cause::new(field, message));
-            }
-        }
         ResourceType::Secret | ResourceType::GlobalSecret if !matches!(r.spec.get("data"), Some(Value::String(_))) => {
             causes.push(Cause::new("data", "must be a base64 string"));
         }
         // Stored and synced as given; `cp` does not interpret them.
         _ => {}
+    }
+    // New-style policies `cp` generates from: Kuma's validators' checks, no stricter (a zone
+    // also validates what KDS brings, and refuses what fails).
+    let policy_problems: Option<PolicyCheck> = match r.rtype {
+        ResourceType::MeshTLS => Some(crate::xds::meshtls::problems),
+        ResourceType::MeshTrafficPermission => Some(crate::xds::traffic_permission::problems),
+        ResourceType::MeshTimeout => Some(crate::xds::timeout::problems),
+        ResourceType::MeshRateLimit => Some(crate::xds::rate_limit::problems),
+        _ => None,
+    };
+    for (field, message) in policy_problems.map(|f| f(&r.spec)).unwrap_or_default() {
+        causes.push(Cause::new(field, message));
     }
     if causes.is_empty() { Ok(()) } else { Err(causes) }
 }

@@ -41,6 +41,25 @@ pub fn inbound_filter(policies: &[Resource], dp: &Resource, inbound: &Inbound) -
     })
 }
 
+/// What is wrong with a MeshRateLimit spec: its rates, as (field path, message).
+pub fn problems(spec: &serde_json::Map<String, serde_json::Value>) -> Vec<(String, String)> {
+    let mut out = vec![];
+    for (at, entry) in super::timeout::entries(spec) {
+        for (kind, rate) in [("tcp", "connectionRate"), ("http", "requestRate")] {
+            let r = &entry["default"]["local"][kind][rate];
+            if r.is_null() {
+                continue;
+            }
+            let path = format!("{at}.default.local.{kind}.{rate}");
+            if r["num"].as_u64().is_none_or(|n| u32::try_from(n).is_err()) {
+                out.push((format!("{path}.num"), "must be a whole number of at most 4294967295".into()));
+            }
+            super::timeout::check_duration(&mut out, format!("{path}.interval"), &r["interval"]);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +86,15 @@ mod tests {
         let off = json!({"disabled": true, "connectionRate": {"num": 5, "interval": "10s"}});
         assert!(inbound_filter(&[policy(off)], &dp, inb).is_none());
         assert!(inbound_filter(&[], &dp, inb).is_none());
+        let bad = json!({"from": [{"targetRef": {"kind": "Mesh"}, "default": {"local": {"tcp":
+            {"connectionRate": {"num": -1, "interval": "1 hour"}}}}}]});
+        let fields: Vec<String> = problems(bad.as_object().unwrap()).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.from[0].default.local.tcp.connectionRate.num",
+                "spec.from[0].default.local.tcp.connectionRate.interval"
+            ]
+        );
     }
 }

@@ -43,6 +43,47 @@ pub fn inbound(policies: &[Resource], dp: &Resource, inbound: &Inbound) -> Optio
     super::inbound_policy::merged(policies, dp, Some(inbound)).map(|c| timeouts(&c))
 }
 
+/// A duration field that does not parse, as (field path, message); Kuma's decoder refuses
+/// such a policy too.
+pub fn check_duration(out: &mut Vec<(String, String)>, path: String, v: &Value) {
+    match v.as_str().map(parse_duration) {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => out.push((path, e)),
+        None => out.push((path, "must be a duration such as 30s, 1m30s or 500ms".into())),
+    }
+}
+
+/// The entries of a policy's `to`, `from` and `rules` lists with their field paths.
+pub fn entries(spec: &Map<String, Value>) -> impl Iterator<Item = (String, &Value)> {
+    ["to", "from", "rules"].into_iter().flat_map(move |key| {
+        spec.get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(move |(i, e)| (format!("spec.{key}[{i}]"), e))
+    })
+}
+
+/// What is wrong with a MeshTimeout spec: its durations, as (field path, message).
+pub fn problems(spec: &Map<String, Value>) -> Vec<(String, String)> {
+    let mut out = vec![];
+    for (at, entry) in entries(spec) {
+        let d = &entry["default"];
+        for key in ["connectionTimeout", "idleTimeout"] {
+            if let Some(v) = d.get(key) {
+                check_duration(&mut out, format!("{at}.default.{key}"), v);
+            }
+        }
+        for (key, v) in d["http"].as_object().into_iter().flatten() {
+            if key.ends_with("Timeout") || key.ends_with("Duration") {
+                check_duration(&mut out, format!("{at}.default.http.{key}"), v);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +120,13 @@ mod tests {
         assert_eq!(inbound(&ps, &dp, inb), Some(Timeouts { idle: secs(3600), connect: secs(2) }));
         assert_eq!(inbound(&[], &dp, inb), None);
         assert_eq!(outbound(&[], "web"), None);
+    }
+
+    #[test]
+    fn a_duration_that_does_not_parse_is_named() {
+        let spec = json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "Mesh"},
+            "default": {"idleTimeout": "10", "connectionTimeout": "2s", "http": {"requestTimeout": 5}}}]});
+        let fields: Vec<String> = problems(spec.as_object().unwrap()).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(fields, ["spec.to[0].default.idleTimeout", "spec.to[0].default.http.requestTimeout"]);
     }
 }
