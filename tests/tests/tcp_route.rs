@@ -35,6 +35,19 @@ async fn until_all(addr: SocketAddr, n: usize, what: &str, ok: impl Fn(&str) -> 
     }
 }
 
+/// Client sidecars in `zone`, dp and Envoy, each with an outbound to `backend`: (kind, the
+/// outbound's address, the sidecar).
+async fn clients_of_backend(zone: &Cp) -> Vec<(&'static str, SocketAddr, Sidecar)> {
+    let mut clients = vec![];
+    for (kind, envoy) in [("dp", false), ("envoy", true)] {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let web = Backend::start("web").await;
+        let res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &[(addr.port(), "backend")]);
+        clients.push((kind, addr, start(zone, envoy, res).await));
+    }
+    clients
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_send_an_outbound_to_a_subset_then_split_it() {
     let zone = Cp::start("zone-1");
@@ -51,13 +64,7 @@ async fn routes_send_an_outbound_to_a_subset_then_split_it() {
         }
         servers.push((start(&zone, false, res).await, app));
     }
-    let mut clients = vec![];
-    for (kind, envoy) in [("dp", false), ("envoy", true)] {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let web = Backend::start("web").await;
-        let res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &[(addr.port(), "backend")]);
-        clients.push((kind, addr, start(&zone, envoy, res).await));
-    }
+    let clients = clients_of_backend(&zone).await;
 
     // No route: both versions answer.
     for (kind, addr, _) in &clients {
@@ -99,13 +106,7 @@ async fn a_subset_in_another_zone_is_reached_through_its_ingress() {
         res["networking"]["inbound"][0]["tags"]["instance"] = name.into();
         servers.push((start(zone, false, res).await, app));
     }
-    let mut clients = vec![];
-    for (kind, envoy) in [("dp", false), ("envoy", true)] {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let web = Backend::start("web").await;
-        let res = dataplane(&format!("client-{kind}"), &format!("client-{kind}"), &web, &[(addr.port(), "backend")]);
-        clients.push((kind, addr, start(&zone1, envoy, res).await));
-    }
+    let clients = clients_of_backend(&zone1).await;
     for (kind, addr, _) in &clients {
         until_answer(*addr, Ok("v2"), &format!("client-{kind} -> backend in zone-2")).await;
     }
