@@ -319,6 +319,12 @@ impl Drop for Dp {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        // A failing test shows what its proxies said too (their connection and config logs).
+        if std::thread::panicking() {
+            let lines = self.logs.lines();
+            let tail = &lines[lines.len().saturating_sub(CP_LOG_TAIL)..];
+            eprintln!("---- dp (admin {}) logs, last {} lines ----\n{}", self.admin, tail.len(), tail.join("\n"));
+        }
     }
 }
 
