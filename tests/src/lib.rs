@@ -570,6 +570,21 @@ pub fn wait_within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option
     }
 }
 
+/// The async [`wait_within`]: polls `f` until it returns `Ok`, failing the test after
+/// `limit` with `what` and the last `Err`. For waits on a configuration change that only
+/// traffic can show (a proxy lets a connection through, or refuses it, once its new
+/// configuration applies).
+pub async fn poll_within<T>(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(last) => assert!(tokio::time::Instant::now() < deadline, "{what}: {last}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A tiny blocking HTTP/1.1 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = StdTcpStream::connect_timeout(&addr, Duration::from_secs(2))?;

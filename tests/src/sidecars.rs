@@ -2,7 +2,6 @@
 //! kuma-dp would start it), in front of line-answering [`Backend`] applications.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -48,17 +47,15 @@ pub async fn start(zone: &Cp, envoy: bool, resource: Value) -> Sidecar {
 
 /// Polls `addr` until a request gives `want` (`Ok(name)` or any `Err`), within [`SYNC`].
 pub async fn until_answer(addr: SocketAddr, want: Result<&str, ()>, what: &str) {
-    let deadline = tokio::time::Instant::now() + SYNC;
-    loop {
+    crate::poll_within(SYNC, what, async || {
         let got = request(addr).await;
         match (&got, want) {
-            (Ok(g), Ok(w)) if g == w => return,
-            (Err(_), Err(())) => return,
-            _ => {}
+            (Ok(g), Ok(w)) if g == w => Ok(()),
+            (Err(_), Err(())) => Ok(()),
+            _ => Err(format!("{got:?}, wanted {want:?}")),
         }
-        assert!(tokio::time::Instant::now() < deadline, "{what}: {got:?}, wanted {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// A server sidecar in front of its application.

@@ -23,16 +23,16 @@ fn rate_limited(server: &Sidecar) -> u64 {
 
 /// Polls until a request through `addr` fails because `server` limited it.
 async fn until_limited(addr: SocketAddr, server: &Sidecar, what: &str) {
-    let deadline = tokio::time::Instant::now() + SYNC;
-    loop {
+    e2e::poll_within(SYNC, &format!("{what} rate limited"), async || {
         let before = if has_limiter(server) { rate_limited(server) } else { 0 };
         let got = request(addr).await;
         if got.is_err() && has_limiter(server) && rate_limited(server) > before {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "{what} was not rate limited: {got:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Whether the server has the filter yet (dp lists the stat from then on).

@@ -33,16 +33,12 @@ fn denied(server: &Sidecar, prefix: &str) -> u64 {
 
 /// Polls until a request through `addr` fails because `server` refused it by RBAC.
 async fn until_refused(addr: SocketAddr, server: &Sidecar, prefix: &str, what: &str) {
-    let deadline = tokio::time::Instant::now() + SYNC;
-    loop {
+    e2e::poll_within(SYNC, &format!("{what} refused by RBAC"), async || {
         let before = denied(server, prefix);
         let got = request(addr).await;
-        if got.is_err() && denied(server, prefix) > before {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what} was not refused by RBAC: {got:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        if got.is_err() && denied(server, prefix) > before { Ok(()) } else { Err(format!("{got:?}")) }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
