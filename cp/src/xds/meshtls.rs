@@ -119,23 +119,22 @@ pub fn problems(spec: &Map<String, Value>) -> Vec<(String, String)> {
         {
             out.push((format!("{at}.default.mode"), format!("must be one of: {}", MODES.join(", "))));
         }
-        if let Some(c) = d.get("tlsCiphers") {
-            if top != "Mesh" {
-                out.push((
-                    format!("{at}.default.tlsCiphers"),
-                    "can only be set with top-level targetRef kind Mesh".into(),
-                ));
-            } else if !c.as_array().is_some_and(|c| c.iter().all(|c| c.as_str().is_some_and(|c| CIPHERS.contains(&c))))
-            {
-                out.push((format!("{at}.default.tlsCiphers"), format!("must be a list of: {}", CIPHERS.join(", "))));
+        // Versions and ciphers are mesh-wide only.
+        let mesh_only = |out: &mut Vec<(String, String)>, key: &str| {
+            let wrong = top != "Mesh";
+            if wrong {
+                out.push((format!("{at}.default.{key}"), "can only be set with top-level targetRef kind Mesh".into()));
             }
+            wrong
+        };
+        if let Some(c) = d.get("tlsCiphers")
+            && !mesh_only(&mut out, "tlsCiphers")
+            && !c.as_array().is_some_and(|c| c.iter().all(|c| c.as_str().is_some_and(|c| CIPHERS.contains(&c))))
+        {
+            out.push((format!("{at}.default.tlsCiphers"), format!("must be a list of: {}", CIPHERS.join(", "))));
         }
         if let Some(v) = d.get("tlsVersion") {
-            if top != "Mesh" {
-                out.push((
-                    format!("{at}.default.tlsVersion"),
-                    "can only be set with top-level targetRef kind Mesh".into(),
-                ));
+            if mesh_only(&mut out, "tlsVersion") {
                 continue;
             }
             let names: Vec<&str> = VERSIONS.iter().map(|(n, _)| *n).collect();

@@ -316,6 +316,15 @@ mod tests {
             .collect()
     }
 
+    /// Kuma's mesh-wide allow-all.
+    fn allow_all() -> Resource {
+        policy(
+            "allow-all",
+            json!({"targetRef": {"kind": "Mesh"},
+            "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}),
+        )
+    }
+
     const CLIENTS: &[(&str, &str)] = &[("web", "kuma://team/a"), ("api", "kuma://team/a"), ("cron", "kuma://team/b")];
 
     #[test]
@@ -333,11 +342,7 @@ mod tests {
 
     #[test]
     fn a_rules_deny_holds_against_every_allow() {
-        let allow_all = policy(
-            "allow-all",
-            json!({"targetRef": {"kind": "Mesh"},
-            "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}),
-        );
+        let allow_all = allow_all();
         let rules = policy(
             "rules",
             json!({"targetRef": {"kind": "Mesh"}, "rules": [{"default": {
@@ -363,11 +368,7 @@ mod tests {
 
     #[test]
     fn the_most_specific_source_decides() {
-        let allow_all = policy(
-            "allow-all",
-            json!({"targetRef": {"kind": "Mesh"},
-            "from": [{"targetRef": {"kind": "Mesh"}, "default": {"action": "Allow"}}]}),
-        );
+        let allow_all = allow_all();
         assert_eq!(admitted(std::slice::from_ref(&allow_all), CLIENTS), ["web", "api", "cron"]);
         let deny_team_a = policy(
             "deny-team-a",
