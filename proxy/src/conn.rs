@@ -7,7 +7,7 @@ use crate::filter_state::{Facts, FilterState};
 use crate::hcm::server::ConnInfo;
 use crate::inspect::{self, Found};
 use crate::outlier::Outcome;
-use crate::snapshot::chains::Offer;
+use crate::snapshot::chains::{Offer, OwnedOffer};
 use crate::snapshot::cluster::{ClusterCfg, Host};
 use crate::snapshot::rbac::Subject;
 use crate::snapshot::{Action, Chain, Snapshot, TcpProxyCfg, Tls};
@@ -125,6 +125,20 @@ impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// How an HTTP connection finds its chain's current configuration: the same offer
+/// selected again in the listener as it is now.
+fn refresh(ctx: &Arc<Ctx>, listener: &Arc<str>, offer: &Offer<'_>) -> crate::hcm::server::Refresh {
+    let (ctx, listener, offer) = (ctx.clone(), listener.clone(), OwnedOffer::of(offer));
+    crate::hcm::server::Refresh(Box::new(move || {
+        let snap = ctx.routes.load();
+        let lst = snap.listeners.get(&*listener)?;
+        match &offer.with(|o| lst.select(o).cloned())?.action {
+            Action::Http(cfg) => Some(cfg.clone()),
+            _ => None,
+        }
+    }))
 }
 
 /// Serves one downstream connection on `listener`. `original`: where it was headed
@@ -245,6 +259,7 @@ pub async fn serve(
                         local,
                         sni: sni.map(str::to_owned),
                         filter_state: filter_state(chain, &facts, false),
+                        refresh: Some(refresh(&ctx, &listener, &offer)),
                         ..Default::default()
                     };
                     // The bytes read while looking for a ClientHello are the request's.
@@ -313,6 +328,16 @@ pub async fn serve(
                         let (uri_sans, dns_sans) = (pick(true), pick(false));
                         let facts = Facts { peer: Some(peer), local, sni, uri_sans: &uri_sans, dns_sans: &dns_sans };
                         let filter_state = filter_state(chain, &facts, true);
+                        let xfcc = match &peer_cert {
+                            Some((_, der)) if cfg.xfcc.sets() => Some(cfg.xfcc.current(&crate::hcm::xfcc::Certs {
+                                local_uris: crate::tls::local_uri_sans(tls.ssl()),
+                                peer_der: der,
+                                peer_chain_pem: crate::tls::peer_chain_pem(tls.ssl()),
+                                peer_uris: &uri_sans,
+                                peer_dns: &dns_sans,
+                            })),
+                            _ => None,
+                        };
                         let info = ConnInfo {
                             listener: listener.clone(),
                             peer: Some(peer),
@@ -324,6 +349,8 @@ pub async fn serve(
                             dns_sans,
                             alpn_h2: tls.ssl().selected_alpn_protocol() == Some(b"h2"),
                             filter_state,
+                            xfcc,
+                            refresh: Some(refresh(&ctx, &listener, &offer)),
                         };
                         drop(sans);
                         Box::pin(crate::hcm::server::serve(cfg.clone(), tls, Arc::new(info))).await;

@@ -89,6 +89,8 @@ pub struct RateLimit {
     enabled: FractionalPercent,
     enforced: FractionalPercent,
     status: StatusCode,
+    /// `response_headers_to_add`: on the responses it refuses.
+    headers: Option<Arc<super::headers::Mutations>>,
 }
 
 /// Per-route (and per-virtual-host) filter configuration: `typed_per_filter_config`.
@@ -110,6 +112,8 @@ pub enum Verdict {
         status: StatusCode,
         body: String,
         flag: &'static str,
+        /// Headers the filter adds to its response.
+        headers: Option<Arc<super::headers::Mutations>>,
     },
     Delay(Duration),
     /// The fault filter's response rate limit (after its delay, when it has one).
@@ -259,7 +263,20 @@ pub fn rate_limit(l: &LocalRateLimit) -> Result<RateLimit, String> {
     };
     // Without a token bucket the filter-level config only names the stat prefix; a
     // route's `typed_per_filter_config` brings the bucket (Kuma's MeshRateLimit shape).
-    Ok(RateLimit { bucket, enabled: percent(&l.filter_enabled), enforced: percent(&l.filter_enforced), status })
+    let headers = if l.response_headers_to_add.is_empty() {
+        None
+    } else {
+        let m = super::headers::Mutations::build(&[], &[], &l.response_headers_to_add, &[])
+            .map_err(|e| format!("local_ratelimit: {e}"))?;
+        Some(Arc::new(m))
+    };
+    Ok(RateLimit {
+        bucket,
+        enabled: percent(&l.filter_enabled),
+        enforced: percent(&l.filter_enforced),
+        status,
+        headers,
+    })
 }
 
 /// Reads a route's `typed_per_filter_config`.
@@ -312,7 +329,12 @@ impl Configured {
                 if rbac.allows(&r.subject) {
                     Verdict::Continue
                 } else {
-                    Verdict::Respond { status: StatusCode::FORBIDDEN, body: "RBAC: access denied".into(), flag: "RBAC" }
+                    Verdict::Respond {
+                        status: StatusCode::FORBIDDEN,
+                        body: "RBAC: access denied".into(),
+                        flag: "RBAC",
+                        headers: None,
+                    }
                 }
             }
             Filter::Fault(f) => {
@@ -324,7 +346,7 @@ impl Configured {
                     && hit(p, r.random)
                 {
                     let body = if body.is_empty() { "fault filter abort".to_string() } else { body.clone() };
-                    return Verdict::Respond { status: *status, body, flag: "FI" };
+                    return Verdict::Respond { status: *status, body, flag: "FI", headers: None };
                 }
                 let delay = match &f.delay {
                     Some((d, p)) if hit(p, r.random.rotate_left(17)) => Some(*d),
@@ -341,7 +363,12 @@ impl Configured {
             Filter::RateLimit(own) => {
                 let l = per_route.and_then(|p| p.rate_limit.as_deref()).unwrap_or(own);
                 if l.limited(r.random) {
-                    Verdict::Respond { status: l.status, body: "local_rate_limited".into(), flag: "RL" }
+                    Verdict::Respond {
+                        status: l.status,
+                        body: "local_rate_limited".into(),
+                        flag: "RL",
+                        headers: l.headers.clone(),
+                    }
                 } else {
                     Verdict::Continue
                 }

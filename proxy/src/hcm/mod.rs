@@ -13,6 +13,7 @@ pub mod pool;
 pub mod route;
 pub mod server;
 pub mod throttle;
+pub mod xfcc;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -66,6 +67,8 @@ pub struct HttpCfg {
     pub access_log: crate::access_log::AccessLogs,
     /// Kuma's Lua filter is there: the route's `route_kri` becomes dynamic metadata.
     pub route_kri: bool,
+    /// What requests' `x-forwarded-client-cert` becomes.
+    pub xfcc: xfcc::Xfcc,
 }
 
 /// What building an HCM needs from the snapshot being built.
@@ -172,6 +175,7 @@ impl HttpCfg {
             .transpose()?
             .unwrap_or_default();
         let common = h.common_http_protocol_options.as_ref();
+        let xfcc = xfcc::Xfcc::build(h, ctx.notes);
         Ok(HttpCfg {
             stat_prefix: h.stat_prefix.clone(),
             stats: ctx.stats.http(&h.stat_prefix),
@@ -187,6 +191,7 @@ impl HttpCfg {
             internal,
             server_name: if h.server_name.is_empty() { "envoy".into() } else { h.server_name.clone() },
             access_log,
+            xfcc,
         })
     }
 

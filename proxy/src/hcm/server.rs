@@ -50,6 +50,16 @@ const ROUTER_CONSUMES: [&str; 8] = [
 /// per-connection buffer limit).
 const RETRY_BUFFER: usize = 1 << 20;
 
+/// The connection's HTTP configuration as the proxy's configuration is now: its chain
+/// selected again in the listener's current version (`None`: gone, or no longer HTTP).
+pub struct Refresh(pub Box<dyn Fn() -> Option<Arc<HttpCfg>> + Send + Sync>);
+
+impl std::fmt::Debug for Refresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refresh")
+    }
+}
+
 /// What the connection knows about its peer.
 #[derive(Debug, Default)]
 pub struct ConnInfo {
@@ -64,6 +74,14 @@ pub struct ConnInfo {
     pub dns_sans: Vec<String>,
     /// ALPN chose `h2`.
     pub alpn_h2: bool,
+    /// This connection's `x-forwarded-client-cert` details, when the chain's connection
+    /// manager sets them and the peer presented a certificate.
+    pub xfcc: Option<String>,
+    /// Each request is handled with the chain's current configuration: a changed route
+    /// table or HTTP filter reaches kept-alive connections (clients' pools, sidecars'
+    /// HTTP/2 connections) at their next request, as an RDS update reaches Envoy's. The
+    /// connection's own settings (codec, timeouts, TLS) stay as it was accepted with.
+    pub refresh: Option<Refresh>,
     /// What the chain's `set_filter_state` filter set.
     pub filter_state: crate::filter_state::FilterState,
 }
@@ -89,7 +107,8 @@ where
     let svc_activity = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| -> ResponseFuture {
         armed.store(false, Ordering::Relaxed);
-        let (cfg, info) = (svc_cfg.clone(), svc_info.clone());
+        let info = svc_info.clone();
+        let cfg = info.refresh.as_ref().and_then(|r| (r.0)()).unwrap_or_else(|| svc_cfg.clone());
         let in_flight = InFlight::begin(&svc_activity);
         // Boxed: hyper keeps the slot of a request's future for the connection's life, so
         // an idle kept-alive connection holds a pointer, not the whole request state.
@@ -511,9 +530,13 @@ async fn respond(
                 }
                 throttle = Some(kbps);
             }
-            Verdict::Respond { status, body, flag } => {
+            Verdict::Respond { status, body, flag, headers } => {
                 log.flag = flag;
-                return local_reply(cfg, status, body);
+                let mut reply = local_reply(cfg, status, body);
+                if let Some(m) = headers {
+                    m.apply_response(reply.headers_mut());
+                }
+                return reply;
             }
         }
     }
@@ -629,6 +652,7 @@ async fn forward(
             headers.insert("x-forwarded-for", v);
         }
     }
+    cfg.xfcc.apply(&mut headers, info.authenticated, info.xfcc.as_deref());
     if cfg.use_remote_address || !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static(if info.tls { "https" } else { "http" }));
     }

@@ -77,6 +77,43 @@ pub struct Offer<'a> {
     pub destination: IpAddr,
 }
 
+/// An [`Offer`] kept for the life of a connection, to select its chain again in a newer
+/// configuration.
+#[derive(Debug, Clone)]
+pub struct OwnedOffer {
+    port: u16,
+    server_name: Option<String>,
+    transport_protocol: String,
+    alpn: Vec<Vec<u8>>,
+    source: SocketAddr,
+    destination: IpAddr,
+}
+
+impl OwnedOffer {
+    pub fn of(o: &Offer<'_>) -> OwnedOffer {
+        OwnedOffer {
+            port: o.port,
+            server_name: o.server_name.map(str::to_owned),
+            transport_protocol: o.transport_protocol.to_string(),
+            alpn: o.alpn.iter().map(|p| p.to_vec()).collect(),
+            source: o.source,
+            destination: o.destination,
+        }
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&Offer<'_>) -> R) -> R {
+        let alpn: Vec<&[u8]> = self.alpn.iter().map(Vec::as_slice).collect();
+        f(&Offer {
+            port: self.port,
+            server_name: self.server_name.as_deref(),
+            transport_protocol: &self.transport_protocol,
+            alpn: &alpn,
+            source: self.source,
+            destination: self.destination,
+        })
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ChainMatcher {
     by_port: HashMap<u32, AddressLevel>,

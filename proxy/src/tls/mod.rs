@@ -289,6 +289,19 @@ pub fn peer_certificate(ssl: &SslRef) -> Option<(X509, Vec<u8>)> {
     Some((cert, der))
 }
 
+/// The URI SANs of the certificate this side presented, for `x-forwarded-client-cert`.
+pub fn local_uri_sans(ssl: &SslRef) -> Vec<String> {
+    let Some(names) = ssl.certificate().and_then(|c| c.subject_alt_names()) else { return vec![] };
+    names.iter().filter_map(|n| n.uri().map(str::to_owned)).collect()
+}
+
+/// The peer's chain in PEM, leaf first (a server's view includes the client's leaf).
+pub fn peer_chain_pem(ssl: &SslRef) -> Vec<Vec<u8>> {
+    let leaf = ssl.peer_certificate().and_then(|c| c.to_pem().ok());
+    let rest = ssl.peer_cert_chain().into_iter().flatten().filter_map(|c| c.to_pem().ok());
+    leaf.into_iter().chain(rest).collect()
+}
+
 fn data(d: Option<&DataSource>, what: &str) -> Result<Vec<u8>, String> {
     match d.and_then(|d| d.specifier.as_ref()) {
         Some(data_source::Specifier::InlineBytes(b)) => Ok(b.clone()),
