@@ -6,16 +6,28 @@ use std::net::SocketAddr;
 use serde_json::{Value, json};
 
 use crate::envoy::{Envoy, bootstrap};
+use crate::http::HttpBackend;
 use crate::mesh::{SYNC, dataplane_token, free_port, request, write};
 use crate::{Backend, Cp, Dp, temp_dir};
 
 /// The Dataplane of a sidecar for `app` (service `service`) with outbounds (port,
 /// service), and a Prometheus metrics port of its own.
 pub fn dataplane(name: &str, service: &str, app: &Backend, outbounds: &[(u16, &str)]) -> Value {
+    dataplane_of(name, service, app.addr.port(), outbounds)
+}
+
+/// The same for an HTTP application: its inbound is tagged `kuma.io/protocol: http`.
+pub fn http_dataplane(name: &str, service: &str, app: &HttpBackend, outbounds: &[(u16, &str)]) -> Value {
+    let mut res = dataplane_of(name, service, app.addr.port(), outbounds);
+    res["networking"]["inbound"][0]["tags"]["kuma.io/protocol"] = "http".into();
+    res
+}
+
+fn dataplane_of(name: &str, service: &str, app_port: u16, outbounds: &[(u16, &str)]) -> Value {
     let outbound: Vec<Value> =
         outbounds.iter().map(|(p, s)| json!({"port": p, "tags": {"kuma.io/service": s}})).collect();
     json!({"type": "Dataplane", "mesh": "default", "name": name, "networking": {"address": "127.0.0.1",
-        "inbound": [{"port": free_port(), "servicePort": app.addr.port(), "tags": {"kuma.io/service": service}}],
+        "inbound": [{"port": free_port(), "servicePort": app_port, "tags": {"kuma.io/service": service}}],
         "outbound": outbound}, "metrics": {"type": "prometheus", "conf": {"port": free_port()}}})
 }
 

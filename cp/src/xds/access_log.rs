@@ -22,8 +22,13 @@ use crate::model::Resource;
 /// Kuma's default line for TCP traffic.
 const DEFAULT_TCP_FORMAT: &str = "[%START_TIME%] %RESPONSE_FLAGS% %KUMA_MESH% %KUMA_SOURCE_ADDRESS_WITHOUT_PORT%(%KUMA_SOURCE_SERVICE%)->%UPSTREAM_HOST%(%KUMA_DESTINATION_SERVICE%) took %DURATION%ms, sent %BYTES_SENT% bytes, received: %BYTES_RECEIVED% bytes";
 
+/// Kuma's default line for HTTP traffic.
+const DEFAULT_HTTP_FORMAT: &str = r#"[%START_TIME%] %KUMA_MESH% "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-B3-TRACEID?X-DATADOG-TRACEID)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%KUMA_SOURCE_SERVICE%" "%KUMA_DESTINATION_SERVICE%" "%KUMA_SOURCE_ADDRESS_WITHOUT_PORT%" "%UPSTREAM_HOST%""#;
+
 /// Kuma's `KumaValues`: what a line's `%KUMA_*%` operators stand for.
 pub struct KumaValues<'a> {
+    /// The listener is HTTP: the default line is Kuma's HTTP one.
+    pub http: bool,
     pub mesh: &'a str,
     pub source_ip: &'a str,
     pub source_service: &'a str,
@@ -32,6 +37,10 @@ pub struct KumaValues<'a> {
 }
 
 impl KumaValues<'_> {
+    fn default_format(&self) -> String {
+        format!("{}\n", if self.http { DEFAULT_HTTP_FORMAT } else { DEFAULT_TCP_FORMAT })
+    }
+
     fn interpolate(&self, format: &str) -> String {
         let host_port = if self.source_ip.contains(':') {
             format!("[{}]:0", self.source_ip)
@@ -123,7 +132,7 @@ fn file_format(format: &Value, values: &KumaValues<'_>) -> SubstitutionFormatStr
     match (format["plain"].as_str(), format["json"].as_array()) {
         (Some(plain), _) => text(&values.interpolate(&format!("{plain}\n")), omit_empty(format)),
         (None, Some(json)) => json_format(json_fields(json, values), omit_empty(format)),
-        (None, None) => text(&values.interpolate(&format!("{DEFAULT_TCP_FORMAT}\n")), false),
+        (None, None) => text(&values.interpolate(&values.default_format()), false),
     }
 }
 
@@ -132,7 +141,7 @@ fn tcp_format(address: &str, format: &Value, values: &KumaValues<'_>) -> Substit
     let message = match (format["plain"].as_str(), format["json"].as_array()) {
         (Some(plain), _) => string(values.interpolate(&format!("{plain}\n"))),
         (None, Some(json)) => PbValue { kind: Some(Kind::StructValue(json_fields(json, values))) },
-        (None, None) => string(values.interpolate(&format!("{DEFAULT_TCP_FORMAT}\n"))),
+        (None, None) => string(values.interpolate(&values.default_format())),
     };
     let fields = [("address".to_string(), string(address.to_string())), ("message".to_string(), message)];
     json_format(Struct { fields: fields.into_iter().collect() }, omit_empty(format))
@@ -176,6 +185,7 @@ mod tests {
 
     fn values() -> KumaValues<'static> {
         KumaValues {
+            http: false,
             mesh: "default",
             source_ip: "10.0.0.1",
             source_service: "web",

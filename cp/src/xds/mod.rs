@@ -5,7 +5,10 @@ pub mod access_log;
 pub mod delta;
 pub mod dynconf;
 pub mod egress;
+pub mod fault_injection;
 pub mod generate;
+pub mod http;
+pub mod http_route;
 pub mod inbound_policy;
 pub mod meshmetric;
 pub mod meshtls;
@@ -266,7 +269,9 @@ pub async fn build_snapshot(
             };
             let meshes = cp.store.list(ResourceType::Mesh, None).await.map_err(internal)?;
             let dataplanes = cp.dataplanes.read(cp.store.as_ref()).await.map_err(internal)?;
-            let routes = cp.store.list(ResourceType::MeshTCPRoute, None).await.map_err(internal)?;
+            // Both route kinds name subsets the same way (`to[].rules[].default.backendRefs`).
+            let mut routes = cp.store.list(ResourceType::MeshTCPRoute, None).await.map_err(internal)?;
+            routes.extend(cp.store.list(ResourceType::MeshHTTPRoute, None).await.map_err(internal)?);
             let route_subsets = tcp_route::subsets(&routes);
             let inputs = IngressInputs {
                 zone: &cp.cfg.zone_name,
@@ -415,6 +420,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
     let timeouts = cp.store.list(ResourceType::MeshTimeout, Some(&id.mesh)).await.map_err(internal)?;
     let tcp_routes = cp.store.list(ResourceType::MeshTCPRoute, Some(&id.mesh)).await.map_err(internal)?;
     let rate_limits = cp.store.list(ResourceType::MeshRateLimit, Some(&id.mesh)).await.map_err(internal)?;
+    let http_routes = cp.store.list(ResourceType::MeshHTTPRoute, Some(&id.mesh)).await.map_err(internal)?;
+    let fault_injections = cp.store.list(ResourceType::MeshFaultInjection, Some(&id.mesh)).await.map_err(internal)?;
     let mut snap = sidecar::sidecar(&sidecar::SidecarInputs {
         zone: &cp.cfg.zone_name,
         dataplane: &dp,
@@ -431,6 +438,8 @@ async fn dataplane_snapshot(cp: &ZoneCp, id: &ProxyId) -> Result<ProxySnapshot, 
         traffic_permissions: &traffic_permissions,
         timeouts: &timeouts,
         tcp_routes: &tcp_routes,
+        http_routes: &http_routes,
+        fault_injections: &fault_injections,
         rate_limits: &rate_limits,
         tls,
         zone_egress: mesh_spec.zone_egress(),

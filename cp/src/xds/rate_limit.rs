@@ -3,8 +3,12 @@
 //! `local.tcp.connectionRate {num, interval}` (and not `disabled`), a network
 //! `local_ratelimit` filter first on every filter chain of the inbound, stats under
 //! `tcp_rate_limit`, whose bucket holds `num` tokens refilled every `interval`. The
-//! policies are selected and merged as [`super::inbound_policy`] says. HTTP limits need
-//! HTTP inbounds, which the sidecars here do not have.
+//! policies are selected and merged as [`super::inbound_policy`] says.
+//!
+//! On an HTTP inbound, `local.http.requestRate` is Envoy's HTTP `local_ratelimit`: an
+//! empty filter before the router, and the bucket in the route's `typed_per_filter_config`
+//! (stats under `rate_limit`, 100 % enabled and enforced), with `onRateLimit`'s status
+//! (429 by default, Envoy's) and response headers.
 
 use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
 use envoy_types::pb::envoy::extensions::filters::network::local_ratelimit::v3::LocalRateLimit;
@@ -12,6 +16,13 @@ use envoy_types::pb::envoy::r#type::v3::TokenBucket;
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 use envoy_types::util::pack_any;
 use kuma_model::duration::parse_duration;
+
+use envoy_types::pb::envoy::config::core::v3::{RuntimeFractionalPercent, header_value_option::HeaderAppendAction};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit as HttpLocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpFilter, http_filter};
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, HttpStatus};
+use envoy_types::pb::google::protobuf::Any;
+use serde_json::Value;
 
 use crate::model::Resource;
 use crate::model::specs::Inbound;
@@ -23,22 +34,65 @@ pub fn inbound_filter(policies: &[Resource], dp: &Resource, inbound: &Inbound) -
     if tcp["disabled"].as_bool() == Some(true) {
         return None;
     }
-    let rate = &tcp["connectionRate"];
-    let num = u32::try_from(rate["num"].as_u64()?).ok().filter(|n| *n > 0)?;
-    let interval = parse_duration(rate["interval"].as_str()?).ok().filter(|d| !d.is_zero())?;
     let config = LocalRateLimit {
         stat_prefix: "tcp_rate_limit".into(),
-        token_bucket: Some(TokenBucket {
-            max_tokens: num,
-            tokens_per_fill: Some(UInt32Value { value: num }),
-            fill_interval: Some(Duration { seconds: interval.as_secs() as i64, nanos: interval.subsec_nanos() as i32 }),
-        }),
+        token_bucket: Some(bucket(&tcp["connectionRate"])?),
         ..Default::default()
     };
     Some(Filter {
         name: "envoy.filters.network.local_ratelimit".into(),
         config_type: Some(filter::ConfigType::TypedConfig(pack_any(config))),
     })
+}
+
+fn bucket(rate: &Value) -> Option<TokenBucket> {
+    let num = u32::try_from(rate["num"].as_u64()?).ok().filter(|n| *n > 0)?;
+    let interval = parse_duration(rate["interval"].as_str()?).ok().filter(|d| !d.is_zero())?;
+    Some(TokenBucket {
+        max_tokens: num,
+        tokens_per_fill: Some(UInt32Value { value: num }),
+        fill_interval: Some(Duration { seconds: interval.as_secs() as i64, nanos: interval.subsec_nanos() as i32 }),
+    })
+}
+
+/// The request-rate limit of an HTTP inbound: the filter for its connection manager, and
+/// the bucket for its route; `None` without a limit.
+pub fn inbound_http(policies: &[Resource], dp: &Resource, inbound: &Inbound) -> Option<(HttpFilter, Any)> {
+    let conf = super::inbound_policy::merged(policies, dp, Some(inbound))?;
+    let http = &conf.get("local")?["http"];
+    if http["disabled"].as_bool() == Some(true) {
+        return None;
+    }
+    let token_bucket = Some(bucket(&http["requestRate"])?);
+    let on = &http["onRateLimit"];
+    let header = super::http::header_option;
+    let list = |k: &str| on["headers"][k].as_array().into_iter().flatten();
+    let response_headers_to_add = list("add")
+        .filter_map(|h| header(h, HeaderAppendAction::AppendIfExistsOrAdd))
+        .chain(list("set").filter_map(|h| header(h, HeaderAppendAction::OverwriteIfExistsOrAdd)))
+        .collect();
+    let all = |key: &str| RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent { numerator: 100, denominator: 0 }),
+        runtime_key: key.into(),
+    };
+    let per_route = HttpLocalRateLimit {
+        stat_prefix: "rate_limit".into(),
+        status: on["status"].as_u64().and_then(|c| i32::try_from(c).ok()).map(|code| HttpStatus { code }),
+        token_bucket,
+        filter_enabled: Some(all("local_rate_limit_enabled")),
+        filter_enforced: Some(all("local_rate_limit_enforced")),
+        response_headers_to_add,
+        ..Default::default()
+    };
+    let filter = HttpFilter {
+        name: "envoy.filters.http.local_ratelimit".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(HttpLocalRateLimit {
+            stat_prefix: "rate_limit".into(),
+            ..Default::default()
+        }))),
+        ..Default::default()
+    };
+    Some((filter, pack_any(per_route)))
 }
 
 /// What is wrong with a MeshRateLimit spec: its rates, as (field path, message).

@@ -3,7 +3,7 @@
 //!   `outlierDetection` as Envoy's, detectors without a `consecutive` not enforced, and
 //!   `healthyPanicThreshold` as the cluster's panic threshold;
 //! * MeshRetry: `tcp.maxConnectAttempt` as the outbound tcp_proxy's
-//!   `max_connect_attempts` (the outbounds are TCP; HTTP retries need HTTP outbounds);
+//!   `max_connect_attempts` (HTTP services' retry policies: [`super::http::retry_policy`]);
 //! * MeshHealthCheck: an active TCP check (connect, or `send`/`receive` payloads) with
 //!   Kuma's defaults (interval 1m, timeout 15s, 5 failures down, 1 success up).
 //!

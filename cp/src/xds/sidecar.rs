@@ -30,6 +30,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
 use envoy_types::pb::envoy::data::dns::v3::{DnsTable, dns_table};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::filters::udp::dns_filter::v3::{DnsFilterConfig, dns_filter_config};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
@@ -46,6 +47,7 @@ use super::generate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
     string_struct, version_of,
 };
+use super::http::{HttpTimeouts, PROTOCOL_TAG, Protocol};
 use super::meshtls::{MeshTls, Mode};
 use super::sni::sni_from_tags;
 use crate::ca::{identity_secret_name, mesh_ca_secret_name};
@@ -59,6 +61,17 @@ pub const DNS_LISTENER: &str = "kuma:dns";
 /// ALPN Kuma's client side sets on mesh mTLS (`KumaALPNProtocols`).
 pub const KUMA_ALPN: &str = "kuma";
 const ZONE_TAG: &str = "kuma.io/zone";
+
+/// An inbound's application, as its `localhost:<port>` cluster reaches it.
+struct LocalApp {
+    ip: String,
+    port: u32,
+    /// MeshTimeout's connect timeout.
+    connect: Option<Duration>,
+    protocol: Protocol,
+    /// MeshTimeout's HTTP timeouts (HTTP applications).
+    http: HttpTimeouts,
+}
 
 /// TLS material of a proxy of an mTLS mesh.
 pub struct SidecarTls {
@@ -98,6 +111,10 @@ pub struct SidecarInputs<'a> {
     pub timeouts: &'a [Resource],
     /// MeshTCPRoute policies of the mesh.
     pub tcp_routes: &'a [Resource],
+    /// MeshHTTPRoute policies of the mesh.
+    pub http_routes: &'a [Resource],
+    /// MeshFaultInjection policies of the mesh.
+    pub fault_injections: &'a [Resource],
     /// MeshRateLimit policies of the mesh.
     pub rate_limits: &'a [Resource],
     /// The mesh's `routing.zoneEgress`.
@@ -238,6 +255,29 @@ pub(crate) fn tcp_proxy_chain(
     tcp_chain(tcp_proxy(cluster, stat_prefix, idle_secs), tls)
 }
 
+/// What an inbound's chains end in: a tcp_proxy (with MeshTrafficPermission as the network
+/// `rbac` filter before it), or an HTTP connection manager (with it as the HTTP `rbac`).
+enum Terminal<'a> {
+    Tcp(Box<TcpProxy>, Filter),
+    Http(Box<super::http::Inbound<'a>>, HttpFilter),
+}
+
+impl Terminal<'_> {
+    /// The chain's filters; `rbac` on the chain that terminates mesh mTLS.
+    fn filters(&self, rbac: bool) -> Vec<Filter> {
+        match self {
+            Terminal::Tcp(tcp, filter) => {
+                let mut filters = tcp_chain(tcp.as_ref().clone(), None).filters;
+                if rbac {
+                    filters.insert(0, filter.clone());
+                }
+                filters
+            }
+            Terminal::Http(i, filter) => vec![super::http::inbound(i, rbac.then(|| filter.clone()))],
+        }
+    }
+}
+
 /// An inbound's filter chains and listener filters. Without mTLS, one plaintext chain. With
 /// it, strict: one chain terminating mesh mTLS, `rbac` first; permissive (Kuma's order):
 /// plaintext, then the application's own TLS passed through as it is, then mesh mTLS,
@@ -245,14 +285,17 @@ pub(crate) fn tcp_proxy_chain(
 fn inbound_chains(
     inputs: &SidecarInputs<'_>,
     settings: &MeshTls,
-    rbac: Filter,
-    tcp: TcpProxy,
+    terminal: &Terminal<'_>,
 ) -> (Vec<FilterChain>, Vec<ListenerFilter>) {
-    let Some(_) = &inputs.tls else { return (vec![tcp_chain(tcp, None)], vec![]) };
+    let chain = |rbac: bool, tls: Option<TransportSocket>| FilterChain {
+        filters: terminal.filters(rbac),
+        transport_socket: tls,
+        ..Default::default()
+    };
+    let Some(_) = &inputs.tls else { return (vec![chain(false, None)], vec![]) };
     let mut ctx = downstream_tls(&inputs.dataplane.mesh);
     with_params(&mut ctx.common_tls_context, settings);
-    let mut mesh_tls = tcp_chain(tcp.clone(), Some(tls_socket(ctx)));
-    mesh_tls.filters.insert(0, rbac);
+    let mesh_tls = chain(true, Some(tls_socket(ctx)));
     if settings.mode == Mode::Strict {
         return (vec![mesh_tls], vec![]);
     }
@@ -265,8 +308,8 @@ fn inbound_chains(
         chain
     };
     let chains = vec![
-        matching(tcp_chain(tcp.clone(), None), "raw_buffer", &[]),
-        matching(tcp_chain(tcp, None), "tls", &[]),
+        matching(chain(false, None), "raw_buffer", &[]),
+        matching(chain(false, None), "tls", &[]),
         matching(mesh_tls, "tls", &[KUMA_ALPN]),
     ];
     (chains, vec![super::generate::tls_inspector()])
@@ -410,7 +453,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
 
     // --- inbounds ---------------------------------------------------------------------
     // Application clusters: address, and MeshTimeout's connect timeout.
-    let mut local_clusters: BTreeMap<String, (String, u32, Option<Duration>)> = BTreeMap::new();
+    let mut local_clusters: BTreeMap<String, LocalApp> = BTreeMap::new();
     for inb in &net.inbound {
         if inb.state.as_deref() == Some("Ignored") || inb.tags.get(SERVICE_TAG).is_none_or(|s| s.is_empty()) {
             continue;
@@ -425,11 +468,22 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         let workload_port = inb.service_port.and_then(|p| u32::try_from(p).ok()).filter(|p| *p != 0).unwrap_or(port);
         let cluster = format!("localhost:{workload_port}");
         let timeouts = super::timeout::inbound(inputs.timeouts, dp, inb);
+        let protocol = Protocol::of_tag(inb.tags.get(PROTOCOL_TAG).map(String::as_str));
+        let timeout_conf = super::inbound_policy::merged(inputs.timeouts, dp, Some(inb));
+        let http_timeouts = HttpTimeouts::of(timeout_conf.as_ref());
         // Same name twice: the last inbound wins (as Kuma's resource set does).
-        local_clusters.insert(cluster.clone(), (workload_ip, workload_port, timeouts.as_ref().map(|t| t.connect)));
+        let app = LocalApp {
+            ip: workload_ip,
+            port: workload_port,
+            connect: timeouts.as_ref().map(|t| t.connect),
+            protocol,
+            http: http_timeouts.clone(),
+        };
+        local_clusters.insert(cluster.clone(), app);
 
         let name = format!("inbound:{dp_ip}:{port}");
         let values = KumaValues {
+            http: protocol.is_http(),
             mesh,
             source_ip: &net.address,
             source_service: "unknown",
@@ -445,8 +499,29 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             tcp.idle_timeout = Some(t.idle);
         }
         let settings = super::meshtls::resolve(inputs.mtls_mode, inputs.mesh_tls, dp, Some(inb));
-        let rbac = super::traffic_permission::inbound_filter(inputs.traffic_permissions, mesh, dp, inb, &name);
-        let (mut filter_chains, listener_filters) = inbound_chains(inputs, &settings, rbac, tcp);
+        let permissions = inputs.traffic_permissions;
+        let terminal = if protocol.is_http() {
+            // Kuma's order before the router: faults, then the request-rate limit.
+            let mut filters = super::fault_injection::inbound_filters(inputs.fault_injections, dp, inb);
+            let mut per_route = std::collections::HashMap::new();
+            if let Some((filter, bucket)) = super::rate_limit::inbound_http(inputs.rate_limits, dp, inb) {
+                per_route.insert(filter.name.clone(), bucket);
+                filters.push(filter);
+            }
+            let http = super::http::Inbound {
+                service: values.destination_service,
+                cluster: &cluster,
+                workload_port,
+                timeouts: http_timeouts,
+                access_log: tcp.access_log.clone(),
+                filters,
+                per_route,
+            };
+            Terminal::Http(Box::new(http), super::traffic_permission::inbound_http_filter(permissions, mesh, dp, inb))
+        } else {
+            Terminal::Tcp(Box::new(tcp), super::traffic_permission::inbound_filter(permissions, mesh, dp, inb, &name))
+        };
+        let (mut filter_chains, listener_filters) = inbound_chains(inputs, &settings, &terminal);
         if let Some(limit) = super::rate_limit::inbound_filter(inputs.rate_limits, dp, inb) {
             for chain in &mut filter_chains {
                 chain.filters.insert(0, limit.clone());
@@ -492,10 +567,16 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         use super::prometheus::{CLUSTER, cluster};
         push(&mut clusters, CLUSTER, cluster(inputs.workdir, &dp.name, mesh), "", |_| {});
     }
-    for (name, (ip, port, connect_timeout)) in &local_clusters {
-        let mut c = static_cluster(name, socket_address(ip, *port));
-        if let Some(t) = connect_timeout {
-            c.connect_timeout = Some(*t);
+    for (name, app) in &local_clusters {
+        let mut c = static_cluster(name, socket_address(&app.ip, app.port));
+        if let Some(t) = app.connect {
+            c.connect_timeout = Some(t);
+        }
+        if app.protocol.is_http() {
+            // The application's own protocol; gRPC keeps no idle timeout (as Kuma's).
+            let timeouts = (app.protocol != Protocol::Grpc).then_some(&app.http);
+            c.typed_extension_protocol_options =
+                super::http::protocol_options(app.protocol != Protocol::Http, timeouts);
         }
         push(&mut clusters, name, c, "", |_| {});
     }
@@ -525,25 +606,51 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         }
     }
     let services: BTreeSet<String> = outbounds.values().map(|(s, _)| s.clone()).collect();
+    let external: BTreeMap<String, ExternalServiceSpec> = inputs
+        .external_services
+        .iter()
+        .filter_map(|r| r.typed::<ExternalServiceSpec>().ok())
+        .filter_map(|s| Some((s.tags.get(SERVICE_TAG).filter(|v| !v.is_empty())?.clone(), s)))
+        .collect();
+    // The services spoken to over HTTP: what their endpoints speak, unless only a
+    // MeshTCPRoute routes them (Kuma's MeshTCPRoute then takes an HTTP service over).
+    let protocols = service_protocols(inputs);
+    let http_protocol = |svc: &str| -> Option<Protocol> {
+        let p = protocols.get(svc).copied().filter(|p| p.is_http() && !external.contains_key(svc))?;
+        let tcp_only = super::tcp_route::backends(inputs.tcp_routes, svc).is_some()
+            && super::http_route::backends(inputs.http_routes, svc).is_none();
+        (!tcp_only).then_some(p)
+    };
     // Kuma's source service: the first inbound's.
     let own_service = net.inbound.iter().find_map(|i| i.tags.get(SERVICE_TAG)).map_or("unknown", String::as_str);
     for ((addr, port), (svc, tags)) in &outbounds {
         let name = format!("outbound:{addr}:{port}");
+        let protocol = http_protocol(svc);
+        let values = KumaValues {
+            http: protocol.is_some(),
+            mesh,
+            source_ip: &net.address,
+            source_service: own_service,
+            destination_service: svc,
+            zone: inputs.zone,
+        };
+        let backends = super::access_log::outbound_backends(inputs.access_logs, svc);
+        let access_log = super::access_log::loggers(&backends, &values, &al_pipe);
+        let chain = match protocol {
+            Some(p) => {
+                let timeouts = HttpTimeouts::of(super::resilience::merged_conf(inputs.timeouts, svc).as_ref());
+                let retry = super::http::retry_policy(super::resilience::merged_conf(inputs.retries, svc).as_ref(), p);
+                let routes = super::http_route::routes(inputs.http_routes, svc, &timeouts, retry.as_ref());
+                let hcm = super::http::outbound(svc, routes, &timeouts, access_log);
+                FilterChain { filters: vec![hcm], ..Default::default() }
+            }
+            None => outbound_chain(svc, inputs, access_log),
+        };
         let l = Listener {
             name: name.clone(),
             address: Some(socket_address(addr, *port)),
             bind_to_port: tproxy.as_ref().filter(|_| !bind_outbounds).map(|_| BoolValue { value: false }),
-            filter_chains: vec![outbound_chain(svc, inputs, {
-                let values = KumaValues {
-                    mesh,
-                    source_ip: &net.address,
-                    source_service: own_service,
-                    destination_service: svc,
-                    zone: inputs.zone,
-                };
-                let backends = super::access_log::outbound_backends(inputs.access_logs, svc);
-                super::access_log::loggers(&backends, &values, &al_pipe)
-            })],
+            filter_chains: vec![chain],
             traffic_direction: TrafficDirection::Outbound as i32,
             ..Default::default()
         };
@@ -552,19 +659,17 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
 
     let endpoints = outbound_endpoints(inputs, mtls);
     let outbound_tls = super::meshtls::resolve(inputs.mtls_mode, inputs.mesh_tls, dp, None);
-    let external: BTreeMap<String, ExternalServiceSpec> = inputs
-        .external_services
-        .iter()
-        .filter_map(|r| r.typed::<ExternalServiceSpec>().ok())
-        .filter_map(|s| Some((s.tags.get(SERVICE_TAG).filter(|v| !v.is_empty())?.clone(), s)))
-        .collect();
     let via_egress = inputs.zone_egress && mtls;
     // The clusters the outbounds' connections go to: each service's own, or its route's
     // backends (whole services, or subsets of one).
     let mut targets: BTreeMap<String, super::tcp_route::Backend> = BTreeMap::new();
     for svc in &services {
         let whole = || vec![super::tcp_route::Backend { service: svc.clone(), tags: BTreeMap::new(), weight: 1 }];
-        for b in super::tcp_route::backends(inputs.tcp_routes, svc).unwrap_or_else(whole) {
+        let routed = match http_protocol(svc) {
+            Some(_) => super::http_route::backends(inputs.http_routes, svc),
+            None => super::tcp_route::backends(inputs.tcp_routes, svc),
+        };
+        for b in routed.unwrap_or_else(whole) {
             targets.insert(b.cluster(), b);
         }
     }
@@ -617,6 +722,13 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             }),
             ..Default::default()
         };
+        if let Some(p) = http_protocol(svc) {
+            // Sidecars speak HTTP/2 to each other, whatever the application speaks.
+            let conf = super::resilience::merged_conf(inputs.timeouts, svc);
+            let timeouts = HttpTimeouts::of(conf.as_ref());
+            c.typed_extension_protocol_options =
+                super::http::protocol_options(true, (p != Protocol::Grpc).then_some(&timeouts));
+        }
         if let Some(conf) = super::resilience::merged_conf(inputs.circuit_breakers, svc) {
             super::resilience::apply(&mut c, &conf);
         }
@@ -852,6 +964,33 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
         v.dedup();
     }
     out
+}
+
+/// Each service's protocol, from the `kuma.io/protocol` of its instances here and in other
+/// zones (as Kuma's mesh context infers it).
+fn service_protocols(inputs: &SidecarInputs<'_>) -> BTreeMap<String, Protocol> {
+    let mesh = inputs.dataplane.mesh.as_str();
+    let mut seen: BTreeMap<String, Vec<Protocol>> = BTreeMap::new();
+    let mut add = |tags: &BTreeMap<String, String>| {
+        if let Some(svc) = tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) {
+            seen.entry(svc.clone()).or_default().push(Protocol::of_tag(tags.get(PROTOCOL_TAG).map(String::as_str)));
+        }
+    };
+    for d in inputs.dataplanes.iter().filter(|d| d.mesh() == mesh) {
+        for inb in d.spec.networking.iter().flat_map(|n| n.inbound.iter()) {
+            add(&inb.tags);
+        }
+    }
+    for zi in inputs.ingresses {
+        let Ok(spec) = zi.typed::<ZoneIngressSpec>() else { continue };
+        if spec.zone == inputs.zone {
+            continue;
+        }
+        for a in spec.available_services.iter().filter(|a| a.mesh == mesh && !a.external_service) {
+            add(&a.tags);
+        }
+    }
+    seen.into_iter().map(|(svc, all)| (svc, Protocol::common(all.into_iter()))).collect()
 }
 
 fn cla_proto(name: &str, endpoints: &[OutEndpoint]) -> ClusterLoadAssignment {

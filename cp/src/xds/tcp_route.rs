@@ -72,7 +72,7 @@ pub fn subsets(routes: &[Resource]) -> Subsets {
     out
 }
 
-fn backend(r: &Value) -> Option<Backend> {
+pub(crate) fn backend(r: &Value) -> Option<Backend> {
     let service = r["name"].as_str()?.to_string();
     let tags = match r["kind"].as_str()? {
         "MeshService" => BTreeMap::new(),

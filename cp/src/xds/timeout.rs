@@ -6,7 +6,7 @@
 //! * Inbounds: the `from` entries (targetRef Mesh) and `rules` of the policies that select
 //!   the inbound ([`super::inbound_policy`]), on its listener and its application cluster.
 //!
-//! The sidecars' outbounds are TCP here, so the `http` timeouts have nothing to act on.
+//! The `http` timeouts of HTTP services are [`super::http::HttpTimeouts`]'s.
 
 use envoy_types::pb::google::protobuf::Duration;
 use kuma_model::duration::parse_duration;

@@ -20,6 +20,8 @@
 
 use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
 use envoy_types::pb::envoy::config::rbac::v3::{self as rbac_pb, Permission, Policy, Principal, permission, principal};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpFilter, http_filter};
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::util::pack_any;
@@ -112,6 +114,18 @@ pub fn inbound_filter(policies: &[Resource], mesh: &str, dp: &Resource, inbound:
     Filter {
         name: "envoy.filters.network.rbac".into(),
         config_type: Some(filter::ConfigType::TypedConfig(pack_any(config))),
+    }
+}
+
+/// The same rules as [`inbound_filter`], as the HTTP `rbac` filter Kuma puts first in an
+/// HTTP inbound's connection manager (a refused request gets 403).
+pub fn inbound_http_filter(policies: &[Resource], mesh: &str, dp: &Resource, inbound: &Inbound) -> HttpFilter {
+    let (rules, shadow_rules) = rbac_of(&super::inbound_policy::selecting(policies, dp, Some(inbound)), mesh);
+    let config = HttpRbac { rules: Some(rules), shadow_rules, ..Default::default() };
+    HttpFilter {
+        name: "envoy.filters.http.rbac".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(config))),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,428 @@
+//! MeshHTTPRoute on a sidecar's HTTP outbounds, as Kuma 2.14's plugin writes routes
+//! (`kumahq/kuma:pkg/plugins/policies/meshhttproute`):
+//! * the rules of the mesh-wide policies' `to` entries for the outbound's MeshService are
+//!   merged, a later policy's rule with the same `matches` replacing an earlier one's;
+//! * every match is a route, ordered as Kuma's `CompareMatch`: exact paths, then longer
+//!   prefixes, then regular expressions, then none; then those with a method, more headers,
+//!   more query parameters; the catch-all `PathPrefix /` comes last unless a rule has it;
+//! * a `PathPrefix /x` is two Envoy routes, `path: /x` and `prefix: /x/` (Kuma avoids
+//!   `path_separated_prefix`);
+//! * `backendRefs` (MeshService or MeshServiceSubset, by weight; by default the service
+//!   itself) become the route's cluster or weighted clusters;
+//! * filters: `RequestHeaderModifier`, `ResponseHeaderModifier` and `URLRewrite`
+//!   (hostname, full path, prefix). Redirects and mirrors are not served yet (said in the
+//!   debug log).
+//! * A route's name is Kuma's: the base64 SHA-256 of its rule's matches as Go marshals them.
+
+use base64::Engine;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, header_value_option};
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteMatch, WeightedCluster, header_matcher,
+    query_parameter_matcher, route, route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use serde_json::{Value, json};
+
+use super::http::HttpTimeouts;
+use super::tcp_route::Backend;
+use crate::model::Resource;
+
+/// One rule: the matches it was written with (for its name), and its `default`.
+#[derive(Clone, Debug)]
+struct Rule {
+    matches: Vec<Value>,
+    default: Value,
+}
+
+fn rules(policies: &[Resource], service: &str) -> Vec<Rule> {
+    let mut out: Vec<Rule> = vec![];
+    for spec in super::resilience::mesh_wide(policies) {
+        for to in spec["to"].as_array().into_iter().flatten() {
+            let t = &to["targetRef"];
+            if t["kind"] != "MeshService" || t["name"].as_str() != Some(service) {
+                continue;
+            }
+            for r in to["rules"].as_array().into_iter().flatten() {
+                let matches = r["matches"].as_array().cloned().unwrap_or_default();
+                let rule = Rule { matches, default: r["default"].clone() };
+                match out.iter_mut().find(|o| o.matches == rule.matches) {
+                    Some(same) => *same = rule,
+                    None => out.push(rule),
+                }
+            }
+        }
+    }
+    out
+}
+
+fn backends_of(rule: &Rule, service: &str) -> Vec<Backend> {
+    match rule.default["backendRefs"].as_array() {
+        Some(refs) => refs.iter().filter_map(super::tcp_route::backend).collect(),
+        None => vec![Backend { service: service.to_string(), tags: Default::default(), weight: 100 }],
+    }
+}
+
+/// Every backend the routes to `service` send to (for its clusters); `None` when no
+/// route applies.
+pub fn backends(policies: &[Resource], service: &str) -> Option<Vec<Backend>> {
+    let rules = rules(policies, service);
+    if rules.is_empty() {
+        return None;
+    }
+    let mut all: Vec<Backend> = rules.iter().flat_map(|r| backends_of(r, service)).collect();
+    // The catch-all's default backend, when no rule has the catch-all.
+    all.push(Backend { service: service.to_string(), tags: Default::default(), weight: 100 });
+    Some(all)
+}
+
+/// Kuma's ordering key of a match (smaller first).
+fn order(m: &Value) -> (u8, std::cmp::Reverse<usize>, bool, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
+    let path = &m["path"];
+    let value_len = path["value"].as_str().map_or(0, str::len);
+    let (rank, len) = match path["type"].as_str() {
+        Some("Exact") => (0, 0),
+        Some("PathPrefix") => (1, value_len),
+        Some("RegularExpression") => (2, value_len),
+        _ => (3, 0),
+    };
+    let count = |k: &str| m[k].as_array().map_or(0, Vec::len);
+    (
+        rank,
+        std::cmp::Reverse(len),
+        m["method"].as_str().is_none(),
+        std::cmp::Reverse(count("headers")),
+        std::cmp::Reverse(count("queryParams")),
+    )
+}
+
+fn is_catch_all(m: &Value) -> bool {
+    m.as_object().is_some_and(|o| o.len() == 1)
+        && m["path"]["type"] == "PathPrefix"
+        && m["path"]["value"] == "/"
+        && m["path"].as_object().is_some_and(|p| p.len() == 2)
+}
+
+/// The routes of an outbound to `service`: MeshHTTPRoute's, then the catch-all to the
+/// service itself.
+pub fn routes(
+    policies: &[Resource],
+    service: &str,
+    timeouts: &HttpTimeouts,
+    retry: Option<&RetryPolicy>,
+) -> Vec<Route> {
+    let rules = rules(policies, service);
+    let mut api: Vec<(Value, &Rule)> =
+        rules.iter().flat_map(|r| r.matches.iter().map(move |m| (m.clone(), r))).collect();
+    api.sort_by_key(|(m, _)| order(m));
+    let default_rule =
+        Rule { matches: vec![json!({"path": {"type": "PathPrefix", "value": "/"}})], default: json!({}) };
+    if !api.iter().any(|(m, _)| is_catch_all(m)) {
+        api.push((default_rule.matches[0].clone(), &default_rule));
+    }
+    let mut out = vec![];
+    for (m, rule) in api {
+        let name = route_name(&rule.matches);
+        let backends = backends_of(rule, service);
+        if backends.is_empty() {
+            continue;
+        }
+        let action = route_action(&backends, timeouts, retry);
+        let path = &m["path"];
+        let value = path["value"].as_str().unwrap_or("/");
+        let specifiers: Vec<(route_match::PathSpecifier, bool)> = match path["type"].as_str() {
+            Some("Exact") => vec![(route_match::PathSpecifier::Path(value.into()), true)],
+            Some("RegularExpression") => vec![(
+                route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: value.into(), ..Default::default() }),
+                true,
+            )],
+            _ if value.trim_end_matches('/').is_empty() => {
+                vec![(route_match::PathSpecifier::Prefix("/".into()), false)]
+            }
+            _ => {
+                let trimmed = value.trim_end_matches('/');
+                vec![
+                    (route_match::PathSpecifier::Path(trimmed.into()), true),
+                    (route_match::PathSpecifier::Prefix(format!("{trimmed}/")), false),
+                ]
+            }
+        };
+        for (spec, whole_path) in specifiers {
+            let mut r = Route {
+                name: name.clone(),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(spec),
+                    headers: header_matchers(&m),
+                    query_parameters: query_matchers(&m),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(action.clone())),
+                ..Default::default()
+            };
+            for f in rule.default["filters"].as_array().into_iter().flatten() {
+                apply_filter(&mut r, f, whole_path);
+            }
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn route_action(backends: &[Backend], timeouts: &HttpTimeouts, retry: Option<&RetryPolicy>) -> RouteAction {
+    let cluster_specifier = match backends {
+        [one] => route_action::ClusterSpecifier::Cluster(one.cluster()),
+        many => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|b| weighted_cluster::ClusterWeight {
+                    name: b.cluster(),
+                    weight: Some(UInt32Value { value: b.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        timeout: Some(timeouts.request),
+        idle_timeout: Some(timeouts.stream_idle),
+        retry_policy: retry.cloned(),
+        ..Default::default()
+    }
+}
+
+fn string_match(kind: &str, value: &str) -> Option<string_matcher::MatchPattern> {
+    Some(match kind {
+        "Exact" => string_matcher::MatchPattern::Exact(value.into()),
+        "Prefix" => string_matcher::MatchPattern::Prefix(value.into()),
+        "RegularExpression" => {
+            string_matcher::MatchPattern::SafeRegex(RegexMatcher { regex: value.into(), ..Default::default() })
+        }
+        _ => return None,
+    })
+}
+
+/// `:method` first, then the headers (a name's first match only), as Kuma.
+fn header_matchers(m: &Value) -> Vec<HeaderMatcher> {
+    let mut out = vec![];
+    if let Some(method) = m["method"].as_str() {
+        out.push(HeaderMatcher {
+            name: ":method".into(),
+            header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                match_pattern: string_match("Exact", method),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for h in m["headers"].as_array().into_iter().flatten() {
+        let Some(name) = h["name"].as_str() else { continue };
+        if !seen.insert(name.to_string()) {
+            continue;
+        }
+        let value = h["value"].as_str().unwrap_or_default();
+        let spec = match h["type"].as_str().unwrap_or("Exact") {
+            "Present" => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
+            "Absent" => header_matcher::HeaderMatchSpecifier::PresentMatch(false),
+            "Prefix" if value.is_empty() => header_matcher::HeaderMatchSpecifier::PresentMatch(true),
+            kind => header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                match_pattern: string_match(kind, value),
+                ..Default::default()
+            }),
+        };
+        out.push(HeaderMatcher { name: name.into(), header_match_specifier: Some(spec), ..Default::default() });
+    }
+    out
+}
+
+fn query_matchers(m: &Value) -> Vec<QueryParameterMatcher> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = vec![];
+    for q in m["queryParams"].as_array().into_iter().flatten() {
+        let (Some(name), Some(value)) = (q["name"].as_str(), q["value"].as_str()) else { continue };
+        if !seen.insert(name.to_string()) {
+            continue;
+        }
+        let kind = q["type"].as_str().unwrap_or("Exact");
+        out.push(QueryParameterMatcher {
+            name: name.into(),
+            query_parameter_match_specifier: Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                StringMatcher { match_pattern: string_match(kind, value), ..Default::default() },
+            )),
+        });
+    }
+    out
+}
+
+/// `set` entries overwrite, `add` entries append; then `remove`.
+fn header_changes(f: &Value) -> (Vec<HeaderValueOption>, Vec<String>) {
+    let entry = super::http::header_option;
+    use header_value_option::HeaderAppendAction::{AppendIfExistsOrAdd, OverwriteIfExistsOrAdd};
+    let list = |k: &str| f[k].as_array().into_iter().flatten();
+    let add = list("set")
+        .filter_map(|h| entry(h, OverwriteIfExistsOrAdd))
+        .chain(list("add").filter_map(|h| entry(h, AppendIfExistsOrAdd)))
+        .collect();
+    let remove = list("remove").filter_map(|v| v.as_str().map(str::to_owned)).collect();
+    (add, remove)
+}
+
+fn apply_filter(r: &mut Route, f: &Value, whole_path: bool) {
+    match f["type"].as_str() {
+        Some("RequestHeaderModifier") => {
+            let (add, remove) = header_changes(&f["requestHeaderModifier"]);
+            r.request_headers_to_add.extend(add);
+            r.request_headers_to_remove.extend(remove);
+        }
+        Some("ResponseHeaderModifier") => {
+            let (add, remove) = header_changes(&f["responseHeaderModifier"]);
+            r.response_headers_to_add.extend(add);
+            r.response_headers_to_remove.extend(remove);
+        }
+        Some("URLRewrite") => {
+            let Some(route::Action::Route(a)) = r.action.as_mut() else { return };
+            let u = &f["urlRewrite"];
+            if let Some(host) = u["hostname"].as_str() {
+                a.host_rewrite_specifier = Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(host.into()));
+            }
+            let whole = |to: &str| RegexMatchAndSubstitute {
+                pattern: Some(RegexMatcher { regex: ".*".into(), ..Default::default() }),
+                substitution: to.into(),
+            };
+            match (u["path"]["type"].as_str(), &u["path"]) {
+                (Some("ReplaceFullPath"), p) => a.regex_rewrite = p["replaceFullPath"].as_str().map(whole),
+                (Some("ReplacePrefixMatch"), p) => {
+                    let to = p["replacePrefixMatch"].as_str().unwrap_or("/");
+                    if whole_path {
+                        a.regex_rewrite = Some(whole(to));
+                    } else {
+                        a.prefix_rewrite = to.to_string();
+                    }
+                }
+                _ => {}
+            }
+        }
+        other => tracing::debug!(filter = ?other, "MeshHTTPRoute filter not served"),
+    }
+}
+
+/// Kuma's route name: base64(SHA-256(the rule's matches, as Go's `json.Marshal` writes
+/// them: `path{value,type}`, `method`, `queryParams[{type,name,value}]`,
+/// `headers[{type,name,value}]`, empty fields left out)).
+fn route_name(matches: &[Value]) -> String {
+    let s = |v: &Value| serde_json::to_string(v).unwrap_or_default();
+    let one = |m: &Value| {
+        let mut parts = vec![];
+        if m["path"].is_object() {
+            parts.push(format!(r#""path":{{"value":{},"type":{}}}"#, s(&m["path"]["value"]), s(&m["path"]["type"])));
+        }
+        if let Some(method) = m["method"].as_str() {
+            parts.push(format!(r#""method":{}"#, s(&json!(method))));
+        }
+        let entries = |k: &str, type_always: bool| {
+            let items: Vec<String> = m[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let mut f = vec![];
+                    if type_always || e["type"].is_string() {
+                        f.push(format!(r#""type":{}"#, s(&e["type"])));
+                    }
+                    f.push(format!(r#""name":{}"#, s(&e["name"])));
+                    if e["value"].is_string() {
+                        f.push(format!(r#""value":{}"#, s(&e["value"])));
+                    }
+                    format!("{{{}}}", f.join(","))
+                })
+                .collect();
+            (!items.is_empty()).then(|| format!(r#""{k}":[{}]"#, items.join(",")))
+        };
+        parts.extend(entries("queryParams", true));
+        parts.extend(entries("headers", false));
+        format!("{{{}}}", parts.join(","))
+    };
+    let json = format!("[{}]", matches.iter().map(one).collect::<Vec<_>>().join(","));
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, json.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
+
+    fn policy(name: &str, rules: Value) -> Resource {
+        Resource::from_json(&json!({"type": "MeshHTTPRoute", "mesh": "m", "name": name, "spec": {
+            "targetRef": {"kind": "Mesh"},
+            "to": [{"targetRef": {"kind": "MeshService", "name": "backend"}, "rules": rules}]}}))
+        .unwrap()
+    }
+
+    fn paths(routes: &[Route]) -> Vec<String> {
+        routes
+            .iter()
+            .map(|r| match r.r#match.as_ref().unwrap().path_specifier.as_ref().unwrap() {
+                PathSpecifier::Path(p) => format!("={p}"),
+                PathSpecifier::Prefix(p) => format!("^{p}"),
+                PathSpecifier::SafeRegex(re) => format!("~{}", re.regex),
+                _ => "?".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_catch_all_has_kumas_name() {
+        let routes = routes(&[], "backend", &HttpTimeouts::of(None), None);
+        assert_eq!(paths(&routes), ["^/"]);
+        assert_eq!(routes[0].name, "9Zuf5Tg79OuZcQITwBbQykxAk2u4fRKrwYn3//AL4Yo=");
+    }
+
+    #[test]
+    fn matches_are_ordered_as_kumas_and_prefixes_split_in_two() {
+        let p = policy(
+            "r",
+            json!([
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/a"}}], "default": {}},
+                {"matches": [{"path": {"type": "RegularExpression", "value": "^/re.*"}}], "default": {}},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/longer/"}, "headers": [{"name": "x", "value": "1"}]}],
+                 "default": {"backendRefs": [{"kind": "MeshServiceSubset", "name": "backend", "tags": {"version": "v2"}, "weight": 1}],
+                             "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-v", "value": "2"}]}},
+                                         {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}]}},
+                {"matches": [{"path": {"type": "Exact", "value": "/exact"}}], "default": {}},
+            ]),
+        );
+        let routes = routes(&[p], "backend", &HttpTimeouts::of(None), None);
+        assert_eq!(paths(&routes), ["=/exact", "=/longer", "^/longer/", "=/a", "^/a/", "~^/re.*", "^/"]);
+        let v2 = &routes[1];
+        assert_eq!(v2.request_headers_to_add[0].header.as_ref().unwrap().key, "x-v");
+        assert_eq!(v2.r#match.as_ref().unwrap().headers[0].name, "x");
+        let Some(route::Action::Route(a)) = &v2.action else { panic!() };
+        assert!(
+            matches!(&a.cluster_specifier, Some(route_action::ClusterSpecifier::Cluster(c)) if c.starts_with("backend-"))
+        );
+        assert!(a.regex_rewrite.is_some(), "the exact twin rewrites the whole path");
+        let Some(route::Action::Route(a)) = &routes[2].action else { panic!() };
+        assert_eq!(a.prefix_rewrite, "/new");
+        assert_eq!(a.timeout.unwrap().seconds, 15);
+        assert_eq!(routes[1].name, routes[2].name, "one rule, one name");
+        assert_ne!(routes[1].name, routes[3].name);
+    }
+
+    #[test]
+    fn a_later_policys_rule_with_the_same_matches_wins() {
+        let m = json!([{"path": {"type": "PathPrefix", "value": "/"}}]);
+        let a =
+            policy("a", json!([{"matches": m, "default": {"backendRefs": [{"kind": "MeshService", "name": "one"}]}}]));
+        let b =
+            policy("b", json!([{"matches": m, "default": {"backendRefs": [{"kind": "MeshService", "name": "two"}]}}]));
+        let routes = routes(&[b, a], "backend", &HttpTimeouts::of(None), None);
+        assert_eq!(paths(&routes), ["^/"], "the rule's catch-all replaces the default one");
+        let Some(route::Action::Route(act)) = &routes[0].action else { panic!() };
+        assert_eq!(act.cluster_specifier, Some(route_action::ClusterSpecifier::Cluster("two".into())));
+    }
+}
