@@ -267,3 +267,40 @@ async fn a_meshhttproute_reaches_a_subset_in_another_zone_through_its_ingress() 
         }
     }
 }
+
+/// MeshHealthCheck's HTTP check on an HTTP service: once `backend-b`'s application stops
+/// answering, the clients' checks through its sidecar time out and every request goes to
+/// `backend-a`. (A TCP check would pass: b's sidecar still accepts connections.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_meshhealthcheck_keeps_requests_off_an_instance_whose_application_hangs() {
+    use e2e::http::Mode;
+    let zone = Cp::start("zone-1");
+    zone.apply(MESH);
+    let (_a, _sa) = server(&zone, false, "backend-a", "backend", &[]).await;
+    let (b, _sb) = server(&zone, true, "backend-b", "backend", &[]).await;
+    let clients = clients(&zone, &["backend"]).await;
+    for (client, addrs, _) in &clients {
+        until(addrs[0], "/", (200, "backend-a"), &format!("{client} -> backend")).await;
+        until(addrs[0], "/", (200, "backend-b"), &format!("{client} -> backend")).await;
+    }
+    b.set_mode(Mode::Slow(std::time::Duration::from_secs(3600)));
+    zone.apply(
+        "type: MeshHealthCheck\nname: hc\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  - targetRef:\n      \
+         kind: Mesh\n    default:\n      interval: 1s\n      timeout: 1s\n      unhealthyThreshold: 1\n      \
+         healthyThreshold: 1\n      http:\n        path: /health\n        expectedStatuses: [200]\n",
+    );
+    for (client, addrs, _) in &clients {
+        e2e::poll_within(SYNC, &format!("{client}: only backend-a after the check"), async || {
+            for i in 0..20 {
+                // A request that lands on b before its check fails is cut by the route's
+                // timeout (15s): poll on, quickly.
+                match tokio::time::timeout(std::time::Duration::from_secs(2), get(addrs[0], "/")).await {
+                    Ok(Ok((200, body))) if body == "backend-a" => {}
+                    other => return Err(format!("request {i}: {other:?}")),
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+}

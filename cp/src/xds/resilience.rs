@@ -4,8 +4,10 @@
 //!   `healthyPanicThreshold` as the cluster's panic threshold;
 //! * MeshRetry: `tcp.maxConnectAttempt` as the outbound tcp_proxy's
 //!   `max_connect_attempts` (HTTP services' retry policies: [`super::http::retry_policy`]);
-//! * MeshHealthCheck: an active TCP check (connect, or `send`/`receive` payloads) with
-//!   Kuma's defaults (interval 1m, timeout 15s, 5 failures down, 1 success up).
+//! * MeshHealthCheck: an active check of the service's protocol, as Kuma picks it: TCP
+//!   (connect, or `send`/`receive` payloads), HTTP (`path`, `expectedStatuses`, headers)
+//!   or gRPC (the health service), with Kuma's defaults (interval 1m, timeout 15s,
+//!   5 failures down, 1 success up).
 //!
 //! Policies that apply to the whole mesh (`targetRef.kind: Mesh`) are read; their `to`
 //! entries for the mesh and then for the outbound's service are merged in that order,
@@ -18,6 +20,8 @@ use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 use kuma_model::duration::parse_duration;
 use serde_json::{Map, Value};
+
+use std::collections::BTreeMap;
 
 use crate::model::Resource;
 
@@ -184,12 +188,40 @@ pub fn apply_load_balancer(cluster: &mut Cluster, conf: &Map<String, Value>) {
 }
 
 /// MeshHealthCheck as the cluster's active health check (TCP).
-pub fn apply_health_check(cluster: &mut Cluster, conf: &Map<String, Value>) {
+pub fn apply_health_check(
+    cluster: &mut Cluster,
+    conf: &Map<String, Value>,
+    protocol: super::http::Protocol,
+    source_tags: &BTreeMap<String, String>,
+) {
+    use super::http::Protocol;
     use envoy_types::pb::envoy::config::core::v3::{HealthCheck, health_check};
-    let tcp = conf.get("tcp").cloned().unwrap_or(Value::Null);
-    if tcp["disabled"].as_bool() == Some(true) {
-        return;
-    }
+    let conf_of = |key: &str| conf.get(key).filter(|v| v.is_object());
+    let disabled = |v: &Value| v["disabled"].as_bool() == Some(true);
+    // Kuma's `selectHealthCheckType`: the check of the service's protocol; TCP for an HTTP
+    // or gRPC service only when its own check is there but disabled.
+    let (http, grpc, tcp) = (conf_of("http"), conf_of("grpc"), conf_of("tcp"));
+    let tcp_on = tcp.is_some_and(|t| !disabled(t));
+    let checker = match protocol {
+        Protocol::Http | Protocol::Http2 => match http {
+            Some(h) if !disabled(h) => {
+                health_check::HealthChecker::HttpHealthCheck(http_check(h, protocol, source_tags))
+            }
+            Some(_) if tcp_on => tcp_check(tcp.unwrap_or(&Value::Null)),
+            _ => return,
+        },
+        Protocol::Grpc => match grpc {
+            Some(g) if !disabled(g) => health_check::HealthChecker::GrpcHealthCheck(health_check::GrpcHealthCheck {
+                service_name: g["serviceName"].as_str().unwrap_or_default().into(),
+                authority: g["authority"].as_str().unwrap_or_default().into(),
+                ..Default::default()
+            }),
+            Some(_) if tcp_on => tcp_check(tcp.unwrap_or(&Value::Null)),
+            _ => return,
+        },
+        Protocol::Tcp if tcp_on => tcp_check(tcp.unwrap_or(&Value::Null)),
+        Protocol::Tcp => return,
+    };
     let duration = |key: &str, dflt: u64| {
         let d = conf.get(key).and_then(Value::as_str).and_then(|s| parse_duration(s).ok());
         let d = d.unwrap_or(std::time::Duration::from_secs(dflt));
@@ -199,10 +231,22 @@ pub fn apply_health_check(cluster: &mut Cluster, conf: &Map<String, Value>) {
         let v = conf.get(key).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).unwrap_or(dflt);
         Some(UInt32Value { value: v })
     };
-    // Kuma sends payloads as hex text.
+    cluster.health_checks = vec![HealthCheck {
+        interval: duration("interval", 60),
+        timeout: duration("timeout", 15),
+        unhealthy_threshold: threshold("unhealthyThreshold", 5),
+        healthy_threshold: threshold("healthyThreshold", 1),
+        health_checker: Some(checker),
+        ..Default::default()
+    }];
+}
+
+/// MeshHealthCheck's `tcp`: connect, or send and expect payloads (Kuma sends them as hex).
+fn tcp_check(tcp: &Value) -> envoy_types::pb::envoy::config::core::v3::health_check::HealthChecker {
+    use envoy_types::pb::envoy::config::core::v3::health_check;
     let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
     let payload = |text: String| health_check::Payload { payload: Some(health_check::payload::Payload::Text(text)) };
-    let check = health_check::TcpHealthCheck {
+    health_check::HealthChecker::TcpHealthCheck(health_check::TcpHealthCheck {
         send: tcp["send"].as_str().map(|s| payload(hex(s))),
         receive: tcp["receive"]
             .as_array()
@@ -212,15 +256,56 @@ pub fn apply_health_check(cluster: &mut Cluster, conf: &Map<String, Value>) {
             .map(|r| payload(hex(r)))
             .collect(),
         ..Default::default()
-    };
-    cluster.health_checks = vec![HealthCheck {
-        interval: duration("interval", 60),
-        timeout: duration("timeout", 15),
-        unhealthy_threshold: threshold("unhealthyThreshold", 5),
-        healthy_threshold: threshold("healthyThreshold", 1),
-        health_checker: Some(health_check::HealthChecker::TcpHealthCheck(check)),
+    })
+}
+
+/// MeshHealthCheck's `http`: `path` (`/`), `expectedStatuses` (any 2xx when unset, as
+/// Envoy), `requestHeadersToAdd`, Kuma's `x-kuma-tags` with the checking proxy's tags, and
+/// HTTP/2 for `http2` services.
+fn http_check(
+    h: &Value,
+    protocol: super::http::Protocol,
+    source_tags: &BTreeMap<String, String>,
+) -> envoy_types::pb::envoy::config::core::v3::health_check::HttpHealthCheck {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    use envoy_types::pb::envoy::r#type::v3::{CodecClientType, Int64Range};
+    let mut headers = vec![];
+    if !source_tags.is_empty() {
+        let tags: String = source_tags.iter().map(|(k, v)| format!("&{k}={v}&")).collect();
+        headers.extend(super::http::header_option(
+            &serde_json::json!({"name": "x-kuma-tags", "value": tags}),
+            HeaderAppendAction::AppendIfExistsOrAdd,
+        ));
+    }
+    let modifier = &h["requestHeadersToAdd"];
+    for (list, action) in
+        [("add", HeaderAppendAction::AppendIfExistsOrAdd), ("set", HeaderAppendAction::OverwriteIfExistsOrAdd)]
+    {
+        for entry in modifier[list].as_array().into_iter().flatten() {
+            // A comma-separated value is one header per value, as Kuma writes it.
+            for value in entry["value"].as_str().unwrap_or_default().split(',') {
+                let one = serde_json::json!({"name": entry["name"], "value": value});
+                headers.extend(super::http::header_option(&one, action));
+            }
+        }
+    }
+    envoy_types::pb::envoy::config::core::v3::health_check::HttpHealthCheck {
+        path: h["path"].as_str().unwrap_or("/").into(),
+        expected_statuses: h["expectedStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_i64)
+            .map(|s| Int64Range { start: s, end: s + 1 })
+            .collect(),
+        request_headers_to_add: headers,
+        codec_client_type: if protocol == super::http::Protocol::Http2 {
+            CodecClientType::Http2 as i32
+        } else {
+            CodecClientType::Http1 as i32
+        },
         ..Default::default()
-    }];
+    }
 }
 
 #[cfg(test)]
@@ -305,7 +390,12 @@ mod tests {
                 "default": {"interval": "2s", "unhealthyThreshold": 2, "tcp": {"send": "ping", "receive": ["pong"]}}}]}),
         )];
         let mut c = Cluster::default();
-        apply_health_check(&mut c, &merged_conf(&hc, "echo").unwrap());
+        apply_health_check(
+            &mut c,
+            &merged_conf(&hc, "echo").unwrap(),
+            super::super::http::Protocol::Tcp,
+            &BTreeMap::new(),
+        );
         let h = &c.health_checks[0];
         assert_eq!((h.interval.unwrap().seconds, h.timeout.unwrap().seconds), (2, 15));
         assert_eq!((h.unhealthy_threshold.unwrap().value, h.healthy_threshold.unwrap().value), (2, 1));

@@ -621,6 +621,14 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             && super::http_route::backends(inputs.http_routes, svc).is_none();
         (!tcp_only).then_some(p)
     };
+    // The proxy's tags (each tag's values over its inbounds, sorted and comma-joined), as
+    // Kuma's `x-kuma-tags` carries them.
+    let mut tag_values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (k, v) in net.inbound.iter().flat_map(|i| i.tags.iter()) {
+        tag_values.entry(k.clone()).or_default().insert(v.clone());
+    }
+    let own_tags: BTreeMap<String, String> =
+        tag_values.into_iter().map(|(k, vs)| (k, vs.into_iter().collect::<Vec<_>>().join(","))).collect();
     // Kuma's source service: the first inbound's.
     let own_service = net.inbound.iter().find_map(|i| i.tags.get(SERVICE_TAG)).map_or("unknown", String::as_str);
     for ((addr, port), (svc, tags)) in &outbounds {
@@ -733,7 +741,8 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             super::resilience::apply(&mut c, &conf);
         }
         if let Some(conf) = super::resilience::merged_conf(inputs.health_checks, svc) {
-            super::resilience::apply_health_check(&mut c, &conf);
+            let protocol = http_protocol(svc).unwrap_or(Protocol::Tcp);
+            super::resilience::apply_health_check(&mut c, &conf, protocol, &own_tags);
         }
         if let Some(conf) = super::resilience::merged_conf(inputs.load_balancing, svc) {
             super::resilience::apply_load_balancer(&mut c, &conf);
