@@ -304,3 +304,11 @@ async fn an_http_meshhealthcheck_keeps_requests_off_an_instance_whose_applicatio
         .await;
     }
 }
+
+#[test]
+fn a_meshhttproute_with_a_relative_path_is_refused_naming_the_field() {
+    let zone = Cp::start("zone-1");
+    let out = zone.apply_refused(&ROUTE.replacen("value: /v2", "value: v2", 1));
+    assert!(out.contains("spec.to[0].rules[0].matches[0].path.value: must be an absolute path"), "{out}");
+    assert!(zone.names("/meshes/default/meshhttproutes").is_empty());
+}

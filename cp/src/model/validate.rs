@@ -89,6 +89,7 @@ pub fn validate(r: &Resource) -> Result<(), Vec<Cause>> {
         ResourceType::MeshTrafficPermission => Some(crate::xds::traffic_permission::problems),
         ResourceType::MeshTimeout => Some(crate::xds::timeout::problems),
         ResourceType::MeshRateLimit => Some(crate::xds::rate_limit::problems),
+        ResourceType::MeshHTTPRoute => Some(crate::xds::http_route::problems),
         _ => None,
     };
     for (field, message) in policy_problems.map(|f| f(&r.spec)).unwrap_or_default() {

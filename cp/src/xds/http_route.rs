@@ -351,6 +351,102 @@ fn route_name(matches: &[Value]) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }
 
+/// What is wrong with a MeshHTTPRoute spec, as (field path, message): Kuma's validator's
+/// checks of matches and filters, and its schema's enums; no stricter, since a zone also
+/// validates what KDS brings from global.
+pub fn problems(spec: &serde_json::Map<String, Value>) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let gateway = spec.get("targetRef").is_some_and(|t| t["kind"] == "MeshGateway");
+    let one_of = |out: &mut Vec<(String, String)>, at: String, v: &Value, allowed: &[&str]| {
+        if let Some(v) = v.as_str().filter(|v| !allowed.contains(v)) {
+            out.push((at, format!("{v:?} is not one of {}", allowed.join(", "))));
+        }
+    };
+    for (i, to) in spec.get("to").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let at = format!("spec.to[{i}]");
+        if !gateway && to["hostnames"].as_array().is_some_and(|h| !h.is_empty()) {
+            out.push((format!("{at}.hostnames"), "must not be defined".into()));
+        }
+        for (j, rule) in to["rules"].as_array().into_iter().flatten().enumerate() {
+            let at = format!("{at}.rules[{j}]");
+            let matches = rule["matches"].as_array().cloned().unwrap_or_default();
+            for (k, m) in matches.iter().enumerate() {
+                let at = format!("{at}.matches[{k}]");
+                let path = &m["path"];
+                one_of(
+                    &mut out,
+                    format!("{at}.path.type"),
+                    &path["type"],
+                    &["Exact", "PathPrefix", "RegularExpression"],
+                );
+                let value = path["value"].as_str().unwrap_or_default();
+                let absolute = || (format!("{at}.path.value"), "must be an absolute path".to_string());
+                match path["type"].as_str() {
+                    Some("PathPrefix") if value != "/" => {
+                        if value.ends_with('/') {
+                            out.push((
+                                format!("{at}.path.value"),
+                                "does not need a trailing slash because only a `/`-separated prefix or an entire \
+                                 path is matched"
+                                    .into(),
+                            ));
+                        }
+                        if !value.starts_with('/') {
+                            out.push(absolute());
+                        }
+                    }
+                    Some("Exact") if !value.starts_with('/') => out.push(absolute()),
+                    _ => {}
+                }
+                for (n, h) in m["headers"].as_array().into_iter().flatten().enumerate() {
+                    let kinds = ["Exact", "Present", "RegularExpression", "Absent", "Prefix"];
+                    one_of(&mut out, format!("{at}.headers[{n}].type"), &h["type"], &kinds);
+                    let valueless = matches!(h["type"].as_str(), Some("Present" | "Absent"));
+                    if valueless && h["value"].as_str().is_some_and(|v| !v.is_empty()) {
+                        out.push((format!("{at}.headers[{n}].value"), "must not be defined".into()));
+                    }
+                }
+                let mut names = std::collections::BTreeSet::new();
+                for (n, q) in m["queryParams"].as_array().into_iter().flatten().enumerate() {
+                    let name = q["name"].as_str().unwrap_or_default();
+                    if !names.insert(name) {
+                        out.push((format!("{at}.queryParams[{n}].name"), format!("multiple entries for name {name}")));
+                    }
+                }
+            }
+            // No matches stands for the `/` prefix.
+            let all_prefixes = matches.iter().all(|m| m["path"]["type"] == "PathPrefix");
+            for (n, f) in rule["default"]["filters"].as_array().into_iter().flatten().enumerate() {
+                let at = format!("{at}.default.filters[{n}]");
+                let kinds = [
+                    ("RequestHeaderModifier", "requestHeaderModifier"),
+                    ("ResponseHeaderModifier", "responseHeaderModifier"),
+                    ("RequestRedirect", "requestRedirect"),
+                    ("URLRewrite", "urlRewrite"),
+                    ("RequestMirror", "requestMirror"),
+                ];
+                let Some((_, field)) = kinds.iter().find(|(k, _)| f["type"] == *k) else {
+                    let names: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
+                    one_of(&mut out, format!("{at}.type"), &f["type"], &names);
+                    continue;
+                };
+                if !f[*field].is_object() {
+                    out.push((format!("{at}.{field}"), "must be defined".into()));
+                } else if matches!(*field, "requestRedirect" | "urlRewrite")
+                    && !f[*field]["path"]["replacePrefixMatch"].is_null()
+                    && !all_prefixes
+                {
+                    out.push((
+                        format!("{at}.{field}.path.replacePrefixMatch"),
+                        "can only appear if all matches match a path prefix".into(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +469,35 @@ mod tests {
                 _ => "?".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn kumas_validator_refuses_what_it_refuses() {
+        let spec = json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "MeshService", "name": "b"},
+            "hostnames": ["x"],
+            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "v1/"}, "headers": [{"type": "Present", "name": "a", "value": "1"}],
+                                    "queryParams": [{"name": "q", "value": "1"}, {"name": "q", "value": "2"}]},
+                                   {"path": {"type": "Exact", "value": "/x"}}],
+                       "default": {"filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}},
+                                               {"type": "RequestHeaderModifier"}, {"type": "Teleport"}]}}]}]});
+        let got: Vec<String> = problems(spec.as_object().unwrap()).into_iter().map(|(p, _)| p).collect();
+        let at = "spec.to[0].rules[0]";
+        assert_eq!(
+            got,
+            [
+                "spec.to[0].hostnames".to_string(),
+                format!("{at}.matches[0].path.value"),
+                format!("{at}.matches[0].path.value"),
+                format!("{at}.matches[0].headers[0].value"),
+                format!("{at}.matches[0].queryParams[1].name"),
+                format!("{at}.default.filters[0].urlRewrite.path.replacePrefixMatch"),
+                format!("{at}.default.filters[1].requestHeaderModifier"),
+                format!("{at}.default.filters[2].type"),
+            ]
+        );
+        let good = json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "MeshService", "name": "b"},
+            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}], "default": {}}]}]});
+        assert!(problems(good.as_object().unwrap()).is_empty());
     }
 
     #[test]
