@@ -312,3 +312,35 @@ fn a_meshhttproute_with_a_relative_path_is_refused_naming_the_field() {
     assert!(out.contains("spec.to[0].rules[0].matches[0].path.value: must be an absolute path"), "{out}");
     assert!(zone.names("/meshes/default/meshhttproutes").is_empty());
 }
+
+/// A fault for one calling service only: client-envoy's requests are aborted, on dp and
+/// Envoy servers alike, while client-dp's go through. The servers tell the callers apart
+/// by the `x-kuma-tags` header the clients' outbounds send once the mesh has a
+/// MeshFaultInjection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshfaultinjection_from_one_service_aborts_only_its_requests() {
+    let zone = Cp::start("zone-1");
+    zone.apply(MESH);
+    let (srv_dp, _s1) = server(&zone, false, "srv-dp", "srv-dp", &[]).await;
+    let (srv_envoy, _s2) = server(&zone, true, "srv-envoy", "srv-envoy", &[]).await;
+    let clients = clients(&zone, &["srv-dp", "srv-envoy"]).await;
+    let servers = [&srv_dp, &srv_envoy];
+    zone.apply(
+        "type: MeshFaultInjection\nname: fi\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  from:\n  \
+         - targetRef:\n      kind: MeshService\n      name: client-envoy\n    default:\n      http:\n      \
+         - abort:\n          httpStatus: 418\n          percentage: 100\n",
+    );
+    let (envoy_client, dp_client) = (&clients[1].1, &clients[0].1);
+    for (i, app) in servers.iter().enumerate() {
+        let what = format!("client-envoy -> {}: aborted", app.name);
+        e2e::poll_within(SYNC, &what, async || match get(envoy_client[i], "/").await {
+            Ok((418, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        })
+        .await;
+        for n in 0..5 {
+            let got = get(dp_client[i], "/").await;
+            assert_eq!(got, Ok((200, app.name.clone())), "client-dp -> {} #{n}: not its fault", app.name);
+        }
+    }
+}

@@ -178,8 +178,16 @@ fn hcm_filter(hcm: HttpConnectionManager) -> Filter {
     }
 }
 
-/// The connection manager of an outbound to `service`, routing by `routes`.
-pub fn outbound(service: &str, routes: Vec<Route>, timeouts: &HttpTimeouts, access_log: Vec<AccessLog>) -> Filter {
+/// The connection manager of an outbound to `service`, routing by `routes`; `tags` is
+/// Kuma's `x-kuma-tags` header, sent on every request when the mesh has policies that
+/// match callers by it.
+pub fn outbound(
+    service: &str,
+    routes: Vec<Route>,
+    timeouts: &HttpTimeouts,
+    tags: Option<HeaderValueOption>,
+    access_log: Vec<AccessLog>,
+) -> Filter {
     hcm_filter(HttpConnectionManager {
         stat_prefix: stat_name(service),
         normalize_path: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
@@ -190,6 +198,7 @@ pub fn outbound(service: &str, routes: Vec<Route>, timeouts: &HttpTimeouts, acce
         route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
             name: format!("outbound:{service}"),
             validate_clusters: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+            request_headers_to_add: tags.into_iter().collect(),
             virtual_hosts: vec![VirtualHost {
                 name: service.to_string(),
                 domains: vec!["*".into()],

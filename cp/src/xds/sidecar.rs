@@ -649,7 +649,8 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 let timeouts = HttpTimeouts::of(super::resilience::merged_conf(inputs.timeouts, svc).as_ref());
                 let retry = super::http::retry_policy(super::resilience::merged_conf(inputs.retries, svc).as_ref(), p);
                 let routes = super::http_route::routes(inputs.http_routes, svc, &timeouts, retry.as_ref());
-                let hcm = super::http::outbound(svc, routes, &timeouts, access_log);
+                let tags = super::fault_injection::tags_header(inputs.fault_injections, &own_tags);
+                let hcm = super::http::outbound(svc, routes, &timeouts, tags, access_log);
                 FilterChain { filters: vec![hcm], ..Default::default() }
             }
             None => outbound_chain(svc, inputs, access_log),
