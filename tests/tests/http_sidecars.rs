@@ -98,6 +98,21 @@ async fn http_services_answer_between_dp_and_envoy_and_learn_their_callers_ident
     }
 }
 
+/// Polls until `/v2/items` through `addr` is answered by `v2`, which saw the header the
+/// route sets (round robin reaches v2 now and then without the route: the header says the
+/// route did).
+async fn until_routed_to_v2(addr: SocketAddr, v2: &HttpBackend, client: &str) {
+    e2e::poll_within(SYNC, &format!("{client} -> /v2 on v2 with the header"), async || {
+        let got = get(addr, "/v2/items").await;
+        let last = v2.last();
+        match (&got, last.path.as_str(), last.headers.get("x-route").map(String::as_str)) {
+            (Ok((200, b)), "/v2/items", Some("to-v2")) if b == "backend-v2" => Ok(()),
+            (_, path, header) => Err(format!("{got:?}; v2 last saw {path} with x-route {header:?}")),
+        }
+    })
+    .await;
+}
+
 const ROUTE: &str = "type: MeshHTTPRoute\nname: backend-route\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  \
                      to:\n  - targetRef:\n      kind: MeshService\n      name: backend\n    rules:\n    \
                      - matches:\n      - path:\n          type: PathPrefix\n          value: /v2\n      default:\n        \
@@ -123,16 +138,7 @@ async fn a_meshhttproute_sends_a_path_to_a_subset_with_a_header_and_the_rest_to_
     }
     zone.apply(ROUTE);
     for (client, addrs, _) in &clients {
-        // Round robin reaches v2 now and then without the route: the header says the route did.
-        e2e::poll_within(SYNC, &format!("{client} -> /v2 on v2 with the header"), async || {
-            let got = get(addrs[0], "/v2/items").await;
-            let last = v2.last();
-            match (&got, last.path.as_str(), last.headers.get("x-route").map(String::as_str)) {
-                (Ok((200, b)), "/v2/items", Some("to-v2")) if b == "backend-v2" => Ok(()),
-                (_, path, header) => Err(format!("{got:?}; v2 last saw {path} with x-route {header:?}")),
-            }
-        })
-        .await;
+        until_routed_to_v2(addrs[0], &v2, client).await;
         // `/v2` itself is the prefix's other route; `/v2x` is not under it.
         assert_eq!(get(addrs[0], "/v2").await, Ok((200, "backend-v2".into())), "{client}: /v2");
         // Everything else goes to v1 only: 20 in a row, which round robin never gives.
@@ -253,15 +259,7 @@ async fn a_meshhttproute_reaches_a_subset_in_another_zone_through_its_ingress() 
     }
     global.apply(ROUTE);
     for (client, addrs, _) in &clients {
-        e2e::poll_within(SYNC, &format!("{client} -> /v2 in zone-2 with the header"), async || {
-            let got = get(addrs[0], "/v2/items").await;
-            let last = v2.last();
-            match (&got, last.headers.get("x-route").map(String::as_str)) {
-                (Ok((200, b)), Some("to-v2")) if b == "backend-v2" && last.path == "/v2/items" => Ok(()),
-                (_, header) => Err(format!("{got:?}; v2 last saw {} with x-route {header:?}", last.path)),
-            }
-        })
-        .await;
+        until_routed_to_v2(addrs[0], &v2, client).await;
         for i in 0..20 {
             assert_eq!(get(addrs[0], "/other").await, Ok((200, "backend-v1".into())), "{client}: /other #{i}");
         }
