@@ -342,3 +342,43 @@ async fn a_meshfaultinjection_from_one_service_aborts_only_its_requests() {
         }
     }
 }
+
+/// MeshHTTPRoute's RequestRedirect and RequestMirror: `/old/...` is answered with a
+/// redirect by the client sidecar itself, and every other request is also copied to the
+/// `mirror` service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshhttproute_redirects_one_path_and_mirrors_the_rest() {
+    let zone = Cp::start("zone-1");
+    zone.apply(MESH);
+    let (_backend, _s1) = server(&zone, false, "backend", "backend", &[]).await;
+    let (mirror, _s2) = server(&zone, true, "mirror", "mirror", &[]).await;
+    let clients = clients(&zone, &["backend"]).await;
+    for (client, addrs, _) in &clients {
+        until(addrs[0], "/", (200, "backend"), &format!("{client} -> backend")).await;
+    }
+    zone.apply(
+        "type: MeshHTTPRoute\nname: backend-route\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  \
+         - targetRef:\n      kind: MeshService\n      name: backend\n    rules:\n    - matches:\n      - path:\n          \
+         type: PathPrefix\n          value: /old\n      default:\n        filters:\n        - type: RequestRedirect\n          \
+         requestRedirect:\n            hostname: example.org\n            statusCode: 301\n            path:\n              \
+         type: ReplaceFullPath\n              replaceFullPath: /new\n    - matches:\n      - path:\n          \
+         type: PathPrefix\n          value: /\n      default:\n        filters:\n        - type: RequestMirror\n          \
+         requestMirror:\n            backendRef:\n              kind: MeshService\n              name: mirror\n",
+    );
+    for (client, addrs, _) in &clients {
+        e2e::poll_within(SYNC, &format!("{client}: /old/x redirected"), async || {
+            match get_with_headers(addrs[0], "/old/x").await {
+                Ok((301, h, _)) if h.get("location").is_some_and(|l| l == "http://example.org/new") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let path = format!("/copy-of-{client}");
+        assert_eq!(get(addrs[0], &path).await, Ok((200, "backend".into())), "{client}: the answer is backend's");
+        e2e::poll_within(SYNC, &format!("{client}: {path} mirrored"), async || {
+            let seen = mirror.seen.lock().unwrap().iter().any(|s| s.path == path);
+            if seen { Ok(()) } else { Err("not yet".to_string()) }
+        })
+        .await;
+    }
+}

@@ -156,7 +156,7 @@ fn fault(entry: &Value) -> Option<HttpFault> {
 
 /// Kuma's `ConvertPercentage`: a whole percentage over a hundred, one with two decimals
 /// over ten thousand, else over a million. The policy gives a number or a string.
-fn percentage(v: &Value) -> Option<FractionalPercent> {
+pub(crate) fn percentage(v: &Value) -> Option<FractionalPercent> {
     let p = v.as_f64().or_else(|| v.as_str()?.parse().ok())?.clamp(0.0, 100.0);
     let (numerator, denominator) = if p.fract() == 0.0 {
         (p, DenominatorType::Hundred)

@@ -9,16 +9,16 @@
 //!   `path_separated_prefix`);
 //! * `backendRefs` (MeshService or MeshServiceSubset, by weight; by default the service
 //!   itself) become the route's cluster or weighted clusters;
-//! * filters: `RequestHeaderModifier`, `ResponseHeaderModifier` and `URLRewrite`
-//!   (hostname, full path, prefix). Redirects and mirrors are not served yet (said in the
-//!   debug log).
+//! * filters: `RequestHeaderModifier`, `ResponseHeaderModifier`, `URLRewrite` (hostname,
+//!   full path, prefix), `RequestRedirect` (scheme, host, port, path, status) and
+//!   `RequestMirror` (a copy of each request, or of a percentage, to a backend's cluster).
 //! * A route's name is Kuma's: the base64 SHA-256 of its rule's matches as Go marshals them.
 
 use base64::Engine;
-use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, header_value_option};
+use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, RuntimeFractionalPercent, header_value_option};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteMatch, WeightedCluster, header_matcher,
-    query_parameter_matcher, route, route_action, route_match, weighted_cluster,
+    HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route, RouteAction, RouteMatch, WeightedCluster,
+    header_matcher, query_parameter_matcher, redirect_action, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
@@ -65,6 +65,14 @@ fn backends_of(rule: &Rule, service: &str) -> Vec<Backend> {
     }
 }
 
+/// The backends a rule's RequestMirror filters copy requests to.
+fn mirrors_of(rule: &Rule) -> impl Iterator<Item = Backend> + '_ {
+    let filters = rule.default["filters"].as_array().into_iter().flatten();
+    filters
+        .filter(|f| f["type"] == "RequestMirror")
+        .filter_map(|f| super::tcp_route::backend(&f["requestMirror"]["backendRef"]))
+}
+
 /// Every backend the routes to `service` send to (for its clusters); `None` when no
 /// route applies.
 pub fn backends(policies: &[Resource], service: &str) -> Option<Vec<Backend>> {
@@ -73,6 +81,7 @@ pub fn backends(policies: &[Resource], service: &str) -> Option<Vec<Backend>> {
         return None;
     }
     let mut all: Vec<Backend> = rules.iter().flat_map(|r| backends_of(r, service)).collect();
+    all.extend(rules.iter().flat_map(mirrors_of));
     // The catch-all's default backend, when no rule has the catch-all.
     all.push(Backend { service: service.to_string(), tags: Default::default(), weight: 100 });
     Some(all)
@@ -305,6 +314,57 @@ fn apply_filter(r: &mut Route, f: &Value, whole_path: bool) {
                 }
                 _ => {}
             }
+        }
+        Some("RequestRedirect") => {
+            let rr = &f["requestRedirect"];
+            let whole = |to: &str| {
+                redirect_action::PathRewriteSpecifier::RegexRewrite(RegexMatchAndSubstitute {
+                    pattern: Some(RegexMatcher { regex: ".*".into(), ..Default::default() }),
+                    substitution: to.into(),
+                })
+            };
+            let path = &rr["path"];
+            let path_rewrite_specifier = match (path["type"].as_str(), path["replaceFullPath"].as_str()) {
+                (Some("ReplaceFullPath"), Some(to)) => Some(whole(to)),
+                (Some("ReplacePrefixMatch"), _) => {
+                    let to = path["replacePrefixMatch"].as_str().unwrap_or("/");
+                    Some(if whole_path {
+                        whole(to)
+                    } else {
+                        redirect_action::PathRewriteSpecifier::PrefixRewrite(to.into())
+                    })
+                }
+                _ => None,
+            };
+            use redirect_action::RedirectResponseCode as Code;
+            let response_code = match rr["statusCode"].as_u64() {
+                Some(301) => Code::MovedPermanently,
+                Some(303) => Code::SeeOther,
+                Some(307) => Code::TemporaryRedirect,
+                Some(308) => Code::PermanentRedirect,
+                _ => Code::Found,
+            };
+            r.action = Some(route::Action::Redirect(RedirectAction {
+                scheme_rewrite_specifier: rr["scheme"]
+                    .as_str()
+                    .map(|s| redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s.into())),
+                host_redirect: rr["hostname"].as_str().unwrap_or_default().into(),
+                port_redirect: rr["port"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+                path_rewrite_specifier,
+                response_code: response_code as i32,
+                ..Default::default()
+            }));
+        }
+        Some("RequestMirror") => {
+            let Some(route::Action::Route(a)) = r.action.as_mut() else { return };
+            let m = &f["requestMirror"];
+            let Some(backend) = super::tcp_route::backend(&m["backendRef"]) else { return };
+            a.request_mirror_policies.push(route_action::RequestMirrorPolicy {
+                cluster: backend.cluster(),
+                runtime_fraction: super::fault_injection::percentage(&m["percentage"])
+                    .map(|p| RuntimeFractionalPercent { default_value: Some(p), runtime_key: String::new() }),
+                ..Default::default()
+            });
         }
         other => tracing::debug!(filter = ?other, "MeshHTTPRoute filter not served"),
     }

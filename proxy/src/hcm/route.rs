@@ -205,6 +205,8 @@ pub struct Redirect {
     pub port: Option<u16>,
     pub path: Option<String>,
     pub prefix_rewrite: Option<String>,
+    /// Rewrites the path part (Kuma's MeshHTTPRoute writes `.*` to replace it whole).
+    pub regex_rewrite: Option<(Regex, String)>,
     pub status: StatusCode,
     pub strip_query: bool,
 }
@@ -740,13 +742,7 @@ fn finish(
     auto_host_rewrite: bool,
     vh_retry: Option<&Arc<RetryPolicy>>,
 ) -> Result<Forward, String> {
-    let regex_rewrite = match &a.regex_rewrite {
-        None => None,
-        Some(rr) => {
-            let re = rr.pattern.as_ref().ok_or("regex_rewrite.pattern is missing")?;
-            Some((regex(re)?, envoy_substitution(&rr.substitution)))
-        }
-    };
+    let regex_rewrite = a.regex_rewrite.as_ref().map(regex_rewrite).transpose()?;
     let retry = match &a.retry_policy {
         Some(p) => Some(Arc::new(RetryPolicy::from_proto(p)?)),
         None => vh_retry.cloned(),
@@ -790,6 +786,14 @@ pub(crate) fn envoy_substitution(s: &str) -> String {
     out
 }
 
+/// A `regex_rewrite`: the pattern, and the substitution in the regex crate's syntax.
+fn regex_rewrite(
+    rr: &envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute,
+) -> Result<(Regex, String), String> {
+    let re = rr.pattern.as_ref().ok_or("regex_rewrite.pattern is missing")?;
+    Ok((regex(re)?, envoy_substitution(&rr.substitution)))
+}
+
 fn build_redirect(r: &rpb::RedirectAction) -> Result<Redirect, String> {
     let status = match r.response_code {
         0 => StatusCode::MOVED_PERMANENTLY,
@@ -804,18 +808,25 @@ fn build_redirect(r: &rpb::RedirectAction) -> Result<Redirect, String> {
         Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
         _ => None,
     };
-    let (path, prefix_rewrite) = match &r.path_rewrite_specifier {
-        None => (None, None),
-        Some(PathRewriteSpecifier::PathRedirect(p)) => (Some(p.clone()), None),
-        Some(PathRewriteSpecifier::PrefixRewrite(p)) => (None, Some(p.clone())),
-        Some(_) => return Err("redirect: only path_redirect and prefix_rewrite are supported".into()),
-    };
+    let (mut path, mut prefix_rewrite, mut regex) = (None, None, None);
+    match &r.path_rewrite_specifier {
+        None => {}
+        Some(PathRewriteSpecifier::PathRedirect(p)) => path = Some(p.clone()),
+        Some(PathRewriteSpecifier::PrefixRewrite(p)) => prefix_rewrite = Some(p.clone()),
+        Some(PathRewriteSpecifier::RegexRewrite(rr)) => regex = Some(regex_rewrite(rr)?),
+        Some(PathRewriteSpecifier::PathRewrite(_)) => {
+            return Err(
+                "redirect: path_rewrite is not supported (path_redirect, prefix_rewrite and regex_rewrite are)".into(),
+            );
+        }
+    }
     Ok(Redirect {
         scheme,
         host: Some(r.host_redirect.clone()).filter(|h| !h.is_empty()),
         port: u16::try_from(r.port_redirect).ok().filter(|p| *p != 0),
         path,
         prefix_rewrite,
+        regex_rewrite: regex,
         status,
         strip_query: r.strip_query,
     })
@@ -879,7 +890,10 @@ impl Redirect {
                 };
                 format!("{prefix}{}", &path[matched.min(path.len())..])
             }
-            (None, None) => path.to_string(),
+            (None, None) => match &self.regex_rewrite {
+                Some((re, sub)) => re.replace_all(path, sub.as_str()).into_owned(),
+                None => path.to_string(),
+            },
         };
         if !self.strip_query && !query.is_empty() && !new_path.contains('?') {
             new_path = format!("{new_path}?{query}");
@@ -1032,6 +1046,17 @@ mod tests {
         assert_eq!(c("/api/x?debug", &[]), "debug");
         assert_eq!(c("/api/x?a=1&debug=1", &[]), "debug");
         assert_eq!(c("/ci/x", &[]), "ci");
+    }
+
+    #[test]
+    fn a_redirect_can_rewrite_the_path_by_regex_as_kumas_replace_full_path() {
+        let t = table(json!([{"name": "vh", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/old"}, "redirect": {"regexRewrite": {"pattern": {"regex": ".*"}, "substitution": "/new"},
+             "responseCode": "FOUND"}}]}]));
+        let h = HeaderMap::new();
+        let (_, r) = t.route(&get("web", "/old/x?q=1", &h)).unwrap();
+        let RouteAction::Redirect(rd) = &r.action else { panic!() };
+        assert_eq!(rd.location(r, "http", "web", "/old/x?q=1"), "http://web/new?q=1");
     }
 
     #[test]
