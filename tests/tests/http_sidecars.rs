@@ -382,3 +382,22 @@ async fn a_meshhttproute_redirects_one_path_and_mirrors_the_rest() {
         .await;
     }
 }
+
+/// `http2` and `grpc` services: the inbound speaks HTTP/2 to the application (and gRPC's
+/// connection managers carry Kuma's `grpc_stats` filter, which dp and Envoy accept), while
+/// the client application speaks HTTP/1.1 to its outbound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_grpc_services_reach_their_applications_over_http2() {
+    let zone = Cp::start("zone-1");
+    zone.apply(MESH);
+    let (h2, _s1) = server(&zone, false, "srv-h2", "srv-h2", &[("kuma.io/protocol", "http2")]).await;
+    let (grpc, _s2) = server(&zone, true, "srv-grpc", "srv-grpc", &[("kuma.io/protocol", "grpc")]).await;
+    let clients = clients(&zone, &["srv-h2", "srv-grpc"]).await;
+    for (client, addrs, _) in &clients {
+        for (addr, app) in addrs.iter().zip([&h2, &grpc]) {
+            let what = format!("{client} -> {}", app.name);
+            until(*addr, "/", (200, &app.name), &what).await;
+            assert_eq!(app.last().version, "HTTP/2.0", "{what}");
+        }
+    }
+}

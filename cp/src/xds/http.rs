@@ -171,6 +171,19 @@ fn router() -> HttpFilter {
     }
 }
 
+/// gRPC's statistics filter, which Kuma puts before the router of gRPC services.
+fn grpc_stats() -> HttpFilter {
+    let config = envoy_types::pb::envoy::extensions::filters::http::grpc_stats::v3::FilterConfig {
+        emit_filter_state: true,
+        ..Default::default()
+    };
+    HttpFilter {
+        name: "envoy.filters.http.grpc_stats".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(config))),
+        ..Default::default()
+    }
+}
+
 fn hcm_filter(hcm: HttpConnectionManager) -> Filter {
     Filter {
         name: "envoy.filters.network.http_connection_manager".into(),
@@ -183,6 +196,7 @@ fn hcm_filter(hcm: HttpConnectionManager) -> Filter {
 /// match callers by it.
 pub fn outbound(
     service: &str,
+    protocol: Protocol,
     routes: Vec<Route>,
     timeouts: &HttpTimeouts,
     tags: Option<HeaderValueOption>,
@@ -193,7 +207,7 @@ pub fn outbound(
         normalize_path: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
         common_http_protocol_options: Some(CommonOptions { idle_timeout: Some(secs(0)), ..Default::default() }),
         request_headers_timeout: Some(timeouts.request_headers),
-        http_filters: vec![router()],
+        http_filters: (protocol == Protocol::Grpc).then(grpc_stats).into_iter().chain([router()]).collect(),
         access_log,
         route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
             name: format!("outbound:{service}"),
@@ -217,6 +231,7 @@ pub struct Inbound<'a> {
     /// The application cluster, `localhost:<port>`.
     pub cluster: &'a str,
     pub workload_port: u32,
+    pub protocol: Protocol,
     pub timeouts: HttpTimeouts,
     pub access_log: Vec<AccessLog>,
     /// HTTP filters before the router (MeshFaultInjection's, MeshRateLimit's).
@@ -242,7 +257,8 @@ pub fn inbound(i: &Inbound<'_>, rbac: Option<HttpFilter>) -> Filter {
         typed_per_filter_config: i.per_route.clone(),
         ..Default::default()
     };
-    let http_filters = rbac.into_iter().chain(i.filters.iter().cloned()).chain([router()]).collect();
+    let grpc = (i.protocol == Protocol::Grpc).then(grpc_stats);
+    let http_filters = rbac.into_iter().chain(grpc).chain(i.filters.iter().cloned()).chain([router()]).collect();
     hcm_filter(HttpConnectionManager {
         stat_prefix: format!("localhost_{}", i.workload_port),
         forward_client_cert_details: ForwardClientCertDetails::SanitizeSet as i32,

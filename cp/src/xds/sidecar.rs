@@ -512,6 +512,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 service: values.destination_service,
                 cluster: &cluster,
                 workload_port,
+                protocol,
                 timeouts: http_timeouts,
                 access_log: tcp.access_log.clone(),
                 filters,
@@ -650,7 +651,7 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
                 let retry = super::http::retry_policy(super::resilience::merged_conf(inputs.retries, svc).as_ref(), p);
                 let routes = super::http_route::routes(inputs.http_routes, svc, &timeouts, retry.as_ref());
                 let tags = super::fault_injection::tags_header(inputs.fault_injections, &own_tags);
-                let hcm = super::http::outbound(svc, routes, &timeouts, tags, access_log);
+                let hcm = super::http::outbound(svc, p, routes, &timeouts, tags, access_log);
                 FilterChain { filters: vec![hcm], ..Default::default() }
             }
             None => outbound_chain(svc, inputs, access_log),
