@@ -277,6 +277,23 @@ impl Dp {
     }
 
     /// Waits until the configuration with `version` is in force.
+    /// Waits until the proxy's `cluster` has at least `n` endpoints (hosts in its
+    /// `/clusters`). A proxy is ready once it applied its configuration; a server that
+    /// became ready just before it joins the client's endpoints only once the control
+    /// plane has recorded it serving, which may land after the client's first snapshot.
+    pub fn wait_endpoints(&self, cluster: &str, n: usize) {
+        let prefix = format!("{cluster}::");
+        wait_until(&format!("{n} endpoint(s) of `{cluster}` on dp {}", self.admin), || {
+            let (_, body) = self.get("/clusters");
+            let hosts = body
+                .lines()
+                .filter_map(|l| l.strip_prefix(&prefix))
+                .filter(|rest| rest.contains("::health_flags::"))
+                .count();
+            (hosts >= n).then_some(())
+        })
+    }
+
     pub fn wait_version(&self, version: &str) {
         wait_until(&format!("config version {version}"), || {
             let (_, body) = http_get(self.admin, "/config_dump").ok()?;

@@ -195,7 +195,7 @@ fn backend_sidecar(cp: &Cp, app: &Backend) -> Dp {
 }
 
 /// The sidecar `web-1` of service `web`, with an outbound to `backend` on the returned
-/// port, ready.
+/// port, ready and with `backend-1` as an endpoint.
 fn web_sidecar(cp: &Cp) -> (Dp, u16) {
     let outbound = free_port();
     let web_dp = format!(
@@ -205,7 +205,11 @@ fn web_sidecar(cp: &Cp) -> (Dp, u16) {
         free_port()
     );
     let token = cp.ctl(&["generate", "dataplane-token", "--name", "web-1", "-m", "default"]);
-    (dp(cp, "dataplane", &token, &web_dp, free_port()), outbound)
+    let web = dp(cp, "dataplane", &token, &web_dp, free_port());
+    // Ready, and `backend-1` among its endpoints (cp records a new server serving a moment
+    // after the server's own readiness; a client's first snapshot may come before it).
+    web.wait_endpoints("backend", 1);
+    (web, outbound)
 }
 
 /// `GET /metrics` on a Unix socket, as the Prometheus listener's cluster sends it: the
