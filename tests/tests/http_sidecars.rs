@@ -401,3 +401,42 @@ async fn http2_and_grpc_services_reach_their_applications_over_http2() {
         }
     }
 }
+
+/// An ExternalService tagged `kuma.io/protocol: http`, reached straight from the client
+/// sidecars (no zone egress): its outbound is HTTP too, so MeshRetry's HTTP policy applies
+/// (a 503 is tried three times, as the external application counts), and the external
+/// host's own name goes upstream as the Host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_external_service_gets_http_outbounds() {
+    let zone = Cp::start("zone-1");
+    zone.apply(MESH);
+    let ext = HttpBackend::start("ext").await;
+    zone.apply(&format!(
+        "type: ExternalService\nmesh: default\nname: ext-http\ntags:\n  kuma.io/service: ext-http\n  \
+         kuma.io/protocol: http\nnetworking:\n  address: localhost:{}\n",
+        ext.addr.port()
+    ));
+    let clients = clients(&zone, &["ext-http"]).await;
+    for (client, addrs, _) in &clients {
+        until(addrs[0], "/", (200, "ext"), &format!("{client} -> ext-http")).await;
+        let host = ext.last().headers.get("host").cloned().unwrap_or_default();
+        assert!(host.starts_with("localhost"), "{client}: Host {host:?}, not the external host's name");
+    }
+    zone.apply(
+        "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  - targetRef:\n      \
+         kind: Mesh\n    default:\n      http:\n        numRetries: 2\n        retryOn:\n        - \"503\"\n",
+    );
+    for (client, addrs, _) in &clients {
+        e2e::poll_within(SYNC, &format!("{client}: 503 from ext-http retried twice"), async || {
+            let before = ext.requests();
+            let got = get(addrs[0], "/status/503").await;
+            let tries = ext.requests() - before;
+            if got == Ok((503, "ext".into())) && tries == 3 {
+                Ok(())
+            } else {
+                Err(format!("{got:?} after {tries} tries"))
+            }
+        })
+        .await;
+    }
+}

@@ -179,6 +179,18 @@ pub fn routes(
     out
 }
 
+/// Routes to an ExternalService send its own host name upstream.
+pub fn auto_host_rewrite(routes: &mut [Route]) {
+    for r in routes {
+        if let Some(route::Action::Route(a)) = r.action.as_mut()
+            && a.host_rewrite_specifier.is_none()
+        {
+            let on = envoy_types::pb::google::protobuf::BoolValue { value: true };
+            a.host_rewrite_specifier = Some(route_action::HostRewriteSpecifier::AutoHostRewrite(on));
+        }
+    }
+}
+
 fn route_action(backends: &[Backend], timeouts: &HttpTimeouts, retry: Option<&RetryPolicy>) -> RouteAction {
     let cluster_specifier = match backends {
         [one] => route_action::ClusterSpecifier::Cluster(one.cluster()),

@@ -613,11 +613,16 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
         .filter_map(|r| r.typed::<ExternalServiceSpec>().ok())
         .filter_map(|s| Some((s.tags.get(SERVICE_TAG).filter(|v| !v.is_empty())?.clone(), s)))
         .collect();
-    // The services spoken to over HTTP: what their endpoints speak, unless only a
-    // MeshTCPRoute routes them (Kuma's MeshTCPRoute then takes an HTTP service over).
+    // The services spoken to over HTTP: what their endpoints speak (an ExternalService:
+    // its tag), unless only a MeshTCPRoute routes them (Kuma's MeshTCPRoute then takes an
+    // HTTP service over).
     let protocols = service_protocols(inputs);
     let http_protocol = |svc: &str| -> Option<Protocol> {
-        let p = protocols.get(svc).copied().filter(|p| p.is_http() && !external.contains_key(svc))?;
+        let p = match external.get(svc) {
+            Some(es) => Protocol::of_tag(es.tags.get(PROTOCOL_TAG).map(String::as_str)),
+            None => protocols.get(svc).copied().unwrap_or(Protocol::Tcp),
+        };
+        let p = Some(p).filter(|p| p.is_http())?;
         let tcp_only = super::tcp_route::backends(inputs.tcp_routes, svc).is_some()
             && super::http_route::backends(inputs.http_routes, svc).is_none();
         (!tcp_only).then_some(p)
@@ -649,7 +654,12 @@ pub fn sidecar(inputs: &SidecarInputs<'_>) -> ProxySnapshot {
             Some(p) => {
                 let timeouts = HttpTimeouts::of(super::resilience::merged_conf(inputs.timeouts, svc).as_ref());
                 let retry = super::http::retry_policy(super::resilience::merged_conf(inputs.retries, svc).as_ref(), p);
-                let routes = super::http_route::routes(inputs.http_routes, svc, &timeouts, retry.as_ref());
+                let mut routes = super::http_route::routes(inputs.http_routes, svc, &timeouts, retry.as_ref());
+                if external.contains_key(svc) {
+                    // The external host's name, not the mesh's, goes upstream (Kuma's
+                    // `auto_host_rewrite` on splits to an ExternalService).
+                    super::http_route::auto_host_rewrite(&mut routes);
+                }
                 let tags = super::fault_injection::tags_header(inputs.fault_injections, &own_tags);
                 let hcm = super::http::outbound(svc, p, routes, &timeouts, tags, access_log);
                 FilterChain { filters: vec![hcm], ..Default::default() }
