@@ -128,16 +128,28 @@ impl Drop for Active<'_> {
 }
 
 /// How an HTTP connection finds its chain's current configuration: the same offer
-/// selected again in the listener as it is now.
+/// selected again in the listener as it is now. The answer is kept until the listeners
+/// change (snapshots that differ only in endpoints share them), so a request normally costs
+/// a load and a pointer comparison, not a lookup and a chain match.
 fn refresh(ctx: &Arc<Ctx>, listener: &Arc<str>, offer: &Offer<'_>) -> crate::hcm::server::Refresh {
+    type Listeners = std::collections::HashMap<String, Arc<crate::snapshot::ListenerCfg>>;
     let (ctx, listener, offer) = (ctx.clone(), listener.clone(), OwnedOffer::of(offer));
+    // (the listeners the answer came from, the answer). The weak reference keeps their
+    // allocation, so no later map can take its address and pass for it.
+    let kept: std::sync::Mutex<(std::sync::Weak<Listeners>, Option<Arc<crate::hcm::HttpCfg>>)> =
+        std::sync::Mutex::new((std::sync::Weak::new(), None));
     crate::hcm::server::Refresh(Box::new(move || {
         let snap = ctx.routes.load();
-        let lst = snap.listeners.get(&*listener)?;
-        match &offer.with(|o| lst.select(o).cloned())?.action {
-            Action::Http(cfg) => Some(cfg.clone()),
-            _ => None,
+        let mut kept = kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if std::sync::Weak::as_ptr(&kept.0) != Arc::as_ptr(&snap.listeners) {
+            let now =
+                snap.listeners.get(&*listener).and_then(|lst| match &offer.with(|o| lst.select(o).cloned())?.action {
+                    Action::Http(cfg) => Some(cfg.clone()),
+                    _ => None,
+                });
+            *kept = (Arc::downgrade(&snap.listeners), now);
         }
+        kept.1.clone()
     }))
 }
 
