@@ -385,6 +385,20 @@ mod tests {
     }
 
     #[test]
+    fn grpc_connection_managers_carry_grpc_stats_before_the_router() {
+        use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+        let names = |f: Filter| {
+            let Some(ConfigType::TypedConfig(any)) = f.config_type else { panic!() };
+            let hcm: HttpConnectionManager = prost::Message::decode(any.value.as_slice()).unwrap();
+            hcm.http_filters.into_iter().map(|f| f.name).collect::<Vec<_>>()
+        };
+        let t = HttpTimeouts::of(None);
+        let grpc = names(outbound("svc", Protocol::Grpc, vec![], &t, None, vec![]));
+        assert_eq!(grpc, ["envoy.filters.http.grpc_stats", "envoy.filters.http.router"]);
+        assert_eq!(names(outbound("svc", Protocol::Http, vec![], &t, None, vec![])), ["envoy.filters.http.router"]);
+    }
+
+    #[test]
     fn meshretry_becomes_envoys_retry_policy() {
         let conf = json!({"http": {"numRetries": 3, "perTryTimeout": "2s", "backOff": {"baseInterval": "10ms", "maxInterval": "1s"},
                                    "retryOn": ["5XX", "GatewayError", "503", "HttpMethodGET"]}});
