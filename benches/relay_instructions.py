@@ -10,8 +10,12 @@ seconds; (instructions of the long run - of the short one) / (requests more) is 
 of a request, without start-up, handshakes and shutdown. Each --target is NAME=KIND:PATH,
 KIND `dp` (Kuma's tag SNI) or `rustls` (the rustls-era dp, a DNS SNI).
 
+--cache-sim adds callgrind's cache simulation (an L1 instruction and data cache and a
+last-level cache, each process alone): misses per request, for when the instructions are
+equal and the time is not. This VM has no hardware counters to count real ones.
+
 Usage: benches/relay_instructions.py --loadgen LOADGEN --target dp=dp:DP [--target old=rustls:DP]
-       [--short 5] [--long 15] [--keep DIR]
+       [--short 5] [--long 15] [--keep DIR] [--cache-sim [--valgrind-arg=--D1=4096,2,64 ...]]
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile
 
@@ -22,12 +26,16 @@ import symbol_order as so  # noqa: E402
 RATE, CONNS = 100, 4
 
 
-def total_ir(callgrind_file):
-    """The `totals:` (or `summary:`) line of a callgrind output file."""
+def totals(callgrind_file):
+    """{event: count} from the `events:` and `totals:` (or `summary:`) lines of a callgrind
+    output file (Ir, and with the cache simulation I1mr, D1mr, ILmr, DLmr, ...)."""
+    events = None
     with open(callgrind_file) as f:
         for line in f:
-            if line.startswith(("totals:", "summary:")):
-                return int(line.split()[1])
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith(("totals:", "summary:")) and events:
+                return dict(zip(events, map(int, line.split()[1:])))
     raise SystemExit(f"relay_instructions: no totals in {callgrind_file}")
 
 
@@ -38,7 +46,8 @@ def one_run(args, kind, binary, secs, d):
     pki = mb.make_pki(d, "p256")
     echo = subprocess.Popen([args.loadgen, "mtls-echo", "--secs", "3600"], stdout=subprocess.PIPE, text=True)
     app_port = int(echo.stdout.readline().strip().rsplit(":", 1)[1])
-    grinds = {role: so.Grind(d, binary, role) for role in ("inbound", "outbound")}
+    extra = "".join(f"{a} " for a in (["--cache-sim=yes"] if args.cache_sim else []) + args.valgrind_arg)
+    grinds = {role: so.Grind(d, binary, role, extra) for role in ("inbound", "outbound")}
     procs, requests = [], 0
     try:
         row = {}
@@ -58,7 +67,7 @@ def one_run(args, kind, binary, secs, d):
             so.stop(p.proc)
         echo.kill()
         echo.wait()
-    return requests, {role: total_ir(g.out) for role, g in grinds.items()}
+    return requests, {role: totals(g.out) for role, g in grinds.items()}
 
 
 def main():
@@ -68,6 +77,10 @@ def main():
     ap.add_argument("--short", type=int, default=5)
     ap.add_argument("--long", type=int, default=15)
     ap.add_argument("--keep", help="leave the callgrind files in this directory")
+    ap.add_argument("--cache-sim", action="store_true", help="also count simulated cache misses")
+    ap.add_argument("--valgrind-arg", action="append", default=[],
+                    help="passed to callgrind, e.g. --valgrind-arg=--D1=4096,2,64 (smaller caches: a "
+                         "sidecar's caches are mostly cold after its peer ran)")
     args = ap.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("relay_instructions: needs valgrind (apt-get install valgrind)")
@@ -80,9 +93,13 @@ def main():
                 raise SystemExit(f"relay_instructions: --target {t}: want NAME=dp:PATH or NAME=rustls:PATH")
             n0, ir0 = one_run(args, kind, path, args.short, os.path.join(work, f"{name}-short"))
             n1, ir1 = one_run(args, kind, path, args.long, os.path.join(work, f"{name}-long"))
-            per = {role: (ir1[role] - ir0[role]) / max(1, n1 - n0) for role in ir0}
-            print(f"{name}: user-space instructions per request: inbound {per['inbound']:.0f}, "
-                  f"outbound {per['outbound']:.0f} ({n1 - n0} requests apart)")
+            per = {role: {ev: (ir1[role][ev] - ir0[role][ev]) / max(1, n1 - n0) for ev in ir0[role]}
+                   for role in ir0}
+            print(f"{name}: user-space instructions per request: inbound {per['inbound']['Ir']:.0f}, "
+                  f"outbound {per['outbound']['Ir']:.0f} ({n1 - n0} requests apart)")
+            for ev in [e for e in per["inbound"] if e != "Ir"]:
+                print(f"{name}:   {ev} per request: inbound {per['inbound'][ev]:.1f}, "
+                      f"outbound {per['outbound'][ev]:.1f}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

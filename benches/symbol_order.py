@@ -93,12 +93,12 @@ def executed(cg_file, binary):
 class Grind:
     """dp under callgrind, as mtls_bench.Proxy starts it (a wrapper script as the binary)."""
 
-    def __init__(self, d, binary, tag):
+    def __init__(self, d, binary, tag, extra=""):
         self.out = os.path.join(d, f"callgrind.{tag}")
         self.wrapper = os.path.join(d, f"dp-{tag}")
         with open(self.wrapper, "w") as f:
             f.write("#!/bin/sh\nexec valgrind -q --tool=callgrind --dump-instr=no --compress-strings=no "
-                    f"--compress-pos=no --demangle=no --callgrind-out-file={self.out} {binary} \"$@\"\n")
+                    f"--compress-pos=no --demangle=no {extra}--callgrind-out-file={self.out} {binary} \"$@\"\n")
         os.chmod(self.wrapper, 0o755)
 
 
