@@ -3,9 +3,8 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -72,32 +71,31 @@ where
 /// other side too instead of leaving its peer waiting (Envoy closes a connection whose
 /// upstream resets).
 ///
-/// Each direction is polled only when its own I/O woke the task. A `select!` polls both on
-/// every wake: the echo of a request wakes the task for the other direction, whose TLS read
-/// then went through BoringSSL for nothing (an `SSL_read` that finds no bytes still resets
-/// the error queue and builds an error). Polling only the woken direction took a tenth off
-/// a sidecar's user-space instructions per request (benches/relay_instructions.py).
+/// Both directions are polled on every wake of the task, each with the task's own waker.
+/// Polling the direction that has nothing to do is cheap: a plain socket read returns
+/// `Pending` from tokio's readiness, and a TLS read looks at BoringSSL's buffers and the
+/// socket's readiness before it calls `SSL_read` (`tls::stream`). Until that check
+/// existed, each direction had a waker of its own that marked it woken and then woke the
+/// task; that chain (two more objects and a lock touched per wake, after the peer sidecar
+/// had just run on the same CPU) cost more time per hop than the polls it saved
+/// (benches/relay_sched.py, benches/mtls_analysis.md).
 pub async fn both_ways<A, B>(a: A, b: B) -> Option<io::Error>
 where
     A: Future<Output = io::Result<()>>,
     B: Future<Output = io::Result<()>>,
 {
     let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
-    let task = Arc::new(TaskWaker::default());
-    let dirs = [Direction::new(&task), Direction::new(&task)];
-    let wakers = [Waker::from(dirs[0].clone()), Waker::from(dirs[1].clone())];
     let (mut a_done, mut b_done) = (false, false);
     std::future::poll_fn(|cx| {
-        task.set(cx.waker());
-        if !a_done && dirs[0].take() {
-            match a.as_mut().poll(&mut Context::from_waker(&wakers[0])) {
+        if !a_done {
+            match a.as_mut().poll(cx) {
                 Poll::Ready(Ok(())) => a_done = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
                 Poll::Pending => {}
             }
         }
-        if !b_done && dirs[1].take() {
-            match b.as_mut().poll(&mut Context::from_waker(&wakers[1])) {
+        if !b_done {
+            match b.as_mut().poll(cx) {
                 Poll::Ready(Ok(())) => b_done = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(e)),
                 Poll::Pending => {}
@@ -106,56 +104,6 @@ where
         if a_done && b_done { Poll::Ready(None) } else { Poll::Pending }
     })
     .await
-}
-
-/// The waker of the task running [`both_ways`], as of its last poll.
-#[derive(Default)]
-struct TaskWaker(Mutex<Option<Waker>>);
-
-impl TaskWaker {
-    fn set(&self, w: &Waker) {
-        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if !slot.as_ref().is_some_and(|s| s.will_wake(w)) {
-            *slot = Some(w.clone());
-        }
-    }
-
-    fn wake(&self) {
-        let w = self.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        if let Some(w) = w {
-            w.wake();
-        }
-    }
-}
-
-/// One direction's waker: marks the direction ready to make progress, then wakes the task.
-struct Direction {
-    woken: AtomicBool,
-    task: Arc<TaskWaker>,
-}
-
-impl Direction {
-    /// Woken at first, so that the first poll starts it.
-    fn new(task: &Arc<TaskWaker>) -> Arc<Direction> {
-        Arc::new(Direction { woken: AtomicBool::new(true), task: task.clone() })
-    }
-
-    /// Whether it was woken since the last time (cleared before it is polled, so a wake
-    /// during that poll is not lost).
-    fn take(&self) -> bool {
-        self.woken.swap(false, Ordering::AcqRel)
-    }
-}
-
-impl Wake for Direction {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
 }
 
 /// Runs `both` (the two directions) until it ends, or until `progress` (bytes moved so
@@ -231,44 +179,6 @@ mod tests {
         let (t, end, err) = proxy.await.unwrap();
         assert_eq!((t.sent, t.received, end), (11, 5, End::Closed));
         assert!(err.is_none());
-    }
-
-    /// A direction that reads a channel until it holds 0 or closes, counting its polls.
-    fn counted<'a>(
-        polls: &'a std::sync::atomic::AtomicUsize,
-        rx: &'a mut tokio::sync::mpsc::UnboundedReceiver<u8>,
-    ) -> impl Future<Output = io::Result<()>> + 'a {
-        std::future::poll_fn(move |cx| {
-            polls.fetch_add(1, Ordering::Relaxed);
-            loop {
-                match rx.poll_recv(cx) {
-                    Poll::Ready(Some(0) | None) => return Poll::Ready(Ok(())),
-                    Poll::Ready(Some(_)) => {}
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-        })
-    }
-
-    #[tokio::test]
-    async fn a_direction_is_polled_only_when_its_own_io_woke_it() {
-        use std::sync::atomic::AtomicUsize;
-        let polls = [AtomicUsize::new(0), AtomicUsize::new(0)];
-        let (busy_tx, mut busy) = tokio::sync::mpsc::unbounded_channel::<u8>();
-        let (idle_tx, mut idle) = tokio::sync::mpsc::unbounded_channel::<u8>();
-        let sender = async {
-            for _ in 0..50 {
-                busy_tx.send(1).unwrap();
-                tokio::task::yield_now().await;
-            }
-            busy_tx.send(0).unwrap();
-            tokio::task::yield_now().await;
-            drop(idle_tx);
-        };
-        let ((), err) = tokio::join!(sender, both_ways(counted(&polls[0], &mut busy), counted(&polls[1], &mut idle)));
-        assert!(err.is_none());
-        assert!(polls[0].load(Ordering::Relaxed) > 10, "the busy direction ran again and again: {polls:?}");
-        assert_eq!(polls[1].load(Ordering::Relaxed), 2, "the idle direction: at the start and when it closed");
     }
 
     #[tokio::test]
