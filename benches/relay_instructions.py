@@ -39,6 +39,15 @@ def totals(callgrind_file):
     raise SystemExit(f"relay_instructions: no totals in {callgrind_file}")
 
 
+def parse_target(t, tool):
+    """NAME=KIND:PATH, KIND `dp` or `rustls`: (name, kind, path)."""
+    name, _, spec = t.partition("=")
+    kind, _, path = spec.partition(":")
+    if kind not in ("dp", "rustls") or not path:
+        raise SystemExit(f"{tool}: --target {t}: want NAME=dp:PATH or NAME=rustls:PATH")
+    return name, kind, path
+
+
 def one_run(args, kind, binary, secs, d):
     """A sidecar pair under callgrind, `secs` of kept-connection requests; (requests,
     {role: instructions})."""
@@ -87,10 +96,7 @@ def main():
     work = args.keep or tempfile.mkdtemp(prefix="relay-instructions-")
     try:
         for t in args.target:
-            name, _, spec = t.partition("=")
-            kind, _, path = spec.partition(":")
-            if kind not in ("dp", "rustls") or not path:
-                raise SystemExit(f"relay_instructions: --target {t}: want NAME=dp:PATH or NAME=rustls:PATH")
+            name, kind, path = parse_target(t, "relay_instructions")
             n0, ir0 = one_run(args, kind, path, args.short, os.path.join(work, f"{name}-short"))
             n1, ir1 = one_run(args, kind, path, args.long, os.path.join(work, f"{name}-long"))
             per = {role: {ev: (ir1[role][ev] - ir0[role][ev]) / max(1, n1 - n0) for ev in ir0[role]}

@@ -25,6 +25,7 @@ import argparse, collections, json, os, re, shutil, subprocess, sys, tempfile, t
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mtls_bench as mb  # noqa: E402
+import relay_instructions as ri  # noqa: E402
 
 EPOLL_WAIT, READS, WRITES = 232, (0, 45), (1, 20, 44)  # x86_64: read, recvfrom; write, writev, sendto
 PARTS = ("pre_read", "read", "read_to_send", "send", "post_send", "total")
@@ -127,10 +128,7 @@ def main():
               + " | total p99 µs | page faults per hop |")
         print("|---" * (5 + len(PARTS)) + "|")
         for t in args.target:
-            name, _, spec = t.partition("=")
-            kind, _, path = spec.partition(":")
-            if kind not in ("dp", "rustls") or not path:
-                raise SystemExit(f"relay_sched: --target {t}: want NAME=dp:PATH or NAME=rustls:PATH")
+            name, kind, path = ri.parse_target(t, "relay_sched")
             found = one_target(args, name, kind, os.path.abspath(path), work)
             sums = collections.defaultdict(float)
             for (role, n), rows in sorted(found.items()):

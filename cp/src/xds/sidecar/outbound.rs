@@ -318,12 +318,7 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
                     out.entry(svc.clone()).or_default().extend(egress_endpoints(inputs.egresses));
                     continue;
                 }
-                let tags: BTreeMap<String, String> = a
-                    .tags
-                    .iter()
-                    .filter(|(k, _)| k.as_str() != SERVICE_TAG)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let tags = without_service(&a.tags);
                 out.entry(svc.clone()).or_default().push(OutEndpoint {
                     zone: Some(tags.get(ZONE_TAG).cloned().unwrap_or_else(|| spec.zone.clone())),
                     address: n.advertised_address.clone(),
@@ -344,12 +339,7 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
                 .filter(|a| !a.is_empty())
                 .or_else(|| inb.address.clone().filter(|a| !a.is_empty()))
                 .unwrap_or_else(|| net.address.clone());
-            let tags: BTreeMap<String, String> = inb
-                .tags
-                .iter()
-                .filter(|(k, _)| k.as_str() != SERVICE_TAG)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let tags = without_service(&inb.tags);
             out.entry(svc.clone()).or_default().push(OutEndpoint {
                 zone: tags.get(ZONE_TAG).cloned().or_else(|| d.resource.labels.get(ZONE_TAG).cloned()),
                 address,
@@ -364,6 +354,11 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
         v.dedup();
     }
     out
+}
+
+/// An endpoint's tags: its instance's, without `kuma.io/service`.
+fn without_service(tags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    tags.iter().filter(|(k, _)| k.as_str() != SERVICE_TAG).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// Each service's protocol, from the `kuma.io/protocol` of its instances here and in other
