@@ -194,6 +194,44 @@ async fn meshretry_retries_and_meshtimeout_cuts_an_http_outbound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshtimeout_on_a_meshhttproute_cuts_only_that_routes_requests() {
+    use e2e::http::Mode;
+    let zone = Cp::start("zone-1");
+    zone.apply(MESH);
+    let (app, _srv) = server(&zone, false, "backend", "backend", &[]).await;
+    let clients = clients(&zone, &["backend"]).await;
+    for (client, addrs, _) in &clients {
+        until(addrs[0], "/", (200, "backend"), &format!("{client} -> backend")).await;
+    }
+    zone.apply(
+        "type: MeshHTTPRoute\nname: slow-route\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  \
+         - targetRef:\n      kind: MeshService\n      name: backend\n    rules:\n    - matches:\n      - path:\n          \
+         type: PathPrefix\n          value: /slow\n      default:\n        backendRefs:\n        \
+         - kind: MeshService\n          name: backend\n",
+    );
+    zone.apply(
+        "type: MeshTimeout\nname: route-timeout\nmesh: default\nspec:\n  targetRef:\n    kind: MeshHTTPRoute\n    \
+         name: slow-route\n  to:\n  - targetRef:\n      kind: Mesh\n    default:\n      http:\n        requestTimeout: 1s\n",
+    );
+    // Every answer takes 3s: over the route's 1s, under the default 15s.
+    app.set_mode(Mode::Slow(std::time::Duration::from_secs(3)));
+    for (client, addrs, _) in &clients {
+        e2e::poll_within(SYNC, &format!("{client}: /slow cut by the route's timeout"), async || {
+            match get(addrs[0], "/slow/x").await {
+                Ok((504, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        assert_eq!(
+            get(addrs[0], "/other").await,
+            Ok((200, "backend".into())),
+            "{client}: a request off the route keeps the default timeout"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshfaultinjection_and_meshratelimit_act_on_dp_and_envoy_http_inbounds() {
     let zone = Cp::start("zone-1");
     zone.apply(MESH);

@@ -14,6 +14,8 @@
 //!   `RequestMirror` (a copy of each request, or of a percentage, to a backend's cluster).
 //! * A route's name is Kuma's: the base64 SHA-256 of its rule's matches as Go marshals them.
 
+use std::collections::BTreeMap;
+
 use base64::Engine;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, RuntimeFractionalPercent, header_value_option};
 use envoy_types::pb::envoy::config::route::v3::{
@@ -24,7 +26,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::http::HttpTimeouts;
 use super::tcp_route::Backend;
@@ -177,6 +179,58 @@ pub fn routes(
         }
     }
     out
+}
+
+/// MeshTimeouts whose top-level targetRef is a MeshHTTPRoute: their request and stream idle
+/// timeouts go on the routes that MeshHTTPRoute's rules make toward `service`, over the
+/// mesh's and the service's. (Kuma's `buildToListWithRoutes` turns each of the route's
+/// rules into a subset of its service keyed by the hash of the rule's matches, which is
+/// also the name of the rule's routes; the subset is more specific than the service.)
+pub fn apply_route_timeouts(routes: &mut [Route], timeouts: &[Resource], http_routes: &[Resource], service: &str) {
+    let mut by_route: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    let mut targeting: Vec<(&Resource, Value)> = timeouts
+        .iter()
+        .filter_map(|r| Some((r, r.typed::<Value>().ok()?)))
+        .filter(|(_, spec)| spec["targetRef"]["kind"] == "MeshHTTPRoute")
+        .collect();
+    targeting.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    for (_, spec) in &targeting {
+        let route_name_ref = spec["targetRef"]["name"].as_str();
+        let Some(route) = http_routes.iter().find(|r| Some(r.name.as_str()) == route_name_ref) else { continue };
+        let Some(route_spec) =
+            route.typed::<Value>().ok().filter(|s| matches!(s["targetRef"]["kind"].as_str(), None | Some("Mesh")))
+        else {
+            continue;
+        };
+        for to in route_spec["to"].as_array().into_iter().flatten() {
+            let t = &to["targetRef"];
+            if t["kind"] != "MeshService" || t["name"].as_str() != Some(service) {
+                continue;
+            }
+            for rule in to["rules"].as_array().into_iter().flatten() {
+                let name = route_name(rule["matches"].as_array().map_or(&[][..], Vec::as_slice));
+                for item in spec["to"].as_array().into_iter().flatten() {
+                    if let Value::Object(conf) = &item["default"] {
+                        super::resilience::merge(by_route.entry(name.clone()).or_default(), conf);
+                    }
+                }
+            }
+        }
+    }
+    if by_route.is_empty() {
+        return;
+    }
+    let base = super::resilience::merged_conf(timeouts, service).unwrap_or_default();
+    for r in routes {
+        let (Some(conf), Some(route::Action::Route(action))) = (by_route.get(&r.name), r.action.as_mut()) else {
+            continue;
+        };
+        let mut merged = base.clone();
+        super::resilience::merge(&mut merged, conf);
+        let t = HttpTimeouts::of(Some(&merged));
+        action.timeout = Some(t.request);
+        action.idle_timeout = Some(t.stream_idle);
+    }
 }
 
 /// Routes to an ExternalService send its own host name upstream.
@@ -570,6 +624,46 @@ mod tests {
         let good = json!({"targetRef": {"kind": "Mesh"}, "to": [{"targetRef": {"kind": "MeshService", "name": "b"},
             "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}], "default": {}}]}]});
         assert!(problems(good.as_object().unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_meshtimeout_on_a_meshhttproute_times_only_that_routes_rules() {
+        let route = policy("slow-route", json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}]}]));
+        let timeout = |name: &str, target: Value, http: Value| {
+            Resource::from_json(&json!({"type": "MeshTimeout", "mesh": "m", "name": name, "spec": {
+                "targetRef": target, "to": [{"targetRef": {"kind": "Mesh"}, "default": {"http": http}}]}}))
+            .unwrap()
+        };
+        let timeouts = [
+            timeout("mesh", json!({"kind": "Mesh"}), json!({"streamIdleTimeout": "10m"})),
+            timeout("route", json!({"kind": "MeshHTTPRoute", "name": "slow-route"}), json!({"requestTimeout": "1s"})),
+            // A MeshTimeout on a route that does not exist applies nowhere.
+            timeout("other", json!({"kind": "MeshHTTPRoute", "name": "missing"}), json!({"requestTimeout": "2s"})),
+        ];
+        let base = HttpTimeouts::of(super::super::resilience::merged_conf(&timeouts, "backend").as_ref());
+        let routes_of = |service: &str| {
+            let mut routes = routes(std::slice::from_ref(&route), service, &base, None);
+            apply_route_timeouts(&mut routes, &timeouts, std::slice::from_ref(&route), service);
+            routes
+        };
+        let got = |routes: &[Route]| -> Vec<(String, i64, i64)> {
+            let p = paths(routes);
+            routes
+                .iter()
+                .zip(p)
+                .map(|(r, p)| match r.action.as_ref().unwrap() {
+                    route::Action::Route(a) => (p, a.timeout.unwrap().seconds, a.idle_timeout.unwrap().seconds),
+                    _ => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(
+            got(&routes_of("backend")),
+            vec![("=/slow".into(), 1, 600), ("^/slow/".into(), 1, 600), ("^/".into(), 15, 600)],
+            "the route's two /slow routes get 1s; the catch-all keeps the default; the mesh's idle stays"
+        );
+        // Another service's outbound is not that route's.
+        assert!(got(&routes_of("web")).iter().all(|(_, t, _)| *t == 15));
     }
 
     #[test]

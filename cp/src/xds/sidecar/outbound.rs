@@ -101,6 +101,7 @@ pub(super) fn generate(proxy: &Proxy<'_>, out: &mut Resources) {
                 let timeouts = HttpTimeouts::of(xds::resilience::merged_conf(inputs.timeouts, svc).as_ref());
                 let retry = xds::http::retry_policy(xds::resilience::merged_conf(inputs.retries, svc).as_ref(), p);
                 let mut routes = xds::http_route::routes(inputs.http_routes, svc, &timeouts, retry.as_ref());
+                xds::http_route::apply_route_timeouts(&mut routes, inputs.timeouts, inputs.http_routes, svc);
                 if external.contains_key(svc) {
                     // The external host's name, not the mesh's, goes upstream (Kuma's
                     // `auto_host_rewrite` on splits to an ExternalService).
