@@ -150,16 +150,23 @@ async fn a_meshhttproute_sends_a_path_to_a_subset_with_a_header_and_the_rest_to_
     }
 }
 
+/// The mesh, a `backend` application behind a dp sidecar, and the dp and Envoy clients
+/// once each has had an answer from it.
+async fn backend_with_clients(zone: &Cp) -> (HttpBackend, Sidecar, Vec<(String, Vec<SocketAddr>, Sidecar)>) {
+    zone.apply(MESH);
+    let (app, srv) = server(zone, false, "backend", "backend", &[]).await;
+    let clients = clients(zone, &["backend"]).await;
+    for (client, addrs, _) in &clients {
+        until(addrs[0], "/", (200, "backend"), &format!("{client} -> backend")).await;
+    }
+    (app, srv, clients)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshretry_retries_and_meshtimeout_cuts_an_http_outbound() {
     use e2e::http::Mode;
     let zone = Cp::start("zone-1");
-    zone.apply(MESH);
-    let (app, _srv) = server(&zone, false, "backend", "backend", &[]).await;
-    let clients = clients(&zone, &["backend"]).await;
-    for (client, addrs, _) in &clients {
-        until(addrs[0], "/", (200, "backend"), &format!("{client} -> backend")).await;
-    }
+    let (app, _srv, clients) = backend_with_clients(&zone).await;
     zone.apply(
         "type: MeshRetry\nname: retry\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  - targetRef:\n      \
          kind: Mesh\n    default:\n      http:\n        numRetries: 2\n        retryOn:\n        - \"503\"\n",
@@ -197,12 +204,7 @@ async fn meshretry_retries_and_meshtimeout_cuts_an_http_outbound() {
 async fn a_meshtimeout_on_a_meshhttproute_cuts_only_that_routes_requests() {
     use e2e::http::Mode;
     let zone = Cp::start("zone-1");
-    zone.apply(MESH);
-    let (app, _srv) = server(&zone, false, "backend", "backend", &[]).await;
-    let clients = clients(&zone, &["backend"]).await;
-    for (client, addrs, _) in &clients {
-        until(addrs[0], "/", (200, "backend"), &format!("{client} -> backend")).await;
-    }
+    let (app, _srv, clients) = backend_with_clients(&zone).await;
     zone.apply(
         "type: MeshHTTPRoute\nname: slow-route\nmesh: default\nspec:\n  targetRef:\n    kind: Mesh\n  to:\n  \
          - targetRef:\n      kind: MeshService\n      name: backend\n    rules:\n    - matches:\n      - path:\n          \
