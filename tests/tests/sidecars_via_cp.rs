@@ -248,6 +248,12 @@ async fn the_embedded_dns_proxy_answers_with_the_records_of_the_dynamic_config()
         )
     };
     cp.apply(&dataplane("backend-1", "echo-server_echo-example_svc_1010", free_port(), ""));
+    // cp allocates VIPs in a reconciler, after the Dataplane is stored (as Kuma's VIP
+    // allocator does): the proxy's first configuration has the record only once it exists.
+    e2e::wait_until("the service's VIP", || {
+        let (status, body) = e2e::http_get(cp.api, "/configs/kuma-default-dns-vips").ok()?;
+        (status == 200 && body.contains("echo-server_echo-example_svc_1010")).then_some(())
+    });
     let outbound = format!(
         "  outbound:\n  - port: {}\n    tags:\n      kuma.io/service: echo-server_echo-example_svc_1010\n",
         free_port()
