@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    CidrRange, DataSource, Http1ProtocolOptions, Http2ProtocolOptions, Metadata, TrafficDirection, data_source,
+    CidrRange, DataSource, Http1ProtocolOptions, Http2ProtocolOptions, TrafficDirection, data_source,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -47,14 +47,13 @@ use envoy_types::util::pack_any;
 
 use super::generate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, Named, ProxySnapshot, SECRET_TYPE, ads_config_source, socket_address,
-    string_struct, version_of,
+    version_of,
 };
 use super::sidecar::{SidecarTls, downstream_tls, inline, push, sorted, tcp_proxy_chain, tls_socket};
 use super::sni::sni_from_tags;
 use crate::ca::{identity_secret_name, mesh_ca_secret_name};
 use crate::model::{
     DataSource as KumaDataSource, ExternalServiceSpec, Resource, SERVICE_TAG, TrafficPermissionSpec, ZoneEgressSpec,
-    ZoneIngressSpec,
 };
 
 /// The service name of a zone egress's identity (Kuma's `ZoneEgressServiceName`).
@@ -227,16 +226,8 @@ pub fn egress(inputs: &EgressInputs<'_>) -> ProxySnapshot {
 /// Services other zones' ingresses advertise in `mesh`, with one endpoint per ingress.
 fn remote_services(inputs: &EgressInputs<'_>, mesh: &str) -> BTreeMap<String, Vec<RemoteEndpoint>> {
     let mut out: BTreeMap<String, Vec<RemoteEndpoint>> = BTreeMap::new();
-    for zi in inputs.ingresses {
-        let Ok(spec) = zi.typed::<ZoneIngressSpec>() else { continue };
-        if spec.zone.is_empty() || spec.zone == inputs.zone {
-            continue;
-        }
+    for (spec, port) in super::generate::remote_ingresses(inputs.ingresses, inputs.zone) {
         let n = &spec.networking;
-        let Ok(port) = u32::try_from(n.advertised_port) else { continue };
-        if n.advertised_address.is_empty() || port == 0 {
-            continue;
-        }
         for a in spec.available_services.iter().filter(|a| a.mesh == mesh && !a.external_service) {
             let Some(svc) = a.tags.get(SERVICE_TAG).filter(|s| !s.is_empty()) else { continue };
             let mut tags: BTreeMap<String, String> =
@@ -253,19 +244,13 @@ fn remote_services(inputs: &EgressInputs<'_>, mesh: &str) -> BTreeMap<String, Ve
 }
 
 fn endpoint(address: &str, port: u32, weight: u32, tags: &BTreeMap<String, String>) -> LbEndpoint {
-    let md = string_struct(tags);
     LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
             address: Some(socket_address(address, port)),
             ..Default::default()
         })),
         load_balancing_weight: Some(UInt32Value { value: weight }),
-        metadata: Some(Metadata {
-            filter_metadata: [("envoy.lb".to_string(), md.clone()), ("envoy.transport_socket_match".to_string(), md)]
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        }),
+        metadata: Some(super::generate::endpoint_metadata(tags)),
         ..Default::default()
     }
 }

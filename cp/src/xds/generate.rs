@@ -225,6 +225,34 @@ pub(crate) fn socket_address(addr: &str, port: u32) -> Address {
     }
 }
 
+/// An endpoint's tags as Envoy reads them: for subset load balancing (`envoy.lb`) and for
+/// choosing a cluster's transport socket (`envoy.transport_socket_match`).
+pub(crate) fn endpoint_metadata(tags: &BTreeMap<String, String>) -> Metadata {
+    let md = string_struct(tags);
+    Metadata {
+        filter_metadata: [("envoy.lb".to_string(), md.clone()), ("envoy.transport_socket_match".to_string(), md)]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Other zones' ZoneIngresses that advertise where to reach them, with their port.
+pub(crate) fn remote_ingresses<'a>(
+    ingresses: &'a [Resource],
+    zone: &'a str,
+) -> impl Iterator<Item = (ZoneIngressSpec, u32)> + 'a {
+    ingresses.iter().filter_map(move |zi| {
+        let spec = zi.typed::<ZoneIngressSpec>().ok()?;
+        if spec.zone.is_empty() || spec.zone == zone {
+            return None;
+        }
+        let n = &spec.networking;
+        let port = u32::try_from(n.advertised_port).ok().filter(|p| *p != 0)?;
+        (!n.advertised_address.is_empty()).then_some((spec, port))
+    })
+}
+
 pub(crate) fn string_struct(m: &BTreeMap<String, String>) -> Struct {
     Struct {
         fields: m.iter().map(|(k, v)| (k.clone(), Value { kind: Some(value::Kind::StringValue(v.clone())) })).collect(),
@@ -274,25 +302,14 @@ fn cluster_proto(p: &ClusterPlan) -> Cluster {
 fn cla_proto(name: &str, endpoints: &[EndpointPlan]) -> ClusterLoadAssignment {
     let lb_endpoints = endpoints
         .iter()
-        .map(|e| {
-            let md = string_struct(&e.tags);
-            LbEndpoint {
-                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                    address: Some(socket_address(&e.address, e.port)),
-                    ..Default::default()
-                })),
-                load_balancing_weight: Some(UInt32Value { value: 1 }),
-                metadata: Some(Metadata {
-                    filter_metadata: [
-                        ("envoy.lb".to_string(), md.clone()),
-                        ("envoy.transport_socket_match".to_string(), md),
-                    ]
-                    .into_iter()
-                    .collect(),
-                    ..Default::default()
-                }),
+        .map(|e| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket_address(&e.address, e.port)),
                 ..Default::default()
-            }
+            })),
+            load_balancing_weight: Some(UInt32Value { value: 1 }),
+            metadata: Some(endpoint_metadata(&e.tags)),
+            ..Default::default()
         })
         .collect::<Vec<_>>();
     ClusterLoadAssignment {

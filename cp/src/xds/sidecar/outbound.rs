@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig};
-use envoy_types::pb::envoy::config::core::v3::{Locality, Metadata, TrafficDirection};
+use envoy_types::pb::envoy::config::core::v3::{Locality, TrafficDirection};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
@@ -22,7 +22,7 @@ use crate::model::{ExternalServiceSpec, SERVICE_TAG, ZoneIngressSpec};
 use crate::xds;
 use crate::xds::access_log::KumaValues;
 use crate::xds::egress::{ZONE_EGRESS_SERVICE, external_cluster};
-use crate::xds::generate::{Named, ads_config_source, socket_address, string_struct, version_of};
+use crate::xds::generate::{Named, ads_config_source, endpoint_metadata, remote_ingresses, socket_address, version_of};
 use crate::xds::http::{HttpTimeouts, PROTOCOL_TAG, Protocol};
 use kuma_model::proxy::features::BIND_OUTBOUNDS as FEATURE_BIND_OUTBOUNDS;
 
@@ -292,16 +292,8 @@ fn outbound_endpoints(inputs: &SidecarInputs<'_>, mtls: bool) -> BTreeMap<String
     let mut coordinates: BTreeSet<(String, i64)> = BTreeSet::new();
     let via_egress = inputs.zone_egress && mtls;
     if mtls {
-        for zi in inputs.ingresses {
-            let Ok(spec) = zi.typed::<ZoneIngressSpec>() else { continue };
-            if spec.zone.is_empty() || spec.zone == inputs.zone {
-                continue;
-            }
+        for (spec, port) in remote_ingresses(inputs.ingresses, inputs.zone) {
             let n = &spec.networking;
-            let Ok(port) = u32::try_from(n.advertised_port) else { continue };
-            if n.advertised_address.is_empty() || port == 0 {
-                continue;
-            }
             let coord = (n.advertised_address.clone(), n.advertised_port);
             if coordinates.contains(&coord) {
                 continue; // several ingress instances behind one load balancer
@@ -392,20 +384,7 @@ fn service_protocols(inputs: &SidecarInputs<'_>) -> BTreeMap<String, Protocol> {
 fn cla_proto(name: &str, endpoints: &[OutEndpoint]) -> ClusterLoadAssignment {
     let mut by_zone: BTreeMap<Option<String>, Vec<LbEndpoint>> = BTreeMap::new();
     for e in endpoints {
-        let metadata = if e.tags.is_empty() {
-            None
-        } else {
-            let md = string_struct(&e.tags);
-            Some(Metadata {
-                filter_metadata: [
-                    ("envoy.lb".to_string(), md.clone()),
-                    ("envoy.transport_socket_match".to_string(), md),
-                ]
-                .into_iter()
-                .collect(),
-                ..Default::default()
-            })
-        };
+        let metadata = (!e.tags.is_empty()).then(|| endpoint_metadata(&e.tags));
         by_zone.entry(e.zone.clone()).or_default().push(LbEndpoint {
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
                 address: Some(socket_address(&e.address, e.port)),
